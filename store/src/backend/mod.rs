@@ -1,0 +1,63 @@
+//! Where repository objects live. The trait is shaped for object stores:
+//! whole-object writes that never overwrite (no rename, no append), ranged
+//! reads, listing by prefix, and every method callable from many threads at
+//! once (parallel uploads and fetches).
+
+mod local;
+
+pub use local::LocalBackend;
+
+use std::fmt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("object {0} already exists")]
+    AlreadyExists(String),
+    #[error("{op} {name} in {location}: {source}")]
+    Io {
+        op: &'static str,
+        name: String,
+        location: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Full name, e.g. `snapshots/<hex>`.
+    pub name: String,
+    pub size: u64,
+}
+
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Human-readable location for messages (a path or `s3://bucket/prefix`).
+    fn location(&self) -> String;
+
+    /// Stores a new object atomically: readers see all of it or nothing.
+    /// Fails with `AlreadyExists` rather than overwrite.
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError>;
+
+    fn get(&self, name: &str) -> Result<Vec<u8>, BackendError>;
+
+    /// `len` bytes from `offset`; short only at the end of the object.
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, BackendError>;
+
+    /// Objects whose names start with `prefix` (e.g. `"index/"`), any order.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError>;
+
+    fn delete(&self, name: &str) -> Result<(), BackendError>;
+
+    fn exists(&self, name: &str) -> Result<bool, BackendError> {
+        match self.get_range(name, 0, 1) {
+            Ok(_) => Ok(true),
+            Err(BackendError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}

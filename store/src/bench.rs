@@ -1,0 +1,201 @@
+//! `bulwark benchmark`: single-core throughput of each primitive and of the
+//! whole backup pipeline on the same data, so the pipeline can be judged
+//! against the serial bound of its own parts (like
+//! `proxmox-backup-client benchmark`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::{RngCore, SeedableRng};
+
+use crate::backend::{Backend, BackendError, ObjectInfo};
+use crate::crypto::{Keys, MasterKey, Opener};
+use crate::error::Result;
+use crate::keys::{KdfParams, Secret};
+use crate::repo::{RepoConfig, Repository};
+use crate::source::MemSource;
+use crate::{blob, BackupOptions, BackupSession, Mode, SnapshotMeta};
+
+/// Throughput of one measured step, in bytes of input per second.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Figure {
+    pub name: String,
+    pub mib_per_s: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub data_mib: u64,
+    pub primitives: Vec<Figure>,
+    /// Serial bound: the data through CDC + HMAC + zstd + AES-GCM seal, one
+    /// after the other on one core (seal applied to the compressed bytes,
+    /// as the pipeline does).
+    pub serial_bound_mib_per_s: f64,
+    pub pipeline_1_core_mib_per_s: f64,
+    pub pipeline_all_cores_mib_per_s: f64,
+    pub cores: usize,
+    pub pipeline_1_core_percent_of_bound: f64,
+}
+
+/// Mixed test data: half random, half text-like, no zero runs (zeros skip
+/// every primitive and would flatter the pipeline).
+pub fn mixed_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = vec![0u8; len];
+    let words: &[&[u8]] = &[
+        b"the ", b"backup ", b"of ", b"virtual ", b"machine ", b"disk ", b"block ", b"chunk ",
+        b"restore ", b"snapshot ", b"\n", b"2026-11-23 ", b"INFO ", b"error=0 ",
+    ];
+    let mut pos = 0;
+    while pos < len {
+        let seg = (1 << 20).min(len - pos);
+        if (pos >> 20) % 2 == 0 {
+            rng.fill_bytes(&mut out[pos..pos + seg]);
+        } else {
+            let mut p = pos;
+            while p < pos + seg {
+                let w = words[(rng.next_u32() as usize) % words.len()];
+                let n = w.len().min(pos + seg - p);
+                out[p..p + n].copy_from_slice(&w[..n]);
+                p += n;
+            }
+        }
+        pos += seg;
+    }
+    out
+}
+
+fn rate(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+}
+
+/// Best of `rounds` runs of `f`, in seconds.
+fn best(rounds: usize, mut f: impl FnMut()) -> f64 {
+    (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+/// Discards data: the pipeline measured without storage speed in the way.
+#[derive(Debug)]
+struct NullBackend;
+
+impl Backend for NullBackend {
+    fn location(&self) -> String {
+        "null".into()
+    }
+    fn put(&self, _: &str, _: &[u8]) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
+        Err(BackendError::NotFound(name.into()))
+    }
+    fn get_range(&self, name: &str, _: u64, _: u64) -> Result<Vec<u8>, BackendError> {
+        Err(BackendError::NotFound(name.into()))
+    }
+    fn list(&self, _: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        Ok(Vec::new())
+    }
+    fn delete(&self, _: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+pub fn run(data_mib: u64, rounds: usize) -> Result<BenchReport> {
+    let data = mixed_data((data_mib as usize) << 20, 7);
+    let n = data.len();
+    let cfg = RepoConfig::default();
+    let keys = Keys::derive(&MasterKey::generate());
+    let chunker = crate::chunker::Chunker::new(cfg.chunker, keys.cdc_seed());
+    let level = cfg.compression_level;
+
+    let mut bounds = Vec::new();
+    let t_cdc = best(rounds, || {
+        bounds.clear();
+        let mut pos = 0;
+        while pos < n {
+            let c = chunker.next_cut(&data[pos..], true).unwrap_or(n - pos);
+            bounds.push((pos, pos + c));
+            pos += c;
+        }
+    });
+    let chunks: Vec<&[u8]> = bounds.iter().map(|&(s, e)| &data[s..e]).collect();
+    let t_hmac = best(rounds, || {
+        for c in &chunks {
+            std::hint::black_box(keys.chunk_id(c));
+        }
+    });
+    let mut compressed: Vec<Vec<u8>> = Vec::new();
+    let t_zstd = best(rounds, || {
+        compressed = chunks
+            .iter()
+            .map(|c| zstd::bulk::compress(c, level).unwrap_or_else(|_| c.to_vec()))
+            .collect();
+    });
+    let comp_bytes: usize = compressed.iter().map(Vec::len).sum();
+    let t_unzstd = best(rounds, || {
+        for (c, z) in chunks.iter().zip(&compressed) {
+            std::hint::black_box(zstd::bulk::decompress(z, c.len()).ok());
+        }
+    });
+    let session = keys.session();
+    let mut sealed: Vec<Vec<u8>> = Vec::new();
+    // The pipeline keeps a chunk raw when zstd does not shrink it.
+    let stored: Vec<&[u8]> = chunks
+        .iter()
+        .zip(&compressed)
+        .map(|(c, z)| if z.len() < c.len() { &z[..] } else { *c })
+        .collect();
+    let stored_bytes: usize = stored.iter().map(|s| s.len()).sum();
+    let t_seal = best(rounds, || {
+        sealed = stored.iter().map(|s| session.seal(b"bench", s)).collect();
+    });
+    let opener = Opener::new(&keys, session.salt());
+    let t_open = best(rounds, || {
+        for s in &sealed {
+            std::hint::black_box(opener.open(b"bench", s).ok());
+        }
+    });
+    let primitives = vec![
+        Figure { name: "CDC (FastCDC 2020, keyed gear)".into(), mib_per_s: rate(n, t_cdc) },
+        Figure { name: "HMAC-SHA256 (chunk id)".into(), mib_per_s: rate(n, t_hmac) },
+        Figure { name: format!("zstd -{level} compress"), mib_per_s: rate(n, t_zstd) },
+        Figure { name: format!("zstd decompress ({:.0}% of input)", 100.0 * comp_bytes as f64 / n as f64), mib_per_s: rate(n, t_unzstd) },
+        Figure { name: "AES-256-GCM seal".into(), mib_per_s: rate(stored_bytes, t_seal) },
+        Figure { name: "AES-256-GCM open".into(), mib_per_s: rate(stored_bytes, t_open) },
+    ];
+    let serial = rate(n, t_cdc + t_hmac + t_zstd + t_seal);
+
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let pipeline = |threads: usize| -> Result<f64> {
+        let mut best_rate: f64 = 0.0;
+        for _ in 0..rounds {
+            let backend: Arc<dyn Backend> = Arc::new(NullBackend);
+            let kdf = KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 };
+            let repo = Repository::init(backend, &Secret::Passphrase("bench".into()), &kdf, RepoConfig::default())?;
+            let mut src = MemSource::new(data.clone());
+            let t = Instant::now();
+            let mut s = BackupSession::new(&repo, &BackupOptions { threads, uploaders: 1 })?;
+            s.backup_disk("bench", &mut src, Mode::Full)?;
+            s.finish(SnapshotMeta { source: "bench".into(), ..Default::default() })?;
+            best_rate = best_rate.max(rate(n, t.elapsed().as_secs_f64()));
+        }
+        Ok(best_rate)
+    };
+    let p1 = pipeline(1)?;
+    let pn = pipeline(cores)?;
+    let _ = blob::DEFAULT_LEVEL;
+    Ok(BenchReport {
+        data_mib,
+        primitives,
+        serial_bound_mib_per_s: serial,
+        pipeline_1_core_mib_per_s: p1,
+        pipeline_all_cores_mib_per_s: pn,
+        cores,
+        pipeline_1_core_percent_of_bound: 100.0 * p1 / serial,
+    })
+}

@@ -1,0 +1,312 @@
+//! An opened repository: config, keys, index, snapshots, chunk reads.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendError};
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::chunklist::{self, ChunkList};
+use crate::crypto::{Keys, MasterKey, Opener};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{self, Index, Loc};
+use crate::keys::{KdfParams, KeySlot, Secret};
+use crate::snapshot::{self, Snapshot};
+use crate::{blob, object, pack};
+
+pub const VERSION: u32 = 1;
+const CONFIG: &str = "config";
+
+/// The repository's public, unencrypted settings. Everything secret (the
+/// chunker seed too) derives from the master key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepoConfig {
+    pub version: u32,
+    pub id: Id,
+    pub chunker: ChunkerParams,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+    pub compression_level: i32,
+    pub created: chrono::DateTime<chrono::Utc>,
+}
+
+impl Default for RepoConfig {
+    fn default() -> Self {
+        RepoConfig {
+            version: VERSION,
+            id: Id::random(),
+            chunker: ChunkerParams::default(),
+            pack_size: 16 << 20,
+            compression_level: blob::DEFAULT_LEVEL,
+            created: chrono::Utc::now(),
+        }
+    }
+}
+
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    config: RepoConfig,
+    keys: Arc<Keys>,
+    chunker: Chunker,
+    index: Mutex<Option<Arc<Index>>>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("location", &self.backend.location())
+            .finish()
+    }
+}
+
+impl Repository {
+    /// Creates a repository with one key slot for `secret`.
+    pub fn init(
+        backend: Arc<dyn Backend>,
+        secret: &Secret,
+        kdf: &KdfParams,
+        config: RepoConfig,
+    ) -> Result<Self> {
+        config.chunker.validate().map_err(Error::Invalid)?;
+        if backend.exists(CONFIG)? {
+            return Err(Error::AlreadyInitialized(backend.location()));
+        }
+        let master = MasterKey::generate();
+        let slot = KeySlot::wrap(&master, secret, kdf)?;
+        let slot_json = serde_json::to_vec_pretty(&slot).expect("serialize key slot");
+        backend.put(&format!("keys/{}", Id::random()), &slot_json)?;
+        let cfg = serde_json::to_vec_pretty(&config).expect("serialize config");
+        match backend.put(CONFIG, &cfg) {
+            Err(BackendError::AlreadyExists(_)) => {
+                return Err(Error::AlreadyInitialized(backend.location()))
+            }
+            r => r?,
+        }
+        Ok(Self::with_key(backend, config, &master))
+    }
+
+    /// Opens an existing repository; `WrongKey` if no slot opens with `secret`.
+    pub fn open(backend: Arc<dyn Backend>, secret: &Secret) -> Result<Self> {
+        let cfg = match backend.get(CONFIG) {
+            Ok(c) => c,
+            Err(BackendError::NotFound(_)) => return Err(Error::NoRepository(backend.location())),
+            Err(e) => return Err(e.into()),
+        };
+        let config: RepoConfig = serde_json::from_slice(&cfg)
+            .map_err(|e| Error::corrupt("config", e.to_string()))?;
+        if config.version != VERSION {
+            return Err(Error::UnsupportedVersion(config.version));
+        }
+        config.chunker.validate().map_err(|e| Error::corrupt("config", e))?;
+        let master = Self::unlock(backend.as_ref(), secret)?;
+        Ok(Self::with_key(backend, config, &master))
+    }
+
+    fn unlock(backend: &dyn Backend, secret: &Secret) -> Result<MasterKey> {
+        for obj in backend.list("keys/")? {
+            let bytes = backend.get(&obj.name)?;
+            let slot: KeySlot = match serde_json::from_slice(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("skipping unreadable key slot {}: {e}", obj.name);
+                    continue;
+                }
+            };
+            if slot.accepts(secret) {
+                if let Some(m) = slot.unwrap_key(secret)? {
+                    return Ok(m);
+                }
+            }
+        }
+        Err(Error::WrongKey)
+    }
+
+    fn with_key(backend: Arc<dyn Backend>, config: RepoConfig, master: &MasterKey) -> Self {
+        let keys = Arc::new(Keys::derive(master));
+        let chunker = Chunker::new(config.chunker, keys.cdc_seed());
+        Repository {
+            backend,
+            config,
+            keys,
+            chunker,
+            index: Mutex::new(None),
+        }
+    }
+
+    /// Adds another way to open this repository (e.g. a key file next to a
+    /// passphrase). `current` must open it already.
+    pub fn add_key(&self, current: &Secret, new: &Secret, kdf: &KdfParams) -> Result<()> {
+        let master = Self::unlock(self.backend.as_ref(), current)?;
+        let slot = KeySlot::wrap(&master, new, kdf)?;
+        let json = serde_json::to_vec_pretty(&slot).expect("serialize key slot");
+        self.backend.put(&format!("keys/{}", Id::random()), &json)?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.keys
+    }
+
+    pub fn chunker(&self) -> &Chunker {
+        &self.chunker
+    }
+
+    /// The merged index, loaded once and then cached.
+    pub fn index(&self) -> Result<Arc<Index>> {
+        let mut guard = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ix) = guard.as_ref() {
+            return Ok(ix.clone());
+        }
+        let ix = Arc::new(self.load_index()?);
+        *guard = Some(ix.clone());
+        Ok(ix)
+    }
+
+    /// Forgets the cached index (after a backup added to it).
+    pub fn invalidate_index(&self) {
+        *self.index.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn load_index(&self) -> Result<Index> {
+        let names: Vec<String> = self
+            .backend
+            .list("index/")?
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        // Fetch and open index objects in parallel: on S3 each is a round trip.
+        let threads = 8.min(names.len().max(1));
+        let parts: Vec<Result<Vec<pack::PackInfo>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let names = &names;
+                    s.spawn(move || {
+                        names
+                            .iter()
+                            .skip(t)
+                            .step_by(threads)
+                            .map(|n| {
+                                let bytes = self.backend.get(n)?;
+                                let payload = object::open(&self.keys, index::KIND, n, &bytes)?;
+                                index::decode(&payload, n)
+                            })
+                            .collect::<Result<Vec<_>>>()
+                            .map(|v| v.into_iter().flatten().collect())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("index loader panicked".into()))))
+                .collect()
+        });
+        let mut ix = Index::new();
+        for part in parts {
+            for p in part? {
+                ix.add_pack(&p);
+            }
+        }
+        Ok(ix)
+    }
+
+    pub(crate) fn put_sealed(&self, name: &str, sealed: &[u8]) -> Result<()> {
+        self.backend.put(name, sealed)?;
+        Ok(())
+    }
+
+    fn get_sealed(&self, kind: &str, name: &str) -> Result<Vec<u8>> {
+        let bytes = self.backend.get(name)?;
+        object::open(&self.keys, kind, name, &bytes)
+    }
+
+    /// All snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        for obj in self.backend.list("snapshots/")? {
+            out.push(self.load_snapshot_object(&obj.name)?);
+        }
+        out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    fn load_snapshot_object(&self, name: &str) -> Result<Snapshot> {
+        let payload = self.get_sealed(snapshot::KIND, name)?;
+        let s: Snapshot =
+            serde_json::from_slice(&payload).map_err(|e| Error::corrupt(name, e.to_string()))?;
+        if snapshot::object_name(&s.id) != name {
+            return Err(Error::corrupt(name, "manifest id does not match its name"));
+        }
+        Ok(s)
+    }
+
+    /// Resolves a snapshot by full id, unique id prefix, or `SOURCE@latest`.
+    pub fn find_snapshot(&self, spec: &str) -> Result<Snapshot> {
+        if let Ok(id) = spec.parse::<Id>() {
+            return match self.load_snapshot_object(&snapshot::object_name(&id)) {
+                Err(Error::Backend(BackendError::NotFound(_))) => {
+                    Err(Error::SnapshotNotFound(spec.into()))
+                }
+                r => r,
+            };
+        }
+        if let Some(source) = spec.strip_suffix("@latest") {
+            return self
+                .snapshots()?
+                .into_iter()
+                .rfind(|s| s.source == source)
+                .ok_or_else(|| Error::SnapshotNotFound(spec.into()));
+        }
+        if spec.len() < 4 || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::SnapshotNotFound(spec.into()));
+        }
+        let spec_l = spec.to_ascii_lowercase();
+        let matches: Vec<_> = self
+            .backend
+            .list("snapshots/")?
+            .into_iter()
+            .filter(|o| o.name["snapshots/".len()..].starts_with(&spec_l))
+            .collect();
+        match matches.as_slice() {
+            [one] => self.load_snapshot_object(&one.name),
+            [] => Err(Error::SnapshotNotFound(spec.into())),
+            _ => Err(Error::AmbiguousSnapshot(spec.into())),
+        }
+    }
+
+    pub fn load_chunk_list(&self, id: &Id) -> Result<ChunkList> {
+        let name = chunklist::object_name(id);
+        ChunkList::decode(&self.get_sealed(chunklist::KIND, &name)?, &name)
+    }
+
+    /// Reads, authenticates and decompresses one chunk.
+    pub fn read_chunk(&self, index: &Index, id: &Id) -> Result<Vec<u8>> {
+        let loc = index.get(id).ok_or(Error::MissingChunk(*id))?;
+        let sealed = self.backend.get_range(
+            &pack::object_name(&index.pack(&loc).id),
+            u64::from(loc.offset),
+            u64::from(loc.len),
+        )?;
+        self.open_blob(index, id, &loc, &sealed)
+    }
+
+    /// Opens a sealed blob fetched from its pack.
+    pub fn open_blob(&self, index: &Index, id: &Id, loc: &Loc, sealed: &[u8]) -> Result<Vec<u8>> {
+        if sealed.len() != loc.len as usize {
+            return Err(Error::corrupt(
+                format!("chunk {id}"),
+                format!("pack {} is truncated", index.pack(loc).id),
+            ));
+        }
+        let opener = Opener::new(&self.keys, &index.pack(loc).salt);
+        blob::open_chunk(&opener, id, sealed, self.config.chunker.max as usize)
+    }
+}
