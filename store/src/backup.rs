@@ -739,8 +739,26 @@ fn read_disk(
                 need = need.max(s + l);
                 di += 1;
             }
-            if pos >= size || (pos >= need && parent.is_some_and(|p| p.is_boundary(pos))) {
+            if pos >= size {
                 break;
+            }
+            if pos >= need {
+                if let Some(p) = parent {
+                    if p.is_boundary(pos) {
+                        break;
+                    }
+                    // Inside a parent zero extent (merged runs of zeros keep
+                    // no inner boundaries): the rest of it up to the next
+                    // change is still zeros, so stop reading here.
+                    if let Some(e) = p.find(pos).map(|i| p.extents()[i]) {
+                        if e.chunk.is_none() {
+                            let stop = e.end().min(dirty.get(di).map_or(u64::MAX, |d| d.0));
+                            emit(Piece::Zero { len: stop - pos })?;
+                            pos = stop;
+                            break;
+                        }
+                    }
+                }
             }
         }
     }

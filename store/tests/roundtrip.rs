@@ -1,0 +1,230 @@
+//! The repository end to end on real files in a temp dir: backup, restore,
+//! dedup, incremental, wrong keys and damage.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rand::{RngCore, SeedableRng};
+use store::restore::{restore_to_file, RestoreOptions};
+use store::source::MemSource;
+use store::{
+    BackupOptions, BackupSession, ChunkList, ChunkerParams, Error, ImageFile, KdfParams,
+    LocalBackend, Mode, RepoConfig, Repository, Secret, Snapshot, SnapshotMeta,
+};
+
+const PW: &str = "correct horse";
+
+fn small_config() -> RepoConfig {
+    RepoConfig {
+        chunker: ChunkerParams { min: 16 << 10, avg: 64 << 10, max: 256 << 10 },
+        pack_size: 1 << 20,
+        ..RepoConfig::default()
+    }
+}
+
+fn cheap_kdf() -> KdfParams {
+    KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 }
+}
+
+fn new_repo(dir: &Path) -> Repository {
+    let backend = Arc::new(LocalBackend::new(dir.join("repo")));
+    Repository::init(backend, &Secret::Passphrase(PW.into()), &cheap_kdf(), small_config()).unwrap()
+}
+
+fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rng(seed).fill_bytes(&mut v);
+    v
+}
+
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    let mut r = rng(seed);
+    let words = ["alpha ", "beta ", "gamma ", "delta\n", "backup ", "restore "];
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        v.extend_from_slice(words[(r.next_u32() % 6) as usize].as_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn backup(repo: &Repository, src: &mut dyn store::BlockSource, mode: Mode<'_>, threads: usize) -> Snapshot {
+    let mut s = BackupSession::new(repo, &BackupOptions { threads, uploaders: 2 }).unwrap();
+    s.backup_disk("image", src, mode).unwrap();
+    s.finish(SnapshotMeta { source: "img".into(), ..Default::default() }).unwrap()
+}
+
+fn restore(repo: &Repository, snap: &Snapshot, out: &Path) -> store::Result<Vec<u8>> {
+    let list = repo.load_chunk_list(&snap.disks[0].chunk_list)?;
+    let f = File::create(out).unwrap();
+    f.set_len(snap.disks[0].size).unwrap();
+    restore_to_file(repo, &list, &f, &RestoreOptions::default(), &|_| {})?;
+    Ok(std::fs::read(out).unwrap())
+}
+
+#[test]
+fn sparse_image_file_roundtrips_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    // 24 MiB: holes, explicit zero runs, random and text data.
+    let img = dir.path().join("disk.raw");
+    let f = File::create(&img).unwrap();
+    f.set_len(24 << 20).unwrap();
+    f.write_all_at(&random(3 << 20, 1), 1 << 20).unwrap();
+    f.write_all_at(&vec![0u8; 2 << 20], 5 << 20).unwrap();
+    f.write_all_at(&text(4 << 20, 2), 9 << 20).unwrap();
+    f.write_all_at(&random(100_000, 3), 20 << 20).unwrap();
+    f.write_all_at(b"tail", (24 << 20) - 4).unwrap();
+    drop(f);
+    let original = std::fs::read(&img).unwrap();
+    for threads in [1, 3] {
+        let snap = backup(&repo, &mut ImageFile::open(&img).unwrap(), Mode::Full, threads);
+        // Holes are not read.
+        assert!(snap.stats.bytes_read < 16 << 20, "read {}", snap.stats.bytes_read);
+        let out = dir.path().join(format!("restored-{threads}.raw"));
+        assert!(restore(&repo, &snap, &out).unwrap() == original);
+        // The restore is sparse: zero extents are not written.
+        let meta = std::fs::metadata(&out).unwrap();
+        let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+        assert!(allocated < 14 << 20, "restored image allocates {allocated} bytes");
+    }
+}
+
+#[test]
+fn unchanged_backup_stores_almost_nothing_and_shared_halves_dedup() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let mut a = random(8 << 20, 10);
+    a.extend(text(8 << 20, 11));
+    let first = backup(&repo, &mut MemSource::new(a.clone()), Mode::Full, 2);
+    assert!(first.stats.bytes_new >= 15 << 20);
+    let second = backup(&repo, &mut MemSource::new(a.clone()), Mode::Full, 2);
+    assert!(
+        second.stats.bytes_new * 100 < second.stats.bytes_read,
+        "unchanged image stored {} new bytes",
+        second.stats.bytes_new
+    );
+    // An image sharing its first half with `a`: that half's chunks are reused.
+    let mut b = a[..8 << 20].to_vec();
+    b.extend(random(8 << 20, 12));
+    let third = backup(&repo, &mut MemSource::new(b.clone()), Mode::Full, 2);
+    assert!(third.stats.bytes_new < (8 << 20) + (1 << 20), "new {}", third.stats.bytes_new);
+    assert!(third.stats.bytes_new >= 8 << 20);
+    let la = repo.load_chunk_list(&first.disks[0].chunk_list).unwrap();
+    let lb = repo.load_chunk_list(&third.disks[0].chunk_list).unwrap();
+    let ids_a: std::collections::HashSet<_> = la.extents().iter().filter_map(|e| e.chunk).collect();
+    let shared: u64 = lb
+        .extents()
+        .iter()
+        .filter(|e| e.chunk.is_some_and(|c| ids_a.contains(&c)))
+        .map(|e| e.len)
+        .sum();
+    assert!(shared >= 7 << 20, "shared only {shared} bytes");
+    assert!(restore(&repo, &third, &dir.path().join("b.raw")).unwrap() == b);
+}
+
+/// Applies writes to `data` and returns them as dirty extents.
+fn scribble(data: &mut [u8], seed: u64, n: usize, len: usize) -> Vec<(u64, u64)> {
+    let mut r = rng(seed);
+    let mut dirty = Vec::new();
+    for _ in 0..n {
+        let off = (r.next_u64() as usize) % (data.len() - len);
+        r.fill_bytes(&mut data[off..off + len]);
+        dirty.push((off as u64, len as u64));
+    }
+    dirty
+}
+
+#[test]
+fn incremental_reads_only_dirty_plus_resync_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let max = u64::from(repo.config().chunker.max);
+    let mut disk = random(16 << 20, 20);
+    disk.extend(text(16 << 20, 21));
+    disk.extend(vec![0u8; 16 << 20]);
+    let mut src = MemSource::new(disk.clone());
+    src.holes.push((40 << 20, 8 << 20));
+    let full = backup(&repo, &mut src, Mode::Full, 2);
+    let mut parent: ChunkList = repo.load_chunk_list(&full.disks[0].chunk_list).unwrap();
+    let mut parent_snap = full;
+    for round in 0..3u64 {
+        // Writes land anywhere before the hole area (some in the zero run).
+        let mut dirty = scribble(&mut disk[..40 << 20], 100 + round, 6, 40_000);
+        // One write lands in the hole / zero area too.
+        disk[44 << 20..(44 << 20) + 5000].fill(0x5a);
+        dirty.push((44 << 20, 5000));
+        let dirty_bytes: u64 = dirty.iter().map(|d| d.1).sum();
+        let mut src = MemSource::new(disk.clone());
+        src.holes.push((40 << 20, 4 << 20));
+        src.holes.push((45 << 20, 3 << 20));
+        let threads = 1 + round as usize;
+        let snap = backup(&repo, &mut src, Mode::Incremental { parent: &parent, dirty: &dirty }, threads);
+        let bound = dirty_bytes + dirty.len() as u64 * 2 * max;
+        assert!(
+            snap.stats.bytes_read <= bound && src.bytes_read <= bound,
+            "round {round}: read {} > dirty {dirty_bytes} + 2 max chunks x {}",
+            snap.stats.bytes_read,
+            dirty.len()
+        );
+        let got = restore(&repo, &snap, &dir.path().join("inc.raw")).unwrap();
+        assert!(got == disk, "round {round}: incremental restore differs");
+        // The parent still restores to its own content (nothing shared was changed).
+        assert!(restore(&repo, &parent_snap, &dir.path().join("p.raw")).is_ok());
+        parent = repo.load_chunk_list(&snap.disks[0].chunk_list).unwrap();
+        parent_snap = snap;
+        eprintln!("round {round}: dirty {dirty_bytes} read {}", parent_snap.stats.bytes_read);
+    }
+}
+
+#[test]
+fn wrong_passphrase_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let _ = new_repo(dir.path());
+    let backend = Arc::new(LocalBackend::new(dir.path().join("repo")));
+    match Repository::open(backend.clone(), &Secret::Passphrase("wrong".into())) {
+        Err(Error::WrongKey) => {}
+        other => panic!("expected WrongKey, got {other:?}"),
+    }
+    assert!(Repository::open(backend, &Secret::Passphrase(PW.into())).is_ok());
+    let none = Arc::new(LocalBackend::new(dir.path().join("nothing")));
+    assert!(matches!(
+        Repository::open(none, &Secret::Passphrase(PW.into())),
+        Err(Error::NoRepository(_))
+    ));
+}
+
+#[test]
+fn flipped_byte_is_found_by_verify_and_fails_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let data = random(4 << 20, 30);
+    let snap = backup(&repo, &mut MemSource::new(data), Mode::Full, 2);
+    let all = repo.snapshots().unwrap();
+    let ok = store::verify::verify(&repo, &all, 2, &|_| {}).unwrap();
+    assert!(ok.damaged.is_empty());
+    assert!(ok.chunks > 10);
+    // Flip one byte in the middle of a pack (inside some chunk's blob).
+    let packs = repo.backend().list("data/").unwrap();
+    let p = &packs[0];
+    let path = dir.path().join("repo").join(&p.name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let repo = Repository::open(repo.backend().clone(), &Secret::Passphrase(PW.into())).unwrap();
+    let report = store::verify::verify(&repo, &all, 2, &|_| {}).unwrap();
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.damaged[0].uses[0].snapshot, snap.id);
+    let out = dir.path().join("r.raw");
+    match restore(&repo, &snap, &out) {
+        Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("disk offset"), "{detail}"),
+        other => panic!("restore of damaged snapshot must fail, got {:?}", other.map(|v| v.len())),
+    }
+}
