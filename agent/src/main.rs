@@ -1,1 +1,88 @@
-fn main() {}
+//! `bulwark`: the command line (and, later, the agent daemon).
+//! Thin: parse arguments, open the repository, call the store, print.
+
+mod cmd;
+mod progress;
+mod secret;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bulwark",
+    version,
+    about = "Backup and instant restore for QEMU/libvirt VMs"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command that touches a repository takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Global {
+    /// Repository location: a directory (the embedded local datastore).
+    #[arg(long, env = "BULWARK_REPO", global = true)]
+    pub repo: Option<String>,
+    /// Read the passphrase from this file (else $BULWARK_PASSWORD, else a prompt).
+    #[arg(long, global = true)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// Open the repository with this key file instead of a passphrase.
+    #[arg(long, global = true)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or inspect a repository.
+    #[command(subcommand)]
+    Repo(cmd::repo::RepoCmd),
+    /// Back up a disk image.
+    #[command(subcommand)]
+    Backup(cmd::image::BackupCmd),
+    /// List snapshots.
+    Snapshots(cmd::snapshots::Args),
+    /// Restore a snapshot.
+    #[command(subcommand)]
+    Restore(cmd::image::RestoreCmd),
+    /// Read back every chunk the snapshots use and check it.
+    Verify(cmd::verify::Args),
+    /// Measure the throughput of each primitive and of the backup pipeline.
+    Benchmark(cmd::bench::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.global.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match cli.command {
+        Command::Repo(c) => cmd::repo::run(&cli.global, c),
+        Command::Backup(c) => cmd::image::backup(&cli.global, c),
+        Command::Snapshots(a) => cmd::snapshots::run(&cli.global, a),
+        Command::Restore(c) => cmd::image::restore(&cli.global, c),
+        Command::Verify(a) => cmd::verify::run(&cli.global, a),
+        Command::Benchmark(a) => cmd::bench::run(a),
+    };
+    match r {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -613,7 +613,9 @@ impl AllocMap {
                     }
                 }
                 if next <= q {
-                    return Err(Error::Invalid(format!("source reported no extent at offset {q}")));
+                    return Err(Error::Invalid(format!(
+                        "source reported no extent at offset {q}"
+                    )));
                 }
                 q = next;
                 if q < size
@@ -660,24 +662,25 @@ fn read_disk(
     let mut pos = 0u64;
     let mut di = 0usize;
 
-    let copy_parent = |from: u64, to: u64, emit: &mut dyn FnMut(Piece) -> Result<()>| -> Result<()> {
-        let Some(p) = parent else { return Ok(()) };
-        let Some(mut i) = p.find(from).filter(|_| from < to) else {
-            return Ok(());
-        };
-        let mut batch = Vec::new();
-        while i < p.extents().len() && p.extents()[i].offset < to {
-            batch.push(p.extents()[i]);
-            if batch.len() == 1024 {
-                emit(Piece::Reuse(std::mem::take(&mut batch)))?;
+    let copy_parent =
+        |from: u64, to: u64, emit: &mut dyn FnMut(Piece) -> Result<()>| -> Result<()> {
+            let Some(p) = parent else { return Ok(()) };
+            let Some(mut i) = p.find(from).filter(|_| from < to) else {
+                return Ok(());
+            };
+            let mut batch = Vec::new();
+            while i < p.extents().len() && p.extents()[i].offset < to {
+                batch.push(p.extents()[i]);
+                if batch.len() == 1024 {
+                    emit(Piece::Reuse(std::mem::take(&mut batch)))?;
+                }
+                i += 1;
             }
-            i += 1;
-        }
-        if !batch.is_empty() {
-            emit(Piece::Reuse(batch))?;
-        }
-        Ok(())
-    };
+            if !batch.is_empty() {
+                emit(Piece::Reuse(batch))?;
+            }
+            Ok(())
+        };
 
     while pos < size {
         let Some(&(ds, dl)) = dirty.get(di) else {

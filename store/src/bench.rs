@@ -43,8 +43,20 @@ pub fn mixed_data(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = vec![0u8; len];
     let words: &[&[u8]] = &[
-        b"the ", b"backup ", b"of ", b"virtual ", b"machine ", b"disk ", b"block ", b"chunk ",
-        b"restore ", b"snapshot ", b"\n", b"2026-11-23 ", b"INFO ", b"error=0 ",
+        b"the ",
+        b"backup ",
+        b"of ",
+        b"virtual ",
+        b"machine ",
+        b"disk ",
+        b"block ",
+        b"chunk ",
+        b"restore ",
+        b"snapshot ",
+        b"\n",
+        b"2026-11-23 ",
+        b"INFO ",
+        b"error=0 ",
     ];
     let mut pos = 0;
     while pos < len {
@@ -161,12 +173,33 @@ pub fn run(data_mib: u64, rounds: usize) -> Result<BenchReport> {
         }
     });
     let primitives = vec![
-        Figure { name: "CDC (FastCDC 2020, keyed gear)".into(), mib_per_s: rate(n, t_cdc) },
-        Figure { name: "HMAC-SHA256 (chunk id)".into(), mib_per_s: rate(n, t_hmac) },
-        Figure { name: format!("zstd -{level} compress"), mib_per_s: rate(n, t_zstd) },
-        Figure { name: format!("zstd decompress ({:.0}% of input)", 100.0 * comp_bytes as f64 / n as f64), mib_per_s: rate(n, t_unzstd) },
-        Figure { name: "AES-256-GCM seal".into(), mib_per_s: rate(stored_bytes, t_seal) },
-        Figure { name: "AES-256-GCM open".into(), mib_per_s: rate(stored_bytes, t_open) },
+        Figure {
+            name: "CDC (FastCDC 2020, keyed gear)".into(),
+            mib_per_s: rate(n, t_cdc),
+        },
+        Figure {
+            name: "HMAC-SHA256 (chunk id)".into(),
+            mib_per_s: rate(n, t_hmac),
+        },
+        Figure {
+            name: format!("zstd -{level} compress"),
+            mib_per_s: rate(n, t_zstd),
+        },
+        Figure {
+            name: format!(
+                "zstd decompress ({:.0}% of input)",
+                100.0 * comp_bytes as f64 / n as f64
+            ),
+            mib_per_s: rate(n, t_unzstd),
+        },
+        Figure {
+            name: "AES-256-GCM seal".into(),
+            mib_per_s: rate(stored_bytes, t_seal),
+        },
+        Figure {
+            name: "AES-256-GCM open".into(),
+            mib_per_s: rate(stored_bytes, t_open),
+        },
     ];
     let serial = rate(n, t_cdc + t_hmac + t_zstd + t_seal);
 
@@ -175,13 +208,31 @@ pub fn run(data_mib: u64, rounds: usize) -> Result<BenchReport> {
         let mut best_rate: f64 = 0.0;
         for _ in 0..rounds {
             let backend: Arc<dyn Backend> = Arc::new(NullBackend);
-            let kdf = KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 };
-            let repo = Repository::init(backend, &Secret::Passphrase("bench".into()), &kdf, RepoConfig::default())?;
+            let kdf = KdfParams {
+                m_cost_kib: 8,
+                t_cost: 1,
+                p_cost: 1,
+            };
+            let repo = Repository::init(
+                backend,
+                &Secret::Passphrase("bench".into()),
+                &kdf,
+                RepoConfig::default(),
+            )?;
             let mut src = MemSource::new(data.clone());
             let t = Instant::now();
-            let mut s = BackupSession::new(&repo, &BackupOptions { threads, uploaders: 1 })?;
+            let mut s = BackupSession::new(
+                &repo,
+                &BackupOptions {
+                    threads,
+                    uploaders: 1,
+                },
+            )?;
             s.backup_disk("bench", &mut src, Mode::Full)?;
-            s.finish(SnapshotMeta { source: "bench".into(), ..Default::default() })?;
+            s.finish(SnapshotMeta {
+                source: "bench".into(),
+                ..Default::default()
+            })?;
             best_rate = best_rate.max(rate(n, t.elapsed().as_secs_f64()));
         }
         Ok(best_rate)

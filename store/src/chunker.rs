@@ -37,9 +37,9 @@ impl ChunkerParams {
             && self.min < self.avg
             && self.avg < self.max
             && self.max <= 16 * 1024 * 1024
-            && self.min % 2 == 0
-            && self.avg % 2 == 0
-            && self.max % 2 == 0;
+            && self.min.is_multiple_of(2)
+            && self.avg.is_multiple_of(2)
+            && self.max.is_multiple_of(2);
         if ok {
             Ok(())
         } else {
@@ -121,7 +121,11 @@ mod tests {
 
     #[test]
     fn small_steps_find_the_same_cuts() {
-        let p = ChunkerParams { min: 1024, avg: 4096, max: 16384 };
+        let p = ChunkerParams {
+            min: 1024,
+            avg: 4096,
+            max: 16384,
+        };
         let c = Chunker::new(p, 9);
         let mut data = vec![0u8; 1 << 20];
         rand::rngs::StdRng::seed_from_u64(2).fill_bytes(&mut data);

@@ -64,7 +64,8 @@ impl ChunkList {
 
     /// Whether an extent starts exactly at `offset`.
     pub fn is_boundary(&self, offset: u64) -> bool {
-        self.find(offset).is_some_and(|i| self.extents[i].offset == offset)
+        self.find(offset)
+            .is_some_and(|i| self.extents[i].offset == offset)
     }
 
     pub fn encode(&self) -> Vec<u8> {

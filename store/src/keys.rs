@@ -125,8 +125,8 @@ impl KeySlot {
     /// The master key, or `None` if `secret` does not open this slot.
     pub fn unwrap_key(&self, secret: &Secret) -> Result<Option<MasterKey>> {
         let salt = hex::decode(&self.salt).map_err(|_| Error::corrupt("key slot", "bad salt"))?;
-        let wrapped =
-            hex::decode(&self.wrapped).map_err(|_| Error::corrupt("key slot", "bad wrapped key"))?;
+        let wrapped = hex::decode(&self.wrapped)
+            .map_err(|_| Error::corrupt("key slot", "bad wrapped key"))?;
         if wrapped.len() != 12 + 32 + 16 {
             return Err(Error::corrupt("key slot", "wrapped key has wrong length"));
         }
@@ -189,9 +189,15 @@ mod tests {
     fn passphrase_slot() {
         let m = MasterKey::generate();
         let slot = KeySlot::wrap(&m, &Secret::Passphrase("pw".into()), &cheap()).unwrap();
-        let got = slot.unwrap_key(&Secret::Passphrase("pw".into())).unwrap().unwrap();
+        let got = slot
+            .unwrap_key(&Secret::Passphrase("pw".into()))
+            .unwrap()
+            .unwrap();
         assert_eq!(got.0, m.0);
-        assert!(slot.unwrap_key(&Secret::Passphrase("nope".into())).unwrap().is_none());
+        assert!(slot
+            .unwrap_key(&Secret::Passphrase("nope".into()))
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -202,8 +208,14 @@ mod tests {
         let slot = KeySlot::wrap(&m, &Secret::KeyFile(bytes), &cheap()).unwrap();
         assert!(slot.accepts(&Secret::KeyFile(bytes)));
         assert!(!slot.accepts(&Secret::Passphrase("x".into())));
-        assert_eq!(slot.unwrap_key(&Secret::KeyFile(bytes)).unwrap().unwrap().0, m.0);
-        assert!(slot.unwrap_key(&Secret::KeyFile([0; 32])).unwrap().is_none());
+        assert_eq!(
+            slot.unwrap_key(&Secret::KeyFile(bytes)).unwrap().unwrap().0,
+            m.0
+        );
+        assert!(slot
+            .unwrap_key(&Secret::KeyFile([0; 32]))
+            .unwrap()
+            .is_none());
         assert!(read_key_file("garbage").is_err());
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod backup;
+pub mod bench;
 pub mod blob;
 pub mod chunker;
 pub mod chunklist;
@@ -22,7 +23,6 @@ pub mod restore;
 pub mod snapshot;
 pub mod source;
 pub mod verify;
-pub mod bench;
 
 pub use backend::{Backend, BackendError, LocalBackend};
 pub use backup::{BackupOptions, BackupSession, DiskResult, Mode};

@@ -27,9 +27,13 @@ pub fn open(keys: &Keys, kind: &str, name: &str, bytes: &[u8]) -> Result<Vec<u8>
     let comp = keys
         .open(&salt, kind.as_bytes(), &bytes[4 + SALT_LEN..])
         .map_err(|_| {
-            Error::corrupt(name, "authentication failed (damaged, or another repository's key)")
+            Error::corrupt(
+                name,
+                "authentication failed (damaged, or another repository's key)",
+            )
         })?;
-    zstd::bulk::decompress(&comp, MAX_PAYLOAD).map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
+    zstd::bulk::decompress(&comp, MAX_PAYLOAD)
+        .map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
 }
 
 /// Little helpers for the binary payloads: bounds-checked reads that turn

@@ -82,7 +82,8 @@ impl PackWriter {
         }
         let sealed = cipher.seal(TRAILER_AAD, &t);
         self.buf.extend_from_slice(&sealed);
-        self.buf.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         let info = PackInfo {
             id: Id::random(),
             salt: self.salt,

@@ -93,12 +93,15 @@ impl Repository {
             Err(BackendError::NotFound(_)) => return Err(Error::NoRepository(backend.location())),
             Err(e) => return Err(e.into()),
         };
-        let config: RepoConfig = serde_json::from_slice(&cfg)
-            .map_err(|e| Error::corrupt("config", e.to_string()))?;
+        let config: RepoConfig =
+            serde_json::from_slice(&cfg).map_err(|e| Error::corrupt("config", e.to_string()))?;
         if config.version != VERSION {
             return Err(Error::UnsupportedVersion(config.version));
         }
-        config.chunker.validate().map_err(|e| Error::corrupt("config", e))?;
+        config
+            .chunker
+            .validate()
+            .map_err(|e| Error::corrupt("config", e))?;
         let master = Self::unlock(backend.as_ref(), secret)?;
         Ok(Self::with_key(backend, config, &master))
     }
@@ -206,7 +209,10 @@ impl Repository {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("index loader panicked".into()))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Invalid("index loader panicked".into())))
+                })
                 .collect()
         });
         let mut ix = Index::new();

@@ -19,16 +19,10 @@ use crate::repo::Repository;
 /// Largest single ranged read.
 const MAX_BATCH: u64 = 32 << 20;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// Parallel fetch/decrypt/write threads; 0 = a default.
     pub threads: usize,
-}
-
-impl Default for RestoreOptions {
-    fn default() -> Self {
-        RestoreOptions { threads: 0 }
-    }
 }
 
 /// Extents (with their locations) fetched together.
@@ -44,7 +38,10 @@ fn plan(index: &Index, list: &ChunkList) -> Result<Vec<Batch>> {
     for e in list.extents() {
         let Some(id) = e.chunk else { continue };
         let loc = index.get(&id).ok_or(Error::MissingChunk(id))?;
-        let (s, end) = (u64::from(loc.offset), u64::from(loc.offset) + u64::from(loc.len));
+        let (s, end) = (
+            u64::from(loc.offset),
+            u64::from(loc.offset) + u64::from(loc.len),
+        );
         match out.last_mut() {
             Some(b) if b.pack == loc.pack && b.end == s && end - b.start <= MAX_BATCH => {
                 b.end = end;
@@ -117,13 +114,15 @@ fn restore_batch(
         let id = e.chunk.expect("planned extents have chunks");
         let s = (u64::from(loc.offset) - b.start) as usize;
         let sealed = bytes.get(s..s + loc.len as usize).unwrap_or(&[]);
-        let data = repo.open_blob(index, &id, loc, sealed).map_err(|err| match err {
-            Error::Corrupt { what, detail } => Error::Corrupt {
-                what,
-                detail: format!("{detail} (disk offset {}, pack {name})", e.offset),
-            },
-            other => other,
-        })?;
+        let data = repo
+            .open_blob(index, &id, loc, sealed)
+            .map_err(|err| match err {
+                Error::Corrupt { what, detail } => Error::Corrupt {
+                    what,
+                    detail: format!("{detail} (disk offset {}, pack {name})", e.offset),
+                },
+                other => other,
+            })?;
         if data.len() as u64 != e.len {
             return Err(Error::corrupt(
                 format!("chunk {id}"),

@@ -37,7 +37,8 @@ pub struct ImageFile {
 
 impl ImageFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let file =
+            File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
             .map_err(|e| Error::io(format!("size of {}", path.display()), e))?;
         Ok(ImageFile { file, size })
@@ -64,12 +65,24 @@ impl BlockSource for ImageFile {
             // without hole support report everything as data, which is right.
             let data = self.seek(pos, libc::SEEK_DATA).unwrap_or(end).min(end);
             if data > pos {
-                out.push(SourceExtent { offset: pos, len: data - pos, data: false });
+                out.push(SourceExtent {
+                    offset: pos,
+                    len: data - pos,
+                    data: false,
+                });
                 pos = data;
                 continue;
             }
-            let hole = self.seek(pos, libc::SEEK_HOLE).unwrap_or(end).min(end).max(pos + 1);
-            out.push(SourceExtent { offset: pos, len: hole - pos, data: true });
+            let hole = self
+                .seek(pos, libc::SEEK_HOLE)
+                .unwrap_or(end)
+                .min(end)
+                .max(pos + 1);
+            out.push(SourceExtent {
+                offset: pos,
+                len: hole - pos,
+                data: true,
+            });
             pos = hole;
         }
         Ok(out)
@@ -93,7 +106,11 @@ pub struct MemSource {
 
 impl MemSource {
     pub fn new(data: Vec<u8>) -> Self {
-        MemSource { data, holes: Vec::new(), bytes_read: 0 }
+        MemSource {
+            data,
+            holes: Vec::new(),
+            bytes_read: 0,
+        }
     }
 }
 
@@ -114,15 +131,27 @@ impl BlockSource for MemSource {
                 continue;
             }
             if hs > pos {
-                out.push(SourceExtent { offset: pos, len: hs - pos, data: true });
+                out.push(SourceExtent {
+                    offset: pos,
+                    len: hs - pos,
+                    data: true,
+                });
             }
             let s = hs.max(pos);
             let e = he.min(end);
-            out.push(SourceExtent { offset: s, len: e - s, data: false });
+            out.push(SourceExtent {
+                offset: s,
+                len: e - s,
+                data: false,
+            });
             pos = e;
         }
         if pos < end {
-            out.push(SourceExtent { offset: pos, len: end - pos, data: true });
+            out.push(SourceExtent {
+                offset: pos,
+                len: end - pos,
+                data: true,
+            });
         }
         Ok(out)
     }
@@ -157,7 +186,7 @@ mod tests {
         let total: u64 = ex.iter().map(|e| e.len).sum();
         assert_eq!(total, 8 << 20);
         let data: u64 = ex.iter().filter(|e| e.data).map(|e| e.len).sum();
-        assert!(data >= 4096 && data < (8 << 20), "{ex:?}");
+        assert!((4096..(8 << 20)).contains(&data), "{ex:?}");
         let mut buf = [0u8; 4096];
         src.read_at(4 << 20, &mut buf).unwrap();
         assert_eq!(buf, [1u8; 4096]);

@@ -62,7 +62,11 @@ pub fn verify(
                     report.damaged.push(Damage {
                         object: format!("chunk list of disk {} ({})", d.name, d.chunk_list),
                         reason: e.to_string(),
-                        uses: vec![Use { snapshot: s.id, disk: d.name.clone(), offset: 0 }],
+                        uses: vec![Use {
+                            snapshot: s.id,
+                            disk: d.name.clone(),
+                            offset: 0,
+                        }],
                     });
                     continue;
                 }
@@ -71,14 +75,22 @@ pub fn verify(
                 report.damaged.push(Damage {
                     object: format!("chunk list {}", d.chunk_list),
                     reason: format!("covers {} bytes, disk is {}", list.size(), d.size),
-                    uses: vec![Use { snapshot: s.id, disk: d.name.clone(), offset: 0 }],
+                    uses: vec![Use {
+                        snapshot: s.id,
+                        disk: d.name.clone(),
+                        offset: 0,
+                    }],
                 });
             }
             for e in list.extents() {
                 if let Some(id) = e.chunk {
                     let u = uses.entry(id).or_default();
                     if u.len() < MAX_USES {
-                        u.push(Use { snapshot: s.id, disk: d.name.clone(), offset: e.offset });
+                        u.push(Use {
+                            snapshot: s.id,
+                            disk: d.name.clone(),
+                            offset: e.offset,
+                        });
                     }
                 }
             }
@@ -112,11 +124,17 @@ pub fn verify(
                     Ok(d) => d,
                     Err(BackendError::NotFound(_)) => {
                         let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
-                        b.extend(ids.iter().map(|id| (*id, format!("pack {name} is missing"))));
+                        b.extend(
+                            ids.iter()
+                                .map(|id| (*id, format!("pack {name} is missing"))),
+                        );
                         continue;
                     }
                     Err(e) => {
-                        fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.into());
+                        fatal
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e.into());
                         return;
                     }
                 };
@@ -128,7 +146,10 @@ pub fn verify(
                         if repo.keys().chunk_id(&plain) == *id {
                             Ok(plain.len())
                         } else {
-                            Err(Error::corrupt(format!("chunk {id}"), "content does not match its id"))
+                            Err(Error::corrupt(
+                                format!("chunk {id}"),
+                                "content does not match its id",
+                            ))
                         }
                     });
                     match r {

@@ -18,19 +18,33 @@ const PW: &str = "correct horse";
 
 fn small_config() -> RepoConfig {
     RepoConfig {
-        chunker: ChunkerParams { min: 16 << 10, avg: 64 << 10, max: 256 << 10 },
+        chunker: ChunkerParams {
+            min: 16 << 10,
+            avg: 64 << 10,
+            max: 256 << 10,
+        },
         pack_size: 1 << 20,
         ..RepoConfig::default()
     }
 }
 
 fn cheap_kdf() -> KdfParams {
-    KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 }
+    KdfParams {
+        m_cost_kib: 1024,
+        t_cost: 1,
+        p_cost: 1,
+    }
 }
 
 fn new_repo(dir: &Path) -> Repository {
     let backend = Arc::new(LocalBackend::new(dir.join("repo")));
-    Repository::init(backend, &Secret::Passphrase(PW.into()), &cheap_kdf(), small_config()).unwrap()
+    Repository::init(
+        backend,
+        &Secret::Passphrase(PW.into()),
+        &cheap_kdf(),
+        small_config(),
+    )
+    .unwrap()
 }
 
 fn rng(seed: u64) -> rand::rngs::StdRng {
@@ -45,7 +59,9 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
 
 fn text(len: usize, seed: u64) -> Vec<u8> {
     let mut r = rng(seed);
-    let words = ["alpha ", "beta ", "gamma ", "delta\n", "backup ", "restore "];
+    let words = [
+        "alpha ", "beta ", "gamma ", "delta\n", "backup ", "restore ",
+    ];
     let mut v = Vec::with_capacity(len);
     while v.len() < len {
         v.extend_from_slice(words[(r.next_u32() % 6) as usize].as_bytes());
@@ -54,10 +70,26 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn backup(repo: &Repository, src: &mut dyn store::BlockSource, mode: Mode<'_>, threads: usize) -> Snapshot {
-    let mut s = BackupSession::new(repo, &BackupOptions { threads, uploaders: 2 }).unwrap();
+fn backup(
+    repo: &Repository,
+    src: &mut dyn store::BlockSource,
+    mode: Mode<'_>,
+    threads: usize,
+) -> Snapshot {
+    let mut s = BackupSession::new(
+        repo,
+        &BackupOptions {
+            threads,
+            uploaders: 2,
+        },
+    )
+    .unwrap();
     s.backup_disk("image", src, mode).unwrap();
-    s.finish(SnapshotMeta { source: "img".into(), ..Default::default() }).unwrap()
+    s.finish(SnapshotMeta {
+        source: "img".into(),
+        ..Default::default()
+    })
+    .unwrap()
 }
 
 fn restore(repo: &Repository, snap: &Snapshot, out: &Path) -> store::Result<Vec<u8>> {
@@ -84,15 +116,27 @@ fn sparse_image_file_roundtrips_bit_identical() {
     drop(f);
     let original = std::fs::read(&img).unwrap();
     for threads in [1, 3] {
-        let snap = backup(&repo, &mut ImageFile::open(&img).unwrap(), Mode::Full, threads);
+        let snap = backup(
+            &repo,
+            &mut ImageFile::open(&img).unwrap(),
+            Mode::Full,
+            threads,
+        );
         // Holes are not read.
-        assert!(snap.stats.bytes_read < 16 << 20, "read {}", snap.stats.bytes_read);
+        assert!(
+            snap.stats.bytes_read < 16 << 20,
+            "read {}",
+            snap.stats.bytes_read
+        );
         let out = dir.path().join(format!("restored-{threads}.raw"));
         assert!(restore(&repo, &snap, &out).unwrap() == original);
         // The restore is sparse: zero extents are not written.
         let meta = std::fs::metadata(&out).unwrap();
         let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
-        assert!(allocated < 14 << 20, "restored image allocates {allocated} bytes");
+        assert!(
+            allocated < 14 << 20,
+            "restored image allocates {allocated} bytes"
+        );
     }
 }
 
@@ -114,7 +158,11 @@ fn unchanged_backup_stores_almost_nothing_and_shared_halves_dedup() {
     let mut b = a[..8 << 20].to_vec();
     b.extend(random(8 << 20, 12));
     let third = backup(&repo, &mut MemSource::new(b.clone()), Mode::Full, 2);
-    assert!(third.stats.bytes_new < (8 << 20) + (1 << 20), "new {}", third.stats.bytes_new);
+    assert!(
+        third.stats.bytes_new < (8 << 20) + (1 << 20),
+        "new {}",
+        third.stats.bytes_new
+    );
     assert!(third.stats.bytes_new >= 8 << 20);
     let la = repo.load_chunk_list(&first.disks[0].chunk_list).unwrap();
     let lb = repo.load_chunk_list(&third.disks[0].chunk_list).unwrap();
@@ -165,7 +213,15 @@ fn incremental_reads_only_dirty_plus_resync_and_restores() {
         src.holes.push((40 << 20, 4 << 20));
         src.holes.push((45 << 20, 3 << 20));
         let threads = 1 + round as usize;
-        let snap = backup(&repo, &mut src, Mode::Incremental { parent: &parent, dirty: &dirty }, threads);
+        let snap = backup(
+            &repo,
+            &mut src,
+            Mode::Incremental {
+                parent: &parent,
+                dirty: &dirty,
+            },
+            threads,
+        );
         let bound = dirty_bytes + dirty.len() as u64 * 2 * max;
         assert!(
             snap.stats.bytes_read <= bound && src.bytes_read <= bound,
@@ -179,7 +235,10 @@ fn incremental_reads_only_dirty_plus_resync_and_restores() {
         assert!(restore(&repo, &parent_snap, &dir.path().join("p.raw")).is_ok());
         parent = repo.load_chunk_list(&snap.disks[0].chunk_list).unwrap();
         parent_snap = snap;
-        eprintln!("round {round}: dirty {dirty_bytes} read {}", parent_snap.stats.bytes_read);
+        eprintln!(
+            "round {round}: dirty {dirty_bytes} read {}",
+            parent_snap.stats.bytes_read
+        );
     }
 }
 
@@ -225,6 +284,9 @@ fn flipped_byte_is_found_by_verify_and_fails_restore() {
     let out = dir.path().join("r.raw");
     match restore(&repo, &snap, &out) {
         Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("disk offset"), "{detail}"),
-        other => panic!("restore of damaged snapshot must fail, got {:?}", other.map(|v| v.len())),
+        other => panic!(
+            "restore of damaged snapshot must fail, got {:?}",
+            other.map(|v| v.len())
+        ),
     }
 }

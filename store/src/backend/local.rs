@@ -30,7 +30,9 @@ impl LocalBackend {
         // could climb out of the repository.
         if name.is_empty()
             || name.starts_with('/')
-            || name.split('/').any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
+            || name
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
         {
             return Err(BackendError::Other(format!("invalid object name {name:?}")));
         }
@@ -167,7 +169,13 @@ mod tests {
         assert_eq!(b.get_range("data/ab/abcd", 3, 100).unwrap(), b"lo");
         let mut l = b.list("data/").unwrap();
         l.sort_by(|a, b| a.name.cmp(&b.name));
-        assert_eq!(l, vec![ObjectInfo { name: "data/ab/abcd".into(), size: 5 }]);
+        assert_eq!(
+            l,
+            vec![ObjectInfo {
+                name: "data/ab/abcd".into(),
+                size: 5
+            }]
+        );
         assert!(matches!(b.get("nope"), Err(BackendError::NotFound(_))));
         assert!(b.get("../etc/passwd").is_err());
         std::fs::write(dir.path().join("index/.tmp-zz"), b"partial").unwrap();

@@ -1,0 +1,64 @@
+//! `bulwark snapshots`
+
+use anyhow::Result;
+
+use super::human;
+use crate::secret;
+use crate::Global;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Only snapshots of this source.
+    #[arg(long)]
+    source: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(g: &Global, a: Args) -> Result<i32> {
+    let repo = secret::open(g)?;
+    let snaps: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| a.source.as_ref().is_none_or(|src| &s.source == src))
+        .collect();
+    if a.json {
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id,
+                    "source": s.source,
+                    "time": s.time,
+                    "host": s.host,
+                    "policy": s.policy,
+                    "parent": s.parent,
+                    "size": s.size(),
+                    "stored_bytes": s.stats.bytes_stored,
+                    "disks": s.disks.iter().map(|d| serde_json::json!({
+                        "name": d.name, "size": d.size, "data_bytes": d.data_bytes,
+                        "chunks": d.chunks, "checkpoint": d.checkpoint,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<8}  {:<20}  {:<20}  {:>10}  {:>10}",
+        "ID", "SOURCE", "TIME (local)", "SIZE", "STORED"
+    );
+    for s in &snaps {
+        let local = s.time.with_timezone(&chrono::Local);
+        println!(
+            "{:<8}  {:<20}  {:<20}  {:>10}  {:>10}",
+            s.id.short(),
+            s.source,
+            local.format("%Y-%m-%d %H:%M:%S"),
+            human(s.size()),
+            human(s.stats.bytes_stored)
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,353 @@
+//! The `bulwark` binary end to end on a local datastore: real files, real
+//! processes, exit codes and output checked.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rand::{RngCore, SeedableRng};
+
+const PW: &str = "test passphrase";
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let e = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let out = e.run(&["repo", "init"]);
+        assert!(out.status.success(), "init: {}", stderr(&out));
+        e
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bulwark"));
+        c.args(args)
+            .env("BULWARK_REPO", self.path("repo"))
+            .env("BULWARK_PASSWORD", PW)
+            .env_remove("BULWARK_LOG");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "bulwark {args:?} failed: {}",
+            stderr(&out)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A sparse image: random, text, explicit zeros and holes.
+fn make_image(path: &Path, mib: u64, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f = File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+    let mut off = 0u64;
+    while off < mib << 20 {
+        let mut block = vec![0u8; 1 << 20];
+        match (off >> 20) % 5 {
+            0 | 1 => rng.fill_bytes(&mut block),
+            2 => {
+                for (i, b) in block.iter_mut().enumerate() {
+                    *b = b"lorem ipsum dolor sit amet\n"[i % 27];
+                }
+            }
+            3 => {} // explicit zeros
+            _ => {
+                off += 1 << 20; // hole
+                continue;
+            }
+        }
+        f.write_all_at(&block, off).unwrap();
+        off += 1 << 20;
+    }
+}
+
+#[test]
+fn backup_twice_restore_verify() {
+    let e = Env::new();
+    let img = e.path("disk.raw");
+    make_image(&img, 40, 1);
+    let first = e.json(&[
+        "backup",
+        "image",
+        img.to_str().unwrap(),
+        "--source",
+        "web",
+        "--json",
+    ]);
+    for k in [
+        "snapshot",
+        "bytes_read",
+        "bytes_new",
+        "bytes_stored",
+        "seconds",
+    ] {
+        assert!(first.get(k).is_some(), "missing {k} in {first}");
+    }
+    assert!(
+        first["bytes_read"].as_u64().unwrap() <= 32 << 20,
+        "holes must not be read"
+    );
+    let second = e.json(&[
+        "backup",
+        "image",
+        img.to_str().unwrap(),
+        "--source",
+        "web",
+        "--json",
+    ]);
+    let (new, read) = (
+        second["bytes_new"].as_u64().unwrap(),
+        second["bytes_read"].as_u64().unwrap(),
+    );
+    assert!(
+        new * 100 < read,
+        "unchanged image stored {new} of {read} bytes"
+    );
+
+    let list = e.json(&["snapshots", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list[1]["parent"], first["snapshot"]);
+
+    let out = e.path("restored.raw");
+    e.ok(&[
+        "restore",
+        "image",
+        "web@latest",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
+    // Never overwrite without --force.
+    let again = e.run(&[
+        "restore",
+        "image",
+        "web@latest",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success() && stderr(&again).contains("--force"));
+    // By id prefix too.
+    let id = first["snapshot"].as_str().unwrap();
+    let out2 = e.path("first.raw");
+    e.ok(&[
+        "restore",
+        "image",
+        &id[..12],
+        "--to",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&out2).unwrap() == std::fs::read(&img).unwrap());
+
+    let v = e.ok(&["verify"]);
+    assert!(v.contains("checked 2 snapshot(s)"), "{v}");
+}
+
+#[test]
+fn wrong_passphrase_and_missing_repo_fail_cleanly() {
+    let e = Env::new();
+    let out = e
+        .cmd(&["snapshots"])
+        .env("BULWARK_PASSWORD", "nope")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("wrong passphrase"),
+        "{}",
+        stderr(&out)
+    );
+    let out = e
+        .cmd(&["snapshots"])
+        .env("BULWARK_REPO", e.path("none"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no repository"), "{}", stderr(&out));
+    let out = e.run(&["repo", "init"]);
+    assert!(!out.status.success() && stderr(&out).contains("already exists"));
+}
+
+#[test]
+fn key_file_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("repo.key");
+    let repo = dir.path().join("repo");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bulwark"))
+            .args(args)
+            .arg("--repo")
+            .arg(&repo)
+            .arg("--key-file")
+            .arg(&key)
+            .env_remove("BULWARK_PASSWORD")
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["repo", "init"]).status.success());
+    assert!(key.exists());
+    let img = dir.path().join("a.raw");
+    make_image(&img, 6, 5);
+    assert!(
+        run(&["backup", "image", img.to_str().unwrap(), "--source", "a"])
+            .status
+            .success()
+    );
+    let other = dir.path().join("other.key");
+    std::fs::write(&other, store::keys::new_key_file().0).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["snapshots", "--repo"])
+        .arg(&repo)
+        .arg("--key-file")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && stderr(&out).contains("wrong passphrase or key file"));
+}
+
+#[test]
+fn flipped_byte_fails_verify_and_restore_loudly() {
+    let e = Env::new();
+    let img = e.path("disk.raw");
+    make_image(&img, 20, 2);
+    e.ok(&["backup", "image", img.to_str().unwrap(), "--source", "db"]);
+    assert!(e.run(&["verify"]).status.success());
+    // Flip one byte in the middle of the largest pack.
+    let mut packs: Vec<_> = walk(&e.path("repo/data"));
+    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let pack = packs.last().unwrap();
+    let mut bytes = std::fs::read(pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(pack, &bytes).unwrap();
+
+    let v = e.run(&["verify"]);
+    assert_eq!(v.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        text.contains("DAMAGED chunk") && text.contains("used by snapshot"),
+        "{text}"
+    );
+    let out = e.path("r.raw");
+    let r = e.run(&[
+        "restore",
+        "image",
+        "db@latest",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("damaged chunk"), "{}", stderr(&r));
+    assert!(
+        !out.exists(),
+        "a failed restore must not leave an image behind"
+    );
+    assert!(!e.path("r.raw.bulwark-partial").exists());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn sigkill_midway_leaves_a_repository_that_verifies_and_backs_up() {
+    let e = Env::new();
+    let small = e.path("small.raw");
+    make_image(&small, 8, 3);
+    e.ok(&[
+        "backup",
+        "image",
+        small.to_str().unwrap(),
+        "--source",
+        "small",
+    ]);
+    // A big random image: many packs, so the kill lands mid-backup.
+    let big = e.path("big.raw");
+    {
+        let f = File::create(&big).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut block = vec![0u8; 8 << 20];
+        for i in 0..48u64 {
+            rng.fill_bytes(&mut block);
+            f.write_all_at(&block, i * (8 << 20)).unwrap();
+        }
+    }
+    let packs_before = walk(&e.path("repo/data")).len();
+    let mut child = e
+        .cmd(&["backup", "image", big.to_str().unwrap(), "--source", "big"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while walk(&e.path("repo/data")).len() < packs_before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backup wrote no packs"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup finished before the kill"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let snaps = e.json(&["snapshots", "--json"]);
+    assert_eq!(
+        snaps.as_array().unwrap().len(),
+        1,
+        "no snapshot from the killed run"
+    );
+    assert!(e.run(&["verify"]).status.success());
+    let done = e.json(&[
+        "backup",
+        "image",
+        big.to_str().unwrap(),
+        "--source",
+        "big",
+        "--json",
+    ]);
+    assert!(done["bytes_read"].as_u64().unwrap() == 384 << 20);
+    let out = e.path("big.out");
+    e.ok(&[
+        "restore",
+        "image",
+        "big@latest",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&big).unwrap());
+    assert!(e.run(&["verify"]).status.success());
+}

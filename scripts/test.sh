@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up this machine (idempotently) and runs every check and test.
+# Usage: scripts/test.sh            (from a fresh Debian 12 machine, as root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/ensure-rust.sh
+if [ -x scripts/setup-test-host.sh ]; then
+    scripts/setup-test-host.sh
+fi
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace 2>&1 | tee target/test.log
+# One plain closing line: tests counted over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log
