@@ -25,7 +25,7 @@ PACKAGES=(
     busybox-static extlinux syslinux-common e2fsprogs fdisk
     libnbd-bin nbdkit fuse3  # nbdfuse ships in libnbd-bin on Debian 12
     restic python3-aiosmtpd
-    dpkg-dev xz-utils zstd cpio gzip coreutils util-linux
+    mount util-linux coreutils gzip cpio xz-utils zstd
 )
 
 missing=()
@@ -103,11 +103,21 @@ if [ -f /etc/fuse.conf ] && ! grep -q '^user_allow_other' /etc/fuse.conf; then
     echo user_allow_other >> /etc/fuse.conf
 fi
 
-if ! pgrep -x virtlogd >/dev/null; then
+# Is a process with this exact name running? (No procps needed.)
+running() {
+    local c
+    for c in /proc/[0-9]*/comm; do
+        [ "$(cat "$c" 2>/dev/null)" = "$1" ] && return 0
+    done
+    return 1
+}
+
+# Never restart a daemon that runs already (whoever started it).
+if ! running virtlogd; then
     log "starting virtlogd"
     virtlogd -d
 fi
-if ! pgrep -x libvirtd >/dev/null; then
+if ! running libvirtd; then
     log "starting libvirtd"
     libvirtd -d
 fi
