@@ -105,9 +105,11 @@ fi
 
 # Is a process with this exact name running? (No procps needed.)
 running() {
-    local c
+    local c n
     for c in /proc/[0-9]*/comm; do
-        [ "$(cat "$c" 2>/dev/null)" = "$1" ] && return 0
+        n=""
+        { read -r n <"$c"; } 2>/dev/null || true
+        [ "$n" = "$1" ] && return 0
     done
     return 1
 }
