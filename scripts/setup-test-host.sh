@@ -28,12 +28,15 @@ PACKAGES=(
     mount util-linux coreutils gzip cpio xz-utils zstd
 )
 
+# One dpkg-query for all packages; anything not listed as installed is missing.
+installed=" $( (dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${PACKAGES[@]}" 2>/dev/null || true) |
+    awk '$2 == "installed" {printf "%s ", $1}') "
 missing=()
 for p in "${PACKAGES[@]}"; do
-    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-    if [ "$status" != "installed" ]; then
-        missing+=("$p")
-    fi
+    case "$installed" in
+        *" $p "*) ;;
+        *) missing+=("$p") ;;
+    esac
 done
 
 if [ "${#missing[@]}" -gt 0 ]; then
