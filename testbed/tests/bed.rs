@@ -71,11 +71,24 @@ fn libvirt_boots_from_disk_and_counts_boots() {
     vm.wait_line(testbed::guest::IDLE, Duration::from_secs(10))
         .unwrap();
 
+    let t = Instant::now();
     vm.destroy().unwrap();
+    eprintln!(
+        "testbed: libvirt destroy took {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     assert_eq!(vm.state().unwrap(), "shut off");
+    let t = Instant::now();
     vm.start().unwrap();
     let ready = vm.wait_ready(BOOT_TIMEOUT).unwrap();
+    check_boot_time("libvirt, extlinux, raw, second boot", t.elapsed());
     assert_eq!(ready.boots, 2, "boot counter must survive on the disk");
+    let t = Instant::now();
+    drop(vm);
+    eprintln!(
+        "testbed: libvirt drop took {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
