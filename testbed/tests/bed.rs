@@ -111,6 +111,18 @@ fn guest_write_instruction_matches_host_read() {
         .unwrap();
     vm.wait_shut_off(Duration::from_secs(30)).unwrap();
 
+    // Waiting on a stopped VM fails early, with the console tail.
+    let t = Instant::now();
+    let err = vm
+        .wait_line("never printed", Duration::from_secs(30))
+        .unwrap_err()
+        .to_string();
+    assert!(t.elapsed() < Duration::from_secs(10), "{err}");
+    assert!(
+        err.contains("shut off") && err.contains(testbed::guest::POWEROFF),
+        "{err}"
+    );
+
     let data = image.read_guest_file(vm.disk_path(), &wrote.file).unwrap();
     assert_eq!(data.len(), 3 << 20);
     assert_eq!(sha256_hex(&data), wrote.sha256);
