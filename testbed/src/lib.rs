@@ -122,6 +122,11 @@ pub struct VmOptions {
     pub memory_mib: u32,
     /// Prefix of the unique VM name (default `bw-test`).
     pub name_prefix: String,
+    /// libvirt only: XML put inside the domain's `<metadata>` element (e.g.
+    /// Bulwark's policy element in its own namespace).
+    pub metadata_xml: Option<String>,
+    /// libvirt only: extra XML put inside `<devices>` (e.g. a second disk).
+    pub devices_xml: Option<String>,
 }
 
 impl Default for VmOptions {
@@ -131,6 +136,8 @@ impl Default for VmOptions {
             boot: Boot::Disk,
             memory_mib: 256,
             name_prefix: "bw-test".to_string(),
+            metadata_xml: None,
+            devices_xml: None,
         }
     }
 }

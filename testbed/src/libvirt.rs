@@ -196,7 +196,7 @@ impl Vm {
         let xml = format!(
             "<domain type='qemu'>
   <name>{name}</name>
-  <memory unit='MiB'>{mem}</memory>
+{metadata}  <memory unit='MiB'>{mem}</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -219,10 +219,20 @@ impl Vm {
       <target port='0'/>
     </serial>
     <memballoon model='none'/>
-  </devices>
+{devices}  </devices>
 </domain>
 ",
             name = xml_escape(&name),
+            metadata = opts
+                .metadata_xml
+                .as_deref()
+                .map(|m| format!("  <metadata>\n{m}\n  </metadata>\n"))
+                .unwrap_or_default(),
+            devices = opts
+                .devices_xml
+                .as_deref()
+                .map(|d| format!("{d}\n"))
+                .unwrap_or_default(),
             mem = opts.memory_mib,
             fmt = opts.format.as_str(),
             disk = xml_escape(&disk.to_string_lossy()),

@@ -175,8 +175,20 @@ fn host_writes_into_running_libvirt_vm_disk() {
 fn dropping_a_vm_removes_domain_and_files() {
     let image = Image::tiny().unwrap();
     let bed = TestBed::ensure().unwrap();
-    let vm = Vm::define(&image, VmOptions::qcow2()).unwrap();
+    let opts = VmOptions {
+        metadata_xml: Some(
+            "<bw:backup xmlns:bw='https://bulwark.invalid/xmlns/test'><bw:policy name='hourly'/></bw:backup>"
+                .into(),
+        ),
+        ..VmOptions::qcow2()
+    };
+    let vm = Vm::define(&image, opts).unwrap();
     let name = vm.name().to_string();
+    let xml = bed.virsh(["dumpxml", &name]).unwrap();
+    assert!(
+        xml.contains("policy name='hourly'") || xml.contains("policy name=\"hourly\""),
+        "{xml}"
+    );
     let dir = vm.dir().to_path_buf();
     assert!(bed.virsh(["domstate", &name]).is_ok());
     // A panicking test drops its VM during unwinding, the same way.
