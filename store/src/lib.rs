@@ -18,6 +18,7 @@ pub mod index;
 pub mod keys;
 mod object;
 pub mod pack;
+pub mod reader;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;

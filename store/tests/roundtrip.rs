@@ -290,3 +290,60 @@ fn flipped_byte_is_found_by_verify_and_fails_restore() {
         ),
     }
 }
+
+#[test]
+fn disk_reader_random_reads_match_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let mut data = random(6 << 20, 40);
+    data.extend(vec![0u8; 3 << 20]);
+    data.extend(text(5 << 20, 41));
+    let snap = backup(&repo, &mut MemSource::new(data.clone()), Mode::Full, 2);
+    let repo = Arc::new(repo);
+    let r = store::reader::open_disk(repo.clone(), &snap, "image", 64 << 20).unwrap();
+    assert_eq!(r.size(), data.len() as u64);
+    let ex = r.extents(0, r.size());
+    assert!(ex.iter().any(|e| !e.data && e.len >= 2 << 20), "{ex:?}");
+    let mut rng = rng(42);
+    for _ in 0..300 {
+        let off = rng.next_u64() % (data.len() as u64 - 1);
+        let len = (1 + rng.next_u64() % 300_000).min(data.len() as u64 - off) as usize;
+        let mut buf = vec![0xffu8; len];
+        r.read_at(off, &mut buf).unwrap();
+        assert!(
+            buf[..] == data[off as usize..off as usize + len],
+            "read {off}+{len}"
+        );
+    }
+    let st = r.stats();
+    // Read-ahead: far fewer fetches than chunks read, and the cache serves most reads.
+    let packs = repo.backend().list("data/").unwrap().len() as u64;
+    let chunks = snap.disks[0].chunks;
+    assert!(
+        st.fetches <= 4 * packs && st.fetches * 4 < chunks,
+        "{st:?}, {packs} packs, {chunks} chunks"
+    );
+    assert!(st.bytes_fetched <= 2 * snap.stats.bytes_stored, "{st:?}");
+    assert!(st.cache_hits > 200, "{st:?}");
+    assert!(r.read_at(data.len() as u64 - 1, &mut [0u8; 2]).is_err());
+
+    // Damage one pack: reads of its chunks fail, the reader keeps working.
+    let packs = repo.backend().list("data/").unwrap();
+    let path = dir.path().join("repo").join(&packs[0].name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in bytes.iter_mut().skip(100).step_by(4096) {
+        *b ^= 0x55;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let r = store::reader::open_disk(repo.clone(), &snap, "image", 64 << 20).unwrap();
+    let mut failures = 0;
+    for off in (0..data.len() as u64).step_by(256 << 10) {
+        let mut buf = vec![0u8; 4096];
+        match r.read_at(off, &mut buf) {
+            Ok(()) => assert!(buf[..] == data[off as usize..off as usize + 4096]),
+            Err(Error::Corrupt { .. }) => failures += 1,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(failures > 0);
+}
