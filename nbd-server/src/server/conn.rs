@@ -281,13 +281,17 @@ impl<E: Export, W: AsyncWrite + Unpin + Send> Ctx<E, W> {
             let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
             // Extents are clipped to the request, so lengths fit in u32.
             let len = e.length as u32;
-            if e.state.reads_as_zero() {
+            let sent = if e.state.reads_as_zero() {
                 let chunk = offset_hole_chunk(req.cookie, flags, e.offset, len);
-                self.writer.send(&[&chunk]).await;
+                self.writer.send(&[&chunk]).await
             } else {
                 let data = self.read_exact(e.offset, len).await?;
                 let prefix = offset_data_prefix(req.cookie, flags, e.offset, len);
-                self.writer.send(&[&prefix, &data]).await;
+                self.writer.send(&[&prefix, &data]).await
+            };
+            if !sent {
+                // Connection is gone: don't read data nobody will receive.
+                break;
             }
         }
         Ok(())
