@@ -534,7 +534,7 @@ impl Client {
         let mut out: Vec<BlockStatusExtent> = Vec::new();
         let mut pos = offset;
         while pos < end {
-            // Stay well inside u32 and on a 1 MiB boundary.
+            // Lengths are u32 on the wire; 2 GiB keeps requests aligned.
             let ask = (end - pos).min(1 << 31) as u32;
             let mut map = self.block_status_once(pos, ask).await?;
             let descs = map.remove(&id).ok_or_else(|| {

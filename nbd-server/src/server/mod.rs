@@ -127,11 +127,20 @@ impl<E: Export> Server<E> {
         })
     }
 
-    /// Bind a Unix socket at `path` (replacing a stale socket file) and serve.
+    /// Bind a Unix socket at `path` and serve. A stale socket left by an
+    /// earlier run is replaced; any other file there is an error (never
+    /// delete what might be someone's disk image).
     pub fn bind_unix(self, path: impl AsRef<Path>) -> io::Result<ServerHandle> {
+        use std::os::unix::fs::FileTypeExt;
         let path = path.as_ref();
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
