@@ -1,0 +1,149 @@
+//! Helpers shared by the integration tests: test images, a served export in
+//! a private temp dir, and external tools.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbd_server::{Export, MemExport, Server, ServerConfig, ServerHandle};
+use rand::{Rng, SeedableRng};
+
+/// A 16 MiB image: random data, text, and holes at 64 KiB-aligned places.
+/// Returns the bytes and the hole list `(offset, len)`.
+pub fn test_image() -> (Vec<u8>, Vec<(u64, u64)>) {
+    const MIB: usize = 1 << 20;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut data = vec![0u8; 16 * MIB];
+    rng.fill(&mut data[..4 * MIB]);
+    let text = b"The quick brown fox jumps over the lazy dog. ";
+    for (i, b) in data[6 * MIB..9 * MIB].iter_mut().enumerate() {
+        *b = text[i % text.len()];
+    }
+    rng.fill(&mut data[12 * MIB..12 * MIB + 192 * 1024]);
+    rng.fill(&mut data[15 * MIB..16 * MIB - 4096]);
+    let holes = vec![
+        (4 * MIB as u64, 2 * MIB as u64),
+        (9 * MIB as u64, 3 * MIB as u64),
+        (
+            (12 * MIB + 192 * 1024) as u64,
+            (3 * MIB - 192 * 1024) as u64,
+        ),
+    ];
+    (data, holes)
+}
+
+/// Write `data` to `path` as a sparse file: the given holes are skipped.
+pub fn write_sparse(path: &Path, data: &[u8], holes: &[(u64, u64)]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(data.len() as u64).unwrap();
+    let mut pos = 0u64;
+    let mut sorted = holes.to_vec();
+    sorted.sort_unstable();
+    for (ho, hl) in sorted.into_iter().chain([(data.len() as u64, 0)]) {
+        if ho > pos {
+            f.write_all_at(&data[pos as usize..ho as usize], pos)
+                .unwrap();
+        }
+        pos = pos.max(ho + hl);
+    }
+    f.sync_all().unwrap();
+}
+
+/// A server on a Unix socket in its own temp dir; shut down explicitly.
+pub struct Served {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub handle: Option<ServerHandle>,
+}
+
+impl Served {
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(10), h.shutdown())
+                .await
+                .expect("server shutdown hangs");
+        }
+    }
+}
+
+pub fn serve<E: Export>(exports: Vec<(&str, Arc<E>)>) -> Served {
+    serve_with(exports, ServerConfig::default())
+}
+
+pub fn serve_with<E: Export>(exports: Vec<(&str, Arc<E>)>, config: ServerConfig) -> Served {
+    let dir = tempfile::Builder::new()
+        .prefix("nbd-test-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("nbd.sock");
+    let mut server = Server::new(config);
+    for (name, e) in exports {
+        server = server.add_export(name, e, Some(format!("test export {name}")));
+    }
+    let handle = server.bind_unix(&socket).unwrap();
+    Served {
+        dir,
+        socket,
+        handle: Some(handle),
+    }
+}
+
+pub fn mem_export() -> Arc<MemExport> {
+    let (data, holes) = test_image();
+    Arc::new(MemExport::new(data, holes))
+}
+
+/// Run an external tool (async, so the in-process server keeps serving),
+/// failing the test with its stderr if it fails.
+pub async fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(cmd)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{cmd} timed out"))
+    .unwrap_or_else(|e| {
+        panic!("cannot run {cmd} (install libnbd-bin nbdkit nbdfuse qemu-utils): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Expected `base:allocation` map (offset, length, is_hole) for an image
+/// of `size` bytes with `holes`.
+pub fn expected_map(size: u64, holes: &[(u64, u64)]) -> Vec<(u64, u64, bool)> {
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut sorted = holes.to_vec();
+    sorted.sort_unstable();
+    let mut pos = 0;
+    for (o, l) in sorted {
+        if o > pos {
+            out.push((pos, o - pos, false));
+        }
+        out.push((o, l, true));
+        pos = o + l;
+    }
+    if pos < size {
+        out.push((pos, size - pos, false));
+    }
+    out
+}
