@@ -52,6 +52,10 @@ enum Command {
     Restore(cmd::image::RestoreCmd),
     /// Read back every chunk the snapshots use and check it.
     Verify(cmd::verify::Args),
+    /// Mount a snapshot read-only: one raw image file per disk.
+    Mount(cmd::mount::Args),
+    /// Undo `bulwark mount`.
+    Umount(cmd::mount::UmountArgs),
     /// Measure the throughput of each primitive and of the backup pipeline.
     Benchmark(cmd::bench::Args),
 }
@@ -76,6 +80,8 @@ fn main() {
         Command::Snapshots(a) => cmd::snapshots::run(&cli.global, a),
         Command::Restore(c) => cmd::image::restore(&cli.global, c),
         Command::Verify(a) => cmd::verify::run(&cli.global, a),
+        Command::Mount(a) => cmd::mount::mount(&cli.global, a),
+        Command::Umount(a) => cmd::mount::umount(a),
         Command::Benchmark(a) => cmd::bench::run(a),
     };
     match r {

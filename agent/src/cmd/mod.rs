@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod image;
+pub mod mount;
 pub mod repo;
 pub mod snapshots;
 pub mod verify;
