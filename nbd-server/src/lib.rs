@@ -16,12 +16,14 @@ pub mod file_export;
 pub mod mem_export;
 pub mod proto;
 pub mod server;
+pub mod store_export;
 
 pub use client::{BlockStatusExtent, Client, ClientError, ClientOptions};
 pub use export::{BlockSize, Export, ExportError, Extent, ExtentState};
 pub use file_export::FileExport;
 pub use mem_export::MemExport;
 pub use server::{Server, ServerConfig, ServerHandle};
+pub use store_export::StoreExport;
 
 /// Largest READ (and WRITE payload) the server accepts and the client sends:
 /// 32 MiB, the limit qemu and nbdkit use too. Larger requests get EINVAL.

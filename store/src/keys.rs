@@ -173,6 +173,42 @@ pub fn read_key_file(text: &str) -> Result<[u8; 32]> {
     Ok(b)
 }
 
+/// The secret from the usual non-interactive sources, in order: a key file,
+/// a password file (first line), then `$BULWARK_PASSWORD`. `None` if none is
+/// given (an interactive caller may then prompt).
+pub fn secret_from_sources(
+    key_file: Option<&std::path::Path>,
+    password_file: Option<&std::path::Path>,
+) -> Result<Option<Secret>> {
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read_to_string(p)
+            .map_err(|e| Error::io(format!("reading {what} {}", p.display()), e))
+    };
+    if let Some(p) = key_file {
+        let bytes = read_key_file(&read(p, "key file")?)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
+        return Ok(Some(Secret::KeyFile(bytes)));
+    }
+    if let Some(p) = password_file {
+        let pw = read(p, "password file")?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if pw.is_empty() {
+            return Err(Error::Invalid(format!(
+                "password file {} is empty",
+                p.display()
+            )));
+        }
+        return Ok(Some(Secret::Passphrase(pw)));
+    }
+    Ok(std::env::var("BULWARK_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(Secret::Passphrase))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,9 @@ pub enum BackupCmd {
         /// Name the snapshots of this image are grouped under.
         #[arg(long)]
         source: String,
+        /// Name of the disk in the snapshot (NBD export and mount file name).
+        #[arg(long, default_value = "vda")]
+        disk: String,
         /// Snapshot recorded as the parent (default: SOURCE@latest, if any).
         #[arg(long)]
         parent: Option<String>,
@@ -59,6 +62,7 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
     let BackupCmd::Image {
         file,
         source,
+        disk,
         parent,
         threads,
         json,
@@ -82,7 +86,7 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
         },
     )?;
     session
-        .backup_disk("image", &mut src, Mode::Full)
+        .backup_disk(&disk, &mut src, Mode::Full)
         .with_context(|| format!("backing up {}", file.display()))?;
     let snap = session.finish(SnapshotMeta {
         source,

@@ -211,7 +211,12 @@ fn detach(a: &Args) -> Result<i32> {
     loop {
         if is_mounted(&a.dir)? {
             let _ = std::fs::remove_file(&log);
-            println!("mounted snapshot {} on {} (bulwark umount {} to undo)", a.snapshot, a.dir.display(), a.dir.display());
+            println!(
+                "mounted snapshot {} on {} (bulwark umount {} to undo)",
+                a.snapshot,
+                a.dir.display(),
+                a.dir.display()
+            );
             return Ok(0);
         }
         if let Some(status) = child.try_wait()? {
@@ -229,7 +234,9 @@ fn detach(a: &Args) -> Result<i32> {
 
 /// Whether `dir` is a mount point (per /proc/self/mountinfo).
 fn is_mounted(dir: &Path) -> Result<bool> {
-    let canon = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    let canon = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info.lines().any(|l| {
         l.split(' ')
@@ -239,7 +246,9 @@ fn is_mounted(dir: &Path) -> Result<bool> {
 }
 
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\134", "\\")
 }
 
 pub fn umount(a: UmountArgs) -> Result<i32> {

@@ -1,0 +1,90 @@
+//! Snapshot disks as NBD exports: the repository's [`DiskReader`] behind the
+//! [`Export`] trait. Reads run on tokio's blocking pool, so requests in
+//! flight fetch and decrypt chunks in parallel; zero extents are holes and
+//! never touch the repository.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use store::reader::DiskReader;
+
+use crate::export::{BlockSize, Export, ExportError, Extent, ExtentState};
+
+pub struct StoreExport {
+    reader: Arc<DiskReader>,
+}
+
+impl StoreExport {
+    pub fn new(reader: Arc<DiskReader>) -> Self {
+        StoreExport { reader }
+    }
+
+    pub fn reader(&self) -> &Arc<DiskReader> {
+        &self.reader
+    }
+}
+
+fn export_error(offset: u64, e: store::Error) -> ExportError {
+    match e {
+        store::Error::Corrupt { .. } | store::Error::MissingChunk(_) => ExportError::Damaged {
+            offset,
+            reason: e.to_string(),
+        },
+        other => ExportError::Other(other.to_string()),
+    }
+}
+
+impl Export for StoreExport {
+    fn size(&self) -> u64 {
+        self.reader.size()
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        Ok(self
+            .reader
+            .extents(offset, len)
+            .into_iter()
+            .map(|e| Extent {
+                offset: e.offset,
+                length: e.len,
+                state: if e.data {
+                    ExtentState::Data
+                } else {
+                    ExtentState::Hole
+                },
+            })
+            .collect())
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            reader
+                .read_at(offset, &mut buf)
+                .map(|()| Bytes::from(buf))
+                .map_err(|e| export_error(offset, e))
+        })
+        .await
+        .map_err(|e| ExportError::Other(format!("read task failed: {e}")))?
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        let reader = self.reader.clone();
+        // A hint: warm the cache in the background; failures show up when
+        // the range is really read.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = reader.prefetch(offset, len) {
+                tracing::debug!("prefetch {offset}+{len}: {e}");
+            }
+        });
+    }
+
+    fn block_size(&self) -> BlockSize {
+        BlockSize {
+            min: 1,
+            preferred: 64 * 1024,
+            max: crate::MAX_REQUEST_LEN,
+        }
+    }
+}
