@@ -4,6 +4,7 @@
 mod cmd;
 mod progress;
 mod secret;
+mod vm;
 
 use clap::{Parser, Subcommand};
 

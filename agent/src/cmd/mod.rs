@@ -5,6 +5,7 @@ pub mod image;
 pub mod repo;
 pub mod snapshots;
 pub mod verify;
+pub mod vm;
 
 /// Human-readable byte counts.
 pub fn human(bytes: u64) -> String {
