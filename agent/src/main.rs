@@ -53,6 +53,13 @@ enum Command {
     Restore(cmd::image::RestoreCmd),
     /// Read back every chunk the snapshots use and check it.
     Verify(cmd::verify::Args),
+    /// Name backup policies in a domain's XML (Bulwark's metadata namespace).
+    Protect(cmd::vm::ProtectArgs),
+    /// Remove Bulwark's policies from a domain's XML.
+    Unprotect(cmd::vm::UnprotectArgs),
+    /// Install or remove the libvirt hook.
+    #[command(subcommand)]
+    Hook(cmd::vm::HookCmd),
     /// Measure the throughput of each primitive and of the backup pipeline.
     Benchmark(cmd::bench::Args),
 }
@@ -78,6 +85,9 @@ fn main() {
         Command::Restore(c) => cmd::image::restore(&cli.global, c),
         Command::Verify(a) => cmd::verify::run(&cli.global, a),
         Command::Benchmark(a) => cmd::bench::run(a),
+        Command::Protect(a) => cmd::vm::protect(a),
+        Command::Unprotect(a) => cmd::vm::unprotect(a),
+        Command::Hook(c) => cmd::vm::hook(c),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -32,6 +32,9 @@ use super::state::{Checkpoint, DomainState, StateDir};
 use super::virsh::Virsh;
 use super::CHECKPOINT_PREFIX;
 
+/// The bitmap `bulwark-hook` adds at first start of a protected domain.
+pub const HOOK_BITMAP: &str = "bw-hook";
+
 /// Checkpoints kept per disk (the newest two).
 pub const KEEP_CHECKPOINTS: usize = 2;
 
@@ -343,6 +346,20 @@ pub fn backup(repo: &Repository, opts: &Options) -> Result<Report> {
     opts.state.save(&st)?;
     prune_checkpoints(virsh, dom, &info, &mut st, running);
     opts.state.save(&st)?;
+    if !bitmap_disks.is_empty() {
+        // The hook's start-up bitmap is not needed once a chain exists.
+        for d in info.disks.iter().filter(|d| d.has_bitmaps()) {
+            let has = match &query {
+                Some(q) => live_bitmap_state(q, d, HOOK_BITMAP) != BitmapState::Missing,
+                None => {
+                    qemu::bitmaps(&d.path).is_ok_and(|b| b.iter().any(|b| b.name == HOOK_BITMAP))
+                }
+            };
+            if has {
+                remove_bitmap(virsh, dom, d, HOOK_BITMAP, running, &query);
+            }
+        }
+    }
 
     let n_inc = reports.iter().filter(|r| r.mode == "incremental").count();
     let mode = match n_inc {
@@ -705,27 +722,13 @@ fn remove_checkpoint(
         // Inconsistent bitmaps: libvirt may refuse to merge them; drop them
         // directly in QEMU.
         for d in info.disks.iter().filter(|d| d.has_bitmaps()) {
-            let node = query
-                .as_ref()
-                .and_then(|q| live_node(q, d))
-                .and_then(|n| n.pointer("/inserted/node-name"))
-                .and_then(|n| n.as_str())
-                .map(String::from);
-            if let Some(node) = node {
-                let _ = virsh.qmp(
-                    dom,
-                    &serde_json::json!({"execute": "block-dirty-bitmap-remove",
-                        "arguments": {"node": node, "name": name}}),
-                );
-            }
+            remove_bitmap(virsh, dom, d, name, running, query);
         }
     } else {
         for d in info.disks.iter().filter(|d| d.has_bitmaps()) {
             if let Ok(bms) = qemu::bitmaps(&d.path) {
                 if bms.iter().any(|b| b.name == name) {
-                    if let Err(e) = qemu::bitmap_remove(&d.path, name) {
-                        tracing::warn!("removing bitmap {name} from {}: {e:#}", d.target);
-                    }
+                    remove_bitmap(virsh, dom, d, name, running, query);
                 }
             }
         }
@@ -735,6 +738,52 @@ fn remove_checkpoint(
         {
             let _ = virsh.checkpoint_delete(dom, name, true);
         }
+    }
+}
+
+/// Removes one bitmap from one disk: through QMP if the domain runs, with
+/// qemu-img if not. Best effort (logged).
+fn remove_bitmap(
+    virsh: &Virsh,
+    dom: &str,
+    d: &Disk,
+    name: &str,
+    running: bool,
+    query: &Option<serde_json::Value>,
+) {
+    let r = if running {
+        let fresh;
+        let q = match query {
+            Some(q) => q,
+            None => match virsh.qmp(dom, &serde_json::json!({"execute": "query-block"})) {
+                Ok(q) => {
+                    fresh = q;
+                    &fresh
+                }
+                Err(e) => {
+                    tracing::warn!("{dom}: query-block: {e:#}");
+                    return;
+                }
+            },
+        };
+        match live_node(q, d)
+            .and_then(|n| n.pointer("/inserted/node-name"))
+            .and_then(|n| n.as_str())
+        {
+            Some(node) => virsh
+                .qmp(
+                    dom,
+                    &serde_json::json!({"execute": "block-dirty-bitmap-remove",
+                        "arguments": {"node": node, "name": name}}),
+                )
+                .map(|_| ()),
+            None => Ok(()),
+        }
+    } else {
+        qemu::bitmap_remove(&d.path, name)
+    };
+    if let Err(e) = r {
+        tracing::warn!("{dom}: removing bitmap {name} from {}: {e:#}", d.target);
     }
 }
 

@@ -16,15 +16,6 @@ impl Virsh {
         Virsh { uri: uri.into() }
     }
 
-    /// `$BULWARK_LIBVIRT_URI`, else `qemu:///system`.
-    pub fn from_env() -> Self {
-        Self::new(std::env::var("BULWARK_LIBVIRT_URI").unwrap_or_else(|_| "qemu:///system".into()))
-    }
-
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
     /// Runs `virsh -q -c URI ARGS`; its stdout, or an error with its stderr.
     pub fn run(&self, args: &[&str]) -> Result<String> {
         let out = Command::new("virsh")
