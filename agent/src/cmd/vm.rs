@@ -117,7 +117,7 @@ pub fn protect(a: ProtectArgs) -> Result<i32> {
             policies.push(p);
         }
     }
-    let xml = crate::vm::domain::policies_xml(&policies);
+    let xml = crate::vm::domain::policies_set_xml(&policies);
     virsh.set_metadata(&a.domain, Some(&xml), running)?;
     println!("{}: protected by {}", a.domain, policies.join(", "));
     Ok(0)

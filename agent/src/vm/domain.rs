@@ -96,14 +96,25 @@ fn policies(root: &roxmltree::Node<'_, '_>) -> Vec<String> {
         .collect()
 }
 
-/// The metadata element for `virsh metadata --set` (libvirt adds the
-/// namespace prefix from `--key`).
+/// The metadata element as it appears in domain XML (for `virsh define`).
+#[cfg(test)]
 pub fn policies_xml(policies: &[String]) -> String {
     let mut s = format!("<bulwark:policies xmlns:bulwark='{XMLNS}'>");
     for p in policies {
         s.push_str(&format!("<bulwark:policy name='{}'/>", xml_escape(p)));
     }
     s.push_str("</bulwark:policies>");
+    s
+}
+
+/// The same element for `virsh metadata --set`: without a namespace, which
+/// libvirt adds (with the `--key` prefix).
+pub fn policies_set_xml(policies: &[String]) -> String {
+    let mut s = String::from("<policies>");
+    for p in policies {
+        s.push_str(&format!("<policy name='{}'/>", xml_escape(p)));
+    }
+    s.push_str("</policies>");
     s
 }
 
