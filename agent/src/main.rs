@@ -2,6 +2,8 @@
 //! Thin: parse arguments, open the repository, call the store, print.
 
 mod cmd;
+mod config;
+mod daemon;
 mod progress;
 mod secret;
 mod vm;
@@ -57,6 +59,9 @@ enum Command {
     Protect(cmd::vm::ProtectArgs),
     /// Remove Bulwark's policies from a domain's XML.
     Unprotect(cmd::vm::UnprotectArgs),
+    /// The agent daemon and its control socket.
+    #[command(subcommand)]
+    Agent(cmd::agent::AgentCmd),
     /// Install or remove the libvirt hook.
     #[command(subcommand)]
     Hook(cmd::vm::HookCmd),
@@ -88,6 +93,7 @@ fn main() {
         Command::Protect(a) => cmd::vm::protect(a),
         Command::Unprotect(a) => cmd::vm::unprotect(a),
         Command::Hook(c) => cmd::vm::hook(c),
+        Command::Agent(c) => cmd::agent::run(c),
     };
     match r {
         Ok(code) => std::process::exit(code),
