@@ -2,7 +2,7 @@
 //! running the policy a domain names in its metadata, CLI through the
 //! socket, and hook events recorded.
 
-#[path = "vm_common.rs"]
+#[path = "vm_common/mod.rs"]
 mod common;
 
 use std::path::Path;

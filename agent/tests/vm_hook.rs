@@ -2,7 +2,7 @@
 //! called as libvirt calls it (domain XML from libvirtd on stdin), and, when
 //! the host's libvirtd loaded it, through a real VM start.
 
-#[path = "vm_common.rs"]
+#[path = "vm_common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Write};

@@ -2,7 +2,7 @@
 //! full, then incrementals through pull-mode backups and checkpoints;
 //! every snapshot restores bit-identical to the disk at its backup.
 
-#[path = "vm_common.rs"]
+#[path = "vm_common/mod.rs"]
 mod common;
 
 use common::*;

@@ -4,7 +4,7 @@
 //! agent's record); then destroyed, where the next backup must notice the
 //! inconsistent bitmaps and read everything.
 
-#[path = "vm_common.rs"]
+#[path = "vm_common/mod.rs"]
 mod common;
 
 use std::path::Path;

@@ -1,5 +1,5 @@
 //! Shared helpers of the `vm_*` tests (included with `#[path]`).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::new_without_default)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
