@@ -68,3 +68,32 @@ fn running_vm_full_then_incremental() {
     // Still running, no job left behind.
     assert_eq!(vm.state().unwrap(), "running");
 }
+
+/// Raw disks hold no persistent bitmaps: every backup reads all allocated
+/// data, says so, and creates no checkpoint.
+#[test]
+fn running_raw_vm_reads_everything_each_time() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let mut vm = Vm::define(&image, VmOptions::raw()).unwrap();
+    vm.start().unwrap();
+    vm.wait_ready(BOOT_TIMEOUT).unwrap();
+    let name = vm.name().to_string();
+    let r1 = env.backup(&name, &[]);
+    vm.qemu_io(&format!("write -P 0x99 {} 64k", image.scratch_offset()))
+        .unwrap();
+    let reference_path = env.path("ref.raw");
+    vm.pause().unwrap();
+    reference(vm.disk_path(), "raw", &reference_path);
+    let r2 = env.backup(&name, &[]);
+    vm.resume().unwrap();
+    for r in [&r1, &r2] {
+        assert_eq!(r["mode"], "full", "{r}");
+        let why = r["disks"][0]["reason"].as_str().unwrap();
+        assert!(why.contains("raw disk"), "{why}");
+        assert!(r.get("checkpoint").is_none(), "{r}");
+    }
+    assert!(u(&r2, "bytes_read") >= u(&r1, "bytes_read"));
+    assert!(checkpoints(&name).is_empty());
+    env.assert_restores_to(r2["snapshot"].as_str().unwrap(), "vda", &reference_path);
+}
