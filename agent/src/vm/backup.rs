@@ -259,7 +259,6 @@ pub fn backup(repo: &Repository, opts: &Options) -> Result<Report> {
         .filter(|d| d.has_bitmaps())
         .map(|d| d.target.clone())
         .collect();
-    let base_name = base.as_ref().map(|(cp, _)| cp.name.clone());
     let job_dir = tempfile::Builder::new()
         .prefix("job-")
         .tempdir_in(opts.state.run_dir()?)
@@ -369,7 +368,6 @@ pub fn backup(repo: &Repository, opts: &Options) -> Result<Report> {
     };
     let reason = plans.iter().find_map(|p| p.full_reason.clone());
     let s = &snap.stats;
-    let _ = base_name;
     Ok(Report {
         snapshot: snap.id.to_string(),
         domain: info.name.clone(),
