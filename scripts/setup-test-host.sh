@@ -117,6 +117,17 @@ running() {
     return 1
 }
 
+# libvirtd looks for hook scripts only when it starts: put Bulwark's qemu
+# hook in place first (a no-op placeholder until `bulwark hook install`
+# replaces it with bulwark-hook), so a libvirtd started here runs it.
+hookdir=/etc/libvirt/hooks/qemu.d
+if [ ! -e "$hookdir/bulwark" ]; then
+    mkdir -p "$hookdir"
+    printf '#!/bin/sh\n# placeholder: bulwark hook install replaces this\nexit 0\n' > "$hookdir/bulwark"
+    chmod 755 "$hookdir/bulwark"
+    running libvirtd && log "installed $hookdir/bulwark; libvirtd runs already: it loads hooks at its next start"
+fi
+
 # Never restart a daemon that runs already (whoever started it).
 if ! running virtlogd; then
     log "starting virtlogd"

@@ -2,8 +2,11 @@
 //! Thin: parse arguments, open the repository, call the store, print.
 
 mod cmd;
+mod config;
+mod daemon;
 mod progress;
 mod secret;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -56,6 +59,16 @@ enum Command {
     Mount(cmd::mount::Args),
     /// Undo `bulwark mount`.
     Umount(cmd::mount::UmountArgs),
+    /// Name backup policies in a domain's XML (Bulwark's metadata namespace).
+    Protect(cmd::vm::ProtectArgs),
+    /// Remove Bulwark's policies from a domain's XML.
+    Unprotect(cmd::vm::UnprotectArgs),
+    /// The agent daemon and its control socket.
+    #[command(subcommand)]
+    Agent(cmd::agent::AgentCmd),
+    /// Install or remove the libvirt hook.
+    #[command(subcommand)]
+    Hook(cmd::vm::HookCmd),
     /// Measure the throughput of each primitive and of the backup pipeline.
     Benchmark(cmd::bench::Args),
 }
@@ -83,6 +96,10 @@ fn main() {
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(a),
         Command::Benchmark(a) => cmd::bench::run(a),
+        Command::Protect(a) => cmd::vm::protect(a),
+        Command::Unprotect(a) => cmd::vm::unprotect(a),
+        Command::Hook(c) => cmd::vm::hook(c),
+        Command::Agent(c) => cmd::agent::run(c),
     };
     match r {
         Ok(code) => std::process::exit(code),

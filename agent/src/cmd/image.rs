@@ -35,6 +35,9 @@ pub enum BackupCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Back up a libvirt domain (running or stopped), incrementally when its
+    /// dirty bitmaps allow.
+    Vm(super::vm::BackupVmArgs),
 }
 
 #[derive(Subcommand)]
@@ -59,6 +62,10 @@ pub enum RestoreCmd {
 }
 
 pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
+    let c = match c {
+        BackupCmd::Vm(a) => return super::vm::backup(g, a),
+        c => c,
+    };
     let BackupCmd::Image {
         file,
         source,
@@ -66,7 +73,10 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
         parent,
         threads,
         json,
-    } = c;
+    } = c
+    else {
+        unreachable!("handled above")
+    };
     let repo = secret::open(g)?;
     let parent = match parent {
         Some(p) => Some(repo.find_snapshot(&p)?.id),

@@ -1,11 +1,13 @@
 //! One module per command group.
 
+pub mod agent;
 pub mod bench;
 pub mod image;
 pub mod mount;
 pub mod repo;
 pub mod snapshots;
 pub mod verify;
+pub mod vm;
 
 /// Human-readable byte counts.
 pub fn human(bytes: u64) -> String {

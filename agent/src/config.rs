@@ -1,0 +1,177 @@
+//! The agent's configuration: `/etc/bulwark/agent.toml` (or `--config`).
+//!
+//! ```toml
+//! state_dir = "/var/lib/bulwark"          # checkpoint records, schedule
+//! socket = "/run/bulwark/agent.sock"      # control socket (CLI, hook)
+//! libvirt_uri = "qemu:///system"
+//! tick_seconds = 30                       # how often schedules are checked
+//!
+//! [repositories.main]
+//! path = "/srv/bulwark"                   # a directory (or URL, when supported)
+//! password_file = "/etc/bulwark/main.pass"   # or key_file = "..."
+//!
+//! [policies.hourly]
+//! repository = "main"
+//! schedule = "hourly"                     # hourly | daily | weekly | every 15m / 2h / 1d / 30s
+//! keep_hourly = 24                        # retention, applied by prune
+//! keep_daily = 7
+//! contacts = ["ops@example.com"]          # told when a backup fails
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_uri")]
+    pub libvirt_uri: String,
+    #[serde(default = "default_tick")]
+    pub tick_seconds: u64,
+    #[serde(default)]
+    pub repositories: BTreeMap<String, RepoConf>,
+    #[serde(default)]
+    pub policies: BTreeMap<String, PolicyConf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConf {
+    pub path: String,
+    pub password_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Retention numbers are parsed and validated here; pruning by them waits
+/// for the store's prune (not in this build).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct PolicyConf {
+    pub repository: String,
+    pub schedule: String,
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    #[serde(default)]
+    pub contacts: Vec<String>,
+}
+
+fn default_state_dir() -> PathBuf {
+    crate::vm::DEFAULT_STATE_DIR.into()
+}
+fn default_socket() -> PathBuf {
+    "/run/bulwark/agent.sock".into()
+}
+fn default_uri() -> String {
+    "qemu:///system".into()
+}
+fn default_tick() -> u64 {
+    30
+}
+
+pub const DEFAULT_PATH: &str = "/etc/bulwark/agent.toml";
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: Config =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        c.validate()
+            .with_context(|| format!("checking {}", path.display()))?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, p) in &self.policies {
+            if !self.repositories.contains_key(&p.repository) {
+                bail!(
+                    "policy {name}: no repository {:?} in [repositories]",
+                    p.repository
+                );
+            }
+            interval(&p.schedule).with_context(|| format!("policy {name}"))?;
+        }
+        for (name, r) in &self.repositories {
+            if r.password_file.is_none() && r.key_file.is_none() {
+                bail!("repository {name}: set password_file or key_file");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A schedule as an interval: `hourly`, `daily`, `weekly`, or `every N{s,m,h,d}`
+/// (`N{s,m,h,d}` alone works too). The scheduler is interval-based: a
+/// policy runs when its interval has passed since its last run.
+pub fn interval(schedule: &str) -> Result<Duration> {
+    let s = schedule.trim();
+    let secs = match s {
+        "hourly" => 3600,
+        "daily" => 86400,
+        "weekly" => 7 * 86400,
+        _ => {
+            let n = s.strip_prefix("every").unwrap_or(s).trim();
+            let (num, unit) = n.split_at(n.find(|c: char| !c.is_ascii_digit()).unwrap_or(n.len()));
+            let num: u64 = num.parse().with_context(|| {
+                format!("schedule {schedule:?}: want hourly, daily, weekly or every N(s|m|h|d)")
+            })?;
+            let mult = match unit.trim() {
+                "s" | "" => 1,
+                "m" => 60,
+                "h" => 3600,
+                "d" => 86400,
+                u => bail!("schedule {schedule:?}: unknown unit {u:?}"),
+            };
+            num * mult
+        }
+    };
+    if secs == 0 {
+        bail!("schedule {schedule:?}: zero interval");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_config_and_schedules() {
+        let c: Config = toml::from_str(
+            r#"
+            state_dir = "/tmp/s"
+            [repositories.main]
+            path = "/srv/r"
+            password_file = "/etc/p"
+            [policies.hourly]
+            repository = "main"
+            schedule = "every 15m"
+            keep_last = 3
+            contacts = ["a@b"]
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/bulwark/agent.sock"));
+        assert_eq!(interval("every 15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(interval("daily").unwrap(), Duration::from_secs(86400));
+        assert_eq!(interval("2s").unwrap(), Duration::from_secs(2));
+        assert!(interval("every fortnight").is_err());
+        let bad: Config =
+            toml::from_str("[policies.x]\nrepository = \"nope\"\nschedule = \"hourly\"\n").unwrap();
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,156 @@
+//! What Bulwark needs from a domain's XML: its disks and its policies.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use super::XMLNS;
+
+/// One disk that can be backed up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    /// Target device (`vda`): the disk's name in snapshots and in libvirt's
+    /// backup and checkpoint XML.
+    pub target: String,
+    /// Image file or block device.
+    pub path: PathBuf,
+    /// `qcow2`, `raw`, ...
+    pub format: String,
+}
+
+impl Disk {
+    /// Only qcow2 (v3) images hold persistent dirty bitmaps.
+    pub fn has_bitmaps(&self) -> bool {
+        self.format == "qcow2"
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DomainInfo {
+    pub name: String,
+    pub uuid: String,
+    pub disks: Vec<Disk>,
+    /// Policy names from Bulwark's metadata element (empty: not protected).
+    pub policies: Vec<String>,
+}
+
+pub fn parse(xml: &str) -> Result<DomainInfo> {
+    let doc = roxmltree::Document::parse(xml).context("parsing domain XML")?;
+    let root = doc.root_element();
+    let text_of = |tag: &str| {
+        root.children()
+            .find(|n| n.has_tag_name(tag))
+            .and_then(|n| n.text())
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    };
+    let name = text_of("name");
+    let uuid = text_of("uuid");
+    let mut disks = Vec::new();
+    if let Some(devices) = root.children().find(|n| n.has_tag_name("devices")) {
+        for d in devices.children().filter(|n| n.has_tag_name("disk")) {
+            if d.attribute("device").unwrap_or("disk") != "disk" {
+                continue;
+            }
+            let child = |tag: &str| d.children().find(|n| n.has_tag_name(tag));
+            if child("readonly").is_some() || child("transient").is_some() {
+                continue;
+            }
+            let Some(src) = child("source") else { continue };
+            let path = match d.attribute("type").unwrap_or("file") {
+                "file" => src.attribute("file"),
+                "block" => src.attribute("dev"),
+                _ => None,
+            };
+            let (Some(path), Some(target)) =
+                (path, child("target").and_then(|t| t.attribute("dev")))
+            else {
+                continue;
+            };
+            let format = child("driver")
+                .and_then(|t| t.attribute("type"))
+                .unwrap_or("raw")
+                .to_string();
+            disks.push(Disk {
+                target: target.to_string(),
+                path: PathBuf::from(path),
+                format,
+            });
+        }
+    }
+    Ok(DomainInfo {
+        name,
+        uuid,
+        disks,
+        policies: policies(&root),
+    })
+}
+
+fn policies(root: &roxmltree::Node<'_, '_>) -> Vec<String> {
+    let Some(meta) = root.children().find(|n| n.has_tag_name("metadata")) else {
+        return Vec::new();
+    };
+    meta.descendants()
+        .filter(|n| n.has_tag_name((XMLNS, "policy")))
+        .filter_map(|n| n.attribute("name").map(String::from))
+        .collect()
+}
+
+/// The metadata element as it appears in domain XML (for `virsh define`).
+#[cfg(test)]
+pub fn policies_xml(policies: &[String]) -> String {
+    let mut s = format!("<bulwark:policies xmlns:bulwark='{XMLNS}'>");
+    for p in policies {
+        s.push_str(&format!("<bulwark:policy name='{}'/>", xml_escape(p)));
+    }
+    s.push_str("</bulwark:policies>");
+    s
+}
+
+/// The same element for `virsh metadata --set`: without a namespace, which
+/// libvirt adds (with the `--key` prefix).
+pub fn policies_set_xml(policies: &[String]) -> String {
+    let mut s = String::from("<policies>");
+    for p in policies {
+        s.push_str(&format!("<policy name='{}'/>", xml_escape(p)));
+    }
+    s.push_str("</policies>");
+    s
+}
+
+pub fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_disks_and_policies() {
+        let xml = r#"<domain type='qemu'><name>web</name><uuid>u-1</uuid>
+          <metadata><bulwark:policies xmlns:bulwark="https://bulwark.dev/xmlns/libvirt/1">
+            <bulwark:policy name="hourly"/><bulwark:policy name="weekly"/></bulwark:policies></metadata>
+          <devices>
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+              <source file='/a.qcow2'/><target dev='vda' bus='virtio'/></disk>
+            <disk type='block' device='disk'><driver name='qemu' type='raw'/>
+              <source dev='/dev/sdb'/><target dev='vdb' bus='virtio'/></disk>
+            <disk type='file' device='cdrom'><source file='/x.iso'/><target dev='sda'/><readonly/></disk>
+          </devices></domain>"#;
+        let d = parse(xml).unwrap();
+        assert_eq!(d.name, "web");
+        assert_eq!(d.policies, vec!["hourly", "weekly"]);
+        assert_eq!(d.disks.len(), 2);
+        assert!(d.disks[0].has_bitmaps());
+        assert_eq!(d.disks[1].path, PathBuf::from("/dev/sdb"));
+        assert!(!d.disks[1].has_bitmaps());
+        let p = policies_xml(&["a".into()]);
+        let wrapped = format!("<domain><metadata>{p}</metadata></domain>");
+        assert_eq!(parse(&wrapped).unwrap().policies, vec!["a"]);
+    }
+}

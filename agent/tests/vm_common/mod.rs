@@ -1,0 +1,157 @@
+//! Shared helpers of the `vm_*` tests (included with `#[path]`).
+#![allow(dead_code, clippy::new_without_default)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const PW: &str = "vm test passphrase";
+/// FastCDC's largest chunk: the incremental bound allows re-chunking two
+/// of them per dirty extent.
+pub const MAX_CHUNK: u64 = 4 << 20;
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let e = Env {
+            dir: tempfile::Builder::new()
+                .prefix("bw-vmtest-")
+                .tempdir()
+                .unwrap(),
+        };
+        e.ok(&["repo", "init"]);
+        e
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bulwark"));
+        c.args(args)
+            .env("BULWARK_REPO", self.path("repo"))
+            .env("BULWARK_PASSWORD", PW)
+            .env("BULWARK_STATE_DIR", self.state_dir())
+            .env_remove("BULWARK_LOG");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "bulwark {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let s = self.ok(args);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"))
+    }
+
+    pub fn backup(&self, domain: &str, extra: &[&str]) -> serde_json::Value {
+        let mut a = vec!["backup", "vm", domain, "--json"];
+        a.extend_from_slice(extra);
+        let v = self.json(&a);
+        eprintln!("backup: {v}");
+        v
+    }
+
+    /// Restores `disk` of `snapshot` and asserts it equals `reference`.
+    pub fn assert_restores_to(&self, snapshot: &str, disk: &str, reference: &Path) {
+        let out = self.path(&format!("restore-{}-{disk}.raw", &snapshot[..8]));
+        self.ok(&[
+            "restore",
+            "image",
+            snapshot,
+            "--disk",
+            disk,
+            "--to",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        assert_same(&out, reference);
+        let _ = std::fs::remove_file(out);
+    }
+}
+
+/// A raw copy of a disk as it is now (`qemu-img convert -U`): pause the VM
+/// around it for a consistent reference.
+pub fn reference(disk: &Path, format: &str, to: &Path) {
+    let st = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", format, "-O", "raw"])
+        .arg(disk)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+pub fn assert_same(a: &Path, b: &Path) {
+    let x = std::fs::read(a).unwrap();
+    let y = std::fs::read(b).unwrap();
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} vs {}: sizes differ",
+        a.display(),
+        b.display()
+    );
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("{} and {} differ at byte {i}", a.display(), b.display());
+    }
+}
+
+pub fn u(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+/// Asserts the incremental bound of DESIGN.md on one disk report.
+pub fn assert_incremental_bound(disk: &serde_json::Value, min_dirty: u64) {
+    assert_eq!(disk["mode"], "incremental", "{disk}");
+    let dirty = u(disk, "dirty_bytes");
+    let extents = u(disk, "dirty_extents");
+    let read = u(disk, "bytes_read");
+    assert!(dirty >= min_dirty, "dirty {dirty} < written {min_dirty}");
+    let bound = dirty + 2 * extents * MAX_CHUNK;
+    assert!(
+        read <= bound,
+        "read {read} > dirty {dirty} + 2 x {extents} x 4 MiB = {bound}"
+    );
+    assert!(read >= min_dirty, "read {read} < written {min_dirty}");
+}
+
+pub fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn checkpoints(domain: &str) -> Vec<String> {
+    virsh(&["checkpoint-list", domain, "--name"])
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
