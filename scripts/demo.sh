@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The main job, on the embedded local datastore: make a test disk image,
-# back it up twice (the second run stores almost nothing), change it, back
-# it up again, restore the latest snapshot, compare bit for bit, verify.
-# Usage: scripts/demo.sh [WORKDIR]     (from a fresh Debian 12 machine)
+# The main job, on the embedded local datastore:
+#  1. a disk image: back it up twice (the second run stores almost nothing),
+#     change it, back it up again, restore the latest snapshot, compare;
+#  2. a protected VM: build the tiny test VM, define it with a backup policy
+#     in its domain XML, start it under libvirt, take a full and an
+#     incremental backup while it runs, restore the latest snapshot to an
+#     image and compare it bit for bit with the disk; verify everything.
+# Usage: scripts/demo.sh [WORKDIR]     (root, on a fresh Debian 12 machine)
+# Set BULWARK_DEMO_NO_VM=1 to skip part 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-rust.sh
-cargo build --release -q -p bulwark
+cargo build --release -q -p bulwark -p bulwark-hook
 BW="$PWD/target/release/bulwark"
 WORK="${1:-$(mktemp -d /tmp/bulwark-demo.XXXXXX)}"
 mkdir -p "$WORK"
@@ -32,5 +37,56 @@ echo "== restore tiny@latest"
 rm -f "$WORK/restored.raw"
 "$BW" restore image tiny@latest --to "$WORK/restored.raw"
 cmp "$IMG" "$WORK/restored.raw" && echo "restored image is bit-identical"
+
+if [ -z "${BULWARK_DEMO_NO_VM:-}" ]; then
+    echo "== part 2: a protected VM (installs qemu/libvirt if missing, starts libvirtd)"
+    scripts/setup-test-host.sh
+    vm-images/build "$PWD/target/vm-images" >/dev/null
+    DOM="bulwark-demo-$$"
+    VMDIR="$WORK/vm"; mkdir -p "$VMDIR"; chmod 755 "$WORK" "$VMDIR"
+    cp --sparse=always target/vm-images/tiny.qcow2 "$VMDIR/disk.qcow2"
+    cat > "$VMDIR/domain.xml" <<XML
+<domain type='qemu'>
+  <name>$DOM</name>
+  <metadata>
+    <bulwark:policies xmlns:bulwark="https://bulwark.dev/xmlns/libvirt/1">
+      <bulwark:policy name="hourly"/>
+    </bulwark:policies>
+  </metadata>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$VMDIR/disk.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='$VMDIR/console.log'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+XML
+    cleanup() { virsh -q destroy "$DOM" >/dev/null 2>&1 || true; virsh -q undefine "$DOM" --checkpoints-metadata >/dev/null 2>&1 || true; }
+    trap cleanup EXIT
+    virsh -q define "$VMDIR/domain.xml" >/dev/null
+    virsh -q start "$DOM" >/dev/null
+    for _ in $(seq 120); do grep -q "bulwark-guest: ready" "$VMDIR/console.log" 2>/dev/null && break; sleep 0.5; done
+    grep "bulwark-guest: ready" "$VMDIR/console.log"
+    export BULWARK_STATE_DIR="$WORK/state"
+    echo "== backup vm $DOM (full, running)"; "$BW" backup vm "$DOM" --policy hourly
+    virsh -q qemu-monitor-command "$DOM" --hmp \
+        'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0xab 121M 256k"' >/dev/null
+    virsh -q suspend "$DOM" >/dev/null   # so the reference copy matches the backup exactly
+    qemu-img convert -U -O raw "$VMDIR/disk.qcow2" "$VMDIR/reference.raw"
+    echo "== backup vm $DOM (incremental, 256 KiB written from the host)"; "$BW" backup vm "$DOM" --policy hourly
+    virsh -q resume "$DOM" >/dev/null
+    rm -f "$VMDIR/restored.raw"
+    "$BW" restore image "$DOM@latest" --disk vda --to "$VMDIR/restored.raw"
+    cmp "$VMDIR/reference.raw" "$VMDIR/restored.raw" && echo "restored VM disk is bit-identical"
+fi
 echo "== verify"; "$BW" verify
+"$BW" snapshots
 echo "demo done: repository at $BULWARK_REPO"
