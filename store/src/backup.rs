@@ -344,6 +344,7 @@ impl Ctx<'_> {
 }
 
 fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: any bytes are a valid u128; align_to handles the edges.
     let (pre, mid, post) = unsafe { b.align_to::<u128>() };
     pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
 }
@@ -654,6 +655,11 @@ fn read_disk(
     let size = src.size();
     let chunker = repo.chunker();
     let max = chunker.params().max as usize;
+    let min = chunker.params().min as usize;
+    // Each `next_cut` call scans from the chunk start, so small steps cost
+    // CDC time; they only pay off in incrementals (fewer bytes read past
+    // the point where the chunking meets the parent's again).
+    let step = if parent.is_some() { READ_STEP } else { max };
     let mut alloc = AllocMap {
         extents: Vec::new(),
         min_hole: u64::from(chunker.params().min),
@@ -710,30 +716,60 @@ fn read_disk(
                 emit(Piece::Zero { len: ext_end - pos })?;
                 pos = ext_end;
             } else {
-                let cut = loop {
-                    let at_end = pos + buf.len() as u64 == ext_end;
-                    if let Some(n) = chunker.next_cut(&buf, at_end) {
-                        break n;
+                // A run of at least `min` zeros where a piece starts is a
+                // zero extent: no chunk, and the restore stays sparse.
+                let mut run = 0usize;
+                loop {
+                    let z = leading_zeros(&buf);
+                    if z < buf.len() || pos + buf.len() as u64 == ext_end {
+                        break;
                     }
-                    let want = (buf.len() + READ_STEP)
-                        .min(max)
-                        .min((ext_end - pos) as usize);
+                    if buf.len() >= max {
+                        run += buf.len();
+                        emit(Piece::Zero {
+                            len: buf.len() as u64,
+                        })?;
+                        pos += buf.len() as u64;
+                        buf.clear();
+                        continue;
+                    }
+                    let want = (buf.len() + step).min(max).min((ext_end - pos) as usize);
                     let old = buf.len();
-                    if want <= old {
-                        break old; // cannot happen: next_cut answers at max or at the end
-                    }
                     buf.resize(want, 0);
                     src.read_at(pos + old as u64, &mut buf[old..])?;
                     bytes_read += (want - old) as u64;
-                };
-                // Bytes read past the cut begin the next chunk.
-                let mut rest = Vec::with_capacity(max);
-                rest.extend_from_slice(&buf[cut..]);
-                buf.truncate(cut);
-                emit(Piece::Data {
-                    bytes: std::mem::replace(&mut buf, rest),
-                })?;
-                pos += cut as u64;
+                }
+                let z = leading_zeros(&buf);
+                if z > 0 && (run + z >= min || (z == buf.len() && pos + z as u64 == ext_end)) {
+                    emit(Piece::Zero { len: z as u64 })?;
+                    pos += z as u64;
+                    buf.drain(..z);
+                } else if !buf.is_empty() || pos < ext_end {
+                    let cut = loop {
+                        let at_end = pos + buf.len() as u64 == ext_end;
+                        if let Some(n) = chunker.next_cut(&buf, at_end) {
+                            break n;
+                        }
+                        let want = (buf.len() + step).min(max).min((ext_end - pos) as usize);
+                        let old = buf.len();
+                        if want <= old {
+                            break old; // cannot happen: next_cut answers at max or at the end
+                        }
+                        buf.resize(want, 0);
+                        src.read_at(pos + old as u64, &mut buf[old..])?;
+                        bytes_read += (want - old) as u64;
+                    };
+                    // Never swallow a long zero run: end the chunk where it starts.
+                    let cut = zero_run_cut(&buf, cut, pos, min);
+                    // Bytes read past the cut begin the next chunk.
+                    let mut rest = Vec::with_capacity(max);
+                    rest.extend_from_slice(&buf[cut..]);
+                    buf.truncate(cut);
+                    emit(Piece::Data {
+                        bytes: std::mem::replace(&mut buf, rest),
+                    })?;
+                    pos += cut as u64;
+                }
             }
             while let Some(&(s, l)) = dirty.get(di) {
                 if s >= pos {
@@ -766,4 +802,43 @@ fn read_disk(
         }
     }
     Ok(bytes_read)
+}
+
+/// Length of the run of zero bytes at the start of `b`.
+fn leading_zeros(b: &[u8]) -> usize {
+    let mut n = 0;
+    for c in b.chunks(4096) {
+        if is_zero(c) {
+            n += c.len();
+        } else {
+            return n + c.iter().position(|&x| x != 0).unwrap_or(0);
+        }
+    }
+    n
+}
+
+/// Where a chunk of `buf[..cut]` (at disk offset `pos`) should end so that
+/// it does not swallow a run of at least `min` zeros starting on a 4 KiB
+/// boundary: the run's start, or `cut` when there is none. Depends only on
+/// content since the chunk's start, like the CDC cut itself.
+fn zero_run_cut(buf: &[u8], cut: usize, pos: u64, min: usize) -> usize {
+    const B: usize = 4096;
+    let mut z = (B - (pos % B as u64) as usize) % B;
+    if z == 0 {
+        z = B;
+    }
+    let mut run_start: Option<usize> = None;
+    while z < buf.len() && (z < cut || run_start.is_some()) {
+        let end = (z + B).min(buf.len());
+        if is_zero(&buf[z..end]) {
+            let s = *run_start.get_or_insert(z);
+            if end - s >= min {
+                return s.min(cut);
+            }
+        } else {
+            run_start = None;
+        }
+        z += B;
+    }
+    cut
 }
