@@ -67,6 +67,9 @@ pub struct S3Config {
     pub attempt_timeout: Duration,
     /// Concurrent pack uploads and ranged reads that suit this store.
     pub concurrency: usize,
+    /// Explicit access key id and secret (tests, embedding); `None`: the
+    /// standard AWS credential chain (environment, profiles, IMDS, ...).
+    pub credentials: Option<(String, String)>,
 }
 
 impl S3Config {
@@ -100,6 +103,7 @@ impl Default for S3Config {
             connect_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(300),
             concurrency: 8,
+            credentials: None,
         }
     }
 }
@@ -188,6 +192,15 @@ impl S3Backend {
             .http_client(http)
             .retry_config(RetryConfig::disabled())
             .timeout_config(timeouts);
+        if let Some((id, secret)) = &cfg.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "bulwark",
+            ));
+        }
         if let Some(r) = &cfg.region {
             loader = loader.region(Region::new(r.clone()));
         }
