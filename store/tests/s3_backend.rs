@@ -39,7 +39,10 @@ fn objects_ranges_listing_from_many_threads() {
     let bucket = server.create_bucket().unwrap();
     let b = Arc::new(backend(&server, &bucket, "some/prefix"));
     assert_eq!(b.location(), format!("s3://{bucket}/some/prefix"));
-    assert!(matches!(b.get("index/nope"), Err(BackendError::NotFound(_))));
+    assert!(matches!(
+        b.get("index/nope"),
+        Err(BackendError::NotFound(_))
+    ));
     assert!(!b.exists("index/nope").unwrap());
     b.put("data/ab/abcd", b"hello world").unwrap();
     assert!(b.exists("data/ab/abcd").unwrap());
@@ -186,7 +189,10 @@ fn repository_roundtrip_with_cache() {
 
     let repo = Repository::open(cached(), &secret()).unwrap();
     let cache_dir = tmp.path().join("cache").join(repo.config().id.to_string());
-    assert!(cache_dir.join("snapshots").join(snap.id.to_string()).exists());
+    assert!(cache_dir
+        .join("snapshots")
+        .join(snap.id.to_string())
+        .exists());
     assert_eq!(restore(&repo, &snap, tmp.path()), data);
     let report = store::verify::verify(&repo, &repo.snapshots().unwrap(), 4, &|_| {}).unwrap();
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
@@ -277,5 +283,9 @@ fn check_tells_causes_apart() {
     c.connect_timeout = Duration::from_secs(2);
     let e = S3Backend::new(c).unwrap().check().unwrap_err();
     assert_eq!(e.kind, FailureKind::Unreachable, "{}", e.message);
-    assert!(e.message.contains(&format!("127.0.0.1:{port}")), "{}", e.message);
+    assert!(
+        e.message.contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        e.message
+    );
 }

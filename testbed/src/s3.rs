@@ -86,7 +86,9 @@ pub struct S3Server {
 
 impl std::fmt::Debug for S3Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Server").field("port", &self.port).finish()
+        f.debug_struct("S3Server")
+            .field("port", &self.port)
+            .finish()
     }
 }
 
@@ -238,7 +240,9 @@ pub struct FaultProxy {
 
 impl std::fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultProxy").field("port", &self.port).finish()
+        f.debug_struct("FaultProxy")
+            .field("port", &self.port)
+            .finish()
     }
 }
 
@@ -293,7 +297,8 @@ impl Drop for FaultProxy {
     }
 }
 
-const SLOW_DOWN_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
+const SLOW_DOWN_BODY: &str =
+    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
 <Message>Please reduce your request rate.</Message><RequestId>bwfault</RequestId></Error>";
 
 fn reset(s: &tokio::net::TcpStream) {

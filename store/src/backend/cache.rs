@@ -189,11 +189,10 @@ impl CachedBackend {
             r.clock += 1;
             let used = r.clock;
             r.total += len;
-            r.by_object.entry(pack).or_default().push(RangeEntry {
-                offset,
-                len,
-                used,
-            });
+            r.by_object
+                .entry(pack)
+                .or_default()
+                .push(RangeEntry { offset, len, used });
         }
     }
 

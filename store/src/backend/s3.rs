@@ -356,9 +356,10 @@ where
         match r {
             Ok(v) => return Ok(v),
             Err(f) if f.retry && attempt < cfg.max_attempts => {
-                let cap = cfg
-                    .max_backoff
-                    .min(cfg.initial_backoff.saturating_mul(1 << (attempt - 1).min(20)));
+                let cap = cfg.max_backoff.min(
+                    cfg.initial_backoff
+                        .saturating_mul(1 << (attempt - 1).min(20)),
+                );
                 let sleep = cap.mul_f64(rand::random::<f64>());
                 tracing::debug!(
                     "S3 {key}: attempt {attempt} failed ({}), retrying in {sleep:?}",
@@ -379,7 +380,15 @@ where
 {
     let status = e.raw_response().map(|r| r.status().as_u16());
     let code = e.code().map(str::to_string);
-    let detail = DisplayErrorContext(&e).to_string();
+    // Service errors: the code and message the server sent; others (no
+    // answer, reset, timeout): the whole cause chain.
+    let detail = match (&e, &code) {
+        (SdkError::ServiceError(_), Some(c)) => {
+            format!("{c}: {}", e.message().unwrap_or("(no message)"))
+        }
+        (SdkError::ServiceError(_), None) => "(no error body)".to_string(),
+        _ => DisplayErrorContext(&e).to_string(),
+    };
     let (kind, retry) = match (&e, status) {
         (SdkError::TimeoutError(_), _) => (FailureKind::Unreachable, true),
         (SdkError::DispatchFailure(d), _) => {
@@ -414,7 +423,7 @@ where
         ),
         (FailureKind::NoBucket, _, _) => format!("no such bucket: {detail}"),
         (FailureKind::Unreachable, _, _) => format!("endpoint unreachable: {detail}"),
-        (_, Some(s), Some(c)) => format!("HTTP {s} {c}: {detail}"),
+        (_, Some(s), _) => format!("HTTP {s} {detail}"),
         _ => detail,
     };
     Failure {
