@@ -48,7 +48,7 @@ WORK="$(mktemp -d "$BENCH_DIR/run-XXXXXX")"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 export AWS_ACCESS_KEY_ID="AKBENCH$RANDOM" AWS_SECRET_ACCESS_KEY="secret$RANDOM$RANDOM"
 export AWS_REGION=us-east-1 AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
-mkdir -p "$WORK/s3/bw" "$WORK/s3/restic"
+mkdir -p "$WORK/s3/bulwark" "$WORK/s3/restic"
 "$S3S_FS" --host 127.0.0.1 --port "$PORT" --access-key "$AWS_ACCESS_KEY_ID" \
     --secret-key "$AWS_SECRET_ACCESS_KEY" "$WORK/s3" >"$WORK/s3s.log" 2>&1 &
 S3PID=$!
@@ -63,43 +63,59 @@ ENDPOINT="http://127.0.0.1:$PORT"
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 
-export BULWARK_PASSWORD=bench RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$WORK/restic-cache"
+export BULWARK_PASSWORD=bench RESTIC_PASSWORD=bench
 export AWS_ENDPOINT_URL="$ENDPOINT"
-export BULWARK_REPO="s3://bw/repo"
-R="s3:$ENDPOINT/restic"
+RUNS="${BENCH_RUNS:-2}"
 
-echo "== bulwark $(git rev-parse --short HEAD) vs $(restic version | cut -d' ' -f1-2), image $SIZE_MIB MiB, s3s-fs on $ENDPOINT"
-"$BULWARK" repo init >/dev/null
-restic -r "$R" init -q >/dev/null
+echo "== bulwark $(git rev-parse --short HEAD) vs $(restic version | cut -d' ' -f1-2), image $SIZE_MIB MiB, s3s-fs on $ENDPOINT, best of $RUNS"
+echo "   (load before: $(cut -d' ' -f1-3 /proc/loadavg))"
 
-sync
-t0=$(now); restic -r "$R" backup -q "$IMG" >/dev/null; t1=$(now)
-RB=$(secs "$t0" "$t1")
-t0=$(now); "$BULWARK" backup image "$IMG" --source bench --cache-dir "$WORK/cache-b" >/dev/null; t1=$(now)
-BB=$(secs "$t0" "$t1")
+# Every timed step starts after a `sync` and ends with one: a backup or
+# restore is done when its data is on disk (bulwark's restore fsyncs its
+# output itself; restic's does not), so both pay for the same durability,
+# bulwark's cache writes included. Each round uses fresh buckets.
+timed() { sync; local t0; t0=$(now); "$@" >/dev/null; sync; secs "$t0" "$(now)"; }
+: >"$WORK/times"
+for run in $(seq "$RUNS"); do
+    mkdir -p "$WORK/s3/bulwark$run" "$WORK/s3/restic$run"
+    export BULWARK_REPO="s3://bulwark$run/repo" RESTIC_CACHE_DIR="$WORK/restic-cache$run"
+    R="s3:$ENDPOINT/restic$run"
+    "$BULWARK" repo init >/dev/null
+    restic -r "$R" init -q >/dev/null
+    RB=$(timed restic -r "$R" backup -q "$IMG")
+    BB=$(timed "$BULWARK" backup image "$IMG" --source bench --cache-dir "$WORK/cache-b$run")
+    # Restores start from cold caches (each tool's metadata cache emptied).
+    rm -rf "$WORK/cache-b$run" "$RESTIC_CACHE_DIR"
+    RR=$(timed restic -r "$R" restore -q latest --target "$WORK/restic-out")
+    BR=$(timed "$BULWARK" restore image bench@latest --to "$WORK/bw-out.raw" --force --cache-dir "$WORK/cache-r$run")
+    # Warm: the same restore again, pack ranges from the local cache.
+    BRW=$(timed "$BULWARK" restore image bench@latest --to "$WORK/bw-out2.raw" --force --cache-dir "$WORK/cache-r$run")
+    # Without the local cache (nothing written besides the image).
+    BRN=$(timed "$BULWARK" restore image bench@latest --to "$WORK/bw-out3.raw" --force --no-cache)
+    cmp "$IMG" "$WORK/bw-out.raw" && cmp "$IMG" "$WORK/bw-out2.raw" && cmp "$IMG" "$WORK/bw-out3.raw" \
+        && echo "round $run: bulwark restores bit-identical"
+    cmp "$IMG" "$WORK/restic-out$IMG" && echo "round $run: restic restore bit-identical"
+    echo "$BB $RB $BR $RR $BRW $BRN" >>"$WORK/times"
+    rm -rf "$WORK/restic-out" "$WORK"/bw-out*.raw "$WORK/cache-r$run"
+done
+BWSTORE=$(du -sm "$WORK/s3/bulwark1" | cut -f1)
+RSTORE=$(du -sm "$WORK/s3/restic1" | cut -f1)
 
-# Restores from a cold cache (each tool's own metadata cache emptied).
-rm -rf "$WORK/cache-b" "$RESTIC_CACHE_DIR"
-t0=$(now); restic -r "$R" restore -q latest --target "$WORK/restic-out" >/dev/null; t1=$(now)
-RR=$(secs "$t0" "$t1")
-t0=$(now); "$BULWARK" restore image bench@latest --to "$WORK/bw-out.raw" --cache-dir "$WORK/cache-r" >/dev/null; t1=$(now)
-BR=$(secs "$t0" "$t1")
-# Warm: the same restore again, pack ranges from the local cache.
-t0=$(now); "$BULWARK" restore image bench@latest --to "$WORK/bw-out2.raw" --cache-dir "$WORK/cache-r" >/dev/null; t1=$(now)
-BRW=$(secs "$t0" "$t1")
-
-cmp "$IMG" "$WORK/bw-out.raw" && cmp "$IMG" "$WORK/bw-out2.raw" && echo "bulwark restore: bit-identical"
-cmp "$IMG" "$WORK/restic-out$IMG" && echo "restic restore:  bit-identical"
-BWSTORE=$(du -sm "$WORK/s3/bw" | cut -f1)
-RSTORE=$(du -sm "$WORK/s3/restic" | cut -f1)
-
-python3 - "$SIZE_MIB" "$BB" "$RB" "$BR" "$RR" "$BRW" "$BWSTORE" "$RSTORE" <<'EOF'
+python3 - "$SIZE_MIB" "$BWSTORE" "$RSTORE" "$WORK/times" <<'EOF'
 import sys
-mib, bb, rb, br, rr, brw, bws, rs = (float(x) for x in sys.argv[1:])
-print(f"{'':18}{'bulwark':>18}{'restic':>18}{'ratio':>10}")
-print(f"{'backup':18}{bb:>8.2f} s {mib/bb:>5.0f} MiB/s{rb:>8.2f} s {mib/rb:>5.0f} MiB/s{rb/bb:>9.2f}x")
-print(f"{'restore (cold)':18}{br:>8.2f} s {mib/br:>5.0f} MiB/s{rr:>8.2f} s {mib/rr:>5.0f} MiB/s{rr/br:>9.2f}x")
-print(f"{'restore (warm)':18}{brw:>8.2f} s {mib/brw:>5.0f} MiB/s")
-print(f"{'stored':18}{bws:>12.0f} MiB{rs:>14.0f} MiB")
-print("ratio = restic time / bulwark time (> 1: bulwark faster)")
+mib, bws, rs = (float(x) for x in sys.argv[1:4])
+rows = [[float(x) for x in l.split()] for l in open(sys.argv[4]) if l.strip()]
+bb, rb, br, rr, brw, brn = (min(r[i] for r in rows) for i in range(6))
+def row(name, b, r=None):
+    line = f"{name:22}{b:>8.2f} s {mib/b:>5.0f} MiB/s"
+    if r is not None:
+        line += f"{r:>8.2f} s {mib/r:>5.0f} MiB/s{r/b:>9.2f}x"
+    print(line)
+print(f"{'':22}{'bulwark':>18}{'restic':>18}{'ratio':>10}")
+row("backup", bb, rb)
+row("restore (cold cache)", br, rr)
+row("restore (no cache)", brn, rr)
+row("restore (warm cache)", brw)
+print(f"{'stored':22}{bws:>12.0f} MiB{rs:>14.0f} MiB")
+print("ratio = restic time / bulwark time (> 1: bulwark faster); times include sync")
 EOF

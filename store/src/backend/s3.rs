@@ -433,6 +433,15 @@ where
     }
 }
 
+/// Streams a response body into one buffer (one copy, no re-assembly).
+async fn read_body(mut body: ByteStream, capacity: usize) -> Result<Vec<u8>, Failure> {
+    let mut v = Vec::with_capacity(capacity);
+    while let Some(chunk) = body.try_next().await.map_err(body_failure)? {
+        v.extend_from_slice(&chunk);
+    }
+    Ok(v)
+}
+
 fn body_failure(e: impl std::fmt::Display) -> Failure {
     Failure {
         kind: FailureKind::Transient,
@@ -476,8 +485,8 @@ impl Backend for S3Backend {
             let req = c.get_object().bucket(&bucket).key(key);
             async move {
                 let out = req.send().await.map_err(|e| classify(e, false))?;
-                let body = out.body.collect().await.map_err(body_failure)?;
-                Ok(body.into_bytes().to_vec())
+                let cap = out.content_length().unwrap_or(0).max(0) as usize;
+                read_body(out.body, cap).await
             }
         })
     }
@@ -499,8 +508,8 @@ impl Backend for S3Backend {
                     }
                     Err(e) => return Err(classify(e, false)),
                 };
-                let body = out.body.collect().await.map_err(body_failure)?;
-                let mut v = body.into_bytes().to_vec();
+                let cap = out.content_length().unwrap_or(0).max(0) as usize;
+                let mut v = read_body(out.body, cap.min(len as usize)).await?;
                 // A server that ignores Range sends the whole object.
                 if v.len() as u64 > len && offset == 0 {
                     v.truncate(len as usize);
