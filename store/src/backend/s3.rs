@@ -65,8 +65,11 @@ pub struct S3Config {
     pub connect_timeout: Duration,
     /// Whole attempt, body transfer included.
     pub attempt_timeout: Duration,
-    /// Concurrent pack uploads and ranged reads that suit this store.
-    pub concurrency: usize,
+    /// Concurrent pack uploads: each holds a pack and its request body
+    /// (about 2 x 16 MiB), so this bounds the memory of a backup too.
+    pub upload_concurrency: usize,
+    /// Concurrent ranged reads (restores fetch up to 32 MiB at a time).
+    pub read_concurrency: usize,
     /// Explicit access key id and secret (tests, embedding); `None`: the
     /// standard AWS credential chain (environment, profiles, IMDS, ...).
     pub credentials: Option<(String, String)>,
@@ -102,7 +105,8 @@ impl Default for S3Config {
             max_backoff: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(300),
-            concurrency: 8,
+            upload_concurrency: 4,
+            read_concurrency: 8,
             credentials: None,
         }
     }
@@ -595,11 +599,11 @@ impl Backend for S3Backend {
     }
 
     fn upload_concurrency(&self) -> usize {
-        self.cfg.concurrency
+        self.cfg.upload_concurrency
     }
 
     fn read_concurrency(&self) -> usize {
-        self.cfg.concurrency
+        self.cfg.read_concurrency
     }
 }
 
