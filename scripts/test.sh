@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 if [ -x scripts/setup-test-host.sh ]; then
     scripts/setup-test-host.sh
 fi
+# The S3 test server (s3s-fs), built once into target/tools.
+scripts/setup-s3.sh >/dev/null
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

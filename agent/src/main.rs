@@ -26,7 +26,8 @@ struct Cli {
 /// Options every command that touches a repository takes.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Global {
-    /// Repository location: a directory (the embedded local datastore).
+    /// Repository location: a directory (the embedded local datastore) or
+    /// s3://BUCKET/PREFIX.
     #[arg(long, env = "BULWARK_REPO", global = true)]
     pub repo: Option<String>,
     /// Read the passphrase from this file (else $BULWARK_PASSWORD, else a prompt).
@@ -38,6 +39,8 @@ pub struct Global {
     /// More log output (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    #[command(flatten)]
+    pub backend: secret::BackendArgs,
 }
 
 #[derive(Subcommand)]

@@ -37,6 +37,7 @@ pub mod guest;
 mod image;
 mod libvirt;
 mod qemu;
+pub mod s3;
 mod util;
 
 use std::path::PathBuf;

@@ -92,7 +92,7 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
         &repo,
         &BackupOptions {
             threads,
-            ..Default::default()
+            uploaders: repo.backend().upload_concurrency(),
         },
     )?;
     session
@@ -195,6 +195,10 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
     let pb = progress::bar(d.size, &format!("restore {}", d.name));
     let done = AtomicU64::new(0);
     let t = Instant::now();
+    let threads = match threads {
+        0 => repo.backend().read_concurrency(),
+        n => n,
+    };
     let r = restore_to_file(&repo, &list, &f, &RestoreOptions { threads }, &|n| {
         done.fetch_add(n, Ordering::Relaxed);
         pb.inc(n);

@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use store::{KdfParams, RepoConfig, Repository, Secret};
+use store::backend::s3::FailureKind;
+use store::backend::S3Backend;
+use store::{BackendError, Error, KdfParams, RepoConfig, Repository, Secret};
 
 use crate::secret;
 use crate::Global;
@@ -18,6 +20,15 @@ pub enum RepoCmd {
     },
     /// Show the repository's settings.
     Info {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that this host reaches the repository with these credentials
+    /// and this key: endpoint, credentials, bucket, repository, key, in
+    /// that order. Exit codes: 0 ok, 3 endpoint unreachable, 4 bad
+    /// credentials or access denied, 5 no such bucket, 6 no repository
+    /// there, 7 wrong key (or none given), 1 anything else.
+    CheckTarget {
         #[arg(long)]
         json: bool,
     },
@@ -54,6 +65,7 @@ pub fn run(g: &Global, c: RepoCmd) -> Result<i32> {
             }
             Ok(0)
         }
+        RepoCmd::CheckTarget { json } => check_target(g, json),
         RepoCmd::Info { json } => {
             let repo = secret::open(g)?;
             let ix = repo.index()?;
@@ -89,5 +101,111 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
         .with_context(|| format!("creating key file {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
+    Ok(())
+}
+
+/// One failed step of `check-target`.
+struct Failed {
+    kind: &'static str,
+    code: i32,
+    message: String,
+}
+
+fn failed(kind: &'static str, code: i32, message: impl Into<String>) -> Failed {
+    Failed {
+        kind,
+        code,
+        message: message.into(),
+    }
+}
+
+fn check_target(g: &Global, json: bool) -> Result<i32> {
+    let mut steps: Vec<(&str, String)> = Vec::new();
+    let mut info = serde_json::json!({});
+    let r = check_steps(g, &mut steps, &mut info);
+    let location = g.repo.clone().unwrap_or_default();
+    match &r {
+        Ok(()) => {
+            if json {
+                info["ok"] = true.into();
+                info["location"] = location.into();
+                info["checks"] = steps.iter().map(|(n, _)| *n).collect::<Vec<_>>().into();
+                println!("{info}");
+            } else {
+                for (n, d) in &steps {
+                    println!("ok  {n:<11} {d}");
+                }
+                println!("target {location} is usable from this host");
+            }
+            Ok(0)
+        }
+        Err(f) => {
+            if json {
+                info["ok"] = false.into();
+                info["location"] = location.into();
+                info["checks"] = steps.iter().map(|(n, _)| *n).collect::<Vec<_>>().into();
+                info["error"] = serde_json::json!({"kind": f.kind, "message": f.message});
+                println!("{info}");
+            } else {
+                for (n, d) in &steps {
+                    println!("ok  {n:<11} {d}");
+                }
+                println!("FAIL {}: {}", f.kind, f.message);
+            }
+            Ok(f.code)
+        }
+    }
+}
+
+fn check_steps(
+    g: &Global,
+    steps: &mut Vec<(&'static str, String)>,
+    info: &mut serde_json::Value,
+) -> Result<(), Failed> {
+    let s3cfg = secret::s3_config(g).map_err(|e| failed("invalid", 1, format!("{e:#}")))?;
+    if let Some(mut cfg) = s3cfg {
+        // A quick answer: few attempts, short timeouts.
+        cfg.max_attempts = cfg.max_attempts.min(3);
+        cfg.connect_timeout = std::time::Duration::from_secs(5);
+        let s3 = S3Backend::new(cfg).map_err(|e| failed("error", 1, e.to_string()))?;
+        info["endpoint"] = s3.endpoint().into();
+        info["bucket"] = s3.bucket().into();
+        if let Err(e) = s3.check() {
+            let (kind, code) = match e.kind {
+                FailureKind::Unreachable => ("unreachable", 3),
+                FailureKind::Credentials => ("credentials", 4),
+                FailureKind::NoBucket => ("no_bucket", 5),
+                _ => ("error", 1),
+            };
+            return Err(failed(kind, code, e.message));
+        }
+        steps.push(("endpoint", s3.endpoint().to_string()));
+        steps.push(("credentials", "accepted".into()));
+        steps.push(("bucket", s3.bucket().to_string()));
+    }
+    let backend = secret::backend(g).map_err(|e| failed("invalid", 1, format!("{e:#}")))?;
+    let location = backend.location();
+    let config = match backend.get("config") {
+        Ok(c) => c,
+        Err(BackendError::NotFound(_)) => {
+            return Err(failed(
+                "no_repository",
+                6,
+                format!("no repository at {location} (run `bulwark repo init`)"),
+            ))
+        }
+        Err(e) => return Err(failed("error", 1, e.to_string())),
+    };
+    let config: RepoConfig = serde_json::from_slice(&config)
+        .map_err(|e| failed("no_repository", 6, format!("{location}/config: {e}")))?;
+    info["repository"] = config.id.to_string().into();
+    steps.push(("repository", config.id.to_string()));
+    let secret = secret::secret(g, false).map_err(|e| failed("wrong_key", 7, format!("{e:#}")))?;
+    let repo = Repository::open(backend, &secret).map_err(|e| match e {
+        Error::WrongKey => failed("wrong_key", 7, e.to_string()),
+        e => failed("error", 1, e.to_string()),
+    })?;
+    info["key_fingerprint"] = repo.keys().fingerprint().into();
+    steps.push(("key", repo.keys().fingerprint().to_string()));
     Ok(())
 }

@@ -228,6 +228,7 @@ impl Agent {
             password_file: rc.password_file.clone(),
             key_file: rc.key_file.clone(),
             verbose: 0,
+            backend: Default::default(),
         };
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let repo = crate::secret::open(&g)?;

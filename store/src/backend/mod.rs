@@ -3,9 +3,15 @@
 //! reads, listing by prefix, and every method callable from many threads at
 //! once (parallel uploads and fetches).
 
+pub mod cache;
 mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 
+pub use cache::{CacheOptions, CachedBackend};
 pub use local::LocalBackend;
+#[cfg(feature = "s3")]
+pub use s3::{S3Backend, S3Config};
 
 use std::fmt;
 
@@ -59,5 +65,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
             Err(BackendError::NotFound(_)) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Pack uploads worth running at once (`BackupOptions::uploaders`).
+    fn upload_concurrency(&self) -> usize {
+        2
+    }
+
+    /// Ranged reads worth running at once (`RestoreOptions::threads`).
+    fn read_concurrency(&self) -> usize {
+        4
     }
 }

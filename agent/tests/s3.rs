@@ -1,0 +1,357 @@
+//! The `bulwark` binary against a real S3 server (`s3s-fs` on loopback):
+//! backup, snapshots, restore, verify, two writers at once, faults, and
+//! `repo check-target`.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use rand::{RngCore, SeedableRng};
+use testbed::s3::{FaultProxy, Faults, S3Server};
+
+const PW: &str = "s3 test passphrase";
+
+struct Env {
+    server: S3Server,
+    bucket: String,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let server = S3Server::start().unwrap();
+        let bucket = server.create_bucket().unwrap();
+        Env {
+            server,
+            bucket,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn init(self) -> Self {
+        let out = self.run(&["repo", "init"]);
+        assert!(out.status.success(), "init: {}", stderr(&out));
+        self
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn repo(&self) -> String {
+        format!("s3://{}/hosts", self.bucket)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bulwark"));
+        c.args(args)
+            .envs(self.server.env())
+            .env("BULWARK_REPO", self.repo())
+            .env("BULWARK_PASSWORD", PW)
+            .env("BULWARK_CACHE_DIR", self.path("cache"))
+            .env_remove("BULWARK_LOG")
+            .env_remove("BULWARK_S3_ENDPOINT");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "bulwark {args:?} failed: {}",
+            stderr(&out)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn backup(&self, img: &Path, source: &str) -> String {
+        let v = self.json(&[
+            "backup",
+            "image",
+            img.to_str().unwrap(),
+            "--source",
+            source,
+            "--json",
+        ]);
+        v["snapshot"].as_str().unwrap().to_string()
+    }
+
+    fn restore_matches(&self, snap: &str, img: &Path, extra: &[&str]) {
+        let to = self.path(&format!("restored-{snap}"));
+        let mut args = vec!["restore", "image", snap, "--to", to.to_str().unwrap()];
+        args.push("--force");
+        args.extend_from_slice(extra);
+        self.ok(&args);
+        assert!(
+            std::fs::read(&to).unwrap() == std::fs::read(img).unwrap(),
+            "restore of {snap} differs from {}",
+            img.display()
+        );
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A sparse image: random, text, explicit zeros and holes.
+fn make_image(path: &Path, mib: u64, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f = File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+    for i in 0..mib {
+        let mut block = vec![0u8; 1 << 20];
+        match i % 5 {
+            0 | 1 => rng.fill_bytes(&mut block),
+            2 => {
+                for (j, b) in block.iter_mut().enumerate() {
+                    *b = b"lorem ipsum dolor sit amet\n"[j % 27];
+                }
+            }
+            3 => {}
+            _ => continue, // hole
+        }
+        f.write_all_at(&block, i << 20).unwrap();
+    }
+}
+
+#[test]
+fn backup_snapshots_restore_verify_on_s3() {
+    let e = Env::new().init();
+    let img = e.path("disk.raw");
+    make_image(&img, 24, 1);
+    let s1 = e.backup(&img, "web");
+    // Change a little and back up again: mostly deduplicated.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&[0xab; 300_000], 5 << 20).unwrap();
+    drop(f);
+    let img2 = e.path("disk2.raw");
+    std::fs::copy(&img, &img2).unwrap();
+    let second = e.json(&[
+        "backup",
+        "image",
+        img.to_str().unwrap(),
+        "--source",
+        "web",
+        "--json",
+    ]);
+    assert!(second["bytes_new"].as_u64().unwrap() < 8 << 20, "{second}");
+    let s2 = second["snapshot"].as_str().unwrap().to_string();
+    let list = e.json(&["snapshots", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[1]["parent"].as_str().unwrap(), s1);
+    // Metadata was cached under the repository id.
+    let info = e.json(&["repo", "info", "--json"]);
+    let id = info["id"].as_str().unwrap();
+    assert!(e
+        .path("cache")
+        .join(id)
+        .join("snapshots")
+        .join(&s2)
+        .exists());
+    e.restore_matches(&s2, &img2, &[]);
+    e.restore_matches(&s2, &img2, &["--no-cache"]);
+    let v = e.json(&["verify", "--json"]);
+    assert!(v["damaged"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["snapshots"], 2);
+    // The original content, restored from the first snapshot.
+    let orig = e.path("orig.raw");
+    make_image(&orig, 24, 1);
+    e.restore_matches(&s1, &orig, &[]);
+}
+
+#[test]
+fn two_hosts_back_up_into_one_bucket_at_once() {
+    let e = Env::new().init();
+    let (a, b) = (e.path("a.raw"), e.path("b.raw"));
+    make_image(&a, 20, 2);
+    make_image(&b, 20, 3);
+    // The same content in both, so the writers race on the same new chunks.
+    let shared = e.path("shared.raw");
+    make_image(&shared, 6, 4);
+    let s = std::fs::read(&shared).unwrap();
+    File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .write_all_at(&s, 8 << 20)
+        .unwrap();
+    File::options()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .write_all_at(&s, 8 << 20)
+        .unwrap();
+    let spawn = |img: &Path, src: &str, cache: &str| {
+        e.cmd(&[
+            "backup",
+            "image",
+            img.to_str().unwrap(),
+            "--source",
+            src,
+            "--json",
+        ])
+        .env("BULWARK_CACHE_DIR", e.path(cache))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let pa = spawn(&a, "host-a", "cache-a");
+    let pb = spawn(&b, "host-b", "cache-b");
+    let (oa, ob) = (
+        pa.wait_with_output().unwrap(),
+        pb.wait_with_output().unwrap(),
+    );
+    assert!(oa.status.success(), "a: {}", stderr(&oa));
+    assert!(ob.status.success(), "b: {}", stderr(&ob));
+    let sa: serde_json::Value = serde_json::from_slice(&oa.stdout).unwrap();
+    let sb: serde_json::Value = serde_json::from_slice(&ob.stdout).unwrap();
+    e.restore_matches(sa["snapshot"].as_str().unwrap(), &a, &[]);
+    e.restore_matches(sb["snapshot"].as_str().unwrap(), &b, &["--no-cache"]);
+    let v = e.json(&["verify", "--json"]);
+    assert!(v["damaged"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["snapshots"], 2);
+}
+
+#[test]
+fn backup_through_faults_loses_nothing() {
+    let e = Env::new().init();
+    let img = e.path("disk.raw");
+    make_image(&img, 16, 5);
+    let first = e.backup(&img, "db");
+    let proxy = FaultProxy::start(
+        e.server.port(),
+        Faults {
+            slow_down: 0.2,
+            reset_request: 0.2,
+            reset_response: 0.2,
+            latency: Duration::from_millis(10),
+        },
+    )
+    .unwrap();
+    let img2 = e.path("disk2.raw");
+    make_image(&img2, 24, 6);
+    let via_proxy = ["--s3-endpoint", &proxy.endpoint()];
+    let mut args = vec![
+        "--no-cache",
+        "backup",
+        "image",
+        img2.to_str().unwrap(),
+        "--source",
+        "db",
+        "--json",
+    ];
+    args.extend_from_slice(&via_proxy);
+    let out = e.run(&args);
+    assert!(
+        out.status.success(),
+        "backup under faults: {}",
+        stderr(&out)
+    );
+    let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = &proxy.stats;
+    eprintln!("faults injected: {st:?}");
+    assert!(st.injected() >= 3, "{st:?}");
+    // Straight to the server again: everything is there and intact.
+    let v = e.json(&["verify", "--json", "--no-cache"]);
+    assert!(v["damaged"].as_array().unwrap().is_empty(), "{v}");
+    e.restore_matches(&first, &img, &["--no-cache"]);
+    e.restore_matches(second["snapshot"].as_str().unwrap(), &img2, &[]);
+
+    // Nothing gets through: a clear error naming the bucket, non-zero exit.
+    proxy.set(Faults {
+        slow_down: 1.0,
+        ..Default::default()
+    });
+    let mut args = vec!["snapshots", "--no-cache", "--s3-max-attempts", "3"];
+    args.extend_from_slice(&via_proxy);
+    let t = std::time::Instant::now();
+    let out = e.run(&args);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&e.bucket) && err.contains("SlowDown"), "{err}");
+    assert!(err.contains("gave up after 3 attempts"), "{err}");
+    eprintln!("gave up after {:?}: {err}", t.elapsed());
+}
+
+#[test]
+fn check_target_tells_what_is_wrong() {
+    let e = Env::new();
+    let check = |extra: &[&str], env: &[(&str, &str)]| -> (i32, serde_json::Value) {
+        let mut c = e.cmd(&["repo", "check-target", "--json"]);
+        c.args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|err| panic!("{err}: {}", stderr(&out)));
+        (out.status.code().unwrap(), v)
+    };
+    let (code, v) = check(&[], &[]);
+    assert_eq!(
+        (code, v["error"]["kind"].as_str()),
+        (6, Some("no_repository")),
+        "{v}"
+    );
+    let e = e.init();
+    let check = |extra: &[&str], env: &[(&str, &str)]| -> (i32, serde_json::Value) {
+        let mut c = e.cmd(&["repo", "check-target", "--json"]);
+        c.args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|err| panic!("{err}: {}", stderr(&out)));
+        (out.status.code().unwrap(), v)
+    };
+    let (code, v) = check(&[], &[]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["ok"], true);
+    assert!(v["key_fingerprint"].is_string(), "{v}");
+
+    let (code, v) = check(&[], &[("BULWARK_PASSWORD", "not it")]);
+    assert_eq!(
+        (code, v["error"]["kind"].as_str()),
+        (7, Some("wrong_key")),
+        "{v}"
+    );
+
+    let (code, v) = check(&[], &[("AWS_SECRET_ACCESS_KEY", "wrong")]);
+    assert_eq!(
+        (code, v["error"]["kind"].as_str()),
+        (4, Some("credentials")),
+        "{v}"
+    );
+
+    let (code, v) = check(&["--repo", "s3://no-such-bucket-bw/x"], &[]);
+    assert_eq!(
+        (code, v["error"]["kind"].as_str()),
+        (5, Some("no_bucket")),
+        "{v}"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let ep = format!("http://127.0.0.1:{port}");
+    let (code, v) = check(&["--s3-endpoint", &ep], &[]);
+    assert_eq!(
+        (code, v["error"]["kind"].as_str()),
+        (3, Some("unreachable")),
+        "{v}"
+    );
+    assert!(v["error"]["message"].as_str().unwrap().contains(&ep), "{v}");
+}

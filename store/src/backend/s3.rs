@@ -1,0 +1,613 @@
+//! A repository in an S3-compatible bucket (AWS, Ceph RGW, Garage, MinIO,
+//! s3s), on `aws-sdk-s3`.
+//!
+//! * Location: `s3://BUCKET/PREFIX`. Endpoint: [`S3Config::endpoint`], else
+//!   `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` / the profile's
+//!   `endpoint_url`, else AWS. Any custom endpoint means path-style
+//!   addressing. Region and credentials come from the standard AWS variables
+//!   and profiles (`aws-config`); a custom endpoint with no region uses
+//!   `us-east-1`.
+//! * Checksums are sent and checked only when an operation requires them
+//!   (`WhenRequired`): older Ceph, Garage and s3s reject the CRC32 trailers
+//!   recent SDKs send by default. Integrity does not depend on them: every
+//!   object is authenticated by the repository's own AES-GCM, and TLS guards
+//!   the transport on real endpoints.
+//! * Synchronous: the backend owns a tokio runtime; each call spawns its
+//!   request on that runtime and waits on a channel. It may be called from
+//!   any number of OS threads at once, and from tokio `spawn_blocking`
+//!   threads. Do **not** call it from inside an async task: it blocks the
+//!   calling thread until the request is done (it does not panic, but it
+//!   stalls that executor thread). Async callers use `spawn_blocking`.
+//! * Retries: the SDK's own retries are off; every request runs in a loop
+//!   here with full-jitter exponential backoff on 5xx, 429/503 throttling
+//!   (`SlowDown`), connection errors (refused, reset mid-request or
+//!   mid-response) and timeouts, each attempt bounded by
+//!   [`S3Config::attempt_timeout`]. Re-sending a PUT is safe: objects are
+//!   named by fresh random ids and never rewritten, so a retry after a reset
+//!   stores the same bytes under the same name. Once attempts are spent the
+//!   error names the operation, the bucket, the key, the endpoint and the
+//!   last cause.
+//! * No overwrites: S3 has no portable create-if-absent, so `put` relies on
+//!   unique names; only `config` (the one fixed name) is checked with a HEAD
+//!   first, and `Repository::init` checks it too.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+
+use super::{Backend, BackendError, ObjectInfo};
+
+/// Where and how to reach a bucket.
+#[derive(Clone, Debug)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix inside the bucket, without leading or trailing `/`
+    /// (empty: the bucket root).
+    pub prefix: String,
+    /// Custom endpoint (e.g. `http://127.0.0.1:9000`); `None`: from the
+    /// environment or profile, else AWS.
+    pub endpoint: Option<String>,
+    /// `None`: from the environment or profile.
+    pub region: Option<String>,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// First backoff; doubles per attempt up to `max_backoff`, full jitter.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub connect_timeout: Duration,
+    /// Whole attempt, body transfer included.
+    pub attempt_timeout: Duration,
+    /// Concurrent pack uploads: each holds a pack and its request body
+    /// (about 2 x 16 MiB), so this bounds the memory of a backup too.
+    pub upload_concurrency: usize,
+    /// Concurrent ranged reads (restores fetch up to 32 MiB at a time).
+    pub read_concurrency: usize,
+    /// Explicit access key id and secret (tests, embedding); `None`: the
+    /// standard AWS credential chain (environment, profiles, IMDS, ...).
+    pub credentials: Option<(String, String)>,
+}
+
+impl S3Config {
+    /// Parses `s3://BUCKET[/PREFIX]`.
+    pub fn from_url(url: &str) -> Result<Self, BackendError> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| BackendError::Other(format!("{url:?} is not an s3:// URL")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(BackendError::Other(format!("{url:?}: no bucket name")));
+        }
+        Ok(S3Config {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            ..Default::default()
+        })
+    }
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(300),
+            upload_concurrency: 4,
+            read_concurrency: 8,
+            credentials: None,
+        }
+    }
+}
+
+/// Why a request failed, as far as a caller deciding what to tell the
+/// operator cares ([`S3Backend::check`] and the final error message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Could not connect, or no answer in time.
+    Unreachable,
+    /// Missing, unknown or wrongly signed credentials, or access denied.
+    Credentials,
+    /// The bucket does not exist.
+    NoBucket,
+    NotFound,
+    /// Server error or throttling (worth retrying).
+    Transient,
+    Other,
+}
+
+#[derive(Debug)]
+struct Failure {
+    kind: FailureKind,
+    retry: bool,
+    message: String,
+}
+
+/// The result of [`S3Backend::check`].
+#[derive(Clone, Debug)]
+pub struct CheckError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+pub struct S3Backend {
+    rt: Option<tokio::runtime::Runtime>,
+    client: Client,
+    cfg: Arc<S3Config>,
+    /// `prefix/` or empty.
+    key_prefix: String,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for S3Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Backend")
+            .field("location", &self.location())
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl Drop for S3Backend {
+    fn drop(&mut self) {
+        // Safe even when the last handle is dropped inside an async task.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn endpoint_from_env() -> Option<String> {
+    ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.is_empty())
+}
+
+impl S3Backend {
+    pub fn new(cfg: S3Config) -> Result<Self, BackendError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+            .thread_name("bulwark-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| BackendError::Other(format!("starting the S3 runtime: {e}")))?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if let Some((id, secret)) = &cfg.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "bulwark",
+            ));
+        }
+        if let Some(r) = &cfg.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        let sdk = rt.block_on(loader.load());
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .or_else(endpoint_from_env)
+            .or_else(|| sdk.endpoint_url().map(str::to_string));
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(ep) = &endpoint {
+            b = b.endpoint_url(ep.clone()).force_path_style(true);
+        }
+        if sdk.region().is_none() {
+            b = b.region(Region::new("us-east-1"));
+        }
+        let client = Client::from_conf(b.build());
+        let key_prefix = if cfg.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", cfg.prefix)
+        };
+        Ok(S3Backend {
+            rt: Some(rt),
+            client,
+            endpoint: endpoint.unwrap_or_else(|| "AWS S3".into()),
+            key_prefix,
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.cfg.bucket
+    }
+
+    /// The endpoint requests go to (`AWS S3` when none is set).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{}", self.key_prefix, name)
+    }
+
+    /// Runs `fut` on the backend's runtime and waits for it. Works from
+    /// any thread; blocks the caller.
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt
+            .as_ref()
+            .expect("runtime lives until drop")
+            .spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+        rx.recv().expect("S3 runtime stopped")
+    }
+
+    /// Runs `op` (one attempt) until it succeeds, fails for good, or the
+    /// attempts are spent.
+    fn call<T, F, Fut>(&self, what: &'static str, name: &str, op: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: Fn(Client, String) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, Failure>> + Send,
+    {
+        let client = self.client.clone();
+        let cfg = self.cfg.clone();
+        let key = self.key(name);
+        let r = self.run(async move { retry_loop(&cfg, &client, &key, op).await });
+        r.map_err(|(f, attempts)| self.error(what, name, f, attempts))
+    }
+
+    fn error(&self, what: &str, name: &str, f: Failure, attempts: u32) -> BackendError {
+        if f.kind == FailureKind::NotFound {
+            return BackendError::NotFound(name.to_string());
+        }
+        let tries = if attempts > 1 {
+            format!(" (gave up after {attempts} attempts)")
+        } else {
+            String::new()
+        };
+        BackendError::Other(format!(
+            "S3 {what} {name} in bucket {} at {}: {}{tries}",
+            self.cfg.bucket, self.endpoint, f.message
+        ))
+    }
+
+    /// Checks that the bucket answers with these credentials: a HEAD of
+    /// the bucket and a one-key listing of the prefix, a few attempts only.
+    pub fn check(&self) -> Result<(), CheckError> {
+        let bucket = self.cfg.bucket.clone();
+        let prefix = self.key_prefix.clone();
+        let client = self.client.clone();
+        let mut cfg = (*self.cfg).clone();
+        cfg.max_attempts = cfg.max_attempts.min(3);
+        cfg.attempt_timeout = cfg.attempt_timeout.min(Duration::from_secs(20));
+        let r = self.run(async move {
+            retry_loop(&cfg, &client, "", move |c, _| {
+                let bucket = bucket.clone();
+                let prefix = prefix.clone();
+                async move {
+                    c.head_bucket()
+                        .bucket(&bucket)
+                        .send()
+                        .await
+                        .map_err(|e| classify(e, true))?;
+                    c.list_objects_v2()
+                        .bucket(&bucket)
+                        .prefix(&prefix)
+                        .max_keys(1)
+                        .send()
+                        .await
+                        .map_err(|e| classify(e, true))?;
+                    Ok(())
+                }
+            })
+            .await
+        });
+        r.map_err(|(f, attempts)| CheckError {
+            kind: f.kind.clone(),
+            message: match self.error("check", "", f, attempts) {
+                BackendError::Other(m) => m,
+                e => e.to_string(),
+            },
+        })
+    }
+}
+
+async fn retry_loop<T, F, Fut>(
+    cfg: &S3Config,
+    client: &Client,
+    key: &str,
+    op: F,
+) -> Result<T, (Failure, u32)>
+where
+    F: Fn(Client, String) -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let r = tokio::time::timeout(cfg.attempt_timeout, op(client.clone(), key.to_string()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure {
+                    kind: FailureKind::Unreachable,
+                    retry: true,
+                    message: format!("no answer within {:?}", cfg.attempt_timeout),
+                })
+            });
+        match r {
+            Ok(v) => return Ok(v),
+            Err(f) if f.retry && attempt < cfg.max_attempts => {
+                let cap = cfg.max_backoff.min(
+                    cfg.initial_backoff
+                        .saturating_mul(1 << (attempt - 1).min(20)),
+                );
+                let sleep = cap.mul_f64(rand::random::<f64>());
+                tracing::debug!(
+                    "S3 {key}: attempt {attempt} failed ({}), retrying in {sleep:?}",
+                    f.message
+                );
+                tokio::time::sleep(sleep).await;
+            }
+            Err(f) => return Err((f, attempt)),
+        }
+    }
+}
+
+/// Sorts an SDK error into retry-or-not and a kind, with a message that
+/// keeps the whole cause chain.
+fn classify<E>(e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>, bucket_op: bool) -> Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let code = e.code().map(str::to_string);
+    // Service errors: the code and message the server sent; others (no
+    // answer, reset, timeout): the whole cause chain.
+    let detail = match (&e, &code) {
+        (SdkError::ServiceError(_), Some(c)) => {
+            format!("{c}: {}", e.message().unwrap_or("(no message)"))
+        }
+        (SdkError::ServiceError(_), None) => "(no error body)".to_string(),
+        _ => DisplayErrorContext(&e).to_string(),
+    };
+    let (kind, retry) = match (&e, status) {
+        (SdkError::TimeoutError(_), _) => (FailureKind::Unreachable, true),
+        (SdkError::DispatchFailure(d), _) => {
+            if d.is_user() || d.is_other() && detail.contains("credentials") {
+                (FailureKind::Credentials, false)
+            } else {
+                (FailureKind::Unreachable, true)
+            }
+        }
+        (SdkError::ResponseError(_), _) => (FailureKind::Transient, true),
+        (SdkError::ConstructionFailure(_), _) => {
+            if detail.contains("credentials") {
+                (FailureKind::Credentials, false)
+            } else {
+                (FailureKind::Other, false)
+            }
+        }
+        (_, Some(s)) if s >= 500 || s == 429 => (FailureKind::Transient, true),
+        (_, Some(401 | 403)) => (FailureKind::Credentials, false),
+        (_, Some(404)) if code.as_deref() == Some("NoSuchBucket") || bucket_op => {
+            (FailureKind::NoBucket, false)
+        }
+        (_, Some(404)) => (FailureKind::NotFound, false),
+        _ if detail.contains("credentials") => (FailureKind::Credentials, false),
+        _ => (FailureKind::Other, false),
+    };
+    let message = match (kind.clone(), status, code) {
+        (FailureKind::Credentials, s, c) => format!(
+            "access denied or bad credentials ({}{}): {detail}",
+            s.map(|s| format!("HTTP {s}")).unwrap_or_default(),
+            c.map(|c| format!(" {c}")).unwrap_or_default()
+        ),
+        (FailureKind::NoBucket, _, _) => format!("no such bucket: {detail}"),
+        (FailureKind::Unreachable, _, _) => format!("endpoint unreachable: {detail}"),
+        (_, Some(s), _) => format!("HTTP {s} {detail}"),
+        _ => detail,
+    };
+    Failure {
+        kind,
+        retry,
+        message,
+    }
+}
+
+/// Streams a response body into one buffer (one copy, no re-assembly).
+async fn read_body(mut body: ByteStream, capacity: usize) -> Result<Vec<u8>, Failure> {
+    let mut v = Vec::with_capacity(capacity);
+    while let Some(chunk) = body.try_next().await.map_err(body_failure)? {
+        v.extend_from_slice(&chunk);
+    }
+    Ok(v)
+}
+
+fn body_failure(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        kind: FailureKind::Transient,
+        retry: true,
+        message: format!("reading the response body: {e}"),
+    }
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> String {
+        if self.cfg.prefix.is_empty() {
+            format!("s3://{}", self.cfg.bucket)
+        } else {
+            format!("s3://{}/{}", self.cfg.bucket, self.cfg.prefix)
+        }
+    }
+
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
+        if name == "config" && self.exists(name)? {
+            return Err(BackendError::AlreadyExists(name.to_string()));
+        }
+        let body = bytes_of(data);
+        let bucket = self.cfg.bucket.clone();
+        self.call("put", name, move |c, key| {
+            let req = c
+                .put_object()
+                .bucket(&bucket)
+                .key(key)
+                .content_length(body.len() as i64)
+                .body(ByteStream::from(body.clone()));
+            async move {
+                req.send().await.map_err(|e| classify(e, false))?;
+                Ok(())
+            }
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
+        let bucket = self.cfg.bucket.clone();
+        self.call("get", name, move |c, key| {
+            let req = c.get_object().bucket(&bucket).key(key);
+            async move {
+                let out = req.send().await.map_err(|e| classify(e, false))?;
+                let cap = out.content_length().unwrap_or(0).max(0) as usize;
+                read_body(out.body, cap).await
+            }
+        })
+    }
+
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, BackendError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bucket = self.cfg.bucket.clone();
+        let range = format!("bytes={}-{}", offset, offset + len - 1);
+        self.call("get", name, move |c, key| {
+            let req = c.get_object().bucket(&bucket).key(key).range(&range);
+            async move {
+                let out = match req.send().await {
+                    Ok(o) => o,
+                    // Range past the end: an empty (short) read.
+                    Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
+                        return Ok(Vec::new())
+                    }
+                    Err(e) => return Err(classify(e, false)),
+                };
+                let cap = out.content_length().unwrap_or(0).max(0) as usize;
+                let mut v = read_body(out.body, cap.min(len as usize)).await?;
+                // A server that ignores Range sends the whole object.
+                if v.len() as u64 > len && offset == 0 {
+                    v.truncate(len as usize);
+                } else if v.len() as u64 > len {
+                    let end = (offset + len).min(v.len() as u64) as usize;
+                    v = v.get(offset as usize..end).unwrap_or(&[]).to_vec();
+                }
+                Ok(v)
+            }
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let bucket = self.cfg.bucket.clone();
+            let tok = token.clone();
+            let page = self.call("list", prefix, move |c, key| {
+                let req = c
+                    .list_objects_v2()
+                    .bucket(&bucket)
+                    .prefix(key)
+                    .set_continuation_token(tok.clone());
+                async move {
+                    let o = req.send().await.map_err(|e| classify(e, true))?;
+                    let objs: Vec<(String, u64)> = o
+                        .contents()
+                        .iter()
+                        .filter_map(|x| {
+                            Some((x.key()?.to_string(), x.size().unwrap_or(0).max(0) as u64))
+                        })
+                        .collect();
+                    let next = if o.is_truncated().unwrap_or(false) {
+                        o.next_continuation_token().map(str::to_string)
+                    } else {
+                        None
+                    };
+                    Ok((objs, next))
+                }
+            })?;
+            for (k, size) in page.0 {
+                if let Some(name) = k.strip_prefix(&self.key_prefix) {
+                    out.push(ObjectInfo {
+                        name: name.to_string(),
+                        size,
+                    });
+                }
+            }
+            match page.1 {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), BackendError> {
+        let bucket = self.cfg.bucket.clone();
+        self.call("delete", name, move |c, key| {
+            let req = c.delete_object().bucket(&bucket).key(key);
+            async move {
+                req.send().await.map_err(|e| classify(e, false))?;
+                Ok(())
+            }
+        })
+    }
+
+    fn exists(&self, name: &str) -> Result<bool, BackendError> {
+        let bucket = self.cfg.bucket.clone();
+        let r = self.call("head", name, move |c, key| {
+            let req = c.head_object().bucket(&bucket).key(key);
+            async move {
+                req.send().await.map_err(|e| classify(e, false))?;
+                Ok(())
+            }
+        });
+        match r {
+            Ok(()) => Ok(true),
+            Err(BackendError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn upload_concurrency(&self) -> usize {
+        self.cfg.upload_concurrency
+    }
+
+    fn read_concurrency(&self) -> usize {
+        self.cfg.read_concurrency
+    }
+}
+
+/// One copy into a refcounted buffer: retries clone the handle, not the data.
+fn bytes_of(data: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(data)
+}

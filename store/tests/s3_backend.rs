@@ -1,0 +1,291 @@
+//! The S3 backend against a real S3 server (`s3s-fs` on loopback, started
+//! by the test bed), with and without a fault-injecting proxy in between.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{RngCore, SeedableRng};
+use store::backend::s3::FailureKind;
+use store::backend::{CacheOptions, CachedBackend, S3Backend, S3Config};
+use store::restore::{restore_to_file, RestoreOptions};
+use store::source::MemSource;
+use store::{
+    Backend, BackendError, BackupOptions, BackupSession, ChunkerParams, KdfParams, Mode,
+    RepoConfig, Repository, Secret, SnapshotMeta,
+};
+use testbed::s3::{FaultProxy, Faults, S3Server};
+
+fn config(server: &S3Server, endpoint: &str, bucket: &str, prefix: &str) -> S3Config {
+    S3Config {
+        bucket: bucket.into(),
+        prefix: prefix.into(),
+        endpoint: Some(endpoint.into()),
+        region: Some("us-east-1".into()),
+        credentials: Some((server.access_key.clone(), server.secret_key.clone())),
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+fn backend(server: &S3Server, bucket: &str, prefix: &str) -> S3Backend {
+    S3Backend::new(config(server, &server.endpoint(), bucket, prefix)).unwrap()
+}
+
+#[test]
+fn objects_ranges_listing_from_many_threads() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.create_bucket().unwrap();
+    let b = Arc::new(backend(&server, &bucket, "some/prefix"));
+    assert_eq!(b.location(), format!("s3://{bucket}/some/prefix"));
+    assert!(matches!(
+        b.get("index/nope"),
+        Err(BackendError::NotFound(_))
+    ));
+    assert!(!b.exists("index/nope").unwrap());
+    b.put("data/ab/abcd", b"hello world").unwrap();
+    assert!(b.exists("data/ab/abcd").unwrap());
+    assert_eq!(b.get("data/ab/abcd").unwrap(), b"hello world");
+    assert_eq!(b.get_range("data/ab/abcd", 6, 5).unwrap(), b"world");
+    assert_eq!(b.get_range("data/ab/abcd", 6, 100).unwrap(), b"world");
+    assert_eq!(b.get_range("data/ab/abcd", 100, 5).unwrap(), b"");
+    b.put("config", b"{}").unwrap();
+    assert!(matches!(
+        b.put("config", b"{}"),
+        Err(BackendError::AlreadyExists(_))
+    ));
+    // 1100 objects (more than one listing page) from 16 threads at once.
+    std::thread::scope(|s| {
+        for t in 0..16 {
+            let b = b.clone();
+            s.spawn(move || {
+                for i in (t..1100).step_by(16) {
+                    let name = format!("index/{i:05}");
+                    b.put(&name, name.as_bytes()).unwrap();
+                    assert_eq!(b.get(&name).unwrap(), name.as_bytes());
+                }
+            });
+        }
+    });
+    let mut l = b.list("index/").unwrap();
+    l.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(l.len(), 1100);
+    assert_eq!(l[7].name, "index/00007");
+    assert_eq!(l[7].size, 11);
+    assert_eq!(b.list("data/").unwrap().len(), 1);
+    // The prefix is respected: another prefix of the same bucket is empty.
+    assert!(backend(&server, &bucket, "other")
+        .list("")
+        .unwrap()
+        .is_empty());
+    b.delete("data/ab/abcd").unwrap();
+    assert!(!b.exists("data/ab/abcd").unwrap());
+
+    // From tokio spawn_blocking threads (how the NBD server calls it).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let got = rt.block_on(async {
+        let mut hs = Vec::new();
+        for i in 0..8 {
+            let b = b.clone();
+            hs.push(tokio::task::spawn_blocking(move || {
+                b.get(&format!("index/{i:05}")).unwrap()
+            }));
+        }
+        let mut out = Vec::new();
+        for h in hs {
+            out.push(h.await.unwrap());
+        }
+        out
+    });
+    assert_eq!(got[3], b"index/00003");
+    // Dropping the last handle inside an async task must not panic.
+    rt.block_on(async move { drop(b) });
+}
+
+fn image(mib: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; mib << 20];
+    for (i, block) in v.chunks_mut(1 << 20).enumerate() {
+        match i % 3 {
+            0 => rng.fill_bytes(block),
+            1 => {}
+            _ => {
+                for (j, b) in block.iter_mut().enumerate() {
+                    *b = b"the quick brown fox\n"[j % 20];
+                }
+            }
+        }
+    }
+    v
+}
+
+fn small_config() -> RepoConfig {
+    RepoConfig {
+        chunker: ChunkerParams {
+            min: 16 << 10,
+            avg: 64 << 10,
+            max: 256 << 10,
+        },
+        pack_size: 1 << 20,
+        ..RepoConfig::default()
+    }
+}
+
+fn secret() -> Secret {
+    Secret::Passphrase("s3 test".into())
+}
+
+fn kdf() -> KdfParams {
+    KdfParams {
+        m_cost_kib: 1024,
+        t_cost: 1,
+        p_cost: 1,
+    }
+}
+
+fn backup(repo: &Repository, data: &[u8], uploaders: usize) -> store::Snapshot {
+    let mut src = MemSource::new(data.to_vec());
+    let mut s = BackupSession::new(
+        repo,
+        &BackupOptions {
+            threads: 2,
+            uploaders,
+        },
+    )
+    .unwrap();
+    s.backup_disk("disk", &mut src, Mode::Full).unwrap();
+    s.finish(SnapshotMeta {
+        source: "vm".into(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn restore(repo: &Repository, snap: &store::Snapshot, dir: &std::path::Path) -> Vec<u8> {
+    let list = repo.load_chunk_list(&snap.disks[0].chunk_list).unwrap();
+    let path = dir.join(format!("restored-{}", snap.id.short()));
+    let f = File::create(&path).unwrap();
+    f.set_len(snap.disks[0].size).unwrap();
+    restore_to_file(repo, &list, &f, &RestoreOptions { threads: 8 }, &|_| {}).unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+#[test]
+fn repository_roundtrip_with_cache() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.create_bucket().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cached = || -> Arc<dyn Backend> {
+        Arc::new(CachedBackend::new(
+            Arc::new(backend(&server, &bucket, "repo")),
+            CacheOptions::new(tmp.path().join("cache")),
+        ))
+    };
+    let repo = Repository::init(cached(), &secret(), &kdf(), small_config()).unwrap();
+    let data = image(9, 1);
+    let snap = backup(&repo, &data, 8);
+    drop(repo);
+
+    let repo = Repository::open(cached(), &secret()).unwrap();
+    let cache_dir = tmp.path().join("cache").join(repo.config().id.to_string());
+    assert!(cache_dir
+        .join("snapshots")
+        .join(snap.id.to_string())
+        .exists());
+    assert_eq!(restore(&repo, &snap, tmp.path()), data);
+    let report = store::verify::verify(&repo, &repo.snapshots().unwrap(), 4, &|_| {}).unwrap();
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+
+    // Remove the packs behind the server's back: a repeated restore is
+    // served from the range cache...
+    let packs = server.bucket_dir(&bucket).join("repo/data");
+    let saved = tmp.path().join("saved-data");
+    std::fs::rename(&packs, &saved).unwrap();
+    let repo = Repository::open(cached(), &secret()).unwrap();
+    assert_eq!(restore(&repo, &snap, tmp.path()), data);
+    // ...until a listing shows they are gone, which evicts them.
+    assert!(repo.backend().list("data/").unwrap().is_empty());
+    assert!(repo.backend().get_range(&packname(&repo), 0, 10).is_err());
+    std::fs::rename(&saved, &packs).unwrap();
+    assert_eq!(restore(&repo, &snap, tmp.path()), data);
+}
+
+fn packname(repo: &Repository) -> String {
+    store::pack::object_name(&repo.index().unwrap().packs()[0].id)
+}
+
+#[test]
+fn backup_through_faults_then_verify() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.create_bucket().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let proxy = FaultProxy::start(server.port(), Faults::default()).unwrap();
+    let open = || -> Arc<dyn Backend> {
+        Arc::new(S3Backend::new(config(&server, &proxy.endpoint(), &bucket, "")).unwrap())
+    };
+    let repo = Repository::init(open(), &secret(), &kdf(), small_config()).unwrap();
+    let first = image(4, 2);
+    let s1 = backup(&repo, &first, 4);
+    proxy.set(Faults {
+        slow_down: 0.15,
+        reset_request: 0.15,
+        reset_response: 0.15,
+        latency: Duration::from_millis(5),
+    });
+    let second = image(6, 3);
+    let repo = Repository::open(open(), &secret()).unwrap();
+    let s2 = backup(&repo, &second, 8);
+    // Both snapshots restore bit-identical, still through the faults.
+    let repo = Repository::open(open(), &secret()).unwrap();
+    assert_eq!(restore(&repo, &s1, tmp.path()), first);
+    assert_eq!(restore(&repo, &s2, tmp.path()), second);
+    let report = store::verify::verify(&repo, &repo.snapshots().unwrap(), 4, &|_| {}).unwrap();
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert_eq!(report.snapshots, 2);
+    let st = &proxy.stats;
+    assert!(st.injected() >= 5, "faults injected: {st:?}");
+    eprintln!("faults injected: {st:?}");
+
+    // When every request fails, the error says where and why, once the
+    // attempts are spent.
+    proxy.set(Faults {
+        slow_down: 1.0,
+        ..Default::default()
+    });
+    let mut c = config(&server, &proxy.endpoint(), &bucket, "");
+    c.max_attempts = 3;
+    let b = S3Backend::new(c).unwrap();
+    let e = b.put("index/x", b"x").unwrap_err().to_string();
+    assert!(e.contains(&bucket), "{e}");
+    assert!(e.contains("gave up after 3 attempts"), "{e}");
+    assert!(e.contains("SlowDown"), "{e}");
+}
+
+#[test]
+fn check_tells_causes_apart() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.create_bucket().unwrap();
+    backend(&server, &bucket, "x").check().unwrap();
+
+    let missing = backend(&server, "no-such-bucket-here", "");
+    assert_eq!(missing.check().unwrap_err().kind, FailureKind::NoBucket);
+
+    let mut c = config(&server, &server.endpoint(), &bucket, "");
+    c.credentials = Some((server.access_key.clone(), "wrong secret".into()));
+    let e = S3Backend::new(c).unwrap().check().unwrap_err();
+    assert_eq!(e.kind, FailureKind::Credentials, "{}", e.message);
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut c = config(&server, &format!("http://127.0.0.1:{port}"), &bucket, "");
+    c.connect_timeout = Duration::from_secs(2);
+    let e = S3Backend::new(c).unwrap().check().unwrap_err();
+    assert_eq!(e.kind, FailureKind::Unreachable, "{}", e.message);
+    assert!(
+        e.message.contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        e.message
+    );
+}
