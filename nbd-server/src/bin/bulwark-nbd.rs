@@ -70,16 +70,24 @@ fn run(cli: Cli) -> Result<()> {
         key_file,
         cache_mib,
     } = cli.command;
-    if repo.contains("://") {
-        bail!("repository {repo:?}: only local directories are supported by this build");
-    }
+    let backend: Arc<dyn store::Backend> = if repo.starts_with("s3://") {
+        // Endpoint: $BULWARK_S3_ENDPOINT, else the AWS variables/profile.
+        let mut cfg = store::backend::S3Config::from_url(&repo)?;
+        cfg.endpoint = std::env::var("BULWARK_S3_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty());
+        Arc::new(store::backend::S3Backend::new(cfg)?)
+    } else if repo.contains("://") {
+        bail!("repository {repo:?}: use a directory or s3://BUCKET/PREFIX");
+    } else {
+        Arc::new(LocalBackend::new(&repo))
+    };
     let secret = store::keys::secret_from_sources(key_file.as_deref(), password_file.as_deref())?
         .context(
         "no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file",
     )?;
     let repo = Arc::new(
-        Repository::open(Arc::new(LocalBackend::new(&repo)), &secret)
-            .with_context(|| format!("opening repository {repo}"))?,
+        Repository::open(backend, &secret).with_context(|| format!("opening repository {repo}"))?,
     );
     let snap = repo.find_snapshot(&snapshot)?;
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
