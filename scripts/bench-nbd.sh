@@ -34,3 +34,26 @@ kill "$B_PID"; wait "$B_PID" 2>/dev/null || true
 printf '%-28s %8s s %8s MiB/s\n' "qemu-nbd (raw file, warm)" "$q" "$(rate "$q")"
 printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold" "$cold" "$(rate "$cold")" "$(echo "scale=2; $q / $cold" | bc)"
 printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd warm" "$warm" "$(rate "$warm")" "$(echo "scale=2; $q / $warm" | bc)"
+
+# Cold from S3: the same image in a bucket on a loopback s3s-fs
+# (scripts/setup-s3.sh installs it), read once by a fresh server.
+S3S_FS=$PWD/target/tools/bin/s3s-fs
+if [ -x "$S3S_FS" ]; then
+    PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    export AWS_ACCESS_KEY_ID=AKNBDBENCH AWS_SECRET_ACCESS_KEY=nbdbenchsecret AWS_REGION=us-east-1
+    export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
+    rm -rf "$W/s3"; mkdir -p "$W/s3/bench"
+    "$S3S_FS" --host 127.0.0.1 --port "$PORT" --access-key "$AWS_ACCESS_KEY_ID" \
+        --secret-key "$AWS_SECRET_ACCESS_KEY" "$W/s3" >"$W/s3s.log" 2>&1 & S3PID=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+    export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT BULWARK_REPO=s3://bench/nbd
+    "$BIN/bulwark" --no-cache repo init >/dev/null
+    "$BIN/bulwark" --no-cache backup image "$W/mixed.raw" --source mixed >/dev/null
+    rm -f "$W/s.sock"
+    coproc S { exec "$BIN/bulwark-nbd" serve --repo s3://bench/nbd --snapshot mixed@latest --socket "$W/s.sock" --cache-mib 2048 2>/dev/null; }
+    read -r _ <&"${S[0]}"
+    s3cold=$(t nbdcopy "nbd+unix:///vda?socket=$W/s.sock" null:)
+    kill "$S_PID"; wait "$S_PID" 2>/dev/null || true
+    kill $S3PID; wait $S3PID 2>/dev/null || true
+    printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold, S3" "$s3cold" "$(rate "$s3cold")" "$(echo "scale=2; $q / $s3cold" | bc)"
+fi
