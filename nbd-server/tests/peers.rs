@@ -119,8 +119,10 @@ async fn nbdfuse_exposes_export_as_file() {
     } else {
         None
     };
+    // Lazy (-z): right after the read the kernel may still hold the file
+    // for a moment, and a plain -u then fails with EBUSY and leaves the mount.
     let _ = tokio::process::Command::new("fusermount3")
-        .arg("-u")
+        .arg("-uz")
         .arg(&mnt)
         .status()
         .await;

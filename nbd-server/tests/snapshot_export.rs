@@ -153,7 +153,7 @@ fn real_peers_read_a_snapshot() {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+        let _ = Command::new("fusermount3").arg("-uz").arg(&mnt).status();
         let _ = fuse.wait();
         assert!(content.expect("nbdfuse exposes the export") == data);
     } else {
