@@ -12,26 +12,11 @@ use store::{Backend, LocalBackend, Repository, Secret};
 use crate::Global;
 
 pub fn secret(g: &Global, confirm: bool) -> Result<Secret> {
-    if let Some(path) = &g.key_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading key file {}", path.display()))?;
-        let bytes = store::keys::read_key_file(&text)
-            .with_context(|| format!("key file {}", path.display()))?;
-        return Ok(Secret::KeyFile(bytes));
-    }
-    if let Some(path) = &g.password_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading password file {}", path.display()))?;
-        let pw = text.lines().next().unwrap_or("").to_string();
-        if pw.is_empty() {
-            bail!("password file {} is empty", path.display());
-        }
-        return Ok(Secret::Passphrase(pw));
-    }
-    if let Ok(pw) = std::env::var("BULWARK_PASSWORD") {
-        if !pw.is_empty() {
-            return Ok(Secret::Passphrase(pw));
-        }
+    // Key file, password file, $BULWARK_PASSWORD: the same order bulwark-nbd uses.
+    if let Some(secret) =
+        store::keys::secret_from_sources(g.key_file.as_deref(), g.password_file.as_deref())?
+    {
+        return Ok(secret);
     }
     if std::io::stdin().is_terminal() {
         let pw = rpassword::prompt_password("repository passphrase: ")?;

@@ -184,11 +184,8 @@ impl<'r> BackupSession<'r> {
         };
         let (list, mut stats) = if self.threads <= 1 {
             let mut col = Collector::new(&mut self.packer);
-            let mut seq = 0u64;
             let bytes_read = read_disk(self.repo, source, parent, &dirty, &mut |piece| {
-                let done = ctx.process(seq, piece);
-                seq += 1;
-                col.take(done, &ctx)
+                col.take(ctx.process(piece), &ctx)
             })?;
             let (list, mut stats) = col.finish();
             stats.bytes_read = bytes_read;
@@ -311,7 +308,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// Hash; compress and seal only if the chunk is new.
-    fn process(&self, _seq: u64, piece: Piece) -> Done {
+    fn process(&self, piece: Piece) -> Done {
         match piece {
             Piece::Zero { len } => Done::Zero(len),
             Piece::Reuse(v) => Done::Reuse(v),
@@ -522,7 +519,7 @@ fn run_parallel(
             let done_tx = done_tx.clone();
             s.spawn(move || {
                 for (seq, piece) in work_rx {
-                    if done_tx.send((seq, ctx.process(seq, piece))).is_err() {
+                    if done_tx.send((seq, ctx.process(piece))).is_err() {
                         break;
                     }
                 }

@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::keys::{KdfParams, Secret};
 use crate::repo::{RepoConfig, Repository};
 use crate::source::MemSource;
-use crate::{blob, BackupOptions, BackupSession, Mode, SnapshotMeta};
+use crate::{BackupOptions, BackupSession, Mode, SnapshotMeta};
 
 /// Throughput of one measured step, in bytes of input per second.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -239,7 +239,6 @@ pub fn run(data_mib: u64, rounds: usize) -> Result<BenchReport> {
     };
     let p1 = pipeline(1)?;
     let pn = pipeline(cores)?;
-    let _ = blob::DEFAULT_LEVEL;
     Ok(BenchReport {
         data_mib,
         primitives,
