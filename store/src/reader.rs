@@ -204,19 +204,7 @@ impl DiskReader {
             let Some(cid) = e.chunk else { continue };
             let s = (u64::from(l.offset) - start) as usize;
             let sealed = bytes.get(s..s + l.len as usize).unwrap_or(&[]);
-            let r = self
-                .repo
-                .open_blob(&self.index, &cid, &l, sealed)
-                .and_then(|d| {
-                    if d.len() as u64 == e.len {
-                        Ok(d)
-                    } else {
-                        Err(Error::corrupt(
-                            format!("chunk {cid}"),
-                            "length differs from chunk list",
-                        ))
-                    }
-                });
+            let r = self.repo.open_extent(&self.index, &e, &l, sealed);
             match r {
                 Ok(d) => {
                     let d = Arc::new(d);
@@ -230,15 +218,7 @@ impl DiskReader {
                 }
                 // Read-ahead chunks that fail are simply not cached; the
                 // read that wants one reports the damage.
-                Err(err) if cid == *id => {
-                    return Err(match err {
-                        Error::Corrupt { what, detail } => Error::Corrupt {
-                            what,
-                            detail: format!("{detail} (disk offset {})", e.offset),
-                        },
-                        other => other,
-                    })
-                }
+                Err(err) if cid == *id => return Err(err),
                 Err(_) => {}
             }
         }

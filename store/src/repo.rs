@@ -304,6 +304,40 @@ impl Repository {
         self.open_blob(index, id, &loc, &sealed)
     }
 
+    /// Opens the chunk of disk extent `e`: authenticated, as long as the
+    /// chunk list says, and damage reported with the disk offset and pack.
+    pub fn open_extent(
+        &self,
+        index: &Index,
+        e: &crate::chunklist::Extent,
+        loc: &Loc,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>> {
+        let id = e
+            .chunk
+            .ok_or_else(|| Error::Invalid("zero extent has no chunk".into()))?;
+        let data = self
+            .open_blob(index, &id, loc, sealed)
+            .map_err(|err| match err {
+                Error::Corrupt { what, detail } => Error::Corrupt {
+                    what,
+                    detail: format!(
+                        "{detail} (disk offset {}, pack {})",
+                        e.offset,
+                        index.pack(loc).id.short()
+                    ),
+                },
+                other => other,
+            })?;
+        if data.len() as u64 != e.len {
+            return Err(Error::corrupt(
+                format!("chunk {id}"),
+                format!("holds {} bytes, the chunk list says {}", data.len(), e.len),
+            ));
+        }
+        Ok(data)
+    }
+
     /// Opens a sealed blob fetched from its pack.
     pub fn open_blob(&self, index: &Index, id: &Id, loc: &Loc, sealed: &[u8]) -> Result<Vec<u8>> {
         if sealed.len() != loc.len as usize {

@@ -111,24 +111,9 @@ fn restore_batch(
     let name = pack::object_name(&index.packs()[b.pack as usize].id);
     let bytes = repo.backend().get_range(&name, b.start, b.end - b.start)?;
     for (e, loc) in &b.items {
-        let id = e.chunk.expect("planned extents have chunks");
         let s = (u64::from(loc.offset) - b.start) as usize;
         let sealed = bytes.get(s..s + loc.len as usize).unwrap_or(&[]);
-        let data = repo
-            .open_blob(index, &id, loc, sealed)
-            .map_err(|err| match err {
-                Error::Corrupt { what, detail } => Error::Corrupt {
-                    what,
-                    detail: format!("{detail} (disk offset {}, pack {name})", e.offset),
-                },
-                other => other,
-            })?;
-        if data.len() as u64 != e.len {
-            return Err(Error::corrupt(
-                format!("chunk {id}"),
-                format!("holds {} bytes, the chunk list says {}", data.len(), e.len),
-            ));
-        }
+        let data = repo.open_extent(index, e, loc, sealed)?;
         out.write_all_at(&data, e.offset)
             .map_err(|err| Error::io(format!("write at offset {}", e.offset), err))?;
         progress(e.len);
