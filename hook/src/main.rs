@@ -76,6 +76,8 @@ fn main() {
         return;
     }
     let mut xml = String::new();
+    // The hook never fails libvirt: unreadable XML means no bitmap is
+    // added, and the next backup reads the disk in full.
     let _ = std::io::stdin().take(16 << 20).read_to_string(&mut xml);
     if !xml.contains(XMLNS) {
         return; // not protected by Bulwark

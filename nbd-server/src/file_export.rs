@@ -1,5 +1,5 @@
-//! An [`Export`] over a regular file (raw image), with holes found by
-//! `SEEK_DATA`/`SEEK_HOLE`. Used by tests and the benchmark, and handy for
+//! An [`Export`] over a raw image file or block device, with holes found by
+//! `SEEK_DATA`/`SEEK_HOLE` ([`store::source::allocation_map`]). Used by tests and the benchmark, and handy for
 //! serving a restored raw image.
 
 use std::fs::File;
@@ -23,65 +23,30 @@ pub struct FileExport {
 impl FileExport {
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let file = File::open(path)?;
-        let size = file.metadata()?.len();
+        // Seeking to the end sizes block devices too (their metadata says 0).
+        let size = io::Seek::seek(&mut &file, io::SeekFrom::End(0))?;
         Ok(Self {
             file: Arc::new(file),
             size,
         })
     }
 
-    /// `lseek` with SEEK_DATA/SEEK_HOLE; `None` when there is no data at or
-    /// after `pos` (ENXIO). `lseek` moves the shared file position, which is
-    /// harmless because reads use `pread`.
-    fn seek(&self, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-        let pos =
-            libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: plain syscall on a file descriptor we own for `self`'s lifetime.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), pos, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                return Ok(None);
-            }
-            return Err(e);
-        }
-        Ok(Some(r as u64))
-    }
-
+    /// The data/hole map, from the store's one implementation (which never
+    /// turns "no hole information" into a hole).
     fn extents_sync(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size);
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let data = match self.seek(pos, libc::SEEK_DATA) {
-                Ok(Some(d)) => d.min(end),
-                Ok(None) => end,
-                // Filesystems without SEEK_DATA: everything is data.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    out.push(extent(pos, end, ExtentState::Data));
-                    break;
-                }
-                Err(e) => return Err(e),
-            };
-            if data > pos {
-                out.push(extent(pos, data, ExtentState::Hole));
-            }
-            if data >= end {
-                break;
-            }
-            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            out.push(extent(data, hole, ExtentState::Data));
-            pos = hole;
-        }
-        Ok(out)
-    }
-}
-
-fn extent(start: u64, end: u64, state: ExtentState) -> Extent {
-    Extent {
-        offset: start,
-        length: end - start,
-        state,
+        Ok(store::source::allocation_map(&self.file, offset, end)?
+            .into_iter()
+            .map(|e| Extent {
+                offset: e.offset,
+                length: e.len,
+                state: if e.data {
+                    ExtentState::Data
+                } else {
+                    ExtentState::Hole
+                },
+            })
+            .collect())
     }
 }
 

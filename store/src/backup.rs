@@ -556,6 +556,7 @@ fn run_parallel(
             Ok(())
         });
         drop(work_tx);
+        // A panicked collector gives `None`: the backup fails below.
         let col = collector.join().ok().flatten();
         (read, col)
     });
@@ -808,6 +809,8 @@ fn leading_zeros(b: &[u8]) -> usize {
         if is_zero(c) {
             n += c.len();
         } else {
+            // `c` is not all zeros, so a position exists; 0 would only
+            // shorten the zero run (more data stored, never less).
             return n + c.iter().position(|&x| x != 0).unwrap_or(0);
         }
     }

@@ -50,6 +50,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A restore target that is there already and was not to be replaced.
+    #[error("{0} already exists")]
+    TargetExists(String),
+
     #[error("invalid input: {0}")]
     Invalid(String),
 }

@@ -203,6 +203,8 @@ impl DiskReader {
         for (e, l) in std::iter::once((self.list.extents()[i], loc)).chain(group) {
             let Some(cid) = e.chunk else { continue };
             let s = (u64::from(l.offset) - start) as usize;
+            // Short: an empty slice, which `open_extent` rejects as a
+            // truncated pack (EIO), never zeros.
             let sealed = bytes.get(s..s + l.len as usize).unwrap_or(&[]);
             let r = self.repo.open_extent(&self.index, &e, &l, sealed);
             match r {

@@ -1,12 +1,19 @@
 //! Restores: a snapshot's disk written back to a file or device, sparse.
 //!
+//! A file target is written beside its final name and renamed only once
+//! complete, so a failed restore never leaves a file that looks whole. A
+//! block device is written in place and, not being sparse, gets its zero
+//! extents written as zeros too.
+//!
 //! Chunks that sit next to each other in one pack (the usual case: a disk's
 //! chunks are packed in disk order) are fetched with one ranged read, and
 //! several such reads run in parallel. Every chunk is authenticated before a
 //! byte of it is written; a damaged one stops the restore with an error.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -23,6 +30,144 @@ const MAX_BATCH: u64 = 32 << 20;
 pub struct RestoreOptions {
     /// Parallel fetch/decrypt/write threads; 0 = a default.
     pub threads: usize,
+}
+
+/// What [`restore_to_path`] may write over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overwrite {
+    /// Nothing: an existing file or any block device is refused.
+    Never,
+    /// An existing file is replaced (once the restore is complete) and a
+    /// block device is overwritten.
+    Allowed,
+}
+
+/// Where a disk was restored to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A sparse file (zero extents are holes).
+    File,
+    /// A block device (zero extents written as zeros).
+    Device,
+}
+
+/// Restores the disk of `list` (`size` bytes) to `to`: a new sparse file,
+/// or with [`Overwrite::Allowed`] an existing file or a block device at
+/// least `size` bytes long. On error nothing is left at `to` that was not
+/// there before (a device keeps whatever was written).
+pub fn restore_to_path(
+    repo: &Repository,
+    list: &ChunkList,
+    size: u64,
+    to: &Path,
+    overwrite: Overwrite,
+    opts: &RestoreOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Target> {
+    let meta = match std::fs::metadata(to) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(format!("stat {}", to.display()), e)),
+    };
+    if meta.is_some() && overwrite == Overwrite::Never {
+        return Err(Error::TargetExists(to.display().to_string()));
+    }
+    if meta.is_some_and(|m| m.file_type().is_block_device()) {
+        restore_to_device(repo, list, size, to, opts, progress)?;
+        return Ok(Target::Device);
+    }
+    // A partial file left by a killed restore carries our name: reuse it.
+    let tmp = partial_name(to);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+    let written = f
+        .set_len(size)
+        .map_err(|e| Error::io(format!("size {}", tmp.display()), e))
+        .and_then(|()| restore_to_file(repo, list, &f, opts, progress))
+        .and_then(|()| {
+            f.sync_all()
+                .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))
+        });
+    drop(f);
+    if let Err(e) = written {
+        // The partial file is ours alone: removing it loses nothing.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, to).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(format!("rename to {}", to.display()), e)
+    })?;
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("fsync {}", dir.display()), e))?;
+    }
+    Ok(Target::File)
+}
+
+/// `DIR/.NAME.bulwark-partial`: hidden, and named for what it will become.
+fn partial_name(to: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(to.file_name().unwrap_or_default());
+    name.push(".bulwark-partial");
+    to.with_file_name(name)
+}
+
+fn restore_to_device(
+    repo: &Repository,
+    list: &ChunkList,
+    size: u64,
+    dev: &Path,
+    opts: &RestoreOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .map_err(|e| Error::io(format!("open {}", dev.display()), e))?;
+    let dev_size = std::io::Seek::seek(&mut &f, std::io::SeekFrom::End(0))
+        .map_err(|e| Error::io(format!("size of {}", dev.display()), e))?;
+    if dev_size < size {
+        return Err(Error::Invalid(format!(
+            "{} holds {dev_size} bytes, the disk needs {size}",
+            dev.display()
+        )));
+    }
+    for e in list.extents().iter().filter(|e| e.chunk.is_none()) {
+        zero_range(&f, e.offset, e.len)
+            .map_err(|err| Error::io(format!("zeroing {} at {}", dev.display(), e.offset), err))?;
+    }
+    restore_to_file(repo, list, &f, opts, progress)?;
+    f.sync_all()
+        .map_err(|e| Error::io(format!("fsync {}", dev.display()), e))
+}
+
+/// Makes `[offset, offset + len)` read as zeros: `FALLOC_FL_ZERO_RANGE`
+/// (write-zeroes on a device), else plain writes of zeros.
+fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    if let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+        // SAFETY: fallocate on a descriptor `f` owns; no memory is touched.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, o, l) };
+        if r == 0 {
+            return Ok(());
+        }
+        // Unsupported or unaligned: fall through to writing zeros, which
+        // either works or fails with its own error.
+    }
+    const STEP: u64 = 1 << 20;
+    let zeros = vec![0u8; STEP.min(len) as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = STEP.min(offset + len - pos) as usize;
+        f.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 /// Extents (with their locations) fetched together.
@@ -58,8 +203,8 @@ fn plan(index: &Index, list: &ChunkList) -> Result<Vec<Batch>> {
     Ok(out)
 }
 
-/// Writes the disk described by `list` into `out` (already sized; zero
-/// extents are left as holes). `progress` is called with bytes done.
+/// Writes the chunks of the disk described by `list` into `out` (already
+/// sized; zero extents are not written, so a new file keeps them as holes). `progress` is called with bytes done.
 pub fn restore_to_file(
     repo: &Repository,
     list: &ChunkList,
@@ -112,6 +257,8 @@ fn restore_batch(
     let bytes = repo.backend().get_range(&name, b.start, b.end - b.start)?;
     for (e, loc) in &b.items {
         let s = (u64::from(loc.offset) - b.start) as usize;
+        // A short read gives an empty slice, which `open_extent` rejects as
+        // a truncated pack: never zeros.
         let sealed = bytes.get(s..s + loc.len as usize).unwrap_or(&[]);
         let data = repo.open_extent(index, e, loc, sealed)?;
         out.write_all_at(&data, e.offset)

@@ -2,7 +2,8 @@
 //! hold data, so holes are never read.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -28,11 +29,92 @@ pub trait BlockSource: Send {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
 }
 
-/// A raw image file (or block device). Holes come from SEEK_DATA/SEEK_HOLE,
-/// so a sparse image costs only its data extents.
+/// The data/hole map of `[offset, end)` of a file, from `SEEK_DATA` and
+/// `SEEK_HOLE`: the one implementation for backups and the NBD file export.
+///
+/// The rule that keeps it safe: only a positive answer makes a hole. `ENXIO`
+/// from `SEEK_DATA` is the kernel saying "no data after here"; `EINVAL` or
+/// `ESPIPE` mean "no hole information" (block devices, some filesystems),
+/// so the rest is data and gets read; any other error is returned. Block
+/// devices are never asked: they are all data.
+pub fn allocation_map(file: &File, offset: u64, end: u64) -> io::Result<Vec<SourceExtent>> {
+    let mut out = Vec::new();
+    let all_data = |out: &mut Vec<SourceExtent>, pos: u64| {
+        if pos < end {
+            out.push(SourceExtent {
+                offset: pos,
+                len: end - pos,
+                data: true,
+            });
+        }
+    };
+    if file.metadata()?.file_type().is_block_device() {
+        all_data(&mut out, offset);
+        return Ok(out);
+    }
+    let mut pos = offset;
+    while pos < end {
+        let data = match lseek(file, pos, libc::SEEK_DATA) {
+            Ok(d) => d.min(end),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(e) if no_hole_info(&e) => {
+                all_data(&mut out, pos);
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        if data > pos {
+            out.push(SourceExtent {
+                offset: pos,
+                len: data - pos,
+                data: false,
+            });
+            pos = data;
+            continue;
+        }
+        // `pos` holds data: it runs to the next hole. A SEEK_HOLE that
+        // cannot say (or a file that shrank under us: ENXIO) keeps the rest
+        // as data, which the read then checks.
+        let hole = match lseek(file, pos, libc::SEEK_HOLE) {
+            Ok(h) => h.min(end),
+            Err(e) if no_hole_info(&e) || e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(e) => return Err(e),
+        };
+        let hole = hole.max(pos + 1);
+        out.push(SourceExtent {
+            offset: pos,
+            len: hole - pos,
+            data: true,
+        });
+        pos = hole;
+    }
+    Ok(out)
+}
+
+fn no_hole_info(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ESPIPE))
+}
+
+/// `lseek` that leaves the file position alone for readers: callers read
+/// with `pread`, so moving it is harmless.
+fn lseek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<u64> {
+    let off = libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek on a descriptor `file` owns; no memory is touched.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
+/// A raw image file or block device. Holes come from [`allocation_map`], so
+/// a sparse image costs only its data extents; a device is read whole (the
+/// backup still stores long zero runs as zero extents).
 pub struct ImageFile {
     file: File,
     size: u64,
+    path: std::path::PathBuf,
+    is_device: bool,
 }
 
 impl ImageFile {
@@ -41,13 +123,22 @@ impl ImageFile {
             File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
             .map_err(|e| Error::io(format!("size of {}", path.display()), e))?;
-        Ok(ImageFile { file, size })
+        let is_device = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+            .file_type()
+            .is_block_device();
+        Ok(ImageFile {
+            file,
+            size,
+            path: path.to_path_buf(),
+            is_device,
+        })
     }
 
-    fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
-        // SAFETY: lseek on a file descriptor we own; no memory is touched.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
-        (r >= 0).then_some(r as u64)
+    /// A block device (read whole) rather than a file (read by extents).
+    pub fn is_device(&self) -> bool {
+        self.is_device
     }
 }
 
@@ -57,35 +148,13 @@ impl BlockSource for ImageFile {
     }
 
     fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
-        let end = (offset + len).min(self.size);
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            // ENXIO (None) from SEEK_DATA: no data after pos. Filesystems
-            // without hole support report everything as data, which is right.
-            let data = self.seek(pos, libc::SEEK_DATA).unwrap_or(end).min(end);
-            if data > pos {
-                out.push(SourceExtent {
-                    offset: pos,
-                    len: data - pos,
-                    data: false,
-                });
-                pos = data;
-                continue;
-            }
-            let hole = self
-                .seek(pos, libc::SEEK_HOLE)
-                .unwrap_or(end)
-                .min(end)
-                .max(pos + 1);
-            out.push(SourceExtent {
-                offset: pos,
-                len: hole - pos,
-                data: true,
-            });
-            pos = hole;
-        }
-        Ok(out)
+        let end = offset.saturating_add(len).min(self.size);
+        allocation_map(&self.file, offset, end).map_err(|e| {
+            Error::io(
+                format!("finding data extents of {}", self.path.display()),
+                e,
+            )
+        })
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -171,7 +240,6 @@ impl BlockSource for MemSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     #[test]
     fn image_file_reports_holes() {
@@ -190,6 +258,43 @@ mod tests {
         let mut buf = [0u8; 4096];
         src.read_at(4 << 20, &mut buf).unwrap();
         assert_eq!(buf, [1u8; 4096]);
-        let _ = std::io::stdout().flush();
+    }
+
+    #[test]
+    fn no_hole_information_means_data() {
+        // A pipe answers SEEK_DATA with ESPIPE: that must read as data.
+        let mut fds = [0; 2];
+        // SAFETY: pipe() fills two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the descriptors are fresh and owned by nobody else.
+        let (r, _w) = unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        let ex = allocation_map(&r, 0, 1 << 20).unwrap();
+        assert_eq!(
+            ex,
+            vec![SourceExtent {
+                offset: 0,
+                len: 1 << 20,
+                data: true
+            }]
+        );
+    }
+
+    #[test]
+    fn hole_at_the_end_and_all_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let f = File::create(&p).unwrap();
+        f.set_len(4 << 20).unwrap();
+        let ex = allocation_map(&f, 0, 4 << 20).unwrap();
+        assert!(ex.iter().all(|e| !e.data), "{ex:?}");
+        assert_eq!(ex.iter().map(|e| e.len).sum::<u64>(), 4 << 20);
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        let ex = allocation_map(&f, 0, 4 << 20).unwrap();
+        assert!(ex[0].data && ex[0].offset == 0, "{ex:?}");
+        assert!(!ex.last().unwrap().data, "{ex:?}");
+        assert_eq!(ex.iter().map(|e| e.len).sum::<u64>(), 4 << 20);
     }
 }

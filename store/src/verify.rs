@@ -141,6 +141,7 @@ pub fn verify(
                 for id in ids {
                     let loc = index.get(id).expect("grouped from the index");
                     let s = loc.offset as usize;
+                    // Short: an empty slice, reported as a truncated pack.
                     let sealed = data.get(s..s + loc.len as usize).unwrap_or(&[]);
                     let r = repo.open_blob(&index, id, &loc, sealed).and_then(|plain| {
                         if repo.keys().chunk_id(&plain) == *id {

@@ -8,6 +8,7 @@
 //!   them if needed; never restarting one it did not start).
 //! * [`Vm`] is a libvirt domain (`<domain type='qemu'>`, TCG) on a private copy
 //!   of the image, undefined and deleted on drop, even when a test panics.
+//! * [`LoopDevice`] is a block device over a test file, detached on drop.
 //! * [`QemuVm`] is the same guest under a plain `qemu-system-x86_64 -accel tcg`,
 //!   killed on drop.
 //!
@@ -36,6 +37,7 @@ mod console;
 pub mod guest;
 mod image;
 mod libvirt;
+mod loopdev;
 mod qemu;
 pub mod s3;
 mod util;
@@ -46,6 +48,7 @@ use std::time::Duration;
 pub use console::Console;
 pub use image::{DiskFormat, Image};
 pub use libvirt::{TestBed, Vm, LIBVIRT_URI};
+pub use loopdev::LoopDevice;
 pub use qemu::QemuVm;
 
 /// The device path of the guest's disk for HMP `qemu-io -d`, the same under

@@ -1,13 +1,11 @@
 //! `bulwark backup image` and `bulwark restore image`: raw disk images.
 
-use std::fs::OpenOptions;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use store::restore::{restore_to_file, RestoreOptions};
+use store::restore::{restore_to_path, Overwrite, RestoreOptions};
 use store::{BackupOptions, BackupSession, ImageFile, Mode, SnapshotMeta};
 
 use super::human;
@@ -42,7 +40,8 @@ pub enum BackupCmd {
 
 #[derive(Subcommand)]
 pub enum RestoreCmd {
-    /// Write a snapshot's disk to a sparse raw image file.
+    /// Write a snapshot's disk to a new sparse raw image file, or with
+    /// --force over an existing file or a block device (zeros written).
     Image {
         /// Snapshot id, unique id prefix, or SOURCE@latest.
         snapshot: String,
@@ -51,7 +50,7 @@ pub enum RestoreCmd {
         /// Which disk of the snapshot (default: its only disk).
         #[arg(long)]
         disk: Option<String>,
-        /// Replace FILE if it exists.
+        /// Replace an existing file, or write over a block device.
         #[arg(long)]
         force: bool,
         #[arg(long, default_value_t = 0)]
@@ -105,6 +104,11 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
     })?;
     let secs = t.elapsed().as_secs_f64();
     let st = &snap.stats;
+    let size = snap.size();
+    // Bytes not read (holes) and bytes kept as zero extents, so a backup
+    // that read little says why.
+    let holes = size.saturating_sub(st.bytes_read);
+    let zeros = size.saturating_sub(snap.disks.iter().map(|d| d.data_bytes).sum());
     if json {
         println!(
             "{}",
@@ -112,8 +116,11 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
                 "snapshot": snap.id,
                 "source": snap.source,
                 "mode": "full",
-                "size": snap.size(),
+                "size": size,
+                "block_device": src.is_device(),
                 "bytes_read": st.bytes_read,
+                "bytes_holes": holes,
+                "bytes_zero": zeros,
                 "bytes_new": st.bytes_new,
                 "bytes_stored": st.bytes_stored,
                 "chunks_new": st.chunks_new,
@@ -122,11 +129,27 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
             })
         );
     } else {
+        let mut why = Vec::new();
+        if src.is_device() {
+            why.push("block device: read whole".to_string());
+        }
+        if holes > 0 {
+            why.push(format!("{} in holes not read", human(holes)));
+        }
+        if zeros > 0 {
+            why.push(format!("{} of zeros kept as zero extents", human(zeros)));
+        }
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", why.join(", "))
+        };
         println!(
-            "snapshot {} of {}: read {} in {:.1}s ({:.0} MiB/s), new {}, stored {}",
+            "snapshot {} of {}: read {} of {}{why} in {:.1}s ({:.0} MiB/s), new {}, stored {}",
             snap.id.short(),
             snap.source,
             human(st.bytes_read),
+            human(size),
             secs,
             st.bytes_read as f64 / (1 << 20) as f64 / secs.max(1e-6),
             human(st.bytes_new),
@@ -165,63 +188,43 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
                 .join(", ")
         ),
     };
-    let is_dev = std::fs::metadata(&to).map(|m| {
-        use std::os::unix::fs::FileTypeExt;
-        m.file_type().is_block_device()
-    });
-    let is_dev = is_dev.unwrap_or(false);
-    if to.exists() && !force && !is_dev {
-        bail!("{} exists; pass --force to replace it", to.display());
-    }
     let list = repo.load_chunk_list(&d.chunk_list)?;
-    // Write beside the target and rename at the end, so a failed restore
-    // never leaves a file that looks complete.
-    let tmp = if is_dev {
-        to.clone()
-    } else {
-        let mut name = to.file_name().unwrap_or_default().to_os_string();
-        name.push(".bulwark-partial");
-        to.with_file_name(name)
-    };
-    let f = OpenOptions::new()
-        .write(true)
-        .create(!is_dev)
-        .truncate(!is_dev)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    if !is_dev {
-        f.set_len(d.size)?;
-    }
     let pb = progress::bar(d.size, &format!("restore {}", d.name));
-    let done = AtomicU64::new(0);
     let t = Instant::now();
     let threads = match threads {
         0 => repo.backend().read_concurrency(),
         n => n,
     };
-    let r = restore_to_file(&repo, &list, &f, &RestoreOptions { threads }, &|n| {
-        done.fetch_add(n, Ordering::Relaxed);
-        pb.inc(n);
-    });
+    let overwrite = if force {
+        Overwrite::Allowed
+    } else {
+        Overwrite::Never
+    };
+    let r = restore_to_path(
+        &repo,
+        &list,
+        d.size,
+        &to,
+        overwrite,
+        &RestoreOptions { threads },
+        &|n| pb.inc(n),
+    );
     pb.finish_and_clear();
-    if let Err(e) = r {
-        drop(f);
-        if !is_dev {
-            let _ = std::fs::remove_file(&tmp);
+    match r {
+        Ok(_) => {}
+        Err(store::Error::TargetExists(_)) => {
+            bail!("{} exists; pass --force to replace it", to.display())
         }
-        return Err(e).with_context(|| {
-            format!(
-                "restoring {} of snapshot {} (nothing was left at {})",
-                d.name,
-                snap.id.short(),
-                to.display()
-            )
-        });
-    }
-    f.sync_all()?;
-    drop(f);
-    if !is_dev {
-        std::fs::rename(&tmp, &to).with_context(|| format!("renaming to {}", to.display()))?;
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "restoring {} of snapshot {} to {}",
+                    d.name,
+                    snap.id.short(),
+                    to.display()
+                )
+            })
+        }
     }
     let secs = t.elapsed().as_secs_f64();
     if json {

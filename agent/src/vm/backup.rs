@@ -110,6 +110,8 @@ fn new_checkpoint_name() -> String {
 
 fn rand_u16() -> u16 {
     let mut b = [0u8; 2];
+    // Only a name's suffix (the time is in it too): zeros are harmless,
+    // and libvirt refuses a duplicate checkpoint name.
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut b);
     }
@@ -132,6 +134,12 @@ pub fn backup(repo: &Repository, opts: &Options) -> Result<Report> {
     let running = is_running(&virsh.domstate(dom)?);
     let info = domain::parse(&virsh.dumpxml(dom, false)?)?;
     let inactive_xml = virsh.dumpxml(dom, true)?;
+    if !info.unsupported.is_empty() {
+        bail!(
+            "domain {dom} has disks Bulwark cannot read yet: {} (file and block disks only)",
+            info.unsupported.join(", ")
+        );
+    }
     if info.disks.is_empty() {
         bail!("domain {dom} has no disk Bulwark can back up");
     }
@@ -438,6 +446,8 @@ fn live_bitmap_state(q: &serde_json::Value, disk: &Disk, name: &str) -> BitmapSt
     else {
         return BitmapState::Missing;
     };
+    // QEMU sends `inconsistent` only when true; `recording` always, so a
+    // missing one reads as disabled, which means a full read: safe.
     let flag = |k: &str| b.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
     if flag("inconsistent") {
         BitmapState::Broken

@@ -32,6 +32,9 @@ pub struct DomainInfo {
     pub disks: Vec<Disk>,
     /// Policy names from Bulwark's metadata element (empty: not protected).
     pub policies: Vec<String>,
+    /// Writable disks Bulwark cannot read (network, volume, ...): a backup
+    /// refuses rather than store a VM with a disk missing.
+    pub unsupported: Vec<String>,
 }
 
 pub fn parse(xml: &str) -> Result<DomainInfo> {
@@ -47,6 +50,7 @@ pub fn parse(xml: &str) -> Result<DomainInfo> {
     let name = text_of("name");
     let uuid = text_of("uuid");
     let mut disks = Vec::new();
+    let mut unsupported = Vec::new();
     if let Some(devices) = root.children().find(|n| n.has_tag_name("devices")) {
         for d in devices.children().filter(|n| n.has_tag_name("disk")) {
             if d.attribute("device").unwrap_or("disk") != "disk" {
@@ -56,17 +60,22 @@ pub fn parse(xml: &str) -> Result<DomainInfo> {
             if child("readonly").is_some() || child("transient").is_some() {
                 continue;
             }
+            let target = child("target").and_then(|t| t.attribute("dev"));
+            // No source: an empty drive, nothing to back up.
             let Some(src) = child("source") else { continue };
-            let path = match d.attribute("type").unwrap_or("file") {
+            // libvirt's defaults: a disk without `type` is a file.
+            let kind = d.attribute("type").unwrap_or("file");
+            let path = match kind {
                 "file" => src.attribute("file"),
                 "block" => src.attribute("dev"),
                 _ => None,
             };
-            let (Some(path), Some(target)) =
-                (path, child("target").and_then(|t| t.attribute("dev")))
-            else {
+            let (Some(path), Some(target)) = (path, target) else {
+                unsupported.push(format!("{} ({kind})", target.unwrap_or("?")));
                 continue;
             };
+            // libvirt's default: no driver type is raw (it never probes),
+            // so this is what the guest sees too.
             let format = child("driver")
                 .and_then(|t| t.attribute("type"))
                 .unwrap_or("raw")
@@ -83,6 +92,7 @@ pub fn parse(xml: &str) -> Result<DomainInfo> {
         uuid,
         disks,
         policies: policies(&root),
+        unsupported,
     })
 }
 
@@ -149,6 +159,13 @@ mod tests {
         assert!(d.disks[0].has_bitmaps());
         assert_eq!(d.disks[1].path, PathBuf::from("/dev/sdb"));
         assert!(!d.disks[1].has_bitmaps());
+        assert!(d.unsupported.is_empty());
+        let net = r#"<domain><name>n</name><devices>
+            <disk type='network' device='disk'><source protocol='rbd' name='p/i'/><target dev='vdc'/></disk>
+          </devices></domain>"#;
+        let n = parse(net).unwrap();
+        assert!(n.disks.is_empty());
+        assert_eq!(n.unsupported, vec!["vdc (network)"]);
         let p = policies_xml(&["a".into()]);
         let wrapped = format!("<domain><metadata>{p}</metadata></domain>");
         assert_eq!(parse(&wrapped).unwrap().policies, vec!["a"]);

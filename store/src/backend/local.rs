@@ -125,6 +125,7 @@ impl Backend for LocalBackend {
                     continue; // temp files of writes in flight or killed
                 }
                 let path = entry.path();
+                // Walked from below `root`, so the prefix always strips.
                 let rel = path
                     .strip_prefix(&self.root)
                     .map(|p| p.to_string_lossy().replace('\\', "/"))
@@ -137,7 +138,10 @@ impl Backend for LocalBackend {
                         stack.push(path);
                     }
                 } else if rel.starts_with(prefix) {
-                    let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    let size = entry
+                        .metadata()
+                        .map_err(|e| self.io("list", prefix, e))?
+                        .len();
                     out.push(ObjectInfo { name: rel, size });
                 }
             }

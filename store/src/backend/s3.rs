@@ -519,6 +519,7 @@ impl Backend for S3Backend {
                     v.truncate(len as usize);
                 } else if v.len() as u64 > len {
                     let end = (offset + len).min(v.len() as u64) as usize;
+                    // Past the end: short, and the reader reports it.
                     v = v.get(offset as usize..end).unwrap_or(&[]).to_vec();
                 }
                 Ok(v)
@@ -547,6 +548,8 @@ impl Backend for S3Backend {
                             Some((x.key()?.to_string(), x.size().unwrap_or(0).max(0) as u64))
                         })
                         .collect();
+                    // ListObjectsV2 always sends Size, and IsTruncated
+                    // whenever another page follows.
                     let next = if o.is_truncated().unwrap_or(false) {
                         o.next_continuation_token().map(str::to_string)
                     } else {
