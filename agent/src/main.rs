@@ -56,6 +56,8 @@ enum Command {
     /// Restore a snapshot.
     #[command(subcommand)]
     Restore(cmd::image::RestoreCmd),
+    /// Reclaim space no snapshot uses (safe while backups run).
+    Gc(cmd::gc::Args),
     /// Read back every chunk the snapshots use and check it.
     Verify(cmd::verify::Args),
     /// Mount a snapshot read-only: one raw image file per disk.
@@ -96,6 +98,7 @@ fn main() {
         Command::Snapshots(a) => cmd::snapshots::run(&cli.global, a),
         Command::Restore(c) => cmd::image::restore(&cli.global, c),
         Command::Verify(a) => cmd::verify::run(&cli.global, a),
+        Command::Gc(a) => cmd::gc::run(&cli.global, a),
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(a),
         Command::Benchmark(a) => cmd::bench::run(a),

@@ -12,6 +12,10 @@
 //! them, then chunk lists, then the manifest. A run killed at any point
 //! leaves at most unreferenced packs (and hidden temp files locally); the
 //! next run simply stores those chunks again.
+//!
+//! Against a concurrent GC (`docs/gc.md`): the session marker is stored
+//! before the index is loaded and removed only after the manifest, and a
+//! chunk is reused only from packs no GC has condemned.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -80,6 +84,8 @@ pub struct DiskResult {
 /// One backup run writing one snapshot (of one or more disks).
 pub struct BackupSession<'r> {
     repo: &'r Repository,
+    /// Removed when the session ends: after `finish` stored the manifest.
+    _marker: crate::session::Session<'r>,
     index: Arc<Index>,
     cipher: Arc<SessionCipher>,
     threads: usize,
@@ -103,6 +109,10 @@ struct Packer {
 
 impl<'r> BackupSession<'r> {
     pub fn new(repo: &'r Repository, opts: &BackupOptions) -> Result<Self> {
+        let marker = crate::session::Session::begin(repo)?;
+        // A fresh index with the condemned records as they are now, read
+        // after the marker is visible.
+        repo.invalidate_index();
         let index = repo.index()?;
         let cipher = Arc::new(repo.keys().session());
         let threads = if opts.threads == 0 {
@@ -133,6 +143,7 @@ impl<'r> BackupSession<'r> {
             .collect();
         Ok(BackupSession {
             repo,
+            _marker: marker,
             index,
             cipher,
             threads,
@@ -242,7 +253,7 @@ impl<'r> BackupSession<'r> {
             source: meta.source,
             host: crate::hostname(),
             owner: crate::username(),
-            time: chrono::Utc::now(),
+            time: meta.time.unwrap_or_else(chrono::Utc::now),
             policy: meta.policy,
             parent: meta.parent,
             domain_xml: meta.domain_xml,
@@ -318,7 +329,7 @@ impl Ctx<'_> {
                     return Done::Zero(len);
                 }
                 let id = self.repo.keys().chunk_id(&bytes);
-                let known = self.index.contains(&id)
+                let known = self.index.reusable(&id)
                     || self
                         .pending
                         .lock()

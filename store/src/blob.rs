@@ -44,6 +44,15 @@ pub fn open_chunk(opener: &Opener, id: &Id, sealed: &[u8], max_len: usize) -> Re
     }
 }
 
+/// Opens a sealed chunk and seals the same encoded bytes under another
+/// session key, without decompressing (repacking).
+pub fn reseal(opener: &Opener, cipher: &SessionCipher, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+    let plain = opener
+        .open(&id.0, sealed)
+        .map_err(|_| Error::corrupt(format!("chunk {id}"), "authentication failed"))?;
+    Ok(cipher.seal(&id.0, &plain))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,6 +50,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("another gc is running on this repository: {0}")]
+    GcRunning(String),
+
     /// A restore target that is there already and was not to be replaced.
     #[error("{0} already exists")]
     TargetExists(String),

@@ -9,7 +9,7 @@
 
 use crate::crypto::SALT_LEN;
 use crate::error::Result;
-use crate::id::{Id, IdMap};
+use crate::id::{Id, IdMap, IdSet};
 use crate::object::Reader;
 use crate::pack::{BlobEntry, PackInfo};
 
@@ -32,11 +32,35 @@ pub struct Index {
     packs: Vec<PackMeta>,
     pack_pos: IdMap<u32>,
     chunks: IdMap<Loc>,
+    /// Packs a GC has condemned (`docs/gc.md`): still readable, never reused.
+    condemned: IdSet,
 }
 
 impl Index {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An index that knows which packs are condemned; call before
+    /// [`Index::add_pack`] so locations outside them win.
+    pub fn with_condemned(condemned: IdSet) -> Self {
+        Index {
+            condemned,
+            ..Self::default()
+        }
+    }
+
+    /// A chunk a backup may reference without storing it: indexed in a pack
+    /// no GC has condemned. (A condemned pack may be deleted once the
+    /// backups that could not know are done; see `docs/gc.md`.)
+    pub fn reusable(&self, id: &Id) -> bool {
+        self.chunks
+            .get(id)
+            .is_some_and(|l| !self.condemned.contains(&self.packs[l.pack as usize].id))
+    }
+
+    pub fn is_condemned(&self, pack: &Id) -> bool {
+        self.condemned.contains(pack)
     }
 
     pub fn len(&self) -> usize {
@@ -68,8 +92,10 @@ impl Index {
     }
 
     /// Adds a pack's blobs; the first location seen for a chunk wins (a
-    /// chunk stored twice by racing writers is equally good in either pack).
+    /// chunk stored twice by racing writers is equally good in either pack),
+    /// except that a pack not condemned beats a condemned one.
     pub fn add_pack(&mut self, p: &PackInfo) {
+        let fresh = !self.condemned.contains(&p.id);
         let pos = *self.pack_pos.entry(p.id).or_insert_with(|| {
             self.packs.push(PackMeta {
                 id: p.id,
@@ -79,11 +105,22 @@ impl Index {
         });
         self.chunks.reserve(p.blobs.len());
         for b in &p.blobs {
-            self.chunks.entry(b.id).or_insert(Loc {
+            let loc = Loc {
                 pack: pos,
                 offset: b.offset,
                 len: b.len,
-            });
+            };
+            match self.chunks.entry(b.id) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(loc);
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    let old = self.packs[o.get().pack as usize].id;
+                    if fresh && self.condemned.contains(&old) {
+                        o.insert(loc);
+                    }
+                }
+            }
         }
     }
 }
@@ -162,5 +199,33 @@ mod tests {
         let loc = ix.get(&p.blobs[0].id).unwrap();
         assert_eq!((loc.offset, loc.len), (36, 100));
         assert!(decode(b"BWIX\x05\0\0\0", "t").is_err());
+    }
+
+    #[test]
+    fn condemned_packs_are_read_but_not_reused() {
+        let chunk = Id::random();
+        let pack = |off| PackInfo {
+            id: Id::random(),
+            salt: [1; 32],
+            blobs: vec![BlobEntry {
+                id: chunk,
+                offset: off,
+                len: 10,
+            }],
+        };
+        let (old, new) = (pack(36), pack(72));
+        let mut condemned = IdSet::default();
+        condemned.insert(old.id);
+        let mut ix = Index::with_condemned(condemned.clone());
+        ix.add_pack(&old);
+        assert!(ix.contains(&chunk) && !ix.reusable(&chunk));
+        ix.add_pack(&new);
+        assert!(ix.reusable(&chunk));
+        assert_eq!(ix.get(&chunk).unwrap().offset, 72, "the live copy wins");
+        // In the other order too.
+        let mut ix = Index::with_condemned(condemned);
+        ix.add_pack(&new);
+        ix.add_pack(&old);
+        assert_eq!(ix.get(&chunk).unwrap().offset, 72);
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! A repository holds deduplicated, compressed, encrypted chunks of disk
 //! images in packs, an append-only index of where each chunk lives, and
-//! immutable snapshot manifests with per-disk chunk lists. See DESIGN.md for
-//! the decisions; each module's docs say how it implements them.
+//! immutable snapshot manifests with per-disk chunk lists. The project's
+//! design brief (`DESIGN.md` beside the repository) fixes the decisions;
+//! each module's docs say how it implements them, and `docs/gc.md` states
+//! the garbage-collection invariant.
 
 pub mod backend;
 pub mod backup;
@@ -13,6 +15,7 @@ pub mod chunker;
 pub mod chunklist;
 pub mod crypto;
 pub mod error;
+pub mod gc;
 pub mod id;
 pub mod index;
 pub mod keys;
@@ -21,6 +24,7 @@ pub mod pack;
 pub mod reader;
 pub mod repo;
 pub mod restore;
+pub mod session;
 pub mod snapshot;
 pub mod source;
 pub mod verify;

@@ -180,6 +180,19 @@ impl Repository {
     }
 
     fn load_index(&self) -> Result<Index> {
+        // Condemned records first: a backup must not reuse what a GC has
+        // condemned (docs/gc.md, rule 2).
+        let mut ix = Index::with_condemned(crate::gc::condemned_packs(self)?);
+        for (_, packs) in self.load_index_objects()? {
+            for p in packs {
+                ix.add_pack(&p);
+            }
+        }
+        Ok(ix)
+    }
+
+    /// Every index object, by name, with the packs it lists.
+    pub(crate) fn load_index_objects(&self) -> Result<Vec<(String, Vec<pack::PackInfo>)>> {
         let names: Vec<String> = self
             .backend
             .list("index/")?
@@ -188,7 +201,7 @@ impl Repository {
             .collect();
         // Fetch and open index objects in parallel: on S3 each is a round trip.
         let threads = 8.min(names.len().max(1));
-        let parts: Vec<Result<Vec<pack::PackInfo>>> = std::thread::scope(|s| {
+        let parts: Vec<Result<Vec<(String, Vec<pack::PackInfo>)>>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| {
                     let names = &names;
@@ -200,10 +213,9 @@ impl Repository {
                             .map(|n| {
                                 let bytes = self.backend.get(n)?;
                                 let payload = object::open(&self.keys, index::KIND, n, &bytes)?;
-                                index::decode(&payload, n)
+                                Ok((n.clone(), index::decode(&payload, n)?))
                             })
                             .collect::<Result<Vec<_>>>()
-                            .map(|v| v.into_iter().flatten().collect())
                     })
                 })
                 .collect();
@@ -215,13 +227,25 @@ impl Repository {
                 })
                 .collect()
         });
-        let mut ix = Index::new();
+        let mut out = Vec::with_capacity(names.len());
         for part in parts {
-            for p in part? {
-                ix.add_pack(&p);
+            out.extend(part?);
+        }
+        Ok(out)
+    }
+
+    /// Removes a snapshot: its manifest first (so no listed snapshot ever
+    /// lacks a chunk list), then its chunk lists, which no other snapshot
+    /// shares. Chunks stay until a GC finds them unreferenced.
+    pub fn delete_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        self.backend.delete(&snapshot::object_name(&snap.id))?;
+        for d in &snap.disks {
+            match self.backend.delete(&chunklist::object_name(&d.chunk_list)) {
+                Ok(()) | Err(BackendError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
             }
         }
-        Ok(ix)
+        Ok(())
     }
 
     pub(crate) fn put_sealed(&self, name: &str, sealed: &[u8]) -> Result<()> {
@@ -244,7 +268,7 @@ impl Repository {
         Ok(out)
     }
 
-    fn load_snapshot_object(&self, name: &str) -> Result<Snapshot> {
+    pub(crate) fn load_snapshot_object(&self, name: &str) -> Result<Snapshot> {
         let payload = self.get_sealed(snapshot::KIND, name)?;
         let s: Snapshot =
             serde_json::from_slice(&payload).map_err(|e| Error::corrupt(name, e.to_string()))?;

@@ -63,12 +63,19 @@ impl Snapshot {
     pub fn size(&self) -> u64 {
         self.disks.iter().map(|d| d.size).sum()
     }
+
+    /// The retention group: (source, policy).
+    pub fn group(&self) -> (&str, Option<&str>) {
+        (&self.source, self.policy.as_deref())
+    }
 }
 
 /// Caller-provided description of a snapshot about to be written.
 #[derive(Clone, Debug, Default)]
 pub struct SnapshotMeta {
     pub source: String,
+    /// The snapshot's time, when not now (imports, crafted histories).
+    pub time: Option<chrono::DateTime<chrono::Utc>>,
     pub policy: Option<String>,
     pub parent: Option<Id>,
     pub domain_xml: Option<String>,

@@ -27,6 +27,10 @@ pub enum BackupCmd {
         /// Snapshot recorded as the parent (default: SOURCE@latest, if any).
         #[arg(long)]
         parent: Option<String>,
+        /// The snapshot's time (RFC 3339) instead of now, as `restic backup
+        /// --time` (imports, crafted histories).
+        #[arg(long, value_parser = super::parse_time)]
+        time: Option<chrono::DateTime<chrono::Utc>>,
         /// Worker threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -70,6 +74,7 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
         source,
         disk,
         parent,
+        time,
         threads,
         json,
     } = c
@@ -100,6 +105,7 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
     let snap = session.finish(SnapshotMeta {
         source,
         parent,
+        time,
         ..Default::default()
     })?;
     let secs = t.elapsed().as_secs_f64();

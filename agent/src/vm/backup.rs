@@ -329,6 +329,7 @@ pub fn backup(repo: &Repository, opts: &Options) -> Result<Report> {
         policy: opts.policy.clone(),
         parent,
         domain_xml: Some(inactive_xml),
+        time: None,
     }) {
         Ok(s) => s,
         Err(e) => {

@@ -1,0 +1,204 @@
+//! GC against backups in flight, with the interleavings forced by hand
+//! (`docs/gc.md`): a backup that reused a chunk before it was condemned
+//! keeps it; one that starts after stores it again; repacking keeps every
+//! live chunk readable.
+
+use chrono::Duration;
+use store::gc::{self, GcOptions, GcReport};
+use store::source::MemSource;
+use store::{BackupOptions, BackupSession, Mode, Repository, SnapshotMeta};
+
+mod common;
+use common::*;
+
+fn gc_now(repo: &Repository, repack_below: f64) -> GcReport {
+    gc::run(
+        repo,
+        &GcOptions {
+            grace: Duration::zero(),
+            repack_below,
+            dry_run: false,
+        },
+        &|_| {},
+    )
+    .unwrap()
+}
+
+fn data_bytes(repo: &Repository) -> u64 {
+    repo.backend()
+        .list("data/")
+        .unwrap()
+        .iter()
+        .map(|o| o.size)
+        .sum()
+}
+
+fn check(repo: &Repository, snap: &store::Snapshot, want: &[u8], dir: &std::path::Path) {
+    let got = restore(repo, snap, &dir.join("check.raw")).unwrap();
+    assert!(got == want, "snapshot {} restores different bytes", snap.id);
+    repo.invalidate_index();
+    let all = repo.snapshots().unwrap();
+    let report = store::verify::verify(repo, &all, 2, &|_| {}).unwrap();
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+}
+
+#[test]
+fn a_backup_in_flight_keeps_the_chunks_it_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let a = random(4 << 20, 1);
+    let first = backup(&repo, &mut MemSource::new(a.clone()), Mode::Full, 2);
+
+    // A backup starts and sees the chunks of `first` as reusable...
+    let mut session = BackupSession::new(&repo, &BackupOptions::default()).unwrap();
+    // ...then `first` is pruned and a GC condemns its packs.
+    repo.delete_snapshot(&first).unwrap();
+    let r = gc_now(&repo, 0.5);
+    assert!(r.packs_condemned >= 1, "{r:?}");
+    // The backup in flight holds the deletion back, whatever the grace.
+    let r = gc_now(&repo, 0.5);
+    assert_eq!(r.packs_deleted, 0, "{r:?}");
+    assert!(
+        r.packs_waiting >= 1 && r.sessions_in_flight.len() == 1,
+        "{r:?}"
+    );
+
+    // The backup reuses every condemned chunk (it loaded the index before
+    // the condemnation) and finishes.
+    session
+        .backup_disk("image", &mut MemSource::new(a.clone()), Mode::Full)
+        .unwrap();
+    let second = session
+        .finish(SnapshotMeta {
+            source: "img".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(second.stats.chunks_new, 0, "{:?}", second.stats);
+    assert!(second.stats.chunks_reused > 0);
+
+    // The next GC finds them live again and keeps them.
+    let r = gc_now(&repo, 0.5);
+    assert_eq!(r.packs_deleted, 0, "{r:?}");
+    assert!(r.packs_resurrected >= 1, "{r:?}");
+    check(&repo, &second, &a, dir.path());
+    // And later runs change nothing.
+    let before = data_bytes(&repo);
+    for _ in 0..2 {
+        let r = gc_now(&repo, 0.5);
+        assert_eq!((r.packs_deleted, r.packs_condemned), (0, 0), "{r:?}");
+    }
+    assert_eq!(data_bytes(&repo), before);
+    check(&repo, &second, &a, dir.path());
+}
+
+#[test]
+fn a_backup_after_the_condemnation_stores_the_chunks_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let a = random(4 << 20, 2);
+    let first = backup(&repo, &mut MemSource::new(a.clone()), Mode::Full, 2);
+    let stored = data_bytes(&repo);
+    repo.delete_snapshot(&first).unwrap();
+    let r = gc_now(&repo, 0.5);
+    assert!(r.packs_condemned >= 1, "{r:?}");
+
+    // Started after the record: the condemned chunks are not reused.
+    let second = backup(&repo, &mut MemSource::new(a.clone()), Mode::Full, 2);
+    assert!(second.stats.chunks_new > 0, "{:?}", second.stats);
+    assert_eq!(second.stats.chunks_reused, 0, "{:?}", second.stats);
+
+    let r = gc_now(&repo, 0.5);
+    assert_eq!(r.packs_resurrected, 0, "{r:?}");
+    assert!(r.packs_deleted >= 1, "{r:?}");
+    assert!(r.index_objects_rewritten >= 1, "{r:?}");
+    assert_eq!(data_bytes(&repo), stored, "one copy of the data is left");
+    check(&repo, &second, &a, dir.path());
+}
+
+#[test]
+fn two_runs_with_no_grace_reclaim_everything_unreferenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let keep = random(3 << 20, 3);
+    let kept = backup(&repo, &mut MemSource::new(keep.clone()), Mode::Full, 2);
+    let live = data_bytes(&repo);
+    let mut gone = Vec::new();
+    for seed in 10..13 {
+        gone.push(backup(
+            &repo,
+            &mut MemSource::new(random(2 << 20, seed)),
+            Mode::Full,
+            2,
+        ));
+    }
+    assert!(data_bytes(&repo) > live + (6 << 20));
+    for s in &gone {
+        repo.delete_snapshot(s).unwrap();
+    }
+    // A dry run changes nothing.
+    let dry = gc::run(
+        &repo,
+        &GcOptions {
+            grace: Duration::zero(),
+            dry_run: true,
+            ..Default::default()
+        },
+        &|_| {},
+    )
+    .unwrap();
+    assert!(dry.packs_condemned >= 3, "{dry:?}");
+    assert!(repo.backend().list("gc/").unwrap().is_empty());
+    let r1 = gc_now(&repo, 0.5);
+    let r2 = gc_now(&repo, 0.5);
+    assert_eq!(r1.packs_condemned, dry.packs_condemned);
+    assert_eq!(r2.packs_deleted, r1.packs_condemned, "{r2:?}");
+    assert_eq!(
+        data_bytes(&repo),
+        live,
+        "only the kept snapshot's packs remain"
+    );
+    assert!(
+        repo.backend().list("gc/").unwrap().is_empty(),
+        "records and locks gone"
+    );
+    assert!(repo.backend().list("sessions/").unwrap().is_empty());
+    check(&repo, &kept, &keep, dir.path());
+}
+
+#[test]
+fn repacking_keeps_live_chunks_and_frees_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    // One backup of two sources interleaved in 256 KiB stripes, so packs
+    // mix chunks that stay live with chunks that die.
+    let (x, y) = (random(8 << 20, 4), random(8 << 20, 5));
+    let mut mixed = Vec::with_capacity(16 << 20);
+    for (cx, cy) in x.chunks(256 << 10).zip(y.chunks(256 << 10)) {
+        mixed.extend_from_slice(cx);
+        mixed.extend_from_slice(cy);
+    }
+    let both = backup(&repo, &mut MemSource::new(mixed), Mode::Full, 2);
+    // The second snapshot holds only x's stripes (y's zeroed): most of its
+    // chunks are new, but any chunk wholly inside an x stripe is shared.
+    let mut only_x = Vec::with_capacity(16 << 20);
+    for cx in x.chunks(256 << 10) {
+        only_x.extend_from_slice(cx);
+        only_x.extend_from_slice(&[0u8; 256 << 10]);
+    }
+    let kept = backup(&repo, &mut MemSource::new(only_x.clone()), Mode::Full, 2);
+    assert!(kept.stats.chunks_reused > 0, "{:?}", kept.stats);
+    let before = data_bytes(&repo);
+    repo.delete_snapshot(&both).unwrap();
+
+    let r1 = gc_now(&repo, 1.0);
+    assert!(r1.packs_repacked >= 1, "{r1:?}");
+    check(&repo, &kept, &only_x, dir.path());
+    let r2 = gc_now(&repo, 1.0);
+    assert_eq!(r2.packs_deleted, r1.packs_condemned, "{r2:?}");
+    assert!(data_bytes(&repo) < before);
+    check(&repo, &kept, &only_x, dir.path());
+    // Nothing is left to reclaim.
+    let r3 = gc_now(&repo, 1.0);
+    assert_eq!((r3.packs_condemned, r3.packs_deleted), (0, 0), "{r3:?}");
+}
