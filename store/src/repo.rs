@@ -18,6 +18,9 @@ use crate::{blob, object, pack};
 pub const VERSION: u32 = 1;
 const CONFIG: &str = "config";
 
+/// An index object's name and the packs it lists.
+pub(crate) type IndexObject = (String, Vec<pack::PackInfo>);
+
 /// The repository's public, unencrypted settings. Everything secret (the
 /// chunker seed too) derives from the master key.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -192,7 +195,7 @@ impl Repository {
     }
 
     /// Every index object, by name, with the packs it lists.
-    pub(crate) fn load_index_objects(&self) -> Result<Vec<(String, Vec<pack::PackInfo>)>> {
+    pub(crate) fn load_index_objects(&self) -> Result<Vec<IndexObject>> {
         let names: Vec<String> = self
             .backend
             .list("index/")?
@@ -201,7 +204,7 @@ impl Repository {
             .collect();
         // Fetch and open index objects in parallel: on S3 each is a round trip.
         let threads = 8.min(names.len().max(1));
-        let parts: Vec<Result<Vec<(String, Vec<pack::PackInfo>)>>> = std::thread::scope(|s| {
+        let parts: Vec<Result<Vec<IndexObject>>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| {
                     let names = &names;
