@@ -15,6 +15,7 @@ pub mod chunker;
 pub mod chunklist;
 pub mod crypto;
 pub mod error;
+pub mod fetch;
 pub mod gc;
 pub mod id;
 pub mod index;

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::chunklist::{ChunkList, Extent};
+use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
-use crate::index::{Index, Loc};
-use crate::pack;
+use crate::fetch;
+use crate::index::Index;
 use crate::repo::Repository;
 
 /// Largest single ranged read.
@@ -170,39 +170,6 @@ fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Extents (with their locations) fetched together.
-struct Batch {
-    pack: u32,
-    start: u64,
-    end: u64,
-    items: Vec<(Extent, Loc)>,
-}
-
-fn plan(index: &Index, list: &ChunkList) -> Result<Vec<Batch>> {
-    let mut out: Vec<Batch> = Vec::new();
-    for e in list.extents() {
-        let Some(id) = e.chunk else { continue };
-        let loc = index.get(&id).ok_or(Error::MissingChunk(id))?;
-        let (s, end) = (
-            u64::from(loc.offset),
-            u64::from(loc.offset) + u64::from(loc.len),
-        );
-        match out.last_mut() {
-            Some(b) if b.pack == loc.pack && b.end == s && end - b.start <= MAX_BATCH => {
-                b.end = end;
-                b.items.push((*e, loc));
-            }
-            _ => out.push(Batch {
-                pack: loc.pack,
-                start: s,
-                end,
-                items: vec![(*e, loc)],
-            }),
-        }
-    }
-    Ok(out)
-}
-
 /// Writes the chunks of the disk described by `list` into `out` (already
 /// sized; zero extents are not written, so a new file keeps them as holes). `progress` is called with bytes done.
 pub fn restore_to_file(
@@ -213,7 +180,7 @@ pub fn restore_to_file(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
     let index = repo.index()?;
-    let batches = plan(&index, list)?;
+    let batches = fetch::plan(&index, list, MAX_BATCH)?;
     let zero_bytes: u64 = list
         .extents()
         .iter()
@@ -232,7 +199,7 @@ pub fn restore_to_file(
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(b) = batches.get(i) else { return };
-                if let Err(e) = restore_batch(repo, &index, b, out, progress) {
+                if let Err(e) = restore_span(repo, &index, list, b, out, progress) {
                     let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                     f.get_or_insert(e);
                     return;
@@ -246,22 +213,22 @@ pub fn restore_to_file(
     Ok(())
 }
 
-fn restore_batch(
+fn restore_span(
     repo: &Repository,
     index: &Index,
-    b: &Batch,
+    list: &ChunkList,
+    span: &fetch::Span,
     out: &File,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    let name = pack::object_name(&index.packs()[b.pack as usize].id);
-    let bytes = repo.backend().get_range(&name, b.start, b.end - b.start)?;
-    for (e, loc) in &b.items {
-        let s = (u64::from(loc.offset) - b.start) as usize;
-        // A short read gives an empty slice, which `open_extent` rejects as
-        // a truncated pack: never zeros.
-        let sealed = bytes.get(s..s + loc.len as usize).unwrap_or(&[]);
-        let data = repo.open_extent(index, e, loc, sealed)?;
-        out.write_all_at(&data, e.offset)
+    let bytes = fetch::fetch(repo, index, &[span])?;
+    for ((i, _), data) in span
+        .items
+        .iter()
+        .zip(fetch::open(repo, index, list, span, &bytes, span.start))
+    {
+        let e = &list.extents()[*i];
+        out.write_all_at(&data?, e.offset)
             .map_err(|err| Error::io(format!("write at offset {}", e.offset), err))?;
         progress(e.len);
     }

@@ -1,0 +1,95 @@
+//! How a disk's chunks are fetched: runs of chunks that sit back to back in
+//! one pack become one ranged read (a *span*). Shared by restores (which
+//! walk every span) and [`crate::reader::DiskReader`] (which fetches spans
+//! on demand and ahead of a sequential reader).
+
+use crate::chunklist::ChunkList;
+use crate::error::{Error, Result};
+use crate::index::{Index, Loc};
+use crate::pack;
+use crate::repo::Repository;
+
+/// Consecutive data extents of a chunk list whose chunks lie back to back
+/// in one pack: one ranged read fetches them all.
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub pack: u32,
+    /// Byte range in the pack.
+    pub start: u64,
+    pub end: u64,
+    /// (extent index in the chunk list, where its chunk is).
+    pub items: Vec<(usize, Loc)>,
+}
+
+impl Span {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Splits the data extents of `list` into spans of at most `max` bytes (a
+/// single larger chunk is a span of its own). Fails if a chunk is missing
+/// from the index: a restore must not start what it cannot finish.
+pub fn plan(index: &Index, list: &ChunkList, max: u64) -> Result<Vec<Span>> {
+    let mut out: Vec<Span> = Vec::new();
+    for (i, e) in list.extents().iter().enumerate() {
+        let Some(id) = e.chunk else { continue };
+        let loc = index.get(&id).ok_or(Error::MissingChunk(id))?;
+        let (s, end) = (
+            u64::from(loc.offset),
+            u64::from(loc.offset) + u64::from(loc.len),
+        );
+        match out.last_mut() {
+            Some(b) if b.pack == loc.pack && b.end == s && end - b.start <= max => {
+                b.end = end;
+                b.items.push((i, loc));
+            }
+            _ => out.push(Span {
+                pack: loc.pack,
+                start: s,
+                end,
+                items: vec![(i, loc)],
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// Fetches the pack bytes of consecutive spans `spans` (all in one pack,
+/// back to back) with one ranged read.
+pub fn fetch(repo: &Repository, index: &Index, spans: &[&Span]) -> Result<Vec<u8>> {
+    let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
+        return Ok(Vec::new());
+    };
+    let name = pack::object_name(&index.packs()[first.pack as usize].id);
+    Ok(repo
+        .backend()
+        .get_range(&name, first.start, last.end - first.start)?)
+}
+
+/// Opens the chunks of `span` from `bytes` (the pack bytes from
+/// `base`, which is at or before `span.start`): each authenticated and as
+/// long as the chunk list says, or its own error.
+pub fn open(
+    repo: &Repository,
+    index: &Index,
+    list: &ChunkList,
+    span: &Span,
+    bytes: &[u8],
+    base: u64,
+) -> Vec<Result<Vec<u8>>> {
+    span.items
+        .iter()
+        .map(|(i, loc)| {
+            let s = (u64::from(loc.offset) - base) as usize;
+            // Short: an empty slice, which `open_extent` rejects as a
+            // truncated pack, never zeros.
+            let sealed = bytes.get(s..s + loc.len as usize).unwrap_or(&[]);
+            repo.open_extent(index, &list.extents()[*i], loc, sealed)
+        })
+        .collect()
+}

@@ -1,0 +1,139 @@
+//! The random-access read path (`DiskReader`): single flight, read-ahead
+//! for sequential readers only, and damage confined to the reads that need
+//! the damaged chunk.
+
+use std::sync::{Arc, Barrier};
+
+use store::reader::{open_disk, DiskReader};
+use store::source::MemSource;
+use store::{Error, Mode, Repository, Snapshot};
+
+mod common;
+use common::*;
+
+fn setup(mib: usize, seed: u64) -> (tempfile::TempDir, Arc<Repository>, Snapshot, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let data = random(mib << 20, seed);
+    let snap = backup(&repo, &mut MemSource::new(data.clone()), Mode::Full, 2);
+    (dir, Arc::new(repo), snap, data)
+}
+
+fn reader(repo: &Arc<Repository>, snap: &Snapshot) -> DiskReader {
+    open_disk(repo.clone(), snap, "image", 256 << 20).unwrap()
+}
+
+#[test]
+fn concurrent_readers_of_a_cold_range_cause_one_fetch() {
+    let (_dir, repo, snap, data) = setup(8, 1);
+    let r = Arc::new(reader(&repo, &snap));
+    let n = 8;
+    let barrier = Arc::new(Barrier::new(n));
+    let off = 3 << 20;
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (r, barrier) = (r.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                barrier.wait();
+                r.read_at(off, &mut buf).unwrap();
+                buf
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap()[..] == data[off as usize..off as usize + 4096]);
+    }
+    let st = r.stats();
+    assert_eq!(st.fetches, 1, "{st:?}");
+    assert_eq!(st.cache_hits, n as u64 - 1, "{st:?}");
+}
+
+#[test]
+fn a_damaged_chunk_fails_only_the_reads_that_need_it() {
+    let (dir, repo, snap, data) = setup(4, 2);
+    let list = repo.load_chunk_list(&snap.disks[0].chunk_list).unwrap();
+    let index = repo.index().unwrap();
+    // Damage the third chunk inside its pack: its neighbours in the same
+    // pack (and ranged read) stay good.
+    let victim = list.extents()[2];
+    let loc = index.get(&victim.chunk.unwrap()).unwrap();
+    let pack = index.pack(&loc).id.to_hex();
+    let path = dir.path().join("repo/data").join(&pack[..2]).join(&pack);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[loc.offset as usize + 40] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let r = reader(&repo, &snap);
+    for e in list.extents() {
+        let mut buf = vec![0u8; e.len as usize];
+        let got = r.read_at(e.offset, &mut buf);
+        if e.offset == victim.offset {
+            match got {
+                Err(Error::Corrupt { detail, .. }) => {
+                    assert!(
+                        detail.contains(&format!("disk offset {}", e.offset)),
+                        "{detail}"
+                    )
+                }
+                other => panic!("damaged chunk read gave {other:?}"),
+            }
+        } else {
+            got.unwrap();
+            assert!(buf[..] == data[e.offset as usize..e.end() as usize]);
+        }
+    }
+    // Again, now from the cache: the same answer.
+    let mut buf = vec![0u8; 10];
+    assert!(matches!(
+        r.read_at(victim.offset + 5, &mut buf),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn sequential_reads_are_read_ahead_and_fetch_each_byte_once() {
+    let (_dir, repo, snap, data) = setup(48, 3);
+    let r = reader(&repo, &snap);
+    let step = 128 << 10;
+    for off in (0..data.len()).step_by(step) {
+        let mut buf = vec![0u8; step];
+        r.read_at(off as u64, &mut buf).unwrap();
+        assert!(buf[..] == data[off..off + step]);
+    }
+    let st = r.stats();
+    let stored = snap.stats.bytes_stored;
+    assert!(st.readahead_fetches > 0, "{st:?}");
+    assert!(
+        st.fetches - st.readahead_fetches <= 4,
+        "demand reads should rarely wait on a fetch of their own: {st:?}"
+    );
+    assert!(
+        st.bytes_fetched as f64 <= 1.1 * stored as f64,
+        "fetched {} for {stored} stored: {st:?}",
+        st.bytes_fetched
+    );
+    assert_eq!(st.bytes_served, data.len() as u64);
+}
+
+#[test]
+fn scattered_reads_fetch_only_what_they_need() {
+    let (_dir, repo, snap, data) = setup(48, 4);
+    let r = reader(&repo, &snap);
+    let mib = 1u64 << 20;
+    let order = [0u64, 24, 12, 36, 6, 30, 18, 42];
+    for k in order {
+        let off = k * mib + 100_000;
+        let mut buf = vec![0u8; 4096];
+        r.read_at(off, &mut buf).unwrap();
+        assert!(buf[..] == data[off as usize..off as usize + 4096]);
+    }
+    let st = r.stats();
+    assert_eq!(st.readahead_fetches, 0, "{st:?}");
+    assert_eq!(st.fetches, order.len() as u64, "{st:?}");
+    // One span each (a pack of the test repository is 1 MiB).
+    assert!(
+        st.bytes_fetched <= order.len() as u64 * (mib + (256 << 10)),
+        "{st:?}"
+    );
+}
