@@ -2,12 +2,15 @@
 # nbdcopy reading a 1 GiB mixed image over a Unix socket: from bulwark-nbd
 # (a snapshot in a local repository; cold = fresh server, warm = second
 # pass on the same server) vs qemu-nbd serving the same raw file.
-# Usage: scripts/bench-nbd.sh [WORKDIR]
+# Usage: scripts/bench-nbd.sh [WORKDIR]   (BIN=DIR: binaries to measure,
+# e.g. an older build, instead of this tree's release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/ensure-rust.sh
-cargo build --release -q -p bulwark -p nbd-server
-BIN=$PWD/target/release
+if [ -z "${BIN:-}" ]; then
+    . scripts/ensure-rust.sh
+    cargo build --release -q -p bulwark -p nbd-server
+    BIN=$PWD/target/release
+fi
 W=${1:-/tmp/bulwark-bench-nbd}; mkdir -p "$W"
 export BULWARK_REPO=$W/repo BULWARK_PASSWORD=bench
 scripts/mixed-image.sh "$W/mixed.raw" 1024
@@ -15,7 +18,7 @@ if [ ! -e "$W/repo/config" ]; then
     "$BIN/bulwark" repo init >/dev/null
     "$BIN/bulwark" backup image "$W/mixed.raw" --source mixed >/dev/null
 fi
-t() { local s e; s=$(date +%s.%N); "$@"; e=$(date +%s.%N); echo "$e - $s" | bc; }
+t() { local s e; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); echo "$e - $s" | bc; }
 rate() { echo "scale=0; 1024 / $1" | bc; }
 
 rm -f "$W/q.sock"
@@ -31,7 +34,11 @@ read -r _ <&"${B[0]}"
 cold=$(t nbdcopy "nbd+unix:///vda?socket=$W/b.sock" null:)
 warm=$(t nbdcopy "nbd+unix:///vda?socket=$W/b.sock" null:)
 kill "$B_PID"; wait "$B_PID" 2>/dev/null || true
+# Fresh process, repository files in the page cache (as the export row).
+rm -f "$W/r.raw"
+rlocal=$(t "$BIN/bulwark" restore image mixed@latest --to "$W/r.raw" --force)
 printf '%-28s %8s s %8s MiB/s\n' "qemu-nbd (raw file, warm)" "$q" "$(rate "$q")"
+printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark restore image, local" "$rlocal" "$(rate "$rlocal")" "$(echo "scale=2; $q / $rlocal" | bc)"
 printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold" "$cold" "$(rate "$cold")" "$(echo "scale=2; $q / $cold" | bc)"
 printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd warm" "$warm" "$(rate "$warm")" "$(echo "scale=2; $q / $warm" | bc)"
 
@@ -50,10 +57,17 @@ if [ -x "$S3S_FS" ]; then
     "$BIN/bulwark" --no-cache repo init >/dev/null
     "$BIN/bulwark" --no-cache backup image "$W/mixed.raw" --source mixed >/dev/null
     rm -f "$W/s.sock"
-    coproc S { exec "$BIN/bulwark-nbd" serve --repo s3://bench/nbd --snapshot mixed@latest --socket "$W/s.sock" --cache-mib 2048 2>/dev/null; }
+    # Default options (cache 512 MiB), as a user meets them.
+    coproc S { exec env BULWARK_LOG=info "$BIN/bulwark-nbd" serve --repo s3://bench/nbd --snapshot mixed@latest --socket "$W/s.sock" 2>"$W/nbd-s3.log"; }
     read -r _ <&"${S[0]}"
     s3cold=$(t nbdcopy "nbd+unix:///vda?socket=$W/s.sock" null:)
     kill "$S_PID"; wait "$S_PID" 2>/dev/null || true
+    rm -f "$W/r.raw"
+    s3restore=$(t "$BIN/bulwark" --no-cache restore image mixed@latest --to "$W/r.raw" --force)
+    stored=$(du -sb "$W/s3/bench/nbd/data" | cut -f1)
     kill $S3PID; wait $S3PID 2>/dev/null || true
     printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold, S3" "$s3cold" "$(rate "$s3cold")" "$(echo "scale=2; $q / $s3cold" | bc)"
+    printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark restore image, S3" "$s3restore" "$(rate "$s3restore")" "$(echo "scale=2; $q / $s3restore" | bc)"
+    fetched=$(sed -n 's/.*fetched \([0-9]*\) B.*/\1/p' "$W/nbd-s3.log" | head -1)
+    [ -n "$fetched" ] && echo "bulwark-nbd S3: fetched $fetched B for $stored B of packs ($(echo "scale=3; $fetched / $stored" | bc) x)"
 fi

@@ -92,14 +92,21 @@ fn run(cli: Cli) -> Result<()> {
     let snap = repo.find_snapshot(&snapshot)?;
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
     let mut server = Server::new(ServerConfig::default());
+    let mut readers = Vec::new();
     for d in &snap.disks {
-        let reader = store::reader::open_disk(repo.clone(), &snap, &d.name, cache)?;
+        let reader = Arc::new(store::reader::open_disk(
+            repo.clone(),
+            &snap,
+            &d.name,
+            cache,
+        )?);
         let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
         server = server.add_export(
             &d.name,
-            Arc::new(StoreExport::new(Arc::new(reader))),
+            Arc::new(StoreExport::new(reader.clone())),
             Some(desc),
         );
+        readers.push((d.name.clone(), reader));
     }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -134,6 +141,19 @@ fn run(cli: Cli) -> Result<()> {
             _ = term.recv() => {}
         }
         handle.shutdown().await;
+        // What the reads cost: bytes fetched per byte served should stay
+        // near the stored/logical ratio (no byte fetched twice).
+        for (name, r) in &readers {
+            let st = r.stats();
+            tracing::info!(
+                "{name}: served {} B, fetched {} B in {} reads ({} read ahead), {} cache hits",
+                st.bytes_served,
+                st.bytes_fetched,
+                st.fetches,
+                st.readahead_fetches,
+                st.cache_hits
+            );
+        }
         if let Some(p) = &socket {
             let _ = std::fs::remove_file(p);
         }
