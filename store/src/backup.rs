@@ -28,7 +28,8 @@ use crate::crypto::SessionCipher;
 use crate::error::{Error, Result};
 use crate::id::{Id, IdSet};
 use crate::index::{self, Index};
-use crate::pack::{self, PackInfo, PackWriter};
+use crate::layout;
+use crate::pack::{PackInfo, PackWriter};
 use crate::repo::Repository;
 use crate::snapshot::{self, BackupStats, DiskEntry, Snapshot, SnapshotMeta};
 use crate::source::{BlockSource, SourceExtent};
@@ -131,7 +132,7 @@ impl<'r> BackupSession<'r> {
                     for (w, cipher) in urx {
                         let (bytes, info) = w.finish(&cipher);
                         let r = backend
-                            .put(&pack::object_name(&info.id), &bytes)
+                            .put(&layout::pack(&info.id), &bytes)
                             .map(|_| info)
                             .map_err(Error::from);
                         if rtx.send(r).is_err() {
@@ -243,7 +244,7 @@ impl<'r> BackupSession<'r> {
         for (entry, list) in &self.lists {
             let sealed = object::seal(&self.cipher, chunklist::KIND, &list.encode());
             self.repo
-                .put_sealed(&chunklist::object_name(&entry.chunk_list), &sealed)?;
+                .put_sealed(&layout::chunk_list(&entry.chunk_list), &sealed)?;
             disks.push(entry.clone());
         }
         self.stats.seconds = self.started.elapsed().as_secs_f64();
@@ -263,8 +264,7 @@ impl<'r> BackupSession<'r> {
         };
         let json = serde_json::to_vec(&snap).expect("serialize manifest");
         let sealed = object::seal(&self.cipher, snapshot::KIND, &json);
-        self.repo
-            .put_sealed(&snapshot::object_name(&snap.id), &sealed)?;
+        self.repo.put_sealed(&layout::snapshot(&snap.id), &sealed)?;
         self.repo.invalidate_index();
         Ok(snap)
     }
@@ -475,7 +475,7 @@ impl Packer {
         if self.uploaded.len() >= INDEX_FLUSH_PACKS || (all && !self.uploaded.is_empty()) {
             let payload = index::encode(&self.uploaded);
             let sealed = object::seal(cipher, index::KIND, &payload);
-            repo.put_sealed(&index::object_name(&Id::random()), &sealed)?;
+            repo.put_sealed(&layout::index(&Id::random()), &sealed)?;
             self.uploaded.clear();
         }
         Ok(())

@@ -120,10 +120,6 @@ impl ChunkList {
 const MAGIC: &[u8; 4] = b"BWCL";
 pub const KIND: &str = "chunklist";
 
-pub fn object_name(id: &Id) -> String {
-    format!("chunklists/{id}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
 use crate::index::{Index, Loc};
-use crate::pack;
+use crate::layout;
 use crate::repo::Repository;
 
 /// Consecutive data extents of a chunk list whose chunks lie back to back
@@ -65,7 +65,7 @@ pub fn fetch(repo: &Repository, index: &Index, spans: &[&Span]) -> Result<Vec<u8
     let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
         return Ok(Vec::new());
     };
-    let name = pack::object_name(&index.packs()[first.pack as usize].id);
+    let name = layout::pack(&index.packs()[first.pack as usize].id);
     Ok(repo
         .backend()
         .get_range(&name, first.start, last.end - first.start)?)

@@ -9,17 +9,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendError;
 use crate::blob;
-use crate::chunklist;
 use crate::error::{Error, Result};
 use crate::id::{Id, IdMap, IdSet};
 use crate::object;
-use crate::pack::{self, PackInfo, PackWriter};
+use crate::pack::{PackInfo, PackWriter};
 use crate::repo::Repository;
 use crate::session::{self, Marker};
-use crate::snapshot;
 
-const CONDEMNED: &str = "gc/condemned-";
-const LOCK: &str = "gc/lock-";
+use crate::layout::{self, GC_CONDEMNED as CONDEMNED, GC_LOCK as LOCK};
 const RECORD_KIND: &str = "gc-record";
 const LOCK_KIND: &str = "gc-lock";
 
@@ -234,7 +231,7 @@ pub fn run(repo: &Repository, opts: &GcOptions, progress: &dyn Fn(&str)) -> Resu
 /// exists is damage, and stops the GC rather than free its chunks.
 fn live_chunks(repo: &Repository, report: &mut GcReport) -> Result<IdSet> {
     let mut live = IdSet::default();
-    for o in repo.backend().list("snapshots/")? {
+    for o in repo.backend().list(layout::SNAPSHOTS)? {
         let snap = match repo.load_snapshot_object(&o.name) {
             Ok(s) => s,
             Err(Error::Backend(BackendError::NotFound(_))) => continue,
@@ -244,7 +241,7 @@ fn live_chunks(repo: &Repository, report: &mut GcReport) -> Result<IdSet> {
             let list = match repo.load_chunk_list(&d.chunk_list) {
                 Ok(l) => l,
                 Err(Error::Backend(BackendError::NotFound(_)))
-                    if !repo.backend().exists(&snapshot::object_name(&snap.id))? =>
+                    if !repo.backend().exists(&layout::snapshot(&snap.id))? =>
                 {
                     continue
                 }
@@ -253,7 +250,7 @@ fn live_chunks(repo: &Repository, report: &mut GcReport) -> Result<IdSet> {
                         format!("snapshot {}", snap.id),
                         format!(
                             "chunk list {} of disk {} is missing",
-                            chunklist::object_name(&d.chunk_list),
+                            layout::chunk_list(&d.chunk_list),
                             d.name
                         ),
                     ))
@@ -281,13 +278,11 @@ struct Packs {
 impl Packs {
     fn new(repo: &Repository, objects: &[(String, Vec<PackInfo>)]) -> Result<Self> {
         let mut size = IdMap::default();
-        for o in repo.backend().list("data/")? {
-            let Some(hex) = o.name.rsplit('/').next() else {
-                continue;
-            };
+        for o in repo.backend().list(layout::DATA)? {
             // Hidden temp files and anything that is not a pack name.
-            let Ok(id) = hex.parse::<Id>() else { continue };
-            size.insert(id, o.size);
+            if let Some(id) = layout::pack_id(&o.name) {
+                size.insert(id, o.size);
+            }
         }
         let mut info: IdMap<PackInfo> = IdMap::default();
         let mut copies: IdMap<Vec<Id>> = IdMap::default();
@@ -358,7 +353,7 @@ fn repack_packs(repo: &Repository, packs: &Packs, victims: &[Id], live: &IdSet) 
         let Some(info) = packs.info.get(p) else {
             continue;
         };
-        let bytes = repo.backend().get(&pack::object_name(p))?;
+        let bytes = repo.backend().get(&layout::pack(p))?;
         let opener = crate::crypto::Opener::new(keys, &info.salt);
         for b in &info.blobs {
             if !live.contains(&b.id) || !seen.insert(b.id) {
@@ -367,7 +362,7 @@ fn repack_packs(repo: &Repository, packs: &Packs, victims: &[Id], live: &IdSet) 
             let (s, e) = (b.offset as usize, b.offset as usize + b.len as usize);
             let sealed = bytes
                 .get(s..e)
-                .ok_or_else(|| Error::corrupt(pack::object_name(p), "blob outside the pack"))?;
+                .ok_or_else(|| Error::corrupt(layout::pack(p), "blob outside the pack"))?;
             w.add(b.id, &blob::reseal(&opener, &cipher, &b.id, sealed)?);
             if w.len() >= pack_size {
                 let full = std::mem::replace(&mut w, PackWriter::new(&cipher, pack_size));
@@ -380,8 +375,7 @@ fn repack_packs(repo: &Repository, packs: &Packs, victims: &[Id], live: &IdSet) 
     }
     if !written.is_empty() {
         let sealed = object::seal(&cipher, crate::index::KIND, &crate::index::encode(&written));
-        repo.backend()
-            .put(&crate::index::object_name(&Id::random()), &sealed)?;
+        repo.backend().put(&layout::index(&Id::random()), &sealed)?;
     }
     Ok(())
 }
@@ -392,7 +386,7 @@ fn store_pack(
     cipher: &crate::crypto::SessionCipher,
 ) -> Result<PackInfo> {
     let (bytes, info) = w.finish(cipher);
-    repo.backend().put(&pack::object_name(&info.id), &bytes)?;
+    repo.backend().put(&layout::pack(&info.id), &bytes)?;
     Ok(info)
 }
 
@@ -441,14 +435,13 @@ fn sweep(repo: &Repository, objects: &[(String, Vec<PackInfo>)], doomed: &IdSet)
             .collect();
         if !keep.is_empty() {
             let sealed = object::seal(&cipher, crate::index::KIND, &crate::index::encode(&keep));
-            repo.backend()
-                .put(&crate::index::object_name(&Id::random()), &sealed)?;
+            repo.backend().put(&layout::index(&Id::random()), &sealed)?;
         }
         delete_if_there(repo, name)?;
         rewritten += 1;
     }
     for p in doomed {
-        delete_if_there(repo, &pack::object_name(p))?;
+        delete_if_there(repo, &layout::pack(p))?;
     }
     Ok(rewritten)
 }

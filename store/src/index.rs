@@ -128,10 +128,6 @@ impl Index {
 const MAGIC: &[u8; 4] = b"BWIX";
 pub const KIND: &str = "index";
 
-pub fn object_name(id: &Id) -> String {
-    format!("index/{id}")
-}
-
 /// Binary payload of one index object.
 pub fn encode(packs: &[PackInfo]) -> Vec<u8> {
     let n: usize = packs.iter().map(|p| 68 + p.blobs.len() * 40).sum();

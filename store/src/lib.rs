@@ -20,6 +20,7 @@ pub mod gc;
 pub mod id;
 pub mod index;
 pub mod keys;
+pub mod layout;
 mod object;
 pub mod pack;
 pub mod reader;

@@ -31,11 +31,6 @@ pub struct PackInfo {
     pub blobs: Vec<BlobEntry>,
 }
 
-pub fn object_name(id: &Id) -> String {
-    let h = id.to_hex();
-    format!("data/{}/{}", &h[..2], h)
-}
-
 pub struct PackWriter {
     buf: Vec<u8>,
     blobs: Vec<BlobEntry>,
@@ -95,7 +90,7 @@ impl PackWriter {
 
 /// Reads a whole pack's trailer (for verify and index rebuilds).
 pub fn read_trailer(keys: &Keys, id: Id, bytes: &[u8]) -> Result<PackInfo> {
-    let name = object_name(&id);
+    let name = crate::layout::pack(&id);
     if bytes.len() < HEADER_LEN + 4 || &bytes[..4] != MAGIC {
         return Err(Error::corrupt(&name, "not a pack"));
     }

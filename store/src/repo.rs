@@ -16,7 +16,7 @@ use crate::snapshot::{self, Snapshot};
 use crate::{blob, object, pack};
 
 pub const VERSION: u32 = 1;
-const CONFIG: &str = "config";
+use crate::layout::{self, CONFIG};
 
 /// An index object's name and the packs it lists.
 pub(crate) type IndexObject = (String, Vec<pack::PackInfo>);
@@ -78,7 +78,7 @@ impl Repository {
         let master = MasterKey::generate();
         let slot = KeySlot::wrap(&master, secret, kdf)?;
         let slot_json = serde_json::to_vec_pretty(&slot).expect("serialize key slot");
-        backend.put(&format!("keys/{}", Id::random()), &slot_json)?;
+        backend.put(&layout::key(&Id::random()), &slot_json)?;
         let cfg = serde_json::to_vec_pretty(&config).expect("serialize config");
         match backend.put(CONFIG, &cfg) {
             Err(BackendError::AlreadyExists(_)) => {
@@ -91,6 +91,14 @@ impl Repository {
 
     /// Opens an existing repository; `WrongKey` if no slot opens with `secret`.
     pub fn open(backend: Arc<dyn Backend>, secret: &Secret) -> Result<Self> {
+        let config = Self::read_config(backend.as_ref())?;
+        let master = Self::unlock(backend.as_ref(), secret)?;
+        Ok(Self::with_key(backend, config, &master))
+    }
+
+    /// The public settings of the repository at `backend` (no key needed):
+    /// `NoRepository` if there is none.
+    pub fn read_config(backend: &dyn Backend) -> Result<RepoConfig> {
         let cfg = match backend.get(CONFIG) {
             Ok(c) => c,
             Err(BackendError::NotFound(_)) => return Err(Error::NoRepository(backend.location())),
@@ -105,12 +113,11 @@ impl Repository {
             .chunker
             .validate()
             .map_err(|e| Error::corrupt("config", e))?;
-        let master = Self::unlock(backend.as_ref(), secret)?;
-        Ok(Self::with_key(backend, config, &master))
+        Ok(config)
     }
 
     fn unlock(backend: &dyn Backend, secret: &Secret) -> Result<MasterKey> {
-        for obj in backend.list("keys/")? {
+        for obj in backend.list(layout::KEYS)? {
             let bytes = backend.get(&obj.name)?;
             let slot: KeySlot = match serde_json::from_slice(&bytes) {
                 Ok(s) => s,
@@ -146,7 +153,7 @@ impl Repository {
         let master = Self::unlock(self.backend.as_ref(), current)?;
         let slot = KeySlot::wrap(&master, new, kdf)?;
         let json = serde_json::to_vec_pretty(&slot).expect("serialize key slot");
-        self.backend.put(&format!("keys/{}", Id::random()), &json)?;
+        self.backend.put(&layout::key(&Id::random()), &json)?;
         Ok(())
     }
 
@@ -198,7 +205,7 @@ impl Repository {
     pub(crate) fn load_index_objects(&self) -> Result<Vec<IndexObject>> {
         let names: Vec<String> = self
             .backend
-            .list("index/")?
+            .list(layout::INDEX)?
             .into_iter()
             .map(|o| o.name)
             .collect();
@@ -241,9 +248,9 @@ impl Repository {
     /// lacks a chunk list), then its chunk lists, which no other snapshot
     /// shares. Chunks stay until a GC finds them unreferenced.
     pub fn delete_snapshot(&self, snap: &Snapshot) -> Result<()> {
-        self.backend.delete(&snapshot::object_name(&snap.id))?;
+        self.backend.delete(&layout::snapshot(&snap.id))?;
         for d in &snap.disks {
-            match self.backend.delete(&chunklist::object_name(&d.chunk_list)) {
+            match self.backend.delete(&layout::chunk_list(&d.chunk_list)) {
                 Ok(()) | Err(BackendError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -264,7 +271,7 @@ impl Repository {
     /// All snapshots, oldest first.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let mut out = Vec::new();
-        for obj in self.backend.list("snapshots/")? {
+        for obj in self.backend.list(layout::SNAPSHOTS)? {
             out.push(self.load_snapshot_object(&obj.name)?);
         }
         out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
@@ -275,7 +282,7 @@ impl Repository {
         let payload = self.get_sealed(snapshot::KIND, name)?;
         let s: Snapshot =
             serde_json::from_slice(&payload).map_err(|e| Error::corrupt(name, e.to_string()))?;
-        if snapshot::object_name(&s.id) != name {
+        if layout::snapshot(&s.id) != name {
             return Err(Error::corrupt(name, "manifest id does not match its name"));
         }
         Ok(s)
@@ -284,7 +291,7 @@ impl Repository {
     /// Resolves a snapshot by full id, unique id prefix, or `SOURCE@latest`.
     pub fn find_snapshot(&self, spec: &str) -> Result<Snapshot> {
         if let Ok(id) = spec.parse::<Id>() {
-            return match self.load_snapshot_object(&snapshot::object_name(&id)) {
+            return match self.load_snapshot_object(&layout::snapshot(&id)) {
                 Err(Error::Backend(BackendError::NotFound(_))) => {
                     Err(Error::SnapshotNotFound(spec.into()))
                 }
@@ -304,9 +311,9 @@ impl Repository {
         let spec_l = spec.to_ascii_lowercase();
         let matches: Vec<_> = self
             .backend
-            .list("snapshots/")?
+            .list(layout::SNAPSHOTS)?
             .into_iter()
-            .filter(|o| o.name["snapshots/".len()..].starts_with(&spec_l))
+            .filter(|o| o.name[layout::SNAPSHOTS.len()..].starts_with(&spec_l))
             .collect();
         match matches.as_slice() {
             [one] => self.load_snapshot_object(&one.name),
@@ -316,7 +323,7 @@ impl Repository {
     }
 
     pub fn load_chunk_list(&self, id: &Id) -> Result<ChunkList> {
-        let name = chunklist::object_name(id);
+        let name = layout::chunk_list(id);
         ChunkList::decode(&self.get_sealed(chunklist::KIND, &name)?, &name)
     }
 
@@ -324,7 +331,7 @@ impl Repository {
     pub fn read_chunk(&self, index: &Index, id: &Id) -> Result<Vec<u8>> {
         let loc = index.get(id).ok_or(Error::MissingChunk(*id))?;
         let sealed = self.backend.get_range(
-            &pack::object_name(&index.pack(&loc).id),
+            &layout::pack(&index.pack(&loc).id),
             u64::from(loc.offset),
             u64::from(loc.len),
         )?;

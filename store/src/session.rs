@@ -8,11 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::backend::BackendError;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::object;
 use crate::repo::Repository;
+use crate::{layout, object};
 
 pub const KIND: &str = "session";
-pub const PREFIX: &str = "sessions/";
 
 /// A marker older than this is taken for a crashed backup's.
 pub const STALE_AFTER: chrono::Duration = chrono::Duration::hours(48);
@@ -44,10 +43,6 @@ impl Marker {
     }
 }
 
-fn object_name(id: &Id) -> String {
-    format!("{PREFIX}{id}")
-}
-
 /// A backup's marker, removed when dropped.
 pub struct Session<'r> {
     repo: &'r Repository,
@@ -65,7 +60,7 @@ impl<'r> Session<'r> {
         };
         let json = serde_json::to_vec(&marker).expect("serialize marker");
         let sealed = object::seal(&repo.keys().session(), KIND, &json);
-        repo.backend().put(&object_name(&marker.id), &sealed)?;
+        repo.backend().put(&layout::session(&marker.id), &sealed)?;
         Ok(Session { repo, marker })
     }
 
@@ -77,7 +72,11 @@ impl<'r> Session<'r> {
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         // A marker left behind only delays GC (it goes stale): never fatal.
-        if let Err(e) = self.repo.backend().delete(&object_name(&self.marker.id)) {
+        if let Err(e) = self
+            .repo
+            .backend()
+            .delete(&layout::session(&self.marker.id))
+        {
             tracing::warn!("could not remove session marker: {e}");
         }
     }
@@ -87,7 +86,7 @@ impl Drop for Session<'_> {
 /// listing is skipped: its backup just ended.
 pub fn list(repo: &Repository) -> Result<Vec<Marker>> {
     let mut out = Vec::new();
-    for o in repo.backend().list(PREFIX)? {
+    for o in repo.backend().list(layout::SESSIONS)? {
         let bytes = match repo.backend().get(&o.name) {
             Ok(b) => b,
             Err(BackendError::NotFound(_)) => continue,

@@ -6,10 +6,6 @@ use crate::id::Id;
 
 pub const KIND: &str = "snapshot";
 
-pub fn object_name(id: &Id) -> String {
-    format!("snapshots/{id}")
-}
-
 /// What one disk of a snapshot holds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiskEntry {

@@ -10,7 +10,7 @@ use crate::backend::BackendError;
 use crate::error::Error;
 use crate::error::Result;
 use crate::id::{Id, IdMap};
-use crate::pack;
+use crate::layout;
 use crate::repo::Repository;
 use crate::snapshot::Snapshot;
 
@@ -119,7 +119,7 @@ pub fn verify(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some((p, ids)) = packs.get(i) else { return };
-                let name = pack::object_name(&index.packs()[*p as usize].id);
+                let name = layout::pack(&index.packs()[*p as usize].id);
                 let data = match repo.backend().get(&name) {
                     Ok(d) => d,
                     Err(BackendError::NotFound(_)) => {

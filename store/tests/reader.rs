@@ -46,7 +46,9 @@ fn concurrent_readers_of_a_cold_range_cause_one_fetch() {
     }
     let st = r.stats();
     assert_eq!(st.fetches, 1, "{st:?}");
-    assert_eq!(st.cache_hits, n as u64 - 1, "{st:?}");
+    // Every other lookup (two per read when it straddles chunks, whose
+    // boundaries depend on the repository key) was a hit or a wait.
+    assert!(st.cache_hits >= n as u64 - 1, "{st:?}");
 }
 
 #[test]

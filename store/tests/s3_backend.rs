@@ -212,7 +212,7 @@ fn repository_roundtrip_with_cache() {
 }
 
 fn packname(repo: &Repository) -> String {
-    store::pack::object_name(&repo.index().unwrap().packs()[0].id)
+    store::layout::pack(&repo.index().unwrap().packs()[0].id)
 }
 
 #[test]

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use store::backend::s3::FailureKind;
 use store::backend::S3Backend;
-use store::{BackendError, Error, KdfParams, RepoConfig, Repository, Secret};
+use store::{Error, KdfParams, RepoConfig, Repository, Secret};
 
 use crate::secret;
 use crate::Global;
@@ -185,19 +185,17 @@ fn check_steps(
     }
     let backend = secret::backend(g).map_err(|e| failed("invalid", 1, format!("{e:#}")))?;
     let location = backend.location();
-    let config = match backend.get("config") {
-        Ok(c) => c,
-        Err(BackendError::NotFound(_)) => {
-            return Err(failed(
-                "no_repository",
-                6,
-                format!("no repository at {location} (run `bulwark repo init`)"),
-            ))
+    let config = Repository::read_config(backend.as_ref()).map_err(|e| match e {
+        Error::NoRepository(_) => failed(
+            "no_repository",
+            6,
+            format!("no repository at {location} (run `bulwark repo init`)"),
+        ),
+        Error::Corrupt { .. } | Error::UnsupportedVersion(_) => {
+            failed("no_repository", 6, format!("{location}/config: {e}"))
         }
-        Err(e) => return Err(failed("error", 1, e.to_string())),
-    };
-    let config: RepoConfig = serde_json::from_slice(&config)
-        .map_err(|e| failed("no_repository", 6, format!("{location}/config: {e}")))?;
+        e => failed("error", 1, e.to_string()),
+    })?;
     info["repository"] = config.id.to_string().into();
     steps.push(("repository", config.id.to_string()));
     let secret = secret::secret(g, false).map_err(|e| failed("wrong_key", 7, format!("{e:#}")))?;

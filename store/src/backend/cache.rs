@@ -21,6 +21,7 @@
 //! the repository's AES-GCM when it is opened. Cache write failures are
 //! logged and ignored (the cache is an optimisation, never a dependency).
 
+use crate::layout;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
@@ -30,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{Backend, BackendError, ObjectInfo};
 
-const META_PREFIXES: [&str; 4] = ["index/", "snapshots/", "chunklists/", "keys/"];
+const META_PREFIXES: [&str; 4] = layout::METADATA;
 const RANGES: &str = "ranges";
 
 #[derive(Clone, Debug)]
@@ -79,7 +80,7 @@ fn is_meta(name: &str) -> bool {
 
 /// `data/ab/abcd...` -> `abcd...`: the flat directory name of a pack.
 fn pack_dir(name: &str) -> Option<&str> {
-    let rest = name.strip_prefix("data/")?;
+    let rest = name.strip_prefix(layout::DATA)?;
     let leaf = rest.rsplit('/').next()?;
     (!leaf.is_empty() && leaf.chars().all(|c| c.is_ascii_alphanumeric())).then_some(leaf)
 }
@@ -151,7 +152,7 @@ impl CachedBackend {
         if let Some(r) = self.dir() {
             return Some(r);
         }
-        if let Ok(cfg) = self.inner.get("config") {
+        if let Ok(cfg) = self.inner.get(layout::CONFIG) {
             self.set_root_from_config(&cfg);
         }
         self.dir()
@@ -304,7 +305,7 @@ impl CachedBackend {
                 }
             }
         }
-        if "data/".starts_with(prefix) {
+        if layout::DATA.starts_with(prefix) {
             let packs: std::collections::HashSet<&str> =
                 listed.iter().filter_map(|o| pack_dir(&o.name)).collect();
             let gone: Vec<(String, u64, u64)> = {
@@ -338,7 +339,7 @@ impl Backend for CachedBackend {
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
-        if name == "config" {
+        if name == layout::CONFIG {
             let cfg = self.inner.get(name)?;
             self.set_root_from_config(&cfg);
             return Ok(cfg);

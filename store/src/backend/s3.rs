@@ -464,7 +464,7 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
-        if name == "config" && self.exists(name)? {
+        if name == crate::layout::CONFIG && self.exists(name)? {
             return Err(BackendError::AlreadyExists(name.to_string()));
         }
         let body = bytes_of(data);
