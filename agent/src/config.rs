@@ -50,11 +50,9 @@ pub struct RepoConf {
     pub key_file: Option<PathBuf>,
 }
 
-/// Retention numbers are parsed and validated here; pruning by them waits
-/// for the store's prune (not in this build).
+/// A backup policy: where, when, how long to keep, whom to tell.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 pub struct PolicyConf {
     pub repository: String,
     pub schedule: String,
@@ -66,6 +64,20 @@ pub struct PolicyConf {
     pub keep_yearly: Option<u32>,
     #[serde(default)]
     pub contacts: Vec<String>,
+}
+
+impl PolicyConf {
+    /// The retention numbers, for prune (unset numbers are rules left off).
+    pub fn keep(&self) -> store::retention::KeepOptions {
+        store::retention::KeepOptions {
+            keep_last: self.keep_last.unwrap_or(0),
+            keep_hourly: self.keep_hourly.unwrap_or(0),
+            keep_daily: self.keep_daily.unwrap_or(0),
+            keep_weekly: self.keep_weekly.unwrap_or(0),
+            keep_monthly: self.keep_monthly.unwrap_or(0),
+            keep_yearly: self.keep_yearly.unwrap_or(0),
+        }
+    }
 }
 
 fn default_state_dir() -> PathBuf {

@@ -56,6 +56,8 @@ enum Command {
     /// Restore a snapshot.
     #[command(subcommand)]
     Restore(cmd::image::RestoreCmd),
+    /// Remove snapshots by retention rules (keep-last/hourly/daily/...).
+    Prune(cmd::prune::Args),
     /// Reclaim space no snapshot uses (safe while backups run).
     Gc(cmd::gc::Args),
     /// Read back every chunk the snapshots use and check it.
@@ -99,6 +101,7 @@ fn main() {
         Command::Restore(c) => cmd::image::restore(&cli.global, c),
         Command::Verify(a) => cmd::verify::run(&cli.global, a),
         Command::Gc(a) => cmd::gc::run(&cli.global, a),
+        Command::Prune(a) => cmd::prune::run(&cli.global, a),
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(a),
         Command::Benchmark(a) => cmd::bench::run(a),

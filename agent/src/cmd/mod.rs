@@ -5,6 +5,7 @@ pub mod bench;
 pub mod gc;
 pub mod image;
 pub mod mount;
+pub mod prune;
 pub mod repo;
 pub mod snapshots;
 pub mod verify;
