@@ -7,8 +7,10 @@
 //! tick_seconds = 30                       # how often schedules are checked
 //!
 //! [repositories.main]
-//! path = "/srv/bulwark"                   # a directory (or URL, when supported)
+//! path = "/srv/bulwark"                   # a directory or s3://BUCKET/PREFIX
 //! password_file = "/etc/bulwark/main.pass"   # or key_file = "..."
+//! gc_schedule = "daily"                   # garbage collection (default: never)
+//! gc_grace = "24h"                        # docs/gc.md
 //!
 //! [policies.hourly]
 //! repository = "main"
@@ -48,6 +50,19 @@ pub struct RepoConf {
     pub path: String,
     pub password_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// How often the agent runs `gc` on this repository (none: never).
+    pub gc_schedule: Option<String>,
+    /// The GC's grace period (default 24h; `docs/gc.md`).
+    pub gc_grace: Option<String>,
+}
+
+impl RepoConf {
+    pub fn gc_grace(&self) -> Result<chrono::Duration> {
+        match &self.gc_grace {
+            Some(g) => crate::cmd::parse_duration(g).map_err(|e| anyhow::anyhow!("gc_grace {e}")),
+            None => Ok(chrono::Duration::hours(24)),
+        }
+    }
 }
 
 /// A backup policy: where, when, how long to keep, whom to tell.
@@ -120,6 +135,10 @@ impl Config {
             if r.password_file.is_none() && r.key_file.is_none() {
                 bail!("repository {name}: set password_file or key_file");
             }
+            if let Some(s) = &r.gc_schedule {
+                interval(s).with_context(|| format!("repository {name}: gc_schedule"))?;
+            }
+            r.gc_grace().with_context(|| format!("repository {name}"))?;
         }
         Ok(())
     }

@@ -39,7 +39,8 @@ fn agent_runs_policies_and_answers_on_its_socket() {
         format!(
             "state_dir = {state:?}\nsocket = {sock:?}\ntick_seconds = 1\n\
              [repositories.main]\npath = {repo:?}\npassword_file = {pw:?}\n\
-             [policies.{policy}]\nrepository = \"main\"\nschedule = \"hourly\"\nkeep_last = 3\n\
+             gc_schedule = \"every 1s\"\ngc_grace = \"0s\"\n\
+             [policies.{policy}]\nrepository = \"main\"\nschedule = \"hourly\"\nkeep_last = 1\n\
              contacts = [\"ops@example.com\"]\n",
             state = env.state_dir(),
             repo = env.path("repo"),
@@ -88,6 +89,25 @@ fn agent_runs_policies_and_answers_on_its_socket() {
     let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rep["mode"], "incremental", "{rep}");
     assert_eq!(u(&rep, "bytes_read"), 0, "nothing changed: {rep}");
+    // keep_last = 1: the backup pruned the first snapshot of its group.
+    let snaps = env.json(&["snapshots", "--json", "--source", &name]);
+    assert_eq!(snaps.as_array().unwrap().len(), 1, "{snaps}");
+    assert_eq!(snaps[0]["id"], rep["snapshot"]);
+    let s = status(&env, &sock);
+    assert_eq!(s["runs"][&key]["pruned"], 1, "{s}");
+    // And the repository's gc_schedule runs GC (grace 0s: repeatedly).
+    let t = Instant::now();
+    loop {
+        let s = status(&env, &sock);
+        if s["gcs"]["main"]["ok"] == true {
+            break;
+        }
+        assert!(s["gcs"]["main"]["ok"] != false, "gc failed: {s}");
+        assert!(t.elapsed() < Duration::from_secs(30), "no gc ran: {s}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let v = env.json(&["verify", "--json"]);
+    assert!(v["damaged"].as_array().unwrap().is_empty(), "{v}");
 
     // A hook event lands in the domain's state.
     let uuid = virsh(&["domuuid", &name]).trim().to_string();

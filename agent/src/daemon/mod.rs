@@ -11,6 +11,9 @@
 //! (domain, policy) whose interval has passed since its last run. Backups
 //! run one at a time. A failed backup is logged with the policy's contacts
 //! (mail delivery is not implemented yet) and retried at the next tick.
+//! After each successful backup the (domain, policy) group is pruned by the
+//! policy's keep numbers; repositories with a `gc_schedule` get a GC on it,
+//! one at a time.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -29,10 +32,23 @@ use crate::vm::domain;
 use crate::vm::state::StateDir;
 use crate::vm::virsh::Virsh;
 
-/// Last result per `domain/policy`.
+/// Last result per `domain/policy`, and last GC per repository.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Schedule {
     runs: BTreeMap<String, Run>,
+    #[serde(default)]
+    gcs: BTreeMap<String, GcRun>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct GcRun {
+    at: u64,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    packs_deleted: usize,
+    bytes_deleted: u64,
+    packs_condemned: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -46,6 +62,11 @@ struct Run {
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mode: Option<String>,
+    /// Snapshots the prune after this backup removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pruned: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prune_error: Option<String>,
 }
 
 struct Agent {
@@ -54,6 +75,8 @@ struct Agent {
     virsh: Virsh,
     /// One backup at a time.
     busy: Mutex<()>,
+    /// One GC at a time (the repository's GC lock covers other hosts).
+    gc_busy: Mutex<()>,
     schedule: Mutex<Schedule>,
 }
 
@@ -78,6 +101,7 @@ pub fn run(cfg: Config) -> Result<()> {
         cfg,
         state,
         busy: Mutex::new(()),
+        gc_busy: Mutex::new(()),
         schedule: Mutex::new(schedule),
     });
     tracing::info!(
@@ -156,7 +180,8 @@ impl Agent {
                 reply(
                     &s,
                     &json!({"ok": true, "policies": self.cfg.policies.keys().collect::<Vec<_>>(),
-                            "runs": sched.runs, "busy": self.busy.try_lock().is_err()}),
+                            "runs": sched.runs, "gcs": sched.gcs,
+                            "busy": self.busy.try_lock().is_err()}),
                 )
             }
             Some("hook") => {
@@ -223,15 +248,8 @@ impl Agent {
             .repositories
             .get(&pol.repository)
             .with_context(|| format!("no repository {}", pol.repository))?;
-        let g = crate::Global {
-            repo: Some(rc.path.clone()),
-            password_file: rc.password_file.clone(),
-            key_file: rc.key_file.clone(),
-            verbose: 0,
-            backend: Default::default(),
-        };
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        let repo = crate::secret::open(&g)?;
+        let repo = open_repo(rc)?;
         let r = backup::backup(
             &repo,
             &Options {
@@ -245,13 +263,27 @@ impl Agent {
         );
         let key = format!("{dom}/{policy_name}");
         let run = match &r {
-            Ok(rep) => Run {
-                at: now(),
-                ok: true,
-                snapshot: Some(rep.snapshot.clone()),
-                error: None,
-                mode: Some(rep.mode.to_string()),
-            },
+            Ok(rep) => {
+                let (pruned, prune_error) = match prune(&repo, dom, &policy_name, pol) {
+                    Ok(n) => (n, None),
+                    Err(e) => {
+                        tracing::error!(
+                            "prune of {dom} ({policy_name}) failed: {e:#}; contacts: {}",
+                            pol.contacts.join(", ")
+                        );
+                        (None, Some(format!("{e:#}")))
+                    }
+                };
+                Run {
+                    at: now(),
+                    ok: true,
+                    snapshot: Some(rep.snapshot.clone()),
+                    error: None,
+                    mode: Some(rep.mode.to_string()),
+                    pruned,
+                    prune_error,
+                }
+            }
             Err(e) => {
                 tracing::error!(
                     "backup of {dom} ({policy_name}) failed: {e:#}; contacts: {}",
@@ -263,21 +295,104 @@ impl Agent {
                     snapshot: None,
                     error: Some(format!("{e:#}")),
                     mode: None,
+                    pruned: None,
+                    prune_error: None,
                 }
             }
         };
+        self.record(|s| {
+            s.runs.insert(key, run);
+        })?;
+        r
+    }
+
+    /// Updates the schedule and stores it (a lost write only means a run
+    /// may repeat after a restart).
+    fn record(&self, f: impl FnOnce(&mut Schedule)) -> Result<()> {
         let mut sched = self.schedule.lock().unwrap_or_else(|p| p.into_inner());
-        sched.runs.insert(key, run);
+        f(&mut sched);
         let path = self.state.root().join("schedule.json");
         let tmp = path.with_extension("json.tmp");
         if std::fs::write(&tmp, serde_json::to_vec_pretty(&*sched)?).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }
+        Ok(())
+    }
+
+    /// Runs GC on every repository whose `gc_schedule` is due.
+    fn gc_due(&self) {
+        for (name, rc) in &self.cfg.repositories {
+            let Some(every) = rc.gc_schedule.as_deref() else {
+                continue;
+            };
+            let Ok(every) = config::interval(every) else {
+                continue; // refused when the config was loaded
+            };
+            let last = self
+                .schedule
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .gcs
+                .get(name)
+                .map(|r| r.at);
+            if last.is_some_and(|t| now() < t + every.as_secs()) {
+                continue;
+            }
+            let _gc = self.gc_busy.lock().unwrap_or_else(|p| p.into_inner());
+            let r = rc.gc_grace().and_then(|grace| {
+                let repo = open_repo(rc)?;
+                let opts = store::gc::GcOptions {
+                    grace,
+                    ..Default::default()
+                };
+                Ok(store::gc::run(&repo, &opts, &|_| {})?)
+            });
+            let run = match r {
+                Ok(rep) => {
+                    tracing::info!(
+                        "gc of {name}: deleted {} packs ({} B), condemned {}",
+                        rep.packs_deleted,
+                        rep.bytes_deleted,
+                        rep.packs_condemned
+                    );
+                    GcRun {
+                        at: now(),
+                        ok: true,
+                        error: None,
+                        packs_deleted: rep.packs_deleted,
+                        bytes_deleted: rep.bytes_deleted,
+                        packs_condemned: rep.packs_condemned,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("gc of {name} failed: {e:#}");
+                    GcRun {
+                        at: now(),
+                        ok: false,
+                        error: Some(format!("{e:#}")),
+                        packs_deleted: 0,
+                        bytes_deleted: 0,
+                        packs_condemned: 0,
+                    }
+                }
+            };
+            if let Err(e) = self.record(|s| {
+                s.gcs.insert(name.clone(), run);
+            }) {
+                tracing::warn!("recording gc of {name}: {e:#}");
+            }
+        }
+    }
+
+    /// Backs up every (domain, policy) that is due, then collects garbage
+    /// where that is due.
+    fn tick(&self) -> Result<()> {
+        let r = self.backups_due();
+        self.gc_due();
         r
     }
 
-    /// Backs up every (domain, policy) that is due.
-    fn tick(&self) -> Result<()> {
+    fn backups_due(&self) -> Result<()> {
         if self.cfg.policies.is_empty() {
             return Ok(());
         }
@@ -310,6 +425,42 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+fn open_repo(rc: &config::RepoConf) -> Result<store::Repository> {
+    let g = crate::Global {
+        repo: Some(rc.path.clone()),
+        password_file: rc.password_file.clone(),
+        key_file: rc.key_file.clone(),
+        verbose: 0,
+        backend: Default::default(),
+    };
+    crate::secret::open(&g)
+}
+
+/// Prunes the (domain, policy) group by the policy's numbers; `None` when
+/// the policy sets none.
+fn prune(
+    repo: &store::Repository,
+    dom: &str,
+    policy: &str,
+    pol: &config::PolicyConf,
+) -> Result<Option<usize>> {
+    let keep = pol.keep();
+    if !keep.any() {
+        return Ok(None);
+    }
+    let snaps: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| s.source == dom && s.policy.as_deref() == Some(policy))
+        .collect();
+    let decisions = store::prune::plan(snaps, &keep, &chrono::Local)?;
+    let n = store::prune::execute(repo, &decisions)?;
+    if n > 0 {
+        tracing::info!("pruned {n} snapshots of {dom} ({policy})");
+    }
+    Ok(Some(n))
 }
 
 fn reply(mut s: &UnixStream, v: &Value) -> Result<()> {
