@@ -44,6 +44,8 @@ pub enum BackupCmd {
 
 #[derive(Subcommand)]
 pub enum RestoreCmd {
+    /// Restore VM snapshots as new libvirt domains (disks, XML, start).
+    Vm(super::restore_vm::Args),
     /// Write a snapshot's disk to a new sparse raw image file, or with
     /// --force over an existing file or a block device (zeros written).
     Image {
@@ -166,6 +168,10 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
 }
 
 pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
+    let c = match c {
+        RestoreCmd::Vm(a) => return super::restore_vm::run(g, a),
+        c => c,
+    };
     let RestoreCmd::Image {
         snapshot,
         to,
@@ -173,7 +179,10 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
         force,
         threads,
         json,
-    } = c;
+    } = c
+    else {
+        unreachable!("handled above")
+    };
     let repo = secret::open(g)?;
     let snap = repo.find_snapshot(&snapshot)?;
     let d = match &disk {

@@ -9,8 +9,7 @@ pub mod backup;
 pub mod domain;
 pub mod nbdsrc;
 pub mod qemu;
-// Used by `restore vm`, which lands on the libvirt module (issue 10).
-#[allow(dead_code)]
+pub mod restore;
 pub mod rewrite;
 pub mod state;
 pub mod virsh;

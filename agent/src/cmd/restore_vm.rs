@@ -1,0 +1,221 @@
+//! `bulwark restore vm`: snapshots back as new libvirt domains, several at
+//! once under one progress display (per VM and overall, with ETA).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+
+use crate::vm::restore::{self, Options, Outcome, Plan, Stage};
+use crate::vm::rewrite::ImageFormat;
+use crate::vm::virsh::Virsh;
+use crate::{progress, secret, Global};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// What to restore: SNAPSHOT:NAME for each VM (SNAPSHOT is an id, an id
+    /// prefix or VM@latest; NAME the new domain's), or one SNAPSHOT with --as.
+    #[arg(required = true)]
+    specs: Vec<String>,
+    /// The new domain's name (one snapshot only).
+    #[arg(long = "as")]
+    as_name: Option<String>,
+    /// Directory for the disk images.
+    #[arg(
+        long,
+        default_value = "/var/lib/libvirt/images",
+        conflicts_with = "pool"
+    )]
+    storage_dir: PathBuf,
+    /// A libvirt storage pool (directory type) for the disk images.
+    #[arg(long)]
+    pool: Option<String>,
+    /// Image format of the restored disks.
+    #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+    format: String,
+    /// Keep the MAC addresses (the old VM is gone for good).
+    #[arg(long)]
+    keep_macs: bool,
+    /// Keep Bulwark's backup policies in the new domain.
+    #[arg(long)]
+    protect: bool,
+    /// Start the new domain.
+    #[arg(long, conflicts_with_all = ["define_only", "disks_only"])]
+    start: bool,
+    /// Define the domain but do not start it (the default).
+    #[arg(long, conflicts_with = "disks_only")]
+    define_only: bool,
+    /// Only restore the disk images.
+    #[arg(long)]
+    disks_only: bool,
+    /// VMs restored at once.
+    #[arg(long, default_value_t = 2)]
+    parallel: usize,
+    /// libvirt connection.
+    #[arg(long, default_value = "qemu:///system")]
+    connect: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(g: &Global, a: Args) -> Result<i32> {
+    let virsh = Virsh::new(a.connect.clone());
+    let targets = targets(&a)?;
+    let dir = match &a.pool {
+        Some(pool) => pool_dir(&virsh, pool)?,
+        None => a.storage_dir.clone(),
+    };
+    let opts = Options {
+        dir,
+        pool: a.pool.clone(),
+        format: if a.format == "raw" {
+            ImageFormat::Raw
+        } else {
+            ImageFormat::Qcow2
+        },
+        keep_macs: a.keep_macs,
+        protect: a.protect,
+        stage: if a.start {
+            Stage::Started
+        } else if a.disks_only {
+            Stage::Disks
+        } else {
+            Stage::Defined
+        },
+        threads: 0,
+    };
+    let repo = Arc::new(secret::open(g)?);
+    // Every VM is checked before any is written.
+    let mut plans = Vec::new();
+    for (snap, name) in &targets {
+        if targets.iter().filter(|(_, n)| n == name).count() > 1 {
+            bail!("{name} is named twice");
+        }
+        let s = repo.find_snapshot(snap)?;
+        plans.push(restore::plan(&virsh, s, name, &opts)?);
+    }
+    let results = restore_all(&repo, &virsh, &plans, &opts, a.parallel.max(1));
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    if a.json {
+        let v: Vec<_> = results
+            .iter()
+            .map(|(p, r)| match r {
+                Ok(o) => serde_json::json!({"ok": true, "name": o.name, "snapshot": o.snapshot,
+                    "disks": o.disks.iter().map(|(t, p)| serde_json::json!({"target": t, "path": p})).collect::<Vec<_>>(),
+                    "defined": o.defined, "started": o.started, "notes": o.notes, "seconds": o.seconds}),
+                Err(e) => serde_json::json!({"ok": false, "name": p.name,
+                    "snapshot": p.snapshot.id.to_string(), "error": format!("{e:#}")}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for (p, r) in &results {
+            match r {
+                Ok(o) => {
+                    let what = if o.started {
+                        "started"
+                    } else if o.defined {
+                        "defined"
+                    } else {
+                        "disks restored"
+                    };
+                    println!(
+                        "{}: {what} from snapshot {} in {:.1}s",
+                        o.name,
+                        p.snapshot.id.short(),
+                        o.seconds
+                    );
+                    for (t, path) in &o.disks {
+                        println!("  {t}: {}", path.display());
+                    }
+                    for n in &o.notes {
+                        println!("  note: {n}");
+                    }
+                }
+                Err(e) => eprintln!("{}: failed, nothing of it is left: {e:#}", p.name),
+            }
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+/// (snapshot, new name) pairs from the arguments.
+fn targets(a: &Args) -> Result<Vec<(String, String)>> {
+    if let Some(name) = &a.as_name {
+        if a.specs.len() != 1 || a.specs[0].contains(':') {
+            bail!("--as names one VM: give one SNAPSHOT, or SNAPSHOT:NAME pairs without --as");
+        }
+        return Ok(vec![(a.specs[0].clone(), name.clone())]);
+    }
+    a.specs
+        .iter()
+        .map(|s| match s.rsplit_once(':') {
+            Some((snap, name)) if !snap.is_empty() && !name.is_empty() => {
+                Ok((snap.to_string(), name.to_string()))
+            }
+            _ => bail!("{s:?}: name the new VM, as SNAPSHOT:NAME (or --as NAME)"),
+        })
+        .collect()
+}
+
+/// The directory of a directory-type storage pool.
+fn pool_dir(virsh: &Virsh, pool: &str) -> Result<PathBuf> {
+    let xml = virsh
+        .run(&["pool-dumpxml", pool])
+        .with_context(|| format!("storage pool {pool}"))?;
+    let doc = roxmltree::Document::parse(&xml).context("parsing the pool XML")?;
+    let root = doc.root_element();
+    if root.attribute("type") != Some("dir") {
+        bail!(
+            "pool {pool} is of type {:?}: only directory pools take restored images (or use --storage-dir)",
+            root.attribute("type").unwrap_or("?")
+        );
+    }
+    doc.descendants()
+        .find(|n| n.has_tag_name("path") && n.parent().is_some_and(|p| p.has_tag_name("target")))
+        .and_then(|n| n.text())
+        .map(|t| PathBuf::from(t.trim()))
+        .with_context(|| format!("pool {pool} has no target path"))
+}
+
+type Results<'p> = Vec<(&'p Plan, Result<Outcome>)>;
+
+fn restore_all<'p>(
+    repo: &Arc<store::Repository>,
+    virsh: &Virsh,
+    plans: &'p [Plan],
+    opts: &Options,
+    parallel: usize,
+) -> Results<'p> {
+    let multi = progress::multi();
+    let total: u64 = plans.iter().map(Plan::bytes).sum();
+    let overall = multi.add(progress::bar(total, "all"));
+    let bars: Vec<_> = plans
+        .iter()
+        .map(|p| multi.add(progress::bar(p.bytes(), &p.name)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Outcome>>>> =
+        Mutex::new(plans.iter().map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..parallel.min(plans.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(p) = plans.get(i) else { return };
+                let r = restore::run(repo, virsh, p, opts, &|n| {
+                    bars[i].inc(n);
+                    overall.inc(n);
+                });
+                bars[i].finish_and_clear();
+                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    overall.finish_and_clear();
+    plans
+        .iter()
+        .zip(results.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .map(|(p, r)| (p, r.unwrap_or_else(|| Err(anyhow::anyhow!("not run")))))
+        .collect()
+}

@@ -1,0 +1,345 @@
+//! A VM snapshot restored as a new libvirt domain. The flow, top to bottom:
+//! [`plan`] (names and paths, refusals before anything is written),
+//! [`restore_disks`], [`define`] (the rewritten XML), and start. What a
+//! failed or interrupted restore created is removed by [`Undo`]; nothing
+//! that existed before is touched.
+//!
+//! Raw disks are written by the store's restore (sparse); qcow2 disks are
+//! converted by `qemu-img` straight from the snapshot served over a private
+//! NBD socket (holes stay holes), so neither needs a temporary raw copy.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nbd_server::{Server, ServerConfig, StoreExport};
+use serde::Serialize;
+use store::restore::{restore_to_path, Overwrite, RestoreOptions};
+use store::snapshot::DiskEntry;
+use store::{Repository, Snapshot};
+
+use super::rewrite::{self, ImageFormat, RestoredDisk, Rewrite};
+use super::virsh::Virsh;
+
+/// How far a new VM gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Only the disk images (`--disks-only`).
+    Disks,
+    /// Disks and a defined, stopped domain.
+    Defined,
+    /// Running.
+    Started,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where the disk images go.
+    pub dir: PathBuf,
+    /// A libvirt storage pool to refresh once its directory holds them.
+    pub pool: Option<String>,
+    pub format: ImageFormat,
+    pub keep_macs: bool,
+    /// Keep Bulwark's policies in the new domain (it gets backed up).
+    pub protect: bool,
+    pub stage: Stage,
+    /// Fetch/decrypt threads per disk; 0 = the backend's choice.
+    pub threads: usize,
+}
+
+/// What one VM restore made.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    pub name: String,
+    pub snapshot: String,
+    pub disks: Vec<(String, PathBuf)>,
+    pub defined: bool,
+    pub started: bool,
+    pub notes: Vec<String>,
+    pub seconds: f64,
+}
+
+/// The plan of one VM restore: checked before anything is written.
+pub struct Plan {
+    pub snapshot: Snapshot,
+    pub name: String,
+    pub disks: Vec<(DiskEntry, RestoredDisk)>,
+}
+
+impl Plan {
+    /// Bytes to restore (the disks' sizes), for progress and ETA.
+    pub fn bytes(&self) -> u64 {
+        self.disks.iter().map(|(d, _)| d.size).sum()
+    }
+}
+
+/// Refuses what cannot work: not a VM snapshot, a name in use, an image
+/// that exists.
+pub fn plan(virsh: &Virsh, snapshot: Snapshot, name: &str, opts: &Options) -> Result<Plan> {
+    if snapshot.domain_xml.is_none() {
+        bail!(
+            "snapshot {} of {} is an image backup, not a VM: use `bulwark restore image`",
+            snapshot.id.short(),
+            snapshot.source
+        );
+    }
+    if name.is_empty() || name.contains('/') {
+        bail!("{name:?} is not a usable domain name");
+    }
+    if opts.stage != Stage::Disks && virsh.run(&["domuuid", name]).is_ok() {
+        bail!("a domain named {name} exists already: pick another name with --as");
+    }
+    let ext = opts.format.as_str();
+    let mut disks = Vec::new();
+    for d in &snapshot.disks {
+        let path = opts.dir.join(format!("{name}-{}.{ext}", d.name));
+        if path.exists() {
+            bail!("{} exists already: nothing was restored", path.display());
+        }
+        disks.push((
+            d.clone(),
+            RestoredDisk {
+                target: d.name.clone(),
+                path,
+                format: opts.format,
+            },
+        ));
+    }
+    Ok(Plan {
+        snapshot,
+        name: name.to_string(),
+        disks,
+    })
+}
+
+/// Runs a plan: disks, domain, start. `progress` gets bytes done.
+pub fn run(
+    repo: &Arc<Repository>,
+    virsh: &Virsh,
+    plan: &Plan,
+    opts: &Options,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Outcome> {
+    let t = Instant::now();
+    let mut undo = Undo::new(virsh);
+    std::fs::create_dir_all(&opts.dir)
+        .with_context(|| format!("creating {}", opts.dir.display()))?;
+    restore_disks(repo, plan, opts, &mut undo, progress)?;
+    let mut notes = Vec::new();
+    let defined = opts.stage != Stage::Disks;
+    if defined {
+        notes = define(virsh, plan, opts, &mut undo)?;
+    }
+    if let Some(pool) = &opts.pool {
+        // The pool lists the new volumes; a failure here loses nothing.
+        if let Err(e) = virsh.run(&["pool-refresh", pool]) {
+            notes.push(format!("pool {pool} not refreshed: {e:#}"));
+        }
+    }
+    let started = opts.stage == Stage::Started;
+    if started {
+        virsh
+            .run(&["start", &plan.name])
+            .with_context(|| format!("starting {}", plan.name))?;
+    }
+    undo.commit();
+    Ok(Outcome {
+        name: plan.name.clone(),
+        snapshot: plan.snapshot.id.to_string(),
+        disks: plan
+            .disks
+            .iter()
+            .map(|(d, r)| (d.name.clone(), r.path.clone()))
+            .collect(),
+        defined,
+        started,
+        notes,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+fn restore_disks(
+    repo: &Arc<Repository>,
+    plan: &Plan,
+    opts: &Options,
+    undo: &mut Undo<'_>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let threads = match opts.threads {
+        0 => repo.backend().read_concurrency(),
+        n => n,
+    };
+    for (d, target) in &plan.disks {
+        undo.files.push(target.path.clone());
+        let r: Result<()> = match target.format {
+            ImageFormat::Raw => repo
+                .load_chunk_list(&d.chunk_list)
+                .and_then(|list| {
+                    restore_to_path(
+                        repo,
+                        &list,
+                        d.size,
+                        &target.path,
+                        Overwrite::Never,
+                        &RestoreOptions { threads },
+                        progress,
+                    )
+                    .map(|_| ())
+                })
+                .map_err(Into::into),
+            ImageFormat::Qcow2 => restore_qcow2(repo, &plan.snapshot, d, &target.path, progress),
+        };
+        r.with_context(|| {
+            format!(
+                "restoring {} of snapshot {}",
+                d.name,
+                plan.snapshot.id.short()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// `qemu-img convert` from the snapshot's disk served on a private socket:
+/// reads go through the store's read path, holes are skipped, and the image
+/// appears under its name only once complete.
+fn restore_qcow2(
+    repo: &Arc<Repository>,
+    snap: &Snapshot,
+    d: &DiskEntry,
+    to: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let reader = Arc::new(store::reader::open_disk(
+        repo.clone(),
+        snap,
+        &d.name,
+        256 << 20,
+    )?);
+    let dir = tempfile::Builder::new()
+        .prefix("bulwark-restore-")
+        .tempdir()
+        .context("creating a socket directory")?;
+    let sock = dir.path().join("nbd.sock");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = Server::new(ServerConfig::default()).add_export(
+        "disk",
+        Arc::new(StoreExport::new(reader.clone())),
+        None,
+    );
+    let handle = rt
+        .block_on(async { server.bind_unix(&sock) })
+        .context("serving the snapshot to qemu-img")?;
+    let mut partial = to.as_os_str().to_owned();
+    partial.push(".bulwark-partial");
+    let partial = PathBuf::from(partial);
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    let mut child = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2", "-W", "-m", "8"])
+        .arg(&url)
+        .arg(&partial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running qemu-img (is qemu-utils installed?)")?;
+    // Zero extents cost nothing; data counts as the reader serves it.
+    progress(d.size - d.data_bytes);
+    let mut told = 0;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        let served = reader.stats().bytes_served.min(d.data_bytes);
+        progress(served - told);
+        told = served;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    progress(d.data_bytes - told);
+    rt.block_on(handle.shutdown());
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err)?;
+        }
+        let _ = std::fs::remove_file(&partial);
+        bail!("qemu-img convert failed: {}", err.trim());
+    }
+    std::fs::rename(&partial, to).with_context(|| format!("renaming to {}", to.display()))
+}
+
+/// The snapshot's domain XML, rewritten, defined under the new name.
+fn define(virsh: &Virsh, plan: &Plan, opts: &Options, undo: &mut Undo<'_>) -> Result<Vec<String>> {
+    let xml = plan.snapshot.domain_xml.as_deref().unwrap_or_default();
+    let restored: Vec<RestoredDisk> = plan.disks.iter().map(|(_, r)| r.clone()).collect();
+    let out = rewrite::rewrite(
+        xml,
+        &Rewrite {
+            name: &plan.name,
+            disks: &restored,
+            keep_macs: opts.keep_macs,
+            keep_policies: opts.protect,
+            dir: &opts.dir,
+            nvram: None,
+        },
+    )?;
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), &out.xml)?;
+    let path = file.path().to_string_lossy().into_owned();
+    virsh
+        .run(&["define", &path])
+        .with_context(|| format!("defining {}", plan.name))?;
+    undo.domain = Some(plan.name.clone());
+    Ok(out.notes)
+}
+
+/// What a restore has created so far, removed unless committed.
+struct Undo<'v> {
+    virsh: &'v Virsh,
+    files: Vec<PathBuf>,
+    domain: Option<String>,
+    done: bool,
+}
+
+impl<'v> Undo<'v> {
+    fn new(virsh: &'v Virsh) -> Self {
+        Undo {
+            virsh,
+            files: Vec::new(),
+            domain: None,
+            done: false,
+        }
+    }
+
+    fn commit(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(name) = &self.domain {
+            // Ours: defined by this restore, maybe started.
+            let _ = self.virsh.run(&["destroy", name]);
+            if let Err(e) = self.virsh.run(&["undefine", name, "--nvram"]) {
+                tracing::warn!("could not undefine {name}: {e:#}");
+            }
+        }
+        for f in &self.files {
+            // Only files this restore created (plan refused existing ones).
+            match std::fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("could not remove {}: {e}", f.display()),
+            }
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! `bulwark restore vm` on real libvirtd and QEMU: a running VM with a
+//! qcow2 and a raw disk comes back as a new domain that boots, with its
+//! disks equal to the snapshot and a new identity; two VMs come back from an
+//! S3 repository in one command; existing names and files are refused; a
+//! damaged chunk leaves no domain and no disk behind.
+
+#[path = "vm_common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use rand::{RngCore, SeedableRng};
+use testbed::{Console, Image, Vm, VmOptions, BOOT_TIMEOUT};
+
+/// Domains a test restored: destroyed and undefined at the end.
+struct Restored(Vec<String>);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let virsh = |a: &[&str]| {
+                let _ = Command::new("virsh")
+                    .args(["-q", "-c", "qemu:///system"])
+                    .args(a)
+                    .output();
+            };
+            virsh(&["destroy", n]);
+            virsh(&["undefine", n, "--nvram"]);
+        }
+    }
+}
+
+fn exists(name: &str) -> bool {
+    Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system", "domuuid", name])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// A second, raw disk with data, and a NIC with a fixed MAC.
+fn extra_devices(env: &Env, seed: u64) -> (String, PathBuf) {
+    let vdb = env.path(&format!("vdb-{seed}.raw"));
+    let mut data = vec![0u8; 16 << 20];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data[..4 << 20]);
+    std::fs::write(&vdb, &data).unwrap();
+    let xml = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vdb' bus='virtio'/></disk>\
+         <interface type='user'><mac address='52:54:00:0b:0b:{seed:02x}'/><model type='virtio'/></interface>",
+        vdb.display()
+    );
+    (xml, vdb)
+}
+
+/// Asserts `image` (qcow2 or raw) holds what disk `disk` of `snap` holds.
+fn assert_same_as_snapshot(env: &Env, snap: &str, disk: &str, image: &Path, format: &str) {
+    let reference = env.path(&format!("ref-{}-{disk}.raw", &snap[..8]));
+    if !reference.exists() {
+        env.ok(&[
+            "restore",
+            "image",
+            snap,
+            "--disk",
+            disk,
+            "--to",
+            reference.to_str().unwrap(),
+        ]);
+    }
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", format, "-F", "raw"])
+        .arg(image)
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} differs from {disk} of {snap}: {}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn mac_of(name: &str) -> String {
+    let xml = virsh(&["dumpxml", name]);
+    let i = xml.find("<mac address='").expect("a mac") + 14;
+    xml[i..i + 17].to_string()
+}
+
+#[test]
+fn running_vm_comes_back_as_a_new_domain_that_boots() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let (devices, _vdb) = extra_devices(&env, 1);
+    let mut vm = Vm::define(
+        &image,
+        VmOptions {
+            devices_xml: Some(devices),
+            ..VmOptions::default()
+        },
+    )
+    .unwrap();
+    vm.start().unwrap();
+    vm.wait_ready(BOOT_TIMEOUT).unwrap();
+    let name = vm.name().to_string();
+    let r = env.backup(&name, &[]);
+    assert_eq!(r["running"], true, "{r}");
+    assert_eq!(r["disks"].as_array().unwrap().len(), 2, "{r}");
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    let images = env.path("images");
+    let dir = images.to_str().unwrap();
+    let new_name = testbed::unique_name("bw-restored");
+    let look = format!("{new_name}-look");
+    let mut restored = Restored(vec![new_name.clone(), look.clone()]);
+
+    // Defined only: the disks equal the snapshot, bit for bit.
+    let v = env.json(&[
+        "restore",
+        "vm",
+        &snap,
+        "--as",
+        &look,
+        "--storage-dir",
+        dir,
+        "--json",
+    ]);
+    assert_eq!(v[0]["ok"], true, "{v}");
+    assert_eq!(v[0]["defined"], true);
+    assert_eq!(v[0]["started"], false);
+    assert_eq!(virsh(&["domstate", &look]).trim(), "shut off");
+    for disk in ["vda", "vdb"] {
+        let img = images.join(format!("{look}-{disk}.qcow2"));
+        assert_same_as_snapshot(&env, &snap, disk, &img, "qcow2");
+    }
+    // --format raw gives raw images, equally exact.
+    let raw_name = format!("{new_name}-raw");
+    restored.0.push(raw_name.clone());
+    env.ok(&[
+        "restore",
+        "vm",
+        &snap,
+        "--as",
+        &raw_name,
+        "--storage-dir",
+        dir,
+        "--format",
+        "raw",
+        "--disks-only",
+    ]);
+    assert!(!exists(&raw_name), "--disks-only defines nothing");
+    assert_same_as_snapshot(
+        &env,
+        &snap,
+        "vdb",
+        &images.join(format!("{raw_name}-vdb.raw")),
+        "raw",
+    );
+
+    // With --start: a new identity, and the guest boots from the restored disks.
+    let v = env.json(&[
+        "restore",
+        "vm",
+        &snap,
+        "--as",
+        &new_name,
+        "--storage-dir",
+        dir,
+        "--start",
+        "--json",
+    ]);
+    assert_eq!(v[0]["started"], true, "{v}");
+    assert_eq!(virsh(&["domstate", &new_name]).trim(), "running");
+    let mut console = Console::new(images.join(format!("{new_name}-serial0.log")));
+    let ready = console.wait_ready(BOOT_TIMEOUT).unwrap();
+    assert_eq!(ready.marker, image.marker());
+    assert_ne!(virsh(&["domuuid", &new_name]), virsh(&["domuuid", &name]));
+    assert_ne!(mac_of(&new_name), mac_of(&name));
+    assert!(
+        !virsh(&["dumpxml", &new_name]).contains("bulwark:policy"),
+        "policies only with --protect"
+    );
+    drop(restored);
+}
+
+#[test]
+fn refusals_and_a_damaged_chunk_leave_nothing_behind() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let name = vm.name().to_string();
+    let r = env.backup(&name, &[]);
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    let images = env.path("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let dir = images.to_str().unwrap();
+    let _restored = Restored(vec!["never-defined".into()]);
+
+    // Onto the source's own name: refused.
+    let out = env.run(&["restore", "vm", &snap, "--as", &name, "--storage-dir", dir]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    // Onto an existing image file: refused, the file untouched.
+    let taken = testbed::unique_name("bw-taken");
+    let file = images.join(format!("{taken}-vda.qcow2"));
+    std::fs::write(&file, b"mine").unwrap();
+    let out = env.run(&["restore", "vm", &snap, "--as", &taken, "--storage-dir", dir]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
+    assert!(!exists(&taken));
+    std::fs::remove_file(&file).unwrap();
+
+    // Damage every pack: the restore fails, and leaves no domain or file.
+    for p in walk(&env.path("repo/data")) {
+        let mut b = std::fs::read(&p).unwrap();
+        for x in b.iter_mut().skip(200).step_by(8192) {
+            *x ^= 0x5a;
+        }
+        std::fs::write(&p, &b).unwrap();
+    }
+    let bad = testbed::unique_name("bw-damaged");
+    let out = env.run(&[
+        "restore",
+        "vm",
+        &snap,
+        "--as",
+        &bad,
+        "--storage-dir",
+        dir,
+        "--start",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("damaged") || err.contains("authentication"),
+        "{err}"
+    );
+    assert!(!exists(&bad));
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn two_vms_from_s3_in_one_command() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let server = testbed::s3::S3Server::start().unwrap();
+    let bucket = server.create_bucket().unwrap();
+    let repo = format!("s3://{bucket}/vms");
+    let s3 = |args: &[&str]| {
+        let out = env
+            .cmd(args)
+            .envs(server.env())
+            .env("BULWARK_REPO", &repo)
+            .env("BULWARK_CACHE_DIR", env.path("cache"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    s3(&["repo", "init"]);
+    let mut snaps = Vec::new();
+    let mut vms = Vec::new();
+    for seed in [2, 3] {
+        let (devices, _) = extra_devices(&env, seed);
+        let vm = Vm::define(
+            &image,
+            VmOptions {
+                devices_xml: Some(devices),
+                ..VmOptions::default()
+            },
+        )
+        .unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&s3(&["backup", "vm", vm.name(), "--json"])).unwrap();
+        snaps.push(r["snapshot"].as_str().unwrap().to_string());
+        vms.push(vm);
+    }
+    let names: Vec<String> = (0..2)
+        .map(|i| testbed::unique_name(&format!("bw-s3r{i}")))
+        .collect();
+    let _restored = Restored(names.clone());
+    let images = env.path("images");
+    let specs: Vec<String> = snaps
+        .iter()
+        .zip(&names)
+        .map(|(s, n)| format!("{s}:{n}"))
+        .collect();
+    let mut args = vec!["restore", "vm"];
+    args.extend(specs.iter().map(String::as_str));
+    args.extend(["--storage-dir", images.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&s3(&args)).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    for (i, n) in names.iter().enumerate() {
+        let r = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == n.as_str())
+            .unwrap();
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["snapshot"].as_str(), Some(snaps[i].as_str()));
+        assert!(exists(n));
+        // The raw disk of each holds its own VM's data.
+        let vdb = images.join(format!("{n}-vdb.qcow2"));
+        let reference = env.path(&format!("vdb-{}.raw", i + 2));
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw"])
+            .arg(&vdb)
+            .arg(&reference)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{n}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
