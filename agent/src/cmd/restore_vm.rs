@@ -86,6 +86,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         threads: 0,
     };
     let repo = Arc::new(secret::open(g)?);
+    restore::undo_on_interrupt(virsh.clone())?;
     // Every VM is checked before any is written.
     let mut plans = Vec::new();
     for (snap, name) in &targets {

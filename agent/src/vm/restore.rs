@@ -172,7 +172,7 @@ fn restore_disks(
         n => n,
     };
     for (d, target) in &plan.disks {
-        undo.files.push(target.path.clone());
+        undo.file(target.path.clone());
         let r: Result<()> = match target.format {
             ImageFormat::Raw => repo
                 .load_chunk_list(&d.chunk_list)
@@ -235,9 +235,7 @@ fn restore_qcow2(
     let handle = rt
         .block_on(async { server.bind_unix(&sock) })
         .context("serving the snapshot to qemu-img")?;
-    let mut partial = to.as_os_str().to_owned();
-    partial.push(".bulwark-partial");
-    let partial = PathBuf::from(partial);
+    let partial = partial_of(to);
     let url = format!("nbd+unix:///disk?socket={}", sock.display());
     let mut child = Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2", "-W", "-m", "8"])
@@ -294,8 +292,67 @@ fn define(virsh: &Virsh, plan: &Plan, opts: &Options, undo: &mut Undo<'_>) -> Re
     virsh
         .run(&["define", &path])
         .with_context(|| format!("defining {}", plan.name))?;
-    undo.domain = Some(plan.name.clone());
+    undo.domain(plan.name.clone());
     Ok(out.notes)
+}
+
+/// Everything restores in this process have created and not committed,
+/// so an interrupt ([`undo_on_interrupt`]) can remove it too.
+static CREATED: std::sync::Mutex<Vec<Created>> = std::sync::Mutex::new(Vec::new());
+
+#[derive(Clone, PartialEq)]
+enum Created {
+    File(PathBuf),
+    Domain(String),
+}
+
+fn created() -> std::sync::MutexGuard<'static, Vec<Created>> {
+    CREATED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// On SIGINT or SIGTERM: remove what unfinished restores created (partial
+/// images included), then exit 130.
+pub fn undo_on_interrupt(virsh: Virsh) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing the interrupt handler")?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            eprintln!("interrupted: removing what this restore created");
+            for c in created().drain(..).rev() {
+                match c {
+                    Created::Domain(name) => {
+                        let _ = virsh.run(&["destroy", &name]);
+                        let _ = virsh.run(&["undefine", &name, "--nvram"]);
+                    }
+                    Created::File(f) => {
+                        let _ = std::fs::remove_file(&f);
+                        let _ = std::fs::remove_file(partial_of(&f));
+                        let _ = std::fs::remove_file(hidden_partial_of(&f));
+                    }
+                }
+            }
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+/// `PATH.bulwark-partial`: where qemu-img writes a qcow2 image.
+fn partial_of(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".bulwark-partial");
+    PathBuf::from(s)
+}
+
+/// `DIR/.NAME.bulwark-partial`: where the store writes a raw image.
+fn hidden_partial_of(p: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(p.file_name().unwrap_or_default());
+    name.push(".bulwark-partial");
+    p.with_file_name(name)
 }
 
 /// What a restore has created so far, removed unless committed.
@@ -316,8 +373,31 @@ impl<'v> Undo<'v> {
         }
     }
 
+    fn file(&mut self, f: PathBuf) {
+        created().push(Created::File(f.clone()));
+        self.files.push(f);
+    }
+
+    fn domain(&mut self, name: String) {
+        created().push(Created::Domain(name.clone()));
+        self.domain = Some(name);
+    }
+
     fn commit(&mut self) {
         self.done = true;
+        self.forget();
+    }
+
+    /// Takes this restore's entries off the process-wide list.
+    fn forget(&self) {
+        let mine: Vec<Created> = self
+            .files
+            .iter()
+            .cloned()
+            .map(Created::File)
+            .chain(self.domain.clone().map(Created::Domain))
+            .collect();
+        created().retain(|c| !mine.contains(c));
     }
 }
 
@@ -326,6 +406,7 @@ impl Drop for Undo<'_> {
         if self.done {
             return;
         }
+        self.forget();
         if let Some(name) = &self.domain {
             // Ours: defined by this restore, maybe started.
             let _ = self.virsh.run(&["destroy", name]);
