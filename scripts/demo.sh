@@ -69,7 +69,13 @@ if [ -z "${BULWARK_DEMO_NO_VM:-}" ]; then
   </devices>
 </domain>
 XML
-    cleanup() { virsh -q destroy "$DOM" >/dev/null 2>&1 || true; virsh -q undefine "$DOM" --checkpoints-metadata >/dev/null 2>&1 || true; }
+    NEW="$DOM-restored"
+    cleanup() {
+        for d in "$DOM" "$NEW"; do
+            virsh -q destroy "$d" >/dev/null 2>&1 || true
+            virsh -q undefine "$d" --checkpoints-metadata >/dev/null 2>&1 || true
+        done
+    }
     trap cleanup EXIT
     virsh -q define "$VMDIR/domain.xml" >/dev/null
     virsh -q start "$DOM" >/dev/null
@@ -86,6 +92,12 @@ XML
     rm -f "$VMDIR/restored.raw"
     "$BW" restore image "$DOM@latest" --disk vda --to "$VMDIR/restored.raw"
     cmp "$VMDIR/reference.raw" "$VMDIR/restored.raw" && echo "restored VM disk is bit-identical"
+    echo "== restore vm $DOM@latest as a new domain $NEW, started"
+    rm -rf "$VMDIR/restored"
+    "$BW" restore vm "$DOM@latest" --as "$NEW" --storage-dir "$VMDIR/restored" --start
+    for _ in $(seq 120); do grep -q "bulwark-guest: ready" "$VMDIR/restored/$NEW-serial0.log" 2>/dev/null && break; sleep 0.5; done
+    echo -n "$NEW booted: "; grep "bulwark-guest: ready" "$VMDIR/restored/$NEW-serial0.log"
+    echo "$NEW: uuid $(virsh -q domuuid "$NEW"), source $DOM: uuid $(virsh -q domuuid "$DOM")"
 fi
 echo "== verify"; "$BW" verify
 "$BW" snapshots

@@ -35,6 +35,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
                     "parent": s.parent,
                     "size": s.size(),
                     "stored_bytes": s.stats.bytes_stored,
+                    "vm": s.domain_xml.is_some(),
                     "disks": s.disks.iter().map(|d| serde_json::json!({
                         "name": d.name, "size": d.size, "data_bytes": d.data_bytes,
                         "chunks": d.chunks, "checkpoint": d.checkpoint,
@@ -46,18 +47,22 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<8}  {:<20}  {:<20}  {:>10}  {:>10}",
-        "ID", "SOURCE", "TIME (local)", "SIZE", "STORED"
+        "{:<8}  {:<20}  {:<12}  {:<19}  {:>10}  {:>10}  DISKS",
+        "ID", "SOURCE", "POLICY", "TIME (local)", "SIZE", "STORED"
     );
     for s in &snaps {
         let local = s.time.with_timezone(&chrono::Local);
+        let disks: Vec<_> = s.disks.iter().map(|d| d.name.as_str()).collect();
         println!(
-            "{:<8}  {:<20}  {:<20}  {:>10}  {:>10}",
+            "{:<8}  {:<20}  {:<12}  {:<19}  {:>10}  {:>10}  {}{}",
             s.id.short(),
             s.source,
+            s.policy.as_deref().unwrap_or("-"),
             local.format("%Y-%m-%d %H:%M:%S"),
             human(s.size()),
-            human(s.stats.bytes_stored)
+            human(s.stats.bytes_stored),
+            disks.join(","),
+            if s.domain_xml.is_some() { " (VM)" } else { "" }
         );
     }
     Ok(0)
