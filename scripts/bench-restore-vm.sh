@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `bulwark restore vm` of a stopped VM with a 1 GiB disk (the mixed image as
+# qcow2) against `bulwark restore image` of the same disk, one run each,
+# local repository (its files in the page cache for every row).
+# Usage: scripts/bench-restore-vm.sh [WORKDIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/ensure-rust.sh
+cargo build --release -q -p bulwark
+BW=$PWD/target/release/bulwark
+W=${1:-/tmp/bulwark-bench-restore-vm}; rm -rf "$W"; mkdir -p "$W"; chmod 755 "$W"
+export BULWARK_REPO=$W/repo BULWARK_PASSWORD=bench BULWARK_STATE_DIR=$W/state
+scripts/mixed-image.sh /tmp/bulwark-mixed-1g.raw 1024
+qemu-img convert -f raw -O qcow2 /tmp/bulwark-mixed-1g.raw "$W/disk.qcow2"
+DOM=bw-bench-$$
+cat > "$W/dom.xml" <<XML
+<domain type='qemu'><name>$DOM</name><memory unit='MiB'>128</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='$W/disk.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>
+XML
+cleanup() { for d in "$DOM" "$DOM-q" "$DOM-r"; do virsh -q undefine "$d" --checkpoints-metadata >/dev/null 2>&1 || true; done; }
+trap cleanup EXIT
+virsh -q define "$W/dom.xml" >/dev/null
+"$BW" repo init >/dev/null
+"$BW" backup vm "$DOM" >/dev/null
+t() { local s e; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); echo "$e - $s" | bc; }
+rate() { echo "scale=0; 1024 / $1" | bc; }
+img=$(t "$BW" restore image "$DOM@latest" --to "$W/image.raw")
+raw=$(t "$BW" restore vm "$DOM@latest" --as "$DOM-r" --storage-dir "$W/r" --format raw)
+qcow=$(t "$BW" restore vm "$DOM@latest" --as "$DOM-q" --storage-dir "$W/q")
+printf '%-34s %7s s %6s MiB/s\n' "restore image (raw file)" "$img" "$(rate "$img")"
+printf '%-34s %7s s %6s MiB/s  %s x restore image\n' "restore vm --format raw (defined)" "$raw" "$(rate "$raw")" "$(echo "scale=2; $img / $raw" | bc)"
+printf '%-34s %7s s %6s MiB/s  %s x restore image\n' "restore vm (qcow2, defined)" "$qcow" "$(rate "$qcow")" "$(echo "scale=2; $img / $qcow" | bc)"
+qemu-img compare -q "$W/q/$DOM-q-vda.qcow2" "$W/image.raw" && cmp -s "$W/r/$DOM-r-vda.raw" "$W/image.raw" && echo "all three identical"
