@@ -198,6 +198,33 @@ fn refusals_and_a_damaged_chunk_leave_nothing_behind() {
     let dir = images.to_str().unwrap();
     let _restored = Restored(vec!["never-defined".into()]);
 
+    // Into a directory storage pool: the volumes appear in it.
+    let pool = testbed::unique_name("bw-pool");
+    let pool_dir = env.path("pool");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    virsh(&[
+        "pool-create-as",
+        &pool,
+        "dir",
+        "--target",
+        pool_dir.to_str().unwrap(),
+    ]);
+    struct Pool(String);
+    impl Drop for Pool {
+        fn drop(&mut self) {
+            let _ = Command::new("virsh")
+                .args(["-q", "-c", "qemu:///system", "pool-destroy", &self.0])
+                .output();
+        }
+    }
+    let _pool = Pool(pool.clone());
+    let in_pool = testbed::unique_name("bw-inpool");
+    let _restored_pool = Restored(vec![in_pool.clone()]);
+    env.ok(&["restore", "vm", &snap, "--as", &in_pool, "--pool", &pool]);
+    let vols = virsh(&["vol-list", &pool]);
+    assert!(vols.contains(&format!("{in_pool}-vda.qcow2")), "{vols}");
+    assert!(virsh(&["dumpxml", &in_pool]).contains(pool_dir.to_str().unwrap()));
+
     // Onto the source's own name: refused.
     let out = env.run(&["restore", "vm", &snap, "--as", &name, "--storage-dir", dir]);
     assert_eq!(out.status.code(), Some(1));

@@ -241,7 +241,15 @@ fn restore_qcow2(
         // Metadata preallocated: qcow2 writes then skip most allocation
         // work (measured: 1.5x faster on a 1 GiB disk), for L2 tables of
         // about 128 MiB per TiB of disk.
-        .args(["convert", "-f", "raw", "-O", "qcow2", "-o", "preallocation=metadata"])
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+        ])
         .args(["-W", "-m", "8"])
         .arg(&url)
         .arg(&partial)
