@@ -440,8 +440,10 @@ fn gc_races_two_writers_and_loses_nothing() {
     }
     eprintln!("{gc_runs} gc runs, {tally:?}, {held_back} held back by backups in flight");
     assert!(gc_runs >= 6);
-    // The GCs did reclaim while the writers ran (the race is real).
-    assert!(tally[0].1 > 0 && tally[1].1 > 0, "{tally:?}");
+    // The race is real: GCs condemned packs while the writers ran, and then
+    // deleted some, kept some a backup reused, or were held back by one.
+    assert!(tally[0].1 > 0, "{tally:?}");
+    assert!(tally[1].1 + tally[2].1 + held_back > 0, "{tally:?}");
     let listed: Vec<String> = e
         .json(&["snapshots", "--json"])
         .as_array()
