@@ -367,3 +367,67 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A UEFI domain (pflash loader, NVRAM file): the variables are backed up
+/// with the disks and restored next to them, and the new domain points at
+/// its own copy. (Defined only: the test host has no OVMF to boot it.)
+#[test]
+fn uefi_variables_travel_with_the_vm() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let dir = env.path("uefi");
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.raw");
+    std::fs::copy(image.raw(), &disk).unwrap();
+    let vars = dir.join("VARS.fd");
+    let mut nv = vec![0u8; 128 << 10];
+    rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut nv);
+    std::fs::write(&vars, &nv).unwrap();
+    let name = testbed::unique_name("bw-uefi");
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory>\
+         <features><acpi/></features>\
+         <os><type arch='x86_64' machine='q35'>hvm</type>\
+         <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>\
+         <nvram>{}</nvram></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        vars.display(),
+        disk.display()
+    );
+    let xml_path = dir.join("domain.xml");
+    std::fs::write(&xml_path, xml).unwrap();
+    let new_name = format!("{name}-r");
+    let _domains = Restored(vec![name.clone(), new_name.clone()]);
+    virsh(&["define", xml_path.to_str().unwrap()]);
+    let r = env.backup(&name, &[]);
+    assert_eq!(r["nvram"].as_str(), vars.to_str(), "{r}");
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    let images = env.path("images");
+    let v = env.json(&[
+        "restore",
+        "vm",
+        &snap,
+        "--as",
+        &new_name,
+        "--storage-dir",
+        images.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(v[0]["ok"], true, "{v}");
+    let restored = images.join(format!("{new_name}_VARS.fd"));
+    assert_eq!(v[0]["nvram"].as_str(), restored.to_str());
+    assert!(std::fs::read(&restored).unwrap() == nv, "NVRAM differs");
+    let new_xml = virsh(&["dumpxml", "--inactive", &new_name]);
+    assert!(
+        new_xml.contains(&format!(">{}</nvram>", restored.display())),
+        "{new_xml}"
+    );
+    assert_same_as_snapshot(
+        &env,
+        &snap,
+        "vda",
+        &images.join(format!("{new_name}-vda.qcow2")),
+        "qcow2",
+    );
+}

@@ -92,6 +92,8 @@ pub struct BackupSession<'r> {
     threads: usize,
     packer: Packer,
     lists: Vec<(DiskEntry, ChunkList)>,
+    /// Which of `lists` is the NVRAM (stored beside the disks).
+    nvram: Option<usize>,
     stats: BackupStats,
     started: Instant,
 }
@@ -159,6 +161,7 @@ impl<'r> BackupSession<'r> {
                 uploaded: Vec::new(),
             },
             lists: Vec::new(),
+            nvram: None,
             stats: BackupStats::default(),
             started: Instant::now(),
         })
@@ -229,6 +232,14 @@ impl<'r> BackupSession<'r> {
         })
     }
 
+    /// Backs up a VM's UEFI variable store (read whole), kept in the
+    /// manifest beside the disks rather than as one of them.
+    pub fn backup_nvram(&mut self, source: &mut dyn BlockSource) -> Result<()> {
+        self.backup_disk("nvram", source, Mode::Full)?;
+        self.nvram = Some(self.lists.len() - 1);
+        Ok(())
+    }
+
     /// Records the checkpoint the last backed-up disk ends at.
     pub fn set_checkpoint(&mut self, disk: &str, checkpoint: &str) {
         if let Some((e, _)) = self.lists.iter_mut().find(|(e, _)| e.name == disk) {
@@ -241,11 +252,16 @@ impl<'r> BackupSession<'r> {
         self.packer.flush_pack(&self.cipher)?;
         self.packer.close(self.repo, &self.cipher)?;
         let mut disks = Vec::new();
-        for (entry, list) in &self.lists {
+        let mut nvram = None;
+        for (i, (entry, list)) in self.lists.iter().enumerate() {
             let sealed = object::seal(&self.cipher, chunklist::KIND, &list.encode());
             self.repo
                 .put_sealed(&layout::chunk_list(&entry.chunk_list), &sealed)?;
-            disks.push(entry.clone());
+            if self.nvram == Some(i) {
+                nvram = Some(entry.clone());
+            } else {
+                disks.push(entry.clone());
+            }
         }
         self.stats.seconds = self.started.elapsed().as_secs_f64();
         let snap = Snapshot {
@@ -260,6 +276,7 @@ impl<'r> BackupSession<'r> {
             domain_xml: meta.domain_xml,
             key_fingerprint: self.repo.keys().fingerprint().to_string(),
             disks,
+            nvram,
             stats: self.stats.clone(),
         };
         let json = serde_json::to_vec(&snap).expect("serialize manifest");

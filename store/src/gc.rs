@@ -237,7 +237,7 @@ fn live_chunks(repo: &Repository, report: &mut GcReport) -> Result<IdSet> {
             Err(Error::Backend(BackendError::NotFound(_))) => continue,
             Err(e) => return Err(e),
         };
-        for d in &snap.disks {
+        for d in snap.chunk_lists() {
             let list = match repo.load_chunk_list(&d.chunk_list) {
                 Ok(l) => l,
                 Err(Error::Backend(BackendError::NotFound(_)))

@@ -249,7 +249,7 @@ impl Repository {
     /// shares. Chunks stay until a GC finds them unreferenced.
     pub fn delete_snapshot(&self, snap: &Snapshot) -> Result<()> {
         self.backend.delete(&layout::snapshot(&snap.id))?;
-        for d in &snap.disks {
+        for d in snap.chunk_lists() {
             match self.backend.delete(&layout::chunk_list(&d.chunk_list)) {
                 Ok(()) | Err(BackendError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),

@@ -52,12 +52,20 @@ pub struct Snapshot {
     pub domain_xml: Option<String>,
     pub key_fingerprint: String,
     pub disks: Vec<DiskEntry>,
+    /// The VM's UEFI variable store, if it has one (not a disk: no export).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<DiskEntry>,
     pub stats: BackupStats,
 }
 
 impl Snapshot {
     pub fn size(&self) -> u64 {
         self.disks.iter().map(|d| d.size).sum()
+    }
+
+    /// Everything with a chunk list: the disks and the NVRAM.
+    pub fn chunk_lists(&self) -> impl Iterator<Item = &DiskEntry> {
+        self.disks.iter().chain(&self.nvram)
     }
 
     /// The retention group: (source, policy).

@@ -55,7 +55,7 @@ pub fn verify(
     };
     let mut uses: IdMap<Vec<Use>> = IdMap::default();
     for s in snapshots {
-        for d in &s.disks {
+        for d in s.chunk_lists() {
             let list = match repo.load_chunk_list(&d.chunk_list) {
                 Ok(l) => l,
                 Err(e) => {

@@ -104,7 +104,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
             .map(|(p, r)| match r {
                 Ok(o) => serde_json::json!({"ok": true, "name": o.name, "snapshot": o.snapshot,
                     "disks": o.disks.iter().map(|(t, p)| serde_json::json!({"target": t, "path": p})).collect::<Vec<_>>(),
-                    "defined": o.defined, "started": o.started, "notes": o.notes, "seconds": o.seconds}),
+                    "nvram": o.nvram, "defined": o.defined, "started": o.started, "notes": o.notes, "seconds": o.seconds}),
                 Err(e) => serde_json::json!({"ok": false, "name": p.name,
                     "snapshot": p.snapshot.id.to_string(), "error": format!("{e:#}")}),
             })
@@ -129,6 +129,9 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
                     );
                     for (t, path) in &o.disks {
                         println!("  {t}: {}", path.display());
+                    }
+                    if let Some(p) = &o.nvram {
+                        println!("  nvram: {}", p.display());
                     }
                     for n in &o.notes {
                         println!("  note: {n}");

@@ -18,7 +18,7 @@
 //! and a fresh checkpoint starts a new chain. Raw disks have no persistent
 //! bitmaps and are always read whole.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -88,6 +88,9 @@ pub struct Report {
     pub chunks_reused: u64,
     pub seconds: f64,
     pub disks: Vec<DiskReport>,
+    /// The UEFI variable store backed up with the disks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<PathBuf>,
 }
 
 /// What each disk gets: incremental from the base, or full with a reason.
@@ -320,6 +323,20 @@ pub fn backup(repo: &Repository, opts: &Options) -> Result<Report> {
         }
         return Err(e);
     }
+    // The UEFI variables go with the disks (a VM that never started has
+    // none yet: libvirt makes them from the template at first start).
+    let nvram = info.nvram.clone().filter(|p| p.exists());
+    if let Some(p) = &nvram {
+        let r = store::ImageFile::open(p)
+            .and_then(|mut src| session.backup_nvram(&mut src))
+            .with_context(|| format!("backing up the NVRAM {}", p.display()));
+        if let Err(e) = r {
+            if !bitmap_disks.is_empty() {
+                undo_checkpoint(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    }
     let parent = base
         .as_ref()
         .filter(|_| plans.iter().any(|p| p.full_reason.is_none()))
@@ -393,6 +410,7 @@ pub fn backup(repo: &Repository, opts: &Options) -> Result<Report> {
         chunks_reused: s.chunks_reused,
         seconds: t0.elapsed().as_secs_f64(),
         disks: reports,
+        nvram,
     })
 }
 

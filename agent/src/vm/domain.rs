@@ -35,6 +35,8 @@ pub struct DomainInfo {
     /// Writable disks Bulwark cannot read (network, volume, ...): a backup
     /// refuses rather than store a VM with a disk missing.
     pub unsupported: Vec<String>,
+    /// The UEFI variable store (`<os><nvram>`), if the domain has one.
+    pub nvram: Option<PathBuf>,
 }
 
 pub fn parse(xml: &str) -> Result<DomainInfo> {
@@ -93,6 +95,13 @@ pub fn parse(xml: &str) -> Result<DomainInfo> {
         disks,
         policies: policies(&root),
         unsupported,
+        nvram: root
+            .children()
+            .find(|n| n.has_tag_name("os"))
+            .and_then(|os| os.children().find(|n| n.has_tag_name("nvram")))
+            .and_then(|n| n.text())
+            .map(|t| PathBuf::from(t.trim()))
+            .filter(|p| !p.as_os_str().is_empty()),
     })
 }
 

@@ -55,6 +55,7 @@ pub struct Outcome {
     pub name: String,
     pub snapshot: String,
     pub disks: Vec<(String, PathBuf)>,
+    pub nvram: Option<PathBuf>,
     pub defined: bool,
     pub started: bool,
     pub notes: Vec<String>,
@@ -66,12 +67,15 @@ pub struct Plan {
     pub snapshot: Snapshot,
     pub name: String,
     pub disks: Vec<(DiskEntry, RestoredDisk)>,
+    /// The UEFI variables and where they go (`NAME_VARS.fd`).
+    pub nvram: Option<(DiskEntry, PathBuf)>,
 }
 
 impl Plan {
     /// Bytes to restore (the disks' sizes), for progress and ETA.
     pub fn bytes(&self) -> u64 {
-        self.disks.iter().map(|(d, _)| d.size).sum()
+        self.disks.iter().map(|(d, _)| d.size).sum::<u64>()
+            + self.nvram.as_ref().map_or(0, |(d, _)| d.size)
     }
 }
 
@@ -107,10 +111,21 @@ pub fn plan(virsh: &Virsh, snapshot: Snapshot, name: &str, opts: &Options) -> Re
             },
         ));
     }
+    let nvram = match &snapshot.nvram {
+        Some(d) => {
+            let path = opts.dir.join(format!("{name}_VARS.fd"));
+            if path.exists() {
+                bail!("{} exists already: nothing was restored", path.display());
+            }
+            Some((d.clone(), path))
+        }
+        None => None,
+    };
     Ok(Plan {
         snapshot,
         name: name.to_string(),
         disks,
+        nvram,
     })
 }
 
@@ -153,6 +168,7 @@ pub fn run(
             .iter()
             .map(|(d, r)| (d.name.clone(), r.path.clone()))
             .collect(),
+        nvram: plan.nvram.as_ref().map(|(_, p)| p.clone()),
         defined,
         started,
         notes,
@@ -198,6 +214,20 @@ fn restore_disks(
                 plan.snapshot.id.short()
             )
         })?;
+    }
+    if let Some((d, path)) = &plan.nvram {
+        undo.file(path.clone());
+        let list = repo.load_chunk_list(&d.chunk_list)?;
+        restore_to_path(
+            repo,
+            &list,
+            d.size,
+            path,
+            Overwrite::Never,
+            &RestoreOptions { threads },
+            progress,
+        )
+        .context("restoring the NVRAM")?;
     }
     Ok(())
 }
@@ -300,7 +330,7 @@ fn define(virsh: &Virsh, plan: &Plan, opts: &Options, undo: &mut Undo<'_>) -> Re
             keep_macs: opts.keep_macs,
             keep_policies: opts.protect,
             dir: &opts.dir,
-            nvram: None,
+            nvram: plan.nvram.as_ref().map(|(_, p)| p.as_path()),
         },
     )?;
     let file = tempfile::NamedTempFile::new()?;
