@@ -280,7 +280,7 @@ fn restore_qcow2(
             "-o",
             "preallocation=metadata",
         ])
-        .args(["-W", "-m", "8"])
+        .args(["-W", "-m", "16"])
         .arg(&url)
         .arg(&partial)
         .stdin(Stdio::null())
