@@ -237,7 +237,7 @@ fn flipped_byte_fails_verify_and_restore_loudly() {
     e.ok(&["backup", "image", img.to_str().unwrap(), "--source", "db"]);
     assert!(e.run(&["verify"]).status.success());
     // Flip one byte in the middle of the largest pack.
-    let mut packs: Vec<_> = walk(&e.path("repo/data"));
+    let mut packs: Vec<_> = testbed::files_under(&e.path("repo/data")).unwrap();
     packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
     let pack = packs.last().unwrap();
     let mut bytes = std::fs::read(pack).unwrap();
@@ -274,19 +274,6 @@ fn flipped_byte_fails_verify_and_restore_loudly() {
     assert!(left.is_empty(), "partial files left behind: {left:?}");
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![];
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn sigkill_midway_leaves_a_repository_that_verifies_and_backs_up() {
     let e = Env::new();
@@ -310,13 +297,13 @@ fn sigkill_midway_leaves_a_repository_that_verifies_and_backs_up() {
             f.write_all_at(&block, i * (8 << 20)).unwrap();
         }
     }
-    let packs_before = walk(&e.path("repo/data")).len();
+    let packs_before = testbed::files_under(&e.path("repo/data")).unwrap().len();
     let mut child = e
         .cmd(&["backup", "image", big.to_str().unwrap(), "--source", "big"])
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while walk(&e.path("repo/data")).len() < packs_before + 2 {
+    while testbed::files_under(&e.path("repo/data")).unwrap().len() < packs_before + 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "backup wrote no packs"
@@ -466,7 +453,8 @@ fn sparse_file_backup_says_what_it_skipped() {
 }
 
 fn data_bytes(e: &Env) -> u64 {
-    walk(&e.path("repo/data"))
+    testbed::files_under(&e.path("repo/data"))
+        .unwrap()
         .iter()
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum()

@@ -14,31 +14,29 @@ use common::*;
 use rand::{RngCore, SeedableRng};
 use testbed::{Console, Image, Vm, VmOptions, BOOT_TIMEOUT};
 
+/// `virsh` for cleanup and probes: whether it succeeded, nothing more.
+fn virsh_ok(args: &[&str]) -> bool {
+    Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Domains a test restored: destroyed and undefined at the end.
 struct Restored(Vec<String>);
 
 impl Drop for Restored {
     fn drop(&mut self) {
         for n in &self.0 {
-            let virsh = |a: &[&str]| {
-                let _ = Command::new("virsh")
-                    .args(["-q", "-c", "qemu:///system"])
-                    .args(a)
-                    .output();
-            };
-            virsh(&["destroy", n]);
-            virsh(&["undefine", n, "--nvram"]);
+            virsh_ok(&["destroy", n]);
+            virsh_ok(&["undefine", n, "--nvram"]);
         }
     }
 }
 
 fn exists(name: &str) -> bool {
-    Command::new("virsh")
-        .args(["-q", "-c", "qemu:///system", "domuuid", name])
-        .output()
-        .unwrap()
-        .status
-        .success()
+    virsh_ok(&["domuuid", name])
 }
 
 /// A second, raw disk with data, and a NIC with a fixed MAC.
@@ -212,9 +210,7 @@ fn refusals_and_a_damaged_chunk_leave_nothing_behind() {
     struct Pool(String);
     impl Drop for Pool {
         fn drop(&mut self) {
-            let _ = Command::new("virsh")
-                .args(["-q", "-c", "qemu:///system", "pool-destroy", &self.0])
-                .output();
+            virsh_ok(&["pool-destroy", &self.0]);
         }
     }
     let _pool = Pool(pool.clone());
@@ -241,7 +237,7 @@ fn refusals_and_a_damaged_chunk_leave_nothing_behind() {
     std::fs::remove_file(&file).unwrap();
 
     // Damage every pack: the restore fails, and leaves no domain or file.
-    for p in walk(&env.path("repo/data")) {
+    for p in testbed::files_under(&env.path("repo/data")).unwrap() {
         let mut b = std::fs::read(&p).unwrap();
         for x in b.iter_mut().skip(200).step_by(8192) {
             *x ^= 0x5a;
@@ -353,19 +349,6 @@ fn two_vms_from_s3_in_one_command() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![];
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// A UEFI domain (pflash loader, NVRAM file): the variables are backed up

@@ -45,6 +45,21 @@ pub struct Extent {
     pub state: ExtentState,
 }
 
+impl Extent {
+    /// A range that holds data, or (`data == false`) reads as zeros.
+    pub fn data_or_hole(offset: u64, length: u64, data: bool) -> Self {
+        Extent {
+            offset,
+            length,
+            state: if data {
+                ExtentState::Data
+            } else {
+                ExtentState::Hole
+            },
+        }
+    }
+}
+
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSize {

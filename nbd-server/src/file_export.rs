@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::export::{Export, ExportError, Extent, ExtentState};
+use crate::export::{Export, ExportError, Extent};
 
 /// A read-only raw file.
 #[derive(Debug, Clone)]
@@ -37,15 +37,7 @@ impl FileExport {
         let end = offset.saturating_add(len).min(self.size);
         Ok(store::source::allocation_map(&self.file, offset, end)?
             .into_iter()
-            .map(|e| Extent {
-                offset: e.offset,
-                length: e.len,
-                state: if e.data {
-                    ExtentState::Data
-                } else {
-                    ExtentState::Hole
-                },
-            })
+            .map(|e| Extent::data_or_hole(e.offset, e.len, e.data))
             .collect())
     }
 }

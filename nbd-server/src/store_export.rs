@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use store::reader::DiskReader;
 
-use crate::export::{BlockSize, Export, ExportError, Extent, ExtentState};
+use crate::export::{BlockSize, Export, ExportError, Extent};
 
 pub struct StoreExport {
     reader: Arc<DiskReader>,
@@ -44,15 +44,7 @@ impl Export for StoreExport {
             .reader
             .extents(offset, len)
             .into_iter()
-            .map(|e| Extent {
-                offset: e.offset,
-                length: e.len,
-                state: if e.data {
-                    ExtentState::Data
-                } else {
-                    ExtentState::Hole
-                },
-            })
+            .map(|e| Extent::data_or_hole(e.offset, e.len, e.data))
             .collect())
     }
 

@@ -11,10 +11,13 @@ use store::backend::{CacheOptions, CachedBackend, S3Backend, S3Config};
 use store::restore::{restore_to_file, RestoreOptions};
 use store::source::MemSource;
 use store::{
-    Backend, BackendError, BackupOptions, BackupSession, ChunkerParams, KdfParams, Mode,
-    RepoConfig, Repository, Secret, SnapshotMeta,
+    Backend, BackendError, BackupOptions, BackupSession, KdfParams, Mode, Repository, Secret,
+    SnapshotMeta,
 };
 use testbed::s3::{FaultProxy, Faults, S3Server};
+
+mod common;
+use common::small_config;
 
 fn config(server: &S3Server, endpoint: &str, bucket: &str, prefix: &str) -> S3Config {
     S3Config {
@@ -118,18 +121,6 @@ fn image(mib: usize, seed: u64) -> Vec<u8> {
         }
     }
     v
-}
-
-fn small_config() -> RepoConfig {
-    RepoConfig {
-        chunker: ChunkerParams {
-            min: 16 << 10,
-            avg: 64 << 10,
-            max: 256 << 10,
-        },
-        pack_size: 1 << 20,
-        ..RepoConfig::default()
-    }
 }
 
 fn secret() -> Secret {

@@ -50,6 +50,7 @@ pub use image::{DiskFormat, Image};
 pub use libvirt::{TestBed, Vm, LIBVIRT_URI};
 pub use loopdev::LoopDevice;
 pub use qemu::QemuVm;
+pub use util::files_under;
 
 /// The device path of the guest's disk for HMP `qemu-io -d`, the same under
 /// libvirt and under [`QemuVm`].

@@ -113,3 +113,18 @@ pub(crate) fn make_world_readable(dir: &Path) -> Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
         .map_err(io_err(format!("chmod {}", dir.display())))
 }
+
+/// Every file below `dir` (recursively), for tests that inspect what a
+/// repository or a restore left on disk.
+pub fn files_under(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            out.extend(files_under(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
