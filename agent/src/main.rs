@@ -4,6 +4,7 @@
 mod cmd;
 mod config;
 mod daemon;
+mod libvirt;
 mod progress;
 mod secret;
 mod vm;

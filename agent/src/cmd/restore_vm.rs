@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
+use crate::libvirt::Libvirt;
 use crate::vm::restore::{self, Options, Outcome, Plan, Stage};
 use crate::vm::rewrite::ImageFormat;
-use crate::vm::virsh::Virsh;
 use crate::{progress, secret, Global};
 
 #[derive(clap::Args)]
@@ -60,10 +60,10 @@ pub struct Args {
 }
 
 pub fn run(g: &Global, a: Args) -> Result<i32> {
-    let virsh = Virsh::new(a.connect.clone());
+    let libvirt = Libvirt::open(&a.connect)?;
     let targets = targets(&a)?;
     let dir = match &a.pool {
-        Some(pool) => pool_dir(&virsh, pool)?,
+        Some(pool) => libvirt.pool_dir(pool)?,
         None => a.storage_dir.clone(),
     };
     let opts = Options {
@@ -86,7 +86,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         threads: 0,
     };
     let repo = Arc::new(secret::open(g)?);
-    restore::undo_on_interrupt(virsh.clone())?;
+    restore::undo_on_interrupt(libvirt.clone())?;
     // Every VM is checked before any is written.
     let mut plans = Vec::new();
     for (snap, name) in &targets {
@@ -94,9 +94,9 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
             bail!("{name} is named twice");
         }
         let s = repo.find_snapshot(snap)?;
-        plans.push(restore::plan(&virsh, s, name, &opts)?);
+        plans.push(restore::plan(&libvirt, s, name, &opts)?);
     }
-    let results = restore_all(&repo, &virsh, &plans, &opts, a.parallel.max(1));
+    let results = restore_all(&repo, &libvirt, &plans, &opts, a.parallel.max(1));
     let failed = results.iter().filter(|(_, r)| r.is_err()).count();
     if a.json {
         let v: Vec<_> = results
@@ -163,31 +163,11 @@ fn targets(a: &Args) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// The directory of a directory-type storage pool.
-fn pool_dir(virsh: &Virsh, pool: &str) -> Result<PathBuf> {
-    let xml = virsh
-        .run(&["pool-dumpxml", pool])
-        .with_context(|| format!("storage pool {pool}"))?;
-    let doc = roxmltree::Document::parse(&xml).context("parsing the pool XML")?;
-    let root = doc.root_element();
-    if root.attribute("type") != Some("dir") {
-        bail!(
-            "pool {pool} is of type {:?}: only directory pools take restored images (or use --storage-dir)",
-            root.attribute("type").unwrap_or("?")
-        );
-    }
-    doc.descendants()
-        .find(|n| n.has_tag_name("path") && n.parent().is_some_and(|p| p.has_tag_name("target")))
-        .and_then(|n| n.text())
-        .map(|t| PathBuf::from(t.trim()))
-        .with_context(|| format!("pool {pool} has no target path"))
-}
-
 type Results<'p> = Vec<(&'p Plan, Result<Outcome>)>;
 
 fn restore_all<'p>(
     repo: &Arc<store::Repository>,
-    virsh: &Virsh,
+    libvirt: &Libvirt,
     plans: &'p [Plan],
     opts: &Options,
     parallel: usize,
@@ -207,7 +187,7 @@ fn restore_all<'p>(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(p) = plans.get(i) else { return };
-                let r = restore::run(repo, virsh, p, opts, &|n| {
+                let r = restore::run(repo, libvirt, p, opts, &|n| {
                     bars[i].inc(n);
                     overall.inc(n);
                 });

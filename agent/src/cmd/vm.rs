@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::human;
+use crate::libvirt::{Libvirt, State};
 use crate::vm::backup::{self, Options};
 use crate::vm::state::StateDir;
-use crate::vm::virsh::Virsh;
 use crate::{secret, Global};
 
 #[derive(clap::Args, Debug)]
@@ -43,7 +43,7 @@ pub fn backup(g: &Global, a: BackupVmArgs) -> Result<i32> {
             policy: a.policy,
             threads: a.threads,
             state: StateDir::new(a.state_dir),
-            virsh: Virsh::new(a.connect),
+            libvirt: Libvirt::open(&a.connect)?,
         },
     )?;
     if a.json {
@@ -105,10 +105,10 @@ pub struct UnprotectArgs {
 /// `bulwark protect`: names policies in the domain's XML (persistent, and
 /// live if it runs), in Bulwark's metadata namespace.
 pub fn protect(a: ProtectArgs) -> Result<i32> {
-    let virsh = Virsh::new(a.connect);
-    let running = virsh.domstate(&a.domain)? != "shut off";
+    let dom = Libvirt::open(&a.connect)?.domain(&a.domain)?;
+    let running = dom.state()? == State::Active;
     let mut policies = if a.add {
-        crate::vm::domain::parse(&virsh.dumpxml(&a.domain, true)?)?.policies
+        crate::vm::domain::parse(&dom.xml(true)?)?.policies
     } else {
         Vec::new()
     };
@@ -118,15 +118,15 @@ pub fn protect(a: ProtectArgs) -> Result<i32> {
         }
     }
     let xml = crate::vm::domain::policies_set_xml(&policies);
-    virsh.set_metadata(&a.domain, Some(&xml), running)?;
+    dom.set_metadata(Some(&xml), running)?;
     println!("{}: protected by {}", a.domain, policies.join(", "));
     Ok(0)
 }
 
 pub fn unprotect(a: UnprotectArgs) -> Result<i32> {
-    let virsh = Virsh::new(a.connect);
-    let running = virsh.domstate(&a.domain)? != "shut off";
-    virsh.set_metadata(&a.domain, None, running)?;
+    let dom = Libvirt::open(&a.connect)?.domain(&a.domain)?;
+    let running = dom.state()? == State::Active;
+    dom.set_metadata(None, running)?;
     println!("{}: no Bulwark policy", a.domain);
     Ok(0)
 }

@@ -1,18 +1,15 @@
-//! Backing up libvirt domains: reading the domain, driving libvirt
-//! (checkpoints, pull-mode backups) and qemu-nbd/qemu-img, and the agent's
-//! own record of checkpoints.
-//!
-//! libvirt is driven through `virsh` (module [`virsh`]), the only place that
-//! knows how; swapping it for the `virt` crate touches that module alone.
+//! Backing up and restoring libvirt domains: the domain XML, the
+//! checkpoint chain, qemu-nbd/qemu-img, and the agent's own record of
+//! checkpoints. libvirt itself is reached through [`crate::libvirt`].
 
 pub mod backup;
+pub mod chain;
 pub mod domain;
 pub mod nbdsrc;
 pub mod qemu;
 pub mod restore;
 pub mod rewrite;
 pub mod state;
-pub mod virsh;
 
 /// Bulwark's XML namespace in domain `<metadata>`.
 pub const XMLNS: &str = "https://bulwark.dev/xmlns/libvirt/1";

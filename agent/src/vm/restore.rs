@@ -21,7 +21,7 @@ use store::snapshot::DiskEntry;
 use store::{Repository, Snapshot};
 
 use super::rewrite::{self, ImageFormat, RestoredDisk, Rewrite};
-use super::virsh::Virsh;
+use crate::libvirt::Libvirt;
 
 /// How far a new VM gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl Plan {
 
 /// Refuses what cannot work: not a VM snapshot, a name in use, an image
 /// that exists.
-pub fn plan(virsh: &Virsh, snapshot: Snapshot, name: &str, opts: &Options) -> Result<Plan> {
+pub fn plan(libvirt: &Libvirt, snapshot: Snapshot, name: &str, opts: &Options) -> Result<Plan> {
     if snapshot.domain_xml.is_none() {
         bail!(
             "snapshot {} of {} is an image backup, not a VM: use `bulwark restore image`",
@@ -92,7 +92,7 @@ pub fn plan(virsh: &Virsh, snapshot: Snapshot, name: &str, opts: &Options) -> Re
     if name.is_empty() || name.contains('/') {
         bail!("{name:?} is not a usable domain name");
     }
-    if opts.stage != Stage::Disks && virsh.run(&["domuuid", name]).is_ok() {
+    if opts.stage != Stage::Disks && libvirt.find_domain(name)?.is_some() {
         bail!("a domain named {name} exists already: pick another name with --as");
     }
     let ext = opts.format.as_str();
@@ -132,31 +132,32 @@ pub fn plan(virsh: &Virsh, snapshot: Snapshot, name: &str, opts: &Options) -> Re
 /// Runs a plan: disks, domain, start. `progress` gets bytes done.
 pub fn run(
     repo: &Arc<Repository>,
-    virsh: &Virsh,
+    libvirt: &Libvirt,
     plan: &Plan,
     opts: &Options,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Outcome> {
     let t = Instant::now();
-    let mut undo = Undo::new(virsh);
+    let mut undo = Undo::new(libvirt);
     std::fs::create_dir_all(&opts.dir)
         .with_context(|| format!("creating {}", opts.dir.display()))?;
     restore_disks(repo, plan, opts, &mut undo, progress)?;
     let mut notes = Vec::new();
     let defined = opts.stage != Stage::Disks;
     if defined {
-        notes = define(virsh, plan, opts, &mut undo)?;
+        notes = define(libvirt, plan, opts, &mut undo)?;
     }
     if let Some(pool) = &opts.pool {
         // The pool lists the new volumes; a failure here loses nothing.
-        if let Err(e) = virsh.run(&["pool-refresh", pool]) {
+        if let Err(e) = libvirt.pool_refresh(pool) {
             notes.push(format!("pool {pool} not refreshed: {e:#}"));
         }
     }
     let started = opts.stage == Stage::Started;
     if started {
-        virsh
-            .run(&["start", &plan.name])
+        libvirt
+            .domain(&plan.name)
+            .and_then(|d| d.start())
             .with_context(|| format!("starting {}", plan.name))?;
     }
     undo.commit();
@@ -319,7 +320,12 @@ fn restore_qcow2(
 }
 
 /// The snapshot's domain XML, rewritten, defined under the new name.
-fn define(virsh: &Virsh, plan: &Plan, opts: &Options, undo: &mut Undo<'_>) -> Result<Vec<String>> {
+fn define(
+    libvirt: &Libvirt,
+    plan: &Plan,
+    opts: &Options,
+    undo: &mut Undo<'_>,
+) -> Result<Vec<String>> {
     let xml = plan.snapshot.domain_xml.as_deref().unwrap_or_default();
     let restored: Vec<RestoredDisk> = plan.disks.iter().map(|(_, r)| r.clone()).collect();
     let out = rewrite::rewrite(
@@ -333,11 +339,8 @@ fn define(virsh: &Virsh, plan: &Plan, opts: &Options, undo: &mut Undo<'_>) -> Re
             nvram: plan.nvram.as_ref().map(|(_, p)| p.as_path()),
         },
     )?;
-    let file = tempfile::NamedTempFile::new()?;
-    std::fs::write(file.path(), &out.xml)?;
-    let path = file.path().to_string_lossy().into_owned();
-    virsh
-        .run(&["define", &path])
+    libvirt
+        .define(&out.xml)
         .with_context(|| format!("defining {}", plan.name))?;
     undo.domain(plan.name.clone());
     Ok(out.notes)
@@ -359,7 +362,7 @@ fn created() -> std::sync::MutexGuard<'static, Vec<Created>> {
 
 /// On SIGINT or SIGTERM: remove what unfinished restores created (partial
 /// images included), then exit 130.
-pub fn undo_on_interrupt(virsh: Virsh) -> Result<()> {
+pub fn undo_on_interrupt(libvirt: Libvirt) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -370,10 +373,7 @@ pub fn undo_on_interrupt(virsh: Virsh) -> Result<()> {
             eprintln!("interrupted: removing what this restore created");
             for c in created().drain(..).rev() {
                 match c {
-                    Created::Domain(name) => {
-                        let _ = virsh.run(&["destroy", &name]);
-                        let _ = virsh.run(&["undefine", &name, "--nvram"]);
-                    }
+                    Created::Domain(name) => remove_domain(&libvirt, &name),
                     Created::File(f) => {
                         let _ = std::fs::remove_file(&f);
                         let _ = std::fs::remove_file(partial_of(&f));
@@ -385,6 +385,20 @@ pub fn undo_on_interrupt(virsh: Virsh) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// Destroys (if running) and undefines a domain this restore defined.
+fn remove_domain(libvirt: &Libvirt, name: &str) {
+    let r = libvirt.find_domain(name).and_then(|d| {
+        let Some(d) = d else { return Ok(()) };
+        if d.state()? == crate::libvirt::State::Active {
+            d.destroy()?;
+        }
+        d.undefine()
+    });
+    if let Err(e) = r {
+        tracing::warn!("could not remove domain {name}: {e}");
+    }
 }
 
 /// `PATH.bulwark-partial`: where qemu-img writes a qcow2 image.
@@ -404,16 +418,16 @@ fn hidden_partial_of(p: &Path) -> PathBuf {
 
 /// What a restore has created so far, removed unless committed.
 struct Undo<'v> {
-    virsh: &'v Virsh,
+    libvirt: &'v Libvirt,
     files: Vec<PathBuf>,
     domain: Option<String>,
     done: bool,
 }
 
 impl<'v> Undo<'v> {
-    fn new(virsh: &'v Virsh) -> Self {
+    fn new(libvirt: &'v Libvirt) -> Self {
         Undo {
-            virsh,
+            libvirt,
             files: Vec::new(),
             domain: None,
             done: false,
@@ -456,10 +470,7 @@ impl Drop for Undo<'_> {
         self.forget();
         if let Some(name) = &self.domain {
             // Ours: defined by this restore, maybe started.
-            let _ = self.virsh.run(&["destroy", name]);
-            if let Err(e) = self.virsh.run(&["undefine", name, "--nvram"]) {
-                tracing::warn!("could not undefine {name}: {e:#}");
-            }
+            remove_domain(self.libvirt, name);
         }
         for f in &self.files {
             // Only files this restore created (plan refused existing ones).

@@ -109,6 +109,21 @@ impl StateDir {
         Ok(())
     }
 
+    /// Moves an undefined domain's record to `archive/UUID-UNIXTIME.json`:
+    /// its checkpoints mean nothing to a domain defined anew, but the
+    /// record tells an operator what was there.
+    pub fn archive(&self, uuid: &str) -> Result<Option<PathBuf>> {
+        let p = self.path(uuid);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let dir = self.root.join("archive");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let to = dir.join(format!("{uuid}-{}.json", chrono::Utc::now().timestamp()));
+        std::fs::rename(&p, &to).with_context(|| format!("archiving {}", p.display()))?;
+        Ok(Some(to))
+    }
+
     /// Directory for sockets and scratch files of running jobs.
     pub fn run_dir(&self) -> Result<PathBuf> {
         let d = self.root.join("run");
