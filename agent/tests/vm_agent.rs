@@ -6,47 +6,17 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use testbed::{Image, Vm, VmOptions};
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn status(env: &Env, sock: &Path) -> serde_json::Value {
-    env.json(&["agent", "status", "--socket", sock.to_str().unwrap()])
-}
-
 #[test]
 fn agent_runs_policies_and_answers_on_its_socket() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
-    let sock = env.path("agent.sock");
-    let pw = env.path("pw");
-    std::fs::write(&pw, PW).unwrap();
     let policy = format!("fast-{}", std::process::id());
-    let cfg = env.path("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = {state:?}\nsocket = {sock:?}\ntick_seconds = 1\n\
-             [repositories.main]\npath = {repo:?}\npassword_file = {pw:?}\n\
-             gc_schedule = \"every 1s\"\ngc_grace = \"0s\"\n\
-             [policies.{policy}]\nrepository = \"main\"\nschedule = \"hourly\"\nkeep_last = 1\n\
-             contacts = [\"ops@example.com\"]\n",
-            state = env.state_dir(),
-            repo = env.path("repo"),
-        ),
-    )
-    .unwrap();
     // A stopped domain that names the policy: the first tick backs it up.
     let vm = Vm::define(
         &image,
@@ -60,17 +30,21 @@ fn agent_runs_policies_and_answers_on_its_socket() {
     )
     .unwrap();
     let name = vm.name().to_string();
-    let _agent = Agent(
-        env.cmd(&["agent", "run", "--config", cfg.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let agent = Agent::start(
+        &env,
+        1,
+        &format!(
+            "gc_schedule = \"every 1s\"\ngc_grace = \"0s\"\n\
+             [policies.{policy}]\nrepository = \"main\"\nschedule = \"hourly\"\nkeep_last = 1\n\
+             contacts = [\"ops@example.com\"]\n"
+        ),
     );
+    let sock = agent.socket.clone();
     let key = format!("{name}/{policy}");
     let t = Instant::now();
     let run = loop {
         if sock.exists() {
-            let s = status(&env, &sock);
+            let s = agent.status(&env);
             if let Some(r) = s["runs"].get(&key) {
                 break r.clone();
             }
@@ -93,12 +67,12 @@ fn agent_runs_policies_and_answers_on_its_socket() {
     let snaps = env.json(&["snapshots", "--json", "--source", &name]);
     assert_eq!(snaps.as_array().unwrap().len(), 1, "{snaps}");
     assert_eq!(snaps[0]["id"], rep["snapshot"]);
-    let s = status(&env, &sock);
+    let s = agent.status(&env);
     assert_eq!(s["runs"][&key]["pruned"], 1, "{s}");
     // And the repository's gc_schedule runs GC (grace 0s: repeatedly).
     let t = Instant::now();
     loop {
-        let s = status(&env, &sock);
+        let s = agent.status(&env);
         if s["gcs"]["main"]["ok"] == true {
             break;
         }
@@ -144,4 +118,69 @@ fn agent_runs_policies_and_answers_on_its_socket() {
     } else {
         eprintln!("bulwark-hook not built: hook event part skipped");
     }
+}
+
+/// With no hook installed, the agent still notices a protected VM from
+/// libvirt's define event: its qcow2 disk gets Bulwark's bitmap before any
+/// backup; the backups through the agent then chain; undefining the VM
+/// archives its record.
+#[test]
+fn agent_notices_a_protected_vm_from_the_define_event() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let policy = format!("ev-{}", std::process::id());
+    // One tick at start, then none for an hour: nothing but the event can
+    // put the bitmap there, and no scheduled backup removes it again.
+    let agent = Agent::start(
+        &env,
+        3600,
+        &format!("[policies.{policy}]\nrepository = \"main\"\nschedule = \"hourly\"\n"),
+    );
+    // Let the agent's first scan happen before the VM exists.
+    wait_for("the agent's first scan", 30, || {
+        (agent.status(&env)["libvirt_connections"] == 1).then_some(())
+    });
+    let vm = Vm::define(
+        &image,
+        VmOptions {
+            metadata_xml: Some(policy_xml(&policy)),
+            ..VmOptions::default()
+        },
+    )
+    .unwrap();
+    let name = vm.name().to_string();
+    wait_for("the define event's bitmap", 30, || {
+        bitmap_names(vm.disk_path())
+            .contains(&"bw-hook".to_string())
+            .then_some(())
+    });
+    let s = agent.status(&env);
+    assert_eq!(s["protected"][&name], serde_json::json!([policy]), "{s}");
+
+    let r1 = agent.backup(&env, &name);
+    assert_eq!(r1["mode"], "full", "{r1}");
+    let names = bitmap_names(vm.disk_path());
+    assert!(!names.contains(&"bw-hook".to_string()), "{names:?}");
+    assert_eq!(names, vec![r1["checkpoint"].as_str().unwrap().to_string()]);
+    let r2 = agent.backup(&env, &name);
+    assert_eq!(r2["mode"], "incremental", "{r2}");
+    assert_eq!(u(&r2, "bytes_read"), 0, "{r2}");
+
+    // Undefined: the record moves to the archive.
+    let uuid = virsh(&["domuuid", &name]).trim().to_string();
+    let record = env.state_dir().join("domains").join(format!("{uuid}.json"));
+    assert!(record.exists());
+    drop(vm);
+    let archived = wait_for("the archived record", 30, || {
+        testbed::files_under(&env.state_dir().join("archive"))
+            .unwrap_or_default()
+            .into_iter()
+            .find(|p| p.to_string_lossy().contains(&uuid))
+    });
+    assert!(!record.exists());
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(archived).unwrap()).unwrap();
+    assert_eq!(v["domain"], name.as_str());
+    assert_eq!(v["checkpoints"].as_array().unwrap().len(), 2, "{v}");
+    let s = agent.status(&env);
+    assert!(s["protected"].get(&name).is_none(), "{s}");
 }

@@ -30,22 +30,6 @@ fn hook_bin() -> PathBuf {
     p
 }
 
-fn bitmap_names(disk: &Path) -> Vec<String> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(disk)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.pointer("/format-specific/data/bitmaps")
-        .and_then(|b| b.as_array())
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|b| b["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn call_hook(conf: &Path, args: &[&str], xml: &str) -> (std::process::ExitStatus, Duration) {
     let t = Instant::now();
     let mut child = Command::new(hook_bin())

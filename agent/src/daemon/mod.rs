@@ -13,6 +13,7 @@ mod jobs;
 mod scheduler;
 mod watch;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
@@ -29,6 +30,8 @@ struct Agent {
     cfg: Config,
     state: StateDir,
     inventory: Inventory,
+    /// Connections to libvirtd so far (each followed by a full rescan).
+    connections: AtomicU64,
     /// One backup at a time.
     busy: Mutex<()>,
     /// One GC at a time (the repository's GC lock covers other hosts).
@@ -48,6 +51,7 @@ pub fn run(cfg: Config) -> Result<()> {
         cfg,
         state,
         inventory: Inventory::default(),
+        connections: AtomicU64::new(0),
         busy: Mutex::new(()),
         gc_busy: Mutex::new(()),
         schedule: Mutex::new(schedule),
@@ -74,6 +78,7 @@ impl Agent {
             .clone();
         json!({"ok": true, "policies": self.cfg.policies.keys().collect::<Vec<_>>(),
                "protected": self.inventory.protected().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+               "libvirt_connections": self.connections.load(Ordering::Relaxed),
                "runs": sched.runs, "gcs": sched.gcs,
                "busy": self.busy.try_lock().is_err()})
     }

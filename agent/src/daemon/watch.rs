@@ -59,7 +59,12 @@ pub(super) fn run(agent: &Agent) {
 impl Agent {
     fn on_event(&self, ev: &Event) -> Result<()> {
         match ev {
-            Event::Connected => self.rescan(),
+            Event::Connected => {
+                let r = self.rescan();
+                self.connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                r
+            }
             Event::MetadataChanged { domain } => self.refresh(domain),
             Event::Lifecycle {
                 domain,

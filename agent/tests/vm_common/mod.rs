@@ -155,3 +155,109 @@ pub fn checkpoints(domain: &str) -> Vec<String> {
         .filter(|l| !l.is_empty())
         .collect()
 }
+
+/// Names of the persistent bitmaps in a qcow2 image (read with `-U`: a
+/// running QEMU may hold it).
+pub fn bitmap_names(disk: &Path) -> Vec<String> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-img info {}", disk.display());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.pointer("/format-specific/data/bitmaps")
+        .and_then(|b| b.as_array())
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Bulwark's policy element naming `policy`, for `VmOptions::metadata_xml`.
+pub fn policy_xml(policy: &str) -> String {
+    format!(
+        "<bulwark:policies xmlns:bulwark='https://bulwark.dev/xmlns/libvirt/1'>\
+         <bulwark:policy name='{policy}'/></bulwark:policies>"
+    )
+}
+
+/// An agent daemon this test started, killed when dropped.
+pub struct Agent {
+    child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    /// Starts `bulwark agent run` with a config of one local repository
+    /// (`main`, at the env's repo) and `rest` appended (policies, ...).
+    pub fn start(env: &Env, tick_seconds: u64, rest: &str) -> Agent {
+        let socket = env.path("agent.sock");
+        let pw = env.path("pw");
+        std::fs::write(&pw, PW).unwrap();
+        let cfg = env.path("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "state_dir = {state:?}\nsocket = {socket:?}\ntick_seconds = {tick_seconds}\n\
+                 [repositories.main]\npath = {repo:?}\npassword_file = {pw:?}\n{rest}",
+                state = env.state_dir(),
+                repo = env.path("repo"),
+            ),
+        )
+        .unwrap();
+        let child = env
+            .cmd(&["agent", "run", "--config", cfg.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while !socket.exists() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "agent did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Agent { child, socket }
+    }
+
+    pub fn status(&self, env: &Env) -> serde_json::Value {
+        env.json(&["agent", "status", "--socket", self.socket.to_str().unwrap()])
+    }
+
+    /// A backup through the agent's socket; its report.
+    pub fn backup(&self, env: &Env, domain: &str) -> serde_json::Value {
+        let out = env.ok(&[
+            "agent",
+            "backup",
+            domain,
+            "--socket",
+            self.socket.to_str().unwrap(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, failing after `secs`.
+pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
