@@ -5,6 +5,7 @@ mod cmd;
 mod config;
 mod daemon;
 mod libvirt;
+mod live;
 mod progress;
 mod secret;
 mod vm;

@@ -30,6 +30,67 @@ fn enabled() -> bool {
 
 /// Stops libvirtd (SIGTERM) and starts it again, waiting for it to answer.
 fn restart_libvirtd() {
+    let pid = libvirtd_pid().expect("libvirtd pid file");
+    assert!(Command::new("kill").arg(&pid).status().unwrap().success());
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "libvirtd did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(Command::new("libvirtd")
+        .arg("-d")
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    while Command::new("virsh")
+        .args(["-c", "qemu:///system", "version"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "libvirtd did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn libvirtd_pid() -> Option<String> {
+    std::fs::read_to_string("/run/libvirtd.pid")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+}
+
+#[test]
+fn libvirtd_restart_leaves_protected_vm_running() {
+    if !enabled() {
+        return;
+    }
+    let _one = RESTARTS.lock().unwrap_or_else(|e| e.into_inner());
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let mut vm = Vm::define(
+        &image,
+        VmOptions {
+            metadata_xml: Some(
+                "<bulwark:policies xmlns:bulwark='https://bulwark.dev/xmlns/libvirt/1'>\
+                 <bulwark:policy name='hourly'/></bulwark:policies>"
+                    .into(),
+            ),
+            ..VmOptions::default()
+        },
+    )
+    .unwrap();
+    vm.start().unwrap();
+    vm.wait_ready(BOOT_TIMEOUT).unwrap();
+    let r1 = env.backup(vm.name(), &[]);
+    assert_eq!(r1["mode"], "full");
+
     restart_libvirtd();
     assert_eq!(vm.state().unwrap(), "running");
     vm.qemu_io(&format!("write -P 0x55 {} 64k", image.scratch_offset()))

@@ -44,8 +44,13 @@ pub enum BackupCmd {
 
 #[derive(Subcommand)]
 pub enum RestoreCmd {
-    /// Restore VM snapshots as new libvirt domains (disks, XML, start).
+    /// Restore VM snapshots as new libvirt domains (disks, XML, start), or
+    /// with --live boot them at once while the disks are copied in.
     Vm(super::restore_vm::Args),
+    /// Live restores: phase, bytes streamed, throughput, ETA.
+    Status(super::restore_live::StatusArgs),
+    /// Stop a live restore (the VM is destroyed; --keep keeps its disks).
+    Cancel(super::restore_live::CancelArgs),
     /// Write a snapshot's disk to a new sparse raw image file, or with
     /// --force over an existing file or a block device (zeros written).
     Image {
@@ -170,6 +175,8 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
 pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
     let c = match c {
         RestoreCmd::Vm(a) => return super::restore_vm::run(g, a),
+        RestoreCmd::Status(a) => return super::restore_live::status(a),
+        RestoreCmd::Cancel(a) => return super::restore_live::cancel(a),
         c => c,
     };
     let RestoreCmd::Image {

@@ -7,6 +7,7 @@ pub mod image;
 pub mod mount;
 pub mod prune;
 pub mod repo;
+pub mod restore_live;
 pub mod restore_vm;
 pub mod snapshots;
 pub mod verify;

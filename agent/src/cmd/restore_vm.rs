@@ -52,39 +52,34 @@ pub struct Args {
     /// VMs restored at once.
     #[arg(long, default_value_t = 2)]
     parallel: usize,
+    /// Live restore: the VM boots at once from the backup while its disks
+    /// are copied in behind it (qcow2 overlays; see `restore status`).
+    #[arg(long, conflicts_with_all = ["define_only", "disks_only"])]
+    pub(super) live: bool,
+    /// With --live: supervise in the foreground until every disk is local
+    /// (without it, the running agent takes over).
+    #[arg(long, requires = "live")]
+    pub(super) wait: bool,
+    /// The agent's socket (with --live, the agent supervises the restore).
+    #[arg(long, default_value = "/run/bulwark/agent.sock")]
+    pub(super) agent_socket: PathBuf,
+    /// Where live restore records live (the agent's state dir).
+    #[arg(long, env = "BULWARK_STATE_DIR", default_value = crate::vm::DEFAULT_STATE_DIR)]
+    pub(super) state_dir: PathBuf,
     /// libvirt connection.
-    #[arg(long, default_value = "qemu:///system")]
-    connect: String,
+    #[arg(long, env = "BULWARK_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub(super) connect: String,
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 pub fn run(g: &Global, a: Args) -> Result<i32> {
+    if a.live {
+        return super::restore_live::run(g, a);
+    }
     let libvirt = Libvirt::open(&a.connect)?;
     let targets = targets(&a)?;
-    let dir = match &a.pool {
-        Some(pool) => libvirt.pool_dir(pool)?,
-        None => a.storage_dir.clone(),
-    };
-    let opts = Options {
-        dir,
-        pool: a.pool.clone(),
-        format: if a.format == "raw" {
-            ImageFormat::Raw
-        } else {
-            ImageFormat::Qcow2
-        },
-        keep_macs: a.keep_macs,
-        protect: a.protect,
-        stage: if a.start {
-            Stage::Started
-        } else if a.disks_only {
-            Stage::Disks
-        } else {
-            Stage::Defined
-        },
-        threads: 0,
-    };
+    let opts = options(&libvirt, &a)?;
     let repo = Arc::new(secret::open(g)?);
     restore::undo_on_interrupt(libvirt.clone())?;
     // Every VM is checked before any is written.
@@ -145,7 +140,34 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
 }
 
 /// (snapshot, new name) pairs from the arguments.
-fn targets(a: &Args) -> Result<Vec<(String, String)>> {
+/// The restore options the arguments say.
+pub(super) fn options(libvirt: &Libvirt, a: &Args) -> Result<Options> {
+    let dir = match &a.pool {
+        Some(pool) => libvirt.pool_dir(pool)?,
+        None => a.storage_dir.clone(),
+    };
+    Ok(Options {
+        dir,
+        pool: a.pool.clone(),
+        format: if a.format == "raw" {
+            ImageFormat::Raw
+        } else {
+            ImageFormat::Qcow2
+        },
+        keep_macs: a.keep_macs,
+        protect: a.protect,
+        stage: if a.start {
+            Stage::Started
+        } else if a.disks_only {
+            Stage::Disks
+        } else {
+            Stage::Defined
+        },
+        threads: 0,
+    })
+}
+
+pub(super) fn targets(a: &Args) -> Result<Vec<(String, String)>> {
     if let Some(name) = &a.as_name {
         if a.specs.len() != 1 || a.specs[0].contains(':') {
             bail!("--as names one VM: give one SNAPSHOT, or SNAPSHOT:NAME pairs without --as");

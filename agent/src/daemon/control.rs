@@ -3,7 +3,8 @@
 //! Requests: `{"op":"ping"}`, `{"op":"status"}`,
 //! `{"op":"backup","domain":D,"policy":P,"full":false}` (runs now, replies
 //! with the report), and `{"op":"hook",...}` from `bulwark-hook` (answered
-//! at once, recorded afterwards: the hook must never wait on a backup).
+//! at once, recorded afterwards: the hook must never wait on a backup),
+//! and `{"op":"live_adopt","name":N}` (the agent supervises live restore N).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -51,7 +52,7 @@ pub(super) fn bind(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-fn handle(agent: &Agent, s: UnixStream) -> Result<()> {
+fn handle(agent: &Arc<Agent>, s: UnixStream) -> Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line = String::new();
     BufReader::new(&s).take(1 << 20).read_line(&mut line)?;
@@ -81,6 +82,13 @@ fn handle(agent: &Agent, s: UnixStream) -> Result<()> {
             let full = req.get("full").and_then(Value::as_bool).unwrap_or(false);
             match agent.backup(dom, policy, full) {
                 Ok(r) => reply(&s, &json!({"ok": true, "report": r})),
+                Err(e) => reply(&s, &json!({"ok": false, "error": format!("{e:#}")})),
+            }
+        }
+        Some("live_adopt") => {
+            let name = req.get("name").and_then(Value::as_str).unwrap_or("");
+            match agent.adopt_live(name) {
+                Ok(()) => reply(&s, &json!({"ok": true})),
                 Err(e) => reply(&s, &json!({"ok": false, "error": format!("{e:#}")})),
             }
         }

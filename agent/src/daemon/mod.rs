@@ -4,12 +4,14 @@
 //! Threads, each in its own module: [`control`] (the socket protocol),
 //! [`scheduler`] (what is due, and the record of last runs), [`watch`]
 //! (libvirt events: which domains are protected, their bitmaps, their
-//! records), and the work itself in [`jobs`] (backup + prune, GC). A
+//! records), the work itself in [`jobs`] (backup + prune, GC), and the
+//! supervision of live restores in [`live`]. A
 //! failed backup is logged with the policy's contacts (mail delivery is
 //! not implemented yet) and retried when next due.
 
 mod control;
 mod jobs;
+mod live;
 mod scheduler;
 mod watch;
 
@@ -37,6 +39,8 @@ struct Agent {
     /// One GC at a time (the repository's GC lock covers other hosts).
     gc_busy: Mutex<()>,
     schedule: Mutex<Schedule>,
+    /// Live restores a thread of this agent supervises.
+    live: Mutex<std::collections::BTreeSet<String>>,
 }
 
 pub fn run(cfg: Config) -> Result<()> {
@@ -55,7 +59,9 @@ pub fn run(cfg: Config) -> Result<()> {
         busy: Mutex::new(()),
         gc_busy: Mutex::new(()),
         schedule: Mutex::new(schedule),
+        live: Mutex::new(Default::default()),
     });
+    agent.resume_live();
     tracing::info!(
         "agent listening on {}, {} policies",
         agent.cfg.socket.display(),

@@ -5,6 +5,7 @@
 //! [`checkpoint`] and [`events`]. QMP goes through libvirt
 //! (`virDomainQemuMonitorCommand`), parsed into types in [`qmp`].
 
+pub mod blockjob;
 pub mod checkpoint;
 pub mod events;
 pub mod qmp;

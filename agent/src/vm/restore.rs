@@ -216,20 +216,32 @@ fn restore_disks(
             )
         })?;
     }
-    if let Some((d, path)) = &plan.nvram {
-        undo.file(path.clone());
-        let list = repo.load_chunk_list(&d.chunk_list)?;
-        restore_to_path(
-            repo,
-            &list,
-            d.size,
-            path,
-            Overwrite::Never,
-            &RestoreOptions { threads },
-            progress,
-        )
-        .context("restoring the NVRAM")?;
-    }
+    restore_nvram(repo, plan, threads, undo, progress)
+}
+
+/// The UEFI variables, if the snapshot has them, as `NAME_VARS.fd`.
+pub(crate) fn restore_nvram(
+    repo: &Arc<Repository>,
+    plan: &Plan,
+    threads: usize,
+    undo: &mut Undo<'_>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let Some((d, path)) = &plan.nvram else {
+        return Ok(());
+    };
+    undo.file(path.clone());
+    let list = repo.load_chunk_list(&d.chunk_list)?;
+    restore_to_path(
+        repo,
+        &list,
+        d.size,
+        path,
+        Overwrite::Never,
+        &RestoreOptions { threads },
+        progress,
+    )
+    .context("restoring the NVRAM")?;
     Ok(())
 }
 
@@ -319,16 +331,11 @@ fn restore_qcow2(
     std::fs::rename(&partial, to).with_context(|| format!("renaming to {}", to.display()))
 }
 
-/// The snapshot's domain XML, rewritten, defined under the new name.
-fn define(
-    libvirt: &Libvirt,
-    plan: &Plan,
-    opts: &Options,
-    undo: &mut Undo<'_>,
-) -> Result<Vec<String>> {
+/// The snapshot's domain XML, rewritten for the new VM.
+pub(crate) fn rewritten(plan: &Plan, opts: &Options) -> Result<rewrite::Rewritten> {
     let xml = plan.snapshot.domain_xml.as_deref().unwrap_or_default();
     let restored: Vec<RestoredDisk> = plan.disks.iter().map(|(_, r)| r.clone()).collect();
-    let out = rewrite::rewrite(
+    rewrite::rewrite(
         xml,
         &Rewrite {
             name: &plan.name,
@@ -338,7 +345,17 @@ fn define(
             dir: &opts.dir,
             nvram: plan.nvram.as_ref().map(|(_, p)| p.as_path()),
         },
-    )?;
+    )
+}
+
+/// The snapshot's domain XML, rewritten, defined under the new name.
+fn define(
+    libvirt: &Libvirt,
+    plan: &Plan,
+    opts: &Options,
+    undo: &mut Undo<'_>,
+) -> Result<Vec<String>> {
+    let out = rewritten(plan, opts)?;
     libvirt
         .define(&out.xml)
         .with_context(|| format!("defining {}", plan.name))?;
@@ -417,7 +434,7 @@ fn hidden_partial_of(p: &Path) -> PathBuf {
 }
 
 /// What a restore has created so far, removed unless committed.
-struct Undo<'v> {
+pub(crate) struct Undo<'v> {
     libvirt: &'v Libvirt,
     files: Vec<PathBuf>,
     domain: Option<String>,
@@ -425,7 +442,7 @@ struct Undo<'v> {
 }
 
 impl<'v> Undo<'v> {
-    fn new(libvirt: &'v Libvirt) -> Self {
+    pub(crate) fn new(libvirt: &'v Libvirt) -> Self {
         Undo {
             libvirt,
             files: Vec::new(),
@@ -434,17 +451,17 @@ impl<'v> Undo<'v> {
         }
     }
 
-    fn file(&mut self, f: PathBuf) {
+    pub(crate) fn file(&mut self, f: PathBuf) {
         created().push(Created::File(f.clone()));
         self.files.push(f);
     }
 
-    fn domain(&mut self, name: String) {
+    pub(crate) fn domain(&mut self, name: String) {
         created().push(Created::Domain(name.clone()));
         self.domain = Some(name);
     }
 
-    fn commit(&mut self) {
+    pub(crate) fn commit(&mut self) {
         self.done = true;
         self.forget();
     }

@@ -239,6 +239,58 @@ fn host_files(devices: &mut Element, name: &str, dir: &Path) {
     }
 }
 
+/// Live restore: each restored disk's overlay gets the snapshot's disk, as
+/// served by `bulwark-nbd` on `socket`, as its raw backing, with QEMU's
+/// NBD client reconnecting for `reconnect_secs` when the server restarts.
+pub fn add_nbd_backing(xml: &str, socket: &Path, reconnect_secs: u32) -> Result<String> {
+    let mut dom = Element::parse(xml.as_bytes()).context("parsing the domain XML")?;
+    let devices = dom
+        .get_mut_child("devices")
+        .context("domain XML without devices")?;
+    for d in children_mut(devices, "disk") {
+        if d.attributes.get("device").is_some_and(|v| v != "disk") {
+            continue;
+        }
+        let Some(target) = d
+            .get_child("target")
+            .and_then(|t| t.attributes.get("dev"))
+            .cloned()
+        else {
+            continue;
+        };
+        d.children.retain(|c| !is(c, "backingStore"));
+        let mut host = Element::new("host");
+        host.attributes.insert("transport".into(), "unix".into());
+        host.attributes
+            .insert("socket".into(), socket.display().to_string());
+        let mut reconnect = Element::new("reconnect");
+        reconnect
+            .attributes
+            .insert("delay".into(), reconnect_secs.to_string());
+        let mut src = Element::new("source");
+        src.attributes.insert("protocol".into(), "nbd".into());
+        src.attributes.insert("name".into(), target);
+        src.children.push(XMLNode::Element(host));
+        src.children.push(XMLNode::Element(reconnect));
+        let mut format = Element::new("format");
+        format.attributes.insert("type".into(), "raw".into());
+        let mut bs = Element::new("backingStore");
+        bs.attributes.insert("type".into(), "network".into());
+        bs.children.push(XMLNode::Element(format));
+        bs.children.push(XMLNode::Element(src));
+        d.children.push(XMLNode::Element(bs));
+    }
+    let mut out = Vec::new();
+    dom.write_with_config(
+        &mut out,
+        EmitterConfig::new()
+            .perform_indent(true)
+            .write_document_declaration(false),
+    )
+    .context("writing the domain XML")?;
+    String::from_utf8(out).context("domain XML is not UTF-8")
+}
+
 fn is(node: &XMLNode, name: &str) -> bool {
     matches!(node, XMLNode::Element(e) if e.name == name)
 }

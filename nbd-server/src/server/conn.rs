@@ -304,7 +304,11 @@ impl<E: Export, W: AsyncWrite + Unpin + Send> Ctx<E, W> {
                 EIO,
                 format!("export returned {} bytes for a {len}-byte read", d.len()),
             )),
-            Err(e) => Err(fail(e.nbd_errno(), e.to_string())),
+            Err(e) => {
+                // The operator's (and live restore's) record of what failed.
+                warn!("read {offset}+{len} failed: {e}");
+                Err(fail(e.nbd_errno(), e.to_string()))
+            }
         }
     }
 

@@ -1,0 +1,74 @@
+//! Block jobs (the stream of a live restore): start, progress, abort,
+//! wrapped from `virt-sys` once.
+
+use std::ffi::CString;
+
+use virt::sys;
+
+use super::{last, Domain, Error, Result};
+
+/// Progress of a disk's block job, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobProgress {
+    pub cur: u64,
+    pub end: u64,
+}
+
+fn disk_cstr(disk: &str) -> Result<CString> {
+    CString::new(disk).map_err(|_| Error::Call {
+        op: "disk name".into(),
+        message: "contains a NUL byte".into(),
+    })
+}
+
+impl Domain {
+    /// Starts a block-stream job on `disk`: every block its backing chain
+    /// holds is copied into the top image (blocks the top image has, such
+    /// as guest writes, are never overwritten); at the end the backing is
+    /// dropped from the chain.
+    pub fn block_pull(&self, disk: &str) -> Result<()> {
+        let d = disk_cstr(disk)?;
+        // SAFETY: valid domain and C string; bandwidth 0 = unlimited.
+        if unsafe { sys::virDomainBlockPull(self.raw(), d.as_ptr(), 0, 0) } < 0 {
+            return Err(last(format!("starting the stream of {} {disk}", self.name)));
+        }
+        Ok(())
+    }
+
+    /// The block job on `disk`, or `None` if there is none.
+    pub fn block_job(&self, disk: &str) -> Result<Option<JobProgress>> {
+        let d = disk_cstr(disk)?;
+        let mut info = sys::virDomainBlockJobInfo {
+            type_: 0,
+            bandwidth: 0,
+            cur: 0,
+            end: 0,
+        };
+        // SAFETY: valid domain, C string and out-struct.
+        let r = unsafe { sys::virDomainGetBlockJobInfo(self.raw(), d.as_ptr(), &mut info, 0) };
+        match r {
+            r if r < 0 => Err(last(format!(
+                "reading the block job of {} {disk}",
+                self.name
+            ))),
+            0 => Ok(None),
+            _ => Ok(Some(JobProgress {
+                cur: info.cur,
+                end: info.end,
+            })),
+        }
+    }
+
+    /// Cancels the block job on `disk` (what it copied stays copied).
+    pub fn block_job_abort(&self, disk: &str) -> Result<()> {
+        let d = disk_cstr(disk)?;
+        // SAFETY: valid domain and C string.
+        if unsafe { sys::virDomainBlockJobAbort(self.raw(), d.as_ptr(), 0) } < 0 {
+            return Err(last(format!(
+                "cancelling the block job of {} {disk}",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! One live restore's state, persisted in `STATE_DIR/live/NAME.json` so a
+//! supervisor (the agent, or `--wait` in the foreground) can pick it up
+//! after a restart. The phases and their rules are stated here once.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Where a live restore is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "phase", content = "reason")]
+pub enum Phase {
+    /// Overlays made, domain defined and starting.
+    Booting,
+    /// The domain runs; block-stream jobs copy the snapshot into the
+    /// overlays.
+    Streaming,
+    /// Every disk is local: no backing, server stopped.
+    Done,
+    /// A stream failed (why): the VM and its overlays stay, guest writes
+    /// with them; `bulwark restore resume NAME` (or a supervisor restart)
+    /// tries again.
+    Failed(String),
+    /// `bulwark restore cancel`: the VM was destroyed.
+    Cancelled,
+}
+
+impl Phase {
+    /// Whether a supervisor still has work here.
+    pub fn active(&self) -> bool {
+        matches!(self, Phase::Booting | Phase::Streaming)
+    }
+}
+
+/// How to open the repository again (the server is restarted from this).
+/// Secrets are never written: only the files that hold them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RepoSpec {
+    pub repo: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LiveDisk {
+    /// Target device (`vda`): the export name and libvirt's disk name.
+    pub target: String,
+    /// The local qcow2 overlay the guest runs on.
+    pub overlay: PathBuf,
+    pub size: u64,
+    /// Bytes streamed so far (the block job's cursor).
+    #[serde(default)]
+    pub done: u64,
+    /// The stream finished and the backing is gone.
+    #[serde(default)]
+    pub local: bool,
+    /// Streams started on this disk (restarts after failures count).
+    #[serde(default)]
+    pub pulls: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LiveRestore {
+    /// The new domain's name (also this record's).
+    pub name: String,
+    pub snapshot: String,
+    pub source: String,
+    pub repo: RepoSpec,
+    /// The Unix socket `bulwark-nbd` serves the snapshot on.
+    pub socket: PathBuf,
+    /// Its log (read for the cause of a failed read).
+    pub server_log: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_pid: Option<u32>,
+    #[serde(flatten)]
+    pub phase: Phase,
+    pub disks: Vec<LiveDisk>,
+    /// Unix seconds.
+    pub started: i64,
+    pub updated: i64,
+    /// Times the server had to be started again.
+    #[serde(default)]
+    pub server_restarts: u32,
+}
+
+impl LiveRestore {
+    pub fn bytes_total(&self) -> u64 {
+        self.disks.iter().map(|d| d.size).sum()
+    }
+
+    pub fn bytes_done(&self) -> u64 {
+        self.disks
+            .iter()
+            .map(|d| if d.local { d.size } else { d.done })
+            .sum()
+    }
+
+    /// Throughput since the start (bytes/s) and the ETA in seconds.
+    pub fn rate_and_eta(&self) -> (f64, Option<f64>) {
+        let secs = (self.updated - self.started).max(1) as f64;
+        let rate = self.bytes_done() as f64 / secs;
+        let left = self.bytes_total().saturating_sub(self.bytes_done()) as f64;
+        let eta = (rate > 0.0 && self.phase.active()).then(|| left / rate);
+        (rate, eta)
+    }
+}
+
+/// The directory of live restore records.
+#[derive(Clone, Debug)]
+pub struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    pub fn new(state_dir: &Path) -> Self {
+        Records {
+            dir: state_dir.join("live"),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.path(name).exists()
+    }
+
+    pub fn load(&self, name: &str) -> Result<LiveRestore> {
+        let p = self.path(name);
+        let b = std::fs::read(&p).with_context(|| format!("no live restore {name}"))?;
+        serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))
+    }
+
+    /// Writes atomically (temp file, fsync, rename), stamping `updated`.
+    pub fn save(&self, r: &mut LiveRestore) -> Result<()> {
+        r.updated = chrono::Utc::now().timestamp();
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let p = self.path(&r.name);
+        let tmp = p.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(r)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Loads, changes and saves a record under its lock (supervisor,
+    /// `cancel` and `resume` may run in different processes).
+    pub fn update(&self, name: &str, f: impl FnOnce(&mut LiveRestore)) -> Result<LiveRestore> {
+        std::fs::create_dir_all(&self.dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(format!("{name}.lock")))?;
+        // SAFETY: flock on a descriptor we own; released when it closes.
+        if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("locking the live restore record");
+        }
+        let mut r = self.load(name)?;
+        f(&mut r);
+        self.save(&mut r)?;
+        Ok(r)
+    }
+
+    /// Every record, by name.
+    pub fn all(&self) -> Result<Vec<LiveRestore>> {
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.dir.display())),
+        };
+        for e in rd {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let b = std::fs::read(&p)?;
+                out.push(
+                    serde_json::from_slice(&b)
+                        .with_context(|| format!("parsing {}", p.display()))?,
+                );
+            }
+        }
+        out.sort_by(|a: &LiveRestore, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}

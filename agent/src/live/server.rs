@@ -1,0 +1,140 @@
+//! The `bulwark-nbd` process that serves a live restore's snapshot. It
+//! runs in its own process group and outlives the command (or agent) that
+//! started it: QEMU reads through it until the stream is done, whoever
+//! supervises. A supervisor that finds it dead starts it again on the same
+//! socket; QEMU's NBD client reconnects.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::record::LiveRestore;
+
+/// `bulwark-nbd` next to this executable, else on the PATH.
+fn binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .map(|e| e.with_file_name("bulwark-nbd"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("bulwark-nbd"))
+}
+
+/// Starts the server for `r` and waits until it serves; its pid.
+/// `password` is passed in the environment when no file holds it.
+pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
+    // A socket left by a killed server would make the bind fail.
+    match std::fs::remove_file(&r.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", r.socket.display())),
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&r.server_log)
+        .with_context(|| format!("opening {}", r.server_log.display()))?;
+    let mut cmd = Command::new(binary());
+    cmd.args(["serve", "--snapshot", &r.snapshot, "--socket"])
+        .arg(&r.socket)
+        .env("BULWARK_REPO", &r.repo.repo)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0);
+    if let Some(p) = &r.repo.password_file {
+        cmd.arg("--password-file").arg(p);
+    }
+    if let Some(k) = &r.repo.key_file {
+        cmd.arg("--key-file").arg(k);
+    }
+    if let Some(e) = &r.repo.s3_endpoint {
+        cmd.env("BULWARK_S3_ENDPOINT", e);
+    }
+    if let Some(pw) = password {
+        cmd.env("BULWARK_PASSWORD", pw);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", binary().display()))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().context("server stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let r = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(r.map(|_| line));
+    });
+    let t = Instant::now();
+    loop {
+        if let Ok(Ok(line)) = rx.recv_timeout(Duration::from_millis(100)) {
+            if line.trim() == "ready" {
+                // Reaped by whoever outlives it (init, or our reaper below).
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
+                return Ok(pid);
+            }
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "bulwark-nbd exited ({st}) before serving: {}",
+                last_error(r).unwrap_or_default()
+            );
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            bail!("bulwark-nbd did not start serving within 120 s");
+        }
+    }
+}
+
+/// Whether the recorded server runs (and is ours: its command line names
+/// this restore's socket, so a recycled pid is never taken for it).
+pub fn alive(r: &LiveRestore) -> bool {
+    let Some(pid) = r.server_pid else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name.
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let socket = r.socket.to_string_lossy();
+    !zombie
+        && String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .any(|a| a == socket)
+}
+
+/// Stops the server (SIGTERM, then SIGKILL after 10 s).
+pub fn stop(r: &LiveRestore) {
+    if !alive(r) {
+        return;
+    }
+    let Some(pid) = r.server_pid else { return };
+    // SAFETY: signalling a pid we verified is our server.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    while alive(r) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive(r) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let _ = std::fs::remove_file(&r.socket);
+}
+
+/// The last failed read the server logged (names the damaged chunk).
+pub fn last_error(r: &LiveRestore) -> Option<String> {
+    let log = std::fs::read_to_string(&r.server_log).ok()?;
+    log.lines()
+        .rev()
+        .find(|l| l.contains("failed") || l.contains("error"))
+        .map(|l| l.trim().to_string())
+}

@@ -1,0 +1,140 @@
+//! Starting a live restore, top to bottom: plan (the full restore's
+//! refusals and names), serve the snapshot, make the overlays, define the
+//! domain on them with the snapshot as their NBD backing, start it, start
+//! the streams, record. Anything made before a failure is removed.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use store::{Repository, Snapshot};
+
+use super::record::{LiveDisk, LiveRestore, Phase, Records, RepoSpec};
+use super::server;
+use crate::libvirt::Libvirt;
+use crate::vm::restore::{self, Options, Plan, Undo};
+use crate::vm::rewrite::{self, ImageFormat};
+
+/// How long QEMU's NBD client keeps a guest's reads waiting for a
+/// restarted server before failing them.
+pub const RECONNECT_SECS: u32 = 60;
+
+pub struct LiveOptions<'a> {
+    pub restore: Options,
+    pub records: &'a Records,
+    pub repo: RepoSpec,
+    /// The passphrase, when no file holds it (foreground only).
+    pub password: Option<String>,
+}
+
+/// Checks before anything is made: what a full restore checks, plus no
+/// live restore of that name.
+pub fn plan(libvirt: &Libvirt, snap: Snapshot, name: &str, o: &LiveOptions<'_>) -> Result<Plan> {
+    if o.records.exists(name) {
+        bail!("a live restore named {name} exists already (see `bulwark restore status`)");
+    }
+    let mut opts = o.restore.clone();
+    opts.format = ImageFormat::Qcow2;
+    restore::plan(libvirt, snap, name, &opts)
+}
+
+pub fn start(
+    repo: &Arc<Repository>,
+    libvirt: &Libvirt,
+    plan: &Plan,
+    o: &LiveOptions<'_>,
+) -> Result<LiveRestore> {
+    let mut undo = Undo::new(libvirt);
+    std::fs::create_dir_all(&o.restore.dir)
+        .with_context(|| format!("creating {}", o.restore.dir.display()))?;
+    std::fs::create_dir_all(o.records.dir())?;
+    let mut rec = record(plan, o);
+    let served = ServerGuard(&mut rec);
+    served.0.server_pid = Some(server::start(served.0, o.password.as_deref())?);
+    for (d, target) in &plan.disks {
+        undo.file(target.path.clone());
+        overlay(&target.path, d.size, &d.name, &served.0.socket)?;
+    }
+    restore::restore_nvram(repo, plan, 0, &mut undo, &|_| {})?;
+    let xml = restore::rewritten(plan, &o.restore)?.xml;
+    let xml = rewrite::add_nbd_backing(&xml, &served.0.socket, RECONNECT_SECS)?;
+    let dom = libvirt
+        .define(&xml)
+        .with_context(|| format!("defining {}", plan.name))?;
+    undo.domain(plan.name.clone());
+    dom.start()
+        .with_context(|| format!("starting {}", plan.name))?;
+    for d in &mut served.0.disks {
+        dom.block_pull(&d.target)?;
+        d.pulls = 1;
+    }
+    served.0.phase = Phase::Streaming;
+    o.records.save(served.0)?;
+    undo.commit();
+    std::mem::forget(served);
+    Ok(rec)
+}
+
+fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
+    let now = chrono::Utc::now().timestamp();
+    LiveRestore {
+        name: plan.name.clone(),
+        snapshot: plan.snapshot.id.to_string(),
+        source: plan.snapshot.source.clone(),
+        repo: o.repo.clone(),
+        // Short: a Unix socket path has ~107 bytes.
+        socket: o.records.dir().join(format!("{}.sock", plan.name)),
+        server_log: o.records.dir().join(format!("{}.nbd.log", plan.name)),
+        server_pid: None,
+        phase: Phase::Booting,
+        disks: plan
+            .disks
+            .iter()
+            .map(|(d, r)| LiveDisk {
+                target: d.name.clone(),
+                overlay: r.path.clone(),
+                size: d.size,
+                done: 0,
+                local: false,
+                pulls: 0,
+            })
+            .collect(),
+        started: now,
+        updated: now,
+        server_restarts: 0,
+    }
+}
+
+/// A qcow2 overlay of `size` bytes over the export `export` on `socket`
+/// (`-u`: the server need not answer yet; libvirt gets the backing from
+/// the domain XML).
+fn overlay(path: &Path, size: u64, export: &str, socket: &Path) -> Result<()> {
+    let backing = format!("nbd+unix:///{export}?socket={}", socket.display());
+    let out = Command::new("qemu-img")
+        .args([
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", &backing,
+        ])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .context("running qemu-img (is qemu-utils installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img create {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Stops the server if the start fails after it was started.
+struct ServerGuard<'a>(&'a mut LiveRestore);
+
+impl Drop for ServerGuard<'_> {
+    fn drop(&mut self) {
+        server::stop(self.0);
+        let _ = std::fs::remove_file(&self.0.server_log);
+    }
+}
