@@ -47,7 +47,7 @@ use std::time::Duration;
 
 pub use console::Console;
 pub use image::{DiskFormat, Image};
-pub use libvirt::{TestBed, Vm, LIBVIRT_URI};
+pub use libvirt::{domain_qemu_io, TestBed, Vm, LIBVIRT_URI};
 pub use loopdev::LoopDevice;
 pub use qemu::QemuVm;
 pub use util::files_under;

@@ -354,17 +354,7 @@ impl Vm {
     /// returned; an output saying `failed` (e.g. pattern verification) is an
     /// error.
     pub fn qemu_io(&self, command: &str) -> Result<String> {
-        let log = self.qemu_log_path();
-        let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let reply = self.hmp(&format!("qemu-io -d {DISK_QDEV} \"{command}\""))?;
-        if !reply.trim().is_empty() {
-            return Err(Error::Unexpected(format!(
-                "qemu-io {command:?}: {}",
-                reply.trim()
-            )));
-        }
-        let out = wait_log_growth(&log, before)?;
-        check_qemu_io_output(command, out)
+        domain_qemu_io(&self.name, command)
     }
 
     /// Pauses the guest's vCPUs (`virsh suspend`).
@@ -390,6 +380,27 @@ impl Vm {
             _ => self.destroy(),
         }
     }
+}
+
+/// [`Vm::qemu_io`] on any running domain whose first disk is
+/// `virtio-disk0` (a domain a test did not define itself, e.g. a restored one).
+pub fn domain_qemu_io(domain: &str, command: &str) -> Result<String> {
+    let log = Path::new("/var/log/libvirt/qemu").join(format!("{domain}.log"));
+    let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let reply = virsh([
+        "qemu-monitor-command",
+        domain,
+        "--hmp",
+        &format!("qemu-io -d {DISK_QDEV} \"{command}\""),
+    ])?;
+    if !reply.trim().is_empty() {
+        return Err(Error::Unexpected(format!(
+            "qemu-io {command:?}: {}",
+            reply.trim()
+        )));
+    }
+    let out = wait_log_growth(&log, before)?;
+    check_qemu_io_output(command, out)
 }
 
 impl Drop for Vm {

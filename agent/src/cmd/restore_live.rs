@@ -55,6 +55,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         records: &records,
         repo: spec,
         password,
+        stream_mib_per_sec: a.stream_mib_per_sec,
     };
     let repo = Arc::new(secret::open(g)?);
     // Every VM is checked before any is made.

@@ -60,6 +60,10 @@ pub struct Args {
     /// (without it, the running agent takes over).
     #[arg(long, requires = "live")]
     pub(super) wait: bool,
+    /// With --live: cap each disk's stream at this many MiB/s (0: none),
+    /// leaving bandwidth to the guest's own reads.
+    #[arg(long, default_value_t = 0, requires = "live")]
+    pub(super) stream_mib_per_sec: u64,
     /// The agent's socket (with --live, the agent supervises the restore).
     #[arg(long, default_value = "/run/bulwark/agent.sock")]
     pub(super) agent_socket: PathBuf,

@@ -25,11 +25,12 @@ impl Domain {
     /// Starts a block-stream job on `disk`: every block its backing chain
     /// holds is copied into the top image (blocks the top image has, such
     /// as guest writes, are never overwritten); at the end the backing is
-    /// dropped from the chain.
-    pub fn block_pull(&self, disk: &str) -> Result<()> {
+    /// dropped from the chain. `mib_per_sec` 0: unlimited.
+    pub fn block_pull(&self, disk: &str, mib_per_sec: u64) -> Result<()> {
         let d = disk_cstr(disk)?;
-        // SAFETY: valid domain and C string; bandwidth 0 = unlimited.
-        if unsafe { sys::virDomainBlockPull(self.raw(), d.as_ptr(), 0, 0) } < 0 {
+        let bw = mib_per_sec as std::os::raw::c_ulong;
+        // SAFETY: valid domain and C string; bandwidth in MiB/s.
+        if unsafe { sys::virDomainBlockPull(self.raw(), d.as_ptr(), bw, 0) } < 0 {
             return Err(last(format!("starting the stream of {} {disk}", self.name)));
         }
         Ok(())

@@ -83,6 +83,9 @@ pub struct LiveRestore {
     /// Unix seconds.
     pub started: i64,
     pub updated: i64,
+    /// Stream bandwidth cap in MiB/s (0: none), so guest reads keep theirs.
+    #[serde(default)]
+    pub stream_mib_per_sec: u64,
     /// Times the server had to be started again.
     #[serde(default)]
     pub server_restarts: u32,

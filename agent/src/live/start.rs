@@ -26,6 +26,8 @@ pub struct LiveOptions<'a> {
     pub repo: RepoSpec,
     /// The passphrase, when no file holds it (foreground only).
     pub password: Option<String>,
+    /// Stream bandwidth cap in MiB/s (0: none).
+    pub stream_mib_per_sec: u64,
 }
 
 /// Checks before anything is made: what a full restore checks, plus no
@@ -66,7 +68,7 @@ pub fn start(
     dom.start()
         .with_context(|| format!("starting {}", plan.name))?;
     for d in &mut served.0.disks {
-        dom.block_pull(&d.target)?;
+        dom.block_pull(&d.target, served.0.stream_mib_per_sec)?;
         d.pulls = 1;
     }
     served.0.phase = Phase::Streaming;
@@ -103,6 +105,7 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
         started: now,
         updated: now,
         server_restarts: 0,
+        stream_mib_per_sec: o.stream_mib_per_sec,
     }
 }
 

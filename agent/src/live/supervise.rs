@@ -108,7 +108,7 @@ fn follow_streams(r: &mut LiveRestore, dom: &Domain) -> Result<()> {
             "{}: the stream of {target} stopped short: starting it again",
             r.name
         );
-        dom.block_pull(&target)?;
+        dom.block_pull(&target, r.stream_mib_per_sec)?;
         r.disks[i].pulls += 1;
     }
     Ok(())

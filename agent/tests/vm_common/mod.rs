@@ -193,6 +193,16 @@ impl Agent {
     /// Starts `bulwark agent run` with a config of one local repository
     /// (`main`, at the env's repo) and `rest` appended (policies, ...).
     pub fn start(env: &Env, tick_seconds: u64, rest: &str) -> Agent {
+        Self::start_with(env, tick_seconds, rest, Vec::new())
+    }
+
+    /// [`Agent::start`] with more environment (S3 credentials, ...).
+    pub fn start_with(
+        env: &Env,
+        tick_seconds: u64,
+        rest: &str,
+        vars: Vec<(String, String)>,
+    ) -> Agent {
         let socket = env.path("agent.sock");
         let pw = env.path("pw");
         std::fs::write(&pw, PW).unwrap();
@@ -209,6 +219,7 @@ impl Agent {
         .unwrap();
         let child = env
             .cmd(&["agent", "run", "--config", cfg.to_str().unwrap()])
+            .envs(vars)
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();

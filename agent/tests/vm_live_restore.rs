@@ -1,0 +1,186 @@
+//! Live restore end to end: a VM snapshot in an S3 bucket boots at once as
+//! a new domain, reading through `bulwark-nbd`, while the agent streams its
+//! disk into a local overlay; the server is killed and the agent restarted
+//! in the middle, and the restore still completes with nothing lost.
+
+#[path = "vm_common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use common::*;
+use testbed::{Console, Image, Vm, VmOptions, BOOT_TIMEOUT};
+
+/// Domains a test made: destroyed and undefined at the end.
+struct Domains(Vec<String>);
+
+impl Drop for Domains {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("virsh")
+                .args(["-q", "-c", "qemu:///system", "destroy", n])
+                .output();
+            let _ = Command::new("virsh")
+                .args(["-q", "-c", "qemu:///system", "undefine", n, "--nvram"])
+                .output();
+        }
+    }
+}
+
+fn status(env: &Env, name: &str) -> serde_json::Value {
+    env.json(&["restore", "status", name, "--json"])[0].clone()
+}
+
+#[test]
+fn live_restore_from_s3_boots_at_once_and_survives_server_and_agent_restarts() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let server = testbed::s3::S3Server::start().unwrap();
+    let bucket = server.create_bucket().unwrap();
+    let repo = format!("s3://{bucket}/live");
+    let pw = env.path("pw");
+    std::fs::write(&pw, PW).unwrap();
+    let s3 = |args: &[&str]| {
+        let out = env
+            .cmd(args)
+            .envs(server.env())
+            .env("BULWARK_REPO", &repo)
+            .env("BULWARK_CACHE_DIR", env.path("cache"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    s3(&["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&s3(&["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    // The host never saw the VM: everything comes from the bucket.
+    drop(vm);
+
+    let agent = Agent::start_with(&env, 3600, "", server.env());
+    let name = testbed::unique_name("bw-live");
+    let _domains = Domains(vec![name.clone()]);
+    let images = env.path("images");
+    let t0 = Instant::now();
+    s3(&[
+        "restore",
+        "vm",
+        &snap,
+        "--as",
+        &name,
+        "--storage-dir",
+        images.to_str().unwrap(),
+        "--live",
+        "--agent-socket",
+        agent.socket.to_str().unwrap(),
+        "--password-file",
+        pw.to_str().unwrap(),
+        // Slow enough that everything below happens during the stream.
+        "--stream-mib-per-sec",
+        "1",
+    ]);
+    let returned = t0.elapsed();
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    let ready = console.wait_ready(BOOT_TIMEOUT).unwrap();
+    assert_eq!(ready.marker, image.marker());
+    eprintln!(
+        "live restore: command returned after {:.1}s, guest ready after {:.1}s",
+        returned.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(status(&env, &name)["phase"], "streaming");
+
+    // A host-side write into the running VM during the stream.
+    let off = image.scratch_offset();
+    testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
+
+    // kill -9 of the server: the VM keeps running, the agent restarts it.
+    let pid = status(&env, &name)["server_pid"].as_u64().unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("the server's restart", 60, || {
+        (status(&env, &name)["server_restarts"].as_u64() >= Some(1)).then_some(())
+    });
+    assert_eq!(virsh(&["domstate", &name]).trim(), "running");
+
+    // The agent restarts too: the new one picks the restore up.
+    drop(agent);
+    assert_eq!(status(&env, &name)["phase"], "streaming");
+    let _agent = Agent::start_with(&env, 3600, "", server.env());
+    let done = wait_for("the end of the stream", 600, || {
+        let s = status(&env, &name);
+        assert!(s["phase"] == "streaming" || s["phase"] == "done", "{s}");
+        (s["phase"] == "done").then_some(s)
+    });
+    assert_eq!(done["bytes_done"], done["bytes_total"], "{done}");
+
+    // Local alone: no backing in libvirt's view or in the image.
+    let xml = virsh(&["dumpxml", &name]);
+    assert!(!xml.contains("protocol='nbd'"), "{xml}");
+    let overlay = images.join(format!("{name}-vda.qcow2"));
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    // The written range still holds the write, read through the live VM.
+    testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
+
+    // Outside the guest's filesystem (which it writes as it boots) the disk
+    // equals the snapshot exactly, but for the range written above.
+    virsh(&["destroy", &name]);
+    let reference = env.path("ref.raw");
+    s3(&[
+        "restore",
+        "image",
+        &snap,
+        "--to",
+        reference.to_str().unwrap(),
+    ]);
+    let mut want = std::fs::read(&reference).unwrap();
+    want[off as usize..off as usize + (64 << 10)].fill(0x5a);
+    let got_raw = env.path("got.raw");
+    qemu_img_to_raw(&overlay, &got_raw);
+    let got = std::fs::read(&got_raw).unwrap();
+    assert_eq!(got.len(), want.len());
+    let (p0, p1) = (
+        image.partition_offset() as usize,
+        (image.partition_offset() + image.partition_size()) as usize,
+    );
+    assert!(
+        got[..p0] == want[..p0],
+        "the disk before the partition differs"
+    );
+    assert!(
+        got[p1..] == want[p1..],
+        "the disk after the partition differs"
+    );
+    // And the guest's files are the snapshot's.
+    for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
+        let w = image.read_guest_file(&reference, f).unwrap();
+        assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");
+    }
+}
+
+fn qemu_img_to_raw(from: &Path, to: &Path) {
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
