@@ -184,3 +184,72 @@ fn qemu_img_to_raw(from: &Path, to: &Path) {
         .unwrap();
     assert!(st.success());
 }
+
+/// A chunk damaged in the repository: guest reads of it fail with EIO, the
+/// stream gives up and the restore is marked failed naming the failed read,
+/// and what was written into the VM is still there.
+#[test]
+fn a_damaged_chunk_fails_the_live_restore_and_keeps_guest_writes() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    env.ok(&["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let r = env.backup(vm.name(), &[]);
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+    let name = testbed::unique_name("bw-livebad");
+    let _domains = Domains(vec![name.clone()]);
+    let images = env.path("images");
+    // --wait: supervised in the foreground, no agent.
+    let mut child = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+            "--stream-mib-per-sec",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    console.wait_ready(BOOT_TIMEOUT).unwrap();
+    let off = image.scratch_offset();
+    testbed::domain_qemu_io(&name, &format!("write -P 0x3c {off} 64k")).unwrap();
+
+    // Damage every pack now: what the server has not read yet is bad.
+    for p in testbed::files_under(&env.path("repo/data")).unwrap() {
+        let mut b = std::fs::read(&p).unwrap();
+        for x in b.iter_mut().skip(200).step_by(8192) {
+            *x ^= 0x5a;
+        }
+        std::fs::write(&p, &b).unwrap();
+    }
+    // A read of the whole disk meets a damaged chunk: EIO, not wrong data.
+    let err = testbed::domain_qemu_io(&name, "read 0 120M").unwrap_err();
+    assert!(err.to_string().contains("Input/output error"), "{err}");
+
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "a failed live restore exits 1");
+    let s = status(&env, &name);
+    let why = s["reason"].as_str().unwrap_or_default();
+    assert_eq!(s["phase"], "failed", "{s}");
+    assert!(
+        why.contains("damaged") || why.contains("authentication") || why.contains("chunk"),
+        "the failed read is named: {why}"
+    );
+    // The VM and its overlay stay; the write is still there.
+    assert_eq!(virsh(&["domstate", &name]).trim(), "running");
+    testbed::domain_qemu_io(&name, &format!("read -P 0x3c {off} 64k")).unwrap();
+    // Cancel cleans up: domain and overlay gone.
+    env.ok(&["restore", "cancel", &name]);
+    assert!(!images.join(format!("{name}-vda.qcow2")).exists());
+    assert_eq!(status(&env, &name)["phase"], "cancelled");
+}

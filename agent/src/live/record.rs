@@ -199,3 +199,65 @@ impl Records {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(phase: Phase) -> LiveRestore {
+        LiveRestore {
+            name: "web-live".into(),
+            snapshot: "ab".repeat(32),
+            source: "web".into(),
+            repo: RepoSpec::default(),
+            socket: "/s".into(),
+            server_log: "/l".into(),
+            server_pid: Some(7),
+            phase,
+            disks: vec![LiveDisk {
+                target: "vda".into(),
+                overlay: "/o.qcow2".into(),
+                size: 100,
+                done: 40,
+                local: false,
+                pulls: 1,
+            }],
+            started: 1000,
+            updated: 1010,
+            stream_mib_per_sec: 0,
+            server_restarts: 0,
+        }
+    }
+
+    #[test]
+    fn phases_round_trip_flat_in_the_record() {
+        for p in [
+            Phase::Booting,
+            Phase::Streaming,
+            Phase::Done,
+            Phase::Cancelled,
+            Phase::Failed("chunk x is damaged".into()),
+        ] {
+            let v = serde_json::to_value(rec(p.clone())).unwrap();
+            assert!(v["phase"].is_string(), "{v}");
+            let back: LiveRestore = serde_json::from_value(v.clone()).unwrap();
+            assert_eq!(back.phase, p, "{v}");
+        }
+        let v = serde_json::to_value(rec(Phase::Failed("why".into()))).unwrap();
+        assert_eq!(v["phase"], "failed");
+        assert_eq!(v["reason"], "why");
+    }
+
+    #[test]
+    fn progress_counts_local_disks_whole() {
+        let mut r = rec(Phase::Streaming);
+        assert_eq!((r.bytes_done(), r.bytes_total()), (40, 100));
+        let (rate, eta) = r.rate_and_eta();
+        assert_eq!(rate, 4.0);
+        assert_eq!(eta, Some(15.0));
+        r.disks[0].local = true;
+        r.phase = Phase::Done;
+        assert_eq!(r.bytes_done(), 100);
+        assert_eq!(r.rate_and_eta().1, None);
+    }
+}
