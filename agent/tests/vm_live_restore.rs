@@ -253,3 +253,89 @@ fn a_damaged_chunk_fails_the_live_restore_and_keeps_guest_writes() {
     assert!(!images.join(format!("{name}-vda.qcow2")).exists());
     assert_eq!(status(&env, &name)["phase"], "cancelled");
 }
+
+/// `cargo test --release -p bulwark --test vm_live_restore -- --ignored --nocapture`:
+/// time to the guest's ready marker, live from S3 against booting the same
+/// disk from a local file; and time to fully restored, live against
+/// `bulwark restore image` of the same disk, from the same bucket.
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn live_restore_bench() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let server = testbed::s3::S3Server::start().unwrap();
+    let bucket = server.create_bucket().unwrap();
+    let repo = format!("s3://{bucket}/bench");
+    let s3 = |args: &[&str]| {
+        let out = env
+            .cmd(args)
+            .envs(server.env())
+            .env("BULWARK_REPO", &repo)
+            .env("BULWARK_NO_CACHE", "1")
+            .arg("--no-cache")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    s3(&["repo", "init"]);
+    // Baseline: the same disk, booted from a local file.
+    let mut vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&s3(&["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    vm.start().unwrap();
+    vm.wait_ready(BOOT_TIMEOUT).unwrap();
+    let local_boot = t.elapsed().as_secs_f64();
+    drop(vm);
+
+    let name = testbed::unique_name("bw-livebench");
+    let _domains = Domains(vec![name.clone()]);
+    let images = env.path("images");
+    let t = Instant::now();
+    let mut child = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+            "--no-cache",
+        ])
+        .envs(server.env())
+        .env("BULWARK_REPO", &repo)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    console.wait_ready(BOOT_TIMEOUT).unwrap();
+    let live_boot = t.elapsed().as_secs_f64();
+    assert!(child.wait().unwrap().success());
+    let live_done = t.elapsed().as_secs_f64();
+
+    let to = env.path("full.raw");
+    let t = Instant::now();
+    s3(&["restore", "image", &snap, "--to", to.to_str().unwrap()]);
+    let full = t.elapsed().as_secs_f64();
+    println!("| | seconds | ratio |");
+    println!("| --- | --- | --- |");
+    println!("| boot from a local qcow2 file to ready | {local_boot:.2} | 1.00 |");
+    println!(
+        "| live restore from S3 to ready | {live_boot:.2} | {:.2}x (bar: at most 1.5x) |",
+        live_boot / local_boot
+    );
+    println!("| restore image from S3 (cold, no cache) | {full:.2} | 1.00 |");
+    println!(
+        "| live restore from S3 to fully local | {live_done:.2} | {:.2}x |",
+        live_done / full
+    );
+}
