@@ -271,7 +271,6 @@ fn live_restore_bench() {
             .cmd(args)
             .envs(server.env())
             .env("BULWARK_REPO", &repo)
-            .env("BULWARK_NO_CACHE", "1")
             .arg("--no-cache")
             .output()
             .unwrap();
