@@ -192,7 +192,6 @@ fn qemu_img_to_raw(from: &Path, to: &Path) {
 fn a_damaged_chunk_fails_the_live_restore_and_keeps_guest_writes() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
-    env.ok(&["repo", "init"]);
     let vm = Vm::define(&image, VmOptions::default()).unwrap();
     let r = env.backup(vm.name(), &[]);
     let snap = r["snapshot"].as_str().unwrap().to_string();

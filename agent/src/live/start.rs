@@ -17,7 +17,11 @@ use crate::vm::restore::{self, Options, Plan, Undo};
 use crate::vm::rewrite::{self, ImageFormat};
 
 /// How long QEMU's NBD client keeps a guest's reads waiting for a
-/// restarted server before failing them.
+/// restarted server before failing them. libvirt 9.0 (Debian 12) drops the
+/// `<reconnect>` of an NBD backing source (later versions pass it on as
+/// `reconnect-delay`): there, reads during a server outage fail at once,
+/// QEMU reconnects by itself, the supervisor restarts the server within
+/// about a second and the stream resumes.
 pub const RECONNECT_SECS: u32 = 60;
 
 pub struct LiveOptions<'a> {

@@ -49,6 +49,10 @@ fn step(r: &mut LiveRestore, uri: &str, password: Option<&str>) {
             Ok(pid) => {
                 r.server_pid = Some(pid);
                 r.server_restarts += 1;
+                // The outage explains streams that stopped: fresh budgets.
+                for d in &mut r.disks {
+                    d.pulls = d.pulls.min(1);
+                }
             }
             Err(e) => tracing::warn!("{}: {e:#}", r.name),
         }
