@@ -193,14 +193,44 @@ fn a_damaged_chunk_fails_the_live_restore_and_keeps_guest_writes() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
     let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    env.backup(vm.name(), &[]);
+    // A second backup whose only new data, a MiB of the scratch area, lands
+    // in packs of its own: the ones damaged below.
+    let packs = || testbed::files_under(&env.path("repo/data")).unwrap();
+    let old_packs = packs();
+    let bad = image.scratch_offset() + (1 << 20);
+    let st = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &format!("write -P 0x77 {bad} 1M")])
+        .arg(vm.disk_path())
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
     let r = env.backup(vm.name(), &[]);
+    assert_eq!(r["mode"], "incremental", "{r}");
     let snap = r["snapshot"].as_str().unwrap().to_string();
+    let new_packs: Vec<_> = packs()
+        .into_iter()
+        .filter(|p| !old_packs.contains(p))
+        .collect();
+    assert!(!new_packs.is_empty());
     drop(vm);
+    // Damaged before the restore starts: the guest boots from the first
+    // backup's packs and never reads the scratch area; the stream and the
+    // read below meet the damage.
+    for p in &new_packs {
+        // (A MiB of one byte compresses to a pack of a few dozen bytes.)
+        let mut b = std::fs::read(p).unwrap();
+        for x in b.iter_mut().step_by(7) {
+            *x ^= 0x5a;
+        }
+        std::fs::write(p, &b).unwrap();
+    }
+
     let name = testbed::unique_name("bw-livebad");
     let _domains = Domains(vec![name.clone()]);
     let images = env.path("images");
     // --wait: supervised in the foreground, no agent.
-    let mut child = env
+    let child = env
         .cmd(&[
             "restore",
             "vm",
@@ -211,8 +241,6 @@ fn a_damaged_chunk_fails_the_live_restore_and_keeps_guest_writes() {
             images.to_str().unwrap(),
             "--live",
             "--wait",
-            "--stream-mib-per-sec",
-            "1",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -222,21 +250,17 @@ fn a_damaged_chunk_fails_the_live_restore_and_keeps_guest_writes() {
     console.wait_ready(BOOT_TIMEOUT).unwrap();
     let off = image.scratch_offset();
     testbed::domain_qemu_io(&name, &format!("write -P 0x3c {off} 64k")).unwrap();
-
-    // Damage every pack now: what the server has not read yet is bad.
-    for p in testbed::files_under(&env.path("repo/data")).unwrap() {
-        let mut b = std::fs::read(&p).unwrap();
-        for x in b.iter_mut().skip(200).step_by(8192) {
-            *x ^= 0x5a;
-        }
-        std::fs::write(&p, &b).unwrap();
-    }
-    // A read of the whole disk meets a damaged chunk: EIO, not wrong data.
-    let err = testbed::domain_qemu_io(&name, "read 0 120M").unwrap_err();
+    // Reading the damaged MiB: EIO in the VM, never wrong data.
+    let err = testbed::domain_qemu_io(&name, &format!("read {bad} 1M")).unwrap_err();
     assert!(err.to_string().contains("Input/output error"), "{err}");
 
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "a failed live restore exits 1");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed live restore exits 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = status(&env, &name);
     let why = s["reason"].as_str().unwrap_or_default();
     assert_eq!(s["phase"], "failed", "{s}");
