@@ -18,8 +18,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{
-    DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike,
-    Utc,
+    DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc,
 };
 
 /// Calendar events never elapse after this year (systemd's limit too): it
@@ -49,11 +48,26 @@ struct Item {
     end: u32,
     step: u32,
     star: bool,
+    /// `v/step`: no end was given.
+    open: bool,
 }
 
 impl Item {
     fn contains(&self, v: u32) -> bool {
         v >= self.start && v <= self.end && (v - self.start) % self.step == 0
+    }
+
+    /// For `~` days: `k` counts back from the month's last day (1 = last).
+    /// Repetitions run forward in time, i.e. towards k = 1, as in systemd:
+    /// `~07/1` is the last seven days.
+    fn contains_from_end(&self, k: u32) -> bool {
+        if self.open {
+            k <= self.start && (self.start - k) % self.step == 0
+        } else if self.step == 1 || self.star {
+            self.contains(k)
+        } else {
+            k >= self.start && k <= self.end && (self.end - k) % self.step == 0
+        }
     }
 }
 
@@ -73,6 +87,7 @@ impl Field {
                 end: max,
                 step: 1,
                 star: true,
+                open: false,
             }],
             max,
             width,
@@ -100,7 +115,7 @@ impl fmt::Display for Field {
                 f.write_str("*")?;
             } else if i.start == i.end {
                 write!(f, "{:0w$}", i.start)?;
-            } else if i.step > 1 && i.end == self.max {
+            } else if i.open {
                 write!(f, "{:0w$}", i.start)?;
             } else {
                 write!(f, "{:0w$}..{:0w$}", i.start, i.end)?;
@@ -230,9 +245,7 @@ impl Parser<'_> {
             };
             for v in [start, end] {
                 if v < min || v > max {
-                    return Err(
-                        self.part(part, format!("{what} {v} is out of range {min}..{max}"))
-                    );
+                    return Err(self.part(part, format!("{what} {v} is out of range {min}..{max}")));
                 }
             }
             items.push(Item {
@@ -240,6 +253,7 @@ impl Parser<'_> {
                 end,
                 step: step.unwrap_or(1),
                 star,
+                open: step.is_some() && !star && !base.contains(".."),
             });
         }
         Ok(Field { items, max, width })
@@ -342,6 +356,7 @@ impl Parser<'_> {
                 end: 0,
                 step: 1,
                 star: false,
+                open: false,
             }],
             max,
             width: 2,
@@ -356,6 +371,7 @@ impl Parser<'_> {
         let mut wd = String::new();
         while i < tokens.len()
             && tokens[i].starts_with(|c: char| c.is_ascii_alphabetic())
+            && !tokens[i].contains(':')
             && !tokens[i].eq_ignore_ascii_case("utc")
         {
             wd.push_str(tokens[i]);
@@ -413,8 +429,8 @@ impl CalendarEvent {
             return false;
         }
         if self.end_of_month {
-            let last = days_in_month(date.year(), date.month());
-            self.day.matches(last - date.day() + 1)
+            let k = days_in_month(date.year(), date.month()) - date.day() + 1;
+            self.day.items.iter().any(|i| i.contains_from_end(k))
         } else {
             self.day.matches(date.day())
         }
@@ -704,7 +720,9 @@ impl Schedule {
     /// The next run after `after` (for intervals: `after` is the last run).
     pub fn next_after<Tz: TimeZone>(&self, after: &DateTime<Tz>) -> Option<DateTime<Tz>> {
         match &self.kind {
-            Kind::Every(d) => after.clone().checked_add_signed(chrono::Duration::from_std(*d).ok()?),
+            Kind::Every(d) => after
+                .clone()
+                .checked_add_signed(chrono::Duration::from_std(*d).ok()?),
             Kind::Calendar(ev) => {
                 let off = chrono::Duration::from_std(self.offset).ok()?;
                 let nominal = ev.next_after(&after.clone().checked_sub_signed(off)?)?;
@@ -730,7 +748,11 @@ impl Schedule {
     /// systemd's `Persistent=true`. Never having run is not a missed run,
     /// as for systemd without a stamp file: the first run follows the
     /// schedule.
-    pub fn missed<Tz: TimeZone>(&self, last_run: Option<&DateTime<Tz>>, now: &DateTime<Tz>) -> bool {
+    pub fn missed<Tz: TimeZone>(
+        &self,
+        last_run: Option<&DateTime<Tz>>,
+        now: &DateTime<Tz>,
+    ) -> bool {
         match last_run.and_then(|l| self.next_after(l)) {
             Some(due) => &due <= now,
             None => false,
@@ -883,6 +905,8 @@ mod tests {
         assert_eq!(norm("*-02~01"), "*-02~01 00:00:00");
         assert_eq!(norm("0/2:00"), "*-*-* 00/2:00:00");
         assert_eq!(norm("1..23/3:05"), "*-*-* 01..23/3:05:00");
+        assert_eq!(norm("1/3:05"), "*-*-* 01/3:05:00");
+        assert_eq!(norm("1..20/3:05"), "*-*-* 01..20/3:05:00");
         assert_eq!(norm("*/6:00"), "*-*-* */6:00:00");
         assert_eq!(norm("2025..2030/2-*-* 00:00"), "2025..2030/2-*-* 00:00:00");
         assert_eq!(norm("12:00 UTC"), "*-*-* 12:00:00 UTC");
@@ -1038,10 +1062,7 @@ mod tests {
         // Sub-second `after`: the next whole elapse.
         let ev = CalendarEvent::parse("*:*:0/10").unwrap();
         let t = utc("2025-06-15 10:00:00") + chrono::Duration::milliseconds(500);
-        assert_eq!(
-            fmt(&ev.next_n(&t, 1)),
-            ["Sun 2025-06-15 10:00:10 UTC"]
-        );
+        assert_eq!(fmt(&ev.next_n(&t, 1)), ["Sun 2025-06-15 10:00:10 UTC"]);
     }
 
     #[test]
@@ -1100,6 +1121,25 @@ mod tests {
             next("Mon *-05~07/1", "2025-01-01 00:00:00", 2),
             ["Mon 2025-05-26 00:00:00", "Mon 2026-05-25 00:00:00"]
         );
+        // The last seven days of each month, every other one.
+        assert_eq!(
+            next("*-*~07/2 12:00", "2025-04-01 00:00:00", 5),
+            [
+                "Thu 2025-04-24 12:00:00",
+                "Sat 2025-04-26 12:00:00",
+                "Mon 2025-04-28 12:00:00",
+                "Wed 2025-04-30 12:00:00",
+                "Sun 2025-05-25 12:00:00"
+            ]
+        );
+        assert_eq!(
+            next("*-*~01..02 12:00", "2025-04-01 00:00:00", 3),
+            [
+                "Tue 2025-04-29 12:00:00",
+                "Wed 2025-04-30 12:00:00",
+                "Fri 2025-05-30 12:00:00"
+            ]
+        );
         // Never: no February has 30 days.
         let ev = CalendarEvent::parse("*-02-30").unwrap();
         assert_eq!(ev.next_after(&utc("2025-01-01 00:00:00")), None);
@@ -1140,7 +1180,10 @@ mod tests {
         let n = ev.next_n(&after, 2);
         assert_eq!(
             fmt(&n),
-            ["Sun 2025-06-15 14:00:00 CEST", "Mon 2025-06-16 14:00:00 CEST"]
+            [
+                "Sun 2025-06-15 14:00:00 CEST",
+                "Mon 2025-06-16 14:00:00 CEST"
+            ]
         );
     }
 
@@ -1214,8 +1257,7 @@ mod tests {
         // Starting inside the repeated hour (second pass): 02:30 already ran.
         let second_pass = Berlin
             .from_local_datetime(
-                &NaiveDateTime::parse_from_str("2025-10-26 02:10:00", "%Y-%m-%d %H:%M:%S")
-                    .unwrap(),
+                &NaiveDateTime::parse_from_str("2025-10-26 02:10:00", "%Y-%m-%d %H:%M:%S").unwrap(),
             )
             .latest()
             .unwrap();
@@ -1280,7 +1322,14 @@ mod tests {
         assert_eq!(every("2s"), 2);
         assert_eq!(every("45"), 45);
         assert_eq!(every("Every 5M"), 300);
-        for bad in ["every 0s", "0m", "every", "every 5w", "every x", "every 99999999999999999d"] {
+        for bad in [
+            "every 0s",
+            "0m",
+            "every",
+            "every 5w",
+            "every x",
+            "every 99999999999999999d",
+        ] {
             let e = Schedule::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{bad}: {e}");
         }
@@ -1295,7 +1344,10 @@ mod tests {
         ] {
             assert_eq!(Schedule::parse(s).unwrap().to_string(), n);
         }
-        assert_eq!(Schedule::parse("every 90m").unwrap().to_string(), "every 1h 30m");
+        assert_eq!(
+            Schedule::parse("every 90m").unwrap().to_string(),
+            "every 1h 30m"
+        );
         let t = utc("2025-06-15 10:00:00");
         let s = Schedule::parse("every 15m").unwrap();
         assert_eq!(
@@ -1325,7 +1377,10 @@ mod tests {
         // Known value: changing the hash would move every host's backups.
         assert_eq!(spread_offset("pve1", max), spread_offset("pve1", max));
         assert_eq!(spread_offset("x", Duration::ZERO), Duration::ZERO);
-        assert_eq!(spread_offset("x", Duration::from_millis(999)), Duration::ZERO);
+        assert_eq!(
+            spread_offset("x", Duration::from_millis(999)),
+            Duration::ZERO
+        );
         let offs: std::collections::BTreeSet<u64> = (0..100)
             .map(|i| spread_offset(&format!("node{i:02}"), max).as_secs())
             .collect();

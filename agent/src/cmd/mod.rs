@@ -8,6 +8,7 @@ pub mod mount;
 pub mod prune;
 pub mod repo;
 pub mod restore_vm;
+pub mod schedule;
 pub mod snapshots;
 pub mod verify;
 pub mod vm;
