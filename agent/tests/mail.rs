@@ -3,7 +3,7 @@
 //! loopback, each test with its own port, directories and server process.
 
 #[path = "../src/mail/mod.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod mail;
 
 use std::io::{BufRead, BufReader};
@@ -28,7 +28,8 @@ creds = (sys.argv[3].encode(), sys.argv[4].encode()) if len(sys.argv) > 4 else N
 
 def authenticator(server, session, envelope, mechanism, auth_data):
     ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == creds
-    return AuthResult(success=ok)
+    # handled=False: let aiosmtpd answer 535 itself.
+    return AuthResult(success=ok, handled=False)
 
 kw = dict(authenticator=authenticator, auth_required=True, auth_require_tls=False) if creds else {}
 c = Controller(Mailbox(maildir), hostname="127.0.0.1", port=port, **kw)
@@ -58,7 +59,11 @@ impl Server {
         std::fs::write(&script, SERVER).unwrap();
         let maildir = dir.join(format!("maildir-{port}"));
         let mut cmd = Command::new(python());
-        cmd.arg(&script).arg(port.to_string()).arg(&maildir);
+        // -W ignore: aiosmtpd warns about AUTH without TLS (fine on loopback).
+        cmd.args(["-W", "ignore"])
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&maildir);
         if let Some((u, p)) = auth {
             cmd.args([u, p]);
         }
@@ -279,6 +284,8 @@ fn auth_with_password_file() {
     let anon = SmtpSender::new(&config(port), "pve1").unwrap();
     outbox.queue(&m).unwrap();
     assert_eq!(outbox.drain(&anon, Utc::now()).unwrap().failed, 1);
+    let err = outbox.pending().unwrap()[0].last_error.clone().unwrap();
+    assert!(err.contains("530"), "want 'authentication required': {err}");
     // Wrong password: same.
     let bad_pw = dir.path().join("bad-password");
     std::fs::write(&bad_pw, "nope\n").unwrap();
@@ -293,6 +300,8 @@ fn auth_with_password_file() {
     .unwrap();
     let later = Utc::now() + chrono::Duration::hours(2);
     assert_eq!(outbox.drain(&wrong, later).unwrap().failed, 1);
+    let err = outbox.pending().unwrap()[0].last_error.clone().unwrap();
+    assert!(err.contains("535"), "want 'credentials invalid': {err}");
     assert!(server.messages().is_empty());
 
     let good = SmtpSender::new(
