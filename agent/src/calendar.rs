@@ -54,7 +54,7 @@ struct Item {
 
 impl Item {
     fn contains(&self, v: u32) -> bool {
-        v >= self.start && v <= self.end && (v - self.start) % self.step == 0
+        v >= self.start && v <= self.end && (v - self.start).is_multiple_of(self.step)
     }
 
     /// For `~` days: `k` counts back from the month's last day (1 = last).
@@ -62,11 +62,11 @@ impl Item {
     /// `~07/1` is the last seven days.
     fn contains_from_end(&self, k: u32) -> bool {
         if self.open {
-            k <= self.start && (self.start - k) % self.step == 0
+            k <= self.start && (self.start - k).is_multiple_of(self.step)
         } else if self.step == 1 || self.star {
             self.contains(k)
         } else {
-            k >= self.start && k <= self.end && (self.end - k) % self.step == 0
+            k >= self.start && k <= self.end && (self.end - k).is_multiple_of(self.step)
         }
     }
 }
@@ -113,9 +113,7 @@ impl fmt::Display for Field {
             }
             if i.star {
                 f.write_str("*")?;
-            } else if i.start == i.end {
-                write!(f, "{:0w$}", i.start)?;
-            } else if i.open {
+            } else if i.start == i.end || i.open {
                 write!(f, "{:0w$}", i.start)?;
             } else {
                 write!(f, "{:0w$}..{:0w$}", i.start, i.end)?;
@@ -641,7 +639,7 @@ pub struct Schedule {
 pub enum Kind {
     /// `every 15m`, `2h`: runs when this long has passed since the last run.
     Every(Duration),
-    Calendar(CalendarEvent),
+    Calendar(Box<CalendarEvent>),
 }
 
 /// `every N{s,m,h,d}` or `N{s,m,h,d}` (a bare number is seconds), as
@@ -688,7 +686,7 @@ impl Schedule {
     pub fn parse(s: &str) -> Result<Schedule, Error> {
         let kind = match parse_interval(s) {
             Some(d) => Kind::Every(d?),
-            None => Kind::Calendar(CalendarEvent::parse(s)?),
+            None => Kind::Calendar(Box::new(CalendarEvent::parse(s)?)),
         };
         Ok(Schedule {
             kind,

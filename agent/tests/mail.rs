@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use mail::{Alerts, Failure, Outbox, SenderThread, SmtpConfig, SmtpSender, Tls, Transport};
+use mail::{Alerts, Failure, Outbox, SenderThread, SmtpConfig, SmtpSender, TlsMode, Transport};
 
 /// An SMTP server storing each message in a Maildir; optionally requiring
 /// AUTH (without TLS: loopback only).
@@ -122,7 +122,7 @@ fn config(port: u16) -> SmtpConfig {
         port: Some(port),
         from: "bulwark@pve1.example.com".into(),
         to: vec!["ops@example.com".into()],
-        tls: Tls::None,
+        tls: TlsMode::None,
         username: None,
         password_file: None,
     }

@@ -61,7 +61,7 @@ impl Error {
 /// How to talk to the SMTP server.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Tls {
+pub enum TlsMode {
     /// Plain text: only for a relay on localhost or a trusted network.
     None,
     /// Plain connection upgraded with STARTTLS (required, not opportunistic).
@@ -93,7 +93,7 @@ pub struct SmtpConfig {
     #[serde(deserialize_with = "one_or_many")]
     pub to: Vec<String>,
     #[serde(default)]
-    pub tls: Tls,
+    pub tls: TlsMode,
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
@@ -117,9 +117,9 @@ impl SmtpConfig {
     /// The configured port, else the usual one for the TLS mode.
     pub fn port(&self) -> u16 {
         self.port.unwrap_or(match self.tls {
-            Tls::None => 25,
-            Tls::Starttls => 587,
-            Tls::Tls => 465,
+            TlsMode::None => 25,
+            TlsMode::Starttls => 587,
+            TlsMode::Tls => 465,
         })
     }
 }
@@ -244,7 +244,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.tls, Tls::Starttls);
+        assert_eq!(c.tls, TlsMode::Starttls);
         assert_eq!(c.port(), 587);
         assert_eq!(c.to, ["ops@example.com"]);
         assert_eq!(c.username, None);
@@ -262,7 +262,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.port(), 2525);
-        assert_eq!(c.tls, Tls::None);
+        assert_eq!(c.tls, TlsMode::None);
         assert_eq!(c.to.len(), 2);
         assert_eq!(
             c.password_file.as_deref(),

@@ -9,7 +9,7 @@ use lettre::transport::smtp::client::{Tls as LTls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{Message, SmtpTransport};
 
-use super::{Error, Mail, SmtpConfig, Tls, Transport};
+use super::{Error, Mail, SmtpConfig, TlsMode, Transport};
 
 /// Bounds each SMTP exchange, so a stuck server only stalls the sender
 /// thread this long.
@@ -48,9 +48,9 @@ impl SmtpSender {
                 .map_err(|e| Error::Config(format!("tls for {:?}: {e}", cfg.host)))
         };
         let tls = match cfg.tls {
-            Tls::None => LTls::None,
-            Tls::Starttls => LTls::Required(tls_params()?),
-            Tls::Tls => LTls::Wrapper(tls_params()?),
+            TlsMode::None => LTls::None,
+            TlsMode::Starttls => LTls::Required(tls_params()?),
+            TlsMode::Tls => LTls::Wrapper(tls_params()?),
         };
         let hello = if hello.is_empty() { "localhost" } else { hello };
         let mut b = SmtpTransport::builder_dangerous(cfg.host.as_str())
@@ -127,7 +127,7 @@ mod tests {
             port: None,
             from: "Bulwark <bulwark@pve1.example.com>".into(),
             to: vec!["ops@example.com".into()],
-            tls: Tls::Starttls,
+            tls: TlsMode::Starttls,
             username: None,
             password_file: None,
         }
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn builds_for_every_tls_mode() {
-        for tls in [Tls::None, Tls::Starttls, Tls::Tls] {
+        for tls in [TlsMode::None, TlsMode::Starttls, TlsMode::Tls] {
             let s = SmtpSender::new(&SmtpConfig { tls, ..cfg() }, "pve1").unwrap();
             assert_eq!(s.id_domain, "pve1.example.com");
         }
