@@ -509,7 +509,7 @@ impl CalendarEvent {
         // time zone whose rules make no progress.
         for _ in 0..100_000 {
             let cand = self.next_naive(from)?;
-            match tz.from_local_datetime(&cand) {
+            match resolve(tz, cand) {
                 LocalResult::Single(t) => {
                     if &t > after {
                         return Some(t);
@@ -546,6 +546,37 @@ impl CalendarEvent {
             }
         }
         out
+    }
+}
+
+/// The instants whose local time is `cand`. Derived from UTC-to-local
+/// lookups only: chrono's `Local` resolves a local time right at a
+/// transition wrongly (02:00 on a fall-back night in New York came back as
+/// 02:00 EDT, an instant whose local time is 01:00 EST).
+fn resolve<Tz: TimeZone>(tz: &Tz, cand: NaiveDateTime) -> LocalResult<DateTime<Tz>> {
+    use chrono::Offset;
+    let day = chrono::Duration::days(1);
+    // Zones change offset at most once within a day of any time; the
+    // offsets a day before, at and a day after cover both sides.
+    let mut found: Vec<DateTime<Tz>> = Vec::with_capacity(2);
+    for probe in [cand - day, cand, cand + day] {
+        let off = tz.offset_from_utc_datetime(&probe).fix();
+        let utc = cand - off;
+        if tz.offset_from_utc_datetime(&utc).fix() == off {
+            let t = tz.from_utc_datetime(&utc);
+            if !found.contains(&t) {
+                found.push(t);
+            }
+        }
+    }
+    found.sort();
+    match found.len() {
+        0 => LocalResult::None,
+        1 => LocalResult::Single(found.remove(0)),
+        _ => {
+            let latest = found.remove(found.len() - 1);
+            LocalResult::Ambiguous(found.remove(0), latest)
+        }
     }
 }
 
@@ -1303,6 +1334,60 @@ mod tests {
             assert_eq!(n.len(), 600);
             assert!(n.windows(2).all(|w| w[0] < w[1]), "{start}");
         }
+    }
+
+    #[test]
+    fn local_times_resolve_around_transitions() {
+        let n = |s: &str| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").unwrap();
+        let f = |r: LocalResult<DateTime<Tz>>| match r {
+            LocalResult::None => vec![],
+            LocalResult::Single(a) => fmt(&[a]),
+            LocalResult::Ambiguous(a, b) => fmt(&[a, b]),
+        };
+        assert_eq!(
+            f(resolve(&Berlin, n("2025-03-30 02:30:00"))),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            f(resolve(&Berlin, n("2025-03-30 03:00:00"))),
+            ["Sun 2025-03-30 03:00:00 CEST"]
+        );
+        assert_eq!(
+            f(resolve(&Berlin, n("2025-10-26 02:00:00"))),
+            [
+                "Sun 2025-10-26 02:00:00 CEST",
+                "Sun 2025-10-26 02:00:00 CET"
+            ]
+        );
+        assert_eq!(
+            f(resolve(&Berlin, n("2025-10-26 03:00:00"))),
+            ["Sun 2025-10-26 03:00:00 CET"]
+        );
+        assert_eq!(
+            f(resolve(&New_York, n("2025-11-02 02:00:00"))),
+            ["Sun 2025-11-02 02:00:00 EST"]
+        );
+        assert_eq!(
+            f(resolve(&Berlin, n("2025-06-15 12:00:00"))),
+            ["Sun 2025-06-15 12:00:00 CEST"]
+        );
+    }
+
+    #[test]
+    fn half_hour_dst_lord_howe() {
+        // 2025-10-05: 02:00 +10:30 jumps to 02:30 +11:00.
+        let tz = chrono_tz::Australia::Lord_Howe;
+        let ev = CalendarEvent::parse("02:15").unwrap();
+        let n = ev.next_n(&at(tz, "2025-10-04 12:00:00"), 3);
+        let s: Vec<String> = n.iter().map(|t| t.to_rfc3339()).collect();
+        assert_eq!(
+            s,
+            [
+                "2025-10-05T02:30:00+11:00",
+                "2025-10-06T02:15:00+11:00",
+                "2025-10-07T02:15:00+11:00"
+            ]
+        );
     }
 
     #[test]

@@ -84,6 +84,51 @@ fn nonexistent_time_runs_at_the_end_of_the_gap() {
     );
 }
 
+/// The host's zone (chrono's `Local`) right at the fall-back transition:
+/// every time once, in order.
+#[test]
+fn fall_back_transition_in_the_local_zone() {
+    let ny = "EST5EDT,M3.2.0,M11.1.0";
+    let lines = ok(
+        ny,
+        &["*:0/30", "--after", "2025-11-02T05:00:00Z", "--count", "4"],
+    );
+    assert_eq!(
+        lines[1..],
+        [
+            "Sun 2025-11-02 01:30:00 -04:00",
+            "Sun 2025-11-02 02:00:00 -05:00",
+            "Sun 2025-11-02 02:30:00 -05:00",
+            "Sun 2025-11-02 03:00:00 -05:00",
+        ]
+    );
+    let lines = ok(
+        BERLIN,
+        &["hourly", "--after", "2025-10-25T23:30:00Z", "--count", "3"],
+    );
+    assert_eq!(
+        lines[1..],
+        [
+            "Sun 2025-10-26 02:00:00 +02:00",
+            "Sun 2025-10-26 03:00:00 +01:00",
+            "Sun 2025-10-26 04:00:00 +01:00",
+        ]
+    );
+    // Spring forward at the exact gap start.
+    let lines = ok(
+        ny,
+        &["hourly", "--after", "2025-03-09T06:30:00Z", "--count", "3"],
+    );
+    assert_eq!(
+        lines[1..],
+        [
+            "Sun 2025-03-09 03:00:00 -04:00",
+            "Sun 2025-03-09 04:00:00 -04:00",
+            "Sun 2025-03-09 05:00:00 -04:00",
+        ]
+    );
+}
+
 #[test]
 fn default_count_is_five_and_first_saturday() {
     let lines = ok(
