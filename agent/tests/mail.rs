@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use mail::{Alerts, Failure, Outbox, SenderThread, SmtpConfig, SmtpSender, TlsMode, Transport};
+use mail::{Alerts, Job, Outbox, SenderThread, SmtpConfig, SmtpSender, TlsMode, Transport};
 
 /// An SMTP server storing each message in a Maildir; optionally requiring
 /// AUTH (without TLS: loopback only).
@@ -121,7 +121,6 @@ fn config(port: u16) -> SmtpConfig {
         host: "127.0.0.1".into(),
         port: Some(port),
         from: "bulwark@pve1.example.com".into(),
-        to: vec!["ops@example.com".into()],
         tls: TlsMode::None,
         username: None,
         password_file: None,
@@ -132,14 +131,21 @@ fn t(mins: i64) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2025, 6, 1, 2, 0, 0).unwrap() + chrono::Duration::minutes(mins)
 }
 
-fn failure<'a>(log: &'a [String], at: DateTime<Utc>) -> Failure<'a> {
-    Failure {
+const ERR: &str = "disk vda: NBD read failed: Connection reset by peer";
+
+fn contacts() -> Vec<String> {
+    vec![
+        "ops@example.com".to_string(),
+        "oncall@example.com".to_string(),
+    ]
+}
+
+fn web01(contacts: &[String]) -> Job<'_> {
+    Job {
         vm: "web01",
         policy: "nightly",
         repository: "s3-main",
-        error: "disk vda: NBD read failed: Connection reset by peer",
-        log,
-        at,
+        contacts,
     }
 }
 
@@ -163,8 +169,10 @@ fn failure_streak_and_recovery_arrive_once_each() {
         "02:00:07 vda: read 1.2 GiB".to_string(),
     ];
 
+    let c = contacts();
+    let job = web01(&c);
     let mut alerts = Alerts::open("pve1", &state, &outbox).unwrap();
-    assert!(alerts.failure(&failure(&log, t(0))).unwrap());
+    assert!(alerts.failure(&job, ERR, &log, t(0)).unwrap());
     assert_eq!(alerts.outbox().pending().unwrap().len(), 1);
     let d = alerts.outbox().drain(&smtp, Utc::now()).unwrap();
     assert_eq!((d.sent, d.failed), (1, 0));
@@ -178,8 +186,11 @@ fn failure_streak_and_recovery_arrive_once_each() {
         Some("bulwark: backup of web01/nightly failed on pve1")
     );
     assert_eq!(header(m, "From"), Some("bulwark@pve1.example.com"));
-    assert_eq!(header(m, "To"), Some("ops@example.com"));
-    assert_eq!(header(m, "X-RcptTo"), Some("ops@example.com"));
+    assert_eq!(header(m, "To"), Some("ops@example.com, oncall@example.com"));
+    assert_eq!(
+        header(m, "X-RcptTo"),
+        Some("ops@example.com, oncall@example.com")
+    );
     for s in [
         "VM:         web01",
         "Policy:     nightly",
@@ -192,20 +203,16 @@ fn failure_streak_and_recovery_arrive_once_each() {
     }
 
     // The same streak, also after a restart of the agent: no mail.
-    assert!(!alerts.failure(&failure(&log, t(60))).unwrap());
+    assert!(!alerts.failure(&job, ERR, &log, t(60)).unwrap());
     drop(alerts);
     let mut alerts = Alerts::open("pve1", &state, &outbox).unwrap();
-    assert!(!alerts.failure(&failure(&log, t(120))).unwrap());
+    assert!(!alerts.failure(&job, ERR, &log, t(120)).unwrap());
     assert_eq!(alerts.outbox().drain(&smtp, Utc::now()).unwrap().sent, 0);
     assert_eq!(server.messages().len(), 1);
 
     // Success: one recovery mail; a second success sends nothing.
-    assert!(alerts
-        .success("web01", "nightly", "s3-main", t(180))
-        .unwrap());
-    assert!(!alerts
-        .success("web01", "nightly", "s3-main", t(240))
-        .unwrap());
+    assert!(alerts.success(&job, t(180)).unwrap());
+    assert!(!alerts.success(&job, t(240)).unwrap());
     assert_eq!(alerts.outbox().drain(&smtp, Utc::now()).unwrap().sent, 1);
     let msgs = server.messages();
     assert_eq!(msgs.len(), 2);
@@ -229,8 +236,10 @@ fn mail_waits_in_the_outbox_while_the_server_is_down() {
         dir.path().join("outbox"),
     )
     .unwrap();
+    let c = contacts();
+    let job = web01(&c);
     let start = Instant::now();
-    assert!(alerts.failure(&failure(&[], t(0))).unwrap());
+    assert!(alerts.failure(&job, ERR, &[], t(0)).unwrap());
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "queueing must not wait for SMTP"
@@ -276,6 +285,7 @@ fn auth_with_password_file() {
     std::fs::write(&pw, "s3cret pw\n").unwrap();
     let outbox = Outbox::open(dir.path().join("outbox")).unwrap();
     let m = mail::Mail {
+        to: contacts(),
         subject: "auth test".into(),
         body: "authenticated body\n".into(),
     };
@@ -335,6 +345,7 @@ fn sender_thread_delivers_in_the_background() {
     let smtp: Box<dyn Transport + Send> = Box::new(SmtpSender::new(&config(port), "pve1").unwrap());
     let sender = SenderThread::spawn(outbox.clone(), smtp, Duration::from_secs(60));
     let m = mail::Mail {
+        to: contacts(),
         subject: "background".into(),
         body: "sent by the sender thread\n".into(),
     };
@@ -364,16 +375,12 @@ fn silence_mail_once() {
     )
     .unwrap();
     let day = Duration::from_secs(86400);
-    assert!(alerts.success("web01", "nightly", "s3-main", t(0)).is_ok());
-    assert!(!alerts
-        .check_silence("web01", "nightly", "s3-main", day, t(47 * 60))
-        .unwrap());
-    assert!(alerts
-        .check_silence("web01", "nightly", "s3-main", day, t(48 * 60))
-        .unwrap());
-    assert!(!alerts
-        .check_silence("web01", "nightly", "s3-main", day, t(72 * 60))
-        .unwrap());
+    let c = contacts();
+    let job = web01(&c);
+    assert!(alerts.success(&job, t(0)).is_ok());
+    assert!(!alerts.check_silence(&job, day, t(47 * 60)).unwrap());
+    assert!(alerts.check_silence(&job, day, t(48 * 60)).unwrap());
+    assert!(!alerts.check_silence(&job, day, t(72 * 60)).unwrap());
     assert_eq!(alerts.outbox().drain(&smtp, Utc::now()).unwrap().sent, 1);
     let msgs = server.messages();
     assert_eq!(msgs.len(), 1);

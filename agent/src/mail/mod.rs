@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use notify::{Failure, JobState, Notifier, NotifierState};
+pub use notify::{Job, JobState, Notifier, NotifierState};
 pub use outbox::{backoff, Drained, Outbox, Queued, SenderThread, Transport};
 pub use smtp::SmtpSender;
 
@@ -71,14 +71,14 @@ pub enum TlsMode {
     Tls,
 }
 
-/// `[smtp]` in the agent's config.
+/// `[smtp]` in the agent's config. Recipients are each policy's
+/// `contacts`.
 ///
 /// ```toml
 /// [smtp]
 /// host = "mail.example.com"
 /// port = 587                       # default: 25, 587 or 465 by tls
 /// from = "bulwark@pve1.example.com"
-/// to = ["ops@example.com"]         # or one address as a string
 /// tls = "starttls"                 # none | starttls (default) | tls
 /// username = "bulwark"             # optional: no AUTH without it
 /// password_file = "/etc/bulwark/smtp-password"
@@ -90,27 +90,12 @@ pub struct SmtpConfig {
     #[serde(default)]
     pub port: Option<u16>,
     pub from: String,
-    #[serde(deserialize_with = "one_or_many")]
-    pub to: Vec<String>,
     #[serde(default)]
     pub tls: TlsMode,
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-}
-
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
 }
 
 impl SmtpConfig {
@@ -124,10 +109,11 @@ impl SmtpConfig {
     }
 }
 
-/// One mail's content; sender and recipients come from [`SmtpConfig`] when
-/// it is sent, so fixing a wrong address also fixes mails still queued.
+/// One mail: recipients (the policy's contacts when it was queued) and
+/// content. The sender address comes from [`SmtpConfig`] at sending time.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Mail {
+    pub to: Vec<String>,
     pub subject: String,
     pub body: String,
 }
@@ -166,35 +152,35 @@ impl Alerts {
     }
 
     /// A failed backup; true if a mail was queued (first of a streak).
-    pub fn failure(&mut self, f: &Failure<'_>) -> Result<bool, Error> {
-        let mail = self.notifier.failure(f);
+    pub fn failure(
+        &mut self,
+        job: &Job<'_>,
+        error: &str,
+        log: &[String],
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, Error> {
+        let mail = self.notifier.failure(job, error, log, at);
         self.commit(mail)
     }
 
     /// A successful backup; true if a recovery mail was queued.
     pub fn success(
         &mut self,
-        vm: &str,
-        policy: &str,
-        repository: &str,
+        job: &Job<'_>,
         at: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool, Error> {
-        let mail = self.notifier.success(vm, policy, repository, at);
+        let mail = self.notifier.success(job, at);
         self.commit(mail)
     }
 
     /// Checks one (vm, policy) for silence; true if a mail was queued.
     pub fn check_silence(
         &mut self,
-        vm: &str,
-        policy: &str,
-        repository: &str,
+        job: &Job<'_>,
         period: std::time::Duration,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool, Error> {
-        let mail = self
-            .notifier
-            .check_silence(vm, policy, repository, period, now);
+        let mail = self.notifier.check_silence(job, period, now);
         self.commit(mail)
     }
 
@@ -240,13 +226,11 @@ mod tests {
             r#"
             host = "mail.example.com"
             from = "bulwark@pve1.example.com"
-            to = "ops@example.com"
             "#,
         )
         .unwrap();
         assert_eq!(c.tls, TlsMode::Starttls);
         assert_eq!(c.port(), 587);
-        assert_eq!(c.to, ["ops@example.com"]);
         assert_eq!(c.username, None);
 
         let c: SmtpConfig = toml::from_str(
@@ -254,7 +238,6 @@ mod tests {
             host = "127.0.0.1"
             port = 2525
             from = "b@h"
-            to = ["a@x", "b@y"]
             tls = "none"
             username = "u"
             password_file = "/etc/bulwark/smtp"
@@ -263,26 +246,23 @@ mod tests {
         .unwrap();
         assert_eq!(c.port(), 2525);
         assert_eq!(c.tls, TlsMode::None);
-        assert_eq!(c.to.len(), 2);
         assert_eq!(
             c.password_file.as_deref(),
             Some(Path::new("/etc/bulwark/smtp"))
         );
 
         let tls: SmtpConfig =
-            toml::from_str("host = \"h\"\nfrom = \"a@b\"\nto = []\ntls = \"tls\"").unwrap();
+            toml::from_str("host = \"h\"\nfrom = \"a@b\"\ntls = \"tls\"").unwrap();
         assert_eq!(tls.port(), 465);
         let none: SmtpConfig =
-            toml::from_str("host = \"h\"\nfrom = \"a@b\"\nto = []\ntls = \"none\"").unwrap();
+            toml::from_str("host = \"h\"\nfrom = \"a@b\"\ntls = \"none\"").unwrap();
         assert_eq!(none.port(), 25);
 
-        let e =
-            toml::from_str::<SmtpConfig>("host = \"h\"\nfrom = \"a@b\"\nto = []\ntls = \"ssl\"")
-                .unwrap_err();
+        let e = toml::from_str::<SmtpConfig>("host = \"h\"\nfrom = \"a@b\"\ntls = \"ssl\"")
+            .unwrap_err();
         assert!(e.to_string().contains("ssl"), "{e}");
-        let e =
-            toml::from_str::<SmtpConfig>("host = \"h\"\nfrom = \"a@b\"\nto = []\npasword = \"x\"")
-                .unwrap_err();
+        let e = toml::from_str::<SmtpConfig>("host = \"h\"\nfrom = \"a@b\"\npasword = \"x\"")
+            .unwrap_err();
         assert!(e.to_string().contains("pasword"), "{e}");
     }
 

@@ -332,6 +332,7 @@ mod tests {
 
     fn mail(s: &str) -> Mail {
         Mail {
+            to: vec!["ops@example.com".into()],
             subject: s.into(),
             body: format!("body of {s}"),
         }

@@ -15,12 +15,11 @@ use super::{Error, Mail, SmtpConfig, TlsMode, Transport};
 /// thread this long.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// An SMTP connection recipe plus sender and recipients.
+/// An SMTP connection recipe plus the sender address.
 pub struct SmtpSender {
     transport: SmtpTransport,
     server: String,
     from: Mailbox,
-    to: Vec<Mailbox>,
     id_domain: String,
 }
 
@@ -35,14 +34,6 @@ impl SmtpSender {
     /// greets the server with (EHLO).
     pub fn new(cfg: &SmtpConfig, hello: &str) -> Result<SmtpSender, Error> {
         let from = mailbox("from", &cfg.from)?;
-        if cfg.to.is_empty() {
-            return Err(Error::Config("to: no recipients".into()));
-        }
-        let to = cfg
-            .to
-            .iter()
-            .map(|t| mailbox("to", t))
-            .collect::<Result<Vec<_>, _>>()?;
         let tls_params = || {
             TlsParameters::new(cfg.host.clone())
                 .map_err(|e| Error::Config(format!("tls for {:?}: {e}", cfg.host)))
@@ -84,19 +75,30 @@ impl SmtpSender {
             transport: b.build(),
             server: format!("{}:{}", cfg.host, cfg.port()),
             from,
-            to,
             id_domain,
         })
     }
 
+    /// The message for `mail`. A recipient that is no address is left out
+    /// (and logged) rather than holding up the others; none left is an error.
     fn message(&self, id: &str, mail: &Mail) -> Result<Message, Error> {
+        let mut to = Vec::new();
+        for t in &mail.to {
+            match t.parse::<Mailbox>() {
+                Ok(m) => to.push(m),
+                Err(e) => tracing::warn!("mail {:?}: skipping recipient {t:?}: {e}", mail.subject),
+            }
+        }
+        if to.is_empty() {
+            return Err(Error::Build(format!("no valid recipient in {:?}", mail.to)));
+        }
         let mut b = Message::builder()
             .from(self.from.clone())
             .subject(mail.subject.clone())
             .message_id(Some(format!("<{id}@{}>", self.id_domain)))
             .header(ContentType::TEXT_PLAIN);
-        for t in &self.to {
-            b = b.to(t.clone());
+        for t in to {
+            b = b.to(t);
         }
         b.body(mail.body.clone())
             .map_err(|e| Error::Build(e.to_string()))
@@ -126,7 +128,6 @@ mod tests {
             host: "mail.example.com".into(),
             port: None,
             from: "Bulwark <bulwark@pve1.example.com>".into(),
-            to: vec!["ops@example.com".into()],
             tls: TlsMode::Starttls,
             username: None,
             password_file: None,
@@ -150,16 +151,6 @@ mod tests {
         })
         .contains("from"));
         assert!(e(SmtpConfig {
-            to: vec![],
-            ..cfg()
-        })
-        .contains("no recipients"));
-        assert!(e(SmtpConfig {
-            to: vec!["x@".into()],
-            ..cfg()
-        })
-        .contains("to \"x@\""));
-        assert!(e(SmtpConfig {
             username: Some("u".into()),
             ..cfg()
         })
@@ -179,6 +170,7 @@ mod tests {
             .message(
                 "20250601T120000.000000000Z-1-0",
                 &Mail {
+                    to: vec!["ops@example.com".into(), "not an address".into()],
                     subject: "bulwark: backup of web01/nightly failed on pve1".into(),
                     body: "VM: web01\n".into(),
                 },
@@ -189,5 +181,13 @@ mod tests {
         assert!(text.contains("Message-ID: <20250601T120000.000000000Z-1-0@pve1.example.com>"));
         assert!(text.contains("To: ops@example.com"));
         assert!(text.contains("VM: web01"));
+        assert!(!text.contains("not an address"));
+        let none = Mail {
+            to: vec!["x@".into()],
+            subject: "s".into(),
+            body: "b".into(),
+        };
+        let e = s.message("1", &none).unwrap_err().to_string();
+        assert!(e.contains("no valid recipient"), "{e}");
     }
 }
