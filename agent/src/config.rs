@@ -14,7 +14,7 @@
 //!
 //! [policies.hourly]
 //! repository = "main"
-//! schedule = "hourly"                     # hourly | daily | weekly | every 15m / 2h / 1d / 30s
+//! schedule = "hourly"                     # calendar event (mon..fri 02:00, *:0/15) or every 15m
 //! keep_hourly = 24                        # retention, applied by prune
 //! keep_daily = 7
 //! contacts = ["ops@example.com"]          # told when a backup fails
@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -129,14 +128,14 @@ impl Config {
                     p.repository
                 );
             }
-            interval(&p.schedule).with_context(|| format!("policy {name}"))?;
+            schedule(&p.schedule).with_context(|| format!("policy {name}"))?;
         }
         for (name, r) in &self.repositories {
             if r.password_file.is_none() && r.key_file.is_none() {
                 bail!("repository {name}: set password_file or key_file");
             }
             if let Some(s) = &r.gc_schedule {
-                interval(s).with_context(|| format!("repository {name}: gc_schedule"))?;
+                schedule(s).with_context(|| format!("repository {name}: gc_schedule"))?;
             }
             r.gc_grace().with_context(|| format!("repository {name}"))?;
         }
@@ -144,35 +143,10 @@ impl Config {
     }
 }
 
-/// A schedule as an interval: `hourly`, `daily`, `weekly`, or `every N{s,m,h,d}`
-/// (`N{s,m,h,d}` alone works too). The scheduler is interval-based: a
-/// policy runs when its interval has passed since its last run.
-pub fn interval(schedule: &str) -> Result<Duration> {
-    let s = schedule.trim();
-    let secs = match s {
-        "hourly" => 3600,
-        "daily" => 86400,
-        "weekly" => 7 * 86400,
-        _ => {
-            let n = s.strip_prefix("every").unwrap_or(s).trim();
-            let (num, unit) = n.split_at(n.find(|c: char| !c.is_ascii_digit()).unwrap_or(n.len()));
-            let num: u64 = num.parse().with_context(|| {
-                format!("schedule {schedule:?}: want hourly, daily, weekly or every N(s|m|h|d)")
-            })?;
-            let mult = match unit.trim() {
-                "s" | "" => 1,
-                "m" => 60,
-                "h" => 3600,
-                "d" => 86400,
-                u => bail!("schedule {schedule:?}: unknown unit {u:?}"),
-            };
-            num * mult
-        }
-    };
-    if secs == 0 {
-        bail!("schedule {schedule:?}: zero interval");
-    }
-    Ok(Duration::from_secs(secs))
+/// A policy's or GC's schedule: a calendar event in the systemd/PBS syntax
+/// (`hourly`, `mon..fri 02:00`, `*:0/15`) or an interval (`every 15m`).
+pub fn schedule(s: &str) -> Result<crate::calendar::Schedule> {
+    crate::calendar::Schedule::parse(s).map_err(|e| anyhow::anyhow!("schedule {s:?}: {e}"))
 }
 
 #[cfg(test)]
@@ -197,10 +171,9 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.socket, PathBuf::from("/run/bulwark/agent.sock"));
-        assert_eq!(interval("every 15m").unwrap(), Duration::from_secs(900));
-        assert_eq!(interval("daily").unwrap(), Duration::from_secs(86400));
-        assert_eq!(interval("2s").unwrap(), Duration::from_secs(2));
-        assert!(interval("every fortnight").is_err());
+        assert!(schedule("every 15m").is_ok());
+        assert!(schedule("mon..fri 02:00").is_ok());
+        assert!(schedule("every fortnight").is_err());
         let bad: Config =
             toml::from_str("[policies.x]\nrepository = \"nope\"\nschedule = \"hourly\"\n").unwrap();
         assert!(bad.validate().is_err());

@@ -35,7 +35,7 @@ fn agent_runs_policies_and_answers_on_its_socket() {
         1,
         &format!(
             "gc_schedule = \"every 1s\"\ngc_grace = \"0s\"\n\
-             [policies.{policy}]\nrepository = \"main\"\nschedule = \"hourly\"\nkeep_last = 1\n\
+             [policies.{policy}]\nrepository = \"main\"\nschedule = \"yearly\"\nkeep_last = 1\n\
              contacts = [\"ops@example.com\"]\n"
         ),
     );
@@ -58,7 +58,7 @@ fn agent_runs_policies_and_answers_on_its_socket() {
     assert_eq!(snaps.as_array().unwrap().len(), 1);
     assert_eq!(snaps[0]["policy"], policy.as_str());
 
-    // Not due again within the hour: a manual run through the socket.
+    // Not due again this year: a manual run through the socket.
     let out = env.ok(&["agent", "backup", &name, "--socket", sock.to_str().unwrap()]);
     let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rep["mode"], "incremental", "{rep}");

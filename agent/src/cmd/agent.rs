@@ -31,6 +31,8 @@ pub enum AgentCmd {
         #[command(flatten)]
         sock: Sock,
     },
+    /// Print the next run times of a schedule, in local time.
+    Schedule(crate::cmd::schedule::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,6 +55,7 @@ impl Sock {
 
 pub fn run(c: AgentCmd) -> Result<i32> {
     match c {
+        AgentCmd::Schedule(a) => crate::cmd::schedule::run(a),
         AgentCmd::Run { config } => {
             crate::daemon::run(Config::load(&config)?)?;
             Ok(0)

@@ -9,6 +9,7 @@ pub mod prune;
 pub mod repo;
 pub mod restore_live;
 pub mod restore_vm;
+pub mod schedule;
 pub mod snapshots;
 pub mod verify;
 pub mod vm;

@@ -1,6 +1,9 @@
-//! When things run: each (domain, policy) whose interval has passed since
-//! its last run, and each repository's GC on its `gc_schedule`. The record
-//! of last runs (`schedule.json` in the state dir) survives restarts.
+//! When things run: each (domain, policy) whose schedule (a calendar event
+//! or an interval) has come since its last run, and each repository's GC on
+//! its `gc_schedule`. A run missed while the agent was down runs once at
+//! start, like a `Persistent=true` timer; a (domain, policy) that never ran
+//! runs at once, so a new VM is protected from the start. The record of last
+//! runs (`schedule.json` in the state dir) survives restarts.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -55,6 +58,19 @@ pub(super) fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Whether a run is due: never run, or the schedule's next time after the
+/// last run has come (however long ago: a missed run runs once).
+fn due(sched: &crate::calendar::Schedule, last: Option<u64>) -> bool {
+    let Some(last) = last else { return true };
+    let Some(last) = chrono::DateTime::from_timestamp(last as i64, 0) else {
+        return true;
+    };
+    let last = last.with_timezone(&chrono::Local);
+    sched
+        .next_after(&last)
+        .is_some_and(|next| next.timestamp() as u64 <= now())
+}
+
 impl Schedule {
     /// The record in `path`; an unreadable one starts afresh (the worst
     /// case is one run sooner than due).
@@ -107,13 +123,10 @@ impl Agent {
                 let Some(pol) = self.cfg.policies.get(&p) else {
                     continue;
                 };
-                let Ok(every) = config::interval(&pol.schedule) else {
+                let Ok(sched) = config::schedule(&pol.schedule) else {
                     continue; // refused when the config was loaded
                 };
-                if self
-                    .last_run(&format!("{dom}/{p}"))
-                    .is_some_and(|t| now() < t + every.as_secs())
-                {
+                if !due(&sched, self.last_run(&format!("{dom}/{p}"))) {
                     continue;
                 }
                 tracing::info!("scheduled backup of {dom} ({p})");
@@ -129,13 +142,10 @@ impl Agent {
             let Some(every) = rc.gc_schedule.as_deref() else {
                 continue;
             };
-            let Ok(every) = config::interval(every) else {
+            let Ok(sched) = config::schedule(every) else {
                 continue; // refused when the config was loaded
             };
-            if self
-                .last_gc(name)
-                .is_some_and(|t| now() < t + every.as_secs())
-            {
+            if !due(&sched, self.last_gc(name)) {
                 continue;
             }
             self.gc(name, rc);
