@@ -41,6 +41,9 @@ pub struct Config {
     pub repositories: BTreeMap<String, RepoConf>,
     #[serde(default)]
     pub policies: BTreeMap<String, PolicyConf>,
+    /// Failure mail to the policies' contacts (none: failures are logged).
+    #[serde(default)]
+    pub smtp: Option<crate::mail::SmtpConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -10,7 +10,8 @@ mod config;
 mod daemon;
 mod libvirt;
 mod live;
-// Failure email: the daemon hooks it up later (then drop the allow).
+// Failure email (the daemon sends failure and recovery mail; the silence
+// check waits for the rest of the agent's operations).
 #[allow(dead_code, unused_imports)]
 mod mail;
 mod progress;

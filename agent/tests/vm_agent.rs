@@ -4,6 +4,8 @@
 
 #[path = "vm_common/mod.rs"]
 mod common;
+#[path = "smtp_server/mod.rs"]
+mod smtp_server;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -183,4 +185,82 @@ fn agent_notices_a_protected_vm_from_the_define_event() {
     assert_eq!(v["checkpoints"].as_array().unwrap().len(), 2, "{v}");
     let s = agent.status(&env);
     assert!(s["protected"].get(&name).is_none(), "{s}");
+}
+
+/// A policy whose backups fail mails its contacts once per failure streak
+/// (VM and error named) through a real SMTP server, and once on recovery.
+#[test]
+fn failing_backups_mail_the_contacts_once_and_recovery_once() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let port = smtp_server::free_port();
+    let smtp = smtp_server::Server::start(&env.path(""), port, None);
+    let policy = format!("mail-{}", std::process::id());
+    // The policy's repository does not exist yet: its backups fail.
+    let broken = env.path("later-repo");
+    let agent = Agent::start(
+        &env,
+        3600,
+        &format!(
+            "[repositories.later]\npath = {broken:?}\npassword_file = {pw:?}\n\
+             [policies.{policy}]\nrepository = \"later\"\nschedule = \"yearly\"\n\
+             contacts = [\"ops@example.com\", \"dba@example.com\"]\n\
+             [smtp]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n\
+             from = \"bulwark@example.com\"\n",
+            pw = env.path("pw"),
+        ),
+    );
+    let vm = Vm::define(
+        &image,
+        VmOptions {
+            metadata_xml: Some(policy_xml(&policy)),
+            ..VmOptions::default()
+        },
+    )
+    .unwrap();
+    let name = vm.name().to_string();
+    let sock = agent.socket.to_str().unwrap().to_string();
+    for _ in 0..2 {
+        let out = env.run(&["agent", "backup", &name, "--socket", &sock]);
+        assert!(!out.status.success(), "the repository is missing");
+    }
+    let mails = wait_for("the failure mail", 60, || {
+        let m = smtp.messages();
+        (!m.is_empty()).then_some(m)
+    });
+    // The second failure of the streak sends nothing.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(smtp.messages().len(), 1, "{mails:?}");
+    // (Undo quoted-printable soft line breaks.)
+    let m = &mails[0].replace("=\r\n", "").replace("=\n", "");
+    assert!(
+        m.contains(&format!(
+            "Subject: bulwark: backup of {name}/{policy} failed"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("ops@example.com") && m.contains("dba@example.com"),
+        "{m}"
+    );
+    assert!(
+        m.contains("later-repo"),
+        "the error names the repository: {m}"
+    );
+
+    // The repository appears: the next backup succeeds and says so.
+    env.ok(&["repo", "init", "--repo", broken.to_str().unwrap()]);
+    let r = agent.backup(&env, &name);
+    assert_eq!(r["mode"], "full", "{r}");
+    let mails = wait_for("the recovery mail", 60, || {
+        let m = smtp.messages();
+        (m.len() == 2).then_some(m)
+    });
+    assert!(
+        mails[1].contains(&format!(
+            "Subject: bulwark: backup of {name}/{policy} recovered"
+        )),
+        "{}",
+        mails[1]
+    );
 }

@@ -99,7 +99,34 @@ impl Agent {
         self.record(|s| {
             s.runs.insert(format!("{dom}/{policy_name}"), run);
         })?;
+        self.alert(dom, &policy_name, pol, r.as_ref().err());
         r
+    }
+
+    /// Tells the policy's contacts: one mail per failure streak, one on
+    /// recovery (the streak rule lives in `mail::Notifier`). Never fails
+    /// the backup: a mail that cannot be queued is logged.
+    fn alert(&self, dom: &str, policy: &str, pol: &PolicyConf, err: Option<&anyhow::Error>) {
+        let Some((alerts, sender)) = &self.alerts else {
+            return;
+        };
+        let job = crate::mail::Job {
+            vm: dom,
+            policy,
+            repository: &pol.repository,
+            contacts: &pol.contacts,
+        };
+        let now = chrono::Utc::now();
+        let mut a = alerts.lock().unwrap_or_else(|e| e.into_inner());
+        let queued = match err {
+            Some(e) => a.failure(&job, &format!("{e:#}"), &[], now),
+            None => a.success(&job, now),
+        };
+        match queued {
+            Ok(true) => sender.wake(),
+            Ok(false) => {}
+            Err(e) => tracing::error!("mail about {dom} ({policy}) not queued: {e}"),
+        }
     }
 
     /// One GC of repository `name`, recorded.

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 pub use control::request;
 
 use crate::config::Config;
+use crate::mail::{Alerts, SenderThread, SmtpSender};
 use crate::vm::state::StateDir;
 use scheduler::Schedule;
 use watch::Inventory;
@@ -41,6 +42,9 @@ struct Agent {
     schedule: Mutex<Schedule>,
     /// Live restores a thread of this agent supervises.
     live: Mutex<std::collections::BTreeSet<String>>,
+    /// Failure mail: the streak state and outbox, and the sender draining
+    /// it (none without `[smtp]`).
+    alerts: Option<(Mutex<Alerts>, SenderThread)>,
 }
 
 pub fn run(cfg: Config) -> Result<()> {
@@ -49,6 +53,10 @@ pub fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("creating {}", state.root().display()))?;
     let schedule = Schedule::load(&state.root().join("schedule.json"));
     let listener = control::bind(&cfg.socket)?;
+    let alerts = match &cfg.smtp {
+        Some(smtp) => Some(mail(smtp, &state)?),
+        None => None,
+    };
     // Before any connection opens: keepalive and events need the loop.
     crate::libvirt::events::start_event_loop();
     let agent = Arc::new(Agent {
@@ -60,6 +68,7 @@ pub fn run(cfg: Config) -> Result<()> {
         gc_busy: Mutex::new(()),
         schedule: Mutex::new(schedule),
         live: Mutex::new(Default::default()),
+        alerts,
     });
     agent.resume_live();
     tracing::info!(
@@ -73,6 +82,36 @@ pub fn run(cfg: Config) -> Result<()> {
     std::thread::spawn(move || scheduler::run(&a));
     control::serve(agent, listener);
     Ok(())
+}
+
+/// The mail streak state and outbox in the state dir, and their sender.
+fn mail(smtp: &crate::mail::SmtpConfig, state: &StateDir) -> Result<(Mutex<Alerts>, SenderThread)> {
+    let host = hostname();
+    let alerts = Alerts::open(
+        &host,
+        state.root().join("mail-state.json"),
+        state.root().join("outbox"),
+    )?;
+    let sender = SmtpSender::new(smtp, &host).context("[smtp]")?;
+    let thread = SenderThread::spawn(
+        alerts.outbox().clone(),
+        Box::new(sender),
+        std::time::Duration::from_secs(30),
+    );
+    Ok((Mutex::new(alerts), thread))
+}
+
+/// This host's name (mail names the host a backup failed on).
+pub(crate) fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if r == 0 && end > 0 {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".into()
+    }
 }
 
 impl Agent {
