@@ -46,21 +46,28 @@ impl Agent {
             .get(&pol.repository)
             .with_context(|| format!("no repository {}", pol.repository))?;
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        let repo = open_repo(rc)?;
-        let r = backup::backup(
-            &repo,
-            &Options {
-                domain: dom.to_string(),
-                full,
-                policy: Some(policy_name.clone()),
-                threads: 0,
-                state: self.state.clone(),
-                libvirt,
-            },
-        );
-        let run = match &r {
-            Ok(rep) => {
-                let (pruned, prune_error) = match prune(&repo, dom, &policy_name, pol) {
+        // An unreachable repository is a failed backup like any other:
+        // recorded, and mailed.
+        let repo = open_repo(rc);
+        let r = repo
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))
+            .and_then(|repo| {
+                backup::backup(
+                    repo,
+                    &Options {
+                        domain: dom.to_string(),
+                        full,
+                        policy: Some(policy_name.clone()),
+                        threads: 0,
+                        state: self.state.clone(),
+                        libvirt,
+                    },
+                )
+            });
+        let run = match (&r, &repo) {
+            (Ok(rep), Ok(repo)) => {
+                let (pruned, prune_error) = match prune(repo, dom, &policy_name, pol) {
                     Ok(n) => (n, None),
                     Err(e) => {
                         tracing::error!(
@@ -80,7 +87,7 @@ impl Agent {
                     prune_error,
                 }
             }
-            Err(e) => {
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(
                     "backup of {dom} ({policy_name}) failed: {e:#}; contacts: {}",
                     pol.contacts.join(", ")
