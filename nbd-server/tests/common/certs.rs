@@ -25,7 +25,7 @@ pub struct Pki {
     pub foreign: PathBuf,
 }
 
-fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.distinguished_name.push(DnType::CommonName, name);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -67,8 +67,8 @@ fn write(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
 /// Generate everything under `root`. The server certificate names
 /// `localhost` and `127.0.0.1`, as clients check it for either.
 pub fn make_pki(root: &Path) -> Pki {
-    let (ca_pem, ca) = ca("bulwark test CA");
-    let (rogue_ca_pem, rogue_ca) = ca("rogue CA");
+    let (ca_pem, ca) = new_ca("bulwark test CA");
+    let (rogue_ca_pem, rogue_ca) = new_ca("rogue CA");
     let (server_cert, server_key) = leaf(
         &ca,
         "bulwark-nbd test server",
