@@ -162,11 +162,11 @@ async fn libnbd_reads_over_tls() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("vda"), "{what} client saw exports: {text}");
     }
+    // (libnbd reports NBD_REP_ERR_TLS_REQD to LIST as "not supported"; the
+    // reply itself is checked byte for byte in robustness.rs.)
     let out = run_failing("nbdinfo", &["--list", &unix.uri("")]).await;
     let text = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("vda"), "plain client saw exports: {text}");
-    assert!(err.to_lowercase().contains("tls"), "plain client: {err}");
 
     unix.shutdown().await;
     tcp.shutdown().await;
