@@ -58,7 +58,10 @@ pub enum TlsError {
         missing: &'static str,
     },
     #[error("{}: CA certificate rejected: {source}", path.display())]
-    BadCa { path: PathBuf, source: rustls::Error },
+    BadCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
     #[error("client certificate verification: {0}")]
@@ -165,8 +168,8 @@ impl ServerTls {
         client_ca: Option<RootCertStore>,
         mode: TlsMode,
     ) -> Result<Self, TlsError> {
-        let builder =
-            rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(VERSIONS)?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)?;
         let verifies_clients = client_ca.is_some();
         let builder = match client_ca {
             Some(roots) => builder.with_client_cert_verifier(

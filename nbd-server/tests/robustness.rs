@@ -491,7 +491,11 @@ async fn starttls_abuse(path: &Path, tls: &ClientTls, data: &[u8]) {
         .await
         .expect("EXPORT_NAME before TLS left open")
         .ok();
-    assert!(rest.is_empty(), "export data before TLS: {} bytes", rest.len());
+    assert!(
+        rest.is_empty(),
+        "export data before TLS: {} bytes",
+        rest.len()
+    );
 
     // Garbage where the ClientHello should be.
     let mut r = Raw::connect(path).await;

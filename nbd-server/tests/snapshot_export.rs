@@ -266,13 +266,21 @@ fn snapshot_over_tls() {
         ),
         format!("nbd://{listen}/vda"),
     );
-    let tls_uri = |certs: &Path| format!("nbds://{listen}/vda?tls-certificates={}", certs.display());
+    let tls_uri =
+        |certs: &Path| format!("nbds://{listen}/vda?tls-certificates={}", certs.display());
 
     let map = ok("nbdinfo", &["--map", &tls_uri(&pki.client)]);
-    assert_eq!(map.lines().count(), expected_map(data.len() as u64, &holes).len(), "{map}");
+    assert_eq!(
+        map.lines().count(),
+        expected_map(data.len() as u64, &holes).len(),
+        "{map}"
+    );
     let copy = dir.path().join("copy.raw");
     ok("nbdcopy", &[&tls_uri(&pki.client), copy.to_str().unwrap()]);
-    assert!(std::fs::read(&copy).unwrap() == data, "nbdcopy over TLS differs");
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "nbdcopy over TLS differs"
+    );
 
     let object = format!(
         "tls-creds-x509,id=tls0,dir={},endpoint=client",
@@ -281,7 +289,10 @@ fn snapshot_over_tls() {
     let nbd = format!(
         "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=vda,tls-creds=tls0"
     );
-    let local = format!("driver=raw,file.driver=file,file.filename={}", src.display());
+    let local = format!(
+        "driver=raw,file.driver=file,file.filename={}",
+        src.display()
+    );
     let cmp = ok(
         "qemu-img",
         &["compare", "--object", &object, "--image-opts", &local, &nbd],
@@ -309,7 +320,11 @@ fn listen_beyond_loopback_needs_tls() {
     let exposed = format!("0.0.0.0:{}", free_port());
     let refused = |args: &[&str]| -> String {
         let mut cmd = bulwark_nbd(dir.path(), snap, args);
-        let o = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output().unwrap();
+        let o = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
         assert!(!o.status.success(), "{args:?} started");
         assert!(o.stdout.is_empty(), "{args:?} printed ready");
         String::from_utf8_lossy(&o.stderr).into_owned()
@@ -329,6 +344,11 @@ fn listen_beyond_loopback_needs_tls() {
     assert!(!err.contains("refusing to serve NBD"), "{err}");
     // Missing credentials are named.
     let missing = dir.path().join("no-such-creds");
-    let err = refused(&["--socket", "/nonexistent/x.sock", "--tls-creds", missing.to_str().unwrap()]);
+    let err = refused(&[
+        "--socket",
+        "/nonexistent/x.sock",
+        "--tls-creds",
+        missing.to_str().unwrap(),
+    ]);
     assert!(err.contains("server-cert.pem"), "{err}");
 }

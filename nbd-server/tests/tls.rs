@@ -194,7 +194,10 @@ async fn qemu_reads_over_tls() {
         addr.ip(),
         addr.port()
     );
-    let local = format!("driver=raw,file.driver=file,file.filename={}", src.display());
+    let local = format!(
+        "driver=raw,file.driver=file,file.filename={}",
+        src.display()
+    );
     let cmp = run(
         "qemu-img",
         &["compare", "--object", &object, "--image-opts", &local, &nbd],
@@ -218,7 +221,10 @@ async fn qemu_reads_over_tls() {
         ],
     )
     .await;
-    assert!(std::fs::read(&copy).unwrap() == data, "qemu-img convert differs");
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "qemu-img convert differs"
+    );
 
     // Without a client certificate QEMU is turned away.
     let anon = format!(

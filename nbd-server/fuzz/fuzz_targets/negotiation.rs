@@ -88,7 +88,9 @@ fuzz_target!(|data: &[u8]| {
         if place % 3 == 0 {
             return feed(s, input).await;
         }
-        s.write_all(&OptionRequest::StartTls.to_bytes()).await.unwrap();
+        s.write_all(&OptionRequest::StartTls.to_bytes())
+            .await
+            .unwrap();
         let mut h = [0u8; OptionReplyHeader::LEN];
         s.read_exact(&mut h).await.unwrap();
         assert_eq!(OptionReplyHeader::parse(&h).unwrap().reply_type, REP_ACK);

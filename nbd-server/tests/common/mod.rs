@@ -72,10 +72,7 @@ impl Served {
     /// libnbd URI over TLS with the credentials in `certs`.
     pub fn tls_uri(&self, export: &str, certs: &Path) -> String {
         match self.tcp {
-            Some(a) => format!(
-                "nbds://{a}/{export}?tls-certificates={}",
-                certs.display()
-            ),
+            Some(a) => format!("nbds://{a}/{export}?tls-certificates={}", certs.display()),
             None => format!(
                 "nbds+unix:///{export}?socket={}&tls-certificates={}",
                 self.socket.display(),
