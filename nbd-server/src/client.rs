@@ -20,13 +20,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs, UnixStream};
 use tracing::debug;
 
-use crate::stream::Stream;
-use crate::tls::ClientTls;
-
 use crate::proto::consts::*;
 use crate::proto::handshake::*;
 use crate::proto::transmission::*;
 use crate::proto::ProtoError;
+use crate::stream::Stream;
+use crate::tls::ClientTls;
 use crate::MAX_REQUEST_LEN;
 
 /// Why a client operation failed.
@@ -86,6 +85,7 @@ impl ClientOptions {
         }
     }
 
+    /// Speak TLS only: STARTTLS first, refusal is an error.
     pub fn tls(mut self, tls: ClientTls) -> Self {
         self.tls = Some(tls);
         self

@@ -259,3 +259,38 @@ async fn tls_allow_serves_both() {
     }
     served.shutdown().await;
 }
+
+/// Broken credential directories fail with errors naming the file.
+#[test]
+fn credential_errors_name_the_file() {
+    use nbd_server::{ServerTls, TlsError, TlsMode};
+    let (dir, pki) = pki_dir();
+    let e = ServerTls::from_dir(dir.path(), TlsMode::Require).unwrap_err();
+    assert!(e.to_string().contains("server-cert.pem"), "{e}");
+    let e = ClientTls::from_dir(&pki.server_open, "localhost").unwrap_err();
+    assert!(e.to_string().contains("ca-cert.pem"), "{e}");
+    // A certificate without its key.
+    let half = dir.path().join("half");
+    std::fs::create_dir(&half).unwrap();
+    for f in ["ca-cert.pem", "client-cert.pem"] {
+        std::fs::copy(pki.client.join(f), half.join(f)).unwrap();
+    }
+    let e = ClientTls::from_dir(&half, "localhost").unwrap_err();
+    assert!(matches!(e, TlsError::Incomplete { .. }), "{e}");
+    // A key where the certificate should be.
+    let swapped = dir.path().join("swapped");
+    std::fs::create_dir(&swapped).unwrap();
+    std::fs::copy(
+        pki.server.join("server-key.pem"),
+        swapped.join("server-cert.pem"),
+    )
+    .unwrap();
+    std::fs::copy(
+        pki.server.join("server-key.pem"),
+        swapped.join("server-key.pem"),
+    )
+    .unwrap();
+    let e = ServerTls::from_dir(&swapped, TlsMode::Require).unwrap_err();
+    assert!(matches!(e, TlsError::NoCertificate(_)), "{e}");
+    assert!(ClientTls::from_dir(&pki.client, "not a name!").is_err());
+}
