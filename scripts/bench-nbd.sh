@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # nbdcopy reading a 1 GiB mixed image over a Unix socket: from bulwark-nbd
 # (a snapshot in a local repository; cold = fresh server, warm = second
-# pass on the same server) vs qemu-nbd serving the same raw file.
+# pass on the same server) vs qemu-nbd serving the same raw file; then the
+# same warm export over loopback TCP in plain text and inside TLS
+# (NBD_OPT_STARTTLS, one server with --tls allow serving both).
 # Usage: scripts/bench-nbd.sh [WORKDIR]   (BIN=DIR: binaries to measure,
 # e.g. an older build, instead of this tree's release build)
 set -euo pipefail
@@ -11,6 +13,9 @@ if [ -z "${BIN:-}" ]; then
     cargo build --release -q -p bulwark -p nbd-server
     BIN=$PWD/target/release
 fi
+# Test certificates (rcgen, the tests' PKI): examples are not in BIN.
+cargo build --release -q -p nbd-server --example tls_certs
+TLS_CERTS=$PWD/target/release/examples/tls_certs
 W=${1:-/tmp/bulwark-bench-nbd}; mkdir -p "$W"
 export BULWARK_REPO=$W/repo BULWARK_PASSWORD=bench
 scripts/mixed-image.sh "$W/mixed.raw" 1024
@@ -34,6 +39,22 @@ read -r _ <&"${B[0]}"
 cold=$(t nbdcopy "nbd+unix:///vda?socket=$W/b.sock" null:)
 warm=$(t nbdcopy "nbd+unix:///vda?socket=$W/b.sock" null:)
 kill "$B_PID"; wait "$B_PID" 2>/dev/null || true
+
+# Plain vs TLS on one warm export: loopback TCP, the same server process.
+rm -rf "$W/pki"; "$TLS_CERTS" "$W/pki" >/dev/null
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+coproc T { exec "$BIN/bulwark-nbd" serve --snapshot mixed@latest --listen "127.0.0.1:$PORT" --tls-creds "$W/pki/server" --tls allow --cache-mib 2048 2>/dev/null; }
+read -r _ <&"${T[0]}"
+PLAIN_URI="nbd://127.0.0.1:$PORT/vda"
+TLS_URI="nbds://127.0.0.1:$PORT/vda?tls-certificates=$W/pki/client"
+nbdcopy "$PLAIN_URI" null: # warm the cache
+tcp_plain=$(t nbdcopy "$PLAIN_URI" null:)
+tcp_tls=$(t nbdcopy "$TLS_URI" null:)
+tcp_plain2=$(t nbdcopy "$PLAIN_URI" null:)
+tcp_tls2=$(t nbdcopy "$TLS_URI" null:)
+kill "$T_PID"; wait "$T_PID" 2>/dev/null || true
+best() { echo "if ($1 < $2) $1 else $2" | bc; }
+tcp_plain=$(best "$tcp_plain" "$tcp_plain2"); tcp_tls=$(best "$tcp_tls" "$tcp_tls2")
 # Fresh process, repository files in the page cache (as the export row).
 rm -f "$W/r.raw"
 rlocal=$(t "$BIN/bulwark" restore image mixed@latest --to "$W/r.raw" --force)
@@ -41,6 +62,8 @@ printf '%-28s %8s s %8s MiB/s\n' "qemu-nbd (raw file, warm)" "$q" "$(rate "$q")"
 printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark restore image, local" "$rlocal" "$(rate "$rlocal")" "$(echo "scale=2; $q / $rlocal" | bc)"
 printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold" "$cold" "$(rate "$cold")" "$(echo "scale=2; $q / $cold" | bc)"
 printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd warm" "$warm" "$(rate "$warm")" "$(echo "scale=2; $q / $warm" | bc)"
+printf '%-28s %8s s %8s MiB/s\n' "bulwark-nbd warm, TCP plain" "$tcp_plain" "$(rate "$tcp_plain")"
+printf '%-28s %8s s %8s MiB/s  %s x plain\n' "bulwark-nbd warm, TCP TLS" "$tcp_tls" "$(rate "$tcp_tls")" "$(echo "scale=2; $tcp_plain / $tcp_tls" | bc)"
 
 # Cold from S3: the same image in a bucket on a loopback s3s-fs
 # (scripts/setup-s3.sh installs it), read once by a fresh server.

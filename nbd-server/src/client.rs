@@ -5,6 +5,11 @@
 //! libvirt pull-mode backup) using `qemu:dirty-bitmap:*` and
 //! `base:allocation`. Requests are issued one at a time; callers wanting
 //! parallelism open several connections (read-only exports allow it).
+//!
+//! With [`ClientOptions::tls`] the client sends `NBD_OPT_STARTTLS` as its
+//! first option and haggles everything else inside TLS; a server that
+//! refuses TLS is an error, never a silent fall back to plain text (the
+//! spec's advice against downgrade attacks).
 
 use std::collections::HashMap;
 use std::io;
@@ -19,6 +24,8 @@ use crate::proto::consts::*;
 use crate::proto::handshake::*;
 use crate::proto::transmission::*;
 use crate::proto::ProtoError;
+use crate::stream::Stream;
+use crate::tls::ClientTls;
 use crate::MAX_REQUEST_LEN;
 
 /// Why a client operation failed.
@@ -44,6 +51,14 @@ pub enum ClientError {
     OutOfRange { offset: u64, length: u64, size: u64 },
     #[error("protocol violation by server: {0}")]
     Violation(String),
+    #[error("the server requires TLS (NBD_REP_ERR_TLS_REQD): configure TLS credentials")]
+    TlsRequired,
+    #[error("the server refused STARTTLS ({reply_type:#x}): {message}")]
+    TlsRefused { reply_type: u32, message: String },
+    /// Certificate not trusted or not for this server name, our client
+    /// certificate refused, or the peer does not speak TLS.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
 }
 
 /// What to negotiate.
@@ -55,6 +70,9 @@ pub struct ClientOptions {
     pub meta_contexts: Vec<String>,
     /// Ask for structured replies (needed for block status and holes).
     pub structured_replies: bool,
+    /// Upgrade with `NBD_OPT_STARTTLS` before anything else; `None` speaks
+    /// plain text.
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientOptions {
@@ -63,7 +81,14 @@ impl ClientOptions {
             export: export.into(),
             meta_contexts: Vec::new(),
             structured_replies: true,
+            tls: None,
         }
+    }
+
+    /// Speak TLS only: STARTTLS first, refusal is an error.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn meta_context(mut self, name: impl Into<String>) -> Self {
@@ -105,8 +130,7 @@ impl Client {
         path: impl AsRef<Path>,
         opts: &ClientOptions,
     ) -> Result<Self, ClientError> {
-        let (r, w) = UnixStream::connect(path).await?.into_split();
-        Self::handshake(Box::new(r), Box::new(w), opts).await
+        Self::start(UnixStream::connect(path).await?, opts).await
     }
 
     pub async fn connect_tcp(
@@ -115,8 +139,29 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        let (r, w) = s.into_split();
-        Self::handshake(Box::new(r), Box::new(w), opts).await
+        Self::start(s, opts).await
+    }
+
+    /// Greeting and flags, then STARTTLS if asked, on the whole stream;
+    /// the rest of the handshake on its halves.
+    async fn start<S: Stream>(mut s: S, opts: &ClientOptions) -> Result<Self, ClientError> {
+        let no_zeroes = greet(&mut s).await?;
+        match &opts.tls {
+            None => {
+                let (r, w) = s.into_halves();
+                Self::handshake(Box::new(r), Box::new(w), no_zeroes, opts).await
+            }
+            Some(tls) => {
+                starttls(&mut s).await?;
+                let t = tls
+                    .connector()
+                    .connect(tls.server_name().clone(), s)
+                    .await
+                    .map_err(ClientError::TlsHandshake)?;
+                let (r, w) = t.into_halves();
+                Self::handshake(Box::new(r), Box::new(w), no_zeroes, opts).await
+            }
+        }
     }
 
     /// Export size in bytes.
@@ -147,6 +192,7 @@ impl Client {
     async fn handshake(
         r: Box<dyn AsyncRead + Unpin + Send>,
         w: Writer,
+        no_zeroes: bool,
         opts: &ClientOptions,
     ) -> Result<Self, ClientError> {
         let mut c = Self {
@@ -159,19 +205,6 @@ impl Client {
             max_request: MAX_REQUEST_LEN,
             next_cookie: 1,
         };
-        let mut g = [0u8; Greeting::LEN];
-        c.r.read_exact(&mut g).await?;
-        let g = Greeting::parse(&g)?;
-        if g.handshake_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::NotFixedNewstyle);
-        }
-        let no_zeroes = g.handshake_flags & FLAG_NO_ZEROES != 0;
-        let mut cflags = CLIENT_FLAG_FIXED_NEWSTYLE;
-        if no_zeroes {
-            cflags |= CLIENT_FLAG_NO_ZEROES;
-        }
-        c.w.write_all(&cflags.to_be_bytes()).await?;
-
         if opts.structured_replies {
             c.send_option(&OptionRequest::StructuredReply).await?;
             let (hdr, _) = c.option_reply(OPT_STRUCTURED_REPLY).await?;
@@ -186,8 +219,7 @@ impl Client {
     }
 
     async fn send_option(&mut self, opt: &OptionRequest) -> Result<(), ClientError> {
-        self.w.write_all(&opt.to_bytes()).await?;
-        Ok(())
+        send_option(&mut self.w, opt).await
     }
 
     /// Read one option reply to `option`; error replies become `Err`.
@@ -195,23 +227,10 @@ impl Client {
         &mut self,
         option: u32,
     ) -> Result<(OptionReplyHeader, Vec<u8>), ClientError> {
-        let mut h = [0u8; OptionReplyHeader::LEN];
-        self.r.read_exact(&mut h).await?;
-        let hdr = OptionReplyHeader::parse(&h)?;
-        if hdr.option != option {
-            return Err(ClientError::Violation(format!(
-                "reply to option {} while waiting for {option}",
-                hdr.option
-            )));
+        let (hdr, data) = read_option_reply(&mut self.r, option).await?;
+        if hdr.reply_type == REP_ERR_TLS_REQD {
+            return Err(ClientError::TlsRequired);
         }
-        if hdr.length > MAX_OPTION_REPLY {
-            return Err(ClientError::Violation(format!(
-                "option reply of {} bytes",
-                hdr.length
-            )));
-        }
-        let mut data = vec![0u8; hdr.length as usize];
-        self.r.read_exact(&mut data).await?;
         if hdr.is_error() && option != OPT_STRUCTURED_REPLY {
             return Err(ClientError::OptionRefused {
                 option,
@@ -326,6 +345,7 @@ impl Client {
             length,
         };
         self.w.write_all(&req.encode()).await?;
+        self.w.flush().await?;
         Ok(cookie)
     }
 
@@ -573,7 +593,76 @@ impl Client {
     /// Polite goodbye (`NBD_CMD_DISC`), then close.
     pub async fn disconnect(mut self) -> Result<(), ClientError> {
         self.send_request(Command::Disc, 0, 0, 0).await?;
-        self.w.shutdown().await?;
+        // The server may close first, as DISC allows: then our half-close
+        // (over TLS, a close_notify) finds the pipe gone, and that is fine.
+        let _ = self.w.shutdown().await;
         Ok(())
     }
+}
+
+/// Read the greeting and answer with our flags. Returns whether both sides
+/// agreed to drop the 124 zero bytes after EXPORT_NAME.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, ClientError> {
+    let mut g = [0u8; Greeting::LEN];
+    s.read_exact(&mut g).await?;
+    let g = Greeting::parse(&g)?;
+    if g.handshake_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(ClientError::NotFixedNewstyle);
+    }
+    let no_zeroes = g.handshake_flags & FLAG_NO_ZEROES != 0;
+    let mut cflags = CLIENT_FLAG_FIXED_NEWSTYLE;
+    if no_zeroes {
+        cflags |= CLIENT_FLAG_NO_ZEROES;
+    }
+    s.write_all(&cflags.to_be_bytes()).await?;
+    s.flush().await?;
+    Ok(no_zeroes)
+}
+
+/// `NBD_OPT_STARTTLS` and its answer. Read unbuffered: whatever follows the
+/// ACK on the wire belongs to the TLS session.
+async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), ClientError> {
+    send_option(s, &OptionRequest::StartTls).await?;
+    let (hdr, data) = read_option_reply(s, OPT_STARTTLS).await?;
+    match hdr.reply_type {
+        REP_ACK => Ok(()),
+        reply_type => Err(ClientError::TlsRefused {
+            reply_type,
+            message: String::from_utf8_lossy(&data).into_owned(),
+        }),
+    }
+}
+
+async fn send_option<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: &OptionRequest,
+) -> Result<(), ClientError> {
+    w.write_all(&opt.to_bytes()).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// One option reply (header and bounded payload) to `option`, error or not.
+async fn read_option_reply<R: AsyncRead + Unpin>(
+    r: &mut R,
+    option: u32,
+) -> Result<(OptionReplyHeader, Vec<u8>), ClientError> {
+    let mut h = [0u8; OptionReplyHeader::LEN];
+    r.read_exact(&mut h).await?;
+    let hdr = OptionReplyHeader::parse(&h)?;
+    if hdr.option != option {
+        return Err(ClientError::Violation(format!(
+            "reply to option {} while waiting for {option}",
+            hdr.option
+        )));
+    }
+    if hdr.length > MAX_OPTION_REPLY {
+        return Err(ClientError::Violation(format!(
+            "option reply of {} bytes",
+            hdr.length
+        )));
+    }
+    let mut data = vec![0u8; hdr.length as usize];
+    r.read_exact(&mut data).await?;
+    Ok((hdr, data))
 }

@@ -9,6 +9,8 @@
 //!   `base:allocation` block status, many requests in flight per connection.
 //! - [`Client`]: structured reads and block status over any metadata
 //!   context, e.g. `qemu:dirty-bitmap:backup-vda`.
+//! - [`tls`]: `NBD_OPT_STARTTLS` credentials for both halves
+//!   ([`ServerTls`], [`ClientTls`]), in QEMU's file layout.
 
 pub mod client;
 pub mod export;
@@ -17,6 +19,8 @@ pub mod mem_export;
 pub mod proto;
 pub mod server;
 pub mod store_export;
+mod stream;
+pub mod tls;
 
 pub use client::{BlockStatusExtent, Client, ClientError, ClientOptions};
 pub use export::{BlockSize, Export, ExportError, Extent, ExtentState};
@@ -24,6 +28,7 @@ pub use file_export::FileExport;
 pub use mem_export::MemExport;
 pub use server::{Server, ServerConfig, ServerHandle};
 pub use store_export::StoreExport;
+pub use tls::{ClientTls, ServerTls, TlsError, TlsMode};
 
 /// Largest READ (and WRITE payload) the server accepts and the client sends:
 /// 32 MiB, the limit qemu and nbdkit use too. Larger requests get EINVAL.

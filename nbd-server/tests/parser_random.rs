@@ -26,6 +26,9 @@ fn seeds() -> Vec<Vec<u8>> {
     };
     vec![
         go.to_bytes(),
+        OptionRequest::StartTls.to_bytes(),
+        // A TLS 1.2/1.3 ClientHello record header where an option may be.
+        vec![0x16, 3, 1, 0, 0xc8, 1, 0, 0, 0xc4, 3, 3],
         meta.to_bytes(),
         req.encode().to_vec(),
         block_status_chunk(
@@ -68,6 +71,14 @@ fn feed(b: &[u8]) {
             }
         }
     }
+    // STARTTLS carries no data: anything else is invalid, never a STARTTLS
+    // the server would acknowledge (and then read TLS after it).
+    assert_eq!(
+        OptionRequest::parse(OPT_STARTTLS, b).is_ok(),
+        b.is_empty(),
+        "STARTTLS with {} bytes of data",
+        b.len()
+    );
     if let Ok(req) = Request::parse(b) {
         assert_eq!(req.encode()[..], b[..]);
     }

@@ -16,6 +16,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // STARTTLS is valid only without data (else NBD_REP_ERR_INVALID).
+    assert_eq!(
+        OptionRequest::parse(nbd_server::proto::consts::OPT_STARTTLS, data).is_ok(),
+        data.is_empty()
+    );
     let _ = OptionReplyHeader::parse(data);
     let _ = InfoReply::parse(data);
     let _ = MetaContextReply::parse(data);

@@ -1,13 +1,19 @@
 //! `bulwark-nbd serve`: a snapshot, read-only, over NBD: one export per disk
 //! (`vda`, `vdb`, ...) for `nbdfuse`, `qemu-nbd`, `qemu-img`, `guestfish`
 //! or QEMU itself (live restore).
+//!
+//! TLS (`--tls-creds DIR`, QEMU's x509 file layout) encrypts and, with a CA
+//! in the directory, authenticates clients by certificate. Plain NBD has no
+//! authentication at all, so a TCP listener beyond loopback without
+//! required TLS is refused unless the operator says `--insecure`.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use nbd_server::{Server, ServerConfig, StoreExport};
+use clap::{Parser, Subcommand, ValueEnum};
+use nbd_server::{Server, ServerConfig, ServerTls, StoreExport, TlsMode};
 use store::{LocalBackend, Repository};
 
 #[derive(Parser)]
@@ -33,9 +39,24 @@ enum Cmd {
         /// Unix socket to listen on.
         #[arg(long, conflicts_with = "listen")]
         socket: Option<PathBuf>,
-        /// TCP address (loopback unless you mean it: NBD has no auth).
+        /// TCP address, ADDR:PORT. Beyond loopback only with TLS required
+        /// (--tls-creds) or --insecure: plain NBD has no authentication.
         #[arg(long)]
         listen: Option<String>,
+        /// Directory with server-cert.pem and server-key.pem (QEMU's
+        /// tls-creds-x509 layout); with a ca-cert.pem there too, clients
+        /// must present a certificate signed by that CA.
+        #[arg(long, value_name = "DIR")]
+        tls_creds: Option<PathBuf>,
+        /// require: every option before STARTTLS is refused with
+        /// NBD_REP_ERR_TLS_REQD (as qemu-nbd does). allow: plain-text
+        /// clients are served too.
+        #[arg(long, value_enum, default_value_t = TlsArg::Require, requires = "tls_creds")]
+        tls: TlsArg,
+        /// Listen beyond loopback without required TLS: anyone who can reach
+        /// the port can read every disk of the snapshot.
+        #[arg(long)]
+        insecure: bool,
         #[arg(long)]
         password_file: Option<PathBuf>,
         #[arg(long)]
@@ -60,16 +81,80 @@ fn main() {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TlsArg {
+    Require,
+    Allow,
+}
+
+/// Addresses of `listen` that are not loopback (a name can resolve to
+/// several; every one must pass).
+fn exposed_addrs(listen: &str) -> Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = listen
+        .to_socket_addrs()
+        .with_context(|| format!("--listen {listen:?}: expected ADDR:PORT"))?
+        .collect();
+    Ok(addrs
+        .into_iter()
+        .filter(|a| !a.ip().is_loopback())
+        .collect())
+}
+
+/// Refuse to put the exports on the network in plain text by accident.
+/// Checked before anything else, so the mistake costs no repository unlock.
+fn check_exposure(listen: Option<&str>, tls_required: bool, insecure: bool) -> Result<()> {
+    let Some(listen) = listen else {
+        return Ok(());
+    };
+    let exposed = exposed_addrs(listen)?;
+    if exposed.is_empty() || tls_required || insecure {
+        return Ok(());
+    }
+    bail!(
+        "refusing to serve NBD without TLS on {} (not loopback): anyone reaching it could read \
+         the snapshot. Pass --tls-creds DIR (with --tls require, the default), listen on \
+         127.0.0.1 or a --socket, or add --insecure if the network is trusted",
+        exposed
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
 fn run(cli: Cli) -> Result<()> {
     let Cmd::Serve {
         repo,
         snapshot,
         socket,
         listen,
+        tls_creds,
+        tls,
+        insecure,
         password_file,
         key_file,
         cache_mib,
     } = cli.command;
+    let tls_required = tls_creds.is_some() && tls == TlsArg::Require;
+    check_exposure(listen.as_deref(), tls_required, insecure)?;
+    let tls = match &tls_creds {
+        Some(dir) => {
+            let mode = match tls {
+                TlsArg::Require => TlsMode::Require,
+                TlsArg::Allow => TlsMode::Allow,
+            };
+            let t = ServerTls::from_dir(dir, mode)
+                .with_context(|| format!("loading TLS credentials from {}", dir.display()))?;
+            if !t.verifies_clients() {
+                tracing::warn!(
+                    "no ca-cert.pem in {}: TLS encrypts, but any client may connect",
+                    dir.display()
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
     let backend: Arc<dyn store::Backend> = if repo.starts_with("s3://") {
         // Endpoint: $BULWARK_S3_ENDPOINT, else the AWS variables/profile.
         let mut cfg = store::backend::S3Config::from_url(&repo)?;
@@ -91,7 +176,10 @@ fn run(cli: Cli) -> Result<()> {
     );
     let snap = repo.find_snapshot(&snapshot)?;
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
-    let mut server = Server::new(ServerConfig::default());
+    let mut server = Server::new(ServerConfig {
+        tls,
+        ..ServerConfig::default()
+    });
     let mut readers = Vec::new();
     for d in &snap.disks {
         let reader = Arc::new(store::reader::open_disk(
@@ -159,4 +247,24 @@ fn run(cli: Cli) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_beyond_loopback_needs_tls_or_insecure() {
+        for ok in ["127.0.0.1:10809", "[::1]:10809", "localhost:10809"] {
+            check_exposure(Some(ok), false, false).unwrap();
+        }
+        check_exposure(None, false, false).unwrap();
+        for exposed in ["0.0.0.0:10809", "[::]:10809", "192.0.2.7:10809"] {
+            let e = check_exposure(Some(exposed), false, false).unwrap_err();
+            assert!(e.to_string().contains("--insecure"), "{e}");
+            check_exposure(Some(exposed), true, false).unwrap();
+            check_exposure(Some(exposed), false, true).unwrap();
+        }
+        assert!(check_exposure(Some("no-port"), false, false).is_err());
+    }
 }

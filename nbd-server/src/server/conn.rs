@@ -5,49 +5,55 @@
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, warn};
 
-use super::negotiate::{negotiate, Session};
+use super::negotiate::{negotiate, Negotiated, Session};
 use super::writer::ReplyWriter;
 use super::{ConnError, Shared};
 use crate::export::{Export, Extent, ExtentState};
 use crate::proto::consts::*;
 use crate::proto::transmission::*;
+use crate::stream::Stream;
 use crate::MAX_REQUEST_LEN;
 
 /// Block status replies stop after this many descriptors; the client asks
 /// again for the rest (the spec allows short answers).
 const MAX_DESCRIPTORS: usize = 4096;
 
-pub(crate) async fn serve<E, R, W>(
+pub(crate) async fn serve<E, S>(
     shared: Arc<Shared<E>>,
-    mut r: R,
-    mut w: W,
+    stream: S,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
 where
     E: Export,
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: Stream,
 {
     let timeout = shared.config.handshake_timeout;
-    let session = tokio::select! {
+    let negotiated = tokio::select! {
         _ = super::stopped(&mut stop) => return Ok(()),
-        res = tokio::time::timeout(timeout, negotiate(&shared, &mut r, &mut w)) => {
-            match res {
-                Err(_) => return Err(ConnError::Timeout),
-                Ok(Err(e)) => {
-                    let _ = w.shutdown().await;
-                    return Err(e);
-                }
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Ok(Some(s))) => s,
-            }
+        res = tokio::time::timeout(timeout, negotiate(&shared, stream)) => match res {
+            Err(_) => return Err(ConnError::Timeout),
+            Ok(res) => res?,
         }
     };
+    match negotiated {
+        Negotiated::Aborted => Ok(()),
+        Negotiated::Plain(s, session) => start_transmission(shared, session, s, stop).await,
+        Negotiated::Tls(t, session) => start_transmission(shared, session, *t, stop).await,
+    }
+}
+
+async fn start_transmission<E: Export, S: Stream>(
+    shared: Arc<Shared<E>>,
+    session: Session<E>,
+    s: S,
+    stop: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
     debug!(export = %session.name, structured = session.structured, "transmission phase");
+    let (r, w) = s.into_halves();
     transmission(shared, session, r, w, stop).await
 }
 

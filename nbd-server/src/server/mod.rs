@@ -5,6 +5,10 @@
 //! ([`conn`]): requests are spawned as tasks (bounded per connection) and
 //! their replies are serialized through one [`writer::ReplyWriter`]. A bad
 //! peer only ever loses its own connection.
+//!
+//! With [`ServerConfig::tls`] set, clients upgrade with `NBD_OPT_STARTTLS`
+//! and haggle the rest inside TLS; [`TlsMode::Require`] (the default to
+//! pick for anything beyond one host) refuses everything else first.
 
 mod conn;
 mod negotiate;
@@ -19,14 +23,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::export::Export;
 use crate::proto::ProtoError;
+use crate::stream::Stream;
+use crate::tls::ServerTls;
+#[cfg(doc)]
+use crate::tls::TlsMode;
 
 /// Tunables; the defaults suit a host serving a handful of clients.
 #[derive(Debug, Clone)]
@@ -36,8 +43,12 @@ pub struct ServerConfig {
     /// Requests served concurrently per connection; further requests wait
     /// in the socket (back-pressure on the client).
     pub max_in_flight: usize,
-    /// A client must reach the transmission phase within this time.
+    /// A client must reach the transmission phase within this time (the
+    /// TLS handshake included).
     pub handshake_timeout: Duration,
+    /// TLS credentials and policy; `None` serves plain text only and
+    /// answers `NBD_OPT_STARTTLS` with `NBD_REP_ERR_POLICY`.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +57,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -86,6 +98,10 @@ pub(crate) enum ConnError {
     Refused(String),
     #[error("handshake timed out")]
     Timeout,
+    /// The TLS handshake failed: wrong or missing client certificate, a
+    /// client that distrusts ours, or bytes that are not TLS.
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 /// A set of named read-only exports, ready to be served.
@@ -154,7 +170,8 @@ impl<E: Export> Server<E> {
     }
 
     /// Serve on a TCP listener. Bind it to loopback unless the exports are
-    /// meant for the network: NBD has no authentication without TLS.
+    /// meant for the network: NBD has no authentication without TLS (see
+    /// [`ServerConfig::tls`]).
     pub fn serve_tcp(self, listener: TcpListener) -> ServerHandle {
         spawn_accept_loop(self.into_shared(), listener)
     }
@@ -186,30 +203,26 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// A listener yielding split connections; lets one accept loop serve both
+/// A listener yielding connections; lets one accept loop serve both
 /// socket kinds without boxing the streams.
 trait Acceptor: Send + Sync + 'static {
-    type R: AsyncRead + Unpin + Send + 'static;
-    type W: AsyncWrite + Unpin + Send + 'static;
-    fn accept_split(&self) -> impl Future<Output = io::Result<(Self::R, Self::W)>> + Send;
+    type S: Stream;
+    fn accept_stream(&self) -> impl Future<Output = io::Result<Self::S>> + Send;
 }
 
 impl Acceptor for UnixListener {
-    type R = tokio::net::unix::OwnedReadHalf;
-    type W = tokio::net::unix::OwnedWriteHalf;
-    async fn accept_split(&self) -> io::Result<(Self::R, Self::W)> {
-        let (s, _) = self.accept().await?;
-        Ok(s.into_split())
+    type S = UnixStream;
+    async fn accept_stream(&self) -> io::Result<UnixStream> {
+        Ok(self.accept().await?.0)
     }
 }
 
 impl Acceptor for TcpListener {
-    type R = tokio::net::tcp::OwnedReadHalf;
-    type W = tokio::net::tcp::OwnedWriteHalf;
-    async fn accept_split(&self) -> io::Result<(Self::R, Self::W)> {
+    type S = TcpStream;
+    async fn accept_stream(&self) -> io::Result<TcpStream> {
         let (s, _) = self.accept().await?;
         s.set_nodelay(true)?;
-        Ok(s.into_split())
+        Ok(s)
     }
 }
 
@@ -222,8 +235,8 @@ fn spawn_accept_loop<E: Export, L: Acceptor>(shared: Arc<Shared<E>>, listener: L
             tokio::select! {
                 _ = stopped(&mut rx) => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                res = listener.accept_split() => match res {
-                    Ok((r, w)) => {
+                res = listener.accept_stream() => match res {
+                    Ok(stream) => {
                         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                             warn!("connection limit reached, dropping new connection");
                             continue;
@@ -233,7 +246,7 @@ fn spawn_accept_loop<E: Export, L: Acceptor>(shared: Arc<Shared<E>>, listener: L
                         let stop = rx.clone();
                         conns.spawn(async move {
                             debug!(conn = id, "accepted");
-                            match conn::serve(shared, r, w, stop).await {
+                            match conn::serve(shared, stream, stop).await {
                                 Ok(()) => debug!(conn = id, "closed"),
                                 Err(e) => info!(conn = id, "connection dropped: {e}"),
                             }

@@ -38,7 +38,14 @@ impl<W: AsyncWrite + Unpin + Send> ReplyWriter<W> {
             return false;
         }
         let mut w = self.inner.lock().await;
-        match write_all_vectored(&mut *w, parts).await {
+        // Flush per message: a TLS stream may otherwise keep the end of a
+        // reply in its buffer while the client waits for it (a no-op on
+        // plain sockets).
+        let res = match write_all_vectored(&mut *w, parts).await {
+            Ok(()) => w.flush().await,
+            Err(e) => Err(e),
+        };
+        match res {
             Ok(()) => true,
             Err(e) => {
                 debug!("reply write failed: {e}");

@@ -2,12 +2,15 @@
 //! a private temp dir, and external tools.
 #![allow(dead_code)]
 
+pub mod certs;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbd_server::{Export, MemExport, Server, ServerConfig, ServerHandle};
+use nbd_server::{Export, MemExport, Server, ServerConfig, ServerHandle, ServerTls, TlsMode};
 use rand::{Rng, SeedableRng};
 
 /// A 16 MiB image: random data, text, and holes at 64 KiB-aligned places.
@@ -52,16 +55,30 @@ pub fn write_sparse(path: &Path, data: &[u8], holes: &[(u64, u64)]) {
     f.sync_all().unwrap();
 }
 
-/// A server on a Unix socket in its own temp dir; shut down explicitly.
+/// A server on a Unix socket in its own temp dir (or on a loopback TCP
+/// port, then `tcp` is set); shut down explicitly.
 pub struct Served {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
+    pub tcp: Option<SocketAddr>,
     pub handle: Option<ServerHandle>,
 }
 
 impl Served {
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// libnbd URI over TLS with the credentials in `certs`.
+    pub fn tls_uri(&self, export: &str, certs: &Path) -> String {
+        match self.tcp {
+            Some(a) => format!("nbds://{a}/{export}?tls-certificates={}", certs.display()),
+            None => format!(
+                "nbds+unix:///{export}?socket={}&tls-certificates={}",
+                self.socket.display(),
+                certs.display()
+            ),
+        }
     }
 
     pub async fn shutdown(mut self) {
@@ -91,8 +108,60 @@ pub fn serve_with<E: Export>(exports: Vec<(&str, Arc<E>)>, config: ServerConfig)
     Served {
         dir,
         socket,
+        tcp: None,
         handle: Some(handle),
     }
+}
+
+/// Like [`serve_with`], on 127.0.0.1 at a free port (QEMU checks the
+/// server certificate against the host it connects to).
+pub fn serve_tcp_with<E: Export>(exports: Vec<(&str, Arc<E>)>, config: ServerConfig) -> Served {
+    let dir = tempfile::Builder::new()
+        .prefix("nbd-test-")
+        .tempdir()
+        .unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut server = Server::new(config);
+    for (name, e) in exports {
+        server = server.add_export(name, e, Some(format!("test export {name}")));
+    }
+    let handle = server.serve_tcp(tokio::net::TcpListener::from_std(l).unwrap());
+    Served {
+        socket: dir.path().join("unused.sock"),
+        dir,
+        tcp: Some(addr),
+        handle: Some(handle),
+    }
+}
+
+/// A server config requiring TLS with the credentials in `dir`.
+pub fn tls_config(dir: &Path) -> ServerConfig {
+    ServerConfig {
+        tls: Some(ServerTls::from_dir(dir, TlsMode::Require).unwrap()),
+        ..ServerConfig::default()
+    }
+}
+
+/// Run an external tool that is expected to fail; returns its output.
+pub async fn run_failing(cmd: &str, args: &[&str]) -> Output {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(cmd)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{cmd} timed out"))
+    .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        !out.status.success(),
+        "{cmd} {args:?} succeeded but should have failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
 }
 
 pub fn mem_export() -> Arc<MemExport> {
