@@ -294,3 +294,55 @@ fn credential_errors_name_the_file() {
     assert!(matches!(e, TlsError::NoCertificate(_)), "{e}");
     assert!(ClientTls::from_dir(&pki.client, "not a name!").is_err());
 }
+
+/// QEMU boots the tiny test image from a TLS export, a `tls-creds-x509`
+/// object with a client certificate on its command line: a local qcow2
+/// overlay whose backing is the export over `nbds` takes the guest's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_boots_from_a_tls_export() {
+    use testbed::{DiskFormat, Image, QemuVm, VmOptions};
+    let image = Image::tiny().expect("build the tiny test image");
+    let (pki_dir, pki) = pki_dir();
+    let tcp = serve_tcp_with(
+        vec![(
+            "vda",
+            Arc::new(FileExport::open(&image.disk(DiskFormat::Raw)).unwrap()),
+        )],
+        tls_config(&pki.server),
+    );
+    let addr = tcp.tcp.unwrap();
+    let mut vm = QemuVm::new(&image, VmOptions::default()).unwrap();
+    let overlay = vm.disk_path().to_path_buf();
+    std::fs::remove_file(&overlay).unwrap();
+    let backing = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"inet","host":"{}","port":"{}"}},"export":"vda","tls-creds":"tls0"}}}}"#,
+        addr.ip(),
+        addr.port()
+    );
+    let o = std::process::Command::new("qemu-img")
+        .args([
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", &backing,
+        ])
+        .arg(&overlay)
+        .arg(image.disk_size().to_string())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let object = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        pki.client.display()
+    );
+    vm.add_args(&["-object", &object]);
+    let ready = tokio::task::spawn_blocking(move || {
+        vm.start().unwrap();
+        let r = vm.wait_ready(std::time::Duration::from_secs(120));
+        drop(vm);
+        r
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(ready.marker, image.marker());
+    drop(pki_dir);
+    tcp.shutdown().await;
+}

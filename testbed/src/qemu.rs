@@ -118,6 +118,11 @@ impl QemuVm {
         &self.args
     }
 
+    /// Appends QEMU arguments (an `-object`, ...) before [`QemuVm::start`].
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+    }
+
     /// Spawns QEMU. Console waits then look only at output from this boot on.
     pub fn start(&mut self) -> Result<()> {
         if self.is_running() {
