@@ -179,6 +179,78 @@ pub fn restore_to_file(
     opts: &RestoreOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
+    restore_into(repo, list, out, &Layout::identity(), opts, progress)
+}
+
+/// Where each byte of the disk goes in the output file: runs of
+/// `(disk offset, length, file offset)`, sorted. The identity for a raw
+/// image; for a qcow2 image with metadata preallocated, the data clusters'
+/// places (`qemu-img map`), so a restore writes the clusters in place.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    runs: Vec<(u64, u64, u64)>,
+}
+
+impl Layout {
+    pub fn identity() -> Layout {
+        Layout {
+            runs: vec![(0, u64::MAX, 0)],
+        }
+    }
+
+    /// Runs must be sorted, not overlap, and cover `0..size` without gaps.
+    pub fn new(mut runs: Vec<(u64, u64, u64)>, size: u64) -> Result<Layout> {
+        runs.sort_unstable();
+        let mut at = 0;
+        for &(start, len, _) in &runs {
+            if start != at || len == 0 {
+                return Err(Error::Invalid(format!(
+                    "layout has a gap or overlap at disk offset {at}"
+                )));
+            }
+            at = start + len;
+        }
+        if at < size {
+            return Err(Error::Invalid(format!(
+                "layout ends at {at}, before the disk's size {size}"
+            )));
+        }
+        Ok(Layout { runs })
+    }
+
+    /// Writes `data`, which belongs at disk offset `off`, where the layout
+    /// places it (split at run boundaries).
+    fn write_at(&self, out: &File, mut data: &[u8], mut off: u64) -> Result<()> {
+        while !data.is_empty() {
+            let i = self.runs.partition_point(|r| r.0 <= off).saturating_sub(1);
+            let (start, len, host) = *self.runs.get(i).ok_or_else(|| {
+                Error::Invalid(format!("disk offset {off} is outside the layout"))
+            })?;
+            let in_run = off - start;
+            if in_run >= len {
+                return Err(Error::Invalid(format!(
+                    "disk offset {off} is outside the layout"
+                )));
+            }
+            let n = (len - in_run).min(data.len() as u64) as usize;
+            out.write_all_at(&data[..n], host + in_run)
+                .map_err(|err| Error::io(format!("write at offset {}", host + in_run), err))?;
+            data = &data[n..];
+            off += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// [`restore_to_file`] with the disk placed in `out` by `layout`.
+pub fn restore_into(
+    repo: &Repository,
+    list: &ChunkList,
+    out: &File,
+    layout: &Layout,
+    opts: &RestoreOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
     let index = repo.index()?;
     let batches = fetch::plan(&index, list, MAX_BATCH)?;
     let zero_bytes: u64 = list
@@ -199,7 +271,7 @@ pub fn restore_to_file(
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(b) = batches.get(i) else { return };
-                if let Err(e) = restore_span(repo, &index, list, b, out, progress) {
+                if let Err(e) = restore_span(repo, &index, list, b, out, layout, progress) {
                     let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                     f.get_or_insert(e);
                     return;
@@ -219,6 +291,7 @@ fn restore_span(
     list: &ChunkList,
     span: &fetch::Span,
     out: &File,
+    layout: &Layout,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
     let bytes = fetch::fetch(repo, index, &[span])?;
@@ -228,9 +301,35 @@ fn restore_span(
         .zip(fetch::open(repo, index, list, span, &bytes, span.start))
     {
         let e = &list.extents()[*i];
-        out.write_all_at(&data?, e.offset)
-            .map_err(|err| Error::io(format!("write at offset {}", e.offset), err))?;
+        layout.write_at(out, &data?, e.offset)?;
         progress(e.len);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn writes_land_where_the_layout_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("out"))
+            .unwrap();
+        // Disk 0..8 at file 100, disk 8..16 at file 10.
+        let l = Layout::new(vec![(8, 8, 10), (0, 8, 100)], 16).unwrap();
+        l.write_at(&f, b"abcdefghijkl", 2).unwrap();
+        let mut b = vec![0u8; 110];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).unwrap();
+        assert_eq!(&b[102..108], b"abcdef");
+        assert_eq!(&b[10..16], b"ghijkl");
+        assert!(l.write_at(&f, b"x", 16).is_err());
+        assert!(Layout::new(vec![(0, 8, 0), (9, 7, 8)], 16).is_err());
+        assert!(Layout::new(vec![(0, 8, 0)], 16).is_err());
+    }
 }
