@@ -324,7 +324,7 @@ mod layout_tests {
         // Disk 0..8 at file 100, disk 8..16 at file 10.
         let l = Layout::new(vec![(8, 8, 10), (0, 8, 100)], 16).unwrap();
         l.write_at(&f, b"abcdefghijkl", 2).unwrap();
-        let mut b = vec![0u8; 110];
+        let mut b = vec![0u8; 108];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).unwrap();
         assert_eq!(&b[102..108], b"abcdef");
         assert_eq!(&b[10..16], b"ghijkl");
