@@ -306,7 +306,7 @@ async fn qemu_boots_from_a_tls_export() {
     let tcp = serve_tcp_with(
         vec![(
             "vda",
-            Arc::new(FileExport::open(&image.disk(DiskFormat::Raw)).unwrap()),
+            Arc::new(FileExport::open(image.disk(DiskFormat::Raw)).unwrap()),
         )],
         tls_config(&pki.server),
     );
