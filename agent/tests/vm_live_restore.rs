@@ -102,13 +102,23 @@ fn live_restore_from_s3_boots_at_once_and_survives_server_and_agent_restarts() {
     let off = image.scratch_offset();
     testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
 
-    // kill -9 of the server: the VM keeps running, the agent restarts it.
-    let pid = status(&env, &name)["server_pid"].as_u64().unwrap();
+    // kill -9 of the server: the VM keeps running, the agent restarts it,
+    // and a read of a range the stream has not reached yet waits for the
+    // new server instead of failing.
+    let unstreamed = off + (4 << 20);
+    let s = status(&env, &name);
+    assert!(
+        s["disks"][0]["done"].as_u64().unwrap() < unstreamed,
+        "the stream is past the test's read: {s}"
+    );
+    let pid = s["server_pid"].as_u64().unwrap();
     assert!(Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
         .unwrap()
         .success());
+    testbed::domain_qemu_io(&name, &format!("read {unstreamed} 64k"))
+        .expect("a read during the server's restart waits for it");
     wait_for("the server's restart", 60, || {
         (status(&env, &name)["server_restarts"].as_u64() >= Some(1)).then_some(())
     });

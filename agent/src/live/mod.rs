@@ -8,6 +8,7 @@
 //! [`start`] makes it, [`supervise`] sees it through (the agent's job, or
 //! `--wait`), [`record`] is its persisted state, [`server`] its NBD server.
 
+pub mod reconnect;
 pub mod record;
 pub mod server;
 pub mod start;

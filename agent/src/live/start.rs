@@ -11,17 +11,15 @@ use anyhow::{bail, Context, Result};
 use store::{Repository, Snapshot};
 
 use super::record::{LiveDisk, LiveRestore, Phase, Records, RepoSpec};
-use super::server;
+use super::{reconnect, server};
 use crate::libvirt::Libvirt;
 use crate::vm::restore::{self, Options, Plan, Undo};
 use crate::vm::rewrite::{self, ImageFormat};
 
 /// How long QEMU's NBD client keeps a guest's reads waiting for a
 /// restarted server before failing them. libvirt 9.0 (Debian 12) drops the
-/// `<reconnect>` of an NBD backing source (later versions pass it on as
-/// `reconnect-delay`): there, reads during a server outage fail at once,
-/// QEMU reconnects by itself, the supervisor restarts the server within
-/// about a second and the stream resumes.
+/// `<reconnect>` of an NBD backing source, so [`reconnect::install`] swaps
+/// in a backing node of our own that has it.
 pub const RECONNECT_SECS: u32 = 60;
 
 pub struct LiveOptions<'a> {
@@ -71,6 +69,13 @@ pub fn start(
     undo.domain(plan.name.clone());
     dom.start()
         .with_context(|| format!("starting {}", plan.name))?;
+    let targets: Vec<String> = served.0.disks.iter().map(|d| d.target.clone()).collect();
+    if let Err(e) = reconnect::install(&dom, &served.0.socket, &targets, RECONNECT_SECS) {
+        tracing::warn!(
+            "{}: guest reads will not wait out a restart of the server: {e:#}",
+            plan.name
+        );
+    }
     for d in &mut served.0.disks {
         dom.block_pull(&d.target, served.0.stream_mib_per_sec)?;
         d.pulls = 1;

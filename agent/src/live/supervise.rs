@@ -91,6 +91,7 @@ fn follow_streams(r: &mut LiveRestore, dom: &Domain) -> Result<()> {
         }
         // No job: finished (the backing is gone) or stopped short.
         if !has_backing(dom, &target)? {
+            super::reconnect::remove(dom, &target);
             r.disks[i].local = true;
             r.disks[i].done = r.disks[i].size;
             continue;
