@@ -190,12 +190,7 @@ impl Agent {
                     let Some(b) = blocks.iter().find(|b| b.is_image(&d.path)) else {
                         continue;
                     };
-                    let has = b
-                        .inserted
-                        .iter()
-                        .flat_map(|i| i.dirty_bitmaps.iter())
-                        .chain(b.dirty_bitmaps.iter())
-                        .any(|bm| ours(&bm.name));
+                    let has = b.bitmaps().any(|bm| ours(&bm.name));
                     if let (false, Some(node)) = (has, b.node_name()) {
                         dom.bitmap_add(node, HOOK_BITMAP)?;
                         tracing::info!("{}: bitmap {HOOK_BITMAP} added to {}", info.name, d.target);

@@ -59,11 +59,14 @@ impl Block {
         self.inserted.as_ref()?.node_name.as_deref()
     }
 
-    pub fn bitmap(&self, name: &str) -> Option<&Bitmap> {
+    /// Every bitmap, wherever this QEMU lists them.
+    pub fn bitmaps(&self) -> impl Iterator<Item = &Bitmap> {
         let inserted = self.inserted.iter().flat_map(|i| i.dirty_bitmaps.iter());
-        inserted
-            .chain(self.dirty_bitmaps.iter())
-            .find(|b| b.name == name)
+        inserted.chain(self.dirty_bitmaps.iter())
+    }
+
+    pub fn bitmap(&self, name: &str) -> Option<&Bitmap> {
+        self.bitmaps().find(|b| b.name == name)
     }
 }
 

@@ -123,21 +123,14 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
 /// the domain XML).
 fn overlay(path: &Path, size: u64, export: &str, socket: &Path) -> Result<()> {
     let backing = format!("nbd+unix:///{export}?socket={}", socket.display());
-    let out = Command::new("qemu-img")
-        .args([
-            "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", &backing,
-        ])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .context("running qemu-img (is qemu-utils installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img create {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    crate::vm::qemu::run(
+        Command::new("qemu-img")
+            .args([
+                "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", &backing,
+            ])
+            .arg(path)
+            .arg(size.to_string()),
+    )?;
     Ok(())
 }
 

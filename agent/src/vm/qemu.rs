@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-fn run(cmd: &mut Command) -> Result<String> {
+/// Runs a command; its stdout, or an error naming it with its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let desc = format!("{cmd:?}");
     let out = cmd
         .stdin(Stdio::null())

@@ -9,7 +9,7 @@
 //! preallocated (holes stay holes), so neither needs a temporary raw copy.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -294,19 +294,7 @@ fn restore_qcow2(
 }
 
 fn qemu_img(args: &[&str]) -> Result<String> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running qemu-img (is qemu-utils installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img {}: {}",
-            args.first().unwrap_or(&""),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    super::qemu::run(Command::new("qemu-img").args(args))
 }
 
 /// Where a metadata-preallocated qcow2 keeps each guest byte in its file.

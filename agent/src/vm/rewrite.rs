@@ -72,16 +72,8 @@ pub fn rewrite(xml: &str, r: &Rewrite<'_>) -> Result<Rewritten> {
         }
         host_files(devices, r.name, r.dir);
     }
-    let mut out = Vec::new();
-    dom.write_with_config(
-        &mut out,
-        EmitterConfig::new()
-            .perform_indent(true)
-            .write_document_declaration(false),
-    )
-    .context("writing the domain XML")?;
     Ok(Rewritten {
-        xml: String::from_utf8(out).context("domain XML is not UTF-8")?,
+        xml: emit(&dom)?,
         notes,
     })
 }
@@ -280,6 +272,11 @@ pub fn add_nbd_backing(xml: &str, socket: &Path, reconnect_secs: u32) -> Result<
         bs.children.push(XMLNode::Element(src));
         d.children.push(XMLNode::Element(bs));
     }
+    emit(&dom)
+}
+
+/// The domain XML as libvirt takes it: indented, no declaration.
+fn emit(dom: &Element) -> Result<String> {
     let mut out = Vec::new();
     dom.write_with_config(
         &mut out,
