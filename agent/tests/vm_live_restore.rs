@@ -13,22 +13,6 @@ use std::time::Instant;
 use common::*;
 use testbed::{Console, Image, Vm, VmOptions, BOOT_TIMEOUT};
 
-/// Domains a test made: destroyed and undefined at the end.
-struct Domains(Vec<String>);
-
-impl Drop for Domains {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("virsh")
-                .args(["-q", "-c", "qemu:///system", "destroy", n])
-                .output();
-            let _ = Command::new("virsh")
-                .args(["-q", "-c", "qemu:///system", "undefine", n, "--nvram"])
-                .output();
-        }
-    }
-}
-
 fn status(env: &Env, name: &str) -> serde_json::Value {
     env.json(&["restore", "status", name, "--json"])[0].clone()
 }
@@ -37,26 +21,10 @@ fn status(env: &Env, name: &str) -> serde_json::Value {
 fn live_restore_from_s3_boots_at_once_and_survives_server_and_agent_restarts() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
-    let server = testbed::s3::S3Server::start().unwrap();
-    let bucket = server.create_bucket().unwrap();
-    let repo = format!("s3://{bucket}/live");
+    let bucket = S3Repo::start("live");
     let pw = env.path("pw");
     std::fs::write(&pw, PW).unwrap();
-    let s3 = |args: &[&str]| {
-        let out = env
-            .cmd(args)
-            .envs(server.env())
-            .env("BULWARK_REPO", &repo)
-            .env("BULWARK_CACHE_DIR", env.path("cache"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let s3 = |args: &[&str]| bucket.ok(&env, args);
     s3(&["repo", "init"]);
     let vm = Vm::define(&image, VmOptions::default()).unwrap();
     let r: serde_json::Value =
@@ -65,9 +33,9 @@ fn live_restore_from_s3_boots_at_once_and_survives_server_and_agent_restarts() {
     // The host never saw the VM: everything comes from the bucket.
     drop(vm);
 
-    let agent = Agent::start_with(&env, 3600, "", server.env());
+    let agent = Agent::start_with(&env, 3600, "", bucket.server.env());
     let name = testbed::unique_name("bw-live");
-    let _domains = Domains(vec![name.clone()]);
+    let _domains = Restored(vec![name.clone()]);
     let images = env.path("images");
     let t0 = Instant::now();
     s3(&[
@@ -127,7 +95,7 @@ fn live_restore_from_s3_boots_at_once_and_survives_server_and_agent_restarts() {
     // The agent restarts too: the new one picks the restore up.
     drop(agent);
     assert_eq!(status(&env, &name)["phase"], "streaming");
-    let _agent = Agent::start_with(&env, 3600, "", server.env());
+    let _agent = Agent::start_with(&env, 3600, "", bucket.server.env());
     let done = wait_for("the end of the stream", 600, || {
         let s = status(&env, &name);
         assert!(s["phase"] == "streaming" || s["phase"] == "done", "{s}");
@@ -237,7 +205,7 @@ fn a_damaged_chunk_fails_the_live_restore_and_keeps_guest_writes() {
     }
 
     let name = testbed::unique_name("bw-livebad");
-    let _domains = Domains(vec![name.clone()]);
+    let _domains = Restored(vec![name.clone()]);
     let images = env.path("images");
     // --wait: supervised in the foreground, no agent.
     let child = env
@@ -296,23 +264,12 @@ fn a_damaged_chunk_fails_the_live_restore_and_keeps_guest_writes() {
 fn live_restore_bench() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
-    let server = testbed::s3::S3Server::start().unwrap();
-    let bucket = server.create_bucket().unwrap();
-    let repo = format!("s3://{bucket}/bench");
+    let bucket = S3Repo::start("bench");
+    // No local cache: every read of the restores below goes to the bucket.
     let s3 = |args: &[&str]| {
-        let out = env
-            .cmd(args)
-            .envs(server.env())
-            .env("BULWARK_REPO", &repo)
-            .arg("--no-cache")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let mut a = args.to_vec();
+        a.push("--no-cache");
+        bucket.ok(&env, &a)
     };
     s3(&["repo", "init"]);
     // Baseline: the same disk, booted from a local file.
@@ -327,7 +284,7 @@ fn live_restore_bench() {
     drop(vm);
 
     let name = testbed::unique_name("bw-livebench");
-    let _domains = Domains(vec![name.clone()]);
+    let _domains = Restored(vec![name.clone()]);
     let images = env.path("images");
     let t = Instant::now();
     let mut child = env
@@ -343,8 +300,8 @@ fn live_restore_bench() {
             "--wait",
             "--no-cache",
         ])
-        .envs(server.env())
-        .env("BULWARK_REPO", &repo)
+        .envs(bucket.server.env())
+        .env("BULWARK_REPO", &bucket.repo)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -23,18 +23,6 @@ fn virsh_ok(args: &[&str]) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Domains a test restored: destroyed and undefined at the end.
-struct Restored(Vec<String>);
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            virsh_ok(&["destroy", n]);
-            virsh_ok(&["undefine", n, "--nvram"]);
-        }
-    }
-}
-
 fn exists(name: &str) -> bool {
     virsh_ok(&["domuuid", name])
 }
@@ -273,24 +261,8 @@ fn refusals_and_a_damaged_chunk_leave_nothing_behind() {
 fn two_vms_from_s3_in_one_command() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
-    let server = testbed::s3::S3Server::start().unwrap();
-    let bucket = server.create_bucket().unwrap();
-    let repo = format!("s3://{bucket}/vms");
-    let s3 = |args: &[&str]| {
-        let out = env
-            .cmd(args)
-            .envs(server.env())
-            .env("BULWARK_REPO", &repo)
-            .env("BULWARK_CACHE_DIR", env.path("cache"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let bucket = S3Repo::start("vms");
+    let s3 = |args: &[&str]| bucket.ok(&env, args);
     s3(&["repo", "init"]);
     let mut snaps = Vec::new();
     let mut vms = Vec::new();

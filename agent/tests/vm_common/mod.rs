@@ -272,3 +272,53 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Domains a test made (restored, live-restored): destroyed and undefined
+/// at the end, quietly (some never got defined).
+pub struct Restored(pub Vec<String>);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            for args in [vec!["destroy", n], vec!["undefine", n, "--nvram"]] {
+                let _ = Command::new("virsh")
+                    .args(["-q", "-c", "qemu:///system"])
+                    .args(args)
+                    .output();
+            }
+        }
+    }
+}
+
+/// A repository in a fresh bucket of a test S3 server (s3s-fs).
+pub struct S3Repo {
+    pub server: testbed::s3::S3Server,
+    pub repo: String,
+}
+
+impl S3Repo {
+    pub fn start(prefix: &str) -> S3Repo {
+        let server = testbed::s3::S3Server::start().unwrap();
+        let bucket = server.create_bucket().unwrap();
+        let repo = format!("s3://{bucket}/{prefix}");
+        S3Repo { server, repo }
+    }
+
+    /// `bulwark ARGS` on this repository (its cache in the env's dir); its
+    /// stdout, failing the test if it fails.
+    pub fn ok(&self, env: &Env, args: &[&str]) -> String {
+        let out = env
+            .cmd(args)
+            .envs(self.server.env())
+            .env("BULWARK_REPO", &self.repo)
+            .env("BULWARK_CACHE_DIR", env.path("cache"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
