@@ -5,6 +5,10 @@
 //! socket = "/run/bulwark/agent.sock"      # control socket (CLI, hook)
 //! libvirt_uri = "qemu:///system"
 //! tick_seconds = 30                       # how often schedules are checked
+//! max_concurrent_backups = 2              # host-wide; one at a time per VM anyway
+//! schedule_spread = "10m"                 # per-host offset of calendar schedules
+//! target_check = "5m"                     # how often each repository is checked
+//! metrics_textfile = "/var/lib/prometheus/node-exporter/bulwark.prom"
 //!
 //! [repositories.main]
 //! path = "/srv/bulwark"                   # a directory or s3://BUCKET/PREFIX
@@ -18,6 +22,12 @@
 //! keep_hourly = 24                        # retention, applied by prune
 //! keep_daily = 7
 //! contacts = ["ops@example.com"]          # told when a backup fails
+//!
+//! [enforce]
+//! require_protection = true               # report (and mail) VMs with no policy
+//! default_policies = ["hourly"]           # given to VMs defined with none
+//! allowed_repositories = ["main"]         # policies may target only these
+//! contacts = ["ops@example.com"]          # told about unprotected VMs
 //! ```
 
 use std::collections::BTreeMap;
@@ -44,6 +54,39 @@ pub struct Config {
     /// Failure mail to the policies' contacts (none: failures are logged).
     #[serde(default)]
     pub smtp: Option<crate::mail::SmtpConfig>,
+    /// Backups running at once on this host (each VM has one at a time).
+    #[serde(default = "default_concurrent")]
+    pub max_concurrent_backups: usize,
+    /// Calendar schedules run up to this much later, by a stable per-host
+    /// offset, so a fleet sharing a schedule does not hit a bucket at once.
+    #[serde(default)]
+    pub schedule_spread: Option<String>,
+    /// How often each repository is checked for reachability.
+    #[serde(default)]
+    pub target_check: Option<String>,
+    /// Prometheus metrics, rewritten after each job (node exporter's
+    /// textfile collector reads it).
+    #[serde(default)]
+    pub metrics_textfile: Option<PathBuf>,
+    #[serde(default)]
+    pub enforce: Enforce,
+}
+
+/// What the operator requires of every VM on the host.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enforce {
+    /// Every domain must name at least one policy of this agent.
+    #[serde(default)]
+    pub require_protection: bool,
+    /// Policies given to a domain defined with none.
+    #[serde(default)]
+    pub default_policies: Vec<String>,
+    /// The repositories policies may target (absent: any).
+    pub allowed_repositories: Option<Vec<String>>,
+    /// Told about unprotected VMs (default: every policy's contacts).
+    #[serde(default)]
+    pub contacts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -109,6 +152,9 @@ fn default_uri() -> String {
 fn default_tick() -> u64 {
     30
 }
+fn default_concurrent() -> usize {
+    2
+}
 
 pub const DEFAULT_PATH: &str = "/etc/bulwark/agent.toml";
 
@@ -123,7 +169,76 @@ impl Config {
         Ok(c)
     }
 
+    /// Why a policy may not run here (`allowed_repositories`); `None` if it
+    /// may.
+    pub fn refusal(&self, policy: &str) -> Option<String> {
+        let p = self.policies.get(policy)?;
+        let allowed = self.enforce.allowed_repositories.as_ref()?;
+        (!allowed.contains(&p.repository)).then(|| {
+            format!(
+                "policy {policy} targets repository {:?}, which [enforce] allowed_repositories \
+                 does not allow (allowed: {})",
+                p.repository,
+                allowed.join(", ")
+            )
+        })
+    }
+
+    /// The policies that may run here, by name.
+    pub fn usable_policy(&self, policy: &str) -> bool {
+        self.policies.contains_key(policy) && self.refusal(policy).is_none()
+    }
+
+    /// The calendar offset of this host (`schedule_spread`).
+    pub fn spread(&self) -> Result<std::time::Duration> {
+        match &self.schedule_spread {
+            Some(s) => duration(s).context("schedule_spread"),
+            None => Ok(std::time::Duration::ZERO),
+        }
+    }
+
+    pub fn target_check(&self) -> Result<std::time::Duration> {
+        match &self.target_check {
+            Some(s) => duration(s).context("target_check"),
+            None => Ok(std::time::Duration::from_secs(300)),
+        }
+    }
+
+    /// Who hears about unprotected VMs.
+    pub fn enforce_contacts(&self) -> Vec<String> {
+        if !self.enforce.contacts.is_empty() {
+            return self.enforce.contacts.clone();
+        }
+        let mut all: Vec<String> = Vec::new();
+        for p in self.policies.values() {
+            for c in &p.contacts {
+                if !all.contains(c) {
+                    all.push(c.clone());
+                }
+            }
+        }
+        all
+    }
+
     fn validate(&self) -> Result<()> {
+        if self.max_concurrent_backups == 0 {
+            bail!("max_concurrent_backups must be at least 1");
+        }
+        self.spread()?;
+        self.target_check()?;
+        for p in &self.enforce.default_policies {
+            if !self.policies.contains_key(p) {
+                bail!("[enforce] default_policies: no policy {p:?} in [policies]");
+            }
+            if let Some(why) = self.refusal(p) {
+                bail!("[enforce] default_policies: {why}");
+            }
+        }
+        for r in self.enforce.allowed_repositories.iter().flatten() {
+            if !self.repositories.contains_key(r) {
+                bail!("[enforce] allowed_repositories: no repository {r:?} in [repositories]");
+            }
+        }
         for (name, p) in &self.policies {
             if !self.repositories.contains_key(&p.repository) {
                 bail!(
@@ -144,6 +259,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `30s`, `10m`, `2h`, `1d`.
+fn duration(s: &str) -> Result<std::time::Duration> {
+    humantime::parse_duration(s).map_err(|e| anyhow::anyhow!("{s:?}: {e}"))
 }
 
 /// A policy's or GC's schedule: a calendar event in the systemd/PBS syntax

@@ -1,18 +1,13 @@
 //! `bulwark`: the command line (and, later, the agent daemon).
 //! Thin: parse arguments, open the repository, call the store, print.
 
-// The daemon's scheduler and `agent schedule` use the calendar; the spread
-// and silence helpers wait for the rest of the agent's operations.
-#[allow(dead_code)]
 mod calendar;
 mod cmd;
 mod config;
 mod daemon;
 mod libvirt;
 mod live;
-// Failure email (the daemon sends failure and recovery mail; the silence
-// check waits for the rest of the agent's operations).
-#[allow(dead_code, unused_imports)]
+mod logging;
 mod mail;
 mod progress;
 mod secret;

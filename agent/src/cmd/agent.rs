@@ -15,8 +15,11 @@ pub enum AgentCmd {
         #[arg(long, env = "BULWARK_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
-    /// Ask a running agent what it did last.
+    /// Every domain on the host: its policies, last result, next run, last
+    /// snapshot, and anything wrong; the repositories' checks.
     Status {
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         sock: Sock,
     },
@@ -60,14 +63,20 @@ pub fn run(c: AgentCmd) -> Result<i32> {
             crate::daemon::run(Config::load(&config)?)?;
             Ok(0)
         }
-        AgentCmd::Status { sock } => {
+        AgentCmd::Status { json, sock } => {
             let v = crate::daemon::request(
                 &sock.path()?,
                 &json!({"op": "status"}),
-                Duration::from_secs(10),
+                Duration::from_secs(30),
             )?;
-            println!("{v}");
-            Ok(0)
+            if json {
+                println!("{v}");
+            } else {
+                print_status(&v);
+            }
+            // Scripts and monitoring may key on the exit code too.
+            let wrong = v["problems"].as_array().is_some_and(|p| !p.is_empty());
+            Ok(if wrong { 1 } else { 0 })
         }
         AgentCmd::Backup {
             domain,
@@ -85,6 +94,72 @@ pub fn run(c: AgentCmd) -> Result<i32> {
             }
             println!("{}", v["report"]);
             Ok(0)
+        }
+    }
+}
+
+/// `agent status` for a person: a line per (domain, policy), then what is
+/// wrong, then the repositories.
+fn print_status(v: &serde_json::Value) {
+    let t = |x: &serde_json::Value| {
+        x.as_u64()
+            .and_then(|s| chrono::DateTime::from_timestamp(s as i64, 0))
+            .map(|d| {
+                d.with_timezone(&chrono::Local)
+                    .format("%Y-%m-%d %H:%M")
+                    .to_string()
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
+    println!(
+        "agent {} on {}: {} domains, backing up: {}",
+        s(&v["version"]),
+        s(&v["host"]),
+        v["domains"].as_array().map_or(0, |d| d.len()),
+        match v["running"].as_array() {
+            Some(r) if !r.is_empty() => r.iter().map(s).collect::<Vec<_>>().join(", "),
+            _ => "nothing".into(),
+        }
+    );
+    println!(
+        "{:<24} {:<9} {:<12} {:<16} {:<7} {:<16} SNAPSHOT",
+        "DOMAIN", "STATE", "POLICY", "LAST RUN", "RESULT", "NEXT RUN"
+    );
+    for d in v["domains"].as_array().into_iter().flatten() {
+        let policies = d["policies"].as_array().cloned().unwrap_or_default();
+        if policies.is_empty() {
+            println!("{:<24} {:<9} {:<12}", s(&d["name"]), s(&d["state"]), "-");
+        }
+        for p in policies {
+            let snap = s(&p["last_snapshot"]);
+            println!(
+                "{:<24} {:<9} {:<12} {:<16} {:<7} {:<16} {}",
+                s(&d["name"]),
+                s(&d["state"]),
+                s(&p["name"]),
+                t(&p["last_run"]),
+                if p["usable"] == false { "refused".into() } else { s(&p["last_result"]) },
+                t(&p["next_run"]),
+                &snap[..snap.len().min(12)],
+            );
+        }
+    }
+    let problems = v["problems"].as_array().cloned().unwrap_or_default();
+    if !problems.is_empty() {
+        println!("\nproblems:");
+        for p in problems {
+            let what = p["domain"].as_str().or(p["repository"].as_str()).unwrap_or("");
+            println!("  {what}: {}", s(&p["problem"]));
+        }
+    }
+    if let Some(targets) = v["targets"].as_object().filter(|t| !t.is_empty()) {
+        println!("\nrepositories:");
+        for (name, tg) in targets {
+            let state = if tg["ok"] == true { "usable".to_string() } else {
+                format!("NOT usable ({}): {}", s(&tg["kind"]), s(&tg["error"]))
+            };
+            println!("  {name}: {state} (checked {})", t(&tg["checked"]));
         }
     }
 }

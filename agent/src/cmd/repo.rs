@@ -157,6 +157,15 @@ fn check_target(g: &Global, json: bool) -> Result<i32> {
     }
 }
 
+/// `check-target` without output: the kind of failure (`unreachable`,
+/// `credentials`, `no_bucket`, `no_repository`, `wrong_key`, ...) and its
+/// message. The agent checks its repositories with it.
+pub(crate) fn check(g: &Global) -> std::result::Result<(), (&'static str, String)> {
+    let mut steps = Vec::new();
+    let mut info = serde_json::json!({});
+    check_steps(g, &mut steps, &mut info).map_err(|f| (f.kind, f.message))
+}
+
 fn check_steps(
     g: &Global,
     steps: &mut Vec<(&'static str, String)>,

@@ -93,6 +93,11 @@ pub struct ProtectArgs {
     pub add: bool,
     #[arg(long, env = "BULWARK_LIBVIRT_URI", default_value = "qemu:///system")]
     pub connect: String,
+    /// The agent's config: each policy must be defined there and target a
+    /// repository `[enforce] allowed_repositories` allows (skipped if the
+    /// file does not exist: a host with no agent).
+    #[arg(long, env = "BULWARK_CONFIG", default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -105,6 +110,7 @@ pub struct UnprotectArgs {
 /// `bulwark protect`: names policies in the domain's XML (persistent, and
 /// live if it runs), in Bulwark's metadata namespace.
 pub fn protect(a: ProtectArgs) -> Result<i32> {
+    check_policies(&a.config, &a.policies)?;
     let dom = Libvirt::open(&a.connect)?.domain(&a.domain)?;
     let running = dom.state()? == State::Active;
     let mut policies = if a.add {
@@ -121,6 +127,33 @@ pub fn protect(a: ProtectArgs) -> Result<i32> {
     dom.set_metadata(Some(&xml), running)?;
     println!("{}: protected by {}", a.domain, policies.join(", "));
     Ok(0)
+}
+
+/// Refuses policies the agent would not run: unknown, or targeting a
+/// repository the host does not allow.
+fn check_policies(config: &std::path::Path, policies: &[String]) -> Result<()> {
+    if !config.exists() {
+        eprintln!(
+            "note: {} does not exist: policy names not checked",
+            config.display()
+        );
+        return Ok(());
+    }
+    let cfg = crate::config::Config::load(config)?;
+    for p in policies {
+        if !cfg.policies.contains_key(p) {
+            let known: Vec<&String> = cfg.policies.keys().collect();
+            anyhow::bail!(
+                "no policy {p:?} in {} (defined: {})",
+                config.display(),
+                known.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        if let Some(why) = cfg.refusal(p) {
+            anyhow::bail!("{why} ({})", config.display());
+        }
+    }
+    Ok(())
 }
 
 pub fn unprotect(a: UnprotectArgs) -> Result<i32> {

@@ -1,6 +1,9 @@
 //! The work the agent does: a backup of one (domain, policy) followed by
-//! the prune of its group, and a GC of one repository. One backup and one
-//! GC at a time; each records its result in the schedule.
+//! the prune of its group, and a GC of one repository. Each records its
+//! result in the schedule and tells the contacts when it starts failing or
+//! recovers (with the job's last log lines).
+
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
@@ -8,12 +11,15 @@ use super::scheduler::{now, GcRun, Run};
 use super::Agent;
 use crate::config::{self, PolicyConf, RepoConf};
 use crate::libvirt::Libvirt;
+use crate::logging::Capture;
+use crate::mail::Task;
 use crate::vm::backup::{self, Options};
 use crate::vm::domain;
 
 impl Agent {
     /// Backs up `dom` by `policy` (by default the first of its policies this
-    /// agent knows), then prunes its group.
+    /// agent may run), then prunes its group. Waits for the VM's and the
+    /// host's turn.
     pub(super) fn backup(
         &self,
         dom: &str,
@@ -31,8 +37,8 @@ impl Agent {
                 let info = domain::parse(&libvirt.domain(dom)?.xml(true)?)?;
                 info.policies
                     .into_iter()
-                    .find(|p| self.cfg.policies.contains_key(p))
-                    .with_context(|| format!("{dom} names no policy of this agent"))?
+                    .find(|p| self.cfg.usable_policy(p))
+                    .with_context(|| format!("{dom} names no policy this agent may run"))?
             }
         };
         let pol = self
@@ -40,105 +46,94 @@ impl Agent {
             .policies
             .get(&policy_name)
             .with_context(|| format!("no policy {policy_name}"))?;
+        if let Some(why) = self.cfg.refusal(&policy_name) {
+            bail!("{why}");
+        }
         let rc = self
             .cfg
             .repositories
             .get(&pol.repository)
             .with_context(|| format!("no repository {}", pol.repository))?;
-        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let _slot = self.slots.acquire(dom);
+        let log = Capture::begin();
+        let started = Instant::now();
         // An unreachable repository is a failed backup like any other:
         // recorded, and mailed.
-        let repo = open_repo(rc);
-        let r = repo
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("{e:#}"))
-            .and_then(|repo| {
-                backup::backup(
-                    repo,
-                    &Options {
-                        domain: dom.to_string(),
-                        full,
-                        policy: Some(policy_name.clone()),
-                        threads: 0,
-                        state: self.state.clone(),
-                        libvirt,
-                    },
-                )
-            });
-        let run = match (&r, &repo) {
-            (Ok(rep), Ok(repo)) => {
-                let (pruned, prune_error) = match prune(repo, dom, &policy_name, pol) {
-                    Ok(n) => (n, None),
-                    Err(e) => {
-                        tracing::error!(
-                            "prune of {dom} ({policy_name}) failed: {e:#}; contacts: {}",
-                            pol.contacts.join(", ")
-                        );
-                        (None, Some(format!("{e:#}")))
+        let r = open_repo(rc).and_then(|repo| {
+            let rep = backup::backup(
+                &repo,
+                &Options {
+                    domain: dom.to_string(),
+                    full,
+                    policy: Some(policy_name.clone()),
+                    threads: 0,
+                    state: self.state.clone(),
+                    libvirt,
+                },
+            )?;
+            Ok((repo, rep))
+        });
+        let key = format!("{dom}/{policy_name}");
+        let prev = self.schedule_run(&key);
+        let mut run = Run {
+            at: now(),
+            ok: r.is_ok(),
+            seconds: started.elapsed().as_secs_f64(),
+            last_ok: prev.as_ref().and_then(|p| p.last_ok),
+            last_snapshot: prev.as_ref().and_then(|p| p.last_snapshot.clone()),
+            failing_since: prev.as_ref().and_then(|p| p.failing_since),
+            ..Run::default()
+        };
+        // What the contacts hear: the backup's error, else the prune's.
+        let failure = match &r {
+            Ok((repo, rep)) => {
+                run.snapshot = Some(rep.snapshot.clone());
+                run.mode = Some(rep.mode.to_string());
+                run.bytes_read = rep.bytes_read;
+                run.bytes_stored = rep.bytes_stored;
+                run.last_ok = Some(run.at);
+                run.last_snapshot = Some(rep.snapshot.clone());
+                match prune(repo, dom, &policy_name, pol) {
+                    Ok(n) => {
+                        run.pruned = n;
+                        None
                     }
-                };
-                Run {
-                    at: now(),
-                    ok: true,
-                    snapshot: Some(rep.snapshot.clone()),
-                    error: None,
-                    mode: Some(rep.mode.to_string()),
-                    pruned,
-                    prune_error,
+                    Err(e) => {
+                        tracing::error!("prune of {dom} ({policy_name}) failed: {e:#}");
+                        run.prune_error = Some(format!("{e:#}"));
+                        Some(format!("the backup succeeded, but the prune after it failed: {e:#}"))
+                    }
                 }
             }
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(
-                    "backup of {dom} ({policy_name}) failed: {e:#}; contacts: {}",
-                    pol.contacts.join(", ")
-                );
-                Run {
-                    at: now(),
-                    ok: false,
-                    snapshot: None,
-                    error: Some(format!("{e:#}")),
-                    mode: None,
-                    pruned: None,
-                    prune_error: None,
-                }
+            Err(e) => {
+                tracing::error!("backup of {dom} ({policy_name}) failed: {e:#}");
+                run.error = Some(format!("{e:#}"));
+                Some(format!("{e:#}"))
             }
+        };
+        run.failing_since = match failure {
+            Some(_) => run.failing_since.or(Some(run.at)),
+            None => None,
         };
         self.record(|s| {
-            s.runs.insert(format!("{dom}/{policy_name}"), run);
+            s.runs.insert(key, run);
         })?;
-        self.alert(dom, &policy_name, pol, r.as_ref().err());
-        r
-    }
-
-    /// Tells the policy's contacts: one mail per failure streak, one on
-    /// recovery (the streak rule lives in `mail::Notifier`). Never fails
-    /// the backup: a mail that cannot be queued is logged.
-    fn alert(&self, dom: &str, policy: &str, pol: &PolicyConf, err: Option<&anyhow::Error>) {
-        let Some((alerts, sender)) = &self.alerts else {
-            return;
-        };
         let job = crate::mail::Job {
+            task: Task::Backup,
             vm: dom,
-            policy,
+            policy: &policy_name,
             repository: &pol.repository,
             contacts: &pol.contacts,
         };
-        let now = chrono::Utc::now();
-        let mut a = alerts.lock().unwrap_or_else(|e| e.into_inner());
-        let queued = match err {
-            Some(e) => a.failure(&job, &format!("{e:#}"), &[], now),
-            None => a.success(&job, now),
-        };
-        match queued {
-            Ok(true) => sender.wake(),
-            Ok(false) => {}
-            Err(e) => tracing::error!("mail about {dom} ({policy}) not queued: {e}"),
-        }
+        self.alert(&job, failure.as_deref(), &log.lines());
+        r.map(|(_, rep)| rep)
     }
 
-    /// One GC of repository `name`, recorded.
+    /// One GC of repository `name`, recorded; its failure mails the
+    /// contacts of every policy that targets the repository.
     pub(super) fn gc(&self, name: &str, rc: &RepoConf) {
         let _gc = self.gc_busy.lock().unwrap_or_else(|p| p.into_inner());
+        let log = Capture::begin();
         let r = rc.gc_grace().and_then(|grace| {
             let repo = open_repo(rc)?;
             let opts = store::gc::GcOptions {
@@ -147,7 +142,7 @@ impl Agent {
             };
             Ok(store::gc::run(&repo, &opts, &|_| {})?)
         });
-        let run = match r {
+        let run = match &r {
             Ok(rep) => {
                 tracing::info!(
                     "gc of {name}: deleted {} packs ({} B), condemned {}",
@@ -181,18 +176,40 @@ impl Agent {
         }) {
             tracing::warn!("recording gc of {name}: {e:#}");
         }
+        let mut contacts: Vec<String> = Vec::new();
+        for p in self.cfg.policies.values().filter(|p| p.repository == name) {
+            for c in &p.contacts {
+                if !contacts.contains(c) {
+                    contacts.push(c.clone());
+                }
+            }
+        }
+        let job = crate::mail::Job {
+            task: Task::Gc,
+            vm: "",
+            policy: &format!("gc:{name}"),
+            repository: name,
+            contacts: &contacts,
+        };
+        let err = r.as_ref().err().map(|e| format!("{e:#}"));
+        self.alert(&job, err.as_deref(), &log.lines());
     }
 }
 
-fn open_repo(rc: &config::RepoConf) -> Result<store::Repository> {
-    let g = crate::Global {
+/// The CLI's view of a configured repository, for the code paths the CLI
+/// and the agent share (opening, `check-target`).
+pub(super) fn global(rc: &config::RepoConf) -> crate::Global {
+    crate::Global {
         repo: Some(rc.path.clone()),
         password_file: rc.password_file.clone(),
         key_file: rc.key_file.clone(),
         verbose: 0,
         backend: Default::default(),
-    };
-    crate::secret::open(&g)
+    }
+}
+
+fn open_repo(rc: &config::RepoConf) -> Result<store::Repository> {
+    crate::secret::open(&global(rc))
 }
 
 /// Prunes the (domain, policy) group by the policy's numbers; `None` when

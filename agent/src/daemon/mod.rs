@@ -3,30 +3,41 @@
 //!
 //! Threads, each in its own module: [`control`] (the socket protocol),
 //! [`scheduler`] (what is due, and the record of last runs), [`watch`]
-//! (libvirt events: which domains are protected, their bitmaps, their
-//! records), the work itself in [`jobs`] (backup + prune, GC), and the
-//! supervision of live restores in [`live`]. A
-//! failed backup is logged with the policy's contacts (mail delivery is
-//! not implemented yet) and retried when next due.
+//! (libvirt events: every domain and its policies, bitmaps, records),
+//! [`targets`] (is each repository usable), the work itself in [`jobs`]
+//! (backup + prune, GC; [`slots`] says when one may start), and the
+//! supervision of live restores in [`live`]. What an operator sees is in
+//! [`status`] and [`metrics`]; what the host requires, in [`enforce`].
+//! A failed job is logged, recorded, mailed once per streak (`mail`), and
+//! retried when next due.
 
 mod control;
+mod enforce;
 mod jobs;
 mod live;
+mod metrics;
 mod scheduler;
+mod slots;
+mod status;
+mod targets;
 mod watch;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub use control::request;
 
 use crate::config::Config;
-use crate::mail::{Alerts, SenderThread, SmtpSender};
+use crate::config::PolicyConf;
+use crate::mail::{Alerts, Job, SenderThread, SmtpSender, Task};
 use crate::vm::state::StateDir;
 use scheduler::Schedule;
+use slots::Slots;
+use targets::Target;
 use watch::Inventory;
 
 struct Agent {
@@ -35,8 +46,12 @@ struct Agent {
     inventory: Inventory,
     /// Connections to libvirtd so far (each followed by a full rescan).
     connections: AtomicU64,
-    /// One backup at a time.
-    busy: Mutex<()>,
+    /// One backup per VM, `max_concurrent_backups` per host.
+    slots: Slots,
+    /// Unprotected domains already logged (`[enforce]`).
+    unprotected: Mutex<std::collections::BTreeSet<String>>,
+    /// The last reachability check of each repository.
+    targets: Mutex<BTreeMap<String, Target>>,
     /// One GC at a time (the repository's GC lock covers other hosts).
     gc_busy: Mutex<()>,
     schedule: Mutex<Schedule>,
@@ -59,12 +74,19 @@ pub fn run(cfg: Config) -> Result<()> {
     };
     // Before any connection opens: keepalive and events need the loop.
     crate::libvirt::events::start_event_loop();
+    for (name, _) in cfg.policies.iter().filter(|(n, _)| !cfg.usable_policy(n)) {
+        if let Some(why) = cfg.refusal(name) {
+            tracing::error!("{why}: refused");
+        }
+    }
     let agent = Arc::new(Agent {
+        slots: Slots::new(cfg.max_concurrent_backups),
         cfg,
         state,
         inventory: Inventory::default(),
         connections: AtomicU64::new(0),
-        busy: Mutex::new(()),
+        targets: Mutex::new(BTreeMap::new()),
+        unprotected: Mutex::new(Default::default()),
         gc_busy: Mutex::new(()),
         schedule: Mutex::new(schedule),
         live: Mutex::new(Default::default()),
@@ -80,6 +102,8 @@ pub fn run(cfg: Config) -> Result<()> {
     std::thread::spawn(move || watch::run(&a));
     let a = agent.clone();
     std::thread::spawn(move || scheduler::run(&a));
+    let a = agent.clone();
+    std::thread::spawn(move || targets::run(&a));
     control::serve(agent, listener);
     Ok(())
 }
@@ -115,17 +139,63 @@ pub(crate) fn hostname() -> String {
 }
 
 impl Agent {
-    fn status(&self) -> Value {
-        let sched = self
-            .schedule
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        json!({"ok": true, "policies": self.cfg.policies.keys().collect::<Vec<_>>(),
-               "protected": self.inventory.protected().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-               "libvirt_connections": self.connections.load(Ordering::Relaxed),
-               "runs": sched.runs, "gcs": sched.gcs,
-               "busy": self.busy.try_lock().is_err()})
+    /// `(domain, policies)` of every domain with a policy this agent may
+    /// run, those policies only.
+    fn protected(&self) -> Vec<(String, Vec<String>)> {
+        self.inventory
+            .all()
+            .into_iter()
+            .filter_map(|(d, ps)| {
+                let ps: Vec<String> = ps
+                    .into_iter()
+                    .filter(|p| self.cfg.usable_policy(p))
+                    .collect();
+                (!ps.is_empty()).then_some((d, ps))
+            })
+            .collect()
+    }
+
+    /// Tells a job's contacts: one mail per failure streak, one on
+    /// recovery (the streak rule lives in `mail::Notifier`). Never fails
+    /// the job: a mail that cannot be queued is logged.
+    fn alert(&self, job: &Job<'_>, failure: Option<&str>, log: &[String]) {
+        let Some((alerts, sender)) = &self.alerts else {
+            return;
+        };
+        let now = chrono::Utc::now();
+        let mut a = alerts.lock().unwrap_or_else(|e| e.into_inner());
+        let queued = match failure {
+            Some(e) => a.failure(job, e, log, now),
+            None => a.success(job, now),
+        };
+        match queued {
+            Ok(true) => sender.wake(),
+            Ok(false) => {}
+            Err(e) => tracing::error!("mail about {} ({}) not queued: {e}", job.vm, job.policy),
+        }
+    }
+
+    /// A silent (domain, policy): one mail until its next success.
+    fn alert_silence(&self, dom: &str, policy: &str, pol: &PolicyConf, period: std::time::Duration) {
+        let Some((alerts, sender)) = &self.alerts else {
+            return;
+        };
+        let job = Job {
+            task: Task::Backup,
+            vm: dom,
+            policy,
+            repository: &pol.repository,
+            contacts: &pol.contacts,
+        };
+        let mut a = alerts.lock().unwrap_or_else(|e| e.into_inner());
+        match a.check_silence(&job, period, chrono::Utc::now()) {
+            Ok(true) => {
+                tracing::warn!("{dom} ({policy}): no successful backup for twice its period");
+                sender.wake()
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!("mail about {dom} ({policy}) not queued: {e}"),
+        }
     }
 
     /// A `bulwark-hook` event, into the domain's record.

@@ -4,9 +4,13 @@
 //! start, like a `Persistent=true` timer; a (domain, policy) that never ran
 //! runs at once, so a new VM is protected from the start. The record of last
 //! runs (`schedule.json` in the state dir) survives restarts.
+//!
+//! Each due job runs on a thread of its own, so a long backup delays no
+//! other VM's; `Slots` keeps one backup per VM and the host-wide limit.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
@@ -23,7 +27,7 @@ pub(super) struct Schedule {
     pub gcs: BTreeMap<String, GcRun>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(super) struct Run {
     /// Unix seconds of the last attempt.
     pub at: u64,
@@ -39,6 +43,21 @@ pub(super) struct Run {
     pub pruned: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prune_error: Option<String>,
+    /// How long the backup took, what it read and stored.
+    #[serde(default)]
+    pub seconds: f64,
+    #[serde(default)]
+    pub bytes_read: u64,
+    #[serde(default)]
+    pub bytes_stored: u64,
+    /// The last successful run and its snapshot, kept across failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ok: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_snapshot: Option<String>,
+    /// Set while failing: the first failed run of the streak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,17 +77,16 @@ pub(super) fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Whether a run is due: never run, or the schedule's next time after the
-/// last run has come (however long ago: a missed run runs once).
+/// When a job runs next: at once if it never ran, else the schedule's next
+/// time after the last run (in the past for a missed run: it runs once).
+pub(super) fn next_run(sched: &crate::calendar::Schedule, last: Option<u64>) -> Option<u64> {
+    let Some(last) = last else { return Some(now()) };
+    let last = chrono::DateTime::from_timestamp(last as i64, 0)?.with_timezone(&chrono::Local);
+    sched.next_after(&last).map(|t| t.timestamp().max(0) as u64)
+}
+
 fn due(sched: &crate::calendar::Schedule, last: Option<u64>) -> bool {
-    let Some(last) = last else { return true };
-    let Some(last) = chrono::DateTime::from_timestamp(last as i64, 0) else {
-        return true;
-    };
-    let last = last.with_timezone(&chrono::Local);
-    sched
-        .next_after(&last)
-        .is_some_and(|next| next.timestamp() as u64 <= now())
+    next_run(sched, last).is_some_and(|next| next <= now())
 }
 
 impl Schedule {
@@ -83,10 +101,12 @@ impl Schedule {
 }
 
 /// Checks the schedules every `tick_seconds`, for as long as the process runs.
-pub(super) fn run(agent: &Agent) {
+pub(super) fn run(agent: &Arc<Agent>) {
     loop {
         agent.backups_due();
         agent.gc_due();
+        agent.check_silence();
+        agent.enforce_protection();
         std::thread::sleep(Duration::from_secs(agent.cfg.tick_seconds.max(1)));
     }
 }
@@ -102,10 +122,25 @@ impl Agent {
         if std::fs::write(&tmp, serde_json::to_vec_pretty(&*sched)?).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }
+        drop(sched);
+        self.write_metrics();
         Ok(())
     }
 
-    fn last_run(&self, key: &str) -> Option<u64> {
+    /// A policy's schedule on this host (shifted by `schedule_spread`).
+    pub(super) fn schedule_of(&self, expr: &str) -> Option<crate::calendar::Schedule> {
+        // Refused when the config was loaded, so never `None` in practice.
+        let sched = config::schedule(expr).ok()?;
+        let spread = self.cfg.spread().ok()?;
+        Some(sched.with_spread(&super::hostname(), spread))
+    }
+
+    pub(super) fn schedule_run(&self, key: &str) -> Option<Run> {
+        let s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+        s.runs.get(key).cloned()
+    }
+
+    pub(super) fn last_run(&self, key: &str) -> Option<u64> {
         let s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
         s.runs.get(key).map(|r| r.at)
     }
@@ -115,40 +150,68 @@ impl Agent {
         s.gcs.get(repo).map(|r| r.at)
     }
 
-    /// Backs up every protected (domain, policy) that is due. The domains
-    /// come from the inventory the libvirt events keep.
-    fn backups_due(&self) {
-        for (dom, policies) in self.inventory.protected() {
+    /// Starts a backup of every protected (domain, policy) that is due and
+    /// not queued yet. The domains come from the inventory the libvirt
+    /// events keep.
+    fn backups_due(self: &Arc<Self>) {
+        for (dom, policies) in self.protected() {
             for p in policies {
-                let Some(pol) = self.cfg.policies.get(&p) else {
+                let Some(sched) = self.cfg.policies.get(&p).and_then(|pol| self.schedule_of(&pol.schedule)) else {
                     continue;
                 };
-                let Ok(sched) = config::schedule(&pol.schedule) else {
-                    continue; // refused when the config was loaded
-                };
-                if !due(&sched, self.last_run(&format!("{dom}/{p}"))) {
+                let key = format!("{dom}/{p}");
+                if !due(&sched, self.last_run(&key)) || self.slots.queued().contains(&key) {
                     continue;
                 }
-                tracing::info!("scheduled backup of {dom} ({p})");
-                // The result is recorded (and logged) by the job itself.
-                let _ = self.backup(&dom, Some(&p), false);
+                let (agent, dom) = (self.clone(), dom.clone());
+                std::thread::spawn(move || {
+                    let Some(_queued) = agent.slots.enqueue(&key) else {
+                        return;
+                    };
+                    tracing::info!("scheduled backup of {dom} ({p})");
+                    // The result is recorded, logged and mailed by the job.
+                    let _ = agent.backup(&dom, Some(&p), false);
+                });
             }
         }
     }
 
-    /// Runs GC on every repository whose `gc_schedule` is due.
-    fn gc_due(&self) {
+    /// Starts GC on every repository whose `gc_schedule` is due.
+    fn gc_due(self: &Arc<Self>) {
         for (name, rc) in &self.cfg.repositories {
-            let Some(every) = rc.gc_schedule.as_deref() else {
+            let Some(sched) = rc.gc_schedule.as_deref().and_then(|s| config::schedule(s).ok())
+            else {
                 continue;
             };
-            let Ok(sched) = config::schedule(every) else {
-                continue; // refused when the config was loaded
-            };
-            if !due(&sched, self.last_gc(name)) {
+            let key = format!("gc/{name}");
+            if !due(&sched, self.last_gc(name)) || self.slots.queued().contains(&key) {
                 continue;
             }
-            self.gc(name, rc);
+            let (agent, name, rc) = (self.clone(), name.clone(), rc.clone());
+            std::thread::spawn(move || {
+                if let Some(_queued) = agent.slots.enqueue(&key) {
+                    agent.gc(&name, &rc);
+                }
+            });
+        }
+    }
+
+    /// Silence is a failure too: a protected (domain, policy) with no
+    /// success for twice its schedule's period mails its contacts.
+    fn check_silence(&self) {
+        for (dom, policies) in self.protected() {
+            for p in policies {
+                let Some(pol) = self.cfg.policies.get(&p) else {
+                    continue;
+                };
+                let Some(period) = self
+                    .schedule_of(&pol.schedule)
+                    .and_then(|s| s.period(&chrono::Local::now()))
+                else {
+                    continue;
+                };
+                self.alert_silence(&dom, &p, pol, period);
+            }
         }
     }
 }

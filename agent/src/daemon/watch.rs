@@ -18,26 +18,29 @@ use crate::vm::chain::HOOK_BITMAP;
 use crate::vm::domain::{self, DomainInfo};
 use crate::vm::{qemu, CHECKPOINT_PREFIX};
 
-/// Protected domains by name: their policies.
+/// Every domain on the host by name: the policies its XML names (none:
+/// unprotected). Whether this agent may run them is the config's call.
 #[derive(Default)]
 pub(super) struct Inventory {
     domains: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 impl Inventory {
-    /// `(domain, policies)` of every protected domain.
-    pub fn protected(&self) -> Vec<(String, Vec<String>)> {
-        let d = self.domains.lock().unwrap_or_else(|e| e.into_inner());
-        d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    pub fn all(&self) -> BTreeMap<String, Vec<String>> {
+        self.domains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn set(&self, name: &str, policies: Vec<String>) {
         let mut d = self.domains.lock().unwrap_or_else(|e| e.into_inner());
-        if policies.is_empty() {
-            d.remove(name);
-        } else {
-            d.insert(name.to_string(), policies);
-        }
+        d.insert(name.to_string(), policies);
+    }
+
+    fn remove(&self, name: &str) {
+        let mut d = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+        d.remove(name);
     }
 
     fn retain(&self, names: &[String]) {
@@ -71,12 +74,16 @@ impl Agent {
                 uuid,
                 change,
             } => match change {
+                Lifecycle::Added => {
+                    self.apply_default_policies(domain)?;
+                    self.refresh(domain)
+                }
                 Lifecycle::Defined | Lifecycle::Started => {
                     self.note(uuid, domain, change, false)?;
                     self.refresh(domain)
                 }
                 Lifecycle::Undefined => {
-                    self.inventory.set(domain, Vec::new());
+                    self.inventory.remove(domain);
                     if let Some(to) = self.state.archive(uuid)? {
                         tracing::info!("{domain} undefined: its record is in {}", to.display());
                     }
@@ -105,7 +112,7 @@ impl Agent {
         if uuid.is_empty() || uuid.contains('/') {
             return Ok(());
         }
-        if !unclean && self.inventory.protected().iter().all(|(n, _)| n != domain) {
+        if !unclean && self.protected().iter().all(|(n, _)| n != domain) {
             return Ok(());
         }
         let _lock = self.state.lock(uuid)?;
@@ -130,7 +137,7 @@ impl Agent {
         tracing::info!(
             "{} domains, {} protected",
             names.len(),
-            self.inventory.protected().len()
+            self.protected().len()
         );
         Ok(())
     }
@@ -140,7 +147,7 @@ impl Agent {
         match lv.find_domain(name)? {
             Some(d) => self.refresh_domain(&d),
             None => {
-                self.inventory.set(name, Vec::new());
+                self.inventory.remove(name);
                 Ok(())
             }
         }
@@ -150,17 +157,40 @@ impl Agent {
     /// protected, puts its bitmaps in place.
     fn refresh_domain(&self, dom: &Domain) -> Result<()> {
         let info = domain::parse(&dom.xml(true)?)?;
-        let policies: Vec<String> = info
-            .policies
-            .iter()
-            .filter(|p| self.cfg.policies.contains_key(*p))
-            .cloned()
-            .collect();
-        let protected = !policies.is_empty();
-        self.inventory.set(dom.name(), policies);
+        for p in &info.policies {
+            if let Some(why) = self.cfg.refusal(p) {
+                tracing::warn!("{}: {why}: not run", info.name);
+            }
+        }
+        let protected = info.policies.iter().any(|p| self.cfg.usable_policy(p));
+        self.inventory.set(dom.name(), info.policies.clone());
         if protected {
             self.ensure_bitmaps(dom, &info)?;
         }
+        Ok(())
+    }
+
+    /// `[enforce] default_policies`: a new domain that names no policy gets
+    /// them in its metadata (persistent, and live if it runs), as `bulwark
+    /// protect` would. Only at definition: an operator who unprotects a VM
+    /// later is not overruled.
+    fn apply_default_policies(&self, name: &str) -> Result<()> {
+        let defaults = &self.cfg.enforce.default_policies;
+        if defaults.is_empty() {
+            return Ok(());
+        }
+        let lv = Libvirt::open(&self.cfg.libvirt_uri)?;
+        let Some(dom) = lv.find_domain(name)? else {
+            return Ok(());
+        };
+        let info = domain::parse(&dom.xml(true)?)?;
+        if !info.policies.is_empty() {
+            return Ok(());
+        }
+        let running = dom.state()? == State::Active;
+        dom.set_metadata(Some(&domain::policies_set_xml(defaults)), running)
+            .with_context(|| format!("giving {name} the default policies"))?;
+        tracing::info!("{name}: new VM protected by {}", defaults.join(", "));
         Ok(())
     }
 

@@ -37,7 +37,9 @@ pub enum Event {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lifecycle {
-    /// Defined, or its definition updated.
+    /// A new domain was defined.
+    Added,
+    /// Its definition was updated (or renamed, or restored from a snapshot).
     Defined,
     Undefined,
     Started,
@@ -294,6 +296,7 @@ unsafe extern "C" fn on_lifecycle(
     opaque: *mut c_void,
 ) -> c_int {
     let change = match (event as u32, detail as u32) {
+        (sys::VIR_DOMAIN_EVENT_DEFINED, sys::VIR_DOMAIN_EVENT_DEFINED_ADDED) => Lifecycle::Added,
         (sys::VIR_DOMAIN_EVENT_DEFINED, _) => Lifecycle::Defined,
         (sys::VIR_DOMAIN_EVENT_UNDEFINED, _) => Lifecycle::Undefined,
         (sys::VIR_DOMAIN_EVENT_STARTED, _) => Lifecycle::Started,

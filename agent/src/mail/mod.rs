@@ -22,7 +22,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use notify::{Job, JobState, Notifier, NotifierState};
+// The whole API: tests/mail.rs compiles this directory on its own.
+#[allow(unused_imports)]
+pub use notify::{Job, JobState, Notifier, NotifierState, Task};
+#[allow(unused_imports)]
 pub use outbox::{backoff, Drained, Outbox, Queued, SenderThread, Transport};
 pub use smtp::SmtpSender;
 
@@ -159,8 +162,9 @@ impl Alerts {
         log: &[String],
         at: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool, Error> {
+        let before = self.notifier.state().clone();
         let mail = self.notifier.failure(job, error, log, at);
-        self.commit(mail)
+        self.commit(mail, &before)
     }
 
     /// A successful backup; true if a recovery mail was queued.
@@ -169,8 +173,9 @@ impl Alerts {
         job: &Job<'_>,
         at: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool, Error> {
+        let before = self.notifier.state().clone();
         let mail = self.notifier.success(job, at);
-        self.commit(mail)
+        self.commit(mail, &before)
     }
 
     /// Checks one (vm, policy) for silence; true if a mail was queued.
@@ -180,17 +185,21 @@ impl Alerts {
         period: std::time::Duration,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool, Error> {
+        let before = self.notifier.state().clone();
         let mail = self.notifier.check_silence(job, period, now);
-        self.commit(mail)
+        self.commit(mail, &before)
     }
 
     /// Mail first, then state: a crash in between repeats a mail rather
-    /// than losing one.
-    fn commit(&mut self, mail: Option<Mail>) -> Result<bool, Error> {
+    /// than losing one. An unchanged state is not written again (the
+    /// silence check runs every tick).
+    fn commit(&mut self, mail: Option<Mail>, before: &NotifierState) -> Result<bool, Error> {
         if let Some(m) = &mail {
             self.outbox.queue(m)?;
         }
-        self.notifier.state().save(&self.state_path)?;
+        if self.notifier.state() != before {
+            self.notifier.state().save(&self.state_path)?;
+        }
         Ok(mail.is_some())
     }
 }

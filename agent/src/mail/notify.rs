@@ -87,14 +87,81 @@ impl NotifierState {
     }
 }
 
-/// Which backup an event is about, and whom to tell.
+/// Which job an event is about, and whom to tell.
 #[derive(Clone, Copy, Debug)]
 pub struct Job<'a> {
+    pub task: Task,
     pub vm: &'a str,
     pub policy: &'a str,
     pub repository: &'a str,
     /// The policy's `contacts`; none: state is still tracked, no mail.
     pub contacts: &'a [String],
+}
+
+/// What kind of job fails and recovers: the words of its mails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Task {
+    /// A (vm, policy) backup, with the prune after it.
+    #[default]
+    Backup,
+    /// A repository's garbage collection (`vm` is empty).
+    Gc,
+    /// A VM without a policy on a host that requires one.
+    Protection,
+}
+
+impl Job<'_> {
+    /// The VM and policy lines of a mail (a GC has neither).
+    fn who(&self) -> String {
+        match self.task {
+            Task::Gc => String::new(),
+            _ => format!(
+                "VM:         {}\nPolicy:     {}\n",
+                self.vm, self.policy
+            ),
+        }
+    }
+
+    /// What failed, as the mail's first sentence, and its subject.
+    fn failed(&self, host: &str) -> (String, String) {
+        let (vm, policy, repo) = (self.vm, self.policy, self.repository);
+        match self.task {
+            Task::Backup => (
+                format!("The backup of VM {vm} under policy {policy} failed."),
+                format!("bulwark: backup of {vm}/{policy} failed on {host}"),
+            ),
+            Task::Gc => (
+                format!("The garbage collection of repository {repo} failed."),
+                format!("bulwark: garbage collection of {repo} failed on {host}"),
+            ),
+            Task::Protection => (
+                format!(
+                    "VM {vm} names no backup policy of this host, and the host requires \
+                     every VM to be protected ([enforce] require_protection)."
+                ),
+                format!("bulwark: VM {vm} on {host} is not protected"),
+            ),
+        }
+    }
+
+    /// What recovered, as the mail's first sentence, and its subject.
+    fn recovered(&self, host: &str) -> (String, String) {
+        let (vm, policy, repo) = (self.vm, self.policy, self.repository);
+        match self.task {
+            Task::Backup => (
+                format!("The backup of VM {vm} under policy {policy} succeeded again."),
+                format!("bulwark: backup of {vm}/{policy} recovered on {host}"),
+            ),
+            Task::Gc => (
+                format!("The garbage collection of repository {repo} succeeded again."),
+                format!("bulwark: garbage collection of {repo} recovered on {host}"),
+            ),
+            Task::Protection => (
+                format!("VM {vm} is protected now."),
+                format!("bulwark: VM {vm} on {host} is protected now"),
+            ),
+        }
+    }
 }
 
 /// Decides which events deserve a mail; sends nothing itself.
@@ -158,17 +225,16 @@ impl Notifier {
             return None;
         }
         st.failing_since = Some(at);
+        let (what, subject) = job.failed(&self.host);
         let mut body = format!(
-            "The backup of VM {vm} under policy {policy} failed.\n\n\
+            "{what}\n\n\
              Host:       {host}\n\
-             VM:         {vm}\n\
-             Policy:     {policy}\n\
+             {who}\
              Repository: {repo}\n\
              Time:       {time}\n\
              Last good:  {last_ok}\n\n\
              Error:\n  {error}\n",
-            vm = job.vm,
-            policy = job.policy,
+            who = job.who(),
             host = self.host,
             repo = job.repository,
             time = fmt_time(at),
@@ -184,12 +250,7 @@ impl Notifier {
             }
         }
         body.push_str(
-            "\nFurther failures of this backup send no mail; you will get one \
-             when it succeeds again.\n",
-        );
-        let subject = format!(
-            "bulwark: backup of {}/{} failed on {}",
-            job.vm, job.policy, self.host
+            "\nFurther failures send no mail; you will get one when it succeeds again.\n",
         );
         mail(job, subject, body)
     }
@@ -206,16 +267,15 @@ impl Notifier {
         if failing_since.is_none() && !was_silent {
             return None;
         }
+        let (what, subject) = job.recovered(&self.host);
         let mut body = format!(
-            "The backup of VM {vm} under policy {policy} succeeded again.\n\n\
+            "{what}\n\n\
              Host:       {host}\n\
-             VM:         {vm}\n\
-             Policy:     {policy}\n\
+             {who}\
              Repository: {repo}\n\
              Time:       {time}\n\
              Previous good backup: {prev}\n",
-            vm = job.vm,
-            policy = job.policy,
+            who = job.who(),
             repo = job.repository,
             host = self.host,
             time = fmt_time(at),
@@ -232,10 +292,6 @@ impl Notifier {
         if let Some(e) = last_error {
             body.push_str(&format!("Last error:\n  {}\n", indent(&e)));
         }
-        let subject = format!(
-            "bulwark: backup of {}/{} recovered on {}",
-            job.vm, job.policy, self.host
-        );
         mail(job, subject, body)
     }
 
@@ -263,12 +319,12 @@ impl Notifier {
             "No backup of VM {vm} under policy {policy} has succeeded for {silent} \
              (the policy runs about every {period}).\n\n\
              Host:       {host}\n\
-             VM:         {vm}\n\
-             Policy:     {policy}\n\
+             {who}\
              Repository: {repo}\n\
              Last good:  {last_ok}\n",
             vm = job.vm,
             policy = job.policy,
+            who = job.who(),
             repo = job.repository,
             silent = fmt_duration(silent),
             period = humantime::format_duration(period),
@@ -307,6 +363,7 @@ mod tests {
 
     fn job<'a>(vm: &'a str, contacts: &'a [String]) -> Job<'a> {
         Job {
+            task: Task::Backup,
             vm,
             policy: "nightly",
             repository: "main",

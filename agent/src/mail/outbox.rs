@@ -71,6 +71,7 @@ impl Outbox {
         Ok(Outbox { dir })
     }
 
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -250,6 +251,7 @@ impl SenderThread {
     }
 
     /// Stops the thread after the send in progress, if any, finishes.
+    #[allow(dead_code)] // the agent's sender lives as long as the process
     pub fn stop(mut self) {
         self.shutdown();
     }

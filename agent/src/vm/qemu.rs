@@ -108,7 +108,10 @@ impl QemuNbd {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting qemu-nbd (qemu-utils)")?;
         let t = Instant::now();
-        while !socket.exists() {
+        // qemu-nbd binds (the file appears) before it listens: a client in
+        // between is refused. Wait for the listening socket itself; a probe
+        // connection would be its one client, and it exits when that goes.
+        while !listening(socket) {
             if let Some(st) = child.try_wait()? {
                 let mut err = String::new();
                 if let Some(mut e) = child.stderr.take() {
@@ -133,6 +136,20 @@ impl QemuNbd {
             export: export.to_string(),
         })
     }
+}
+
+/// Whether a Unix socket is listening at `path`, from `/proc/net/unix`
+/// (flag `__SO_ACCEPTCON`, 0x10000, marks a listening socket).
+fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        // No procfs: the socket file is the best sign there is.
+        return path.exists();
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8 && f[7] == want && f[3] == "00010000"
+    })
 }
 
 impl Drop for QemuNbd {
