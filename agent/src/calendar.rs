@@ -743,6 +743,11 @@ impl Schedule {
         self.with_offset(spread_offset(host, max))
     }
 
+    #[cfg(test)]
+    pub fn offset(&self) -> Duration {
+        self.offset
+    }
+
     /// The next run after `after` (for intervals: `after` is the last run).
     pub fn next_after<Tz: TimeZone>(&self, after: &DateTime<Tz>) -> Option<DateTime<Tz>> {
         match &self.kind {
@@ -767,6 +772,22 @@ impl Schedule {
             }
         }
         out
+    }
+
+    /// Whether a run came due between the last run and `now` without
+    /// happening (agent down, host off): then run once at start, like
+    /// systemd's `Persistent=true`. Never having run is not a missed run,
+    /// as for systemd without a stamp file: the first run follows the
+    /// schedule.
+    pub fn missed<Tz: TimeZone>(
+        &self,
+        last_run: Option<&DateTime<Tz>>,
+        now: &DateTime<Tz>,
+    ) -> bool {
+        match last_run.and_then(|l| self.next_after(l)) {
+            Some(due) => &due <= now,
+            None => false,
+        }
     }
 
     /// The longest gap between runs over the next eight runs after

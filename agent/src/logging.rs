@@ -35,7 +35,9 @@ pub fn init(verbosity: u8) {
             .with_writer(std::io::stderr)
             .with_ansi(false)
             .event_format(Journald(
-                tracing_subscriber::fmt::format().without_time().with_ansi(false),
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
             ))
     });
     let human = (!journal).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
@@ -306,7 +308,9 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || SharedBuf(w.clone()))
             .event_format(Journald(
-                tracing_subscriber::fmt::format().without_time().with_ansi(false),
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
             ));
         let d = tracing::Dispatch::new(
             tracing_subscriber::registry()
@@ -322,7 +326,10 @@ mod tests {
         let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
         let prefixes: Vec<&str> = text.lines().map(|l| &l[..3]).collect();
         assert_eq!(prefixes, ["<3>", "<4>", "<6>", "<7>"], "{text}");
-        assert!(text.lines().next().unwrap().starts_with("<3>ERROR "), "{text}");
+        assert!(
+            text.lines().next().unwrap().starts_with("<3>ERROR "),
+            "{text}"
+        );
         assert!(!text.contains('\x1b'), "{text}");
     }
 

@@ -11,7 +11,7 @@ mod smtp_server;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use mail::{Alerts, Job, Outbox, SenderThread, SmtpConfig, SmtpSender, TlsMode, Transport};
+use mail::{Alerts, Job, Outbox, SenderThread, SmtpConfig, SmtpSender, Task, TlsMode, Transport};
 use smtp_server::{free_port, Server};
 
 fn config(port: u16) -> SmtpConfig {
@@ -40,6 +40,7 @@ fn contacts() -> Vec<String> {
 
 fn web01(contacts: &[String]) -> Job<'_> {
     Job {
+        task: Task::Backup,
         vm: "web01",
         policy: "nightly",
         repository: "s3-main",

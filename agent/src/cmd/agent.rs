@@ -139,7 +139,11 @@ fn print_status(v: &serde_json::Value) {
                 s(&d["state"]),
                 s(&p["name"]),
                 t(&p["last_run"]),
-                if p["usable"] == false { "refused".into() } else { s(&p["last_result"]) },
+                if p["usable"] == false {
+                    "refused".into()
+                } else {
+                    s(&p["last_result"])
+                },
                 t(&p["next_run"]),
                 &snap[..snap.len().min(12)],
             );
@@ -149,14 +153,19 @@ fn print_status(v: &serde_json::Value) {
     if !problems.is_empty() {
         println!("\nproblems:");
         for p in problems {
-            let what = p["domain"].as_str().or(p["repository"].as_str()).unwrap_or("");
+            let what = p["domain"]
+                .as_str()
+                .or(p["repository"].as_str())
+                .unwrap_or("");
             println!("  {what}: {}", s(&p["problem"]));
         }
     }
     if let Some(targets) = v["targets"].as_object().filter(|t| !t.is_empty()) {
         println!("\nrepositories:");
         for (name, tg) in targets {
-            let state = if tg["ok"] == true { "usable".to_string() } else {
+            let state = if tg["ok"] == true {
+                "usable".to_string()
+            } else {
                 format!("NOT usable ({}): {}", s(&tg["kind"]), s(&tg["error"]))
             };
             println!("  {name}: {state} (checked {})", t(&tg["checked"]));

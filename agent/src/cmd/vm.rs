@@ -146,7 +146,11 @@ fn check_policies(config: &std::path::Path, policies: &[String]) -> Result<()> {
             anyhow::bail!(
                 "no policy {p:?} in {} (defined: {})",
                 config.display(),
-                known.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                known
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         if let Some(why) = cfg.refusal(p) {

@@ -101,7 +101,9 @@ impl Agent {
                     Err(e) => {
                         tracing::error!("prune of {dom} ({policy_name}) failed: {e:#}");
                         run.prune_error = Some(format!("{e:#}"));
-                        Some(format!("the backup succeeded, but the prune after it failed: {e:#}"))
+                        Some(format!(
+                            "the backup succeeded, but the prune after it failed: {e:#}"
+                        ))
                     }
                 }
             }

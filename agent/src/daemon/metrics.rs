@@ -34,7 +34,12 @@ impl Agent {
                 continue;
             };
             let l = [("vm", vm), ("policy", policy)];
-            m.gauge("bulwark_backup_last_run_timestamp_seconds", "Last backup attempt.", &l, r.at as f64);
+            m.gauge(
+                "bulwark_backup_last_run_timestamp_seconds",
+                "Last backup attempt.",
+                &l,
+                r.at as f64,
+            );
             m.gauge(
                 "bulwark_backup_last_success_timestamp_seconds",
                 "Last successful backup (0: none yet).",
@@ -47,8 +52,18 @@ impl Agent {
                 &l,
                 f64::from(u8::from(r.ok && r.prune_error.is_none())),
             );
-            m.gauge("bulwark_backup_duration_seconds", "Duration of the last backup.", &l, r.seconds);
-            m.gauge("bulwark_backup_bytes_read", "Bytes the last backup read.", &l, r.bytes_read as f64);
+            m.gauge(
+                "bulwark_backup_duration_seconds",
+                "Duration of the last backup.",
+                &l,
+                r.seconds,
+            );
+            m.gauge(
+                "bulwark_backup_bytes_read",
+                "Bytes the last backup read.",
+                &l,
+                r.bytes_read as f64,
+            );
             m.gauge(
                 "bulwark_backup_bytes_stored",
                 "Bytes the last backup stored (new, compressed).",
@@ -58,13 +73,33 @@ impl Agent {
         }
         for (repo, g) in &sched.gcs {
             let l = [("repository", repo.as_str())];
-            m.gauge("bulwark_gc_last_run_timestamp_seconds", "Last GC.", &l, g.at as f64);
-            m.gauge("bulwark_gc_last_ok", "1 if the last GC succeeded.", &l, f64::from(u8::from(g.ok)));
-            m.gauge("bulwark_gc_bytes_deleted", "Bytes the last GC freed.", &l, g.bytes_deleted as f64);
+            m.gauge(
+                "bulwark_gc_last_run_timestamp_seconds",
+                "Last GC.",
+                &l,
+                g.at as f64,
+            );
+            m.gauge(
+                "bulwark_gc_last_ok",
+                "1 if the last GC succeeded.",
+                &l,
+                f64::from(u8::from(g.ok)),
+            );
+            m.gauge(
+                "bulwark_gc_bytes_deleted",
+                "Bytes the last GC freed.",
+                &l,
+                g.bytes_deleted as f64,
+            );
         }
         for (repo, t) in self.targets() {
             let l = [("repository", repo.as_str())];
-            m.gauge("bulwark_target_up", "1 if the repository was usable at its last check.", &l, f64::from(u8::from(t.ok)));
+            m.gauge(
+                "bulwark_target_up",
+                "1 if the repository was usable at its last check.",
+                &l,
+                f64::from(u8::from(t.ok)),
+            );
         }
         m.text()
     }

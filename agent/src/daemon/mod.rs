@@ -176,7 +176,13 @@ impl Agent {
     }
 
     /// A silent (domain, policy): one mail until its next success.
-    fn alert_silence(&self, dom: &str, policy: &str, pol: &PolicyConf, period: std::time::Duration) {
+    fn alert_silence(
+        &self,
+        dom: &str,
+        policy: &str,
+        pol: &PolicyConf,
+        period: std::time::Duration,
+    ) {
         let Some((alerts, sender)) = &self.alerts else {
             return;
         };

@@ -85,8 +85,17 @@ pub(super) fn next_run(sched: &crate::calendar::Schedule, last: Option<u64>) -> 
     sched.next_after(&last).map(|t| t.timestamp().max(0) as u64)
 }
 
+/// Never run, or a run came due since the last one (however long ago: a
+/// missed run runs once).
 fn due(sched: &crate::calendar::Schedule, last: Option<u64>) -> bool {
-    next_run(sched, last).is_some_and(|next| next <= now())
+    let Some(last) = last else { return true };
+    let Some(last) = chrono::DateTime::from_timestamp(last as i64, 0) else {
+        return true;
+    };
+    sched.missed(
+        Some(&last.with_timezone(&chrono::Local)),
+        &chrono::Local::now(),
+    )
 }
 
 impl Schedule {
@@ -156,7 +165,12 @@ impl Agent {
     fn backups_due(self: &Arc<Self>) {
         for (dom, policies) in self.protected() {
             for p in policies {
-                let Some(sched) = self.cfg.policies.get(&p).and_then(|pol| self.schedule_of(&pol.schedule)) else {
+                let Some(sched) = self
+                    .cfg
+                    .policies
+                    .get(&p)
+                    .and_then(|pol| self.schedule_of(&pol.schedule))
+                else {
                     continue;
                 };
                 let key = format!("{dom}/{p}");
@@ -179,7 +193,10 @@ impl Agent {
     /// Starts GC on every repository whose `gc_schedule` is due.
     fn gc_due(self: &Arc<Self>) {
         for (name, rc) in &self.cfg.repositories {
-            let Some(sched) = rc.gc_schedule.as_deref().and_then(|s| config::schedule(s).ok())
+            let Some(sched) = rc
+                .gc_schedule
+                .as_deref()
+                .and_then(|s| config::schedule(s).ok())
             else {
                 continue;
             };

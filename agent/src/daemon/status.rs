@@ -112,10 +112,16 @@ impl Agent {
             }
             let run = sched.runs.get(&format!("{name}/{p}"));
             let schedule = self.schedule_of(&pol.schedule);
-            let next = schedule.as_ref().and_then(|s| next_run(s, run.map(|r| r.at)));
+            let next = schedule
+                .as_ref()
+                .and_then(|s| next_run(s, run.map(|r| r.at)));
             if let Some(r) = run.filter(|r| r.failing_since.is_some() || !r.ok) {
                 let since = r.failing_since.unwrap_or(r.at);
-                let err = r.error.as_deref().or(r.prune_error.as_deref()).unwrap_or("");
+                let err = r
+                    .error
+                    .as_deref()
+                    .or(r.prune_error.as_deref())
+                    .unwrap_or("");
                 problems.push(format!("{p}: failing since {}: {err}", fmt_time(since)));
             }
             if let Some(t) = targets.get(&pol.repository).filter(|t| !t.ok) {
@@ -129,7 +135,10 @@ impl Agent {
             let last_ok = run.and_then(|r| r.last_ok);
             if let (Some(period), Some(last_ok)) = (period, last_ok) {
                 if now().saturating_sub(last_ok) > 2 * period.as_secs() {
-                    problems.push(format!("{p}: no successful backup since {}", fmt_time(last_ok)));
+                    problems.push(format!(
+                        "{p}: no successful backup since {}",
+                        fmt_time(last_ok)
+                    ));
                 }
             }
             policies.push(json!({

@@ -115,10 +115,7 @@ impl Job<'_> {
     fn who(&self) -> String {
         match self.task {
             Task::Gc => String::new(),
-            _ => format!(
-                "VM:         {}\nPolicy:     {}\n",
-                self.vm, self.policy
-            ),
+            _ => format!("VM:         {}\nPolicy:     {}\n", self.vm, self.policy),
         }
     }
 

@@ -203,6 +203,17 @@ impl Agent {
         rest: &str,
         vars: Vec<(String, String)>,
     ) -> Agent {
+        Self::start_full(env, tick_seconds, "", rest, vars)
+    }
+
+    /// [`Agent::start_with`] with top-level keys (`top`) before the tables.
+    pub fn start_full(
+        env: &Env,
+        tick_seconds: u64,
+        top: &str,
+        rest: &str,
+        vars: Vec<(String, String)>,
+    ) -> Agent {
         let socket = env.path("agent.sock");
         let pw = env.path("pw");
         std::fs::write(&pw, PW).unwrap();
@@ -210,13 +221,15 @@ impl Agent {
         std::fs::write(
             &cfg,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\ntick_seconds = {tick_seconds}\n\
+                "state_dir = {state:?}\nsocket = {socket:?}\ntick_seconds = {tick_seconds}\n{top}\n\
                  [repositories.main]\npath = {repo:?}\npassword_file = {pw:?}\n{rest}",
                 state = env.state_dir(),
                 repo = env.path("repo"),
             ),
         )
         .unwrap();
+        // A killed agent's socket file stays behind: wait for a live one.
+        let _ = std::fs::remove_file(&socket);
         let child = env
             .cmd(&["agent", "run", "--config", cfg.to_str().unwrap()])
             .envs(vars)
@@ -224,7 +237,7 @@ impl Agent {
             .spawn()
             .unwrap();
         let t = std::time::Instant::now();
-        while !socket.exists() {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(
                 t.elapsed() < std::time::Duration::from_secs(30),
                 "agent did not start"
@@ -235,7 +248,15 @@ impl Agent {
     }
 
     pub fn status(&self, env: &Env) -> serde_json::Value {
-        env.json(&["agent", "status", "--socket", self.socket.to_str().unwrap()])
+        // Exit 1 when something is wrong: the JSON says what.
+        let out = env.run(&[
+            "agent",
+            "status",
+            "--json",
+            "--socket",
+            self.socket.to_str().unwrap(),
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("agent status: {e}: {out:?}"))
     }
 
     /// A backup through the agent's socket; its report.
