@@ -48,6 +48,10 @@ pub struct BackendArgs {
         global = true
     )]
     pub s3_max_attempts: u32,
+    /// Let S3 credentials and region come from EC2 instance metadata (the
+    /// instance's role). Off by default: elsewhere that probe only fails.
+    #[arg(long, env = "BULWARK_S3_IMDS", global = true)]
+    pub s3_imds: bool,
     /// Local cache for remote repositories (default: $XDG_CACHE_HOME/bulwark,
     /// or /var/cache/bulwark as root); one subdirectory per repository id.
     #[arg(long, env = "BULWARK_CACHE_DIR", global = true)]
@@ -66,6 +70,7 @@ impl Default for BackendArgs {
         BackendArgs {
             s3_endpoint: std::env::var("BULWARK_S3_ENDPOINT").ok(),
             s3_max_attempts: 10,
+            s3_imds: std::env::var("BULWARK_S3_IMDS").is_ok_and(|v| v == "1" || v == "true"),
             cache_dir: None,
             no_cache: false,
             cache_max_mib: 2048,
@@ -101,6 +106,7 @@ pub fn s3_config(g: &Global) -> Result<Option<S3Config>> {
     let mut cfg = S3Config::from_url(repo)?;
     cfg.endpoint = g.backend.s3_endpoint.clone().filter(|e| !e.is_empty());
     cfg.max_attempts = g.backend.s3_max_attempts.max(1);
+    cfg.imds = g.backend.s3_imds;
     Ok(Some(cfg))
 }
 

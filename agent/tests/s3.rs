@@ -336,6 +336,43 @@ fn check_target_tells_what_is_wrong() {
         "{v}"
     );
 
+    // No credentials at all: one line saying what to set, and no probe of
+    // EC2 instance metadata (which off EC2 only times out). Then with an
+    // (empty) profile configured: the SDK's chain finds nothing, and that
+    // is one line too.
+    for profile in [false, true] {
+        let bare = |args: &[&str]| {
+            let mut c = e.cmd(args);
+            for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"] {
+                c.env_remove(k);
+            }
+            if !profile {
+                c.env_remove("AWS_CONFIG_FILE")
+                    .env_remove("AWS_SHARED_CREDENTIALS_FILE");
+            }
+            c.env("HOME", e.path("no-home")).output().unwrap()
+        };
+        let out = bare(&["snapshots"]);
+        let err = stderr(&out);
+        assert!(!out.status.success());
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("AWS_ACCESS_KEY_ID") && err.contains("AWS_PROFILE"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("IMDS") && !err.contains("Ec2Instance"),
+            "{err}"
+        );
+        let out = bare(&["repo", "check-target", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (out.status.code(), v["error"]["kind"].as_str()),
+            (Some(4), Some("credentials")),
+            "{v}"
+        );
+    }
+
     let (code, v) = check(&["--repo", "s3://no-such-bucket-bw/x"], &[]);
     assert_eq!(
         (code, v["error"]["kind"].as_str()),

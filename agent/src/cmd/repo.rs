@@ -176,7 +176,10 @@ fn check_steps(
         // A quick answer: few attempts, short timeouts.
         cfg.max_attempts = cfg.max_attempts.min(3);
         cfg.connect_timeout = std::time::Duration::from_secs(5);
-        let s3 = S3Backend::new(cfg).map_err(|e| failed("error", 1, e.to_string()))?;
+        let s3 = S3Backend::new(cfg).map_err(|e| match e {
+            store::backend::BackendError::Credentials(m) => failed("credentials", 4, m),
+            e => failed("error", 1, e.to_string()),
+        })?;
         info["endpoint"] = s3.endpoint().into();
         info["bucket"] = s3.bucket().into();
         if let Err(e) = s3.check() {

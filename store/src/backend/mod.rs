@@ -29,6 +29,9 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// No usable credentials for a remote backend: what to set.
+    #[error("{0}")]
+    Credentials(String),
     #[error("{0}")]
     Other(String),
 }

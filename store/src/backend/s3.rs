@@ -71,8 +71,12 @@ pub struct S3Config {
     /// Concurrent ranged reads (restores fetch up to 32 MiB at a time).
     pub read_concurrency: usize,
     /// Explicit access key id and secret (tests, embedding); `None`: the
-    /// standard AWS credential chain (environment, profiles, IMDS, ...).
+    /// environment or an AWS profile (see [`credential_source`]).
     pub credentials: Option<(String, String)>,
+    /// Let the SDK ask EC2 instance metadata for credentials and region.
+    /// Off by default: off EC2 that probe only times out and buries the
+    /// real problem under the SDK's errors.
+    pub imds: bool,
 }
 
 impl S3Config {
@@ -108,6 +112,7 @@ impl Default for S3Config {
             upload_concurrency: 4,
             read_concurrency: 8,
             credentials: None,
+            imds: false,
         }
     }
 }
@@ -169,6 +174,69 @@ impl Drop for S3Backend {
     }
 }
 
+/// Where the credentials come from when the config names none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CredentialSource {
+    /// Keys given: in the config, or `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`.
+    Keys,
+    /// The SDK's provider chain: a profile, web identity, a container's
+    /// credentials, or instance metadata (only when asked).
+    Chain,
+}
+
+/// Decides before the SDK is asked, so a host with no credentials gets one
+/// line saying what to set, instead of seconds of EC2 metadata probes and
+/// the SDK's dump of each provider's failure.
+fn credential_source(
+    cfg: &S3Config,
+    var: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<CredentialSource, BackendError> {
+    let set = |k: &str| var(k).is_some_and(|v| !v.is_empty());
+    if cfg.credentials.is_some() {
+        return Ok(CredentialSource::Keys);
+    }
+    match (set("AWS_ACCESS_KEY_ID"), set("AWS_SECRET_ACCESS_KEY")) {
+        (true, true) => return Ok(CredentialSource::Keys),
+        (true, false) => {
+            return Err(BackendError::Credentials(
+                "AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not".into(),
+            ))
+        }
+        (false, true) => {
+            return Err(BackendError::Credentials(
+                "AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not".into(),
+            ))
+        }
+        (false, false) => {}
+    }
+    let home_file = |f: &str| {
+        var("HOME").is_some_and(|h| std::path::Path::new(&h).join(".aws").join(f).is_file())
+    };
+    let chain = cfg.imds
+        || [
+            "AWS_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        ]
+        .iter()
+        .any(|k| set(k))
+        || home_file("credentials")
+        || home_file("config");
+    if chain {
+        return Ok(CredentialSource::Chain);
+    }
+    Err(BackendError::Credentials(format!(
+        "no S3 credentials for bucket {}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+         or AWS_PROFILE with a profile in ~/.aws/credentials (on EC2, pass --s3-imds to use \
+         the instance's role)",
+        cfg.bucket
+    )))
+}
+
 fn endpoint_from_env() -> Option<String> {
     ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
         .iter()
@@ -196,17 +264,39 @@ impl S3Backend {
             .http_client(http)
             .retry_config(RetryConfig::disabled())
             .timeout_config(timeouts);
-        if let Some((id, secret)) = &cfg.credentials {
-            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
-                id.clone(),
-                secret.clone(),
-                None,
-                None,
-                "bulwark",
-            ));
+        let source = credential_source(&cfg, &|k| std::env::var_os(k))?;
+        match (&cfg.credentials, source) {
+            (Some((id, secret)), _) => {
+                loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    id.clone(),
+                    secret.clone(),
+                    None,
+                    None,
+                    "bulwark",
+                ));
+            }
+            (None, CredentialSource::Keys) => {
+                loader = loader.credentials_provider(
+                    aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+                );
+            }
+            // The SDK's chain: profiles, web identity, containers (and
+            // instance metadata when asked, or when a profile points there).
+            (None, CredentialSource::Chain) => {}
         }
-        if let Some(r) = &cfg.region {
-            loader = loader.region(Region::new(r.clone()));
+        let region = cfg.region.clone().or_else(|| {
+            ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        });
+        match region {
+            Some(r) => loader = loader.region(Region::new(r)),
+            // No profile to read one from and no metadata to ask: the
+            // default, rather than a probe of EC2 metadata.
+            None if source == CredentialSource::Keys && !cfg.imds => {
+                loader = loader.region(Region::new("us-east-1"))
+            }
+            None => {}
         }
         let sdk = rt.block_on(loader.load());
         let endpoint = cfg
@@ -420,6 +510,13 @@ where
         _ => (FailureKind::Other, false),
     };
     let message = match (kind.clone(), status, code) {
+        // The SDK lists every provider it tried, over dozens of lines.
+        (FailureKind::Credentials, None, _) if detail.contains("no credentials found in chain") => {
+            "no S3 credentials: the AWS profile and the SDK's other providers had none; set \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with a profile that \
+             has keys"
+                .to_string()
+        }
         (FailureKind::Credentials, s, c) => format!(
             "access denied or bad credentials ({}{}): {detail}",
             s.map(|s| format!("HTTP {s}")).unwrap_or_default(),
@@ -613,4 +710,54 @@ impl Backend for S3Backend {
 /// One copy into a refcounted buffer: retries clone the handle, not the data.
 fn bytes_of(data: &[u8]) -> bytes::Bytes {
     bytes::Bytes::copy_from_slice(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn source(vars: &[(&str, &str)], imds: bool) -> Result<CredentialSource, String> {
+        let vars: Vec<(String, OsString)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        let cfg = S3Config {
+            bucket: "b".into(),
+            imds,
+            ..Default::default()
+        };
+        credential_source(&cfg, &|k| {
+            vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn credentials_come_from_keys_a_profile_or_metadata_when_asked() {
+        let keys = [("AWS_ACCESS_KEY_ID", "a"), ("AWS_SECRET_ACCESS_KEY", "s")];
+        assert_eq!(source(&keys, false), Ok(CredentialSource::Keys));
+        assert_eq!(
+            source(&[("AWS_PROFILE", "x")], false),
+            Ok(CredentialSource::Chain)
+        );
+        assert_eq!(
+            source(&[("HOME", "/nonexistent")], true),
+            Ok(CredentialSource::Chain)
+        );
+        let none = source(&[("HOME", "/nonexistent")], false).unwrap_err();
+        assert!(
+            none.contains("AWS_ACCESS_KEY_ID") && none.contains("AWS_PROFILE"),
+            "{none}"
+        );
+        assert!(!none.contains('\n'), "one line: {none}");
+        let half = source(&[("AWS_ACCESS_KEY_ID", "a")], false).unwrap_err();
+        assert!(half.contains("AWS_SECRET_ACCESS_KEY is not"), "{half}");
+        // An empty variable counts as unset.
+        assert!(source(
+            &[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")],
+            false
+        )
+        .is_err());
+    }
 }
