@@ -301,4 +301,47 @@ mod tests {
             toml::from_str("[policies.x]\nrepository = \"nope\"\nschedule = \"hourly\"\n").unwrap();
         assert!(bad.validate().is_err());
     }
+
+    /// The example operators copy must stay a valid config.
+    #[test]
+    fn the_shipped_example_parses() {
+        let c: Config =
+            toml::from_str(include_str!("../../libvirt-hooks/agent.toml.example")).unwrap();
+        c.validate().unwrap();
+        assert!(c.enforce.require_protection);
+        assert_eq!(c.max_concurrent_backups, 2);
+        assert_eq!(c.spread().unwrap(), std::time::Duration::from_secs(600));
+    }
+
+    #[test]
+    fn enforcement_refuses_disallowed_repositories() {
+        let c: Config = toml::from_str(
+            r#"
+            [repositories.main]
+            path = "/srv/r"
+            password_file = "/p"
+            [repositories.other]
+            path = "/srv/o"
+            password_file = "/p"
+            [policies.ok]
+            repository = "main"
+            schedule = "daily"
+            [policies.off]
+            repository = "other"
+            schedule = "daily"
+            [enforce]
+            allowed_repositories = ["main"]
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.usable_policy("ok") && !c.usable_policy("off") && !c.usable_policy("nope"));
+        assert!(c.refusal("off").unwrap().contains("allowed_repositories"));
+        let mut bad = c.clone();
+        bad.enforce.default_policies = vec!["off".into()];
+        assert!(bad.validate().is_err(), "a refused default policy");
+        bad.enforce.default_policies = vec![];
+        bad.enforce.allowed_repositories = Some(vec!["nowhere".into()]);
+        assert!(bad.validate().is_err(), "an unknown allowed repository");
+    }
 }

@@ -496,4 +496,43 @@ mod tests {
         assert!(n.success(&web, t(50)).is_some());
         assert!(n.success(&web, t(51)).is_none());
     }
+
+    #[test]
+    fn gc_and_protection_mails_say_what_they_are_about() {
+        let c = contacts();
+        let gc = Job {
+            task: Task::Gc,
+            vm: "",
+            policy: "gc:main",
+            repository: "main",
+            contacts: &c,
+        };
+        let mut n = Notifier::new("pve1", NotifierState::default());
+        let m = n.failure(&gc, "lock held", &[], t(0)).unwrap();
+        assert_eq!(
+            m.subject,
+            "bulwark: garbage collection of main failed on pve1"
+        );
+        assert!(m
+            .body
+            .starts_with("The garbage collection of repository main failed."));
+        assert!(!m.body.contains("VM:"), "{}", m.body);
+        let m = n.success(&gc, t(1)).unwrap();
+        assert_eq!(
+            m.subject,
+            "bulwark: garbage collection of main recovered on pve1"
+        );
+        let bare = Job {
+            task: Task::Protection,
+            vm: "web01",
+            policy: "(protection)",
+            repository: "-",
+            contacts: &c,
+        };
+        let m = n.failure(&bare, "no policy", &[], t(0)).unwrap();
+        assert_eq!(m.subject, "bulwark: VM web01 on pve1 is not protected");
+        assert!(n.failure(&bare, "no policy", &[], t(1)).is_none());
+        let m = n.success(&bare, t(2)).unwrap();
+        assert_eq!(m.subject, "bulwark: VM web01 on pve1 is protected now");
+    }
 }
