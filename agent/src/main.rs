@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod libvirt;
 mod live;
+mod logging;
 // Failure email (the daemon sends failure and recovery mail; the silence
 // check waits for the rest of the agent's operations).
 #[allow(dead_code, unused_imports)]
@@ -92,18 +93,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let level = match cli.global.verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(cli.global.verbose);
     let r = match cli.command {
         Command::Repo(c) => cmd::repo::run(&cli.global, c),
         Command::Backup(c) => cmd::image::backup(&cli.global, c),
