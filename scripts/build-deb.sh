@@ -20,9 +20,8 @@ set -euo pipefail
 log() { printf 'build-deb: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
-cd "$(dirname "$0")/.."
 profile=release
-out=target/deb
+out=
 build=1
 compression=xz
 while [ $# -gt 0 ]; do
@@ -35,6 +34,12 @@ while [ $# -gt 0 ]; do
         *) die "unknown argument: $1" ;;
     esac
 done
+# Paths given relative to the caller's directory, the rest to the repo.
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
+[ -z "$out" ] || out=$(absolute "$out")
+[ -z "${CARGO_TARGET_DIR:-}" ] || export CARGO_TARGET_DIR="$(absolute "$CARGO_TARGET_DIR")"
+cd "$(dirname "$0")/.."
+out=${out:-$PWD/target/deb}
 case "$profile" in
     release) subdir=release ;;
     dev) subdir=debug ;;
@@ -89,9 +94,13 @@ install -m 0755 scripts/deb/postinst scripts/deb/prerm scripts/deb/postrm "$root
 # debian/control; a minimal one in a scratch dir is enough.
 mkdir -p "$stage/src/debian"
 printf 'Source: bulwark\n\nPackage: bulwark\nArchitecture: any\n' > "$stage/src/debian/control"
-shlibs=$(cd "$stage/src" && dpkg-shlibdeps -O \
+if ! shlibdeps=$(cd "$stage/src" && dpkg-shlibdeps -O \
     -e"$root/usr/bin/bulwark" -e"$root/usr/bin/bulwark-nbd" -e"$root/usr/lib/bulwark/bulwark-hook" \
-    2>/dev/null | sed -n 's/^shlibs:Depends=//p')
+    2>"$stage/shlibdeps.err"); then
+    cat "$stage/shlibdeps.err" >&2
+    die "dpkg-shlibdeps failed"
+fi
+shlibs=$(printf '%s\n' "$shlibdeps" | sed -n 's/^shlibs:Depends=//p')
 [ -n "$shlibs" ] || die "dpkg-shlibdeps found no dependencies"
 
 installed_size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
