@@ -239,11 +239,16 @@ mod tests {
             tracing::warn!(disk = "vda", n = 3, "backup of {} failed", "web01");
             tracing::trace!("below the filter");
             let d2 = d.clone();
-            std::thread::spawn(move || {
-                tracing::dispatcher::with_default(&d2, || tracing::error!("other thread"))
+            let theirs = std::thread::spawn(move || {
+                tracing::dispatcher::with_default(&d2, || {
+                    let c = Capture::begin();
+                    tracing::error!("other thread");
+                    c.lines()
+                })
             })
             .join()
             .unwrap();
+            assert_eq!(theirs, ["ERROR other thread"]);
             tracing::error!("second");
             assert_eq!(
                 cap.lines(),
@@ -270,11 +275,14 @@ mod tests {
             assert_eq!(inner.lines(), ["INFO both"]);
             assert_eq!(cap.lines().last().unwrap(), "INFO both");
             drop(inner);
+            tracing::info!("outer only");
+            assert_eq!(cap.lines().last().unwrap(), "INFO outer only");
+            BUFFERS.with(|b| assert_eq!(b.borrow().len(), 1));
 
+            // Dropped: nothing recorded any more, anywhere.
             drop(cap);
             tracing::info!("after drop");
-            let again = Capture::begin();
-            assert!(again.lines().is_empty(), "{:?}", again.lines());
+            BUFFERS.with(|b| assert!(b.borrow().is_empty()));
         });
     }
 
