@@ -26,6 +26,7 @@ PACKAGES=(
     libnbd-bin nbdkit fuse3  # nbdfuse ships in libnbd-bin on Debian 12
     restic python3-aiosmtpd
     mount util-linux coreutils gzip cpio xz-utils zstd
+    dpkg-dev  # package test: dpkg-shlibdeps (systemctl, systemd-analyze used if present)
 )
 
 # One dpkg-query for all packages; anything not listed as installed is missing.

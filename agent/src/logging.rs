@@ -37,6 +37,7 @@ pub fn init(verbosity: u8) {
             .event_format(Journald(
                 tracing_subscriber::fmt::format()
                     .without_time()
+                    .with_level(false)
                     .with_ansi(false),
             ))
     });
@@ -83,7 +84,7 @@ pub fn sd_priority(level: &Level) -> u8 {
     }
 }
 
-/// Prefixes each line of an inner format with its `<N>` priority.
+/// `<N>LEVEL ` then an inner format (without time and level).
 struct Journald<F>(F);
 
 impl<S, N, F> FormatEvent<S, N> for Journald<F>
@@ -98,7 +99,8 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        write!(writer, "<{}>", sd_priority(event.metadata().level()))?;
+        let level = event.metadata().level();
+        write!(writer, "<{}>{level} ", sd_priority(level))?;
         self.0.format_event(ctx, writer, event)
     }
 }
@@ -114,15 +116,13 @@ thread_local! {
 }
 
 /// While alive, records the lines events on the current thread log (after
-/// the filter), the last [`CAPTURE_LINES`]. Bound to its thread.
-// Used by the failure mail, which the daemon does not send yet.
-#[allow(dead_code)]
+/// the filter), the last [`CAPTURE_LINES`]. Bound to its thread. The
+/// failure mail carries them.
 pub struct Capture {
     id: u64,
     _thread_bound: std::marker::PhantomData<*const ()>,
 }
 
-#[allow(dead_code)]
 impl Capture {
     pub fn begin() -> Capture {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -237,11 +237,16 @@ mod tests {
             tracing::warn!(disk = "vda", n = 3, "backup of {} failed", "web01");
             tracing::trace!("below the filter");
             let d2 = d.clone();
-            std::thread::spawn(move || {
-                tracing::dispatcher::with_default(&d2, || tracing::error!("other thread"))
+            let theirs = std::thread::spawn(move || {
+                tracing::dispatcher::with_default(&d2, || {
+                    let c = Capture::begin();
+                    tracing::error!("other thread");
+                    c.lines()
+                })
             })
             .join()
             .unwrap();
+            assert_eq!(theirs, ["ERROR other thread"]);
             tracing::error!("second");
             assert_eq!(
                 cap.lines(),
@@ -268,11 +273,14 @@ mod tests {
             assert_eq!(inner.lines(), ["INFO both"]);
             assert_eq!(cap.lines().last().unwrap(), "INFO both");
             drop(inner);
+            tracing::info!("outer only");
+            assert_eq!(cap.lines().last().unwrap(), "INFO outer only");
+            BUFFERS.with(|b| assert_eq!(b.borrow().len(), 1));
 
+            // Dropped: nothing recorded any more, anywhere.
             drop(cap);
             tracing::info!("after drop");
-            let again = Capture::begin();
-            assert!(again.lines().is_empty(), "{:?}", again.lines());
+            BUFFERS.with(|b| assert!(b.borrow().is_empty()));
         });
     }
 
@@ -310,6 +318,7 @@ mod tests {
             .event_format(Journald(
                 tracing_subscriber::fmt::format()
                     .without_time()
+                    .with_level(false)
                     .with_ansi(false),
             ));
         let d = tracing::Dispatch::new(
@@ -328,6 +337,10 @@ mod tests {
         assert_eq!(prefixes, ["<3>", "<4>", "<6>", "<7>"], "{text}");
         assert!(
             text.lines().next().unwrap().starts_with("<3>ERROR "),
+            "{text}"
+        );
+        assert!(
+            text.lines().nth(2).unwrap().starts_with("<6>INFO "),
             "{text}"
         );
         assert!(!text.contains('\x1b'), "{text}");

@@ -87,18 +87,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let level = match cli.global.verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(cli.global.verbose);
     let r = match cli.command {
         Command::Repo(c) => cmd::repo::run(&cli.global, c),
         Command::Backup(c) => cmd::image::backup(&cli.global, c),

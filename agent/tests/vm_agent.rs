@@ -247,6 +247,8 @@ fn failing_backups_mail_the_contacts_once_and_recovery_once() {
         m.contains("later-repo"),
         "the error names the repository: {m}"
     );
+    // With the job's own log lines (at least the logged error).
+    assert!(m.contains("Last log lines:"), "{m}");
 
     // The repository appears: the next backup succeeds and says so.
     env.ok(&["repo", "init", "--repo", broken.to_str().unwrap()]);

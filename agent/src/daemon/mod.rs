@@ -68,6 +68,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("creating {}", state.root().display()))?;
     let schedule = Schedule::load(&state.root().join("schedule.json"));
     let listener = control::bind(&cfg.socket)?;
+    exit_on_sigterm()?;
     let alerts = match &cfg.smtp {
         Some(smtp) => Some(mail(smtp, &state)?),
         None => None,
@@ -105,6 +106,30 @@ pub fn run(cfg: Config) -> Result<()> {
     let a = agent.clone();
     std::thread::spawn(move || targets::run(&a));
     control::serve(agent, listener);
+    Ok(())
+}
+
+/// systemd stops the agent with SIGTERM to it alone (`KillMode=process`,
+/// so live restore servers survive): pass it on to our own process group
+/// (qemu-nbd, qemu-img of a backup in progress; the servers run in groups
+/// of their own), then exit.
+fn exit_on_sigterm() -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
+        .context("installing the SIGTERM handler")?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            tracing::info!("SIGTERM: stopping");
+            // SAFETY: plain syscalls. Only when we lead the group (systemd,
+            // or a shell job), never a group we merely joined; the signal
+            // this sends us too is caught by the handler above.
+            unsafe {
+                if libc::getpgrp() == libc::getpid() {
+                    libc::kill(0, libc::SIGTERM);
+                }
+            }
+            std::process::exit(0);
+        }
+    });
     Ok(())
 }
 
