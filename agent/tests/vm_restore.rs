@@ -2,13 +2,15 @@
 //! qcow2 and a raw disk comes back as a new domain that boots, with its
 //! disks equal to the snapshot and a new identity; two VMs come back from an
 //! S3 repository in one command; existing names and files are refused; a
-//! damaged chunk leaves no domain and no disk behind.
+//! damaged chunk, a wrong key, an unreachable bucket, a full disk and
+//! Ctrl-C leave no domain and no disk behind.
 
 #[path = "vm_common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use rand::{RngCore, SeedableRng};
@@ -385,4 +387,137 @@ fn uefi_variables_travel_with_the_vm() {
         &images.join(format!("{new_name}-vda.qcow2")),
         "qcow2",
     );
+}
+
+/// Every file under `dir` (none if it does not exist).
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    testbed::files_under(dir).unwrap_or_default()
+}
+
+/// A small tmpfs, unmounted when dropped: a disk that fills up.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: PathBuf, size: &str) -> SmallFs {
+        std::fs::create_dir_all(&at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs (the tests run as root)");
+        SmallFs(at)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A restore that fails for any cause, or is interrupted with Ctrl-C,
+/// names the cause, exits non-zero and leaves no domain and no file:
+/// wrong key, unreachable bucket, full disk, SIGINT in the middle.
+#[test]
+fn failed_or_interrupted_restores_leave_nothing_behind() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let bucket = S3Repo::start("cleanup");
+    bucket.ok(&env, &["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let out = bucket.ok(&env, &["backup", "vm", vm.name(), "--json"]);
+    let snap = serde_json::from_str::<serde_json::Value>(&out).unwrap()["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let name = testbed::unique_name("bw-undo");
+    let _restored = Restored(vec![name.clone()]);
+    // Each case's command: the restore, with `vars` over the bucket's.
+    let restore = |dir: &Path, vars: &[(&str, String)]| {
+        let mut c = env.cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            dir.to_str().unwrap(),
+            "--no-cache",
+            "--s3-max-attempts",
+            "2",
+        ]);
+        c.envs(bucket.server.env())
+            .env("BULWARK_REPO", &bucket.repo);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        c
+    };
+    let assert_clean = |what: &str, dir: &Path| {
+        assert!(!exists(&name), "{what}: the domain is left");
+        assert_eq!(files_in(dir), Vec::<PathBuf>::new(), "{what}: files left");
+    };
+
+    let dir = env.path("wrong-key");
+    let out = restore(&dir, &[("BULWARK_PASSWORD", "not it".into())])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("passphrase"), "{err}");
+    assert_clean("wrong key", &dir);
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = env.path("unreachable");
+    let out = restore(
+        &dir,
+        &[("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unreachable"),
+        "{err}"
+    );
+    assert_clean("unreachable bucket", &dir);
+
+    // 8 MiB for a disk with about 26 MiB of data.
+    let small = SmallFs::mount(env.path("small"), "8m");
+    let out = restore(&small.0, &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("No space left"),
+        "{err}"
+    );
+    assert_clean("full disk", &small.0);
+    drop(small);
+
+    // Slowed down by 300 ms per S3 request, interrupted once the disk
+    // file exists.
+    let proxy = testbed::s3::FaultProxy::start(
+        bucket.server.port(),
+        testbed::s3::Faults {
+            latency: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dir = env.path("interrupted");
+    let mut child = restore(&dir, &[("AWS_ENDPOINT_URL", proxy.endpoint())])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the restore's first file", 60, || {
+        (!files_in(&dir).is_empty()).then_some(())
+    });
+    // SAFETY: a plain kill(2) of the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_clean("Ctrl-C", &dir);
 }
