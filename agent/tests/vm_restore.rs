@@ -506,7 +506,7 @@ fn failed_or_interrupted_restores_leave_nothing_behind() {
     )
     .unwrap();
     let dir = env.path("interrupted");
-    let mut child = restore(&dir, &[("AWS_ENDPOINT_URL", proxy.endpoint())])
+    let child = restore(&dir, &[("AWS_ENDPOINT_URL", proxy.endpoint())])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
