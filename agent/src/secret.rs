@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use store::backend::{CacheOptions, CachedBackend, S3Backend, S3Config};
-use store::{Backend, LocalBackend, Repository, Secret};
+use store::backend::{CacheOptions, S3Config};
+use store::location::default_cache_dir;
+use store::{Backend, Location, Repository, Secret};
 
 use crate::Global;
 
@@ -78,16 +79,20 @@ impl Default for BackendArgs {
     }
 }
 
-fn default_cache_dir() -> PathBuf {
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/cache/bulwark");
+impl BackendArgs {
+    /// The repository at `url`, reached as these options say.
+    pub fn location(&self, url: &str) -> Location {
+        let mut l = Location::new(url);
+        l.s3_endpoint = self.s3_endpoint.clone();
+        l.s3_max_attempts = self.s3_max_attempts;
+        l.s3_imds = self.s3_imds;
+        l.cache = (!self.no_cache).then(|| {
+            let mut c = CacheOptions::new(self.cache_dir.clone().unwrap_or_else(default_cache_dir));
+            c.max_range_bytes = self.cache_max_mib << 20;
+            c
+        });
+        l
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("bulwark")
 }
 
 fn repo_location(g: &Global) -> Result<&str> {
@@ -97,39 +102,18 @@ fn repo_location(g: &Global) -> Result<&str> {
     }
 }
 
+/// Where the repository of the command line is, and how to reach it.
+pub fn location(g: &Global) -> Result<Location> {
+    Ok(g.backend.location(repo_location(g)?))
+}
+
 /// The S3 settings when `--repo` is an `s3://` URL.
 pub fn s3_config(g: &Global) -> Result<Option<S3Config>> {
-    let repo = repo_location(g)?;
-    if !repo.starts_with("s3://") {
-        return Ok(None);
-    }
-    let mut cfg = S3Config::from_url(repo)?;
-    cfg.endpoint = g.backend.s3_endpoint.clone().filter(|e| !e.is_empty());
-    cfg.max_attempts = g.backend.s3_max_attempts.max(1);
-    cfg.imds = g.backend.s3_imds;
-    Ok(Some(cfg))
+    Ok(location(g)?.s3_config()?)
 }
 
 pub fn backend(g: &Global) -> Result<Arc<dyn Backend>> {
-    let repo = repo_location(g)?;
-    if let Some(cfg) = s3_config(g)? {
-        let s3: Arc<dyn Backend> = Arc::new(S3Backend::new(cfg)?);
-        if g.backend.no_cache {
-            return Ok(s3);
-        }
-        let mut opts = CacheOptions::new(
-            g.backend
-                .cache_dir
-                .clone()
-                .unwrap_or_else(default_cache_dir),
-        );
-        opts.max_range_bytes = g.backend.cache_max_mib << 20;
-        return Ok(Arc::new(CachedBackend::new(s3, opts)));
-    }
-    if repo.contains("://") {
-        bail!("repository {repo:?}: use a directory or s3://BUCKET/PREFIX");
-    }
-    Ok(Arc::new(LocalBackend::new(repo)))
+    Ok(location(g)?.backend()?)
 }
 
 pub fn open(g: &Global) -> Result<Repository> {

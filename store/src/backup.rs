@@ -46,7 +46,8 @@ const READ_STEP: usize = 256 * 1024;
 pub struct BackupOptions {
     /// Worker threads for hashing/compression/encryption; 0 = one per core.
     pub threads: usize,
-    /// Concurrent pack uploads.
+    /// Concurrent pack uploads; 0 = the backend's choice
+    /// (`Backend::upload_concurrency`).
     pub uploaders: usize,
 }
 
@@ -54,7 +55,7 @@ impl Default for BackupOptions {
     fn default() -> Self {
         BackupOptions {
             threads: 0,
-            uploaders: 2,
+            uploaders: 0,
         }
     }
 }
@@ -125,7 +126,11 @@ impl<'r> BackupSession<'r> {
         };
         let (utx, urx) = bounded::<(PackWriter, Arc<SessionCipher>)>(1);
         let (rtx, rrx) = bounded(64);
-        let uploaders = (0..opts.uploaders.max(1))
+        let uploaders = match opts.uploaders {
+            0 => repo.backend().upload_concurrency(),
+            n => n,
+        };
+        let uploaders = (0..uploaders.max(1))
             .map(|_| {
                 let urx = urx.clone();
                 let rtx = rtx.clone();

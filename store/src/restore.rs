@@ -28,7 +28,8 @@ const MAX_BATCH: u64 = 32 << 20;
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
-    /// Parallel fetch/decrypt/write threads; 0 = a default.
+    /// Parallel fetch/decrypt/write threads; 0 = the backend's choice
+    /// (`Backend::read_concurrency`).
     pub threads: usize,
 }
 
@@ -260,7 +261,10 @@ pub fn restore_into(
         .map(|e| e.len)
         .sum();
     progress(zero_bytes);
-    let threads = if opts.threads == 0 { 4 } else { opts.threads };
+    let threads = match opts.threads {
+        0 => repo.backend().read_concurrency(),
+        n => n,
+    };
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {

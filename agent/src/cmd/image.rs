@@ -103,7 +103,7 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
         &repo,
         &BackupOptions {
             threads,
-            uploaders: repo.backend().upload_concurrency(),
+            ..Default::default()
         },
     )?;
     session
@@ -213,10 +213,6 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
     let list = repo.load_chunk_list(&d.chunk_list)?;
     let pb = progress::bar(d.size, &format!("restore {}", d.name));
     let t = Instant::now();
-    let threads = match threads {
-        0 => repo.backend().read_concurrency(),
-        n => n,
-    };
     let overwrite = if force {
         Overwrite::Allowed
     } else {

@@ -183,10 +183,7 @@ fn restore_disks(
     undo: &mut Undo<'_>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    let threads = match opts.threads {
-        0 => repo.backend().read_concurrency(),
-        n => n,
-    };
+    let threads = opts.threads;
     for (d, target) in &plan.disks {
         undo.file(target.path.clone());
         let r: Result<()> = match target.format {

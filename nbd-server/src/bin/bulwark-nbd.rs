@@ -14,7 +14,6 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use nbd_server::{Server, ServerConfig, ServerTls, StoreExport, TlsMode};
-use store::{LocalBackend, Repository};
 
 #[derive(Parser)]
 #[command(
@@ -207,24 +206,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         None => None,
     };
-    let backend: Arc<dyn store::Backend> = if repo.starts_with("s3://") {
-        // Endpoint: $BULWARK_S3_ENDPOINT, else the AWS variables/profile.
-        let mut cfg = store::backend::S3Config::from_url(&repo)?;
-        cfg.endpoint = std::env::var("BULWARK_S3_ENDPOINT")
-            .ok()
-            .filter(|e| !e.is_empty());
-        Arc::new(store::backend::S3Backend::new(cfg)?)
-    } else if repo.contains("://") {
-        bail!("repository {repo:?}: use a directory or s3://BUCKET/PREFIX");
-    } else {
-        Arc::new(LocalBackend::new(&repo))
-    };
+    // The agent and the CLI pass the S3 endpoint and metadata permission
+    // through the environment; no local object cache: the reader has its own.
+    let mut location = store::Location::new(&repo);
+    location.s3_endpoint = std::env::var("BULWARK_S3_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty());
+    location.s3_imds = std::env::var("BULWARK_S3_IMDS").is_ok_and(|v| v == "1" || v == "true");
     let secret = store::keys::secret_from_sources(key_file.as_deref(), password_file.as_deref())?
         .context(
         "no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file",
     )?;
     let repo = Arc::new(
-        Repository::open(backend, &secret).with_context(|| format!("opening repository {repo}"))?,
+        location
+            .open(&secret)
+            .with_context(|| format!("opening repository {repo}"))?,
     );
     let snap = repo.find_snapshot(&snapshot)?;
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
