@@ -42,7 +42,7 @@ const INDEX_FLUSH_PACKS: usize = 64;
 /// incremental reads little past the point where it resynchronises.
 const READ_STEP: usize = 256 * 1024;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct BackupOptions {
     /// Worker threads for hashing/compression/encryption; 0 = one per core.
     pub threads: usize,
@@ -51,14 +51,6 @@ pub struct BackupOptions {
     pub uploaders: usize,
 }
 
-impl Default for BackupOptions {
-    fn default() -> Self {
-        BackupOptions {
-            threads: 0,
-            uploaders: 0,
-        }
-    }
-}
 
 /// What to read of a disk.
 pub enum Mode<'a> {
