@@ -51,7 +51,6 @@ pub struct BackupOptions {
     pub uploaders: usize,
 }
 
-
 /// What to read of a disk.
 pub enum Mode<'a> {
     /// Everything the source says holds data.

@@ -2,10 +2,10 @@
 //!
 //! A repository holds deduplicated, compressed, encrypted chunks of disk
 //! images in packs, an append-only index of where each chunk lives, and
-//! immutable snapshot manifests with per-disk chunk lists. The project's
-//! design brief (`DESIGN.md` beside the repository) fixes the decisions;
-//! each module's docs say how it implements them, and `docs/gc.md` states
-//! the garbage-collection invariant.
+//! immutable snapshot manifests with per-disk chunk lists. `docs/format.md`
+//! gives the objects and the decisions behind them; each module's docs say
+//! how it implements them, and `docs/gc.md` states the garbage-collection
+//! invariant.
 
 pub mod backend;
 pub mod backup;

@@ -255,25 +255,35 @@ impl Drop for Registrations {
 }
 
 unsafe extern "C" fn free_sender(opaque: *mut c_void) {
-    drop(Box::from_raw(opaque as *mut Sender<Event>));
+    // SAFETY: libvirt calls this once, with the Sender boxed at registration.
+    drop(unsafe { Box::from_raw(opaque as *mut Sender<Event>) });
 }
 
 unsafe extern "C" fn free_closed(opaque: *mut c_void) {
-    drop(Arc::from_raw(opaque as *const Closed));
+    // SAFETY: libvirt calls this once, with the Arc leaked at registration.
+    drop(unsafe { Arc::from_raw(opaque as *const Closed) });
 }
 
 unsafe extern "C" fn on_close(_conn: sys::virConnectPtr, _reason: c_int, opaque: *mut c_void) {
-    let closed = &*(opaque as *const Closed);
+    // SAFETY: the Arc leaked at registration, alive until `free_closed`.
+    let closed = unsafe { &*(opaque as *const Closed) };
     *closed.flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
     closed.cv.notify_all();
 }
 
 /// Name and uuid of the domain an event is about.
+///
+/// # Safety
+/// `dom` is the domain libvirt passed to the callback (valid during it).
 unsafe fn ids(dom: sys::virDomainPtr) -> (String, String) {
-    let name = c_str(sys::virDomainGetName(dom)).unwrap_or_default();
+    // SAFETY: `dom` is valid (the caller's promise); the name is owned by
+    // it and copied at once.
+    let name = unsafe { c_str(sys::virDomainGetName(dom)) }.unwrap_or_default();
     let mut buf = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
-    let uuid = if sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) == 0 {
-        c_str(buf.as_ptr()).unwrap_or_default()
+    // SAFETY: `buf` has the VIR_UUID_STRING_BUFLEN bytes libvirt writes,
+    // NUL-terminated on success.
+    let uuid = if unsafe { sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } == 0 {
+        unsafe { c_str(buf.as_ptr()) }.unwrap_or_default()
     } else {
         String::new()
     };
@@ -308,7 +318,8 @@ unsafe extern "C" fn on_lifecycle(
         (sys::VIR_DOMAIN_EVENT_STOPPED, _) => Lifecycle::Stopped,
         _ => return 0,
     };
-    let (domain, uuid) = ids(dom);
+    // SAFETY: the domain of this callback.
+    let (domain, uuid) = unsafe { ids(dom) };
     send(
         opaque,
         Event::Lifecycle {
@@ -327,7 +338,8 @@ unsafe extern "C" fn on_metadata(
     _nsuri: *const c_char,
     opaque: *mut c_void,
 ) {
-    let (domain, _) = ids(dom);
+    // SAFETY: the domain of this callback.
+    let (domain, _) = unsafe { ids(dom) };
     send(opaque, Event::MetadataChanged { domain });
 }
 
@@ -346,12 +358,13 @@ unsafe extern "C" fn on_block_job(
         sys::VIR_DOMAIN_BLOCK_JOB_READY => BlockJobStatus::Ready,
         _ => return,
     };
-    let (domain, _) = ids(dom);
+    // SAFETY: the domain and disk name of this callback, valid during it.
+    let (domain, disk) = unsafe { (ids(dom), c_str(disk)) };
     send(
         opaque,
         Event::BlockJob {
-            domain,
-            disk: c_str(disk).unwrap_or_default(),
+            domain: domain.0,
+            disk: disk.unwrap_or_default(),
             status,
         },
     );

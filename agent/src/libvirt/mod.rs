@@ -302,5 +302,6 @@ fn looks_like_uuid(s: &str) -> bool {
 /// # Safety
 /// `p` is null or points to a NUL-terminated string valid for this call.
 unsafe fn c_str(p: *const std::os::raw::c_char) -> Option<String> {
-    (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+    // SAFETY: non-null, and NUL-terminated by the caller's promise.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }

@@ -119,7 +119,9 @@ pub fn u(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
-/// Asserts the incremental bound of DESIGN.md on one disk report.
+/// Asserts the incremental bound on one disk report: bytes read at most the
+/// dirty bytes plus two chunks per dirty extent (an incremental re-chunks
+/// from the chunk boundary before each extent; `docs/vm.md`).
 pub fn assert_incremental_bound(disk: &serde_json::Value, min_dirty: u64) {
     assert_eq!(disk["mode"], "incremental", "{disk}");
     let dirty = u(disk, "dirty_bytes");
