@@ -3,24 +3,27 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use rand::{RngCore, SeedableRng};
+use testbed::cli::{sparse_image, stderr, Runner};
 
 const PW: &str = "test passphrase";
 
 struct Env {
     dir: tempfile::TempDir,
+    bw: Runner,
 }
 
 impl Env {
     fn new() -> Self {
-        let e = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let out = e.run(&["repo", "init"]);
-        assert!(out.status.success(), "init: {}", stderr(&out));
+        let dir = tempfile::tempdir().unwrap();
+        let bw = Runner::new(env!("CARGO_BIN_EXE_bulwark"))
+            .env("BULWARK_REPO", dir.path().join("repo"))
+            .env("BULWARK_PASSWORD", PW);
+        let e = Env { dir, bw };
+        e.ok(&["repo", "init"]);
         e
     }
 
@@ -29,60 +32,19 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_bulwark"));
-        c.args(args)
-            .env("BULWARK_REPO", self.path("repo"))
-            .env("BULWARK_PASSWORD", PW)
-            .env_remove("BULWARK_LOG");
-        c
+        self.bw.cmd(args)
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        self.bw.run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "bulwark {args:?} failed: {}",
-            stderr(&out)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.bw.ok(args)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A sparse image: random, text, explicit zeros and holes.
-fn make_image(path: &Path, mib: u64, seed: u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let f = File::create(path).unwrap();
-    f.set_len(mib << 20).unwrap();
-    let mut off = 0u64;
-    while off < mib << 20 {
-        let mut block = vec![0u8; 1 << 20];
-        match (off >> 20) % 5 {
-            0 | 1 => rng.fill_bytes(&mut block),
-            2 => {
-                for (i, b) in block.iter_mut().enumerate() {
-                    *b = b"lorem ipsum dolor sit amet\n"[i % 27];
-                }
-            }
-            3 => {} // explicit zeros
-            _ => {
-                off += 1 << 20; // hole
-                continue;
-            }
-        }
-        f.write_all_at(&block, off).unwrap();
-        off += 1 << 20;
+        self.bw.json(args)
     }
 }
 
@@ -90,7 +52,7 @@ fn make_image(path: &Path, mib: u64, seed: u64) {
 fn backup_twice_restore_verify() {
     let e = Env::new();
     let img = e.path("disk.raw");
-    make_image(&img, 40, 1);
+    sparse_image(&img, 40, 1);
     let first = e.json(&[
         "backup",
         "image",
@@ -211,7 +173,7 @@ fn key_file_repository() {
     assert!(run(&["repo", "init"]).status.success());
     assert!(key.exists());
     let img = dir.path().join("a.raw");
-    make_image(&img, 6, 5);
+    sparse_image(&img, 6, 5);
     assert!(
         run(&["backup", "image", img.to_str().unwrap(), "--source", "a"])
             .status
@@ -233,7 +195,7 @@ fn key_file_repository() {
 fn flipped_byte_fails_verify_and_restore_loudly() {
     let e = Env::new();
     let img = e.path("disk.raw");
-    make_image(&img, 20, 2);
+    sparse_image(&img, 20, 2);
     e.ok(&["backup", "image", img.to_str().unwrap(), "--source", "db"]);
     assert!(e.run(&["verify"]).status.success());
     // Flip one byte in the middle of the largest pack.
@@ -278,7 +240,7 @@ fn flipped_byte_fails_verify_and_restore_loudly() {
 fn sigkill_midway_leaves_a_repository_that_verifies_and_backs_up() {
     let e = Env::new();
     let small = e.path("small.raw");
-    make_image(&small, 8, 3);
+    sparse_image(&small, 8, 3);
     e.ok(&[
         "backup",
         "image",

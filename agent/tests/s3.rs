@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use rand::{RngCore, SeedableRng};
+use testbed::cli::{sparse_image, stderr, Runner};
 use testbed::s3::{FaultProxy, Faults, S3Server};
 
 const PW: &str = "s3 test passphrase";
@@ -44,34 +45,29 @@ impl Env {
         format!("s3://{}/hosts", self.bucket)
     }
 
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_bulwark"));
-        c.args(args)
+    fn bw(&self) -> Runner {
+        Runner::new(env!("CARGO_BIN_EXE_bulwark"))
             .envs(self.server.env())
             .env("BULWARK_REPO", self.repo())
             .env("BULWARK_PASSWORD", PW)
             .env("BULWARK_CACHE_DIR", self.path("cache"))
-            .env_remove("BULWARK_LOG")
-            .env_remove("BULWARK_S3_ENDPOINT");
-        c
+            .env_remove("BULWARK_S3_ENDPOINT")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        self.bw().cmd(args)
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        self.bw().run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "bulwark {args:?} failed: {}",
-            stderr(&out)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.bw().ok(args)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
+        self.bw().json(args)
     }
 
     fn backup(&self, img: &Path, source: &str) -> String {
@@ -100,36 +96,11 @@ impl Env {
     }
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A sparse image: random, text, explicit zeros and holes.
-fn make_image(path: &Path, mib: u64, seed: u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let f = File::create(path).unwrap();
-    f.set_len(mib << 20).unwrap();
-    for i in 0..mib {
-        let mut block = vec![0u8; 1 << 20];
-        match i % 5 {
-            0 | 1 => rng.fill_bytes(&mut block),
-            2 => {
-                for (j, b) in block.iter_mut().enumerate() {
-                    *b = b"lorem ipsum dolor sit amet\n"[j % 27];
-                }
-            }
-            3 => {}
-            _ => continue, // hole
-        }
-        f.write_all_at(&block, i << 20).unwrap();
-    }
-}
-
 #[test]
 fn backup_snapshots_restore_verify_on_s3() {
     let e = Env::new().init();
     let img = e.path("disk.raw");
-    make_image(&img, 24, 1);
+    sparse_image(&img, 24, 1);
     let s1 = e.backup(&img, "web");
     // Change a little and back up again: mostly deduplicated.
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
@@ -166,7 +137,7 @@ fn backup_snapshots_restore_verify_on_s3() {
     assert_eq!(v["snapshots"], 2);
     // The original content, restored from the first snapshot.
     let orig = e.path("orig.raw");
-    make_image(&orig, 24, 1);
+    sparse_image(&orig, 24, 1);
     e.restore_matches(&s1, &orig, &[]);
 }
 
@@ -174,11 +145,11 @@ fn backup_snapshots_restore_verify_on_s3() {
 fn two_hosts_back_up_into_one_bucket_at_once() {
     let e = Env::new().init();
     let (a, b) = (e.path("a.raw"), e.path("b.raw"));
-    make_image(&a, 20, 2);
-    make_image(&b, 20, 3);
+    sparse_image(&a, 20, 2);
+    sparse_image(&b, 20, 3);
     // The same content in both, so the writers race on the same new chunks.
     let shared = e.path("shared.raw");
-    make_image(&shared, 6, 4);
+    sparse_image(&shared, 6, 4);
     let s = std::fs::read(&shared).unwrap();
     File::options()
         .write(true)
@@ -228,7 +199,7 @@ fn two_hosts_back_up_into_one_bucket_at_once() {
 fn backup_through_faults_loses_nothing() {
     let e = Env::new().init();
     let img = e.path("disk.raw");
-    make_image(&img, 16, 5);
+    sparse_image(&img, 16, 5);
     let first = e.backup(&img, "db");
     let proxy = FaultProxy::start(
         e.server.port(),
@@ -241,7 +212,7 @@ fn backup_through_faults_loses_nothing() {
     )
     .unwrap();
     let img2 = e.path("disk2.raw");
-    make_image(&img2, 24, 6);
+    sparse_image(&img2, 24, 6);
     let via_proxy = ["--s3-endpoint", &proxy.endpoint()];
     let mut args = vec![
         "--no-cache",

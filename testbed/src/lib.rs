@@ -33,6 +33,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cli;
 mod console;
 pub mod guest;
 mod image;
@@ -41,6 +42,7 @@ mod loopdev;
 mod qemu;
 pub mod s3;
 mod util;
+mod vmfiles;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,6 +53,7 @@ pub use libvirt::{domain_qemu_io, TestBed, Vm, LIBVIRT_URI};
 pub use loopdev::LoopDevice;
 pub use qemu::QemuVm;
 pub use util::files_under;
+pub use vmfiles::VmFiles;
 
 /// The device path of the guest's disk for HMP `qemu-io -d`, the same under
 /// libvirt and under [`QemuVm`].

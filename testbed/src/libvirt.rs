@@ -5,10 +5,10 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::console::Console;
 use crate::guest::{Ready, Wrote};
-use crate::image::{DiskFormat, Image};
-use crate::util::{copy_sparse, io_err, link_or_copy, make_world_readable, run, xml_escape};
+use crate::image::Image;
+use crate::util::{io_err, link_or_copy, make_world_readable, run, xml_escape};
+use crate::vmfiles::VmFiles;
 use crate::{Boot, Error, Result, VmOptions, DISK_QDEV};
 
 /// The libvirt connection URI the test bed uses.
@@ -156,33 +156,26 @@ fn which(tool: &str) -> Option<PathBuf> {
 /// delete the temp dir and QEMU log, also when a test panics.
 #[derive(Debug)]
 pub struct Vm {
-    name: String,
-    dir: tempfile::TempDir,
-    disk: PathBuf,
-    format: DiskFormat,
-    console: Console,
+    files: VmFiles,
     xml: String,
 }
+
+crate::vmfiles::deref_to_files!(Vm);
 
 impl Vm {
     /// Copies the image's disk into a new temp dir and defines a domain with
     /// a unique name on it (not started). Calls [`TestBed::ensure`].
     pub fn define(image: &Image, opts: VmOptions) -> Result<Vm> {
         TestBed::ensure()?;
-        let dir = tempfile::Builder::new()
-            .prefix("bw-testbed-")
-            .tempdir()
-            .map_err(io_err("creating temp dir"))?;
-        make_world_readable(dir.path())?;
-        let disk = dir.path().join(format!("disk.{}", opts.format.as_str()));
-        copy_sparse(&image.disk(opts.format), &disk)?;
-        let name = crate::unique_name(&opts.name_prefix);
-        let console_path = dir.path().join("console.log");
+        let files = VmFiles::new(image, &opts, "bw-testbed-")?;
+        // libvirt's QEMU runs as another user: it must reach the disk.
+        make_world_readable(files.dir())?;
+        let dir = files.dir();
         let kernel = match &opts.boot {
             Boot::Disk => String::new(),
             Boot::Kernel { args } => {
-                let k = dir.path().join("vmlinuz");
-                let i = dir.path().join("initrd.img");
+                let k = dir.join("vmlinuz");
+                let i = dir.join("initrd.img");
                 link_or_copy(&image.kernel(), &k)?;
                 link_or_copy(&image.initrd(), &i)?;
                 format!(
@@ -222,7 +215,7 @@ impl Vm {
 {devices}  </devices>
 </domain>
 ",
-            name = xml_escape(&name),
+            name = xml_escape(files.name()),
             metadata = opts
                 .metadata_xml
                 .as_deref()
@@ -235,46 +228,19 @@ impl Vm {
                 .unwrap_or_default(),
             mem = opts.memory_mib,
             fmt = opts.format.as_str(),
-            disk = xml_escape(&disk.to_string_lossy()),
-            console = xml_escape(&console_path.to_string_lossy()),
+            disk = xml_escape(&files.disk_path().to_string_lossy()),
+            console = xml_escape(&files.console.path().to_string_lossy()),
         );
-        let xml_path = dir.path().join("domain.xml");
+        let xml_path = dir.join("domain.xml");
         std::fs::write(&xml_path, &xml).map_err(io_err("writing domain.xml"))?;
-        let vm = Vm {
-            name,
-            dir,
-            disk,
-            format: opts.format,
-            console: Console::new(console_path),
-            xml,
-        };
+        let vm = Vm { files, xml };
         virsh([std::ffi::OsStr::new("define"), xml_path.as_os_str()])?;
         Ok(vm)
     }
 
-    /// The domain's unique name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// The VM's disk (a private copy of the image).
-    pub fn disk_path(&self) -> &Path {
-        &self.disk
-    }
-    /// The disk's format.
-    pub fn disk_format(&self) -> DiskFormat {
-        self.format
-    }
-    /// The VM's temp dir (deleted on drop).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
     /// The domain XML it was defined with.
     pub fn xml(&self) -> &str {
         &self.xml
-    }
-    /// The serial console.
-    pub fn console(&mut self) -> &mut Console {
-        &mut self.console
     }
     /// libvirt's log of the QEMU process (stdout/stderr, including the output
     /// of HMP `qemu-io`).

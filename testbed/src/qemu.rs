@@ -2,15 +2,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::console::Console;
 use crate::guest::{Ready, Wrote};
-use crate::image::{DiskFormat, Image};
+use crate::image::Image;
 use crate::libvirt::{check_qemu_io_output, wait_log_growth};
-use crate::util::{copy_sparse, describe, io_err};
+use crate::util::{describe, io_err};
+use crate::vmfiles::VmFiles;
 use crate::{Boot, Error, Result, VmOptions, DISK_QDEV};
 
 /// The test image under a plain `qemu-system-x86_64 -accel tcg` process, on a
@@ -19,27 +19,20 @@ use crate::{Boot, Error, Result, VmOptions, DISK_QDEV};
 /// killed on drop and the temp dir deleted.
 #[derive(Debug)]
 pub struct QemuVm {
-    name: String,
-    dir: tempfile::TempDir,
-    disk: PathBuf,
-    format: DiskFormat,
-    console: Console,
+    files: VmFiles,
     args: Vec<String>,
     child: Option<Child>,
 }
 
+crate::vmfiles::deref_to_files!(QemuVm);
+
 impl QemuVm {
     /// Copies the image's disk into a new temp dir (not started yet).
     pub fn new(image: &Image, opts: VmOptions) -> Result<QemuVm> {
-        let dir = tempfile::Builder::new()
-            .prefix("bw-testbed-qemu-")
-            .tempdir()
-            .map_err(io_err("creating temp dir"))?;
-        let disk = dir.path().join(format!("disk.{}", opts.format.as_str()));
-        copy_sparse(&image.disk(opts.format), &disk)?;
-        let name = crate::unique_name(&opts.name_prefix);
-        let console_path = dir.path().join("console.log");
-        let qmp = dir.path().join("qmp.sock");
+        let files = VmFiles::new(image, &opts, "bw-testbed-qemu-")?;
+        let (name, disk) = (files.name().to_string(), files.disk_path());
+        let console_path = files.console.path();
+        let qmp = files.dir().join("qmp.sock");
         let mut args: Vec<String> = vec![
             "-name".into(),
             name.clone(),
@@ -79,36 +72,12 @@ impl QemuVm {
             ]);
         }
         Ok(QemuVm {
-            name,
-            dir,
-            disk,
-            format: opts.format,
-            console: Console::new(console_path),
+            files,
             args,
             child: None,
         })
     }
 
-    /// A unique name for this VM (QEMU `-name`).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// The VM's disk (a private copy of the image).
-    pub fn disk_path(&self) -> &Path {
-        &self.disk
-    }
-    /// The disk's format.
-    pub fn disk_format(&self) -> DiskFormat {
-        self.format
-    }
-    /// The VM's temp dir (deleted on drop).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-    /// The serial console.
-    pub fn console(&mut self) -> &mut Console {
-        &mut self.console
-    }
     /// QEMU's stdout and stderr.
     pub fn qemu_log_path(&self) -> PathBuf {
         self.dir.path().join("qemu.log")
@@ -195,7 +164,7 @@ impl QemuVm {
     pub fn wait_line(&mut self, pattern: &str, timeout: Duration) -> Result<String> {
         let log = self.qemu_log_path();
         let child = &mut self.child;
-        self.console.wait_line_checked(pattern, timeout, || {
+        self.files.console.wait_line_checked(pattern, timeout, || {
             let exited = match child.as_mut() {
                 None => true,
                 Some(c) => !matches!(c.try_wait(), Ok(None)),

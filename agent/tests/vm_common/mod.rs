@@ -33,33 +33,28 @@ impl Env {
         self.path("state")
     }
 
-    pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_bulwark"));
-        c.args(args)
+    /// `bulwark` on the env's repository and state dir.
+    pub fn bw(&self) -> testbed::cli::Runner {
+        testbed::cli::Runner::new(env!("CARGO_BIN_EXE_bulwark"))
             .env("BULWARK_REPO", self.path("repo"))
             .env("BULWARK_PASSWORD", PW)
             .env("BULWARK_STATE_DIR", self.state_dir())
-            .env_remove("BULWARK_LOG");
-        c
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        self.bw().cmd(args)
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        self.bw().run(args)
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "bulwark {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.bw().ok(args)
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let s = self.ok(args);
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"))
+        self.bw().json(args)
     }
 
     pub fn backup(&self, domain: &str, extra: &[&str]) -> serde_json::Value {
