@@ -144,7 +144,7 @@ fn default_state_dir() -> PathBuf {
     crate::vm::DEFAULT_STATE_DIR.into()
 }
 fn default_socket() -> PathBuf {
-    "/run/bulwark/agent.sock".into()
+    bulwark_proto::DEFAULT_SOCKET.into()
 }
 fn default_uri() -> String {
     "qemu:///system".into()

@@ -23,10 +23,9 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const XMLNS: &str = "https://bulwark.dev/xmlns/libvirt/1";
-const PREFIX: &str = "bw-";
-/// The bitmap the hook adds when a protected disk has none of Bulwark's.
-const HOOK_BITMAP: &str = "bw-hook";
+// The names the agent uses too, from one place: a mismatch would make the
+// hook skip protected domains or add bitmaps the agent does not know.
+use bulwark_proto::{HookEvent, CHECKPOINT_PREFIX, DEFAULT_SOCKET, HOOK_BITMAP, XMLNS};
 
 struct Conf {
     socket: String,
@@ -35,7 +34,7 @@ struct Conf {
 
 fn conf() -> Conf {
     let mut c = Conf {
-        socket: "/run/bulwark/agent.sock".into(),
+        socket: DEFAULT_SOCKET.into(),
         qemu_img: "qemu-img".into(),
     };
     let path =
@@ -90,8 +89,10 @@ fn main() {
         for (target, file) in qcow2_disks(&xml) {
             match bitmaps(&c, &file) {
                 Ok(bms) => {
-                    let ours: Vec<&(String, bool)> =
-                        bms.iter().filter(|b| b.0.starts_with(PREFIX)).collect();
+                    let ours: Vec<&(String, bool)> = bms
+                        .iter()
+                        .filter(|b| b.0.starts_with(CHECKPOINT_PREFIX))
+                        .collect();
                     if ours.iter().any(|b| b.1) {
                         unclean = true;
                     }
@@ -106,13 +107,14 @@ fn main() {
             }
         }
     }
-    let msg = format!(
-        "{{\"op\":\"hook\",\"domain\":{},\"uuid\":{},\"event\":{},\"unclean\":{unclean},\"bitmaps_added\":[{}]}}\n",
-        json_str(dom),
-        json_str(&uuid),
-        json_str(&format!("{op} {sub}")),
-        added.iter().map(|a| json_str(a)).collect::<Vec<_>>().join(",")
-    );
+    let msg = HookEvent {
+        domain: dom.to_string(),
+        uuid,
+        event: format!("{op} {sub}"),
+        unclean,
+        bitmaps_added: added,
+    }
+    .to_json_line();
     if let Err(e) = notify(&c.socket, &msg) {
         // The agent may be down: the backup notices on its own later.
         eprintln!("bulwark-hook: {dom}: agent not told ({}): {e}", c.socket);
@@ -265,21 +267,6 @@ fn unescape(s: &str) -> String {
         .replace("&amp;", "&")
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,7 +285,6 @@ mod tests {
             vec![("vda".to_string(), "/v/a&b.qcow2".to_string())]
         );
         assert_eq!(element_text(xml, "uuid").as_deref(), Some("abc"));
-        assert_eq!(json_str("a\"b\n"), "\"a\\\"b\\u000a\"");
     }
 
     #[test]

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
-use serde_json::json;
+use anyhow::{Context, Result};
+use bulwark_proto::{Backed, Reply, Request};
 
 use crate::config::{self, Config};
 
@@ -64,13 +64,13 @@ pub fn run(c: AgentCmd) -> Result<i32> {
             Ok(0)
         }
         AgentCmd::Status { json, sock } => {
-            let v = crate::daemon::request(
-                &sock.path()?,
-                &json!({"op": "status"}),
-                Duration::from_secs(30),
-            )?;
+            let reply: Reply<serde_json::Value> =
+                crate::daemon::request(&sock.path()?, &Request::Status, Duration::from_secs(30))?;
+            // The document as the agent sent it, `"ok": true` included.
+            let doc = serde_json::to_string(&reply)?;
+            let v = reply.into_result().context("agent")?;
             if json {
-                println!("{v}");
+                println!("{doc}");
             } else {
                 print_status(&v);
             }
@@ -84,15 +84,16 @@ pub fn run(c: AgentCmd) -> Result<i32> {
             full,
             sock,
         } => {
-            let v = crate::daemon::request(
-                &sock.path()?,
-                &json!({"op": "backup", "domain": domain, "policy": policy, "full": full}),
-                Duration::from_secs(24 * 3600),
-            )?;
-            if v["ok"] != true {
-                bail!("agent: {}", v["error"].as_str().unwrap_or("failed"));
-            }
-            println!("{}", v["report"]);
+            let req = Request::Backup {
+                domain,
+                policy,
+                full,
+            };
+            // The report is shown as the agent wrote it.
+            let reply: Reply<Backed<serde_json::Value>> =
+                crate::daemon::request(&sock.path()?, &req, Duration::from_secs(24 * 3600))?;
+            let Backed { report } = reply.into_result().context("agent")?;
+            println!("{report}");
             Ok(0)
         }
     }

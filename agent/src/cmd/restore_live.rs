@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use bulwark_proto::{Done, Pong, Reply, Request};
 use serde_json::json;
 
 use super::human;
@@ -84,14 +85,14 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     }
     if !a.wait {
         for r in &started {
-            let v = crate::daemon::request(
-                &a.agent_socket,
-                &json!({"op": "live_adopt", "name": r.name}),
-                Duration::from_secs(30),
-            )?;
-            if v["ok"] != true {
-                bail!("the agent did not take {} over: {}", r.name, v["error"]);
-            }
+            let req = Request::LiveAdopt {
+                name: r.name.clone(),
+            };
+            let reply: Reply<Done> =
+                crate::daemon::request(&a.agent_socket, &req, Duration::from_secs(30))?;
+            reply
+                .into_result()
+                .with_context(|| format!("the agent did not take {} over", r.name))?;
         }
         if a.json {
             println!("{}", serde_json::to_string_pretty(&started)?);
@@ -120,15 +121,15 @@ fn absolute(p: &std::path::Path) -> Result<PathBuf> {
 }
 
 fn ping_agent(socket: &std::path::Path) -> Result<()> {
-    crate::daemon::request(socket, &json!({"op": "ping"}), Duration::from_secs(5)).with_context(
-        || {
+    crate::daemon::request(socket, &Request::Ping, Duration::from_secs(5))
+        .and_then(|r: Reply<Pong>| Ok(r.into_result()?))
+        .with_context(|| {
             format!(
                 "no agent answers at {} to supervise the live restore: start it, \
                  or pass --wait to supervise in the foreground",
                 socket.display()
             )
-        },
-    )?;
+        })?;
     Ok(())
 }
 

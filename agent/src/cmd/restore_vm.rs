@@ -65,7 +65,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0, requires = "live")]
     pub(super) stream_mib_per_sec: u64,
     /// The agent's socket (with --live, the agent supervises the restore).
-    #[arg(long, default_value = "/run/bulwark/agent.sock")]
+    #[arg(long, default_value = bulwark_proto::DEFAULT_SOCKET)]
     pub(super) agent_socket: PathBuf,
     /// Where live restore records live (the agent's state dir).
     #[arg(long, env = "BULWARK_STATE_DIR", default_value = crate::vm::DEFAULT_STATE_DIR)]

@@ -1,10 +1,11 @@
-//! The control socket: one JSON object per line each way.
+//! The control socket: one JSON object per line each way, a
+//! [`Request`] in and a [`Reply`] out (both in `bulwark-proto`, shared with
+//! the hook).
 //!
-//! Requests: `{"op":"ping"}`, `{"op":"status"}`,
-//! `{"op":"backup","domain":D,"policy":P,"full":false}` (runs now, replies
-//! with the report), and `{"op":"hook",...}` from `bulwark-hook` (answered
-//! at once, recorded afterwards: the hook must never wait on a backup),
-//! and `{"op":"live_adopt","name":N}` (the agent supervises live restore N).
+//! `backup` runs now and replies with the report; `hook` (from
+//! `bulwark-hook`) is answered at once and recorded afterwards: the hook
+//! must never wait on a backup; `live_adopt` makes this agent supervise a
+//! live restore.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use bulwark_proto::{Backed, Done, Pong, Reply, Request};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use super::Agent;
 
@@ -56,58 +59,61 @@ fn handle(agent: &Arc<Agent>, s: UnixStream) -> Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line = String::new();
     BufReader::new(&s).take(1 << 20).read_line(&mut line)?;
-    let req: Value = match serde_json::from_str(&line) {
-        Ok(v) => v,
-        Err(e) => {
-            return reply(
-                &s,
-                &json!({"ok": false, "error": format!("bad request: {e}")}),
-            )
-        }
+    // Parsed once: an unknown op or a missing field is refused here.
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => return reply(&s, &Reply::<Done>::err(format!("bad request: {e}"))),
     };
-    match req.get("op").and_then(Value::as_str) {
-        Some("ping") => reply(
+    match req {
+        Request::Ping => reply(
             &s,
-            &json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}),
+            &Reply::Ok(Pong {
+                version: env!("CARGO_PKG_VERSION").into(),
+            }),
         ),
-        Some("status") => reply(&s, &agent.status()),
-        Some("hook") => {
+        Request::Status => reply(&s, &Reply::Ok(agent.status())),
+        Request::Hook(ev) => {
             // Answer first: libvirt waits on the hook.
-            reply(&s, &json!({"ok": true}))?;
-            agent.record_hook(&req)
+            reply(&s, &Reply::Ok(Done {}))?;
+            agent.record_hook(&ev)
         }
-        Some("backup") => {
-            let dom = req.get("domain").and_then(Value::as_str).unwrap_or("");
-            let policy = req.get("policy").and_then(Value::as_str);
-            let full = req.get("full").and_then(Value::as_bool).unwrap_or(false);
-            match agent.backup(dom, policy, full) {
-                Ok(r) => reply(&s, &json!({"ok": true, "report": r})),
-                Err(e) => reply(&s, &json!({"ok": false, "error": format!("{e:#}")})),
-            }
+        Request::Backup {
+            domain,
+            policy,
+            full,
+        } => {
+            let r = agent.backup(&domain, policy.as_deref(), full);
+            reply(&s, &answer(r.map(|report| Backed { report })))
         }
-        Some("live_adopt") => {
-            let name = req.get("name").and_then(Value::as_str).unwrap_or("");
-            match agent.adopt_live(name) {
-                Ok(()) => reply(&s, &json!({"ok": true})),
-                Err(e) => reply(&s, &json!({"ok": false, "error": format!("{e:#}")})),
-            }
+        Request::LiveAdopt { name } => {
+            reply(&s, &answer(agent.adopt_live(&name).map(|()| Done {})))
         }
-        other => reply(
-            &s,
-            &json!({"ok": false, "error": format!("unknown op {other:?}")}),
-        ),
     }
 }
 
-fn reply(mut s: &UnixStream, v: &Value) -> Result<()> {
-    let mut b = serde_json::to_vec(v)?;
+/// A job's outcome as a reply: the error with its whole chain of causes.
+fn answer<T>(r: Result<T>) -> Reply<T> {
+    match r {
+        Ok(t) => Reply::Ok(t),
+        Err(e) => Reply::err(format!("{e:#}")),
+    }
+}
+
+fn reply<T: Serialize>(mut s: &UnixStream, r: &Reply<T>) -> Result<()> {
+    let mut b = serde_json::to_vec(r)?;
     b.push(b'\n');
     s.write_all(&b)?;
     Ok(())
 }
 
-/// One request to a running agent; its reply.
-pub fn request(socket: &Path, req: &Value, timeout: Duration) -> Result<Value> {
+/// One request to a running agent; its reply, whose payload the caller
+/// names (`Pong` for `ping`, `Done` for `live_adopt`, ...). A refusal is a
+/// `Reply::Err`, not an `Err`: that is for the socket and the parsing.
+pub fn request<T: DeserializeOwned>(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Reply<T>> {
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
     s.set_read_timeout(Some(timeout))?;

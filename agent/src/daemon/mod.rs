@@ -27,7 +27,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 
 pub use control::request;
 
@@ -230,19 +229,17 @@ impl Agent {
     }
 
     /// A `bulwark-hook` event, into the domain's record.
-    fn record_hook(&self, req: &Value) -> Result<()> {
-        let uuid = req.get("uuid").and_then(Value::as_str).unwrap_or("");
-        let event = req.get("event").and_then(Value::as_str).unwrap_or("");
-        let dom = req.get("domain").and_then(Value::as_str).unwrap_or("");
+    fn record_hook(&self, ev: &bulwark_proto::HookEvent) -> Result<()> {
+        let (uuid, dom, event) = (&ev.uuid, &ev.domain, &ev.event);
         if uuid.is_empty() || uuid.contains('/') || uuid.contains("..") {
             bail!("hook event without a usable uuid");
         }
         tracing::info!("hook: {dom}: {event}");
         let _lock = self.state.lock(uuid)?;
         let mut st = self.state.load(uuid)?;
-        st.domain = dom.to_string();
-        st.last_event = Some(event.to_string());
-        if req.get("unclean").and_then(Value::as_bool) == Some(true) {
+        st.domain = dom.clone();
+        st.last_event = Some(event.clone());
+        if ev.unclean {
             tracing::warn!("{dom}: bitmaps in use at start: it crashed; next backup reads all");
             st.unclean_stop = true;
         }

@@ -47,8 +47,8 @@ impl Agent {
             .keys()
             .filter_map(|p| self.cfg.refusal(p).map(|why| (p, why)))
             .collect();
+        // `"ok": true` is the reply's (control.rs), beside these.
         json!({
-            "ok": true,
             "host": super::hostname(),
             "version": env!("CARGO_PKG_VERSION"),
             "now": now(),

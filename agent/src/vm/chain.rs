@@ -26,7 +26,7 @@ use crate::libvirt::{qmp::Block, Domain};
 
 /// The bitmap `bulwark-hook` (or the agent, from a define event) adds to a
 /// protected domain's disks before its first backup.
-pub const HOOK_BITMAP: &str = "bw-hook";
+pub use bulwark_proto::HOOK_BITMAP;
 
 /// Checkpoints kept per disk (the newest two).
 pub const KEEP_CHECKPOINTS: usize = 2;

@@ -11,9 +11,8 @@ pub mod restore;
 pub mod rewrite;
 pub mod state;
 
-/// Bulwark's XML namespace in domain `<metadata>`.
-pub const XMLNS: &str = "https://bulwark.dev/xmlns/libvirt/1";
-/// Prefix of every checkpoint / bitmap Bulwark creates.
-pub const CHECKPOINT_PREFIX: &str = "bw-";
+/// Bulwark's XML namespace in domain `<metadata>`, and the prefix of every
+/// checkpoint / bitmap Bulwark creates: shared with `bulwark-hook`.
+pub use bulwark_proto::{CHECKPOINT_PREFIX, XMLNS};
 /// Default state directory (checkpoint records, sockets, scratch files).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulwark";
