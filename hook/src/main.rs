@@ -59,7 +59,11 @@ fn conf() -> Conf {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    // Never `env::args()`: it panics on a name that is not UTF-8, and a
+    // failing hook fails the VM's start.
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let (dom, op, sub) = (
         args.get(1).map_or("", String::as_str),
         args.get(2).map_or("", String::as_str),
