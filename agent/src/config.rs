@@ -102,6 +102,26 @@ pub struct RepoConf {
 }
 
 impl RepoConf {
+    /// Where the repository is, with the environment's S3 options (the
+    /// agent has no command line).
+    pub fn location(&self) -> store::Location {
+        crate::secret::BackendArgs::default().location(&self.path)
+    }
+
+    /// The secret from the key or password file the config names.
+    pub fn secret(&self) -> Result<store::Secret> {
+        store::keys::secret_from_sources(self.key_file.as_deref(), self.password_file.as_deref())?
+            .with_context(|| format!("repository {}: no key_file or password_file", self.path))
+    }
+
+    /// Opens the repository.
+    pub fn open(&self) -> Result<store::Repository> {
+        let secret = self.secret()?;
+        self.location()
+            .open(&secret)
+            .with_context(|| format!("opening repository {}", self.path))
+    }
+
     pub fn gc_grace(&self) -> Result<chrono::Duration> {
         match &self.gc_grace {
             Some(g) => crate::cmd::parse_duration(g).map_err(|e| anyhow::anyhow!("gc_grace {e}")),

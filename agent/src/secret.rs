@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use store::backend::{CacheOptions, S3Config};
+use store::backend::CacheOptions;
 use store::location::default_cache_dir;
 use store::{Backend, Location, Repository, Secret};
 
@@ -105,11 +105,6 @@ fn repo_location(g: &Global) -> Result<&str> {
 /// Where the repository of the command line is, and how to reach it.
 pub fn location(g: &Global) -> Result<Location> {
     Ok(g.backend.location(repo_location(g)?))
-}
-
-/// The S3 settings when `--repo` is an `s3://` URL.
-pub fn s3_config(g: &Global) -> Result<Option<S3Config>> {
-    Ok(location(g)?.s3_config()?)
 }
 
 pub fn backend(g: &Global) -> Result<Arc<dyn Backend>> {

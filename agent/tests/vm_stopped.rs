@@ -22,31 +22,11 @@ fn qemu_io_offline(disk: &Path, cmd: &str) {
     assert!(out.status.success(), "qemu-io {cmd}: {out:?}");
 }
 
+/// Bulwark's bitmaps and their flags.
 fn bw_bitmaps(disk: &Path) -> Vec<(String, Vec<String>)> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(disk)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.pointer("/format-specific/data/bitmaps")
-        .and_then(|b| b.as_array())
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_string(),
-                b["flags"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|f| f.as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .filter(|(n, _)| n.starts_with("bw-"))
-        .collect()
+    let mut b = bitmaps(disk);
+    b.retain(|(n, _)| n.starts_with("bw-"));
+    b
 }
 
 #[test]

@@ -26,13 +26,14 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use crate::chunklist::{self, ChunkList, Extent};
 use crate::crypto::SessionCipher;
 use crate::error::{Error, Result};
+use crate::extent::{DataExtent, Span};
 use crate::id::{Id, IdSet};
 use crate::index::{self, Index};
 use crate::layout;
 use crate::pack::{PackInfo, PackWriter};
 use crate::repo::Repository;
 use crate::snapshot::{self, BackupStats, DiskEntry, Snapshot, SnapshotMeta};
-use crate::source::{BlockSource, SourceExtent};
+use crate::source::BlockSource;
 use crate::{blob, object};
 
 /// Pack infos written in one index object at most; a long backup killed
@@ -55,12 +56,12 @@ pub struct BackupOptions {
 pub enum Mode<'a> {
     /// Everything the source says holds data.
     Full,
-    /// Only what changed since `parent`: `dirty` lists `(offset, len)`
-    /// ranges that may differ from the parent's content; everything else
+    /// Only what changed since `parent`: `dirty` lists the ranges that
+    /// may differ from the parent's content; everything else
     /// is taken from the parent's chunk list unread.
     Incremental {
         parent: &'a ChunkList,
-        dirty: &'a [(u64, u64)],
+        dirty: &'a [Span],
     },
 }
 
@@ -174,7 +175,7 @@ impl<'r> BackupSession<'r> {
         let size = source.size();
         let mut fell_back = false;
         let (parent, dirty) = match mode {
-            Mode::Full => (None, vec![(0, size)]),
+            Mode::Full => (None, vec![Span::new(0, size)]),
             Mode::Incremental { parent, dirty } if parent.size() == size => {
                 (Some(parent), normalize(dirty, size))
             }
@@ -184,7 +185,7 @@ impl<'r> BackupSession<'r> {
                     parent.size()
                 );
                 fell_back = true;
-                (None, vec![(0, size)])
+                (None, vec![Span::new(0, size)])
             }
         };
         let ctx = Ctx {
@@ -292,11 +293,11 @@ fn add_stats(total: &mut BackupStats, s: &BackupStats) {
 }
 
 /// Sorted, merged, clipped dirty ranges.
-fn normalize(dirty: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
+fn normalize(dirty: &[Span], size: u64) -> Vec<Span> {
     let mut v: Vec<(u64, u64)> = dirty
         .iter()
-        .filter(|&&(o, l)| l > 0 && o < size)
-        .map(|&(o, l)| (o, (o.saturating_add(l)).min(size)))
+        .filter(|d| d.len > 0 && d.offset < size)
+        .map(|d| (d.offset, d.end().min(size)))
         .collect();
     v.sort();
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -306,7 +307,7 @@ fn normalize(dirty: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
             _ => out.push((s, e)),
         }
     }
-    out.into_iter().map(|(s, e)| (s, e - s)).collect()
+    out.into_iter().map(|(s, e)| Span::new(s, e - s)).collect()
 }
 
 /// One step of the reader's output, in disk order.
@@ -521,7 +522,7 @@ fn run_parallel(
     threads: usize,
     source: &mut dyn BlockSource,
     parent: Option<&ChunkList>,
-    dirty: &[(u64, u64)],
+    dirty: &[Span],
 ) -> Result<(ChunkList, BackupStats)> {
     let in_flight = threads * 4 + 4;
     let (tokens_tx, tokens_rx) = bounded::<()>(in_flight);
@@ -597,7 +598,7 @@ fn run_parallel(
 /// Source allocation, queried in windows and cached; small holes count as
 /// data so they do not shred chunks into tiny pieces.
 struct AllocMap {
-    extents: Vec<SourceExtent>,
+    extents: Vec<DataExtent>,
     min_hole: u64,
 }
 
@@ -606,7 +607,7 @@ impl AllocMap {
     const MAX_CACHED: usize = 1 << 16;
 
     /// The extent containing `pos`, merged with neighbours of the same kind.
-    fn at(&mut self, src: &mut dyn BlockSource, pos: u64) -> Result<SourceExtent> {
+    fn at(&mut self, src: &mut dyn BlockSource, pos: u64) -> Result<DataExtent> {
         let size = src.size();
         let covered = self.extents.first().is_some_and(|f| f.offset <= pos)
             && self.extents.last().is_some_and(|l| l.offset + l.len > pos);
@@ -671,7 +672,7 @@ fn read_disk(
     repo: &Repository,
     src: &mut dyn BlockSource,
     parent: Option<&ChunkList>,
-    dirty: &[(u64, u64)],
+    dirty: &[Span],
     emit: &mut dyn FnMut(Piece) -> Result<()>,
 ) -> Result<u64> {
     let size = src.size();
@@ -711,7 +712,11 @@ fn read_disk(
         };
 
     while pos < size {
-        let Some(&(ds, dl)) = dirty.get(di) else {
+        let Some(&Span {
+            offset: ds,
+            len: dl,
+        }) = dirty.get(di)
+        else {
             copy_parent(pos, size, emit)?;
             break;
         };
@@ -793,7 +798,7 @@ fn read_disk(
                     pos += cut as u64;
                 }
             }
-            while let Some(&(s, l)) = dirty.get(di) {
+            while let Some(&Span { offset: s, len: l }) = dirty.get(di) {
                 if s >= pos {
                     break;
                 }
@@ -813,7 +818,7 @@ fn read_disk(
                     // change is still zeros, so stop reading here.
                     if let Some(e) = p.find(pos).map(|i| p.extents()[i]) {
                         if e.chunk.is_none() {
-                            let stop = e.end().min(dirty.get(di).map_or(u64::MAX, |d| d.0));
+                            let stop = e.end().min(dirty.get(di).map_or(u64::MAX, |d| d.offset));
                             emit(Piece::Zero { len: stop - pos })?;
                             pos = stop;
                             break;

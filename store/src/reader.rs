@@ -49,13 +49,7 @@ const WINDOW_MIN: u64 = 8 << 20;
 /// The window never grows past this (nor past a quarter of the cache).
 const WINDOW_MAX: u64 = 256 << 20;
 
-/// Whether a range of the disk holds chunk data or reads as zeros.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DiskExtent {
-    pub offset: u64,
-    pub len: u64,
-    pub data: bool,
-}
+pub use crate::extent::DataExtent;
 
 /// Counters, for benchmarks and tests.
 #[derive(Clone, Copy, Debug, Default)]
@@ -179,10 +173,10 @@ impl DiskReader {
     }
 
     /// Data/zero extents covering `[offset, offset + len)` (clipped to the disk).
-    pub fn extents(&self, offset: u64, len: u64) -> Vec<DiskExtent> {
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<DataExtent> {
         let list = &self.inner.list;
         let end = offset.saturating_add(len).min(self.size());
-        let mut out: Vec<DiskExtent> = Vec::new();
+        let mut out: Vec<DataExtent> = Vec::new();
         let Some(mut i) = list.find(offset) else {
             return out;
         };
@@ -195,7 +189,7 @@ impl DiskReader {
             let data = e.chunk.is_some();
             match out.last_mut() {
                 Some(l) if l.data == data && l.offset + l.len == s => l.len += t - s,
-                _ => out.push(DiskExtent {
+                _ => out.push(DataExtent {
                     offset: s,
                     len: t - s,
                     data,

@@ -8,22 +8,16 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::extent::Span;
 
-/// A range of the source and whether it may hold data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SourceExtent {
-    pub offset: u64,
-    pub len: u64,
-    /// `false`: known to read as zeros (hole, unallocated, zero cluster).
-    pub data: bool,
-}
+pub use crate::extent::DataExtent;
 
 /// A disk being backed up. Reads may come from one thread at a time.
 pub trait BlockSource: Send {
     fn size(&self) -> u64;
 
     /// Extents covering `[offset, offset + len)` in order, with no gaps.
-    fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<SourceExtent>>;
+    fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<DataExtent>>;
 
     /// Fills `buf` from `offset` (which lies within the source).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
@@ -37,11 +31,11 @@ pub trait BlockSource: Send {
 /// `ESPIPE` mean "no hole information" (block devices, some filesystems),
 /// so the rest is data and gets read; any other error is returned. Block
 /// devices are never asked: they are all data.
-pub fn allocation_map(file: &File, offset: u64, end: u64) -> io::Result<Vec<SourceExtent>> {
+pub fn allocation_map(file: &File, offset: u64, end: u64) -> io::Result<Vec<DataExtent>> {
     let mut out = Vec::new();
-    let all_data = |out: &mut Vec<SourceExtent>, pos: u64| {
+    let all_data = |out: &mut Vec<DataExtent>, pos: u64| {
         if pos < end {
-            out.push(SourceExtent {
+            out.push(DataExtent {
                 offset: pos,
                 len: end - pos,
                 data: true,
@@ -64,7 +58,7 @@ pub fn allocation_map(file: &File, offset: u64, end: u64) -> io::Result<Vec<Sour
             Err(e) => return Err(e),
         };
         if data > pos {
-            out.push(SourceExtent {
+            out.push(DataExtent {
                 offset: pos,
                 len: data - pos,
                 data: false,
@@ -81,7 +75,7 @@ pub fn allocation_map(file: &File, offset: u64, end: u64) -> io::Result<Vec<Sour
             Err(e) => return Err(e),
         };
         let hole = hole.max(pos + 1);
-        out.push(SourceExtent {
+        out.push(DataExtent {
             offset: pos,
             len: hole - pos,
             data: true,
@@ -147,7 +141,7 @@ impl BlockSource for ImageFile {
         self.size
     }
 
-    fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
+    fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<DataExtent>> {
         let end = offset.saturating_add(len).min(self.size);
         allocation_map(&self.file, offset, end).map_err(|e| {
             Error::io(
@@ -168,7 +162,7 @@ impl BlockSource for ImageFile {
 pub struct MemSource {
     pub data: Vec<u8>,
     /// Ranges reported as holes (they must hold zeros in `data`).
-    pub holes: Vec<(u64, u64)>,
+    pub holes: Vec<Span>,
     /// Bytes handed out by `read_at`, to check what a backup read.
     pub bytes_read: u64,
 }
@@ -188,19 +182,23 @@ impl BlockSource for MemSource {
         self.data.len() as u64
     }
 
-    fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
+    fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<DataExtent>> {
         let end = (offset + len).min(self.size());
         let mut out = Vec::new();
         let mut pos = offset;
         let mut holes = self.holes.clone();
         holes.sort();
-        for (hs, hl) in holes {
+        for Span {
+            offset: hs,
+            len: hl,
+        } in holes
+        {
             let he = hs + hl;
             if he <= pos || hs >= end {
                 continue;
             }
             if hs > pos {
-                out.push(SourceExtent {
+                out.push(DataExtent {
                     offset: pos,
                     len: hs - pos,
                     data: true,
@@ -208,7 +206,7 @@ impl BlockSource for MemSource {
             }
             let s = hs.max(pos);
             let e = he.min(end);
-            out.push(SourceExtent {
+            out.push(DataExtent {
                 offset: s,
                 len: e - s,
                 data: false,
@@ -216,7 +214,7 @@ impl BlockSource for MemSource {
             pos = e;
         }
         if pos < end {
-            out.push(SourceExtent {
+            out.push(DataExtent {
                 offset: pos,
                 len: end - pos,
                 data: true,
@@ -274,7 +272,7 @@ mod tests {
         let ex = allocation_map(&r, 0, 1 << 20).unwrap();
         assert_eq!(
             ex,
-            vec![SourceExtent {
+            vec![DataExtent {
                 offset: 0,
                 len: 1 << 20,
                 data: true

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rand::RngCore;
 use store::source::MemSource;
-use store::{ChunkList, Error, ImageFile, LocalBackend, Mode, Repository, Secret};
+use store::{ChunkList, Error, ImageFile, LocalBackend, Mode, Repository, Secret, Span};
 
 mod common;
 use common::*;
@@ -90,13 +90,13 @@ fn unchanged_backup_stores_almost_nothing_and_shared_halves_dedup() {
 }
 
 /// Applies writes to `data` and returns them as dirty extents.
-fn scribble(data: &mut [u8], seed: u64, n: usize, len: usize) -> Vec<(u64, u64)> {
+fn scribble(data: &mut [u8], seed: u64, n: usize, len: usize) -> Vec<Span> {
     let mut r = rng(seed);
     let mut dirty = Vec::new();
     for _ in 0..n {
         let off = (r.next_u64() as usize) % (data.len() - len);
         r.fill_bytes(&mut data[off..off + len]);
-        dirty.push((off as u64, len as u64));
+        dirty.push(Span::new(off as u64, len as u64));
     }
     dirty
 }
@@ -110,7 +110,7 @@ fn incremental_reads_only_dirty_plus_resync_and_restores() {
     disk.extend(text(16 << 20, 21));
     disk.extend(vec![0u8; 16 << 20]);
     let mut src = MemSource::new(disk.clone());
-    src.holes.push((40 << 20, 8 << 20));
+    src.holes.push(Span::new(40 << 20, 8 << 20));
     let full = backup(&repo, &mut src, Mode::Full, 2);
     let mut parent: ChunkList = repo.load_chunk_list(&full.disks[0].chunk_list).unwrap();
     let mut parent_snap = full;
@@ -119,11 +119,11 @@ fn incremental_reads_only_dirty_plus_resync_and_restores() {
         let mut dirty = scribble(&mut disk[..40 << 20], 100 + round, 6, 40_000);
         // One write lands in the hole / zero area too.
         disk[44 << 20..(44 << 20) + 5000].fill(0x5a);
-        dirty.push((44 << 20, 5000));
-        let dirty_bytes: u64 = dirty.iter().map(|d| d.1).sum();
+        dirty.push(Span::new(44 << 20, 5000));
+        let dirty_bytes: u64 = dirty.iter().map(|d| d.len).sum();
         let mut src = MemSource::new(disk.clone());
-        src.holes.push((40 << 20, 4 << 20));
-        src.holes.push((45 << 20, 3 << 20));
+        src.holes.push(Span::new(40 << 20, 4 << 20));
+        src.holes.push(Span::new(45 << 20, 3 << 20));
         let threads = 1 + round as usize;
         let snap = backup(
             &repo,

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use store::backend::s3::FailureKind;
 use store::backend::S3Backend;
-use store::{Error, KdfParams, RepoConfig, Repository, Secret};
+use store::{Error, KdfParams, Location, RepoConfig, Repository, Secret};
 
 use crate::secret;
 use crate::Global;
@@ -122,7 +122,10 @@ fn failed(kind: &'static str, code: i32, message: impl Into<String>) -> Failed {
 fn check_target(g: &Global, json: bool) -> Result<i32> {
     let mut steps: Vec<(&str, String)> = Vec::new();
     let mut info = serde_json::json!({});
-    let r = check_steps(g, &mut steps, &mut info);
+    let r = match secret::location(g) {
+        Ok(l) => check_steps(&l, || secret::secret(g, false), &mut steps, &mut info),
+        Err(e) => Err(failed("invalid", 1, format!("{e:#}"))),
+    };
     let location = g.repo.clone().unwrap_or_default();
     match &r {
         Ok(()) => {
@@ -160,18 +163,24 @@ fn check_target(g: &Global, json: bool) -> Result<i32> {
 /// `check-target` without output: the kind of failure (`unreachable`,
 /// `credentials`, `no_bucket`, `no_repository`, `wrong_key`, ...) and its
 /// message. The agent checks its repositories with it.
-pub(crate) fn check(g: &Global) -> std::result::Result<(), (&'static str, String)> {
+pub(crate) fn check(
+    location: &Location,
+    secret: impl FnOnce() -> Result<Secret>,
+) -> std::result::Result<(), (&'static str, String)> {
     let mut steps = Vec::new();
     let mut info = serde_json::json!({});
-    check_steps(g, &mut steps, &mut info).map_err(|f| (f.kind, f.message))
+    check_steps(location, secret, &mut steps, &mut info).map_err(|f| (f.kind, f.message))
 }
 
 fn check_steps(
-    g: &Global,
+    location: &Location,
+    secret: impl FnOnce() -> Result<Secret>,
     steps: &mut Vec<(&'static str, String)>,
     info: &mut serde_json::Value,
 ) -> Result<(), Failed> {
-    let s3cfg = secret::s3_config(g).map_err(|e| failed("invalid", 1, format!("{e:#}")))?;
+    let s3cfg = location
+        .s3_config()
+        .map_err(|e| failed("invalid", 1, e.to_string()))?;
     if let Some(mut cfg) = s3cfg {
         // A quick answer: few attempts, short timeouts.
         cfg.max_attempts = cfg.max_attempts.min(3);
@@ -195,22 +204,24 @@ fn check_steps(
         steps.push(("credentials", "accepted".into()));
         steps.push(("bucket", s3.bucket().to_string()));
     }
-    let backend = secret::backend(g).map_err(|e| failed("invalid", 1, format!("{e:#}")))?;
-    let location = backend.location();
+    let backend = location
+        .backend()
+        .map_err(|e| failed("invalid", 1, e.to_string()))?;
+    let at = backend.location();
     let config = Repository::read_config(backend.as_ref()).map_err(|e| match e {
         Error::NoRepository(_) => failed(
             "no_repository",
             6,
-            format!("no repository at {location} (run `bulwark repo init`)"),
+            format!("no repository at {at} (run `bulwark repo init`)"),
         ),
         Error::Corrupt { .. } | Error::UnsupportedVersion(_) => {
-            failed("no_repository", 6, format!("{location}/config: {e}"))
+            failed("no_repository", 6, format!("{at}/config: {e}"))
         }
         e => failed("error", 1, e.to_string()),
     })?;
     info["repository"] = config.id.to_string().into();
     steps.push(("repository", config.id.to_string()));
-    let secret = secret::secret(g, false).map_err(|e| failed("wrong_key", 7, format!("{e:#}")))?;
+    let secret = secret().map_err(|e| failed("wrong_key", 7, format!("{e:#}")))?;
     let repo = Repository::open(backend, &secret).map_err(|e| match e {
         Error::WrongKey => failed("wrong_key", 7, e.to_string()),
         e => failed("error", 1, e.to_string()),

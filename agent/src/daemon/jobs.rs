@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use super::scheduler::{now, GcRun, Run};
 use super::Agent;
-use crate::config::{self, PolicyConf, RepoConf};
+use crate::config::{PolicyConf, RepoConf};
 use crate::libvirt::Libvirt;
 use crate::logging::Capture;
 use crate::mail::Task;
@@ -59,7 +59,7 @@ impl Agent {
         let started = Instant::now();
         // An unreachable repository is a failed backup like any other:
         // recorded, and mailed.
-        let r = open_repo(rc).and_then(|repo| {
+        let r = rc.open().and_then(|repo| {
             let rep = backup::backup(
                 &repo,
                 &Options {
@@ -137,7 +137,7 @@ impl Agent {
         let _gc = self.gc_busy.lock().unwrap_or_else(|p| p.into_inner());
         let log = Capture::begin();
         let r = rc.gc_grace().and_then(|grace| {
-            let repo = open_repo(rc)?;
+            let repo = rc.open()?;
             let opts = store::gc::GcOptions {
                 grace,
                 ..Default::default()
@@ -196,22 +196,6 @@ impl Agent {
         let err = r.as_ref().err().map(|e| format!("{e:#}"));
         self.alert(&job, err.as_deref(), &log.lines());
     }
-}
-
-/// The CLI's view of a configured repository, for the code paths the CLI
-/// and the agent share (opening, `check-target`).
-pub(super) fn global(rc: &config::RepoConf) -> crate::Global {
-    crate::Global {
-        repo: Some(rc.path.clone()),
-        password_file: rc.password_file.clone(),
-        key_file: rc.key_file.clone(),
-        verbose: 0,
-        backend: Default::default(),
-    }
-}
-
-fn open_repo(rc: &config::RepoConf) -> Result<store::Repository> {
-    crate::secret::open(&global(rc))
 }
 
 /// Prunes the (domain, policy) group by the policy's numbers; `None` when

@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use nbd_server::proto::consts::{STATE_DIRTY, STATE_ZERO};
 use nbd_server::{Client, ClientOptions};
-use store::source::SourceExtent;
 use store::BlockSource;
+use store::{DataExtent, Span};
 
 pub const ALLOCATION: &str = "base:allocation";
 
@@ -56,7 +56,7 @@ impl NbdSource {
     }
 
     /// Ranges marked dirty in `context` (merged, in order).
-    pub fn dirty(&mut self, context: &str) -> Result<Vec<(u64, u64)>> {
+    pub fn dirty(&mut self, context: &str) -> Result<Vec<Span>> {
         let size = self.size;
         let rt = &self.rt;
         let c = self.client.as_mut().context("NBD connection closed")?;
@@ -66,7 +66,7 @@ impl NbdSource {
         Ok(ext
             .into_iter()
             .filter(|e| e.flags & STATE_DIRTY != 0)
-            .map(|e| (e.offset, e.length))
+            .map(|e| Span::new(e.offset, e.length))
             .collect())
     }
 
@@ -82,9 +82,9 @@ impl BlockSource for NbdSource {
         self.size
     }
 
-    fn extents(&mut self, offset: u64, len: u64) -> store::Result<Vec<SourceExtent>> {
+    fn extents(&mut self, offset: u64, len: u64) -> store::Result<Vec<DataExtent>> {
         if !self.has_allocation {
-            return Ok(vec![SourceExtent {
+            return Ok(vec![DataExtent {
                 offset,
                 len,
                 data: true,
@@ -104,7 +104,7 @@ impl BlockSource for NbdSource {
             })?;
         Ok(ext
             .into_iter()
-            .map(|e| SourceExtent {
+            .map(|e| DataExtent {
                 offset: e.offset,
                 len: e.length,
                 data: e.flags & STATE_ZERO == 0,

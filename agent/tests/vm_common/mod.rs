@@ -153,9 +153,9 @@ pub fn checkpoints(domain: &str) -> Vec<String> {
         .collect()
 }
 
-/// Names of the persistent bitmaps in a qcow2 image (read with `-U`: a
-/// running QEMU may hold it).
-pub fn bitmap_names(disk: &Path) -> Vec<String> {
+/// The persistent bitmaps in a qcow2 image with their flags (read with
+/// `-U`: a running QEMU may hold it).
+pub fn bitmaps(disk: &Path) -> Vec<(String, Vec<String>)> {
     let out = Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(disk)
@@ -168,8 +168,22 @@ pub fn bitmap_names(disk: &Path) -> Vec<String> {
         .cloned()
         .unwrap_or_default()
         .iter()
-        .map(|b| b["name"].as_str().unwrap().to_string())
+        .map(|b| {
+            let flags = b["flags"].as_array().cloned().unwrap_or_default();
+            (
+                b["name"].as_str().unwrap().to_string(),
+                flags
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
         .collect()
+}
+
+/// Names of the persistent bitmaps in a qcow2 image.
+pub fn bitmap_names(disk: &Path) -> Vec<String> {
+    bitmaps(disk).into_iter().map(|(n, _)| n).collect()
 }
 
 /// Bulwark's policy element naming `policy`, for `VmOptions::metadata_xml`.

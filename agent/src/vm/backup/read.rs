@@ -26,7 +26,7 @@ pub(super) fn read_disk(
                 .context("disk missing from the base snapshot")?;
             let parent = repo.load_chunk_list(&entry.chunk_list)?;
             let dirty = src.dirty(ctx)?;
-            let bytes: u64 = dirty.iter().map(|d| d.1).sum();
+            let bytes: u64 = dirty.iter().map(|d| d.len).sum();
             tracing::info!("{target}: {} dirty extents, {bytes} bytes", dirty.len());
             let r = session
                 .backup_disk(
