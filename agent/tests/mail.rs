@@ -2,16 +2,16 @@
 //! lettre against a real SMTP server (Debian's python3-aiosmtpd) on
 //! loopback, each test with its own port, directories and server process.
 
-#[path = "../src/mail/mod.rs"]
-#[allow(dead_code, unused_imports)]
-mod mail;
 #[path = "smtp_server/mod.rs"]
 mod smtp_server;
 
 use std::time::{Duration, Instant};
 
+use bulwark::mail;
+use bulwark::mail::{
+    Alerts, Job, Outbox, SenderThread, SmtpConfig, SmtpSender, Task, TlsMode, Transport,
+};
 use chrono::{DateTime, TimeZone, Utc};
-use mail::{Alerts, Job, Outbox, SenderThread, SmtpConfig, SmtpSender, Task, TlsMode, Transport};
 use smtp_server::{free_port, Server};
 
 fn config(port: u16) -> SmtpConfig {

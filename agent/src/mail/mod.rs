@@ -10,9 +10,6 @@
 //!
 //! [`Alerts`] ties the notifier and the outbox together for the daemon;
 //! [`SenderThread`] drains the outbox in the background.
-//!
-//! Self-contained on purpose (no `crate::` paths): the integration test
-//! compiles this directory on its own.
 
 mod notify;
 mod outbox;
@@ -22,10 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-// The whole API: tests/mail.rs compiles this directory on its own.
-#[allow(unused_imports)]
 pub use notify::{Job, JobState, Notifier, NotifierState, Task};
-#[allow(unused_imports)]
 pub use outbox::{backoff, Drained, Outbox, Queued, SenderThread, Transport};
 pub use smtp::SmtpSender;
 

@@ -251,7 +251,6 @@ impl SenderThread {
     }
 
     /// Stops the thread after the send in progress, if any, finishes.
-    #[allow(dead_code)] // the agent's sender lives as long as the process
     pub fn stop(mut self) {
         self.shutdown();
     }
