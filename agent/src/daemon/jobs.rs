@@ -88,7 +88,7 @@ impl Agent {
         let failure = match &r {
             Ok((repo, rep)) => {
                 run.snapshot = Some(rep.snapshot.clone());
-                run.mode = Some(rep.mode.to_string());
+                run.mode = Some(rep.mode);
                 run.bytes_read = rep.bytes_read;
                 run.bytes_stored = rep.bytes_stored;
                 run.last_ok = Some(run.at);

@@ -37,7 +37,7 @@ pub(super) struct Run {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
+    pub mode: Option<crate::vm::backup::ReadMode>,
     /// Snapshots the prune after this backup removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pruned: Option<usize>,

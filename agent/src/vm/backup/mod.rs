@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use store::{BackupOptions, BackupSession, Repository, Snapshot, SnapshotMeta};
 
 use super::chain::{Base, Chain, DiskPlan, NewCheckpoint};
@@ -34,12 +34,32 @@ pub struct Options {
     pub libvirt: Libvirt,
 }
 
+/// How a backup read: every allocated block, or only what the dirty
+/// bitmap marked; a VM's backup is `Mixed` when its disks differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadMode {
+    Full,
+    Incremental,
+    Mixed,
+}
+
+impl std::fmt::Display for ReadMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadMode::Full => "full",
+            ReadMode::Incremental => "incremental",
+            ReadMode::Mixed => "mixed",
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct DiskReport {
     pub name: String,
     pub format: String,
-    /// `full` or `incremental`.
-    pub mode: &'static str,
+    /// `Full` or `Incremental`.
+    pub mode: ReadMode,
     /// Why the disk was read whole (absent for incrementals).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -59,8 +79,7 @@ pub struct Report {
     pub snapshot: String,
     pub domain: String,
     pub running: bool,
-    /// `full`, `incremental`, or `mixed` (some disks each way).
-    pub mode: &'static str,
+    pub mode: ReadMode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -213,11 +232,14 @@ fn report(
     nvram: Option<PathBuf>,
     t0: Instant,
 ) -> Report {
-    let n_inc = disks.iter().filter(|r| r.mode == "incremental").count();
+    let n_inc = disks
+        .iter()
+        .filter(|r| r.mode == ReadMode::Incremental)
+        .count();
     let mode = match n_inc {
-        0 => "full",
-        n if n == disks.len() => "incremental",
-        _ => "mixed",
+        0 => ReadMode::Full,
+        n if n == disks.len() => ReadMode::Incremental,
+        _ => ReadMode::Mixed,
     };
     let s = &snap.stats;
     Report {

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use store::{BackupSession, Mode, Repository};
 
-use super::DiskReport;
+use super::{DiskReport, ReadMode};
 use crate::vm::chain::{Base, DiskPlan};
 use crate::vm::nbdsrc::NbdSource;
 
@@ -52,7 +52,11 @@ pub(super) fn read_disk(
     Ok(DiskReport {
         name: target.clone(),
         format: p.disk.format.clone(),
-        mode: if inc { "incremental" } else { "full" },
+        mode: if inc {
+            ReadMode::Incremental
+        } else {
+            ReadMode::Full
+        },
         reason: if inc {
             None
         } else if result.fell_back_to_full {
