@@ -14,14 +14,47 @@ pub struct Disk {
     pub target: String,
     /// Image file or block device.
     pub path: PathBuf,
-    /// `qcow2`, `raw`, ...
-    pub format: String,
+    pub format: DiskFormat,
+}
+
+/// An image format as libvirt's `<driver type>` names it: the two Bulwark
+/// treats differently, and the rest (read whole through QEMU, by name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+    Other(String),
+}
+
+impl DiskFormat {
+    pub fn parse(name: &str) -> DiskFormat {
+        match name {
+            "qcow2" => DiskFormat::Qcow2,
+            "raw" => DiskFormat::Raw,
+            other => DiskFormat::Other(other.to_string()),
+        }
+    }
+
+    /// The name QEMU and libvirt use.
+    pub fn as_str(&self) -> &str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+            DiskFormat::Other(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Disk {
     /// Only qcow2 (v3) images hold persistent dirty bitmaps.
     pub fn has_bitmaps(&self) -> bool {
-        self.format == "qcow2"
+        self.format == DiskFormat::Qcow2
     }
 }
 
@@ -78,10 +111,11 @@ pub fn parse(xml: &str) -> Result<DomainInfo> {
             };
             // libvirt's default: no driver type is raw (it never probes),
             // so this is what the guest sees too.
-            let format = child("driver")
-                .and_then(|t| t.attribute("type"))
-                .unwrap_or("raw")
-                .to_string();
+            let format = DiskFormat::parse(
+                child("driver")
+                    .and_then(|t| t.attribute("type"))
+                    .unwrap_or("raw"),
+            );
             disks.push(Disk {
                 target: target.to_string(),
                 path: PathBuf::from(path),

@@ -51,7 +51,7 @@ pub(super) fn read_disk(
     let inc = dirty_info.is_some() && !result.fell_back_to_full;
     Ok(DiskReport {
         name: target.clone(),
-        format: p.disk.format.clone(),
+        format: p.disk.format.to_string(),
         mode: if inc {
             ReadMode::Incremental
         } else {

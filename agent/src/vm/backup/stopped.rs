@@ -24,7 +24,7 @@ pub(super) fn read(chain: &Chain<'_>, job: &mut Job<'_, '_, '_>) -> Result<()> {
             .filter(|_| inc)
             .map(|(cp, _)| cp.name.as_str());
         let sock = job.dir.join(format!("{target}.sock"));
-        let nbd = QemuNbd::start(&p.disk.path, &p.disk.format, bitmap, &sock, target)?;
+        let nbd = QemuNbd::start(&p.disk.path, p.disk.format.as_str(), bitmap, &sock, target)?;
         let ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
         let src = NbdSource::connect(&nbd.socket, &nbd.export, ctx.as_deref())?;
         let r = read_disk(job.repo, src, p, job.base, ctx.as_deref(), job.session)?;
