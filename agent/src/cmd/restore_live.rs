@@ -76,7 +76,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
             println!(
                 "{}: running from snapshot {}, streaming {} into {}",
                 r.name,
-                &r.snapshot[..12.min(r.snapshot.len())],
+                r.snapshot.short(),
                 human(r.bytes_total()),
                 o.restore.dir.display()
             );

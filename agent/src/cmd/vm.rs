@@ -51,7 +51,7 @@ pub fn backup(g: &Global, a: BackupVmArgs) -> Result<i32> {
     } else {
         println!(
             "snapshot {} of {} ({}, {}): read {} of {} in {:.1}s, new {}, stored {}",
-            &r.snapshot[..12.min(r.snapshot.len())],
+            r.snapshot.short(),
             r.domain,
             if r.running { "running" } else { "stopped" },
             r.mode,

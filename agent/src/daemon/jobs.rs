@@ -87,12 +87,12 @@ impl Agent {
         // What the contacts hear: the backup's error, else the prune's.
         let failure = match &r {
             Ok((repo, rep)) => {
-                run.snapshot = Some(rep.snapshot.clone());
+                run.snapshot = Some(rep.snapshot);
                 run.mode = Some(rep.mode);
                 run.bytes_read = rep.bytes_read;
                 run.bytes_stored = rep.bytes_stored;
                 run.last_ok = Some(run.at);
-                run.last_snapshot = Some(rep.snapshot.clone());
+                run.last_snapshot = Some(rep.snapshot);
                 match prune(repo, dom, &policy_name, pol) {
                     Ok(n) => {
                         run.pruned = n;

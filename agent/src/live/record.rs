@@ -68,7 +68,7 @@ pub struct LiveDisk {
 pub struct LiveRestore {
     /// The new domain's name (also this record's).
     pub name: String,
-    pub snapshot: String,
+    pub snapshot: store::Id,
     pub source: String,
     pub repo: RepoSpec,
     /// The Unix socket `bulwark-nbd` serves the snapshot on.
@@ -207,7 +207,7 @@ mod tests {
     fn rec(phase: Phase) -> LiveRestore {
         LiveRestore {
             name: "web-live".into(),
-            snapshot: "ab".repeat(32),
+            snapshot: "ab".repeat(32).parse().unwrap(),
             source: "web".into(),
             repo: RepoSpec::default(),
             socket: "/s".into(),

@@ -38,7 +38,7 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
         .open(&r.server_log)
         .with_context(|| format!("opening {}", r.server_log.display()))?;
     let mut cmd = Command::new(binary());
-    cmd.args(["serve", "--snapshot", &r.snapshot, "--socket"])
+    cmd.args(["serve", "--snapshot", &r.snapshot.to_hex(), "--socket"])
         .arg(&r.socket)
         .env("BULWARK_REPO", &r.repo.repo)
         .stdin(Stdio::null())

@@ -91,7 +91,7 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
     let now = chrono::Utc::now().timestamp();
     LiveRestore {
         name: plan.name.clone(),
-        snapshot: plan.snapshot.id.to_string(),
+        snapshot: plan.snapshot.id,
         source: plan.snapshot.source.clone(),
         repo: o.repo.clone(),
         // Short: a Unix socket path has ~107 bytes.

@@ -169,7 +169,7 @@ impl<'a> Chain<'a> {
                 )),
             );
         }
-        match repo.find_snapshot(&cp.snapshot) {
+        match repo.find_snapshot(&cp.snapshot.to_hex()) {
             Ok(s) => (Some((cp.clone(), s)), None),
             Err(e) => (
                 None,
@@ -387,7 +387,7 @@ impl<'a> Chain<'a> {
         if has_bitmaps {
             self.state.checkpoints.push(Checkpoint {
                 name: new.name,
-                snapshot: snapshot.id.to_string(),
+                snapshot: snapshot.id,
                 repo: repo.config().id.to_string(),
                 created: chrono::Utc::now().timestamp(),
                 disks: new.disks,

@@ -52,7 +52,7 @@ pub struct Options {
 #[derive(Clone, Debug, Serialize)]
 pub struct Outcome {
     pub name: String,
-    pub snapshot: String,
+    pub snapshot: store::Id,
     pub disks: Vec<(String, PathBuf)>,
     pub nvram: Option<PathBuf>,
     pub defined: bool,
@@ -162,7 +162,7 @@ pub fn run(
     undo.commit();
     Ok(Outcome {
         name: plan.name.clone(),
-        snapshot: plan.snapshot.id.to_string(),
+        snapshot: plan.snapshot.id,
         disks: plan
             .disks
             .iter()

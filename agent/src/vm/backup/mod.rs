@@ -76,7 +76,7 @@ pub struct DiskReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    pub snapshot: String,
+    pub snapshot: store::Id,
     pub domain: String,
     pub running: bool,
     pub mode: ReadMode,
@@ -243,7 +243,7 @@ fn report(
     };
     let s = &snap.stats;
     Report {
-        snapshot: snap.id.to_string(),
+        snapshot: snap.id,
         domain: info.name.clone(),
         running,
         mode,
