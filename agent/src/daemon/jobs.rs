@@ -80,7 +80,7 @@ impl Agent {
             ok: r.is_ok(),
             seconds: started.elapsed().as_secs_f64(),
             last_ok: prev.as_ref().and_then(|p| p.last_ok),
-            last_snapshot: prev.as_ref().and_then(|p| p.last_snapshot.clone()),
+            last_snapshot: prev.as_ref().and_then(|p| p.last_snapshot),
             failing_since: prev.as_ref().and_then(|p| p.failing_since),
             ..Run::default()
         };

@@ -150,7 +150,7 @@ impl Agent {
                 "last_result": run.map(|r| if r.ok && r.prune_error.is_none() { "ok" } else { "failed" }),
                 "last_error": run.and_then(|r| r.error.clone().or(r.prune_error.clone())),
                 "last_ok": last_ok,
-                "last_snapshot": run.and_then(|r| r.last_snapshot.clone()),
+                "last_snapshot": run.and_then(|r| r.last_snapshot),
                 "failing_since": run.and_then(|r| r.failing_since),
                 "next_run": next,
             }));
