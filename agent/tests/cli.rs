@@ -53,14 +53,7 @@ fn backup_twice_restore_verify() {
     let e = Env::new();
     let img = e.path("disk.raw");
     sparse_image(&img, 40, 1);
-    let first = e.json(&[
-        "backup",
-        "image",
-        img.to_str().unwrap(),
-        "--source",
-        "web",
-        "--json",
-    ]);
+    let first = e.bw.backup_image(img.to_str().unwrap(), "web");
     for k in [
         "snapshot",
         "bytes_read",
@@ -74,14 +67,7 @@ fn backup_twice_restore_verify() {
         first["bytes_read"].as_u64().unwrap() <= 32 << 20,
         "holes must not be read"
     );
-    let second = e.json(&[
-        "backup",
-        "image",
-        img.to_str().unwrap(),
-        "--source",
-        "web",
-        "--json",
-    ]);
+    let second = e.bw.backup_image(img.to_str().unwrap(), "web");
     let (new, read) = (
         second["bytes_new"].as_u64().unwrap(),
         second["bytes_read"].as_u64().unwrap(),
@@ -285,14 +271,7 @@ fn sigkill_midway_leaves_a_repository_that_verifies_and_backs_up() {
         "no snapshot from the killed run"
     );
     assert!(e.run(&["verify"]).status.success());
-    let done = e.json(&[
-        "backup",
-        "image",
-        big.to_str().unwrap(),
-        "--source",
-        "big",
-        "--json",
-    ]);
+    let done = e.bw.backup_image(big.to_str().unwrap(), "big");
     assert!(done["bytes_read"].as_u64().unwrap() == 384 << 20);
     let out = e.path("big.out");
     e.ok(&[
@@ -312,7 +291,7 @@ fn device_round_trip(e: &Env, name: &str, src: &testbed::LoopDevice) {
     let want = src.read_all().unwrap();
     let size = want.len() as u64;
     let dev = src.path().to_str().unwrap();
-    let b = e.json(&["backup", "image", dev, "--source", name, "--json"]);
+    let b = e.bw.backup_image(dev, name);
     assert_eq!(b["block_device"], true, "{b}");
     assert_eq!(b["size"].as_u64(), Some(size), "{b}");
     assert_eq!(
@@ -504,13 +483,7 @@ fn prune_a_crafted_history_then_gc_reclaims_its_unique_data() {
 
     let text = String::from_utf8(prune(&[]).stdout).unwrap();
     assert!(text.contains("removed 2"), "{text}");
-    let left: Vec<String> = e
-        .json(&["snapshots", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
+    let left: Vec<String> = e.bw.snapshot_ids();
     let want: Vec<&String> = snaps
         .iter()
         .zip(&history)

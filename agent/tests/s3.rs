@@ -71,14 +71,7 @@ impl Env {
     }
 
     fn backup(&self, img: &Path, source: &str) -> String {
-        let v = self.json(&[
-            "backup",
-            "image",
-            img.to_str().unwrap(),
-            "--source",
-            source,
-            "--json",
-        ]);
+        let v = self.bw().backup_image(img.to_str().unwrap(), source);
         v["snapshot"].as_str().unwrap().to_string()
     }
 
@@ -108,14 +101,7 @@ fn backup_snapshots_restore_verify_on_s3() {
     drop(f);
     let img2 = e.path("disk2.raw");
     std::fs::copy(&img, &img2).unwrap();
-    let second = e.json(&[
-        "backup",
-        "image",
-        img.to_str().unwrap(),
-        "--source",
-        "web",
-        "--json",
-    ]);
+    let second = e.bw().backup_image(img.to_str().unwrap(), "web");
     assert!(second["bytes_new"].as_u64().unwrap() < 8 << 20, "{second}");
     let s2 = second["snapshot"].as_str().unwrap().to_string();
     let list = e.json(&["snapshots", "--json"]);
@@ -452,13 +438,7 @@ fn gc_races_two_writers_and_loses_nothing() {
     // deleted some, kept some a backup reused, or were held back by one.
     assert!(tally[0].1 > 0, "{tally:?}");
     assert!(tally[1].1 + tally[2].1 + held_back > 0, "{tally:?}");
-    let listed: Vec<String> = e
-        .json(&["snapshots", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
+    let listed: Vec<String> = e.bw().snapshot_ids();
     assert_eq!(listed.len(), 2, "{listed:?}");
     let check = |e: &Env| {
         let v = e.json(&["verify", "--json"]);

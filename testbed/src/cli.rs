@@ -88,6 +88,21 @@ impl Runner {
         let s = self.ok(args);
         serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"))
     }
+
+    /// The ids `snapshots --json` lists, in its order.
+    pub fn snapshot_ids(&self) -> Vec<String> {
+        let v = self.json(&["snapshots", "--json"]);
+        v.as_array()
+            .unwrap_or_else(|| panic!("snapshots --json: {v}"))
+            .iter()
+            .map(|s| s["id"].as_str().expect("an id").to_string())
+            .collect()
+    }
+
+    /// `backup image IMAGE --source SOURCE --json`: its report.
+    pub fn backup_image(&self, image: &str, source: &str) -> serde_json::Value {
+        self.json(&["backup", "image", image, "--source", source, "--json"])
+    }
 }
 
 /// A run's stderr as text.
