@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use nbd_server::FileExport;
+use bulwark_nbd::FileExport;
 use testbed::nbd::*;
 
 /// Parse `nbdinfo --map` text output into (offset, length, is_hole).

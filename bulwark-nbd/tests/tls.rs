@@ -6,7 +6,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use nbd_server::{Client, ClientError, ClientOptions, ClientTls, FileExport, ServerConfig};
+use bulwark_nbd::FileExport;
+use nbd_server::{Client, ClientError, ClientOptions, ClientTls, ServerConfig};
 use testbed::nbd::certs::{make_pki, Pki};
 use testbed::nbd::*;
 
