@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${BIN:-}" ]; then
     . scripts/ensure-rust.sh
-    cargo build --release -q -p bulwark -p nbd-server
+    cargo build --release -q -p bulwark -p bulwark-nbd
     BIN=$PWD/target/release
 fi
 # Test certificates (rcgen, the tests' PKI): examples are not in BIN.

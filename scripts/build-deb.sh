@@ -53,7 +53,7 @@ target=${CARGO_TARGET_DIR:-target}
 bins="$target/$subdir"
 if [ "$build" = 1 ]; then
     log "cargo build --profile $profile"
-    cargo build --profile "$profile" -p bulwark -p nbd-server -p bulwark-hook --bins >&2
+    cargo build --profile "$profile" -p bulwark -p bulwark-nbd -p bulwark-hook --bins >&2
 fi
 for b in bulwark bulwark-nbd bulwark-hook; do
     [ -x "$bins/$b" ] || die "$bins/$b missing: build it first or drop --no-build"
@@ -77,7 +77,7 @@ install -m 0755 "$bins/bulwark-hook" "$root/usr/lib/bulwark/"
 ln -s /usr/lib/bulwark/bulwark-hook "$root/etc/libvirt/hooks/qemu.d/bulwark"
 install -m 0644 systemd/bulwark-agent.service "$root/lib/systemd/system/"
 install -m 0644 README.md docs/vm.md docs/gc.md docs/s3.md "$doc/"
-install -m 0644 nbd-server/README.md "$doc/nbd.md"
+install -m 0644 bulwark-nbd/README.md "$doc/nbd.md"
 install -m 0644 libvirt-hooks/agent.toml.example libvirt-hooks/hook.conf "$doc/"
 cat > "$doc/copyright" <<'EOF'
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/

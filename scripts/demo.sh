@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-rust.sh
-cargo build --release -q -p bulwark -p bulwark-hook -p nbd-server
+cargo build --release -q -p bulwark -p bulwark-hook -p bulwark-nbd
 BW="$PWD/target/release/bulwark"
 WORK="${1:-$(mktemp -d /tmp/bulwark-demo.XXXXXX)}"
 mkdir -p "$WORK"

@@ -48,12 +48,12 @@ fn bin_dir() -> PathBuf {
     if !dir.join("bulwark-nbd").exists() || !dir.join("bulwark-hook").exists() {
         eprintln!(
             "package test: bulwark-nbd or bulwark-hook missing in {}: building them \
-             (cargo build -p nbd-server -p bulwark-hook --bins)",
+             (cargo build -p bulwark-nbd -p bulwark-hook --bins)",
             dir.display()
         );
         run(
             Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "-p", "nbd-server", "-p", "bulwark-hook", "--bins"])
+                .args(["build", "-p", "bulwark-nbd", "-p", "bulwark-hook", "--bins"])
                 .env("CARGO_TARGET_DIR", dir.parent().unwrap())
                 .current_dir(workspace()),
         );

@@ -4,9 +4,7 @@
 //! the same PKI the tests use (QEMU's `tls-creds-x509` layout). For benches
 //! and manual testing; real deployments use their own CA.
 
-#[allow(dead_code)]
-#[path = "../tests/common/certs.rs"]
-mod certs;
+use testbed::nbd::certs;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args().nth(1).ok_or("usage: tls_certs DIR")?;

@@ -2,14 +2,12 @@
 //! export, with and without structured replies, and damage surfaces as EIO
 //! without killing the connection.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
 use nbd_server::proto::consts::{EIO, STATE_HOLE, STATE_ZERO};
 use nbd_server::{Client, ClientError, ClientOptions, MemExport};
 use rand::{Rng, SeedableRng};
+use testbed::nbd::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_block_status_match_export() {

@@ -2,15 +2,13 @@
 //! block status, and reads, on a qcow2 whose bitmap was added offline, the
 //! way Bulwark reads stopped VMs' disks.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::run;
 use nbd_server::proto::consts::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use nbd_server::{BlockStatusExtent, Client, ClientOptions};
+use testbed::nbd::run;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;

@@ -6,19 +6,17 @@
 //! data, plain text injected behind STARTTLS, and garbage where the TLS
 //! handshake should be.
 
-mod common;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use nbd_server::proto::consts::*;
 use nbd_server::proto::handshake::*;
 use nbd_server::proto::transmission::*;
 use nbd_server::{Client, ClientOptions, ClientTls, ServerConfig, ServerTls, TlsMode};
 use rand::{Rng, SeedableRng};
+use testbed::nbd::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_rustls::client::TlsStream;
@@ -602,7 +600,7 @@ async fn starttls_abuse_does_not_disturb_good_client() {
         .prefix("nbd-tls-robust-")
         .tempdir()
         .unwrap();
-    let pki = common::certs::make_pki(pki_dir.path());
+    let pki = testbed::nbd::certs::make_pki(pki_dir.path());
     let tls = ClientTls::from_dir(&pki.client, "localhost").unwrap();
     let export = mem_export();
     let data = export.data().to_vec();
@@ -652,7 +650,7 @@ async fn plain_text_state_is_dropped_at_starttls() {
         .prefix("nbd-tls-reset-")
         .tempdir()
         .unwrap();
-    let pki = common::certs::make_pki(pki_dir.path());
+    let pki = testbed::nbd::certs::make_pki(pki_dir.path());
     let tls = ClientTls::from_dir(&pki.client, "localhost").unwrap();
     let config = ServerConfig {
         tls: Some(ServerTls::from_dir(&pki.server, TlsMode::Allow).unwrap()),

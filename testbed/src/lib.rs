@@ -11,6 +11,7 @@
 //! * [`LoopDevice`] is a block device over a test file, detached on drop.
 //! * [`QemuVm`] is the same guest under a plain `qemu-system-x86_64 -accel tcg`,
 //!   killed on drop.
+//! * [`nbd`] has the NBD tests' images, served exports and test PKI.
 //!
 //! The guest speaks on its serial console in one line format (see
 //! [`guest`]); both VM kinds read that console from a file with
@@ -39,6 +40,7 @@ pub mod guest;
 mod image;
 mod libvirt;
 mod loopdev;
+pub mod nbd;
 mod qemu;
 pub mod s3;
 mod util;

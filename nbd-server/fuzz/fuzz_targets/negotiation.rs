@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 #[allow(dead_code)]
-#[path = "../../tests/common/certs.rs"]
+#[path = "../../../testbed/src/nbd/certs.rs"]
 mod certs;
 
 struct Env {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::export::{Export, ExportError, Extent};
+use nbd_server::{Export, ExportError, Extent};
 
 /// A read-only raw file.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 //! to `null:`. The page cache is warmed first (the "warm" bar of the design
 //! brief: >= 0.8 x qemu-nbd). Runs alternate; the best of each is reported.
 //!
-//! `cargo bench -p nbd-server --bench nbdcopy_vs_qemu` (env `NBD_BENCH_MIB`
+//! `cargo bench -p bulwark-nbd --bench nbdcopy_vs_qemu` (env `NBD_BENCH_MIB`
 //! changes the size, `NBD_BENCH_RUNS` the number of runs per server,
 //! `NBD_BENCH_DENSE=1` writes the zeroes out instead of leaving holes).
 
@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_server::{FileExport, Server, ServerConfig};
+use bulwark_nbd::FileExport;
+use nbd_server::{Server, ServerConfig};
 use rand::{Rng, SeedableRng};
 
 fn env_or(name: &str, default: u64) -> u64 {

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bulwark_nbd::StoreExport;
 use clap::{Parser, Subcommand, ValueEnum};
-use nbd_server::{Server, ServerConfig, ServerTls, StoreExport, TlsMode};
+use nbd_server::{Server, ServerConfig, ServerTls, TlsMode};
 
 #[derive(Parser)]
 #[command(

@@ -1,20 +1,18 @@
 //! `bulwark-nbd serve` on a real repository, read by real NBD peers, in
 //! plain text on a Unix socket and over TLS on loopback TCP.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use common::certs::make_pki;
-use common::{expected_map, test_image, write_sparse};
 use store::{
     BackupOptions, BackupSession, ChunkerParams, ImageFile, KdfParams, LocalBackend, Mode,
     RepoConfig, Repository, Secret, SnapshotMeta,
 };
+use testbed::nbd::certs::make_pki;
+use testbed::nbd::{expected_map, test_image, write_sparse};
 
 const PW: &str = "nbd test";
 

@@ -6,9 +6,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use nbd_server::{BlockSize, Export, ExportError, Extent};
 use store::reader::DiskReader;
-
-use crate::export::{BlockSize, Export, ExportError, Extent};
 
 pub struct StoreExport {
     reader: Arc<DiskReader>,
@@ -76,7 +75,7 @@ impl Export for StoreExport {
         BlockSize {
             min: 1,
             preferred: 64 * 1024,
-            max: crate::MAX_REQUEST_LEN,
+            max: nbd_server::MAX_REQUEST_LEN,
         }
     }
 }

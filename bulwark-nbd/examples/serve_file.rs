@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use nbd_server::{FileExport, Server, ServerConfig};
+use bulwark_nbd::FileExport;
+use nbd_server::{Server, ServerConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,11 +1,9 @@
 //! Our server against real NBD clients: nbdinfo, nbdcopy, qemu-img, nbdfuse.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
-use nbd_server::FileExport;
+use bulwark_nbd::FileExport;
+use testbed::nbd::*;
 
 /// Parse `nbdinfo --map` text output into (offset, length, is_hole).
 fn parse_map(text: &str) -> Vec<(u64, u64, bool)> {

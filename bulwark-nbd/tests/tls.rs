@@ -3,14 +3,13 @@
 //! object), and our own client; and the refusals: no or a foreign client
 //! certificate, plain text against `--tls require`.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use common::certs::{make_pki, Pki};
-use common::*;
-use nbd_server::{Client, ClientError, ClientOptions, ClientTls, FileExport, ServerConfig};
+use bulwark_nbd::FileExport;
+use nbd_server::{Client, ClientError, ClientOptions, ClientTls, ServerConfig};
+use testbed::nbd::certs::{make_pki, Pki};
+use testbed::nbd::*;
 
 fn pki_dir() -> (tempfile::TempDir, Pki) {
     let dir = tempfile::Builder::new()

@@ -1,6 +1,6 @@
-//! Helpers shared by the integration tests: test images, a served export in
-//! a private temp dir, and external tools.
-#![allow(dead_code)]
+//! NBD test helpers, shared by the protocol's tests (`nbd-server`) and the
+//! store-backed exports' (`bulwark-nbd`): test images, a served export in a
+//! private temp dir, external tools, and a test PKI ([`certs`]).
 
 pub mod certs;
 
@@ -58,13 +58,18 @@ pub fn write_sparse(path: &Path, data: &[u8], holes: &[(u64, u64)]) {
 /// A server on a Unix socket in its own temp dir (or on a loopback TCP
 /// port, then `tcp` is set); shut down explicitly.
 pub struct Served {
+    /// The private temp dir (the socket is in it).
     pub dir: tempfile::TempDir,
+    /// The Unix socket (unused when serving over TCP).
     pub socket: PathBuf,
+    /// The TCP address, when serving on loopback TCP.
     pub tcp: Option<SocketAddr>,
+    /// The running server; taken by [`Served::shutdown`].
     pub handle: Option<ServerHandle>,
 }
 
 impl Served {
+    /// libnbd URI of `export` on the Unix socket.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
@@ -81,6 +86,7 @@ impl Served {
         }
     }
 
+    /// Shut the server down, failing the test if that hangs.
     pub async fn shutdown(mut self) {
         if let Some(h) = self.handle.take() {
             tokio::time::timeout(Duration::from_secs(10), h.shutdown())
@@ -90,10 +96,12 @@ impl Served {
     }
 }
 
+/// Serve `exports` on a Unix socket with the default config.
 pub fn serve<E: Export>(exports: Vec<(&str, Arc<E>)>) -> Served {
     serve_with(exports, ServerConfig::default())
 }
 
+/// Serve `exports` on a Unix socket with `config`.
 pub fn serve_with<E: Export>(exports: Vec<(&str, Arc<E>)>, config: ServerConfig) -> Served {
     let dir = tempfile::Builder::new()
         .prefix("nbd-test-")
@@ -164,6 +172,7 @@ pub async fn run_failing(cmd: &str, args: &[&str]) -> Output {
     out
 }
 
+/// [`test_image`] as a [`MemExport`].
 pub fn mem_export() -> Arc<MemExport> {
     let (data, holes) = test_image();
     Arc::new(MemExport::new(data, holes))
@@ -193,6 +202,7 @@ pub async fn run(cmd: &str, args: &[&str]) -> Output {
     out
 }
 
+/// A command's stdout, lossily as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

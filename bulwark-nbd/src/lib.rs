@@ -1,0 +1,10 @@
+//! Bulwark's NBD exports and the `bulwark-nbd` server: snapshot disks
+//! ([`StoreExport`]) and raw files ([`FileExport`]) behind the protocol
+//! crate's [`nbd_server::Export`] trait. The protocol, server and client
+//! themselves are in `nbd-server`, which does not depend on the store.
+
+pub mod file_export;
+pub mod store_export;
+
+pub use file_export::FileExport;
+pub use store_export::StoreExport;
