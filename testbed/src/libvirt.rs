@@ -280,14 +280,12 @@ impl Vm {
 
     /// Waits for the guest's `ready` line.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<Ready> {
-        let line = self.wait_line(crate::guest::READY, timeout)?;
-        Ready::parse(&line)
+        Ready::parse(&self.wait_line(crate::guest::READY, timeout)?)
     }
 
     /// Waits for the guest's `wrote` line.
     pub fn wait_wrote(&mut self, timeout: Duration) -> Result<Wrote> {
-        let line = self.wait_line(crate::guest::WROTE, timeout)?;
-        Wrote::parse(&line)
+        Wrote::parse(&self.wait_line(crate::guest::WROTE, timeout)?)
     }
 
     /// Waits until the domain is shut off (e.g. after `bulwark.poweroff=1`).
@@ -352,20 +350,27 @@ impl Vm {
 /// `virtio-disk0` (a domain a test did not define itself, e.g. a restored one).
 pub fn domain_qemu_io(domain: &str, command: &str) -> Result<String> {
     let log = Path::new("/var/log/libvirt/qemu").join(format!("{domain}.log"));
-    let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-    let reply = virsh([
-        "qemu-monitor-command",
-        domain,
-        "--hmp",
-        &format!("qemu-io -d {DISK_QDEV} \"{command}\""),
-    ])?;
+    qemu_io_via(&log, command, |hmp| {
+        virsh(["qemu-monitor-command", domain, "--hmp", hmp])
+    })
+}
+
+/// HMP `qemu-io` on the VM's disk, sent by `hmp`: it answers nothing when
+/// it worked, and its output lands in QEMU's `log`.
+pub(crate) fn qemu_io_via(
+    log: &Path,
+    command: &str,
+    hmp: impl FnOnce(&str) -> Result<String>,
+) -> Result<String> {
+    let before = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+    let reply = hmp(&format!("qemu-io -d {DISK_QDEV} \"{command}\""))?;
     if !reply.trim().is_empty() {
         return Err(Error::Unexpected(format!(
             "qemu-io {command:?}: {}",
             reply.trim()
         )));
     }
-    let out = wait_log_growth(&log, before)?;
+    let out = wait_log_growth(log, before)?;
     check_qemu_io_output(command, out)
 }
 

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::guest::{Ready, Wrote};
 use crate::image::Image;
-use crate::libvirt::{check_qemu_io_output, wait_log_growth};
+use crate::libvirt::qemu_io_via;
 use crate::util::{describe, io_err};
 use crate::vmfiles::VmFiles;
-use crate::{Boot, Error, Result, VmOptions, DISK_QDEV};
+use crate::{Boot, Error, Result, VmOptions};
 
 /// The test image under a plain `qemu-system-x86_64 -accel tcg` process, on a
 /// private copy of its disk: serial console to a file, a QMP socket for HMP
@@ -183,14 +183,12 @@ impl QemuVm {
 
     /// Waits for the guest's `ready` line.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<Ready> {
-        let line = self.wait_line(crate::guest::READY, timeout)?;
-        Ready::parse(&line)
+        Ready::parse(&self.wait_line(crate::guest::READY, timeout)?)
     }
 
     /// Waits for the guest's `wrote` line.
     pub fn wait_wrote(&mut self, timeout: Duration) -> Result<Wrote> {
-        let line = self.wait_line(crate::guest::WROTE, timeout)?;
-        Wrote::parse(&line)
+        Wrote::parse(&self.wait_line(crate::guest::WROTE, timeout)?)
     }
 
     fn qmp_path(&self) -> PathBuf {
@@ -238,17 +236,7 @@ impl QemuVm {
     /// Runs a `qemu-io` command on the running VM's disk from the host (see
     /// [`crate::Vm::qemu_io`]); its output comes from QEMU's log.
     pub fn qemu_io(&self, command: &str) -> Result<String> {
-        let log = self.qemu_log_path();
-        let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let reply = self.hmp(&format!("qemu-io -d {DISK_QDEV} \"{command}\""))?;
-        if !reply.trim().is_empty() {
-            return Err(Error::Unexpected(format!(
-                "qemu-io {command:?}: {}",
-                reply.trim()
-            )));
-        }
-        let out = wait_log_growth(&log, before)?;
-        check_qemu_io_output(command, out)
+        qemu_io_via(&self.qemu_log_path(), command, |c| self.hmp(c))
     }
 
     /// Pauses the guest's vCPUs (HMP `stop`).
