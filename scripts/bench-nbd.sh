@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # nbdcopy reading a 1 GiB mixed image over a Unix socket: from bulwark-nbd
 # (a snapshot in a local repository; cold = fresh server, warm = second
-# pass on the same server) vs qemu-nbd serving the same raw file; then the
+# pass on the same server, with a cache that holds the image and with the
+# default one that does not) vs qemu-nbd serving the same raw file from the
+# page cache (best of three); then the
 # same warm export over loopback TCP in plain text and inside TLS
 # (NBD_OPT_STARTTLS, one server with --tls allow serving both).
 # Usage: scripts/bench-nbd.sh [WORKDIR]   (BIN=DIR: binaries to measure,
@@ -30,7 +32,12 @@ rm -f "$W/q.sock"
 qemu-nbd -r -f raw -t --socket "$W/q.sock" -x vda "$W/mixed.raw" & QPID=$!
 while [ ! -S "$W/q.sock" ]; do sleep 0.05; done
 nbdcopy "nbd+unix:///vda?socket=$W/q.sock" null: # page cache warm
+# The peer at its best: the fastest of three warm passes.
 q=$(t nbdcopy "nbd+unix:///vda?socket=$W/q.sock" null:)
+for _ in 2 3; do
+    q2=$(t nbdcopy "nbd+unix:///vda?socket=$W/q.sock" null:)
+    q=$(echo "if ($q2 < $q) $q2 else $q" | bc)
+done
 kill $QPID; wait $QPID 2>/dev/null || true
 
 rm -f "$W/b.sock"
@@ -39,6 +46,14 @@ read -r _ <&"${B[0]}"
 cold=$(t nbdcopy "nbd+unix:///vda?socket=$W/b.sock" null:)
 warm=$(t nbdcopy "nbd+unix:///vda?socket=$W/b.sock" null:)
 kill "$B_PID"; wait "$B_PID" 2>/dev/null || true
+# Default options (cache 512 MiB, smaller than the image's data): a first
+# and a second pass, as a user meets them.
+rm -f "$W/d.sock"
+coproc D { exec "$BIN/bulwark-nbd" serve --snapshot mixed@latest --socket "$W/d.sock" 2>/dev/null; }
+read -r _ <&"${D[0]}"
+dfirst=$(t nbdcopy "nbd+unix:///vda?socket=$W/d.sock" null:)
+dsecond=$(t nbdcopy "nbd+unix:///vda?socket=$W/d.sock" null:)
+kill "$D_PID"; wait "$D_PID" 2>/dev/null || true
 
 # Plain vs TLS on one warm export: loopback TCP, the same server process.
 rm -rf "$W/pki"; "$TLS_CERTS" "$W/pki" >/dev/null
@@ -58,12 +73,14 @@ tcp_plain=$(best "$tcp_plain" "$tcp_plain2"); tcp_tls=$(best "$tcp_tls" "$tcp_tl
 # Fresh process, repository files in the page cache (as the export row).
 rm -f "$W/r.raw"
 rlocal=$(t "$BIN/bulwark" restore image mixed@latest --to "$W/r.raw" --force)
-printf '%-28s %8s s %8s MiB/s\n' "qemu-nbd (raw file, warm)" "$q" "$(rate "$q")"
-printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark restore image, local" "$rlocal" "$(rate "$rlocal")" "$(echo "scale=2; $q / $rlocal" | bc)"
-printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold" "$cold" "$(rate "$cold")" "$(echo "scale=2; $q / $cold" | bc)"
-printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd warm" "$warm" "$(rate "$warm")" "$(echo "scale=2; $q / $warm" | bc)"
-printf '%-28s %8s s %8s MiB/s\n' "bulwark-nbd warm, TCP plain" "$tcp_plain" "$(rate "$tcp_plain")"
-printf '%-28s %8s s %8s MiB/s  %s x plain\n' "bulwark-nbd warm, TCP TLS" "$tcp_tls" "$(rate "$tcp_tls")" "$(echo "scale=2; $tcp_plain / $tcp_tls" | bc)"
+printf '%-31s %8s s %8s MiB/s\n' "qemu-nbd (raw file, warm)" "$q" "$(rate "$q")"
+printf '%-31s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark restore image, local" "$rlocal" "$(rate "$rlocal")" "$(echo "scale=2; $q / $rlocal" | bc)"
+printf '%-31s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold (cache 2 GiB)" "$cold" "$(rate "$cold")" "$(echo "scale=2; $q / $cold" | bc)"
+printf '%-31s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd warm (cache 2 GiB)" "$warm" "$(rate "$warm")" "$(echo "scale=2; $q / $warm" | bc)"
+printf '%-31s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd default, 1st" "$dfirst" "$(rate "$dfirst")" "$(echo "scale=2; $q / $dfirst" | bc)"
+printf '%-31s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd default, 2nd" "$dsecond" "$(rate "$dsecond")" "$(echo "scale=2; $q / $dsecond" | bc)"
+printf '%-31s %8s s %8s MiB/s\n' "bulwark-nbd warm, TCP plain" "$tcp_plain" "$(rate "$tcp_plain")"
+printf '%-31s %8s s %8s MiB/s  %s x plain\n' "bulwark-nbd warm, TCP TLS" "$tcp_tls" "$(rate "$tcp_tls")" "$(echo "scale=2; $tcp_plain / $tcp_tls" | bc)"
 
 # Cold from S3: the same image in a bucket on a loopback s3s-fs
 # (scripts/setup-s3.sh installs it), read once by a fresh server.
@@ -89,8 +106,8 @@ if [ -x "$S3S_FS" ]; then
     s3restore=$(t "$BIN/bulwark" --no-cache restore image mixed@latest --to "$W/r.raw" --force)
     stored=$(du -sb "$W/s3/bench/nbd/data" | cut -f1)
     kill $S3PID; wait $S3PID 2>/dev/null || true
-    printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold, S3" "$s3cold" "$(rate "$s3cold")" "$(echo "scale=2; $q / $s3cold" | bc)"
-    printf '%-28s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark restore image, S3" "$s3restore" "$(rate "$s3restore")" "$(echo "scale=2; $q / $s3restore" | bc)"
+    printf '%-31s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark-nbd cold, S3" "$s3cold" "$(rate "$s3cold")" "$(echo "scale=2; $q / $s3cold" | bc)"
+    printf '%-31s %8s s %8s MiB/s  %s x qemu-nbd\n' "bulwark restore image, S3" "$s3restore" "$(rate "$s3restore")" "$(echo "scale=2; $q / $s3restore" | bc)"
     fetched=$(sed -n 's/.*fetched \([0-9]*\) B.*/\1/p' "$W/nbd-s3.log" | head -1)
     [ -n "$fetched" ] && echo "bulwark-nbd S3: fetched $fetched B for $stored B of packs ($(echo "scale=3; $fetched / $stored" | bc) x)"
 fi

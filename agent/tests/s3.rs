@@ -194,6 +194,7 @@ fn backup_through_faults_loses_nothing() {
             reset_request: 0.2,
             reset_response: 0.2,
             latency: Duration::from_millis(10),
+            ..Faults::default()
         },
     )
     .unwrap();

@@ -223,6 +223,7 @@ fn backup_through_faults_then_verify() {
         reset_request: 0.15,
         reset_response: 0.15,
         latency: Duration::from_millis(5),
+        ..Default::default()
     });
     let second = image(6, 3);
     let repo = Repository::open(open(), &secret()).unwrap();

@@ -205,6 +205,9 @@ pub struct Faults {
     pub reset_response: f64,
     /// Added before each request is forwarded (uniform in 0..=latency).
     pub latency: Duration,
+    /// Added before every request, on top of `latency`: a bucket this far
+    /// away.
+    pub delay: Duration,
 }
 
 /// What a [`FaultProxy`] did so far.
@@ -352,8 +355,9 @@ async fn proxy_one(
 
     let f = faults.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let draw = rand::random::<f64>();
-    if !f.latency.is_zero() {
-        tokio::time::sleep(f.latency.mul_f64(rand::random::<f64>())).await;
+    let wait = f.delay + f.latency.mul_f64(rand::random::<f64>());
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
     }
     if draw < f.slow_down {
         stats.slow_downs.fetch_add(1, Ordering::Relaxed);
