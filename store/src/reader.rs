@@ -15,7 +15,10 @@
 //!   request, and every caller thread fetches and opens its own span, so
 //!   chunks are opened on all cores;
 //! - **demand first**: a reader never queues behind read-ahead. It fetches
-//!   on its own thread, taking over a span that was queued but not started.
+//!   on its own thread, taking over a span that was queued but not started;
+//! - **scan resistant**: what a sequential stream has passed is evicted
+//!   first, so a pass over more data than the cache keeps what it cached
+//!   at its start for the next pass, and random readers' spans survive it.
 //!
 //! Thread-safe and synchronous: callers (the async NBD server) run it on
 //! blocking threads.
@@ -307,6 +310,16 @@ impl DiskReader {
         } else {
             (s.window * 2).min(inner.window_max)
         };
+        // Spans the stream has left behind for good go to the cold end of
+        // the cache: a scan larger than the cache then evicts its own past
+        // rather than everything else, and a second pass finds the part
+        // kept (plain LRU would keep nothing of it).
+        let behind = |x: u32| x.saturating_sub(NEAR_BACK + 1);
+        if b - s.last <= 1024 {
+            for p in behind(s.last)..behind(b) {
+                st.ready.demote(&p);
+            }
+        }
         s.last = b;
         // Spans after `b` within the window, from where scheduling stopped.
         let n = inner.spans.len() as u32;

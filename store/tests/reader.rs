@@ -139,3 +139,39 @@ fn scattered_reads_fetch_only_what_they_need() {
         "{st:?}"
     );
 }
+
+/// A pass over twice as much data as the cache holds, then a second pass:
+/// the first evicts what it has left behind rather than what it cached at
+/// its start, so the second finds that part (plain LRU would have evicted
+/// every span before the second pass reached it) and each pass still
+/// fetches every byte at most about once.
+#[test]
+fn a_scan_larger_than_the_cache_keeps_its_start_for_the_next_pass() {
+    let (_dir, repo, snap, data) = setup(48, 5);
+    // 24 MiB of opened chunks for 48 MiB of data: half of it fits.
+    let r = open_disk(repo.clone(), &snap, "image", 24 << 20).unwrap();
+    let step = 256 << 10;
+    let pass = || {
+        for off in (0..data.len()).step_by(step) {
+            let mut buf = vec![0u8; step];
+            r.read_at(off as u64, &mut buf).unwrap();
+            assert!(buf[..] == data[off..off + step]);
+        }
+        r.stats()
+    };
+    let first = pass();
+    let second = pass();
+    let stored = snap.stats.bytes_stored;
+    let second_fetched = second.bytes_fetched - first.bytes_fetched;
+    assert!(
+        first.bytes_fetched as f64 <= 1.1 * stored as f64,
+        "first pass fetched {} for {stored} stored",
+        first.bytes_fetched
+    );
+    assert!(
+        (second_fetched as f64) < 0.85 * stored as f64,
+        "the second pass found nothing of the first in the cache: fetched {second_fetched} \
+         for {stored} stored ({second:?})"
+    );
+    assert!(second.cache_hits > first.cache_hits, "{first:?} {second:?}");
+}
