@@ -33,6 +33,13 @@ struct Env {
 static ENV: OnceLock<Env> = OnceLock::new();
 
 fn setup() -> Env {
+    // libFuzzer's main, not Rust's, runs this binary: ignore SIGPIPE as
+    // Rust programs (bulwark-nbd) do, so a write to a socket the other side
+    // closed is an EPIPE error, not the death of the process.
+    // SAFETY: called once, before any thread of ours exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     let dir = tempfile::tempdir().unwrap();
     let pki = certs::make_pki(dir.path());
     let rt = tokio::runtime::Builder::new_multi_thread()
