@@ -41,13 +41,15 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const CLIENT_CERT: &str = "client-cert.pem";
 pub const CLIENT_KEY: &str = "client-key.pem";
 
-/// Why TLS credentials could not be set up.
+/// Why TLS credentials could not be set up. Each message carries its cause
+/// (and `source()` stays empty), so the cause is printed once, also in
+/// `anyhow`'s `{:#}` chains.
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Pem {
         path: PathBuf,
-        source: rustls_pki_types::pem::Error,
+        error: rustls_pki_types::pem::Error,
     },
     #[error("{}: no certificate in the file", .0.display())]
     NoCertificate(PathBuf),
@@ -57,17 +59,26 @@ pub enum TlsError {
         what: &'static str,
         missing: &'static str,
     },
-    #[error("{}: CA certificate rejected: {source}", path.display())]
-    BadCa {
-        path: PathBuf,
-        source: rustls::Error,
-    },
+    #[error("{}: CA certificate rejected: {error}", path.display())]
+    BadCa { path: PathBuf, error: rustls::Error },
     #[error("TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
+    Config(rustls::Error),
     #[error("client certificate verification: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
     #[error("{0:?} is not a valid DNS name or IP address for certificate checks")]
     ServerName(String),
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        Self::Config(e)
+    }
+}
+
+impl From<rustls::server::VerifierBuilderError> for TlsError {
+    fn from(e: rustls::server::VerifierBuilderError) -> Self {
+        Self::Verifier(e)
+    }
 }
 
 /// What a server with TLS does with clients that don't start it.
@@ -110,9 +121,9 @@ const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = |source| TlsError::Pem {
+    let pem = |error| TlsError::Pem {
         path: path.to_owned(),
-        source,
+        error,
     };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(pem)?
@@ -125,18 +136,18 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
+    PrivateKeyDer::from_pem_file(path).map_err(|error| TlsError::Pem {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
 fn roots(certs: Vec<CertificateDer<'static>>, path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in certs {
-        roots.add(c).map_err(|source| TlsError::BadCa {
+        roots.add(c).map_err(|error| TlsError::BadCa {
             path: path.to_owned(),
-            source,
+            error,
         })?;
     }
     Ok(roots)

@@ -1,9 +1,9 @@
 //! The tokio NBD server: accepts connections on a Unix socket or TCP
 //! listener and serves a fixed set of named read-only exports.
 //!
-//! Each connection negotiates ([`negotiate`]) and then runs its request loop
-//! ([`conn`]): requests are spawned as tasks (bounded per connection) and
-//! their replies are serialized through one [`writer::ReplyWriter`]. A bad
+//! Each connection negotiates (`negotiate`) and then runs its request loop
+//! (`conn`): requests are spawned as tasks (bounded per connection) and
+//! their replies are serialized through one `writer::ReplyWriter`. A bad
 //! peer only ever loses its own connection.
 //!
 //! With [`ServerConfig::tls`] set, clients upgrade with `NBD_OPT_STARTTLS`
