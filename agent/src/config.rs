@@ -229,12 +229,20 @@ impl Config {
         if !self.enforce.contacts.is_empty() {
             return self.enforce.contacts.clone();
         }
+        self.contacts_of(|_| true)
+    }
+
+    /// The contacts of the policies `which` picks, each once, in order.
+    pub fn contacts_of(&self, which: impl Fn(&PolicyConf) -> bool) -> Vec<String> {
         let mut all: Vec<String> = Vec::new();
-        for p in self.policies.values() {
-            for c in &p.contacts {
-                if !all.contains(c) {
-                    all.push(c.clone());
-                }
+        for c in self
+            .policies
+            .values()
+            .filter(|p| which(p))
+            .flat_map(|p| &p.contacts)
+        {
+            if !all.contains(c) {
+                all.push(c.clone());
             }
         }
         all

@@ -178,14 +178,7 @@ impl Agent {
         }) {
             tracing::warn!("recording gc of {name}: {e:#}");
         }
-        let mut contacts: Vec<String> = Vec::new();
-        for p in self.cfg.policies.values().filter(|p| p.repository == name) {
-            for c in &p.contacts {
-                if !contacts.contains(c) {
-                    contacts.push(c.clone());
-                }
-            }
-        }
+        let contacts = self.cfg.contacts_of(|p| p.repository == name);
         let job = crate::mail::Job {
             task: Task::Gc,
             vm: "",

@@ -179,6 +179,16 @@ fn fmt_duration(d: chrono::Duration) -> String {
     humantime::format_duration(Duration::from_secs(rounded)).to_string()
 }
 
+/// The lines every failure and recovery mail starts with.
+fn head(host: &str, job: &Job<'_>, at: DateTime<Utc>) -> String {
+    format!(
+        "Host:       {host}\n{}Repository: {}\nTime:       {}\n",
+        job.who(),
+        job.repository,
+        fmt_time(at)
+    )
+}
+
 fn indent(s: &str) -> String {
     s.replace('\n', "\n  ")
 }
@@ -224,17 +234,8 @@ impl Notifier {
         st.failing_since = Some(at);
         let (what, subject) = job.failed(&self.host);
         let mut body = format!(
-            "{what}\n\n\
-             Host:       {host}\n\
-             {who}\
-             Repository: {repo}\n\
-             Time:       {time}\n\
-             Last good:  {last_ok}\n\n\
-             Error:\n  {error}\n",
-            who = job.who(),
-            host = self.host,
-            repo = job.repository,
-            time = fmt_time(at),
+            "{what}\n\n{head}Last good:  {last_ok}\n\nError:\n  {error}\n",
+            head = head(&self.host, job, at),
             last_ok = st.last_ok.map_or("never".to_string(), fmt_time),
             error = indent(error),
         );
@@ -266,16 +267,8 @@ impl Notifier {
         }
         let (what, subject) = job.recovered(&self.host);
         let mut body = format!(
-            "{what}\n\n\
-             Host:       {host}\n\
-             {who}\
-             Repository: {repo}\n\
-             Time:       {time}\n\
-             Previous good backup: {prev}\n",
-            who = job.who(),
-            repo = job.repository,
-            host = self.host,
-            time = fmt_time(at),
+            "{what}\n\n{head}Previous good backup: {prev}\n",
+            head = head(&self.host, job, at),
             prev = previous_ok.map_or("never".to_string(), fmt_time),
         );
         if let Some(since) = failing_since {
