@@ -68,10 +68,11 @@ pub struct BackendArgs {
 impl Default for BackendArgs {
     /// The command-line defaults (for the agent, which has no command line).
     fn default() -> Self {
+        let env = Location::from_env("");
         BackendArgs {
-            s3_endpoint: std::env::var("BULWARK_S3_ENDPOINT").ok(),
-            s3_max_attempts: 10,
-            s3_imds: std::env::var("BULWARK_S3_IMDS").is_ok_and(|v| v == "1" || v == "true"),
+            s3_endpoint: env.s3_endpoint,
+            s3_max_attempts: env.s3_max_attempts,
+            s3_imds: env.s3_imds,
             cache_dir: None,
             no_cache: false,
             cache_max_mib: 2048,

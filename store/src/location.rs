@@ -39,6 +39,17 @@ impl Location {
         }
     }
 
+    /// `url` with the S3 options a process without a command line takes
+    /// from its environment: `BULWARK_S3_ENDPOINT`, `BULWARK_S3_IMDS=1`.
+    pub fn from_env(url: impl Into<String>) -> Location {
+        let mut l = Location::new(url);
+        l.s3_endpoint = std::env::var("BULWARK_S3_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty());
+        l.s3_imds = std::env::var("BULWARK_S3_IMDS").is_ok_and(|v| v == "1" || v == "true");
+        l
+    }
+
     pub fn is_s3(&self) -> bool {
         self.url.starts_with("s3://")
     }

@@ -209,11 +209,7 @@ fn run(cli: Cli) -> Result<()> {
     };
     // The agent and the CLI pass the S3 endpoint and metadata permission
     // through the environment; no local object cache: the reader has its own.
-    let mut location = store::Location::new(&repo);
-    location.s3_endpoint = std::env::var("BULWARK_S3_ENDPOINT")
-        .ok()
-        .filter(|e| !e.is_empty());
-    location.s3_imds = std::env::var("BULWARK_S3_IMDS").is_ok_and(|v| v == "1" || v == "true");
+    let location = store::Location::from_env(&repo);
     let secret = store::keys::secret_from_sources(key_file.as_deref(), password_file.as_deref())?
         .context(
         "no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file",
