@@ -106,7 +106,13 @@ impl Backend for NullBackend {
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
         Err(BackendError::NotFound(name.into()))
     }
-    fn get_range(&self, name: &str, _: u64, _: u64) -> Result<Vec<u8>, BackendError> {
+    fn get_range_into(
+        &self,
+        name: &str,
+        _: u64,
+        _: u64,
+        _: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
         Err(BackendError::NotFound(name.into()))
     }
     fn list(&self, _: &str) -> Result<Vec<ObjectInfo>, BackendError> {

@@ -30,17 +30,54 @@ pub fn seal_chunk(cipher: &SessionCipher, id: &Id, data: &[u8], level: i32) -> V
     cipher.seal(&id.0, &plain)
 }
 
-/// Opens, decompresses and returns a chunk's plaintext. `max_len` bounds
-/// decompression (a damaged or hostile blob cannot make us allocate more).
-pub fn open_chunk(opener: &Opener, id: &Id, sealed: &[u8], max_len: usize) -> Result<Vec<u8>> {
+/// What a thread that opens one chunk after another keeps between them:
+/// the decompression context and the buffer decompressed chunks land in.
+#[derive(Default)]
+pub struct ChunkBuf {
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    out: Vec<u8>,
+}
+
+/// Opens a chunk where it lies: `sealed` is decrypted in place, and the
+/// plaintext returned is a part of `sealed` if the chunk was stored raw, or
+/// decompressed into `buf`. `max_len` bounds decompression (a damaged or
+/// hostile blob cannot make us allocate more).
+pub fn open_chunk<'a>(
+    opener: &Opener,
+    id: &Id,
+    sealed: &'a mut [u8],
+    max_len: usize,
+    buf: &'a mut ChunkBuf,
+) -> Result<&'a [u8]> {
+    let corrupt = |detail: String| Error::corrupt(format!("chunk {id}"), detail);
     let plain = opener
-        .open(&id.0, sealed)
-        .map_err(|_| Error::corrupt(format!("chunk {id}"), "authentication failed"))?;
+        .open_in_place(&id.0, sealed)
+        .map_err(|_| corrupt("authentication failed".into()))?;
     match plain.split_first() {
-        Some((&RAW, rest)) => Ok(rest.to_vec()),
-        Some((&ZSTD, rest)) => zstd::bulk::decompress(rest, max_len)
-            .map_err(|e| Error::corrupt(format!("chunk {id}"), format!("zstd: {e}"))),
-        _ => Err(Error::corrupt(format!("chunk {id}"), "unknown encoding")),
+        Some((&RAW, rest)) => Ok(rest),
+        Some((&ZSTD, rest)) => {
+            let dctx = match &mut buf.dctx {
+                Some(d) => d,
+                empty => empty.insert(
+                    zstd::bulk::Decompressor::new()
+                        .map_err(|e| corrupt(format!("zstd context: {e}")))?,
+                ),
+            };
+            buf.out.clear();
+            buf.out.reserve(max_len);
+            // Output is bounded by the buffer's capacity, which may exceed
+            // `max_len` (the allocator rounds up): checked after.
+            let n = dctx
+                .decompress_to_buffer(rest, &mut buf.out)
+                .map_err(|e| corrupt(format!("zstd: {e}")))?;
+            if n > max_len {
+                return Err(corrupt(format!(
+                    "decompresses to more than {max_len} bytes"
+                )));
+            }
+            Ok(&buf.out[..n])
+        }
+        _ => Err(corrupt("unknown encoding".into())),
     }
 }
 
@@ -70,11 +107,21 @@ mod tests {
             let id = keys.chunk_id(data);
             let sealed = seal_chunk(&s, &id, data, DEFAULT_LEVEL);
             assert!(sealed.len() <= data.len() + 1 + crate::crypto::SEAL_OVERHEAD);
-            assert_eq!(open_chunk(&o, &id, &sealed, data.len()).unwrap(), data);
+            let mut buf = ChunkBuf::default();
+            let open = |id: &Id, buf: &mut ChunkBuf| {
+                open_chunk(&o, id, &mut sealed.clone(), data.len(), buf).map(|p| p.to_vec())
+            };
+            assert_eq!(open(&id, &mut buf).unwrap(), data);
+            // The buffer is reused: the same again.
+            assert_eq!(open(&id, &mut buf).unwrap(), data);
             let other = keys.chunk_id(b"other");
-            assert!(open_chunk(&o, &other, &sealed, data.len()).is_err());
+            assert!(open(&other, &mut buf).is_err());
         }
         let id = keys.chunk_id(&text);
-        assert!(seal_chunk(&s, &id, &text, 1).len() < text.len() / 10);
+        let mut sealed = seal_chunk(&s, &id, &text, 1);
+        assert!(sealed.len() < text.len() / 10);
+        // Decompression stops at the bound.
+        let mut buf = ChunkBuf::default();
+        assert!(open_chunk(&o, &id, &mut sealed, text.len() - 1, &mut buf).is_err());
     }
 }

@@ -177,23 +177,25 @@ impl Opener {
     }
 
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
+        let mut buf = sealed.to_vec();
+        let n = self.open_in_place(aad, &mut buf)?.len();
+        buf.drain(..NONCE_LEN);
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Decrypts `sealed` where it lies and returns its plaintext, a part of
+    /// `sealed` (no copy, no allocation).
+    pub fn open_in_place<'a>(&self, aad: &[u8], sealed: &'a mut [u8]) -> Result<&'a mut [u8]> {
         if sealed.len() < SEAL_OVERHEAD {
             return Err(Error::corrupt("blob", "shorter than nonce and tag"));
         }
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&sealed[..NONCE_LEN]);
-        let mut buf = sealed[NONCE_LEN..].to_vec();
-        let plain = self
-            .key
-            .open_in_place(
-                aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::from(aad),
-                &mut buf,
-            )
-            .map_err(|_| Error::corrupt("blob", "authentication failed"))?;
-        let n = plain.len();
-        buf.truncate(n);
-        Ok(buf)
+        let (nonce, body) = sealed.split_at_mut(NONCE_LEN);
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce)
+            .map_err(|_| Error::corrupt("blob", "bad nonce"))?;
+        self.key
+            .open_in_place(nonce, aead::Aad::from(aad), body)
+            .map_err(|_| Error::corrupt("blob", "authentication failed"))
     }
 }
 

@@ -3,6 +3,7 @@
 //! walk every span) and [`crate::reader::DiskReader`] (which fetches spans
 //! on demand and ahead of a sequential reader).
 
+use crate::blob::ChunkBuf;
 use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
 use crate::index::{Index, Loc};
@@ -60,36 +61,43 @@ pub fn plan(index: &Index, list: &ChunkList, max: u64) -> Result<Vec<Span>> {
 }
 
 /// Fetches the pack bytes of consecutive spans `spans` (all in one pack,
-/// back to back) with one ranged read.
-pub fn fetch(repo: &Repository, index: &Index, spans: &[&Span]) -> Result<Vec<u8>> {
+/// back to back) with one ranged read, into `buf`.
+pub fn fetch(repo: &Repository, index: &Index, spans: &[&Span], buf: &mut Vec<u8>) -> Result<()> {
     let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
-        return Ok(Vec::new());
+        buf.clear();
+        return Ok(());
     };
     let name = layout::pack(&index.packs()[first.pack as usize].id);
     Ok(repo
         .backend()
-        .get_range(&name, first.start, last.end - first.start)?)
+        .get_range_into(&name, first.start, last.end - first.start, buf)?)
 }
 
-/// Opens the chunks of `span` from `bytes` (the pack bytes from
-/// `base`, which is at or before `span.start`): each authenticated and as
-/// long as the chunk list says, or its own error.
-pub fn open(
+/// Opens the chunks of `span` from `bytes` (the pack bytes from `base`,
+/// which is at or before `span.start`), decrypting them where they lie, and
+/// hands each to `f` with its extent's index in the chunk list:
+/// authenticated and as long as the chunk list says, or its own error. An
+/// error `f` returns stops the walk and is returned.
+#[allow(clippy::too_many_arguments)]
+pub fn open_each(
     repo: &Repository,
     index: &Index,
     list: &ChunkList,
     span: &Span,
-    bytes: &[u8],
+    bytes: &mut [u8],
     base: u64,
-) -> Vec<Result<Vec<u8>>> {
-    span.items
-        .iter()
-        .map(|(i, loc)| {
-            let s = (u64::from(loc.offset) - base) as usize;
-            // Short: an empty slice, which `open_extent` rejects as a
-            // truncated pack, never zeros.
-            let sealed = bytes.get(s..s + loc.len as usize).unwrap_or(&[]);
-            repo.open_extent(index, &list.extents()[*i], loc, sealed)
-        })
-        .collect()
+    buf: &mut ChunkBuf,
+    mut f: impl FnMut(usize, Result<&[u8]>) -> Result<()>,
+) -> Result<()> {
+    for (i, loc) in &span.items {
+        let s = (u64::from(loc.offset) - base) as usize;
+        // Short: an empty slice, which `open_extent` rejects as a truncated
+        // pack, never zeros.
+        let sealed = bytes.get_mut(s..s + loc.len as usize).unwrap_or(&mut []);
+        f(
+            *i,
+            repo.open_extent(index, &list.extents()[*i], loc, sealed, buf),
+        )?;
+    }
+    Ok(())
 }

@@ -141,9 +141,11 @@ mod tests {
         assert_eq!(back.blobs, info.blobs);
         assert_eq!(back.salt, info.salt);
         let e = back.blobs[0];
-        let blob = &bytes[e.offset as usize..(e.offset + e.len) as usize];
+        let mut blob = bytes[e.offset as usize..(e.offset + e.len) as usize].to_vec();
         let o = crate::crypto::Opener::new(&keys, &back.salt);
-        assert_eq!(crate::blob::open_chunk(&o, &a, blob, 4).unwrap(), b"aaaa");
+        let mut buf = crate::blob::ChunkBuf::default();
+        let opened = crate::blob::open_chunk(&o, &a, &mut blob, 4, &mut buf).unwrap();
+        assert_eq!(opened, b"aaaa");
         let mut bad = bytes.clone();
         let n = bad.len();
         bad[n - 10] ^= 1;

@@ -30,6 +30,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use lru::LruCache;
 
 use crate::backend::BackendError;
+use crate::blob::ChunkBuf;
 use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
 use crate::fetch::{self, Span};
@@ -433,10 +434,16 @@ impl Inner {
         if let Some(f) = flight {
             return f.wait();
         }
-        let r = fetch::fetch(&self.repo, &self.index, &[&self.spans[s as usize]]);
-        self.count_fetch(&r, false);
-        let bytes = r.inspect_err(|e| self.publish(s, Err(e.to_string())))?;
-        let data = self.open(s, &bytes, self.spans[s as usize].start);
+        let mut bytes = Vec::new();
+        let r = fetch::fetch(
+            &self.repo,
+            &self.index,
+            &[&self.spans[s as usize]],
+            &mut bytes,
+        );
+        self.count_fetch(&r, &bytes, false);
+        r.inspect_err(|e| self.publish(s, Err(e.to_string())))?;
+        let data = self.open(s, &mut bytes, self.spans[s as usize].start);
         self.publish(s, Ok(data.clone()));
         Ok(data)
     }
@@ -467,13 +474,14 @@ impl Inner {
 
     fn fetch_run(&self, run: &[u32]) {
         let spans: Vec<&Span> = run.iter().map(|&s| &self.spans[s as usize]).collect();
-        let r = fetch::fetch(&self.repo, &self.index, &spans);
-        self.count_fetch(&r, true);
+        let mut bytes = Vec::new();
+        let r = fetch::fetch(&self.repo, &self.index, &spans, &mut bytes);
+        self.count_fetch(&r, &bytes, true);
         match r {
-            Ok(bytes) => {
+            Ok(()) => {
                 let base = spans[0].start;
                 for &s in run {
-                    let data = self.open(s, &bytes, base);
+                    let data = self.open(s, &mut bytes, base);
                     self.publish(s, Ok(data));
                 }
             }
@@ -485,21 +493,33 @@ impl Inner {
         }
     }
 
-    fn count_fetch(&self, r: &Result<Vec<u8>>, ahead: bool) {
-        if let Ok(b) = r {
+    fn count_fetch(&self, r: &Result<()>, bytes: &[u8], ahead: bool) {
+        if r.is_ok() {
             let mut st = self.lock();
             st.stats.fetches += 1;
-            st.stats.bytes_fetched += b.len() as u64;
+            st.stats.bytes_fetched += bytes.len() as u64;
             st.stats.readahead_fetches += u64::from(ahead);
         }
     }
 
-    fn open(&self, s: u32, bytes: &[u8], base: u64) -> Arc<SpanData> {
+    fn open(&self, s: u32, bytes: &mut [u8], base: u64) -> Arc<SpanData> {
         let span = &self.spans[s as usize];
-        let chunks: Vec<_> = fetch::open(&self.repo, &self.index, &self.list, span, bytes, base)
-            .into_iter()
-            .map(|r| r.map(Arc::new).map_err(Arc::new))
-            .collect();
+        let mut chunks = Vec::with_capacity(span.items.len());
+        let mut buf = ChunkBuf::default();
+        let walked = fetch::open_each(
+            &self.repo,
+            &self.index,
+            &self.list,
+            span,
+            bytes,
+            base,
+            &mut buf,
+            |_, r| {
+                chunks.push(r.map(|d| Arc::new(d.to_vec())).map_err(Arc::new));
+                Ok(())
+            },
+        );
+        debug_assert!(walked.is_ok(), "the callback never fails");
         let bytes = chunks
             .iter()
             .map(|c| c.as_ref().map_or(0, |d| d.len()))

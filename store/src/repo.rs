@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendError};
+use crate::blob::{self, ChunkBuf};
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::chunklist::{self, ChunkList};
 use crate::crypto::{Keys, MasterKey, Opener};
@@ -13,7 +14,7 @@ use crate::id::Id;
 use crate::index::{self, Index, Loc};
 use crate::keys::{KdfParams, KeySlot, Secret};
 use crate::snapshot::{self, Snapshot};
-use crate::{blob, object, pack};
+use crate::{object, pack};
 
 pub const VERSION: u32 = 1;
 use crate::layout::{self, CONFIG};
@@ -330,28 +331,33 @@ impl Repository {
     /// Reads, authenticates and decompresses one chunk.
     pub fn read_chunk(&self, index: &Index, id: &Id) -> Result<Vec<u8>> {
         let loc = index.get(id).ok_or(Error::MissingChunk(*id))?;
-        let sealed = self.backend.get_range(
+        let mut sealed = self.backend.get_range(
             &layout::pack(&index.pack(&loc).id),
             u64::from(loc.offset),
             u64::from(loc.len),
         )?;
-        self.open_blob(index, id, &loc, &sealed)
+        let mut buf = ChunkBuf::default();
+        Ok(self
+            .open_blob(index, id, &loc, &mut sealed, &mut buf)?
+            .to_vec())
     }
 
     /// Opens the chunk of disk extent `e`: authenticated, as long as the
     /// chunk list says, and damage reported with the disk offset and pack.
-    pub fn open_extent(
+    /// Decrypts in place, as [`blob::open_chunk`].
+    pub fn open_extent<'a>(
         &self,
         index: &Index,
         e: &crate::chunklist::Extent,
         loc: &Loc,
-        sealed: &[u8],
-    ) -> Result<Vec<u8>> {
+        sealed: &'a mut [u8],
+        buf: &'a mut ChunkBuf,
+    ) -> Result<&'a [u8]> {
         let id = e
             .chunk
             .ok_or_else(|| Error::Invalid("zero extent has no chunk".into()))?;
         let data = self
-            .open_blob(index, &id, loc, sealed)
+            .open_blob(index, &id, loc, sealed, buf)
             .map_err(|err| match err {
                 Error::Corrupt { what, detail } => Error::Corrupt {
                     what,
@@ -372,8 +378,16 @@ impl Repository {
         Ok(data)
     }
 
-    /// Opens a sealed blob fetched from its pack.
-    pub fn open_blob(&self, index: &Index, id: &Id, loc: &Loc, sealed: &[u8]) -> Result<Vec<u8>> {
+    /// Opens a sealed blob fetched from its pack, in place (see
+    /// [`blob::open_chunk`]).
+    pub fn open_blob<'a>(
+        &self,
+        index: &Index,
+        id: &Id,
+        loc: &Loc,
+        sealed: &'a mut [u8],
+        buf: &'a mut ChunkBuf,
+    ) -> Result<&'a [u8]> {
         if sealed.len() != loc.len as usize {
             return Err(Error::corrupt(
                 format!("chunk {id}"),
@@ -381,6 +395,6 @@ impl Repository {
             ));
         }
         let opener = Opener::new(&self.keys, &index.pack(loc).salt);
-        blob::open_chunk(&opener, id, sealed, self.config.chunker.max as usize)
+        blob::open_chunk(&opener, id, sealed, self.config.chunker.max as usize, buf)
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::backend::BackendError;
+use crate::blob::ChunkBuf;
 use crate::error::Error;
 use crate::error::Result;
 use crate::id::{Id, IdMap};
@@ -116,53 +117,58 @@ pub fn verify(
     let fatal: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((p, ids)) = packs.get(i) else { return };
-                let name = layout::pack(&index.packs()[*p as usize].id);
-                let data = match repo.backend().get(&name) {
-                    Ok(d) => d,
-                    Err(BackendError::NotFound(_)) => {
-                        let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
-                        b.extend(
-                            ids.iter()
-                                .map(|id| (*id, format!("pack {name} is missing"))),
-                        );
-                        continue;
-                    }
-                    Err(e) => {
-                        fatal
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e.into());
-                        return;
-                    }
-                };
-                for id in ids {
-                    let loc = index.get(id).expect("grouped from the index");
-                    let s = loc.offset as usize;
-                    // Short: an empty slice, reported as a truncated pack.
-                    let sealed = data.get(s..s + loc.len as usize).unwrap_or(&[]);
-                    let r = repo.open_blob(&index, id, &loc, sealed).and_then(|plain| {
-                        if repo.keys().chunk_id(&plain) == *id {
-                            Ok(plain.len())
-                        } else {
-                            Err(Error::corrupt(
-                                format!("chunk {id}"),
-                                "content does not match its id",
-                            ))
+            s.spawn(|| {
+                let mut buf = ChunkBuf::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((p, ids)) = packs.get(i) else { return };
+                    let name = layout::pack(&index.packs()[*p as usize].id);
+                    let mut data = match repo.backend().get(&name) {
+                        Ok(d) => d,
+                        Err(BackendError::NotFound(_)) => {
+                            let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
+                            b.extend(
+                                ids.iter()
+                                    .map(|id| (*id, format!("pack {name} is missing"))),
+                            );
+                            continue;
                         }
-                    });
-                    match r {
-                        Ok(n) => {
-                            chunks.fetch_add(1, Ordering::Relaxed);
-                            bytes.fetch_add(n as u64, Ordering::Relaxed);
-                            progress(n as u64);
+                        Err(e) => {
+                            fatal
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e.into());
+                            return;
                         }
-                        Err(e) => bad
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push((*id, format!("{e} (in pack {name})"))),
+                    };
+                    for id in ids {
+                        let loc = index.get(id).expect("grouped from the index");
+                        let s = loc.offset as usize;
+                        // Short: an empty slice, reported as a truncated pack.
+                        let sealed = data.get_mut(s..s + loc.len as usize).unwrap_or(&mut []);
+                        let r =
+                            repo.open_blob(&index, id, &loc, sealed, &mut buf)
+                                .and_then(|plain| {
+                                    if repo.keys().chunk_id(plain) == *id {
+                                        Ok(plain.len())
+                                    } else {
+                                        Err(Error::corrupt(
+                                            format!("chunk {id}"),
+                                            "content does not match its id",
+                                        ))
+                                    }
+                                });
+                        match r {
+                            Ok(n) => {
+                                chunks.fetch_add(1, Ordering::Relaxed);
+                                bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                progress(n as u64);
+                            }
+                            Err(e) => bad
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((*id, format!("{e} (in pack {name})"))),
+                        }
                     }
                 }
             });

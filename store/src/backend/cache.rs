@@ -201,7 +201,16 @@ impl CachedBackend {
         root.join(RANGES).join(pack).join(format!("{offset}-{len}"))
     }
 
-    fn cached_range(&self, root: &Path, pack: &str, offset: u64, len: u64) -> Option<Vec<u8>> {
+    /// Reads a cached range into `buf`; `None` if it is not cached (or its
+    /// file is unreadable, which also forgets it).
+    fn cached_range(
+        &self,
+        root: &Path,
+        pack: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Option<()> {
         let (eo, el) = {
             let mut r = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
             r.clock += 1;
@@ -216,13 +225,14 @@ impl CachedBackend {
         };
         let path = Self::range_path(root, pack, eo, el);
         let f = File::open(&path).ok()?;
-        let mut buf = vec![0u8; len as usize];
-        if f.read_exact_at(&mut buf, offset - eo).is_err() {
+        buf.clear();
+        buf.resize(len as usize, 0);
+        if f.read_exact_at(buf, offset - eo).is_err() {
             self.forget_range(root, pack, eo, el);
             return None;
         }
         let _ = f.set_modified(std::time::SystemTime::now());
-        Some(buf)
+        Some(())
     }
 
     fn forget_range(&self, root: &Path, pack: &str, offset: u64, len: u64) {
@@ -359,18 +369,24 @@ impl Backend for CachedBackend {
         Ok(data)
     }
 
-    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, BackendError> {
+    fn get_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
         let (Some(pack), Some(root)) = (pack_dir(name), self.root()) else {
-            return self.inner.get_range(name, offset, len);
+            return self.inner.get_range_into(name, offset, len, buf);
         };
-        if let Some(hit) = self.cached_range(&root, pack, offset, len) {
-            return Ok(hit);
+        if self.cached_range(&root, pack, offset, len, buf).is_some() {
+            return Ok(());
         }
-        let data = self.inner.get_range(name, offset, len)?;
-        if data.len() as u64 == len {
-            self.store_range(&root, pack, offset, &data);
+        self.inner.get_range_into(name, offset, len, buf)?;
+        if buf.len() as u64 == len {
+            self.store_range(&root, pack, offset, buf);
         }
-        Ok(data)
+        Ok(())
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {

@@ -97,13 +97,20 @@ impl Backend for LocalBackend {
         fs::read(self.path(name)?).map_err(|e| self.io("read", name, e))
     }
 
-    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, BackendError> {
-        let read = || -> std::io::Result<Vec<u8>> {
+    fn get_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        buf.clear();
+        let mut read = || -> std::io::Result<()> {
             let mut f = File::open(self.path(name).map_err(std::io::Error::other)?)?;
             f.seek(SeekFrom::Start(offset))?;
-            let mut buf = Vec::with_capacity(len as usize);
-            f.take(len).read_to_end(&mut buf)?;
-            Ok(buf)
+            buf.reserve(len as usize);
+            f.take(len).read_to_end(buf)?;
+            Ok(())
         };
         read().map_err(|e| self.io("read", name, e))
     }

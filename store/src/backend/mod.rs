@@ -55,7 +55,22 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError>;
 
     /// `len` bytes from `offset`; short only at the end of the object.
-    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, BackendError>;
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, BackendError> {
+        let mut buf = Vec::new();
+        self.get_range_into(name, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`Backend::get_range`] into `buf` (cleared first): a reader that
+    /// fetches one range after another keeps one buffer, instead of
+    /// allocating (and page-faulting in) tens of MiB per fetch.
+    fn get_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError>;
 
     /// Objects whose names start with `prefix` (e.g. `"index/"`), any order.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError>;

@@ -535,12 +535,45 @@ where
 }
 
 /// Streams a response body into one buffer (one copy, no re-assembly).
-async fn read_body(mut body: ByteStream, capacity: usize) -> Result<Vec<u8>, Failure> {
-    let mut v = Vec::with_capacity(capacity);
-    while let Some(chunk) = body.try_next().await.map_err(body_failure)? {
-        v.extend_from_slice(&chunk);
+/// A response body as the HTTP client received it: pieces, not yet copied.
+/// The one copy into the caller's buffer happens on the caller's thread,
+/// not on the runtime's.
+#[derive(Default)]
+struct Body {
+    pieces: Vec<bytes::Bytes>,
+    len: u64,
+}
+
+impl Body {
+    /// Appends `take` bytes from `skip` (fewer if the body ends first).
+    fn copy_into(&self, mut skip: u64, take: u64, buf: &mut Vec<u8>) {
+        let mut left = take.min(self.len.saturating_sub(skip)) as usize;
+        buf.reserve(left);
+        for p in &self.pieces {
+            if left == 0 {
+                break;
+            }
+            let plen = p.len() as u64;
+            if skip >= plen {
+                skip -= plen;
+                continue;
+            }
+            let part = &p[skip as usize..];
+            let n = part.len().min(left);
+            buf.extend_from_slice(&part[..n]);
+            left -= n;
+            skip = 0;
+        }
     }
-    Ok(v)
+}
+
+async fn read_body(mut body: ByteStream) -> Result<Body, Failure> {
+    let mut b = Body::default();
+    while let Some(piece) = body.try_next().await.map_err(body_failure)? {
+        b.len += piece.len() as u64;
+        b.pieces.push(piece);
+    }
+    Ok(b)
 }
 
 fn body_failure(e: impl std::fmt::Display) -> Failure {
@@ -582,46 +615,49 @@ impl Backend for S3Backend {
 
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
         let bucket = self.cfg.bucket.clone();
-        self.call("get", name, move |c, key| {
+        let body = self.call("get", name, move |c, key| {
             let req = c.get_object().bucket(&bucket).key(key);
             async move {
                 let out = req.send().await.map_err(|e| classify(e, false))?;
-                let cap = out.content_length().unwrap_or(0).max(0) as usize;
-                read_body(out.body, cap).await
+                read_body(out.body).await
             }
-        })
+        })?;
+        let mut v = Vec::new();
+        body.copy_into(0, body.len, &mut v);
+        Ok(v)
     }
 
-    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, BackendError> {
+    fn get_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        buf.clear();
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let bucket = self.cfg.bucket.clone();
         let range = format!("bytes={}-{}", offset, offset + len - 1);
-        self.call("get", name, move |c, key| {
+        let body = self.call("get", name, move |c, key| {
             let req = c.get_object().bucket(&bucket).key(key).range(&range);
             async move {
-                let out = match req.send().await {
-                    Ok(o) => o,
+                match req.send().await {
+                    Ok(out) => read_body(out.body).await,
                     // Range past the end: an empty (short) read.
                     Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
-                        return Ok(Vec::new())
+                        Ok(Body::default())
                     }
-                    Err(e) => return Err(classify(e, false)),
-                };
-                let cap = out.content_length().unwrap_or(0).max(0) as usize;
-                let mut v = read_body(out.body, cap.min(len as usize)).await?;
-                // A server that ignores Range sends the whole object.
-                if v.len() as u64 > len && offset == 0 {
-                    v.truncate(len as usize);
-                } else if v.len() as u64 > len {
-                    let end = (offset + len).min(v.len() as u64) as usize;
-                    // Past the end: short, and the reader reports it.
-                    v = v.get(offset as usize..end).unwrap_or(&[]).to_vec();
+                    Err(e) => Err(classify(e, false)),
                 }
-                Ok(v)
             }
-        })
+        })?;
+        // A server that ignores Range sends the whole object: cut the range
+        // out of it (past the end: short, and the reader reports it).
+        let skip = if body.len > len { offset } else { 0 };
+        body.copy_into(skip, len, buf);
+        Ok(())
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
@@ -731,6 +767,31 @@ mod tests {
             vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         })
         .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_body_in_pieces_copies_the_range_asked_for() {
+        let body = Body {
+            pieces: ["abc", "defg", "", "hij"]
+                .iter()
+                .map(|p| bytes::Bytes::from_static(p.as_bytes()))
+                .collect(),
+            len: 10,
+        };
+        let copy = |skip, take| {
+            let mut buf = b"old".to_vec();
+            buf.clear();
+            body.copy_into(skip, take, &mut buf);
+            String::from_utf8(buf).unwrap()
+        };
+        assert_eq!(copy(0, 10), "abcdefghij");
+        assert_eq!(copy(0, 4), "abcd");
+        // A range cut out of a whole object (a server that ignored Range).
+        assert_eq!(copy(2, 6), "cdefgh");
+        assert_eq!(copy(7, 3), "hij");
+        // Past the end: short, never padded.
+        assert_eq!(copy(8, 5), "ij");
+        assert_eq!(copy(12, 5), "");
     }
 
     #[test]
