@@ -384,6 +384,56 @@ impl S3Backend {
         ))
     }
 
+    /// GETs `name` (or `range`: offset, length) into `buf`, copying each
+    /// piece of the body as it arrives: the HTTP client's read buffer is
+    /// then free again for the next piece, so a large read allocates
+    /// nothing new per piece (holding the pieces made it map fresh memory
+    /// for every few hundred KiB).
+    fn read_into(
+        &self,
+        name: &str,
+        range: Option<(u64, u64)>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        let bucket = self.cfg.bucket.clone();
+        let header = range.map(|(o, l)| format!("bytes={}-{}", o, o + l - 1));
+        // Shared with the attempts on the runtime (each starts afresh);
+        // locked once per piece, never across an await.
+        let dest = Arc::new(std::sync::Mutex::new(std::mem::take(buf)));
+        let d = dest.clone();
+        let r = self.call("get", name, move |c, key| {
+            let req = c
+                .get_object()
+                .bucket(&bucket)
+                .key(key)
+                .set_range(header.clone());
+            let d = d.clone();
+            async move {
+                let lock = || d.lock().unwrap_or_else(|e| e.into_inner());
+                lock().clear();
+                let out = match req.send().await {
+                    Ok(out) => out,
+                    // Range past the end: an empty (short) read.
+                    Err(e)
+                        if range.is_some()
+                            && e.raw_response().map(|r| r.status().as_u16()) == Some(416) =>
+                    {
+                        return Ok(());
+                    }
+                    Err(e) => return Err(classify(e, false)),
+                };
+                let mut window = Window::new(range, out.content_length());
+                let mut body = out.body;
+                while let Some(piece) = body.try_next().await.map_err(body_failure)? {
+                    window.copy(&piece, &mut lock())?;
+                }
+                Ok(())
+            }
+        });
+        *buf = std::mem::take(&mut *dest.lock().unwrap_or_else(|e| e.into_inner()));
+        r
+    }
+
     /// Checks that the bucket answers with these credentials: a HEAD of
     /// the bucket and a one-key listing of the prefix, a few attempts only.
     pub fn check(&self) -> Result<(), CheckError> {
@@ -535,45 +585,62 @@ where
 }
 
 /// Streams a response body into one buffer (one copy, no re-assembly).
-/// A response body as the HTTP client received it: pieces, not yet copied.
-/// The one copy into the caller's buffer happens on the caller's thread,
-/// not on the runtime's.
-#[derive(Default)]
-struct Body {
-    pieces: Vec<bytes::Bytes>,
-    len: u64,
+/// Which bytes of a response body a read keeps. A server that ignores
+/// Range answers with the whole object (its Content-Length says so before
+/// the first byte): the range is then cut out of it. Past the end of the
+/// object a read is short, never padded.
+#[derive(Debug)]
+struct Window {
+    /// Body bytes still to drop before the range starts.
+    skip: u64,
+    /// Bytes still to keep (`u64::MAX`: all).
+    keep: u64,
+    /// No Content-Length and a range asked for: more than the range's
+    /// length means the range was ignored, which cannot be cut right any
+    /// more: an error then, never the wrong bytes.
+    unsized_range: bool,
 }
 
-impl Body {
-    /// Appends `take` bytes from `skip` (fewer if the body ends first).
-    fn copy_into(&self, mut skip: u64, take: u64, buf: &mut Vec<u8>) {
-        let mut left = take.min(self.len.saturating_sub(skip)) as usize;
-        buf.reserve(left);
-        for p in &self.pieces {
-            if left == 0 {
-                break;
-            }
-            let plen = p.len() as u64;
-            if skip >= plen {
-                skip -= plen;
-                continue;
-            }
-            let part = &p[skip as usize..];
-            let n = part.len().min(left);
-            buf.extend_from_slice(&part[..n]);
-            left -= n;
-            skip = 0;
+impl Window {
+    fn new(range: Option<(u64, u64)>, content_length: Option<i64>) -> Window {
+        let total = content_length.and_then(|n| u64::try_from(n).ok());
+        match (range, total) {
+            (None, _) => Window {
+                skip: 0,
+                keep: u64::MAX,
+                unsized_range: false,
+            },
+            (Some((offset, len)), Some(total)) => Window {
+                skip: if total > len { offset } else { 0 },
+                keep: len,
+                unsized_range: false,
+            },
+            (Some((_, len)), None) => Window {
+                skip: 0,
+                keep: len,
+                unsized_range: true,
+            },
         }
     }
-}
 
-async fn read_body(mut body: ByteStream) -> Result<Body, Failure> {
-    let mut b = Body::default();
-    while let Some(piece) = body.try_next().await.map_err(body_failure)? {
-        b.len += piece.len() as u64;
-        b.pieces.push(piece);
+    fn copy(&mut self, mut piece: &[u8], out: &mut Vec<u8>) -> Result<(), Failure> {
+        let drop = self.skip.min(piece.len() as u64);
+        self.skip -= drop;
+        piece = &piece[drop as usize..];
+        if self.unsized_range && piece.len() as u64 > self.keep {
+            return Err(Failure {
+                kind: FailureKind::Other,
+                retry: false,
+                message: "the server answered a ranged read with more bytes than asked for, \
+                          and no length"
+                    .into(),
+            });
+        }
+        let n = self.keep.min(piece.len() as u64) as usize;
+        out.extend_from_slice(&piece[..n]);
+        self.keep -= n as u64;
+        Ok(())
     }
-    Ok(b)
 }
 
 fn body_failure(e: impl std::fmt::Display) -> Failure {
@@ -614,17 +681,9 @@ impl Backend for S3Backend {
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
-        let bucket = self.cfg.bucket.clone();
-        let body = self.call("get", name, move |c, key| {
-            let req = c.get_object().bucket(&bucket).key(key);
-            async move {
-                let out = req.send().await.map_err(|e| classify(e, false))?;
-                read_body(out.body).await
-            }
-        })?;
-        let mut v = Vec::new();
-        body.copy_into(0, body.len, &mut v);
-        Ok(v)
+        let mut buf = Vec::new();
+        self.read_into(name, None, &mut buf)?;
+        Ok(buf)
     }
 
     fn get_range_into(
@@ -638,26 +697,7 @@ impl Backend for S3Backend {
         if len == 0 {
             return Ok(());
         }
-        let bucket = self.cfg.bucket.clone();
-        let range = format!("bytes={}-{}", offset, offset + len - 1);
-        let body = self.call("get", name, move |c, key| {
-            let req = c.get_object().bucket(&bucket).key(key).range(&range);
-            async move {
-                match req.send().await {
-                    Ok(out) => read_body(out.body).await,
-                    // Range past the end: an empty (short) read.
-                    Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
-                        Ok(Body::default())
-                    }
-                    Err(e) => Err(classify(e, false)),
-                }
-            }
-        })?;
-        // A server that ignores Range sends the whole object: cut the range
-        // out of it (past the end: short, and the reader reports it).
-        let skip = if body.len > len { offset } else { 0 };
-        body.copy_into(skip, len, buf);
-        Ok(())
+        self.read_into(name, Some((offset, len)), buf)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
@@ -770,28 +810,30 @@ mod tests {
     }
 
     #[test]
-    fn a_body_in_pieces_copies_the_range_asked_for() {
-        let body = Body {
-            pieces: ["abc", "defg", "", "hij"]
-                .iter()
-                .map(|p| bytes::Bytes::from_static(p.as_bytes()))
-                .collect(),
-            len: 10,
+    fn a_body_in_pieces_keeps_the_range_asked_for() {
+        let read = |range, content_length| {
+            let mut w = Window::new(range, content_length);
+            let mut out = Vec::new();
+            for p in ["abc", "defg", "", "hij"] {
+                w.copy(p.as_bytes(), &mut out).map_err(|f| f.message)?;
+            }
+            Ok::<_, String>(String::from_utf8(out).unwrap())
         };
-        let copy = |skip, take| {
-            let mut buf = b"old".to_vec();
-            buf.clear();
-            body.copy_into(skip, take, &mut buf);
-            String::from_utf8(buf).unwrap()
-        };
-        assert_eq!(copy(0, 10), "abcdefghij");
-        assert_eq!(copy(0, 4), "abcd");
-        // A range cut out of a whole object (a server that ignored Range).
-        assert_eq!(copy(2, 6), "cdefgh");
-        assert_eq!(copy(7, 3), "hij");
-        // Past the end: short, never padded.
-        assert_eq!(copy(8, 5), "ij");
-        assert_eq!(copy(12, 5), "");
+        // Whole objects, and ranges the server honoured.
+        assert_eq!(read(None, Some(10)).unwrap(), "abcdefghij");
+        assert_eq!(read(None, None).unwrap(), "abcdefghij");
+        assert_eq!(read(Some((5, 10)), Some(10)).unwrap(), "abcdefghij");
+        // A body no longer than the range is the range (short at the end
+        // of the object, never padded).
+        assert_eq!(read(Some((5, 20)), Some(10)).unwrap(), "abcdefghij");
+        // The range ignored: cut out of the whole object.
+        assert_eq!(read(Some((0, 4)), Some(10)).unwrap(), "abcd");
+        assert_eq!(read(Some((2, 6)), Some(10)).unwrap(), "cdefgh");
+        assert_eq!(read(Some((8, 5)), Some(10)).unwrap(), "ij");
+        assert_eq!(read(Some((12, 5)), Some(10)).unwrap(), "");
+        // Ignored with no length: an error, not the wrong bytes.
+        assert!(read(Some((2, 6)), None).is_err());
+        assert_eq!(read(Some((0, 10)), None).unwrap(), "abcdefghij");
     }
 
     #[test]
