@@ -60,17 +60,35 @@ pub fn plan(index: &Index, list: &ChunkList, max: u64) -> Result<Vec<Span>> {
     Ok(out)
 }
 
+/// How often the bytes of a fetch are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// Once (a full restore): not worth a place in the cache.
+    Once,
+    /// Maybe again (an export, a mount): cached.
+    Again,
+}
+
 /// Fetches the pack bytes of consecutive spans `spans` (all in one pack,
 /// back to back) with one ranged read, into `buf`.
-pub fn fetch(repo: &Repository, index: &Index, spans: &[&Span], buf: &mut Vec<u8>) -> Result<()> {
+pub fn fetch(
+    repo: &Repository,
+    index: &Index,
+    spans: &[&Span],
+    reads: Reads,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
     let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
         buf.clear();
         return Ok(());
     };
     let name = layout::pack(&index.packs()[first.pack as usize].id);
-    Ok(repo
-        .backend()
-        .get_range_into(&name, first.start, last.end - first.start, buf)?)
+    let (start, len) = (first.start, last.end - first.start);
+    let backend = repo.backend();
+    Ok(match reads {
+        Reads::Once => backend.get_range_once(&name, start, len, buf),
+        Reads::Again => backend.get_range_into(&name, start, len, buf),
+    }?)
 }
 
 /// Opens the chunks of `span` from `bytes` (the pack bytes from `base`,

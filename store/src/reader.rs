@@ -33,7 +33,7 @@ use crate::backend::BackendError;
 use crate::blob::ChunkBuf;
 use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
-use crate::fetch::{self, Span};
+use crate::fetch::{self, Reads, Span};
 use crate::index::Index;
 use crate::repo::Repository;
 
@@ -435,12 +435,8 @@ impl Inner {
             return f.wait();
         }
         let mut bytes = Vec::new();
-        let r = fetch::fetch(
-            &self.repo,
-            &self.index,
-            &[&self.spans[s as usize]],
-            &mut bytes,
-        );
+        let span = &self.spans[s as usize];
+        let r = fetch::fetch(&self.repo, &self.index, &[span], Reads::Again, &mut bytes);
         self.count_fetch(&r, &bytes, false);
         r.inspect_err(|e| self.publish(s, Err(e.to_string())))?;
         let data = self.open(s, &mut bytes, self.spans[s as usize].start);
@@ -475,7 +471,7 @@ impl Inner {
     fn fetch_run(&self, run: &[u32]) {
         let spans: Vec<&Span> = run.iter().map(|&s| &self.spans[s as usize]).collect();
         let mut bytes = Vec::new();
-        let r = fetch::fetch(&self.repo, &self.index, &spans, &mut bytes);
+        let r = fetch::fetch(&self.repo, &self.index, &spans, Reads::Again, &mut bytes);
         self.count_fetch(&r, &bytes, true);
         match r {
             Ok(()) => {

@@ -185,6 +185,27 @@ impl Repository {
         Ok(ix)
     }
 
+    /// Runs `f` (find a snapshot, load its chunk lists) while the index
+    /// loads on another thread: a restore or an export needs both next,
+    /// and on S3 each is a chain of round trips. For readers only: a backup
+    /// loads its index when it starts (docs/gc.md, rule 2). `f`'s error
+    /// comes first.
+    pub fn while_loading_index<T, E: From<Error>>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        std::thread::scope(|s| {
+            let index = s.spawn(|| self.index());
+            let r = f();
+            let index = index
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid("the index loader panicked".into())));
+            let r = r?;
+            index?;
+            Ok(r)
+        })
+    }
+
     /// Forgets the cached index (after a backup added to it).
     pub fn invalidate_index(&self) {
         *self.index.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -210,39 +231,50 @@ impl Repository {
             .into_iter()
             .map(|o| o.name)
             .collect();
-        // Fetch and open index objects in parallel: on S3 each is a round trip.
-        let threads = 8.min(names.len().max(1));
-        let parts: Vec<Result<Vec<IndexObject>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let names = &names;
-                    s.spawn(move || {
-                        names
-                            .iter()
-                            .skip(t)
-                            .step_by(threads)
-                            .map(|n| {
-                                let bytes = self.backend.get(n)?;
-                                let payload = object::open(&self.keys, index::KIND, n, &bytes)?;
-                                Ok((n.clone(), index::decode(&payload, n)?))
-                            })
-                            .collect::<Result<Vec<_>>>()
+        self.load_each(&names, |n| {
+            let payload = self.get_sealed(index::KIND, n)?;
+            Ok((n.to_string(), index::decode(&payload, n)?))
+        })
+    }
+
+    /// `load` of every name, on up to 8 threads (on S3 each is a round
+    /// trip), in the order of `names`; the first error wins.
+    fn load_each<T: Send>(
+        &self,
+        names: &[String],
+        load: impl Fn(&str) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let threads = 8.min(names.len()).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut done: Vec<(usize, Result<T>)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(n) = names.get(i) else { return mine };
+                            let r = load(n);
+                            let failed = r.is_err();
+                            mine.push((i, r));
+                            if failed {
+                                return mine;
+                            }
+                        }
                     })
                 })
                 .collect();
-            handles
+            workers
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::Invalid("index loader panicked".into())))
+                .flat_map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        vec![(0, Err(Error::Invalid("a loader thread panicked".into())))]
+                    })
                 })
                 .collect()
         });
-        let mut out = Vec::with_capacity(names.len());
-        for part in parts {
-            out.extend(part?);
-        }
-        Ok(out)
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Removes a snapshot: its manifest first (so no listed snapshot ever
@@ -271,10 +303,13 @@ impl Repository {
 
     /// All snapshots, oldest first.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        let mut out = Vec::new();
-        for obj in self.backend.list(layout::SNAPSHOTS)? {
-            out.push(self.load_snapshot_object(&obj.name)?);
-        }
+        let names: Vec<String> = self
+            .backend
+            .list(layout::SNAPSHOTS)?
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        let mut out = self.load_each(&names, |n| self.load_snapshot_object(n))?;
         out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
         Ok(out)
     }

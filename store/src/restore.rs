@@ -321,7 +321,7 @@ fn restore_span(
     bufs: &mut Buffers,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    fetch::fetch(repo, index, &[span], &mut bufs.fetched)?;
+    fetch::fetch(repo, index, &[span], fetch::Reads::Once, &mut bufs.fetched)?;
     let mut written = Written::default();
     fetch::open_each(
         repo,

@@ -188,16 +188,31 @@ fn repository_roundtrip_with_cache() {
     let report = store::verify::verify(&repo, &repo.snapshots().unwrap(), 4, &|_| {}).unwrap();
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
 
-    // Remove the packs behind the server's back: a repeated restore is
-    // served from the range cache...
+    // A restore reads each range once: it keeps none of them.
+    let ranges = cache_dir.join("ranges");
+    assert!(!ranges.exists(), "a restore filled the range cache");
+
+    // An export's reads are kept. Remove the packs behind the server's back:
+    // a second export of the snapshot is served from the range cache...
+    let export = |repo: &Arc<Repository>| {
+        let r = store::reader::open_disk(repo.clone(), &snap, "disk", 1 << 20).unwrap();
+        let mut buf = vec![0u8; r.size() as usize];
+        r.read_at(0, &mut buf).map(|()| buf)
+    };
+    let repo = Arc::new(repo);
+    assert_eq!(export(&repo).unwrap(), data);
+    assert!(ranges.exists());
     let packs = server.bucket_dir(&bucket).join("repo/data");
     let saved = tmp.path().join("saved-data");
     std::fs::rename(&packs, &saved).unwrap();
-    let repo = Repository::open(cached(), &secret()).unwrap();
+    let repo = Arc::new(Repository::open(cached(), &secret()).unwrap());
+    assert_eq!(export(&repo).unwrap(), data);
+    // ... and so is a restore, which reads what is cached...
     assert_eq!(restore(&repo, &snap, tmp.path()), data);
     // ...until a listing shows they are gone, which evicts them.
     assert!(repo.backend().list("data/").unwrap().is_empty());
     assert!(repo.backend().get_range(&packname(&repo), 0, 10).is_err());
+    assert!(export(&repo).is_err());
     std::fs::rename(&saved, &packs).unwrap();
     assert_eq!(restore(&repo, &snap, tmp.path()), data);
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use store::restore::{restore_to_path, Overwrite, RestoreOptions};
+use store::snapshot::{DiskEntry, Snapshot};
 use store::{BackupOptions, BackupSession, ImageFile, Mode, SnapshotMeta};
 
 use super::human;
@@ -172,6 +173,28 @@ pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
     Ok(0)
 }
 
+/// The disk of `snap` named `name`, or its only disk.
+fn disk_of<'a>(snap: &'a Snapshot, name: Option<&str>) -> Result<&'a DiskEntry> {
+    match name {
+        Some(name) => snap
+            .disks
+            .iter()
+            .find(|d| d.name == name)
+            .with_context(|| format!("snapshot {} has no disk {name}", snap.id.short())),
+        None if snap.disks.len() == 1 => Ok(&snap.disks[0]),
+        None => bail!(
+            "snapshot {} has {} disks ({}): pick one with --disk",
+            snap.id.short(),
+            snap.disks.len(),
+            snap.disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
     let c = match c {
         RestoreCmd::Vm(a) => return super::restore_vm::run(g, a),
@@ -191,26 +214,12 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
         unreachable!("handled above")
     };
     let repo = secret::open(g)?;
-    let snap = repo.find_snapshot(&snapshot)?;
-    let d = match &disk {
-        Some(name) => snap
-            .disks
-            .iter()
-            .find(|d| &d.name == name)
-            .with_context(|| format!("snapshot {} has no disk {name}", snap.id.short()))?,
-        None if snap.disks.len() == 1 => &snap.disks[0],
-        None => bail!(
-            "snapshot {} has {} disks ({}): pick one with --disk",
-            snap.id.short(),
-            snap.disks.len(),
-            snap.disks
-                .iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let list = repo.load_chunk_list(&d.chunk_list)?;
+    let (snap, list) = repo.while_loading_index(|| -> Result<_> {
+        let snap = repo.find_snapshot(&snapshot)?;
+        let list = repo.load_chunk_list(&disk_of(&snap, disk.as_deref())?.chunk_list)?;
+        Ok((snap, list))
+    })?;
+    let d = disk_of(&snap, disk.as_deref())?;
     let pb = progress::bar(d.size, &format!("restore {}", d.name));
     let t = Instant::now();
     let overwrite = if force {

@@ -165,7 +165,7 @@ pub fn mount(g: &Global, a: Args) -> Result<i32> {
         return detach(&a);
     }
     let repo = Arc::new(secret::open(g)?);
-    let snap = repo.find_snapshot(&a.snapshot)?;
+    let snap = repo.while_loading_index(|| repo.find_snapshot(&a.snapshot))?;
     let cache = (a.cache_mib << 20) / snap.disks.len().max(1);
     let mut disks = Vec::new();
     for d in &snap.disks {

@@ -60,13 +60,16 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     };
     let repo = Arc::new(secret::open(g)?);
     // Every VM is checked before any is made.
-    let mut plans = Vec::new();
-    for (snap, name) in &targets {
-        if targets.iter().filter(|(_, n)| n == name).count() > 1 {
-            bail!("{name} is named twice");
+    let plans = repo.while_loading_index(|| -> Result<_> {
+        let mut plans = Vec::new();
+        for (snap, name) in &targets {
+            if targets.iter().filter(|(_, n)| n == name).count() > 1 {
+                bail!("{name} is named twice");
+            }
+            plans.push(start::plan(&libvirt, repo.find_snapshot(snap)?, name, &o)?);
         }
-        plans.push(start::plan(&libvirt, repo.find_snapshot(snap)?, name, &o)?);
-    }
+        Ok(plans)
+    })?;
     restore::undo_on_interrupt(libvirt.clone())?;
     let mut started = Vec::new();
     for p in &plans {

@@ -87,14 +87,17 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     let repo = Arc::new(secret::open(g)?);
     restore::undo_on_interrupt(libvirt.clone())?;
     // Every VM is checked before any is written.
-    let mut plans = Vec::new();
-    for (snap, name) in &targets {
-        if targets.iter().filter(|(_, n)| n == name).count() > 1 {
-            bail!("{name} is named twice");
+    let plans = repo.while_loading_index(|| -> Result<_> {
+        let mut plans = Vec::new();
+        for (snap, name) in &targets {
+            if targets.iter().filter(|(_, n)| n == name).count() > 1 {
+                bail!("{name} is named twice");
+            }
+            let s = repo.find_snapshot(snap)?;
+            plans.push(restore::plan(&libvirt, s, name, &opts)?);
         }
-        let s = repo.find_snapshot(snap)?;
-        plans.push(restore::plan(&libvirt, s, name, &opts)?);
-    }
+        Ok(plans)
+    })?;
     let results = restore_all(&repo, &libvirt, &plans, &opts, a.parallel.max(1));
     let failed = results.iter().filter(|(_, r)| r.is_err()).count();
     if a.json {

@@ -219,7 +219,7 @@ fn run(cli: Cli) -> Result<()> {
             .open(&secret)
             .with_context(|| format!("opening repository {repo}"))?,
     );
-    let snap = repo.find_snapshot(&snapshot)?;
+    let snap = repo.while_loading_index(|| repo.find_snapshot(&snapshot))?;
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
     let mut server = Server::new(ServerConfig {
         tls,

@@ -8,11 +8,13 @@
 //!   `snapshots` listing does not download them again. Listing still asks
 //!   the bucket what exists, and cached names the bucket no longer lists are
 //!   evicted (a prune on another host deleted them);
-//! * ranges of packs (`data/`) fetched with `get_range` (restores, NBD
-//!   reads) are kept as files up to a size bound, least recently used out
-//!   first; a later read of the same range, or of any range inside a cached
-//!   one, is served locally. Whole-pack `get`s (verify) always go to the
-//!   bucket: verify is about what the bucket holds.
+//! * ranges of packs (`data/`) fetched with `get_range` (NBD exports, FUSE
+//!   mounts, live restores) are kept as files up to a size bound, least
+//!   recently used out first; a later read of the same range, or of any
+//!   range inside a cached one, is served locally. Full restores read each
+//!   range once (`get_range_once`): served from the cache when there, never
+//!   added to it. Whole-pack `get`s (verify) always go to the bucket: verify
+//!   is about what the bucket holds.
 //!
 //! The cache lives in `DIR/<repository id>`; the id is read from the
 //! repository's `config` the first time it is fetched, so a bucket that is
@@ -389,6 +391,21 @@ impl Backend for CachedBackend {
         Ok(())
     }
 
+    fn get_range_once(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        if let (Some(pack), Some(root)) = (pack_dir(name), self.root()) {
+            if self.cached_range(&root, pack, offset, len, buf).is_some() {
+                return Ok(());
+            }
+        }
+        self.inner.get_range_into(name, offset, len, buf)
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         let listed = self.inner.list(prefix)?;
         if let Some(root) = self.dir() {
@@ -454,6 +471,18 @@ mod tests {
         assert_eq!(c.get("index/aa").unwrap(), b"index one");
         assert!(root.join("index/aa").exists());
         assert_eq!(c.get_range("data/bb/bbcc", 10, 20).unwrap(), &pack[10..30]);
+        // A read-once range is served from the cache when there, and never
+        // added to it.
+        let mut buf = b"stale".to_vec();
+        c.get_range_once("data/bb/bbcc", 12, 4, &mut buf).unwrap();
+        assert_eq!(buf, &pack[12..16]);
+        c.get_range_once("data/bb/bbcc", 50, 10, &mut buf).unwrap();
+        assert_eq!(buf, &pack[50..60]);
+        assert_eq!(
+            c.ranges.lock().unwrap().total,
+            20,
+            "only the first range is cached"
+        );
         // Gone from the remote: still served from the cache.
         fs::remove_file(remote.path().join("index/aa")).unwrap();
         fs::remove_file(remote.path().join("data/bb/bbcc")).unwrap();

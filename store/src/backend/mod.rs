@@ -72,6 +72,20 @@ pub trait Backend: Send + Sync + fmt::Debug {
         buf: &mut Vec<u8>,
     ) -> Result<(), BackendError>;
 
+    /// [`Backend::get_range_into`] for a range its reader reads once (a
+    /// restore): a cache may answer it but does not keep it, so a restore
+    /// neither writes its whole disk a second time (into the cache) nor
+    /// evicts what exports and mounts keep there.
+    fn get_range_once(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        self.get_range_into(name, offset, len, buf)
+    }
+
     /// Objects whose names start with `prefix` (e.g. `"index/"`), any order.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError>;
 
