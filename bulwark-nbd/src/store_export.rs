@@ -50,10 +50,9 @@ impl Export for StoreExport {
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
             reader
-                .read_at(offset, &mut buf)
-                .map(|()| Bytes::from(buf))
+                .read(offset, len as usize)
+                .map(Bytes::from_owner)
                 .map_err(|e| export_error(offset, e))
         })
         .await

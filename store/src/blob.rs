@@ -38,8 +38,34 @@ pub struct ChunkBuf {
     out: Vec<u8>,
 }
 
+/// An opened chunk's plaintext, where it lies.
+pub enum Plain<'a> {
+    /// Stored raw: a part of the sealed bytes, decrypted in place.
+    Stored(&'a [u8]),
+    /// Decompressed into the [`ChunkBuf`]'s buffer (sized to the chunk).
+    Decompressed(&'a mut Vec<u8>),
+}
+
+impl Plain<'_> {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Plain::Stored(b) => b,
+            Plain::Decompressed(v) => v,
+        }
+    }
+
+    /// The plaintext as a buffer of its own: the decompressed buffer itself
+    /// (taken from the `ChunkBuf`, no copy), or a copy of a stored chunk.
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Plain::Stored(b) => b.to_vec(),
+            Plain::Decompressed(v) => std::mem::take(v),
+        }
+    }
+}
+
 /// Opens a chunk where it lies: `sealed` is decrypted in place, and the
-/// plaintext returned is a part of `sealed` if the chunk was stored raw, or
+/// plaintext is a part of `sealed` if the chunk was stored raw, or
 /// decompressed into `buf`. `max_len` bounds decompression (a damaged or
 /// hostile blob cannot make us allocate more).
 pub fn open_chunk<'a>(
@@ -48,13 +74,13 @@ pub fn open_chunk<'a>(
     sealed: &'a mut [u8],
     max_len: usize,
     buf: &'a mut ChunkBuf,
-) -> Result<&'a [u8]> {
+) -> Result<Plain<'a>> {
     let corrupt = |detail: String| Error::corrupt(format!("chunk {id}"), detail);
     let plain = opener
         .open_in_place(&id.0, sealed)
         .map_err(|_| corrupt("authentication failed".into()))?;
     match plain.split_first() {
-        Some((&RAW, rest)) => Ok(rest),
+        Some((&RAW, rest)) => Ok(Plain::Stored(rest)),
         Some((&ZSTD, rest)) => {
             let dctx = match &mut buf.dctx {
                 Some(d) => d,
@@ -63,10 +89,18 @@ pub fn open_chunk<'a>(
                         .map_err(|e| corrupt(format!("zstd context: {e}")))?,
                 ),
             };
+            // Room for what the frame says it holds (our frames say), so a
+            // buffer taken away by `Plain::into_vec` is no larger than its
+            // chunk; at most `max_len` in any case.
+            let size = zstd::zstd_safe::get_frame_content_size(rest)
+                .ok()
+                .flatten()
+                .and_then(|n| usize::try_from(n).ok())
+                .map_or(max_len, |n| n.min(max_len));
             buf.out.clear();
-            buf.out.reserve(max_len);
+            buf.out.reserve_exact(size);
             // Output is bounded by the buffer's capacity, which may exceed
-            // `max_len` (the allocator rounds up): checked after.
+            // `size` (a reused buffer): checked after.
             let n = dctx
                 .decompress_to_buffer(rest, &mut buf.out)
                 .map_err(|e| corrupt(format!("zstd: {e}")))?;
@@ -75,7 +109,7 @@ pub fn open_chunk<'a>(
                     "decompresses to more than {max_len} bytes"
                 )));
             }
-            Ok(&buf.out[..n])
+            Ok(Plain::Decompressed(&mut buf.out))
         }
         _ => Err(corrupt("unknown encoding".into())),
     }
@@ -109,7 +143,7 @@ mod tests {
             assert!(sealed.len() <= data.len() + 1 + crate::crypto::SEAL_OVERHEAD);
             let mut buf = ChunkBuf::default();
             let open = |id: &Id, buf: &mut ChunkBuf| {
-                open_chunk(&o, id, &mut sealed.clone(), data.len(), buf).map(|p| p.to_vec())
+                open_chunk(&o, id, &mut sealed.clone(), data.len(), buf).map(|p| p.into_vec())
             };
             assert_eq!(open(&id, &mut buf).unwrap(), data);
             // The buffer is reused: the same again.
@@ -122,6 +156,11 @@ mod tests {
         assert!(sealed.len() < text.len() / 10);
         // Decompression stops at the bound.
         let mut buf = ChunkBuf::default();
-        assert!(open_chunk(&o, &id, &mut sealed, text.len() - 1, &mut buf).is_err());
+        assert!(open_chunk(&o, &id, &mut sealed.clone(), text.len() - 1, &mut buf).is_err());
+        // A decompressed chunk taken away is no larger than the chunk.
+        let v = open_chunk(&o, &id, &mut sealed, text.len(), &mut buf)
+            .unwrap()
+            .into_vec();
+        assert_eq!((v.len(), v.capacity()), (text.len(), text.len()));
     }
 }

@@ -3,7 +3,7 @@
 //! walk every span) and [`crate::reader::DiskReader`] (which fetches spans
 //! on demand and ahead of a sequential reader).
 
-use crate::blob::ChunkBuf;
+use crate::blob::{ChunkBuf, Plain};
 use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
 use crate::index::{Index, Loc};
@@ -105,7 +105,7 @@ pub fn open_each(
     bytes: &mut [u8],
     base: u64,
     buf: &mut ChunkBuf,
-    mut f: impl FnMut(usize, Result<&[u8]>) -> Result<()>,
+    mut f: impl FnMut(usize, Result<Plain>) -> Result<()>,
 ) -> Result<()> {
     for (i, loc) in &span.items {
         let s = (u64::from(loc.offset) - base) as usize;

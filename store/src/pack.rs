@@ -145,7 +145,7 @@ mod tests {
         let o = crate::crypto::Opener::new(&keys, &back.salt);
         let mut buf = crate::blob::ChunkBuf::default();
         let opened = crate::blob::open_chunk(&o, &a, &mut blob, 4, &mut buf).unwrap();
-        assert_eq!(opened, b"aaaa");
+        assert_eq!(opened.bytes(), b"aaaa");
         let mut bad = bytes.clone();
         let n = bad.len();
         bad[n - 10] ^= 1;

@@ -39,6 +39,19 @@ use crate::repo::Repository;
 
 /// Largest span: what a random read may fetch at once.
 const SPAN_MAX: u64 = 4 << 20;
+
+/// What a thread keeps from one fetch to the next: the pack bytes (up to
+/// [`COALESCE_MAX`]) and the chunk buffer, so a fetch neither maps and
+/// faults in fresh memory nor builds a new zstd context.
+#[derive(Default)]
+struct Scratch {
+    fetched: Vec<u8>,
+    chunk: ChunkBuf,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
 /// Largest ranged read of coalesced read-ahead spans.
 const COALESCE_MAX: u64 = 16 << 20;
 /// Sequential readers followed at once (a backfill beside a guest, ...).
@@ -70,6 +83,27 @@ pub struct ReaderStats {
 }
 
 /// Opened chunks of a span; a damaged chunk fails only the reads that need it.
+/// What [`DiskReader::read`] returns.
+pub enum ReadData {
+    /// A part of one cached chunk.
+    Shared {
+        chunk: Arc<Vec<u8>>,
+        start: usize,
+        len: usize,
+    },
+    /// A buffer of its own.
+    Owned(Vec<u8>),
+}
+
+impl AsRef<[u8]> for ReadData {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            ReadData::Shared { chunk, start, len } => &chunk[*start..*start + *len],
+            ReadData::Owned(v) => v,
+        }
+    }
+}
+
 struct SpanData {
     chunks: Vec<Result<Arc<Vec<u8>>, Arc<Error>>>,
     bytes: usize,
@@ -206,6 +240,36 @@ impl DiskReader {
 
     /// Fills `buf` from `offset`. A damaged or missing chunk fails the read;
     /// nothing wrong is ever returned.
+    /// `len` bytes at `offset`, shared with the cache when they lie inside
+    /// one chunk (the usual case: guests and `nbdcopy` read blocks smaller
+    /// than chunks), so an NBD reply sends them without a copy; else
+    /// copied into a buffer of their own by [`DiskReader::read_at`].
+    pub fn read(&self, offset: u64, len: usize) -> Result<ReadData> {
+        let inner = &self.inner;
+        let end = offset.saturating_add(len as u64);
+        if let Some(i) = inner.list.find(offset).filter(|_| len > 0) {
+            let e = inner.list.extents()[i];
+            if e.chunk.is_some() && end <= e.end() {
+                let s = inner.span_of[i];
+                // Read-ahead starts before this read waits.
+                self.follow(s, s);
+                let chunk = inner.chunk(s, i)?;
+                let start = (offset - e.offset) as usize;
+                if chunk.len() < start + len {
+                    return Err(Error::Invalid(format!(
+                        "chunk at {} is shorter than its extent",
+                        e.offset
+                    )));
+                }
+                inner.lock().stats.bytes_served += len as u64;
+                return Ok(ReadData::Shared { chunk, start, len });
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.read_at(offset, &mut buf)?;
+        Ok(ReadData::Owned(buf))
+    }
+
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let inner = &self.inner;
         let end = offset
@@ -434,12 +498,19 @@ impl Inner {
         if let Some(f) = flight {
             return f.wait();
         }
-        let mut bytes = Vec::new();
         let span = &self.spans[s as usize];
-        let r = fetch::fetch(&self.repo, &self.index, &[span], Reads::Again, &mut bytes);
-        self.count_fetch(&r, &bytes, false);
-        r.inspect_err(|e| self.publish(s, Err(e.to_string())))?;
-        let data = self.open(s, &mut bytes, self.spans[s as usize].start);
+        let data = SCRATCH.with_borrow_mut(|sc| {
+            let r = fetch::fetch(
+                &self.repo,
+                &self.index,
+                &[span],
+                Reads::Again,
+                &mut sc.fetched,
+            );
+            self.count_fetch(&r, &sc.fetched, false);
+            r.inspect_err(|e| self.publish(s, Err(e.to_string())))?;
+            Ok::<_, Error>(self.open(s, &mut sc.fetched, span.start, &mut sc.chunk))
+        })?;
         self.publish(s, Ok(data.clone()));
         Ok(data)
     }
@@ -470,23 +541,30 @@ impl Inner {
 
     fn fetch_run(&self, run: &[u32]) {
         let spans: Vec<&Span> = run.iter().map(|&s| &self.spans[s as usize]).collect();
-        let mut bytes = Vec::new();
-        let r = fetch::fetch(&self.repo, &self.index, &spans, Reads::Again, &mut bytes);
-        self.count_fetch(&r, &bytes, true);
-        match r {
-            Ok(()) => {
-                let base = spans[0].start;
-                for &s in run {
-                    let data = self.open(s, &mut bytes, base);
-                    self.publish(s, Ok(data));
+        SCRATCH.with_borrow_mut(|sc| {
+            let r = fetch::fetch(
+                &self.repo,
+                &self.index,
+                &spans,
+                Reads::Again,
+                &mut sc.fetched,
+            );
+            self.count_fetch(&r, &sc.fetched, true);
+            match r {
+                Ok(()) => {
+                    let base = spans[0].start;
+                    for &s in run {
+                        let data = self.open(s, &mut sc.fetched, base, &mut sc.chunk);
+                        self.publish(s, Ok(data));
+                    }
+                }
+                Err(e) => {
+                    for &s in run {
+                        self.publish(s, Err(e.to_string()));
+                    }
                 }
             }
-            Err(e) => {
-                for &s in run {
-                    self.publish(s, Err(e.to_string()));
-                }
-            }
-        }
+        })
     }
 
     fn count_fetch(&self, r: &Result<()>, bytes: &[u8], ahead: bool) {
@@ -498,10 +576,9 @@ impl Inner {
         }
     }
 
-    fn open(&self, s: u32, bytes: &mut [u8], base: u64) -> Arc<SpanData> {
+    fn open(&self, s: u32, bytes: &mut [u8], base: u64, buf: &mut ChunkBuf) -> Arc<SpanData> {
         let span = &self.spans[s as usize];
         let mut chunks = Vec::with_capacity(span.items.len());
-        let mut buf = ChunkBuf::default();
         let walked = fetch::open_each(
             &self.repo,
             &self.index,
@@ -509,9 +586,9 @@ impl Inner {
             span,
             bytes,
             base,
-            &mut buf,
+            buf,
             |_, r| {
-                chunks.push(r.map(|d| Arc::new(d.to_vec())).map_err(Arc::new));
+                chunks.push(r.map(|d| Arc::new(d.into_vec())).map_err(Arc::new));
                 Ok(())
             },
         );

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendError};
-use crate::blob::{self, ChunkBuf};
+use crate::blob::{self, ChunkBuf, Plain};
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::chunklist::{self, ChunkList};
 use crate::crypto::{Keys, MasterKey, Opener};
@@ -374,7 +374,7 @@ impl Repository {
         let mut buf = ChunkBuf::default();
         Ok(self
             .open_blob(index, id, &loc, &mut sealed, &mut buf)?
-            .to_vec())
+            .into_vec())
     }
 
     /// Opens the chunk of disk extent `e`: authenticated, as long as the
@@ -387,7 +387,7 @@ impl Repository {
         loc: &Loc,
         sealed: &'a mut [u8],
         buf: &'a mut ChunkBuf,
-    ) -> Result<&'a [u8]> {
+    ) -> Result<Plain<'a>> {
         let id = e
             .chunk
             .ok_or_else(|| Error::Invalid("zero extent has no chunk".into()))?;
@@ -404,10 +404,11 @@ impl Repository {
                 },
                 other => other,
             })?;
-        if data.len() as u64 != e.len {
+        let n = data.bytes().len();
+        if n as u64 != e.len {
             return Err(Error::corrupt(
                 format!("chunk {id}"),
-                format!("holds {} bytes, the chunk list says {}", data.len(), e.len),
+                format!("holds {n} bytes, the chunk list says {}", e.len),
             ));
         }
         Ok(data)
@@ -422,7 +423,7 @@ impl Repository {
         loc: &Loc,
         sealed: &'a mut [u8],
         buf: &'a mut ChunkBuf,
-    ) -> Result<&'a [u8]> {
+    ) -> Result<Plain<'a>> {
         if sealed.len() != loc.len as usize {
             return Err(Error::corrupt(
                 format!("chunk {id}"),

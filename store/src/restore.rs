@@ -333,7 +333,7 @@ fn restore_span(
         &mut bufs.chunk,
         |i, data| {
             let e = &list.extents()[i];
-            layout.write_at(out, data?, e.offset, &mut written)?;
+            layout.write_at(out, data?.bytes(), e.offset, &mut written)?;
             progress(e.len);
             Ok(())
         },

@@ -149,8 +149,8 @@ pub fn verify(
                         let r =
                             repo.open_blob(&index, id, &loc, sealed, &mut buf)
                                 .and_then(|plain| {
-                                    if repo.keys().chunk_id(plain) == *id {
-                                        Ok(plain.len())
+                                    if repo.keys().chunk_id(plain.bytes()) == *id {
+                                        Ok(plain.bytes().len())
                                     } else {
                                         Err(Error::corrupt(
                                             format!("chunk {id}"),

@@ -217,6 +217,7 @@ fn disk_reader_random_reads_match_and_cache() {
     let ex = r.extents(0, r.size());
     assert!(ex.iter().any(|e| !e.data && e.len >= 2 << 20), "{ex:?}");
     let mut rng = rng(42);
+    let mut shared = 0;
     for _ in 0..300 {
         let off = rng.next_u64() % (data.len() as u64 - 1);
         let len = (1 + rng.next_u64() % 300_000).min(data.len() as u64 - off) as usize;
@@ -226,7 +227,18 @@ fn disk_reader_random_reads_match_and_cache() {
             buf[..] == data[off as usize..off as usize + len],
             "read {off}+{len}"
         );
+        // The same through `read`, shared with the cache or copied.
+        let got = r.read(off, len).unwrap();
+        shared += u32::from(matches!(got, store::reader::ReadData::Shared { .. }));
+        assert!(
+            got.as_ref() == &data[off as usize..off as usize + len],
+            "read {off}+{len}"
+        );
     }
+    assert!(
+        shared > 10,
+        "reads inside one chunk share it: {shared} of 300"
+    );
     let st = r.stats();
     // Read-ahead: far fewer fetches than chunks read, and the cache serves most reads.
     let packs = repo.backend().list("data/").unwrap().len() as u64;
@@ -238,6 +250,7 @@ fn disk_reader_random_reads_match_and_cache() {
     assert!(st.bytes_fetched <= 2 * snap.stats.bytes_stored, "{st:?}");
     assert!(st.cache_hits > 200, "{st:?}");
     assert!(r.read_at(data.len() as u64 - 1, &mut [0u8; 2]).is_err());
+    assert!(r.read(data.len() as u64 - 1, 2).is_err());
 
     // Damage one pack: reads of its chunks fail, the reader keeps working.
     let packs = repo.backend().list("data/").unwrap();
