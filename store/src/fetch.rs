@@ -63,9 +63,10 @@ pub fn plan(index: &Index, list: &ChunkList, max: u64) -> Result<Vec<Span>> {
 /// How often the bytes of a fetch are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reads {
-    /// Once (a full restore): not worth a place in the cache.
+    /// Once (a full restore, a read-ahead stream): not worth a place in
+    /// the disk cache.
     Once,
-    /// Maybe again (an export, a mount): cached.
+    /// Maybe again (an export's or a mount's demand read): cached.
     Again,
 }
 

@@ -539,6 +539,8 @@ impl Inner {
         }
     }
 
+    /// Fetched for a stream, which reads each span once: kept in memory,
+    /// not added to the disk cache (scan resistance, as in memory).
     fn fetch_run(&self, run: &[u32]) {
         let spans: Vec<&Span> = run.iter().map(|&s| &self.spans[s as usize]).collect();
         SCRATCH.with_borrow_mut(|sc| {
@@ -546,7 +548,7 @@ impl Inner {
                 &self.repo,
                 &self.index,
                 &spans,
-                Reads::Again,
+                Reads::Once,
                 &mut sc.fetched,
             );
             self.count_fetch(&r, &sc.fetched, true);

@@ -8,12 +8,12 @@
 //!   `snapshots` listing does not download them again. Listing still asks
 //!   the bucket what exists, and cached names the bucket no longer lists are
 //!   evicted (a prune on another host deleted them);
-//! * ranges of packs (`data/`) fetched with `get_range` (NBD exports, FUSE
-//!   mounts, live restores) are kept as files up to a size bound, least
-//!   recently used out first; a later read of the same range, or of any
-//!   range inside a cached one, is served locally. Full restores read each
-//!   range once (`get_range_once`): served from the cache when there, never
-//!   added to it. Whole-pack `get`s (verify) always go to the bucket: verify
+//! * ranges of packs (`data/`) fetched with `get_range` (the demand reads
+//!   of NBD exports, FUSE mounts, live restores) are kept as files up to a
+//!   size bound, least recently used out first; a later read of the same
+//!   range, or of any range inside a cached one, is served locally. What is
+//!   read once (`get_range_once`: full restores, and the read-ahead of a
+//!   sequential stream) is served from the cache when there, never added. Whole-pack `get`s (verify) always go to the bucket: verify
 //!   is about what the bucket holds.
 //!
 //! The cache lives in `DIR/<repository id>`; the id is read from the
