@@ -177,9 +177,10 @@ impl Opener {
     }
 
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
-        let mut buf = sealed.to_vec();
-        let n = self.open_in_place(aad, &mut buf)?.len();
-        buf.drain(..NONCE_LEN);
+        // Too short for a nonce: empty parts, which `decrypt` refuses.
+        let nonce = sealed.get(..NONCE_LEN).unwrap_or_default();
+        let mut buf = sealed.get(NONCE_LEN..).unwrap_or_default().to_vec();
+        let n = self.decrypt(aad, nonce, &mut buf)?.len();
         buf.truncate(n);
         Ok(buf)
     }
@@ -187,10 +188,16 @@ impl Opener {
     /// Decrypts `sealed` where it lies and returns its plaintext, a part of
     /// `sealed` (no copy, no allocation).
     pub fn open_in_place<'a>(&self, aad: &[u8], sealed: &'a mut [u8]) -> Result<&'a mut [u8]> {
-        if sealed.len() < SEAL_OVERHEAD {
+        let (nonce, body) = sealed.split_at_mut(NONCE_LEN.min(sealed.len()));
+        self.decrypt(aad, nonce, body)
+    }
+
+    /// `body` (ciphertext and tag) decrypted in place. A short blob (no
+    /// whole nonce and tag) is corrupt, as is anything that fails the tag.
+    fn decrypt<'a>(&self, aad: &[u8], nonce: &[u8], body: &'a mut [u8]) -> Result<&'a mut [u8]> {
+        if nonce.len() + body.len() < SEAL_OVERHEAD {
             return Err(Error::corrupt("blob", "shorter than nonce and tag"));
         }
-        let (nonce, body) = sealed.split_at_mut(NONCE_LEN);
         let nonce = aead::Nonce::try_assume_unique_for_key(nonce)
             .map_err(|_| Error::corrupt("blob", "bad nonce"))?;
         self.key

@@ -60,6 +60,14 @@ pub fn plan(index: &Index, list: &ChunkList, max: u64) -> Result<Vec<Span>> {
     Ok(out)
 }
 
+/// What a thread reuses from one fetch to the next: the fetched pack
+/// bytes and the chunk buffer (no allocation per fetch or chunk).
+#[derive(Default)]
+pub struct Scratch {
+    pub fetched: Vec<u8>,
+    pub chunk: ChunkBuf,
+}
+
 /// How often the bytes of a fetch are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reads {

@@ -33,25 +33,13 @@ use crate::backend::BackendError;
 use crate::blob::ChunkBuf;
 use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
-use crate::fetch::{self, Reads, Span};
+use crate::fetch::{self, Reads, Scratch, Span};
 use crate::index::Index;
 use crate::repo::Repository;
 
 /// Largest span: what a random read may fetch at once.
 const SPAN_MAX: u64 = 4 << 20;
 
-/// What a thread keeps from one fetch to the next: the pack bytes (up to
-/// [`COALESCE_MAX`]) and the chunk buffer, so a fetch neither maps and
-/// faults in fresh memory nor builds a new zstd context.
-#[derive(Default)]
-struct Scratch {
-    fetched: Vec<u8>,
-    chunk: ChunkBuf,
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
 /// Largest ranged read of coalesced read-ahead spans.
 const COALESCE_MAX: u64 = 16 << 20;
 /// Sequential readers followed at once (a backfill beside a guest, ...).
@@ -82,7 +70,12 @@ pub struct ReaderStats {
     pub bytes_served: u64,
 }
 
-/// Opened chunks of a span; a damaged chunk fails only the reads that need it.
+thread_local! {
+    /// This thread's fetch buffers (up to [`COALESCE_MAX`] of pack bytes):
+    /// a fetch neither maps fresh memory nor builds a new zstd context.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
 /// What [`DiskReader::read`] returns.
 pub enum ReadData {
     /// A part of one cached chunk.
@@ -104,6 +97,7 @@ impl AsRef<[u8]> for ReadData {
     }
 }
 
+/// Opened chunks of a span; a damaged chunk fails only the reads that need it.
 struct SpanData {
     chunks: Vec<Result<Arc<Vec<u8>>, Arc<Error>>>,
     bytes: usize,
@@ -238,8 +232,6 @@ impl DiskReader {
         out
     }
 
-    /// Fills `buf` from `offset`. A damaged or missing chunk fails the read;
-    /// nothing wrong is ever returned.
     /// `len` bytes at `offset`, shared with the cache when they lie inside
     /// one chunk (the usual case: guests and `nbdcopy` read blocks smaller
     /// than chunks), so an NBD reply sends them without a copy; else
@@ -270,6 +262,8 @@ impl DiskReader {
         Ok(ReadData::Owned(buf))
     }
 
+    /// Fills `buf` from `offset`. A damaged or missing chunk fails the read;
+    /// nothing wrong is ever returned.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let inner = &self.inner;
         let end = offset

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::blob::ChunkBuf;
 use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
 use crate::fetch;
@@ -278,7 +277,7 @@ pub fn restore_into(
     std::thread::scope(|s| {
         for _ in 0..threads.min(batches.len().max(1)) {
             s.spawn(|| {
-                let mut bufs = Buffers::default();
+                let mut bufs = fetch::Scratch::default();
                 loop {
                     if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
                         return;
@@ -302,14 +301,6 @@ pub fn restore_into(
     Ok(())
 }
 
-/// What a restore thread reuses from one span to the next: the fetched
-/// pack bytes and the chunk buffer (no allocation per span or chunk).
-#[derive(Default)]
-struct Buffers {
-    fetched: Vec<u8>,
-    chunk: ChunkBuf,
-}
-
 #[allow(clippy::too_many_arguments)]
 fn restore_span(
     repo: &Repository,
@@ -318,7 +309,7 @@ fn restore_span(
     span: &fetch::Span,
     out: &File,
     layout: &Layout,
-    bufs: &mut Buffers,
+    bufs: &mut fetch::Scratch,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
     fetch::fetch(repo, index, &[span], fetch::Reads::Once, &mut bufs.fetched)?;
@@ -342,21 +333,14 @@ fn restore_span(
     Ok(())
 }
 
-/// The file range a span's writes touched (in file offsets).
+/// The file range a span's writes touched (in file offsets), if any.
 #[derive(Default)]
-struct Written {
-    lo: u64,
-    hi: u64,
-}
+struct Written(Option<(u64, u64)>);
 
 impl Written {
     fn add(&mut self, at: u64, len: u64) {
-        if self.hi == self.lo {
-            (self.lo, self.hi) = (at, at + len);
-        } else {
-            self.lo = self.lo.min(at);
-            self.hi = self.hi.max(at + len);
-        }
+        let (lo, hi) = self.0.unwrap_or((at, at + len));
+        self.0 = Some((lo.min(at), hi.max(at + len)));
     }
 
     /// Starts writing the range's dirty pages to disk now, so the final
@@ -365,9 +349,10 @@ impl Written {
     /// the fsync on a host with a few GiB free). Only a hint: an error here
     /// changes nothing, the fsync at the end reports any write error.
     fn start_writeback(&self, out: &File) {
+        let Some((lo, hi)) = self.0 else { return };
         let (Ok(lo), Ok(len)) = (
-            libc::off64_t::try_from(self.lo),
-            libc::off64_t::try_from(self.hi - self.lo),
+            libc::off64_t::try_from(lo),
+            libc::off64_t::try_from(hi - lo),
         ) else {
             return;
         };
@@ -396,7 +381,7 @@ mod layout_tests {
         let l = Layout::new(vec![(8, 8, 10), (0, 8, 100)], 16).unwrap();
         let mut w = Written::default();
         l.write_at(&f, b"abcdefghijkl", 2, &mut w).unwrap();
-        assert_eq!((w.lo, w.hi), (10, 108));
+        assert_eq!(w.0, Some((10, 108)));
         let mut b = vec![0u8; 108];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).unwrap();
         assert_eq!(&b[102..108], b"abcdef");

@@ -146,19 +146,7 @@ pub fn verify(
                         let s = loc.offset as usize;
                         // Short: an empty slice, reported as a truncated pack.
                         let sealed = data.get_mut(s..s + loc.len as usize).unwrap_or(&mut []);
-                        let r =
-                            repo.open_blob(&index, id, &loc, sealed, &mut buf)
-                                .and_then(|plain| {
-                                    if repo.keys().chunk_id(plain.bytes()) == *id {
-                                        Ok(plain.bytes().len())
-                                    } else {
-                                        Err(Error::corrupt(
-                                            format!("chunk {id}"),
-                                            "content does not match its id",
-                                        ))
-                                    }
-                                });
-                        match r {
+                        match check_chunk(repo, &index, id, &loc, sealed, &mut buf) {
                             Ok(n) => {
                                 chunks.fetch_add(1, Ordering::Relaxed);
                                 bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -187,4 +175,24 @@ pub fn verify(
     report.chunks = chunks.into_inner();
     report.bytes = bytes.into_inner();
     Ok(report)
+}
+
+/// Opens one chunk and checks that its content hashes to its id: its
+/// plaintext length, or why it is damaged.
+fn check_chunk(
+    repo: &Repository,
+    index: &crate::index::Index,
+    id: &Id,
+    loc: &crate::index::Loc,
+    sealed: &mut [u8],
+    buf: &mut ChunkBuf,
+) -> Result<usize> {
+    let plain = repo.open_blob(index, id, loc, sealed, buf)?;
+    if repo.keys().chunk_id(plain.bytes()) != *id {
+        return Err(Error::corrupt(
+            format!("chunk {id}"),
+            "content does not match its id",
+        ));
+    }
+    Ok(plain.bytes().len())
 }

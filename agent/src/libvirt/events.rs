@@ -276,6 +276,9 @@ unsafe extern "C" fn on_close(_conn: sys::virConnectPtr, _reason: c_int, opaque:
 /// # Safety
 /// `dom` is the domain libvirt passed to the callback (valid during it).
 unsafe fn ids(dom: sys::virDomainPtr) -> (String, String) {
+    // Empty if libvirt has no answer (only for an invalid domain, which a
+    // callback is never given): the watcher ignores events with an empty
+    // uuid, so such an event is dropped, never taken for another domain's.
     // SAFETY: `dom` is valid (the caller's promise); the name is owned by
     // it and copied at once.
     let name = unsafe { c_str(sys::virDomainGetName(dom)) }.unwrap_or_default();
@@ -364,6 +367,7 @@ unsafe extern "C" fn on_block_job(
         opaque,
         Event::BlockJob {
             domain: domain.0,
+            // Block job events are only logged: an empty disk name loses nothing.
             disk: disk.unwrap_or_default(),
             status,
         },

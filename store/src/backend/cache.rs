@@ -203,6 +203,29 @@ impl CachedBackend {
         root.join(RANGES).join(pack).join(format!("{offset}-{len}"))
     }
 
+    /// A pack range from the cache, else from the bucket, and then cached
+    /// if `keep`.
+    fn read_range(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+        keep: bool,
+    ) -> Result<(), BackendError> {
+        let (Some(pack), Some(root)) = (pack_dir(name), self.root()) else {
+            return self.inner.get_range_into(name, offset, len, buf);
+        };
+        if self.cached_range(&root, pack, offset, len, buf).is_some() {
+            return Ok(());
+        }
+        self.inner.get_range_into(name, offset, len, buf)?;
+        if keep && buf.len() as u64 == len {
+            self.store_range(&root, pack, offset, buf);
+        }
+        Ok(())
+    }
+
     /// Reads a cached range into `buf`; `None` if it is not cached (or its
     /// file is unreadable, which also forgets it).
     fn cached_range(
@@ -378,17 +401,7 @@ impl Backend for CachedBackend {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        let (Some(pack), Some(root)) = (pack_dir(name), self.root()) else {
-            return self.inner.get_range_into(name, offset, len, buf);
-        };
-        if self.cached_range(&root, pack, offset, len, buf).is_some() {
-            return Ok(());
-        }
-        self.inner.get_range_into(name, offset, len, buf)?;
-        if buf.len() as u64 == len {
-            self.store_range(&root, pack, offset, buf);
-        }
-        Ok(())
+        self.read_range(name, offset, len, buf, true)
     }
 
     fn get_range_once(
@@ -398,12 +411,7 @@ impl Backend for CachedBackend {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        if let (Some(pack), Some(root)) = (pack_dir(name), self.root()) {
-            if self.cached_range(&root, pack, offset, len, buf).is_some() {
-                return Ok(());
-            }
-        }
-        self.inner.get_range_into(name, offset, len, buf)
+        self.read_range(name, offset, len, buf, false)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {

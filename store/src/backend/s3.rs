@@ -423,6 +423,7 @@ impl S3Backend {
                     Err(e) => return Err(classify(e, false)),
                 };
                 let mut window = Window::new(range, out.content_length());
+                lock().reserve(window.expected);
                 let mut body = out.body;
                 while let Some(piece) = body.try_next().await.map_err(body_failure)? {
                     window.copy(&piece, &mut lock())?;
@@ -584,7 +585,6 @@ where
     }
 }
 
-/// Streams a response body into one buffer (one copy, no re-assembly).
 /// Which bytes of a response body a read keeps. A server that ignores
 /// Range answers with the whole object (its Content-Length says so before
 /// the first byte): the range is then cut out of it. Past the end of the
@@ -599,27 +599,29 @@ struct Window {
     /// length means the range was ignored, which cannot be cut right any
     /// more: an error then, never the wrong bytes.
     unsized_range: bool,
+    /// What the body will leave in the buffer, as far as known (room is
+    /// made for it once, not grown piece by piece).
+    expected: usize,
 }
 
 impl Window {
     fn new(range: Option<(u64, u64)>, content_length: Option<i64>) -> Window {
+        // A negative length is no length: the unsized rules apply.
         let total = content_length.and_then(|n| u64::try_from(n).ok());
-        match (range, total) {
-            (None, _) => Window {
-                skip: 0,
-                keep: u64::MAX,
-                unsized_range: false,
-            },
-            (Some((offset, len)), Some(total)) => Window {
-                skip: if total > len { offset } else { 0 },
-                keep: len,
-                unsized_range: false,
-            },
-            (Some((_, len)), None) => Window {
-                skip: 0,
-                keep: len,
-                unsized_range: true,
-            },
+        let (skip, keep, unsized_range) = match (range, total) {
+            (None, _) => (0, u64::MAX, false),
+            (Some((offset, len)), Some(total)) => {
+                (if total > len { offset } else { 0 }, len, false)
+            }
+            (Some((_, len)), None) => (0, len, true),
+        };
+        let expected = total.map_or(0, |t| t.saturating_sub(skip).min(keep));
+        Window {
+            skip,
+            keep,
+            unsized_range,
+            // Only a hint for reserving room: 0 just means "grow as it comes".
+            expected: usize::try_from(expected).unwrap_or(0),
         }
     }
 
