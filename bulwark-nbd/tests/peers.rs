@@ -19,13 +19,11 @@ fn parse_map(text: &str) -> Vec<(u64, u64, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_clients_see_memory_and_file_exports() {
-    let (data, holes) = test_image();
     let tmp = tempfile::Builder::new()
         .prefix("nbd-peers-")
         .tempdir()
         .unwrap();
-    let src = tmp.path().join("source.raw");
-    write_sparse(&src, &data, &holes);
+    let (src, data, holes) = source_image(tmp.path());
     let file = Arc::new(FileExport::open(&src).unwrap());
     let mem = mem_export();
 

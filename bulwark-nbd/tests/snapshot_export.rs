@@ -12,7 +12,7 @@ use store::{
     RepoConfig, Repository, Secret, SnapshotMeta,
 };
 use testbed::nbd::certs::make_pki;
-use testbed::nbd::{expected_map, test_image, write_sparse};
+use testbed::nbd::{expected_map, source_image};
 
 const PW: &str = "nbd test";
 
@@ -126,9 +126,7 @@ fn real_peers_read_a_snapshot() {
         .prefix("bw-nbd-")
         .tempdir()
         .unwrap();
-    let (data, holes) = test_image();
-    let src = dir.path().join("source.raw");
-    write_sparse(&src, &data, &holes);
+    let (src, data, holes) = source_image(dir.path());
     let snap = make_repo(dir.path(), &src);
     let served = serve(dir.path(), &snap[..10]);
 
@@ -191,9 +189,7 @@ fn damaged_chunk_is_eio_and_server_stays_up() {
         .prefix("bw-nbd-")
         .tempdir()
         .unwrap();
-    let (data, holes) = test_image();
-    let src = dir.path().join("source.raw");
-    write_sparse(&src, &data, &holes);
+    let (src, _, _) = source_image(dir.path());
     let snap = make_repo(dir.path(), &src);
     // Damage every pack a little.
     let mut packs = vec![];
@@ -245,9 +241,7 @@ fn snapshot_over_tls() {
         .tempdir()
         .unwrap();
     let pki = make_pki(&dir.path().join("pki"));
-    let (data, holes) = test_image();
-    let src = dir.path().join("source.raw");
-    write_sparse(&src, &data, &holes);
+    let (src, data, holes) = source_image(dir.path());
     let snap = make_repo(dir.path(), &src);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");

@@ -126,9 +126,7 @@ async fn own_client_over_tls_and_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libnbd_reads_over_tls() {
     let (pki_dir, pki) = pki_dir();
-    let (data, holes) = test_image();
-    let src = pki_dir.path().join("source.raw");
-    write_sparse(&src, &data, &holes);
+    let (src, data, _) = source_image(pki_dir.path());
     let file = Arc::new(FileExport::open(&src).unwrap());
     let unix = serve_with(vec![("vda", Arc::clone(&file))], tls_config(&pki.server));
     let tcp = serve_tcp_with(vec![("vda", file)], tls_config(&pki.server));
@@ -176,9 +174,7 @@ async fn libnbd_reads_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_reads_over_tls() {
     let (pki_dir, pki) = pki_dir();
-    let (data, holes) = test_image();
-    let src = pki_dir.path().join("source.raw");
-    write_sparse(&src, &data, &holes);
+    let (src, data, _) = source_image(pki_dir.path());
     let tcp = serve_tcp_with(
         vec![("vda", Arc::new(FileExport::open(&src).unwrap()))],
         tls_config(&pki.server),

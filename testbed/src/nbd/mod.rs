@@ -37,6 +37,15 @@ pub fn test_image() -> (Vec<u8>, Vec<(u64, u64)>) {
     (data, holes)
 }
 
+/// [`test_image`] written sparsely to `dir/source.raw`: its path, data
+/// and holes.
+pub fn source_image(dir: &Path) -> (std::path::PathBuf, Vec<u8>, Vec<(u64, u64)>) {
+    let (data, holes) = test_image();
+    let src = dir.join("source.raw");
+    write_sparse(&src, &data, &holes);
+    (src, data, holes)
+}
+
 /// Write `data` to `path` as a sparse file: the given holes are skipped.
 pub fn write_sparse(path: &Path, data: &[u8], holes: &[(u64, u64)]) {
     use std::os::unix::fs::FileExt;
@@ -154,7 +163,19 @@ pub fn tls_config(dir: &Path) -> ServerConfig {
 
 /// Run an external tool that is expected to fail; returns its output.
 pub async fn run_failing(cmd: &str, args: &[&str]) -> Output {
-    let out = tokio::time::timeout(
+    let out = output(cmd, args).await;
+    assert!(
+        !out.status.success(),
+        "{cmd} {args:?} succeeded but should have failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
+}
+
+/// An external tool's output (async, so the in-process server keeps
+/// serving), within a minute.
+async fn output(cmd: &str, args: &[&str]) -> Output {
+    tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(cmd)
             .args(args)
@@ -163,13 +184,9 @@ pub async fn run_failing(cmd: &str, args: &[&str]) -> Output {
     )
     .await
     .unwrap_or_else(|_| panic!("{cmd} timed out"))
-    .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        !out.status.success(),
-        "{cmd} {args:?} succeeded but should have failed:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    out
+    .unwrap_or_else(|e| {
+        panic!("cannot run {cmd} (install libnbd-bin nbdkit nbdfuse qemu-utils): {e}")
+    })
 }
 
 /// [`test_image`] as a [`MemExport`].
@@ -181,18 +198,7 @@ pub fn mem_export() -> Arc<MemExport> {
 /// Run an external tool (async, so the in-process server keeps serving),
 /// failing the test with its stderr if it fails.
 pub async fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(cmd)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{cmd} timed out"))
-    .unwrap_or_else(|e| {
-        panic!("cannot run {cmd} (install libnbd-bin nbdkit nbdfuse qemu-utils): {e}")
-    });
+    let out = output(cmd, args).await;
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}\n{}",
