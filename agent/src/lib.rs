@@ -6,7 +6,8 @@
 //! - [`vm`], [`libvirt`], [`live`]: VM backup and restore on libvirt's API;
 //! - [`config`], [`calendar`], [`mail`], [`logging`]: the agent's parts an
 //!   operator configures;
-//! - [`secret`], [`progress`]: shared by the commands.
+//! - [`secret`], [`target`], [`progress`], [`units`]: shared by the
+//!   commands and the agent.
 
 pub mod calendar;
 pub mod cmd;
@@ -18,6 +19,8 @@ pub mod logging;
 pub mod mail;
 pub mod progress;
 pub mod secret;
+pub mod target;
+pub mod units;
 pub mod vm;
 
 use clap::{Parser, Subcommand};

@@ -9,12 +9,12 @@ use anyhow::{bail, Context, Result};
 use bulwark_proto::{Done, Pong, Reply, Request};
 use serde_json::json;
 
-use super::human;
 use super::restore_vm::{options, targets, Args};
 use crate::libvirt::Libvirt;
 use crate::live::record::{LiveRestore, Phase, Records, RepoSpec};
 use crate::live::start::{self, LiveOptions};
 use crate::live::supervise::supervise;
+use crate::units::human;
 use crate::vm::restore::{self, Stage};
 use crate::vm::rewrite::ImageFormat;
 use crate::{progress, secret, Global};

@@ -195,7 +195,7 @@ pub(super) fn targets(a: &Args) -> Result<Vec<(String, String)>> {
 type Results<'p> = Vec<(&'p Plan, Result<Outcome>)>;
 
 fn restore_all<'p>(
-    repo: &Arc<store::Repository>,
+    repo: &Arc<bulwark_store::Repository>,
     libvirt: &Libvirt,
     plans: &'p [Plan],
     opts: &Options,

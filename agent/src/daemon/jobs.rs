@@ -138,11 +138,11 @@ impl Agent {
         let log = Capture::begin();
         let r = rc.gc_grace().and_then(|grace| {
             let repo = rc.open()?;
-            let opts = store::gc::GcOptions {
+            let opts = bulwark_store::maintain::gc::GcOptions {
                 grace,
                 ..Default::default()
             };
-            Ok(store::gc::run(&repo, &opts, &|_| {})?)
+            Ok(bulwark_store::maintain::gc::run(&repo, &opts, &|_| {})?)
         });
         let run = match &r {
             Ok(rep) => {
@@ -194,7 +194,7 @@ impl Agent {
 /// Prunes the (domain, policy) group by the policy's numbers; `None` when
 /// the policy sets none.
 fn prune(
-    repo: &store::Repository,
+    repo: &bulwark_store::Repository,
     dom: &str,
     policy: &str,
     pol: &PolicyConf,
@@ -208,8 +208,8 @@ fn prune(
         .into_iter()
         .filter(|s| s.source == dom && s.policy.as_deref() == Some(policy))
         .collect();
-    let decisions = store::prune::plan(snaps, &keep, &chrono::Local)?;
-    let n = store::prune::execute(repo, &decisions)?;
+    let decisions = bulwark_store::maintain::prune::plan(snaps, &keep, &chrono::Local)?;
+    let n = bulwark_store::maintain::prune::execute(repo, &decisions)?;
     if n > 0 {
         tracing::info!("pruned {n} snapshots of {dom} ({policy})");
     }

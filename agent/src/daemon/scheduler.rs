@@ -33,7 +33,7 @@ pub(super) struct Run {
     pub at: u64,
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub snapshot: Option<store::Id>,
+    pub snapshot: Option<bulwark_store::Id>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -54,7 +54,7 @@ pub(super) struct Run {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ok: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_snapshot: Option<store::Id>,
+    pub last_snapshot: Option<bulwark_store::Id>,
     /// Set while failing: the first failed run of the streak.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failing_since: Option<u64>,

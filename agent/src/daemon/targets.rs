@@ -36,7 +36,7 @@ pub(super) fn run(agent: &Arc<Agent>) {
         .unwrap_or(std::time::Duration::from_secs(300));
     loop {
         for (name, rc) in &agent.cfg.repositories {
-            let r = crate::cmd::repo::check(&rc.location(), || rc.secret());
+            let r = crate::target::check(&rc.location(), || rc.secret());
             agent.note_target(name, r);
         }
         agent.write_metrics();

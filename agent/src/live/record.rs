@@ -68,7 +68,7 @@ pub struct LiveDisk {
 pub struct LiveRestore {
     /// The new domain's name (also this record's).
     pub name: String,
-    pub snapshot: store::Id,
+    pub snapshot: bulwark_store::Id,
     pub source: String,
     pub repo: RepoSpec,
     /// The Unix socket `bulwark-nbd` serves the snapshot on.

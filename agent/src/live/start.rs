@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use store::{Repository, Snapshot};
+use bulwark_store::{Repository, Snapshot};
 
 use super::record::{LiveDisk, LiveRestore, Phase, Records, RepoSpec};
 use super::{reconnect, server};

@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use store::{Repository, Snapshot};
+use bulwark_store::{Repository, Snapshot};
 
 use super::domain::{self, Disk, DomainInfo};
 use super::qemu;

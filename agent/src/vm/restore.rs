@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulwark_store::format::snapshot::DiskEntry;
+use bulwark_store::read::restore::{restore_to_path, Overwrite, RestoreOptions};
+use bulwark_store::{Repository, Snapshot};
 use serde::Serialize;
-use store::restore::{restore_to_path, Overwrite, RestoreOptions};
-use store::snapshot::DiskEntry;
-use store::{Repository, Snapshot};
 
 use super::rewrite::{self, ImageFormat, RestoredDisk, Rewrite};
 use crate::libvirt::Libvirt;
@@ -52,7 +52,7 @@ pub struct Options {
 #[derive(Clone, Debug, Serialize)]
 pub struct Outcome {
     pub name: String,
-    pub snapshot: store::Id,
+    pub snapshot: bulwark_store::Id,
     pub disks: Vec<(String, PathBuf)>,
     pub nvram: Option<PathBuf>,
     pub defined: bool,
@@ -272,7 +272,7 @@ fn restore_qcow2(
             .write(true)
             .open(&partial)
             .with_context(|| format!("opening {}", partial.display()))?;
-        store::restore::restore_into(
+        bulwark_store::read::restore::restore_into(
             repo,
             &list,
             &out,
@@ -296,7 +296,7 @@ fn qemu_img(args: &[&str]) -> Result<String> {
 
 /// Where a metadata-preallocated qcow2 keeps each guest byte in its file.
 /// Every range must be mapped: anything else is refused, never guessed.
-fn qcow2_layout(image: &Path, size: u64) -> Result<store::restore::Layout> {
+fn qcow2_layout(image: &Path, size: u64) -> Result<bulwark_store::read::restore::Layout> {
     #[derive(serde::Deserialize)]
     struct Entry {
         start: u64,
@@ -324,7 +324,7 @@ fn qcow2_layout(image: &Path, size: u64) -> Result<store::restore::Layout> {
             ),
         }
     }
-    Ok(store::restore::Layout::new(runs, size)?)
+    Ok(bulwark_store::read::restore::Layout::new(runs, size)?)
 }
 
 /// The snapshot's domain XML, rewritten for the new VM.

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Checkpoint {
     pub name: String,
-    pub snapshot: store::Id,
+    pub snapshot: bulwark_store::Id,
     pub repo: String,
     /// Unix seconds.
     pub created: i64,

@@ -209,11 +209,12 @@ fn run(cli: Cli) -> Result<()> {
     };
     // The agent and the CLI pass the S3 endpoint and metadata permission
     // through the environment; no local object cache: the reader has its own.
-    let location = store::Location::from_env(&repo);
-    let secret = store::keys::secret_from_sources(key_file.as_deref(), password_file.as_deref())?
-        .context(
-        "no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file",
-    )?;
+    let location = bulwark_store::Location::from_env(&repo);
+    let secret = bulwark_store::format::keys::secret_from_sources(
+        key_file.as_deref(),
+        password_file.as_deref(),
+    )?
+    .context("no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file")?;
     let repo = Arc::new(
         location
             .open(&secret)
@@ -227,7 +228,7 @@ fn run(cli: Cli) -> Result<()> {
     });
     let mut readers = Vec::new();
     for d in &snap.disks {
-        let reader = Arc::new(store::reader::open_disk(
+        let reader = Arc::new(bulwark_store::read::reader::open_disk(
             repo.clone(),
             &snap,
             &d.name,

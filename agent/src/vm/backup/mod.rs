@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulwark_store::{BackupOptions, BackupSession, Repository, Snapshot, SnapshotMeta};
 use serde::{Deserialize, Serialize};
-use store::{BackupOptions, BackupSession, Repository, Snapshot, SnapshotMeta};
 
 use super::chain::{Base, Chain, DiskPlan, NewCheckpoint};
 use super::domain::{self, DomainInfo};
@@ -76,7 +76,7 @@ pub struct DiskReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    pub snapshot: store::Id,
+    pub snapshot: bulwark_store::Id,
     pub domain: String,
     pub running: bool,
     pub mode: ReadMode,
@@ -188,7 +188,7 @@ fn read_domain(dom: &Domain) -> Result<(DomainInfo, String, bool)> {
 /// yet: libvirt makes them from the template at first start).
 fn store_nvram(session: &mut BackupSession<'_>, nvram: Option<&PathBuf>) -> Result<()> {
     let Some(p) = nvram else { return Ok(()) };
-    store::ImageFile::open(p)
+    bulwark_store::ImageFile::open(p)
         .and_then(|mut src| session.backup_nvram(&mut src))
         .with_context(|| format!("backing up the NVRAM {}", p.display()))
 }
@@ -213,7 +213,7 @@ fn store_snapshot(
 }
 
 /// The base snapshot, if any disk was read incrementally from it.
-fn parent(plans: &[DiskPlan<'_>], base: &Base) -> Option<store::Id> {
+fn parent(plans: &[DiskPlan<'_>], base: &Base) -> Option<bulwark_store::Id> {
     base.from
         .as_ref()
         .filter(|_| plans.iter().any(|p| p.full_reason.is_none()))

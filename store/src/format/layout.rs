@@ -2,7 +2,7 @@
 //! names them. Every name is fixed at write time and never reused, so
 //! backends and caches may rely on an object never changing.
 
-use crate::id::Id;
+use crate::format::id::Id;
 
 /// Public settings (unencrypted): chunker sizes, repository id.
 pub const CONFIG: &str = "config";

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
-use crate::fetch;
-use crate::index::Index;
+use crate::format::chunklist::ChunkList;
+use crate::format::index::Index;
+use crate::read::fetch;
 use crate::repo::Repository;
 
 /// Largest single ranged read.

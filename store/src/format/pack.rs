@@ -6,10 +6,10 @@
 //! describes itself and the index can be rebuilt from packs alone. Chunks of
 //! one disk go in disk order, so a pack is natural read-ahead for restores.
 
-use crate::crypto::{Keys, SessionCipher, SALT_LEN};
 use crate::error::{Error, Result};
-use crate::id::Id;
-use crate::object::Reader;
+use crate::format::crypto::{Keys, SessionCipher, SALT_LEN};
+use crate::format::id::Id;
+use crate::format::object::Reader;
 
 const MAGIC: &[u8; 4] = b"BWPK";
 pub const HEADER_LEN: usize = 4 + SALT_LEN;
@@ -90,7 +90,7 @@ impl PackWriter {
 
 /// Reads a whole pack's trailer (for verify and index rebuilds).
 pub fn read_trailer(keys: &Keys, id: Id, bytes: &[u8]) -> Result<PackInfo> {
-    let name = crate::layout::pack(&id);
+    let name = crate::format::layout::pack(&id);
     if bytes.len() < HEADER_LEN + 4 || &bytes[..4] != MAGIC {
         return Err(Error::corrupt(&name, "not a pack"));
     }
@@ -126,7 +126,7 @@ pub fn read_trailer(keys: &Keys, id: Id, bytes: &[u8]) -> Result<PackInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::MasterKey;
+    use crate::format::crypto::MasterKey;
 
     #[test]
     fn pack_roundtrip() {
@@ -134,7 +134,7 @@ mod tests {
         let s = keys.session();
         let mut w = PackWriter::new(&s, 1024);
         let a = keys.chunk_id(b"a");
-        let sealed = crate::blob::seal_chunk(&s, &a, b"aaaa", 1);
+        let sealed = crate::format::blob::seal_chunk(&s, &a, b"aaaa", 1);
         w.add(a, &sealed);
         let (bytes, info) = w.finish(&s);
         let back = read_trailer(&keys, info.id, &bytes).unwrap();
@@ -142,9 +142,9 @@ mod tests {
         assert_eq!(back.salt, info.salt);
         let e = back.blobs[0];
         let mut blob = bytes[e.offset as usize..(e.offset + e.len) as usize].to_vec();
-        let o = crate::crypto::Opener::new(&keys, &back.salt);
-        let mut buf = crate::blob::ChunkBuf::default();
-        let opened = crate::blob::open_chunk(&o, &a, &mut blob, 4, &mut buf).unwrap();
+        let o = crate::format::crypto::Opener::new(&keys, &back.salt);
+        let mut buf = crate::format::blob::ChunkBuf::default();
+        let opened = crate::format::blob::open_chunk(&o, &a, &mut blob, 4, &mut buf).unwrap();
         assert_eq!(opened.bytes(), b"aaaa");
         let mut bad = bytes.clone();
         let n = bad.len();

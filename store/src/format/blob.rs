@@ -2,9 +2,9 @@
 //! sealed with the chunk id as associated data (so a blob cannot be passed
 //! off as another chunk).
 
-use crate::crypto::{Opener, SessionCipher};
 use crate::error::{Error, Result};
-use crate::id::Id;
+use crate::format::crypto::{Opener, SessionCipher};
+use crate::format::id::Id;
 
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
@@ -127,7 +127,7 @@ pub fn reseal(opener: &Opener, cipher: &SessionCipher, id: &Id, sealed: &[u8]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{Keys, MasterKey};
+    use crate::format::crypto::{Keys, MasterKey};
 
     #[test]
     fn roundtrip_raw_and_compressed() {
@@ -140,7 +140,7 @@ mod tests {
         for data in [&text[..], &random[..], &b"x"[..]] {
             let id = keys.chunk_id(data);
             let sealed = seal_chunk(&s, &id, data, DEFAULT_LEVEL);
-            assert!(sealed.len() <= data.len() + 1 + crate::crypto::SEAL_OVERHEAD);
+            assert!(sealed.len() <= data.len() + 1 + crate::format::crypto::SEAL_OVERHEAD);
             let mut buf = ChunkBuf::default();
             let open = |id: &Id, buf: &mut ChunkBuf| {
                 open_chunk(&o, id, &mut sealed.clone(), data.len(), buf).map(|p| p.into_vec())

@@ -8,8 +8,8 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use ring::aead;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
+use crate::format::crypto::MasterKey;
 
 /// How a user proves they may open the repository.
 #[derive(Clone)]

@@ -1,6 +1,6 @@
 //! Random access to one disk of a snapshot, for the NBD server, FUSE mounts
 //! and live restore. Zero extents are answered without fetching anything;
-//! data comes in *spans* ([`crate::fetch`]: chunks back to back in a pack,
+//! data comes in *spans* ([`crate::read::fetch`]: chunks back to back in a pack,
 //! fetched with one ranged read) held in an LRU cache of opened chunks.
 //!
 //! What keeps a cold read fast, especially from S3:
@@ -30,11 +30,11 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use lru::LruCache;
 
 use crate::backend::BackendError;
-use crate::blob::ChunkBuf;
-use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
-use crate::fetch::{self, Reads, Scratch, Span};
-use crate::index::Index;
+use crate::format::blob::ChunkBuf;
+use crate::format::chunklist::ChunkList;
+use crate::format::index::Index;
+use crate::read::fetch::{self, Reads, Scratch, Span};
 use crate::repo::Repository;
 
 /// Largest span: what a random read may fetch at once.
@@ -54,7 +54,7 @@ const WINDOW_MIN: u64 = 8 << 20;
 /// The window never grows past this (nor past a quarter of the cache).
 const WINDOW_MAX: u64 = 256 << 20;
 
-pub use crate::extent::DataExtent;
+pub use crate::format::extent::DataExtent;
 
 /// Counters, for benchmarks and tests.
 #[derive(Clone, Copy, Debug, Default)]

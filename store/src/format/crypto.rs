@@ -23,7 +23,7 @@ use ring::{aead, hkdf, hmac};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
-use crate::id::Id;
+use crate::format::id::Id;
 
 pub const SALT_LEN: usize = 32;
 pub const NONCE_LEN: usize = 12;

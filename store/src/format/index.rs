@@ -7,11 +7,11 @@
 //! first 8 bytes: about 50 bytes a chunk, 50 MiB for a 1 TiB repository of
 //! 1 MiB chunks.
 
-use crate::crypto::SALT_LEN;
 use crate::error::Result;
-use crate::id::{Id, IdMap, IdSet};
-use crate::object::Reader;
-use crate::pack::{BlobEntry, PackInfo};
+use crate::format::crypto::SALT_LEN;
+use crate::format::id::{Id, IdMap, IdSet};
+use crate::format::object::Reader;
+use crate::format::pack::{BlobEntry, PackInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Loc {

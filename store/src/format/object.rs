@@ -2,8 +2,8 @@
 //! `magic || session salt || seal(zstd(payload))`, the object kind bound in
 //! as associated data so one kind cannot be swapped for another.
 
-use crate::crypto::{Keys, SessionCipher, SALT_LEN};
 use crate::error::{Error, Result};
+use crate::format::crypto::{Keys, SessionCipher, SALT_LEN};
 
 const MAGIC: &[u8; 4] = b"BWO1";
 /// Metadata can be large (a 1 TiB disk's chunk list) but never this large.
@@ -76,10 +76,10 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(b))
     }
 
-    pub fn id(&mut self) -> Result<crate::id::Id> {
+    pub fn id(&mut self) -> Result<crate::format::id::Id> {
         let mut b = [0u8; 32];
         b.copy_from_slice(self.bytes(32)?);
-        Ok(crate::id::Id(b))
+        Ok(crate::format::id::Id(b))
     }
 
     pub fn expect(&mut self, magic: &[u8]) -> Result<()> {

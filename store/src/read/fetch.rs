@@ -1,13 +1,13 @@
 //! How a disk's chunks are fetched: runs of chunks that sit back to back in
 //! one pack become one ranged read (a *span*). Shared by restores (which
-//! walk every span) and [`crate::reader::DiskReader`] (which fetches spans
+//! walk every span) and [`crate::read::reader::DiskReader`] (which fetches spans
 //! on demand and ahead of a sequential reader).
 
-use crate::blob::{ChunkBuf, Plain};
-use crate::chunklist::ChunkList;
 use crate::error::{Error, Result};
-use crate::index::{Index, Loc};
-use crate::layout;
+use crate::format::blob::{ChunkBuf, Plain};
+use crate::format::chunklist::ChunkList;
+use crate::format::index::{Index, Loc};
+use crate::format::layout;
 use crate::repo::Repository;
 
 /// Consecutive data extents of a chunk list whose chunks lie back to back

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::{Backend, BackendError, CacheOptions, CachedBackend, LocalBackend};
-use crate::keys::Secret;
+use crate::format::keys::Secret;
 use crate::repo::Repository;
 
 /// A repository's location and the options that say how to reach it.

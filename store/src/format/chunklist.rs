@@ -4,8 +4,8 @@
 //! short list.
 
 use crate::error::{Error, Result};
-use crate::id::Id;
-use crate::object::Reader;
+use crate::format::id::Id;
+use crate::format::object::Reader;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {

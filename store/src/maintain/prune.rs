@@ -1,13 +1,13 @@
-//! Prune: apply the retention rules ([`crate::retention`]) to each group of
+//! Prune: apply the retention rules ([`crate::maintain::retention`]) to each group of
 //! snapshots, (source, policy), and remove what they do not keep. Chunks
 //! stay until a GC finds them unreferenced (`docs/gc.md`).
 
 use chrono::TimeZone;
 
 use crate::error::{Error, Result};
+use crate::format::snapshot::Snapshot;
+use crate::maintain::retention::{self, KeepOptions, Rule};
 use crate::repo::Repository;
-use crate::retention::{self, KeepOptions, Rule};
-use crate::snapshot::Snapshot;
 
 /// One snapshot and the rule that keeps it (`None`: removed).
 #[derive(Clone, Debug)]

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::id::Id;
+use crate::format::id::Id;
 
 pub const KIND: &str = "snapshot";
 

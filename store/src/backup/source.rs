@@ -8,9 +8,9 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::extent::Span;
+use crate::format::extent::Span;
 
-pub use crate::extent::DataExtent;
+pub use crate::format::extent::DataExtent;
 
 /// A disk being backed up. Reads may come from one thread at a time.
 pub trait BlockSource: Send {

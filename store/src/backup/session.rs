@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendError;
 use crate::error::{Error, Result};
-use crate::id::Id;
+use crate::format::id::Id;
+use crate::format::{layout, object};
 use crate::repo::Repository;
-use crate::{layout, object};
 
 pub const KIND: &str = "session";
 

@@ -1,23 +1,26 @@
-//! An opened repository: config, keys, index, snapshots, chunk reads.
+//! An opened repository: config, keys, index, snapshots, chunk reads; and
+//! below it, the [`condemned`] records its index loader honours.
+
+pub mod condemned;
 
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendError};
-use crate::blob::{self, ChunkBuf, Plain};
-use crate::chunker::{Chunker, ChunkerParams};
-use crate::chunklist::{self, ChunkList};
-use crate::crypto::{Keys, MasterKey, Opener};
 use crate::error::{Error, Result};
-use crate::id::Id;
-use crate::index::{self, Index, Loc};
-use crate::keys::{KdfParams, KeySlot, Secret};
-use crate::snapshot::{self, Snapshot};
-use crate::{object, pack};
+use crate::format::blob::{self, ChunkBuf, Plain};
+use crate::format::chunker::{Chunker, ChunkerParams};
+use crate::format::chunklist::{self, ChunkList};
+use crate::format::crypto::{Keys, MasterKey, Opener};
+use crate::format::id::Id;
+use crate::format::index::{self, Index, Loc};
+use crate::format::keys::{KdfParams, KeySlot, Secret};
+use crate::format::snapshot::{self, Snapshot};
+use crate::format::{object, pack};
 
 pub const VERSION: u32 = 1;
-use crate::layout::{self, CONFIG};
+use crate::format::layout::{self, CONFIG};
 
 /// An index object's name and the packs it lists.
 pub(crate) type IndexObject = (String, Vec<pack::PackInfo>);
@@ -214,7 +217,7 @@ impl Repository {
     fn load_index(&self) -> Result<Index> {
         // Condemned records first: a backup must not reuse what a GC has
         // condemned (docs/gc.md, rule 2).
-        let mut ix = Index::with_condemned(crate::gc::condemned_packs(self)?);
+        let mut ix = Index::with_condemned(condemned::packs(self.backend.as_ref(), &self.keys)?);
         for (_, packs) in self.load_index_objects()? {
             for p in packs {
                 ix.add_pack(&p);
@@ -383,7 +386,7 @@ impl Repository {
     pub fn open_extent<'a>(
         &self,
         index: &Index,
-        e: &crate::chunklist::Extent,
+        e: &crate::format::chunklist::Extent,
         loc: &Loc,
         sealed: &'a mut [u8],
         buf: &'a mut ChunkBuf,
