@@ -6,8 +6,8 @@
 //! - [`vm`], [`libvirt`], [`live`]: VM backup and restore on libvirt's API;
 //! - [`config`], [`calendar`], [`mail`], [`logging`]: the agent's parts an
 //!   operator configures;
-//! - [`secret`], [`target`], [`progress`], [`units`]: shared by the
-//!   commands and the agent.
+//! - [`secret`], [`target`], [`statefile`], [`progress`], [`units`]:
+//!   shared by the commands and the agent.
 
 pub mod calendar;
 pub mod cmd;
@@ -19,6 +19,7 @@ pub mod logging;
 pub mod mail;
 pub mod progress;
 pub mod secret;
+pub mod statefile;
 pub mod target;
 pub mod units;
 pub mod vm;

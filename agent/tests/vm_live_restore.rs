@@ -3,8 +3,8 @@
 //! disk into a local overlay; the server is killed and the agent restarted
 //! in the middle, and the restore still completes with nothing lost.
 
-#[path = "vm_common/mod.rs"]
-mod common;
+mod vm_common;
+use vm_common as common;
 
 use std::path::Path;
 use std::process::Command;

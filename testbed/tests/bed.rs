@@ -18,7 +18,10 @@ fn check_boot_time(what: &str, took: Duration) {
     );
     let limit = std::env::var("BULWARK_TESTBED_BOOT_LIMIT_SECS")
         .ok()
-        .map(|s| s.parse::<u64>().expect("BULWARK_TESTBED_BOOT_LIMIT_SECS is seconds"));
+        .map(|s| {
+            s.parse::<u64>()
+                .expect("BULWARK_TESTBED_BOOT_LIMIT_SECS is seconds")
+        });
     if let Some(limit) = limit.map(Duration::from_secs) {
         assert!(took < limit, "{what}: boot took {took:?}, over {limit:?}");
     }

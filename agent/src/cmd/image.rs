@@ -52,6 +52,8 @@ pub enum RestoreCmd {
     Status(super::restore_live::StatusArgs),
     /// Stop a live restore (the VM is destroyed; --keep keeps its disks).
     Cancel(super::restore_live::CancelArgs),
+    /// Stream a failed live restore again (the VM and guest writes kept).
+    Retry(super::restore_live::RetryArgs),
     /// Write a snapshot's disk to a new sparse raw image file, or with
     /// --force over an existing file or a block device (zeros written).
     Image {
@@ -200,6 +202,7 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
         RestoreCmd::Vm(a) => return super::restore_vm::run(g, a),
         RestoreCmd::Status(a) => return super::restore_live::status(a),
         RestoreCmd::Cancel(a) => return super::restore_live::cancel(a),
+        RestoreCmd::Retry(a) => return super::restore_live::retry(a),
         c => c,
     };
     let RestoreCmd::Image {

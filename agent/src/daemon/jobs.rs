@@ -80,19 +80,19 @@ impl Agent {
             ok: r.is_ok(),
             seconds: started.elapsed().as_secs_f64(),
             last_ok: prev.as_ref().and_then(|p| p.last_ok),
-            last_snapshot: prev.as_ref().and_then(|p| p.last_snapshot),
+            last_snapshot: prev.as_ref().and_then(|p| p.last_snapshot.clone()),
             failing_since: prev.as_ref().and_then(|p| p.failing_since),
             ..Run::default()
         };
         // What the contacts hear: the backup's error, else the prune's.
         let failure = match &r {
             Ok((repo, rep)) => {
-                run.snapshot = Some(rep.snapshot);
-                run.mode = Some(rep.mode);
+                run.snapshot = Some(rep.snapshot.to_string());
+                run.mode = Some(rep.mode.to_string());
                 run.bytes_read = rep.bytes_read;
                 run.bytes_stored = rep.bytes_stored;
                 run.last_ok = Some(run.at);
-                run.last_snapshot = Some(rep.snapshot);
+                run.last_snapshot = Some(rep.snapshot.to_string());
                 match prune(repo, dom, &policy_name, pol) {
                     Ok(n) => {
                         run.pruned = n;

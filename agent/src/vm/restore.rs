@@ -128,6 +128,46 @@ pub fn plan(libvirt: &Libvirt, snapshot: Snapshot, name: &str, opts: &Options) -
     })
 }
 
+/// (snapshot, new name) pairs from `SNAPSHOT:NAME` specs, or from one
+/// SNAPSHOT and `as_name`.
+pub fn targets(specs: &[String], as_name: Option<&str>) -> Result<Vec<(String, String)>> {
+    if let Some(name) = as_name {
+        if specs.len() != 1 || specs[0].contains(':') {
+            bail!("--as names one VM: give one SNAPSHOT, or SNAPSHOT:NAME pairs without --as");
+        }
+        return Ok(vec![(specs[0].clone(), name.to_string())]);
+    }
+    specs
+        .iter()
+        .map(|s| match s.rsplit_once(':') {
+            Some((snap, name)) if !snap.is_empty() && !name.is_empty() => {
+                Ok((snap.to_string(), name.to_string()))
+            }
+            _ => bail!("{s:?}: name the new VM, as SNAPSHOT:NAME (or --as NAME)"),
+        })
+        .collect()
+}
+
+/// Plans every VM of `targets` before any is made (a name given twice is
+/// refused), with `plan` (a full or a live restore's), while the index
+/// loads: a restore needs both next.
+pub fn plan_all(
+    repo: &Repository,
+    targets: &[(String, String)],
+    plan: impl Fn(Snapshot, &str) -> Result<Plan>,
+) -> Result<Vec<Plan>> {
+    repo.while_loading_index(|| {
+        let mut plans = Vec::new();
+        for (snap, name) in targets {
+            if targets.iter().filter(|(_, n)| n == name).count() > 1 {
+                bail!("{name} is named twice");
+            }
+            plans.push(plan(repo.find_snapshot(snap)?, name)?);
+        }
+        Ok(plans)
+    })
+}
+
 /// Runs a plan: disks, domain, start. `progress` gets bytes done.
 pub fn run(
     repo: &Arc<Repository>,

@@ -1,4 +1,4 @@
-//! Shared helpers of the `vm_*` tests (included with `#[path]`).
+//! Shared helpers of the `vm_*` tests.
 #![allow(dead_code, clippy::new_without_default)]
 
 use std::path::{Path, PathBuf};

@@ -54,37 +54,37 @@ impl std::fmt::Display for ReadMode {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiskReport {
     pub name: String,
     pub format: String,
     /// `Full` or `Incremental`.
     pub mode: ReadMode,
     /// Why the disk was read whole (absent for incrementals).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub size: u64,
     /// Bytes the dirty bitmap marked (incrementals).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_extents: Option<usize>,
     pub bytes_read: u64,
     pub chunks_new: u64,
     pub chunks_reused: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub snapshot: bulwark_store::Id,
     pub domain: String,
     pub running: bool,
     pub mode: ReadMode,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
     pub size: u64,
     pub bytes_read: u64,
@@ -95,7 +95,7 @@ pub struct Report {
     pub seconds: f64,
     pub disks: Vec<DiskReport>,
     /// The UEFI variable store backed up with the disks.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvram: Option<PathBuf>,
 }
 
