@@ -18,13 +18,25 @@ use crate::vm::restore::{self, Options, Stage};
 use crate::vm::rewrite::ImageFormat;
 use crate::{progress, secret, Global};
 
+/// Who supervises live restores, and where their records are.
+#[derive(clap::Args)]
+pub struct Supervision {
+    /// The agent's socket (with --live, the agent supervises the restore).
+    #[arg(long, default_value = bulwark_proto::DEFAULT_SOCKET)]
+    agent_socket: PathBuf,
+    /// Where live restore records live (the agent's state dir).
+    #[arg(long, env = "BULWARK_STATE_DIR", default_value = crate::vm::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// libvirt connection.
+    #[arg(long, env = "BULWARK_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub(super) connect: String,
+}
+
 /// What `restore vm --live` adds to a restore's options.
 pub struct LiveArgs {
     pub wait: bool,
     pub stream_mib_per_sec: u64,
-    pub agent_socket: PathBuf,
-    pub state_dir: PathBuf,
-    pub connect: String,
+    pub sup: Supervision,
     pub json: bool,
 }
 
@@ -35,7 +47,7 @@ pub fn run(
     mut ropts: Options,
     a: LiveArgs,
 ) -> Result<i32> {
-    let records = Records::new(&a.state_dir);
+    let records = Records::new(&a.sup.state_dir);
     let spec = RepoSpec {
         repo: g
             .repo
@@ -48,7 +60,7 @@ pub fn run(
     let in_file = spec.password_file.is_some() || spec.key_file.is_some();
     let password = foreground_password(in_file);
     if !a.wait {
-        ping_agent(&a.agent_socket)?;
+        ping_agent(&a.sup.agent_socket)?;
         if !in_file {
             bail!(
                 "the agent restarts a live restore's NBD server on its own, so it needs the \
@@ -87,7 +99,7 @@ pub fn run(
         started.push(r);
     }
     if !a.wait {
-        hand_over(&a.agent_socket, &started)?;
+        hand_over(&a.sup.agent_socket, &started)?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&started)?);
         } else {
@@ -95,7 +107,7 @@ pub fn run(
         }
         return Ok(0);
     }
-    let finals = wait_all(&records, &started, &a.connect, o.password.as_deref());
+    let finals = wait_all(&records, &started, &a.sup.connect, o.password.as_deref());
     print_finals(&finals, a.json)
 }
 
@@ -287,12 +299,8 @@ pub struct RetryArgs {
     /// the running agent takes over).
     #[arg(long)]
     wait: bool,
-    #[arg(long, default_value = bulwark_proto::DEFAULT_SOCKET)]
-    agent_socket: PathBuf,
-    #[arg(long, env = "BULWARK_STATE_DIR", default_value = crate::vm::DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
-    #[arg(long, env = "BULWARK_LIBVIRT_URI", default_value = "qemu:///system")]
-    connect: String,
+    #[command(flatten)]
+    sup: Supervision,
     #[arg(long)]
     json: bool,
 }
@@ -300,18 +308,18 @@ pub struct RetryArgs {
 /// `restore retry`: a failed live restore streams again (its server is
 /// started again by the supervisor, each stream gets its restarts afresh).
 pub fn retry(a: RetryArgs) -> Result<i32> {
-    let records = Records::new(&a.state_dir);
+    let records = Records::new(&a.sup.state_dir);
     if !a.wait {
-        ping_agent(&a.agent_socket)?;
+        ping_agent(&a.sup.agent_socket)?;
     }
     let r = records.update(&a.name, |r| Ok(r.retry()?))?;
     if !a.wait {
-        hand_over(&a.agent_socket, std::slice::from_ref(&r))?;
+        hand_over(&a.sup.agent_socket, std::slice::from_ref(&r))?;
         println!("{}: streaming again, supervised by the agent", r.name);
         return Ok(0);
     }
     let in_file = r.repo.password_file.is_some() || r.repo.key_file.is_some();
     let password = foreground_password(in_file);
-    let finals = wait_all(&records, &[r], &a.connect, password.as_deref());
+    let finals = wait_all(&records, &[r], &a.sup.connect, password.as_deref());
     print_finals(&finals, a.json)
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 
-use super::restore_live::LiveArgs;
+use super::restore_live::{LiveArgs, Supervision};
 use crate::libvirt::Libvirt;
 use crate::vm::restore::{self, Options, Outcome, Plan, Stage};
 use crate::vm::rewrite::ImageFormat;
@@ -65,30 +65,21 @@ pub struct Args {
     /// leaving bandwidth to the guest's own reads.
     #[arg(long, default_value_t = 0, requires = "live")]
     stream_mib_per_sec: u64,
-    /// The agent's socket (with --live, the agent supervises the restore).
-    #[arg(long, default_value = bulwark_proto::DEFAULT_SOCKET)]
-    agent_socket: PathBuf,
-    /// Where live restore records live (the agent's state dir).
-    #[arg(long, env = "BULWARK_STATE_DIR", default_value = crate::vm::DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
-    /// libvirt connection.
-    #[arg(long, env = "BULWARK_LIBVIRT_URI", default_value = "qemu:///system")]
-    connect: String,
+    #[command(flatten)]
+    sup: Supervision,
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(g: &Global, a: Args) -> Result<i32> {
-    let libvirt = Libvirt::open(&a.connect)?;
+    let libvirt = Libvirt::open(&a.sup.connect)?;
     let targets = restore::targets(&a.specs, a.as_name.as_deref())?;
     let opts = options(&libvirt, &a)?;
     if a.live {
         let live = LiveArgs {
             wait: a.wait,
             stream_mib_per_sec: a.stream_mib_per_sec,
-            agent_socket: a.agent_socket,
-            state_dir: a.state_dir,
-            connect: a.connect,
+            sup: a.sup,
             json: a.json,
         };
         return super::restore_live::run(g, &libvirt, &targets, opts, live);
