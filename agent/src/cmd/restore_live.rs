@@ -306,13 +306,19 @@ pub struct RetryArgs {
 }
 
 /// `restore retry`: a failed live restore streams again (its server is
-/// started again by the supervisor, each stream gets its restarts afresh).
+/// stopped here and started afresh by the supervisor, each stream gets its
+/// restarts afresh).
 pub fn retry(a: RetryArgs) -> Result<i32> {
     let records = Records::new(&a.sup.state_dir);
     if !a.wait {
         ping_agent(&a.sup.agent_socket)?;
     }
-    let r = records.update(&a.name, |r| Ok(r.retry()?))?;
+    // A fresh server too: nothing it read before the fix is kept.
+    let r = records.update(&a.name, |r| {
+        r.retry()?;
+        crate::live::server::stop(r);
+        Ok(())
+    })?;
     if !a.wait {
         hand_over(&a.sup.agent_socket, std::slice::from_ref(&r))?;
         println!("{}: streaming again, supervised by the agent", r.name);
