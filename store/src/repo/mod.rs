@@ -235,8 +235,8 @@ impl Repository {
             .map(|o| o.name)
             .collect();
         self.load_each(&names, |n| {
-            let payload = self.get_sealed(index::KIND, n)?;
-            Ok((n.to_string(), index::decode(&payload, n)?))
+            let bytes = self.backend.get(n)?;
+            Ok((n.to_string(), index::open(&self.keys, &bytes, n)?))
         })
     }
 

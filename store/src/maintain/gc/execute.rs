@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::crypto::{Opener, SessionCipher};
 use crate::format::id::{Id, IdSet};
 use crate::format::pack::{PackInfo, PackWriter};
-use crate::format::{blob, index, layout, object};
+use crate::format::{blob, index, layout};
 use crate::repo::condemned::{self, delete_if_there};
 use crate::repo::{IndexObject, Repository};
 
@@ -92,7 +92,7 @@ fn store_pack(repo: &Repository, w: PackWriter, cipher: &SessionCipher) -> Resul
 }
 
 fn put_index(repo: &Repository, cipher: &SessionCipher, packs: &[PackInfo]) -> Result<()> {
-    let sealed = object::seal(cipher, index::KIND, &index::encode(packs));
+    let sealed = index::seal(cipher, packs);
     repo.backend().put(&layout::index(&Id::random()), &sealed)?;
     Ok(())
 }
