@@ -132,7 +132,11 @@ fn smtp(cfg: &Config, host: &str) -> Option<Check> {
     let r = crate::mail::SmtpSender::new(s, host)
         .and_then(|sender| sender.check())
         .map(|()| format!("{server} accepted the connection"))
-        .map_err(|e| e.to_string());
+        .map_err(|e| match e {
+            // The server is named beside it already.
+            crate::mail::Error::Send { reason, .. } => reason,
+            e => e.to_string(),
+        });
     Some(Check::new("smtp", &server, r))
 }
 
@@ -157,7 +161,9 @@ fn domains_by_policy(uri: &str) -> Result<(usize, Domains)> {
     let doms = lv.domains()?;
     let mut by_policy = Domains::new();
     for d in &doms {
-        let info = crate::vm::domain::parse(&d.xml(true)?)?;
+        // One undefined since the listing is no longer the agent's either.
+        let Ok(xml) = d.xml(true) else { continue };
+        let info = crate::vm::domain::parse(&xml)?;
         for p in info.policies {
             by_policy.entry(p).or_default().push(info.name.clone());
         }
