@@ -440,8 +440,9 @@ fn rendered(page: &Path) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Each script parses in its shell (`-n`); bash and fish also complete
-/// `bulwark re` to the commands that start so.
+/// Each script parses in its shell (`-n`) and is what `bulwark completions`
+/// prints; bash and fish also complete `bulwark re` to the commands that
+/// start so.
 fn shells_load_every_completion(tree: &Path) {
     let share = tree.join("usr/share");
     for (shell, dir, names) in [
@@ -468,6 +469,13 @@ fn shells_load_every_completion(tree: &Path) {
         for n in names {
             run(Command::new(shell).arg("-n").arg(share.join(dir).join(n)));
         }
+        // `bulwark completions SHELL` prints the same, for other systems.
+        let printed = run(Command::new(env!("CARGO_BIN_EXE_bulwark")).args(["completions", shell]));
+        let packaged = std::fs::read(share.join(dir).join(names[0])).unwrap();
+        assert!(
+            printed.stdout == packaged,
+            "{shell}: bulwark completions differs"
+        );
     }
     let bash = share.join("bash-completion/completions/bulwark");
     let words = stdout(Command::new("bash").arg("-c").arg(format!(
