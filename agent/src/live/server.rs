@@ -36,6 +36,13 @@ fn command(r: &LiveRestore) -> Command {
     let Some(unit) = unit_for(&r.name) else {
         return Command::new(binary());
     };
+    // A predecessor's unit may linger a moment after its server died (or
+    // hold a server nobody recorded): gone first, or the name is taken.
+    // Its outcome is not needed: systemd-run below reports a real problem.
+    let _ = Command::new("systemctl")
+        .args(["stop", "--quiet", &unit])
+        .stderr(Stdio::null())
+        .status();
     let mut c = Command::new("systemd-run");
     c.args(["--scope", "--quiet", "--collect"])
         .arg(format!("--unit={unit}"))
@@ -192,12 +199,17 @@ pub fn stop(r: &LiveRestore) {
     let _ = std::fs::remove_file(&r.socket);
 }
 
-/// The last failed read the server logged (names the damaged chunk).
+/// The last failed read the server logged (names the damaged chunk), or
+/// why systemd-run could not start it.
 pub fn last_error(r: &LiveRestore) -> Option<String> {
     let log = std::fs::read_to_string(&r.server_log).ok()?;
     log.lines()
         .rev()
-        .find(|l| l.contains("failed") || l.contains("error"))
+        .find(|l| {
+            // systemd-run says "Failed to start ...".
+            let l = l.to_lowercase();
+            l.contains("failed") || l.contains("error")
+        })
         .map(|l| l.trim().to_string())
 }
 
