@@ -2,6 +2,8 @@
 
 pub mod agent;
 pub mod bench;
+pub mod check_config;
+pub mod completions;
 pub mod gc;
 pub mod image;
 pub mod mount;
