@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bulwark::live::record::{LiveDisk, LiveRestore, Phase, Records, RepoSpec};
+use bulwark::live::record::{LiveDisk, LiveRestore, Records, RepoSpec};
 use bulwark::live::server;
 use testbed::cli::Runner;
 
@@ -157,7 +157,8 @@ fn live_restore_server_runs_in_its_own_unit_and_outlives_its_starter() {
     }
     let r = records
         .update(&name, |r| {
-            r.server_pid = Some(server::start(r, None).unwrap());
+            r.server_pid = Some(server::start(r, None)?);
+            Ok(())
         })
         .unwrap();
     assert_eq!(server::unit(&r).as_deref(), Some(unit.as_str()));
@@ -188,7 +189,8 @@ fn starter() {
     let records = Records::new(Path::new(state));
     records
         .update(name, |r| {
-            r.server_pid = Some(server::start(r, None).unwrap());
+            r.server_pid = Some(server::start(r, None)?);
+            Ok(())
         })
         .unwrap();
     loop {
@@ -197,21 +199,19 @@ fn starter() {
 }
 
 fn record(records: &Records, name: &str, snap: &str, repo: &Path, pw: &Path) -> LiveRestore {
-    LiveRestore {
-        name: name.to_string(),
-        snapshot: snap.parse().unwrap(),
-        source: "scope-src".into(),
-        repo: RepoSpec {
+    let mut r = LiveRestore::new(
+        name.to_string(),
+        snap.parse().unwrap(),
+        "scope-src".into(),
+        RepoSpec {
             repo: repo.display().to_string(),
             password_file: Some(PathBuf::from(pw)),
             key_file: None,
             s3_endpoint: None,
         },
-        socket: records.dir().join(format!("{name}.sock")),
-        server_log: records.dir().join(format!("{name}.nbd.log")),
-        server_pid: None,
-        phase: Phase::Streaming,
-        disks: vec![LiveDisk {
+        records.dir().join(format!("{name}.sock")),
+        records.dir().join(format!("{name}.nbd.log")),
+        vec![LiveDisk {
             target: "vda".into(),
             overlay: records.dir().join(format!("{name}.qcow2")),
             size: 24 << 20,
@@ -219,9 +219,8 @@ fn record(records: &Records, name: &str, snap: &str, repo: &Path, pw: &Path) -> 
             local: false,
             pulls: 1,
         }],
-        started: 0,
-        updated: 0,
-        stream_mib_per_sec: 0,
-        server_restarts: 0,
-    }
+        0,
+    );
+    r.streams_started().unwrap();
+    r
 }

@@ -117,7 +117,7 @@ fn repositories(cfg: &Config) -> Vec<Check> {
     cfg.repositories
         .iter()
         .map(|(name, rc)| {
-            let r = crate::cmd::repo::check(&rc.location(), || rc.secret())
+            let r = crate::target::check(&rc.location(), || rc.secret())
                 .map(|()| format!("{}: usable", rc.path))
                 .map_err(|(kind, e)| format!("{} ({kind}): {e}", rc.path));
             Check::new("repository", name, r)
