@@ -127,6 +127,11 @@ stop_all() {
     rm -rf "$dir/mon" "$dir/osd" "$dir/run" "$dir/monmap" "$dir/env"
 }
 
+# A daemon did not start: say which, with the end of what it printed.
+failed() {
+    die "$* failed: $(tail -n 5 "$dir/log/daemons.out" 2>/dev/null)"
+}
+
 write_conf() {
     local fsid=$1 mon_port=$2 rgw_port=$3
     cat >"$conf" <<EOF
@@ -156,6 +161,9 @@ osd crush chooseleaf type = 0
 mon allow pool size one = true
 mon warn on pool no redundancy = false
 mon max pg per osd = 1000
+# The monitor's store is tiny; a shared, nearly full disk must not stop it.
+mon data avail crit = 0
+mon data avail warn = 0
 # radosgw makes its pools one by one as it starts: each is a map change,
 # proposed at once rather than after the default second of batching
 # (12 s -> 1.5 s to a ready gateway).
@@ -196,18 +204,18 @@ start() {
     local out="$dir/log/daemons.out"
 
     monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$mon_port]" "$dir/monmap" >>"$out" 2>&1
-    ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" >>"$out" 2>&1
-    ceph-mon -c "$conf" -i a >>"$out" 2>&1
+    ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" >>"$out" 2>&1 || failed ceph-mon --mkfs
+    ceph-mon -c "$conf" -i a >>"$out" 2>&1 || failed ceph-mon
     phase "monitor up"
 
     uuid=$(cat /proc/sys/kernel/random/uuid)
     ceph -c "$conf" --connect-timeout 30 osd new "$uuid" >>"$out" 2>&1 ||
         die "the monitor did not take an OSD; see $dir/log"
-    ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$uuid" >>"$out" 2>&1
-    ceph-osd -c "$conf" -i 0 >>"$out" 2>&1
+    ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$uuid" >>"$out" 2>&1 || failed ceph-osd --mkfs
+    ceph-osd -c "$conf" -i 0 >>"$out" 2>&1 || failed ceph-osd
     phase "osd started"
 
-    radosgw -c "$conf" -n client.rgw >>"$out" 2>&1
+    radosgw -c "$conf" -n client.rgw >>"$out" 2>&1 || failed radosgw
     # Makes the gateway's pools too, so it is quick once the OSD is up.
     keys=$(make_user owner)
     phase "owner user made"

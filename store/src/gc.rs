@@ -79,6 +79,9 @@ pub struct GcReport {
     /// Backups in flight that hold deletions back.
     pub sessions_in_flight: Vec<String>,
     pub index_objects_rewritten: usize,
+    /// Locked repositories: removed versions deleted and held (`crate::lock`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock: Option<crate::lock::Reclaim>,
     pub seconds: f64,
 }
 
@@ -201,6 +204,7 @@ pub fn run(repo: &Repository, opts: &GcOptions, progress: &dyn Fn(&str)) -> Resu
         .sum();
 
     if opts.dry_run {
+        report.lock = reclaim_locked(repo, true)?;
         report.seconds = started.elapsed().as_secs_f64();
         return Ok(report);
     }
@@ -222,8 +226,18 @@ pub fn run(repo: &Repository, opts: &GcOptions, progress: &dyn Fn(&str)) -> Resu
         delete_if_there(repo, name)?;
     }
     repo.invalidate_index();
+    report.lock = reclaim_locked(repo, false)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// In a locked repository, what was removed leaves only once its lock
+/// runs out.
+fn reclaim_locked(repo: &Repository, dry_run: bool) -> Result<Option<crate::lock::Reclaim>> {
+    match repo.config().object_lock {
+        Some(_) => Ok(Some(crate::lock::reclaim(repo, dry_run)?)),
+        None => Ok(None),
+    }
 }
 
 /// Every chunk a listed snapshot references. A snapshot pruned while we

@@ -23,6 +23,7 @@ pub mod index;
 pub mod keys;
 pub mod layout;
 pub mod location;
+pub mod lock;
 mod object;
 pub mod pack;
 pub mod prune;

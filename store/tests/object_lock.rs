@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use store::backend::{
-    bucket_policy, LockMode, ObjectLock, PolicyUsers, Retention, RetentionRule, S3Backend,
-    S3Config,
+    bucket_policy, LockMode, ObjectLock, PolicyUsers, Retention, RetentionRule, S3Backend, S3Config,
 };
 use store::{Backend, BackendError};
 use testbed::rgw::{Credentials, LockServer};
@@ -55,7 +54,9 @@ fn locked_versions_cannot_be_deleted_or_shortened() {
     let l = lock(&b);
     assert!(l.lock_enabled().unwrap());
     let plain = server.create_plain_bucket().unwrap();
-    assert!(!lock(&backend(server, &server.owner, &plain, "")).lock_enabled().unwrap());
+    assert!(!lock(&backend(server, &server.owner, &plain, ""))
+        .lock_enabled()
+        .unwrap());
 
     // Every put carries the rule's lock.
     l.lock_new_objects(Some(rule(LockMode::Governance, 3600)));
@@ -71,40 +72,62 @@ fn locked_versions_cannot_be_deleted_or_shortened() {
     let until = comp.retention.unwrap().until;
 
     // No version delete, shortening, or mode change goes through.
-    denied(l.delete_version("data/ab/gov", &head.version), "delete governed");
-    denied(l.delete_version("data/ab/comp", &comp.version), "delete complied");
+    denied(
+        l.delete_version("data/ab/gov", &head.version),
+        "delete governed",
+    );
+    denied(
+        l.delete_version("data/ab/comp", &comp.version),
+        "delete complied",
+    );
     let shorter = Retention {
         mode: LockMode::Compliance,
         until: until - chrono::Duration::seconds(600),
     };
-    denied(l.set_retention("data/ab/comp", &comp.version, shorter), "shorten");
+    denied(
+        l.set_retention("data/ab/comp", &comp.version, shorter),
+        "shorten",
+    );
     let weaker = Retention {
         mode: LockMode::Governance,
         until: until + chrono::Duration::seconds(600),
     };
-    denied(l.set_retention("data/ab/comp", &comp.version, weaker), "to governance");
+    denied(
+        l.set_retention("data/ab/comp", &comp.version, weaker),
+        "to governance",
+    );
     // Longer is allowed.
     let longer = Retention {
         mode: LockMode::Compliance,
         until: until + chrono::Duration::seconds(600),
     };
-    l.set_retention("data/ab/comp", &comp.version, longer).unwrap();
+    l.set_retention("data/ab/comp", &comp.version, longer)
+        .unwrap();
     let after = l.head_version("data/ab/comp", Some(&comp.version)).unwrap();
     assert_eq!(after.retention, Some(longer));
 
     // A plain delete only hides: a delete marker on top of the version.
     b.delete("data/ab/gov").unwrap();
     assert!(!b.exists("data/ab/gov").unwrap());
-    assert!(b.list("data/").unwrap().iter().all(|o| o.name != "data/ab/gov"));
+    assert!(b
+        .list("data/")
+        .unwrap()
+        .iter()
+        .all(|o| o.name != "data/ab/gov"));
     let versions = l.list_versions("data/ab/gov").unwrap();
     assert_eq!(versions.len(), 2, "{versions:?}");
     let marker = versions.iter().find(|v| v.delete_marker).unwrap();
     assert!(marker.latest);
     let kept = versions.iter().find(|v| !v.delete_marker).unwrap();
-    assert_eq!((kept.version.as_str(), kept.size), (head.version.as_str(), 8));
+    assert_eq!(
+        (kept.version.as_str(), kept.size),
+        (head.version.as_str(), 8)
+    );
     // The hidden version reads by id, and comes back as a copy.
     assert_eq!(
-        l.head_version("data/ab/gov", Some(&head.version)).unwrap().size,
+        l.head_version("data/ab/gov", Some(&head.version))
+            .unwrap()
+            .size,
         8
     );
     l.restore_version("data/ab/gov", &head.version).unwrap();
@@ -140,7 +163,6 @@ fn the_bucket_policy_keeps_each_credential_to_its_job() {
         maintenance: &format!("arn:aws:iam:::user/{}", maint.user),
     });
     server.set_policy(&bucket, &policy).unwrap();
-    let owner = backend(server, &server.owner, &bucket, "repo");
     let b = backend(server, &backup, &bucket, "repo");
     let m = backend(server, &maint, &bucket, "repo");
     let gov = rule(LockMode::Governance, 3600);
@@ -159,7 +181,10 @@ fn the_bucket_policy_keeps_each_credential_to_its_job() {
     // ... and destroys nothing.
     denied(b.delete("data/ab/x"), "backup hides a pack");
     denied(lock(&b).list_versions(""), "backup lists versions");
-    denied(lock(&b).delete_version("data/ab/x", &head.version), "backup deletes a version");
+    denied(
+        lock(&b).delete_version("data/ab/x", &head.version),
+        "backup deletes a version",
+    );
     let shorter = Retention {
         mode: LockMode::Governance,
         until: Utc::now() + chrono::Duration::seconds(60),
@@ -168,7 +193,11 @@ fn the_bucket_policy_keeps_each_credential_to_its_job() {
         lock(&b).set_retention("data/ab/x", &head.version, shorter),
         "backup shortens",
     );
-    assert!(lock(&m).list_versions("").unwrap().iter().all(|v| v.name != "data/ab/x" || !v.delete_marker));
+    assert!(lock(&m)
+        .list_versions("")
+        .unwrap()
+        .iter()
+        .all(|v| v.name != "data/ab/x" || !v.delete_marker));
 
     // Maintenance: hides, reads versions, extends, deletes markers; never
     // a locked version, never shortens.
@@ -176,12 +205,17 @@ fn the_bucket_policy_keeps_each_credential_to_its_job() {
         mode: LockMode::Governance,
         until: Utc::now() + chrono::Duration::seconds(7200),
     };
-    lock(&m).set_retention("data/ab/x", &head.version, longer).unwrap();
+    lock(&m)
+        .set_retention("data/ab/x", &head.version, longer)
+        .unwrap();
     denied(
         lock(&m).set_retention("data/ab/x", &head.version, shorter),
         "maintenance shortens",
     );
-    denied(lock(&m).delete_version("data/ab/x", &head.version), "maintenance deletes a locked version");
+    denied(
+        lock(&m).delete_version("data/ab/x", &head.version),
+        "maintenance deletes a locked version",
+    );
     m.delete("data/ab/x").unwrap();
     let marker = lock(&m)
         .list_versions("data/ab/x")
@@ -189,47 +223,24 @@ fn the_bucket_policy_keeps_each_credential_to_its_job() {
         .into_iter()
         .find(|v| v.delete_marker)
         .unwrap();
-    lock(&m).delete_version("data/ab/x", &marker.version).unwrap();
+    lock(&m)
+        .delete_version("data/ab/x", &marker.version)
+        .unwrap();
     assert_eq!(b.get("data/ab/x").unwrap(), b"pack");
 
     // Governance bypass: an S3 right the policy withholds from both, and
     // the owner has.
-    let bypass = |creds: &Credentials| {
-        let mut cfg = aws_sdk_s3::config::Builder::new()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(server.endpoint())
-            .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                &creds.access_key,
-                &creds.secret_key,
-                None,
-                None,
-                "test",
-            ));
-        cfg.set_request_checksum_calculation(Some(
-            aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
-        ));
-        let client = aws_sdk_s3::Client::from_conf(cfg.build());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(
-            client
-                .delete_object()
-                .bucket(&bucket)
-                .key("repo/data/ab/x")
-                .version_id(&head.version)
-                .bypass_governance_retention(true)
-                .send(),
-        )
-        .map(drop)
-        .map_err(|e| format!("{:?}", e.raw_response().map(|r| r.status().as_u16())))
-    };
-    assert_eq!(bypass(&backup), Err("Some(403)".into()));
-    assert_eq!(bypass(&maint), Err("Some(403)".into()));
-    assert_eq!(owner.get("data/ab/x").unwrap(), b"pack");
-    bypass(&server.owner).unwrap();
-    assert!(lock(&owner).list_versions("data/ab/x").unwrap().is_empty());
+    let key = "repo/data/ab/x";
+    for who in [&backup, &maint] {
+        let e = server
+            .delete_bypassing(who, &bucket, key, &head.version)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("403"), "{}: {e}", who.user);
+    }
+    assert_eq!(m.get("data/ab/x").unwrap(), b"pack");
+    server
+        .delete_bypassing(&server.owner, &bucket, key, &head.version)
+        .unwrap();
+    assert!(lock(&m).list_versions("data/ab/x").unwrap().is_empty());
 }

@@ -168,6 +168,48 @@ impl LockServer {
         ]
     }
 
+    /// A plain S3 request signed by curl with `creds`: what an attacker
+    /// with those keys can do, no client rules in the way.
+    fn curl(&self, creds: &Credentials, method: &str, url: &str) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-fsS", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+            .arg(format!("{}:{}", creds.access_key, creds.secret_key))
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-X", method])
+            .arg(format!("{}/{url}", self.endpoint));
+        c
+    }
+
+    /// PUTs `data` as `key` with `creds`.
+    pub fn put_raw(&self, creds: &Credentials, bucket: &str, key: &str, data: &[u8]) -> Result<()> {
+        let file = self.dir.path().join(unique_name("body"));
+        std::fs::write(&file, data).map_err(io_err("writing the request body"))?;
+        let r = run(self
+            .curl(creds, "PUT", &format!("{bucket}/{key}"))
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display())));
+        let _ = std::fs::remove_file(&file);
+        r.map(drop)
+    }
+
+    /// DELETEs `version` of `key` with `creds`, asking to bypass a
+    /// governance lock.
+    pub fn delete_bypassing(
+        &self,
+        creds: &Credentials,
+        bucket: &str,
+        key: &str,
+        version: &str,
+    ) -> Result<()> {
+        run(self
+            .curl(
+                creds,
+                "DELETE",
+                &format!("{bucket}/{key}?versionId={version}"),
+            )
+            .args(["-H", "x-amz-bypass-governance-retention: true"]))
+        .map(drop)
+    }
+
     /// The server's logs (radosgw's request log is `client.rgw.log`).
     pub fn log_dir(&self) -> PathBuf {
         self.dir.path().join("log")

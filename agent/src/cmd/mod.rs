@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bench;
 pub mod gc;
 pub mod image;
+pub mod lock;
 pub mod mount;
 pub mod prune;
 pub mod repo;

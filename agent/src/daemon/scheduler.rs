@@ -25,6 +25,9 @@ pub(super) struct Schedule {
     pub runs: BTreeMap<String, Run>,
     #[serde(default)]
     pub gcs: BTreeMap<String, GcRun>,
+    /// Last lock check per repository (`locks.rs`).
+    #[serde(default)]
+    pub locks: BTreeMap<String, super::locks::LockRun>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -114,6 +117,7 @@ pub(super) fn run(agent: &Arc<Agent>) {
     loop {
         agent.backups_due();
         agent.gc_due();
+        agent.locks_due();
         agent.check_silence();
         agent.enforce_protection();
         std::thread::sleep(Duration::from_secs(agent.cfg.tick_seconds.max(1)));

@@ -41,6 +41,7 @@ impl Agent {
                 )}));
             }
         }
+        problems.extend(self.lock_problems(&sched));
         let refused: BTreeMap<&String, String> = self
             .cfg
             .policies
@@ -58,6 +59,7 @@ impl Agent {
             "libvirt_connections": self.connections.load(Ordering::Relaxed),
             "runs": sched.runs,
             "gcs": sched.gcs,
+            "locks": sched.locks,
             "busy": !running.is_empty(),
             "running": running,
             "queued": self.slots.queued(),

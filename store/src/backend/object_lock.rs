@@ -99,8 +99,7 @@ pub trait ObjectLock: Send + Sync {
     /// HEAD of `version` of `name` (`None`: the current one). `NotFound`
     /// when there is no such version, or the current one is a delete
     /// marker.
-    fn head_version(&self, name: &str, version: Option<&str>)
-        -> Result<VersionHead, BackendError>;
+    fn head_version(&self, name: &str, version: Option<&str>) -> Result<VersionHead, BackendError>;
 
     /// Sets the lock of `version` of `name`: the server refuses to shorten
     /// one (and to change compliance into governance).

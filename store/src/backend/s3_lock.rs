@@ -5,9 +5,13 @@
 
 use chrono::{DateTime, Utc};
 
-use aws_sdk_s3::types::{ObjectLockEnabled, ObjectLockMode, ObjectLockRetention, ObjectLockRetentionMode};
+use aws_sdk_s3::types::{
+    ObjectLockEnabled, ObjectLockMode, ObjectLockRetention, ObjectLockRetentionMode,
+};
 
-use super::object_lock::{LockMode, ObjectLock, ObjectVersion, Retention, RetentionRule, VersionHead};
+use super::object_lock::{
+    LockMode, ObjectLock, ObjectVersion, Retention, RetentionRule, VersionHead,
+};
 use super::s3::{classify, Failure, FailureKind, S3Backend};
 use super::BackendError;
 
@@ -83,9 +87,9 @@ impl ObjectLock for S3Backend {
                         .and_then(|c| c.object_lock_enabled())
                         == Some(&ObjectLockEnabled::Enabled)),
                     Err(e)
-                        if e.as_service_error().and_then(|s| {
-                            aws_sdk_s3::error::ProvideErrorMetadata::code(s)
-                        }) == Some("ObjectLockConfigurationNotFoundError") =>
+                        if e.as_service_error()
+                            .and_then(|s| aws_sdk_s3::error::ProvideErrorMetadata::code(s))
+                            == Some("ObjectLockConfigurationNotFoundError") =>
                     {
                         Ok(false)
                     }
@@ -122,8 +126,12 @@ impl ObjectLock for S3Backend {
                     for v in o.versions() {
                         page.push((
                             v.key().ok_or_else(|| missing("key"))?.to_string(),
-                            v.version_id().ok_or_else(|| missing("version id"))?.to_string(),
-                            v.last_modified().map(chrono_time).ok_or_else(|| missing("time"))?,
+                            v.version_id()
+                                .ok_or_else(|| missing("version id"))?
+                                .to_string(),
+                            v.last_modified()
+                                .map(chrono_time)
+                                .ok_or_else(|| missing("time"))?,
                             v.size().unwrap_or(0).max(0) as u64,
                             v.is_latest().unwrap_or(false),
                             false,
@@ -132,8 +140,12 @@ impl ObjectLock for S3Backend {
                     for d in o.delete_markers() {
                         page.push((
                             d.key().ok_or_else(|| missing("key"))?.to_string(),
-                            d.version_id().ok_or_else(|| missing("version id"))?.to_string(),
-                            d.last_modified().map(chrono_time).ok_or_else(|| missing("time"))?,
+                            d.version_id()
+                                .ok_or_else(|| missing("version id"))?
+                                .to_string(),
+                            d.last_modified()
+                                .map(chrono_time)
+                                .ok_or_else(|| missing("time"))?,
                             0,
                             d.is_latest().unwrap_or(false),
                             true,
@@ -196,8 +208,14 @@ impl ObjectLock for S3Backend {
                     _ => None,
                 };
                 Ok(VersionHead {
-                    version: o.version_id().ok_or_else(|| missing("version id"))?.to_string(),
-                    modified: o.last_modified().map(chrono_time).ok_or_else(|| missing("time"))?,
+                    version: o
+                        .version_id()
+                        .ok_or_else(|| missing("version id"))?
+                        .to_string(),
+                    modified: o
+                        .last_modified()
+                        .map(chrono_time)
+                        .ok_or_else(|| missing("time"))?,
                     size: o.content_length().unwrap_or(0).max(0) as u64,
                     retention,
                 })

@@ -1,0 +1,360 @@
+//! Locked repositories against an S3 server that enforces Object Lock
+//! (Ceph's radosgw, `testbed::rgw`), with the bucket policy of
+//! `docs/immutability.md`: a backup credential that cannot destroy, a
+//! maintenance credential for prune, GC and locks, an attack and the
+//! recovery from it, locks that follow retention, and GC after they run out.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use store::backend::{bucket_policy, ObjectLock, PolicyUsers, S3Backend, S3Config};
+use store::{Backend, BackendError};
+use testbed::cli::{sparse_image, stderr, Runner};
+use testbed::rgw::{Credentials, LockServer};
+
+const PW: &str = "lock test passphrase";
+const PREFIX: &str = "hosts";
+
+struct Env {
+    server: &'static LockServer,
+    bucket: String,
+    backup: Credentials,
+    maint: Credentials,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// A bucket with Object Lock, its two users and the policy between them.
+    fn new() -> Self {
+        let server = LockServer::shared().unwrap();
+        let bucket = server.create_bucket().unwrap();
+        let backup = server.create_user("backup").unwrap();
+        let maint = server.create_user("maint").unwrap();
+        let policy = bucket_policy(&PolicyUsers {
+            bucket: &bucket,
+            prefix: PREFIX,
+            backup: &format!("arn:aws:iam:::user/{}", backup.user),
+            maintenance: &format!("arn:aws:iam:::user/{}", maint.user),
+        });
+        server.set_policy(&bucket, &policy).unwrap();
+        Env {
+            server,
+            bucket,
+            backup,
+            maint,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `bulwark` with `creds`, no cache (each run reads the bucket).
+    fn bw(&self, creds: &Credentials) -> Runner {
+        Runner::new(env!("CARGO_BIN_EXE_bulwark"))
+            .envs(self.server.env(creds))
+            .env("BULWARK_REPO", format!("s3://{}/{PREFIX}", self.bucket))
+            .env("BULWARK_PASSWORD", PW)
+            .env("BULWARK_CACHE_DIR", self.path("cache"))
+            .env("BULWARK_S3_MAX_ATTEMPTS", "2")
+            .env_remove("BULWARK_S3_ENDPOINT")
+    }
+
+    fn s3(&self, creds: &Credentials) -> S3Backend {
+        S3Backend::new(S3Config {
+            bucket: self.bucket.clone(),
+            prefix: PREFIX.into(),
+            endpoint: Some(self.server.endpoint().into()),
+            region: Some("us-east-1".into()),
+            credentials: Some((creds.access_key.clone(), creds.secret_key.clone())),
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(5),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn backup_image(&self, img: &Path, source: &str) -> String {
+        let v = self
+            .bw(&self.backup)
+            .backup_image(img.to_str().unwrap(), source);
+        v["snapshot"].as_str().unwrap().to_string()
+    }
+
+    fn restore_matches(&self, snap: &str, img: &Path) {
+        let to = self.path(&format!("restored-{snap}"));
+        self.bw(&self.backup).ok(&[
+            "restore",
+            "image",
+            snap,
+            "--to",
+            to.to_str().unwrap(),
+            "--force",
+            "--no-cache",
+        ]);
+        assert!(
+            std::fs::read(&to).unwrap() == std::fs::read(img).unwrap(),
+            "restore of {snap} differs from {}",
+            img.display()
+        );
+    }
+}
+
+fn failed(r: &Runner, args: &[&str]) -> String {
+    let out = r.run(args);
+    assert!(!out.status.success(), "{args:?} should have failed");
+    stderr(&out)
+}
+
+fn refused<T: std::fmt::Debug>(r: Result<T, BackendError>, what: &str) {
+    match r {
+        Err(BackendError::Other(m)) if m.contains("access denied") => {}
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    }
+}
+
+/// The bucket's clock moves in whole seconds: a time strictly between
+/// what happened before and what happens after.
+fn a_second_apart() -> DateTime<Utc> {
+    std::thread::sleep(Duration::from_millis(1100));
+    let t = Utc::now();
+    std::thread::sleep(Duration::from_millis(1100));
+    t
+}
+
+#[test]
+fn init_needs_a_bucket_with_object_lock() {
+    let e = Env::new();
+    let owner = &e.server.owner;
+    let plain = e.server.create_plain_bucket().unwrap();
+    let err = failed(
+        &e.bw(owner).env("BULWARK_REPO", format!("s3://{plain}/x")),
+        &["repo", "init", "--object-lock", "governance:1d"],
+    );
+    assert!(err.contains("has no Object Lock"), "{err}");
+    let local = e.path("local");
+    let err = failed(
+        &e.bw(owner).env("BULWARK_REPO", &local),
+        &["repo", "init", "--object-lock", "compliance:1d"],
+    );
+    assert!(err.contains("cannot lock objects"), "{err}");
+    assert!(!local.join("config").exists());
+    let err = failed(
+        &e.bw(&e.maint),
+        &["repo", "init", "--object-lock", "sealed:1d"],
+    );
+    assert!(err.contains("governance or compliance"), "{err}");
+
+    e.bw(&e.maint)
+        .ok(&["repo", "init", "--object-lock", "compliance:2d"]);
+    let info = e.bw(&e.backup).json(&["repo", "info", "--json"]);
+    assert_eq!(info["object_lock"]["mode"], "compliance", "{info}");
+    assert_eq!(info["object_lock"]["period_secs"], 2 * 86400, "{info}");
+    let text = e.bw(&e.backup).ok(&["repo", "info"]);
+    assert!(text.contains("lock        compliance for 2d"), "{text}");
+    // Config and key slot are locked like everything after them.
+    let s3 = e.s3(&e.maint);
+    let lock = s3.object_lock().unwrap();
+    for name in [
+        "config".to_string(),
+        s3.list("keys/").unwrap()[0].name.clone(),
+    ] {
+        let r = lock.head_version(&name, None).unwrap().retention.unwrap();
+        assert!(
+            r.until > Utc::now() + chrono::Duration::days(2),
+            "{name}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn an_attack_destroys_nothing_and_recover_undoes_what_it_hid() {
+    let e = Env::new();
+    e.bw(&e.maint)
+        .ok(&["repo", "init", "--object-lock", "governance:1h"]);
+    let (a, b) = (e.path("a.raw"), e.path("b.raw"));
+    sparse_image(&a, 12, 11);
+    sparse_image(&b, 12, 12);
+    let sa = e.backup_image(&a, "web");
+    let sb = e.backup_image(&b, "db");
+    let before = a_second_apart();
+
+    // With the backup credential: prune and gc fail, and so does every
+    // delete, version delete and lock change of every object.
+    let bw = e.bw(&e.backup);
+    failed(&bw, &["prune", "--source", "web", "--keep-last", "0"]);
+    failed(&bw, &["gc", "--grace", "0s"]);
+    assert_eq!(bw.snapshot_ids().len(), 2);
+    let s3 = e.s3(&e.backup);
+    let lock = s3.object_lock().unwrap();
+    let names: Vec<String> = s3.list("").unwrap().into_iter().map(|o| o.name).collect();
+    assert!(names.len() > 8, "{names:?}");
+    refused(lock.list_versions(""), "listing versions");
+    let soon = store::backend::Retention {
+        mode: store::backend::LockMode::Governance,
+        until: Utc::now() + chrono::Duration::seconds(5),
+    };
+    for n in &names {
+        refused(s3.delete(n), n);
+        let v = lock.head_version(n, None).unwrap().version;
+        refused(lock.delete_version(n, &v), n);
+        refused(lock.set_retention(n, &v, soon), n);
+    }
+    // Overwrites go through (S3 cannot forbid them and still allow writes)
+    // but land as new versions over locked ones.
+    e.server
+        .put_raw(
+            &e.backup,
+            &e.bucket,
+            &format!("{PREFIX}/config"),
+            b"{\"ransom\": 1}",
+        )
+        .unwrap();
+    let manifest = format!("snapshots/{sa}");
+    e.server
+        .put_raw(
+            &e.backup,
+            &e.bucket,
+            &format!("{PREFIX}/{manifest}"),
+            b"gone",
+        )
+        .unwrap();
+    failed(&bw, &["snapshots"]);
+
+    // A stolen maintenance credential hides everything, and still deletes
+    // no locked version.
+    let m3 = e.s3(&e.maint);
+    let mlock = m3.object_lock().unwrap();
+    for v in mlock.list_versions("").unwrap() {
+        refused(mlock.delete_version(&v.name, &v.version), &v.name);
+    }
+    for n in &names {
+        m3.delete(n).unwrap();
+    }
+    assert!(m3.list("").unwrap().is_empty());
+
+    // The dry run lists and changes nothing.
+    let mw = e.bw(&e.maint);
+    let as_of = before.to_rfc3339();
+    let plan = mw.json(&["repo", "recover", "--as-of", &as_of, "--dry-run", "--json"]);
+    let steps = plan["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), names.len(), "{plan}");
+    let restored: BTreeSet<&str> = steps
+        .iter()
+        .filter(|s| s["action"] == "restore")
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(restored, BTreeSet::from(["config", manifest.as_str()]));
+    assert!(m3.list("").unwrap().is_empty());
+
+    let done = mw.json(&["repo", "recover", "--as-of", &as_of, "--json"]);
+    assert_eq!(done["steps"], plan["steps"]);
+    let mut listed: Vec<String> = m3.list("").unwrap().into_iter().map(|o| o.name).collect();
+    listed.sort();
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(bw.snapshot_ids().len(), 2);
+    e.restore_matches(&sa, &a);
+    e.restore_matches(&sb, &b);
+    let v = bw.json(&["verify", "--json"]);
+    assert!(v["damaged"].as_array().unwrap().is_empty(), "{v}");
+}
+
+#[test]
+fn locks_follow_kept_snapshots_and_gc_reclaims_once_they_run_out() {
+    let e = Env::new();
+    let mw = e.bw(&e.maint);
+    mw.ok(&["repo", "init", "--object-lock", "governance:16s"]);
+    let (old, new) = (e.path("old.raw"), e.path("new.raw"));
+    sparse_image(&old, 8, 21);
+    sparse_image(&new, 8, 22);
+    let s_old = e.backup_image(&old, "vm");
+    let s_new = e.backup_image(&new, "vm");
+    mw.ok(&["prune", "--source", "vm", "--keep-last", "1"]);
+    assert_eq!(mw.snapshot_ids(), vec![s_new.clone()]);
+
+    // Which objects the kept snapshot needs, as the repository says.
+    let s3 = e.s3(&e.maint);
+    let lock = s3.object_lock().unwrap();
+    let repo = store::Repository::open(
+        std::sync::Arc::new(e.s3(&e.maint)),
+        &store::Secret::Passphrase(PW.into()),
+    )
+    .unwrap();
+    let needed = store::lock::needed_objects(&repo).unwrap();
+    let r = mw.json(&["repo", "extend-locks", "--json"]);
+    let target: DateTime<Utc> = r["target"].as_str().unwrap().parse().unwrap();
+    assert_eq!(r["needed"].as_u64().unwrap() as usize, needed.len(), "{r}");
+    assert!(target > Utc::now() + chrono::Duration::seconds(16), "{r}");
+
+    // Each version's own lock: extended if kept, not if pruned.
+    let mut pruned = Vec::new();
+    for v in lock.list_versions("").unwrap() {
+        if v.delete_marker || v.name.starts_with("locks/") {
+            continue;
+        }
+        let until = lock
+            .head_version(&v.name, Some(&v.version))
+            .unwrap()
+            .retention
+            .unwrap()
+            .until;
+        if needed.contains(&v.name) {
+            assert!(until >= target, "{} kept but locked until {until}", v.name);
+        } else {
+            assert!(until < target, "{} pruned but locked until {until}", v.name);
+            pruned.push((v.name.clone(), until));
+        }
+    }
+    let old_manifest = format!("snapshots/{s_old}");
+    assert!(pruned.iter().any(|(n, _)| *n == old_manifest), "{pruned:?}");
+    let pruned_packs: Vec<&String> = pruned
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.starts_with("data/"))
+        .collect();
+    assert!(
+        !pruned_packs.is_empty(),
+        "the old image's packs: {pruned:?}"
+    );
+
+    // GC removes the old packs from view; their locks hold the bytes.
+    mw.ok(&["gc", "--grace", "0s"]);
+    let g = mw.json(&["gc", "--grace", "0s", "--json"]);
+    assert!(
+        g["packs_deleted"].as_u64().unwrap() >= pruned_packs.len() as u64,
+        "{g}"
+    );
+    assert!(
+        g["lock"]["bytes_held_by_locks"].as_u64().unwrap() > 0,
+        "{g}"
+    );
+    for p in &pruned_packs {
+        assert!(!s3.exists(p).unwrap(), "{p}");
+    }
+
+    // Once the pruned objects' locks have run out, the next GC deletes
+    // their versions: no delete it issues is refused (it would fail).
+    let last = pruned.iter().map(|(_, u)| *u).max().unwrap();
+    let wait = (last - Utc::now()).to_std().unwrap_or_default();
+    std::thread::sleep(wait + Duration::from_millis(1500));
+    let g = mw.json(&["gc", "--grace", "0s", "--json"]);
+    assert!(
+        g["lock"]["versions_deleted"].as_u64().unwrap() >= pruned.len() as u64,
+        "{g}"
+    );
+    let left: BTreeSet<String> = lock
+        .list_versions("")
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    for (n, _) in &pruned {
+        assert!(!left.contains(n), "{n} still has versions");
+    }
+    e.restore_matches(&s_new, &new);
+}
