@@ -275,10 +275,34 @@ pub fn extend(repo: &Repository, progress: &dyn Fn(&str)) -> Result<ExtendReport
     let s = settings(repo)?;
     let lock = object_lock(repo.backend().as_ref())?;
     let now = Utc::now();
-    let target = target(&s, now);
     progress("finding what kept snapshots need");
     let needed = needed_objects(repo)?;
-    progress("listing versions");
+    progress(&format!("extending the locks of {} objects", needed.len()));
+    let mut report = extend_versions(lock, &s, &needed, now)?;
+    record_pass(
+        repo,
+        &Pass {
+            started: now,
+            target: target(&s, now),
+            objects: needed.len(),
+        },
+    )?;
+    report.requests += 1;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The S3 side of a pass: one listing of every version, then one
+/// `PutObjectRetention` per version of a needed name not locked past the
+/// pass's date yet, [`THREADS`] at a time.
+pub fn extend_versions(
+    lock: &dyn ObjectLock,
+    s: &LockSettings,
+    needed: &BTreeSet<String>,
+    now: DateTime<Utc>,
+) -> Result<ExtendReport> {
+    let started = Instant::now();
+    let target = target(s, now);
     let versions = Versions::list(lock)?;
     let listed: usize = versions.by_name.values().map(Vec::len).sum();
     let mut report = ExtendReport {
@@ -288,7 +312,7 @@ pub fn extend(repo: &Repository, progress: &dyn Fn(&str)) -> Result<ExtendReport
         ..Default::default()
     };
     let mut todo = Vec::new();
-    for name in &needed {
+    for name in needed {
         // Every version: normally one; more only after an overwrite, and
         // then the original is what a recovery needs.
         let vs = versions.by_name.get(name).map(Vec::as_slice).unwrap_or(&[]);
@@ -300,7 +324,6 @@ pub fn extend(repo: &Repository, progress: &dyn Fn(&str)) -> Result<ExtendReport
             }
         }
     }
-    progress(&format!("extending {} locks", todo.len()));
     let retention = Retention {
         mode: s.mode,
         until: target,
@@ -310,15 +333,6 @@ pub fn extend(repo: &Repository, progress: &dyn Fn(&str)) -> Result<ExtendReport
     })?;
     report.extended = todo.len();
     report.requests += todo.len();
-    record_pass(
-        repo,
-        &Pass {
-            started: now,
-            target,
-            objects: needed.len(),
-        },
-    )?;
-    report.requests += 1;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
