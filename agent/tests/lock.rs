@@ -164,7 +164,7 @@ fn init_needs_a_bucket_with_object_lock() {
     ] {
         let r = lock.head_version(&name, None).unwrap().retention.unwrap();
         assert!(
-            r.until > Utc::now() + chrono::Duration::days(2),
+            r.until > Utc::now() + chrono::Duration::hours(47),
             "{name}: {r:?}"
         );
     }
@@ -178,20 +178,26 @@ fn an_attack_destroys_nothing_and_recover_undoes_what_it_hid() {
     let (a, b) = (e.path("a.raw"), e.path("b.raw"));
     sparse_image(&a, 12, 11);
     sparse_image(&b, 12, 12);
+    let sa0 = e.backup_image(&a, "web");
     let sa = e.backup_image(&a, "web");
     let sb = e.backup_image(&b, "db");
     let before = a_second_apart();
-
-    // With the backup credential: prune and gc fail, and so does every
-    // delete, version delete and lock change of every object.
-    let bw = e.bw(&e.backup);
-    failed(&bw, &["prune", "--source", "web", "--keep-last", "0"]);
-    failed(&bw, &["gc", "--grace", "0s"]);
-    assert_eq!(bw.snapshot_ids().len(), 2);
     let s3 = e.s3(&e.backup);
     let lock = s3.object_lock().unwrap();
     let names: Vec<String> = s3.list("").unwrap().into_iter().map(|o| o.name).collect();
     assert!(names.len() > 8, "{names:?}");
+
+    // With the backup credential: prune fails, gc deletes nothing, and
+    // every delete, version delete and lock change of every object fails.
+    let bw = e.bw(&e.backup);
+    let err = failed(&bw, &["prune", "--source", "web", "--keep-last", "1"]);
+    assert!(err.contains("access denied"), "{err}");
+    let _ = bw.run(&["gc", "--grace", "0s"]);
+    let _ = bw.run(&["gc", "--grace", "0s"]);
+    assert_eq!(bw.snapshot_ids().len(), 3);
+    for n in &names {
+        assert!(s3.exists(n).unwrap(), "{n}");
+    }
     refused(lock.list_versions(""), "listing versions");
     let soon = store::backend::Retention {
         mode: store::backend::LockMode::Governance,
@@ -228,11 +234,21 @@ fn an_attack_destroys_nothing_and_recover_undoes_what_it_hid() {
     // no locked version.
     let m3 = e.s3(&e.maint);
     let mlock = m3.object_lock().unwrap();
+    let mut locked = 0;
     for v in mlock.list_versions("").unwrap() {
-        refused(mlock.delete_version(&v.name, &v.version), &v.name);
+        let head = match v.delete_marker {
+            false => mlock.head_version(&v.name, Some(&v.version)).unwrap(),
+            true => continue,
+        };
+        // The attacker's overwrites were written without a lock.
+        if head.retention.is_some_and(|r| r.until > Utc::now()) {
+            refused(mlock.delete_version(&v.name, &v.version), &v.name);
+            locked += 1;
+        }
     }
-    for n in &names {
-        m3.delete(n).unwrap();
+    assert!(locked >= names.len(), "{locked} locked versions");
+    for o in m3.list("").unwrap() {
+        m3.delete(&o.name).unwrap();
     }
     assert!(m3.list("").unwrap().is_empty());
 
@@ -241,7 +257,17 @@ fn an_attack_destroys_nothing_and_recover_undoes_what_it_hid() {
     let as_of = before.to_rfc3339();
     let plan = mw.json(&["repo", "recover", "--as-of", &as_of, "--dry-run", "--json"]);
     let steps = plan["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), names.len(), "{plan}");
+    let stepped: BTreeSet<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    for n in &names {
+        assert!(stepped.contains(n.as_str()), "no step for {n}: {plan}");
+    }
+    // Anything else was written since (the failed GCs' locks): hidden.
+    for s in steps
+        .iter()
+        .filter(|s| !names.iter().any(|n| s["name"] == n.as_str()))
+    {
+        assert_eq!(s["action"], "hide", "{s}");
+    }
     let restored: BTreeSet<&str> = steps
         .iter()
         .filter(|s| s["action"] == "restore")
@@ -257,18 +283,20 @@ fn an_attack_destroys_nothing_and_recover_undoes_what_it_hid() {
     let mut expected = names.clone();
     expected.sort();
     assert_eq!(listed, expected);
-    assert_eq!(bw.snapshot_ids().len(), 2);
+    assert_eq!(bw.snapshot_ids().len(), 3);
+    e.restore_matches(&sa0, &a);
     e.restore_matches(&sa, &a);
     e.restore_matches(&sb, &b);
     let v = bw.json(&["verify", "--json"]);
     assert!(v["damaged"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["snapshots"], 3);
 }
 
 #[test]
 fn locks_follow_kept_snapshots_and_gc_reclaims_once_they_run_out() {
     let e = Env::new();
     let mw = e.bw(&e.maint);
-    mw.ok(&["repo", "init", "--object-lock", "governance:16s"]);
+    mw.ok(&["repo", "init", "--object-lock", "governance:30s"]);
     let (old, new) = (e.path("old.raw"), e.path("new.raw"));
     sparse_image(&old, 8, 21);
     sparse_image(&new, 8, 22);
@@ -289,7 +317,7 @@ fn locks_follow_kept_snapshots_and_gc_reclaims_once_they_run_out() {
     let r = mw.json(&["repo", "extend-locks", "--json"]);
     let target: DateTime<Utc> = r["target"].as_str().unwrap().parse().unwrap();
     assert_eq!(r["needed"].as_u64().unwrap() as usize, needed.len(), "{r}");
-    assert!(target > Utc::now() + chrono::Duration::seconds(16), "{r}");
+    assert!(target > Utc::now() + chrono::Duration::seconds(30), "{r}");
 
     // Each version's own lock: extended if kept, not if pruned.
     let mut pruned = Vec::new();

@@ -24,7 +24,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prefix: "bench".into(),
         endpoint: Some(server.endpoint().into()),
         region: Some("us-east-1".into()),
-        credentials: Some((server.owner.access_key.clone(), server.owner.secret_key.clone())),
+        credentials: Some((
+            server.owner.access_key.clone(),
+            server.owner.secret_key.clone(),
+        )),
         ..Default::default()
     })?;
     let lock = s3.object_lock().ok_or("no object lock")?;
