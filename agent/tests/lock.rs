@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use store::backend::{bucket_policy, ObjectLock, PolicyUsers, S3Backend, S3Config};
+use store::backend::{bucket_policy, PolicyUsers, S3Backend, S3Config};
 use store::{Backend, BackendError};
 use testbed::cli::{sparse_image, stderr, Runner};
 use testbed::rgw::{Credentials, LockServer};
@@ -385,4 +385,122 @@ fn locks_follow_kept_snapshots_and_gc_reclaims_once_they_run_out() {
         assert!(!left.contains(n), "{n} still has versions");
     }
     e.restore_matches(&s_new, &new);
+}
+
+/// The agent checks a locked repository's locks on `lock_schedule` with
+/// the maintenance credentials named in its config (none in its
+/// environment), extends them when due, and `agent status` says when they
+/// would run out before the next check.
+#[test]
+fn the_agent_extends_locks_with_the_maintenance_credentials() {
+    let e = Env::new();
+    e.bw(&e.maint)
+        .ok(&["repo", "init", "--object-lock", "governance:40s"]);
+    let img = e.path("a.raw");
+    sparse_image(&img, 4, 31);
+    e.backup_image(&img, "web");
+    let creds = |c: &Credentials, name: &str| {
+        let p = e.path(name);
+        std::fs::write(
+            &p,
+            format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                c.access_key, c.secret_key
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (backup, maint) = (
+        creds(&e.backup, "backup.creds"),
+        creds(&e.maint, "maint.creds"),
+    );
+    std::fs::write(e.path("pw"), PW).unwrap();
+    let start = |schedule: &str, tag: &str| {
+        let socket = e.path(&format!("agent-{tag}.sock"));
+        let cfg = e.path(&format!("agent-{tag}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "state_dir = {state:?}\nsocket = {socket:?}\ntick_seconds = 1\n\n\
+                 [repositories.main]\npath = \"s3://{bucket}/{PREFIX}\"\npassword_file = {pw:?}\n\
+                 backup_credentials = {backup:?}\nmaintenance_credentials = {maint:?}\n\
+                 lock_schedule = \"{schedule}\"\n",
+                state = e.path(&format!("state-{tag}")),
+                bucket = e.bucket,
+                pw = e.path("pw"),
+            ),
+        )
+        .unwrap();
+        let child = Runner::new(env!("CARGO_BIN_EXE_bulwark"))
+            .envs(e.server.env(&e.maint))
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("BULWARK_CACHE_DIR", e.path("agent-cache"))
+            .cmd(&["agent", "run", "--config", cfg.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (KillOnDrop(child), socket)
+    };
+    let status = |socket: &Path| -> Option<serde_json::Value> {
+        let out = Runner::new(env!("CARGO_BIN_EXE_bulwark")).run(&[
+            "agent",
+            "status",
+            "--json",
+            "--socket",
+            socket.to_str()?,
+        ]);
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let wait_lock = |socket: &Path| {
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(s) = status(socket).filter(|s| s["locks"]["main"]["at"].is_u64()) {
+                return s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no lock check");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    let (agent, socket) = start("every 1s", "a");
+    let s = wait_lock(&socket);
+    let run = &s["locks"]["main"];
+    assert_eq!(run["ok"], true, "{s}");
+    assert!(run["extended"].as_u64().unwrap() > 0, "{s}");
+    let until: DateTime<Utc> = run["locked_until"].as_str().unwrap().parse().unwrap();
+    let s3 = e.s3(&e.maint);
+    assert_eq!(s3.list("locks/").unwrap().len(), 1);
+    let config = s3
+        .object_lock()
+        .unwrap()
+        .head_version("config", None)
+        .unwrap();
+    assert_eq!(config.retention.unwrap().until, until);
+    let problems = s["problems"].to_string();
+    assert!(!problems.contains("locks of repository main"), "{problems}");
+    drop(agent);
+
+    // Checked once a year: the locks run out first, and status says so.
+    let (_agent, socket) = start("yearly", "b");
+    let s = wait_lock(&socket);
+    let problems = s["problems"].to_string();
+    assert!(
+        problems.contains("locks of repository main run out at"),
+        "{problems}"
+    );
+    // A pass was not due again: no second one.
+    assert_eq!(s["locks"]["main"]["extended"], 0, "{s}");
+    assert_eq!(s3.list("locks/").unwrap().len(), 1);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
