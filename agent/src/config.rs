@@ -333,6 +333,34 @@ pub fn schedule(s: &str) -> Result<crate::calendar::Schedule> {
     crate::calendar::Schedule::parse(s).map_err(|e| anyhow::anyhow!("schedule {s:?}: {e}"))
 }
 
+/// S3 keys from a file of `aws_access_key_id = ...` and
+/// `aws_secret_access_key = ...` lines (the form of `~/.aws/credentials`;
+/// `[section]` lines and `#` comments are skipped).
+fn read_credentials(path: &Path) -> Result<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading S3 credentials {}", path.display()))?;
+    let (mut id, mut secret) = (None, None);
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with('[') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v.trim().to_string()),
+                "aws_secret_access_key" => secret = Some(v.trim().to_string()),
+                _ => {}
+            }
+        }
+    }
+    match (id, secret) {
+        (Some(i), Some(s)) if !i.is_empty() && !s.is_empty() => Ok((i, s)),
+        _ => bail!(
+            "{}: needs aws_access_key_id and aws_secret_access_key lines",
+            path.display()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,33 +432,5 @@ mod tests {
         bad.enforce.default_policies = vec![];
         bad.enforce.allowed_repositories = Some(vec!["nowhere".into()]);
         assert!(bad.validate().is_err(), "an unknown allowed repository");
-    }
-}
-
-/// S3 keys from a file of `aws_access_key_id = ...` and
-/// `aws_secret_access_key = ...` lines (the form of `~/.aws/credentials`;
-/// `[section]` lines and `#` comments are skipped).
-fn read_credentials(path: &Path) -> Result<(String, String)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading S3 credentials {}", path.display()))?;
-    let (mut id, mut secret) = (None, None);
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('#') || line.starts_with('[') {
-            continue;
-        }
-        if let Some((k, v)) = line.split_once('=') {
-            match k.trim() {
-                "aws_access_key_id" => id = Some(v.trim().to_string()),
-                "aws_secret_access_key" => secret = Some(v.trim().to_string()),
-                _ => {}
-            }
-        }
-    }
-    match (id, secret) {
-        (Some(i), Some(s)) if !i.is_empty() && !s.is_empty() => Ok((i, s)),
-        _ => bail!(
-            "{}: needs aws_access_key_id and aws_secret_access_key lines",
-            path.display()
-        ),
     }
 }
