@@ -6,6 +6,7 @@ pub mod check_config;
 pub mod completions;
 pub mod gc;
 pub mod image;
+pub mod lock;
 pub mod mount;
 pub mod prune;
 pub mod repo;
