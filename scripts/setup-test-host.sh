@@ -27,6 +27,8 @@ PACKAGES=(
     restic python3-aiosmtpd
     mount util-linux coreutils gzip cpio xz-utils zstd
     dpkg-dev  # package test: dpkg-shlibdeps (systemctl, systemd-analyze used if present)
+    lintian man-db zsh fish  # package test: lintian, `man -l`, completion scripts
+    radosgw ceph-mon ceph-osd ceph-common curl  # scripts/s3-lock-server.sh: S3 with Object Lock
 )
 
 # One dpkg-query for all packages; anything not listed as installed is missing.

@@ -96,6 +96,8 @@ pub enum Command {
     Hook(cmd::vm::HookCmd),
     /// Measure the throughput of each primitive and of the backup pipeline.
     Benchmark(cmd::bench::Args),
+    /// Print the shell completion script (bash, zsh, fish, ...).
+    Completions(cmd::completions::Args),
 }
 
 /// Parses the command line, runs the command; the process's exit code.
@@ -117,6 +119,7 @@ pub fn main() -> i32 {
         Command::Unprotect(a) => cmd::vm::unprotect(a),
         Command::Hook(c) => cmd::vm::hook(c),
         Command::Agent(c) => cmd::agent::run(c),
+        Command::Completions(a) => cmd::completions::run(a),
     };
     match r {
         Ok(code) => code,

@@ -1,4 +1,4 @@
-//! `bulwark agent run|status|backup`.
+//! `bulwark agent run|status|backup|schedule|check-config`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +37,10 @@ pub enum AgentCmd {
     },
     /// Print the next run times of a schedule, in local time.
     Schedule(crate::cmd::schedule::Args),
+    /// Check a config before the agent runs it: parse and validate it,
+    /// reach each repository, the SMTP server and libvirt, and list what
+    /// would run in the next 24 hours.
+    CheckConfig(crate::cmd::check_config::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -60,6 +64,7 @@ impl Sock {
 pub fn run(c: AgentCmd) -> Result<i32> {
     match c {
         AgentCmd::Schedule(a) => crate::cmd::schedule::run(a),
+        AgentCmd::CheckConfig(a) => crate::cmd::check_config::run(a),
         AgentCmd::Run { config } => {
             crate::daemon::run(Config::load(&config)?)?;
             Ok(0)

@@ -2,8 +2,11 @@
 
 pub mod agent;
 pub mod bench;
+pub mod check_config;
+pub mod completions;
 pub mod gc;
 pub mod image;
+pub mod lock;
 pub mod mount;
 pub mod prune;
 pub mod repo;

@@ -235,6 +235,7 @@ pub fn status(a: StatusArgs) -> Result<i32> {
                 v["bytes_done"] = json!(r.bytes_done());
                 v["bytes_per_second"] = json!(rate);
                 v["eta_seconds"] = json!(eta);
+                v["server_unit"] = json!(crate::live::server::unit(r));
                 v
             })
             .collect();
@@ -249,19 +250,22 @@ pub fn status(a: StatusArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `NAME  streaming  1.2 GiB of 4.0 GiB  85 MiB/s  ETA 34s`
+/// `NAME  streaming  1.2 GiB of 4.0 GiB  85 MiB/s  ETA 34s  [UNIT]`
 fn line(r: &LiveRestore) -> String {
     let (rate, eta) = r.rate_and_eta();
     let phase = r.phase();
     let eta = eta.map_or(String::new(), |s| format!("  ETA {:.0}s", s));
+    // The server's systemd unit, where it runs in one.
+    let unit = crate::live::server::unit(r).map_or(String::new(), |u| format!("  [{u}]"));
     format!(
-        "{}  {}  {} of {}  {}/s{}",
+        "{}  {}  {} of {}  {}/s{}{}",
         r.name,
         phase,
         human(r.bytes_done()),
         human(r.bytes_total()),
         human(rate as u64),
-        eta
+        eta,
+        unit
     )
 }
 
