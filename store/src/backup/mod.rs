@@ -16,7 +16,6 @@
 
 mod packer;
 mod pipeline;
-pub mod session;
 pub mod source;
 pub mod walk;
 
@@ -33,6 +32,7 @@ use crate::format::index::Index;
 use crate::format::snapshot::{self, BackupStats, DiskEntry, Snapshot, SnapshotMeta};
 use crate::format::sync_record::SyncRecord;
 use crate::format::{layout, object};
+use crate::repo::markers::Session;
 use crate::repo::Repository;
 use packer::Packer;
 use pipeline::{Collected, Ctx};
@@ -75,7 +75,7 @@ pub struct DiskResult {
 pub struct BackupSession<'r> {
     repo: &'r Repository,
     /// Removed when the session ends: after `finish` stored the manifest.
-    _marker: session::Session<'r>,
+    _marker: Session<'r>,
     index: Arc<Index>,
     cipher: Arc<SessionCipher>,
     threads: usize,
@@ -91,7 +91,7 @@ pub struct BackupSession<'r> {
 
 impl<'r> BackupSession<'r> {
     pub fn new(repo: &'r Repository, opts: &BackupOptions) -> Result<Self> {
-        let marker = session::Session::begin(repo)?;
+        let marker = Session::begin(repo.backend().as_ref())?;
         // A fresh index with the condemned records as they are now, read
         // after the marker is visible.
         repo.invalidate_index();
@@ -235,8 +235,7 @@ impl<'r> BackupSession<'r> {
             &snap,
             packs.chain(self.packer.written().iter().copied()).collect(),
         );
-        self.repo
-            .put_sealed(&layout::sync_record(&snap.id, 0), &record.encode())?;
+        crate::repo::sync_records::put(self.repo.backend().as_ref(), &record)?;
         let json = serde_json::to_vec(&snap).expect("serialize manifest");
         let sealed = object::seal(&self.cipher, snapshot::KIND, &json);
         self.repo.put_sealed(&layout::snapshot(&snap.id), &sealed)?;

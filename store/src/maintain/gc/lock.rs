@@ -5,7 +5,7 @@
 use chrono::Utc;
 
 use crate::backend::BackendError;
-use crate::backup::session::Marker;
+use crate::repo::markers::Marker;
 use crate::error::{Error, Result};
 use crate::format::id::Id;
 use crate::format::layout::GC_LOCK as LOCK;
