@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendError};
-use crate::format::crypto::Keys;
 use crate::error::{Error, Result};
+use crate::format::crypto::Keys;
 use crate::format::id::Id;
 use crate::format::{layout, object};
 

@@ -286,7 +286,8 @@ impl Repository {
     fn load_index(&self) -> Result<Index> {
         // Condemned records first: a backup must not reuse what a GC has
         // condemned (docs/gc.md, rule 2).
-        let mut ix = Index::with_condemned(condemned::packs(self.backend.as_ref(), Some(&self.keys))?);
+        let mut ix =
+            Index::with_condemned(condemned::packs(self.backend.as_ref(), Some(&self.keys))?);
         for (_, packs) in self.load_index_objects()? {
             for p in packs {
                 ix.add_pack(&p);

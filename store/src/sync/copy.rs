@@ -81,7 +81,10 @@ impl SyncPlan {
             remove(dst, v)?;
             report.snapshots_removed += 1;
         }
-        let c = copier.report.into_inner().unwrap_or_else(|p| p.into_inner());
+        let c = copier
+            .report
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
         report.packs_copied = c.packs;
         report.chunks_copied = c.chunks;
         report.bytes_copied = c.bytes;
@@ -215,7 +218,10 @@ impl Copier<'_> {
         if frames.is_empty() {
             return Ok(());
         }
-        self.put(&layout::index(&Id::random()), &index::assemble(frames.iter().copied()))?;
+        self.put(
+            &layout::index(&Id::random()),
+            &index::assemble(frames.iter().copied()),
+        )?;
         self.dst_indexed.extend(frames.iter().map(|f| f.pack));
         Ok(())
     }
@@ -260,10 +266,7 @@ impl Copier<'_> {
             Err(BackendError::AlreadyExists(_)) => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        self.report
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .bytes += bytes.len() as u64;
+        self.report.lock().unwrap_or_else(|p| p.into_inner()).bytes += bytes.len() as u64;
         self.progress.copied(bytes.len() as u64);
         Ok(())
     }

@@ -75,15 +75,7 @@ impl SyncPlan {
         let mut planned = IdSet::default();
         let snapshots = todo
             .into_iter()
-            .map(|r| {
-                plan_one(
-                    r,
-                    &frames,
-                    &dst_packs,
-                    &condemned,
-                    &mut planned,
-                )
-            })
+            .map(|r| plan_one(r, &frames, &dst_packs, &condemned, &mut planned))
             .collect();
         let vanished = if opts.remove_vanished {
             vanished(dst, &records, opts)?
@@ -193,7 +185,11 @@ fn source_frames(src: &dyn Backend, needed: &IdSet) -> Result<IdMap<Frame>> {
     if needed.is_empty() {
         return Ok(out);
     }
-    let names: Vec<String> = src.list(layout::INDEX)?.into_iter().map(|o| o.name).collect();
+    let names: Vec<String> = src
+        .list(layout::INDEX)?
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
     let per_object = load_each(&names, |n| {
         let frames = match src.get(n) {
             Ok(b) => index::frames(&b, n)?.unwrap_or_default(),
@@ -215,7 +211,11 @@ fn source_frames(src: &dyn Backend, needed: &IdSet) -> Result<IdMap<Frame>> {
 
 /// The packs the destination's index objects frame.
 fn indexed_packs(dst: &dyn Backend) -> Result<IdSet> {
-    let names: Vec<String> = dst.list(layout::INDEX)?.into_iter().map(|o| o.name).collect();
+    let names: Vec<String> = dst
+        .list(layout::INDEX)?
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
     let per_object = load_each(&names, |n| match dst.get(n) {
         // An object sealed whole frames nothing we can see: its packs
         // are indexed again (a duplicate entry is harmless).

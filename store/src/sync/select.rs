@@ -45,9 +45,7 @@ impl Filters {
         let mut out: Vec<&SyncRecord> = Vec::new();
         for mut g in groups.into_values() {
             g.sort_by_key(|r| (r.time, r.snapshot));
-            let skip = self
-                .transfer_last
-                .map_or(0, |n| g.len().saturating_sub(n));
+            let skip = self.transfer_last.map_or(0, |n| g.len().saturating_sub(n));
             out.extend(g.into_iter().skip(skip));
         }
         out.sort_by_key(|r| (r.time, r.snapshot));
@@ -58,9 +56,7 @@ impl Filters {
 /// Whether `value` passes `patterns`: not excluded by a `!` pattern, and
 /// included by one of the others (or there are none).
 fn matches(patterns: &[String], value: Option<&str>) -> bool {
-    let hit = |p: &str| {
-        value.is_some_and(|v| glob::Pattern::new(p).is_ok_and(|g| g.matches(v)))
-    };
+    let hit = |p: &str| value.is_some_and(|v| glob::Pattern::new(p).is_ok_and(|g| g.matches(v)));
     let (exclude, include): (Vec<&String>, Vec<&String>) =
         patterns.iter().partition(|p| p.starts_with('!'));
     if exclude.iter().any(|p| hit(&p[1..])) {
@@ -114,7 +110,11 @@ mod tests {
         assert_eq!(picked(&Filters::default(), &all).len(), 6);
         assert_eq!(
             picked(&f(&["web*", "!web02"], &[]), &all),
-            [("web01".into(), 1), ("web01".into(), 2), ("web01".into(), 3)]
+            [
+                ("web01".into(), 1),
+                ("web01".into(), 2),
+                ("web01".into(), 3)
+            ]
         );
         assert_eq!(
             picked(&f(&[], &["daily"]), &all).len(),

@@ -6,13 +6,13 @@ use serde::Serialize;
 
 use super::{GcOptions, GcReport};
 use crate::backend::BackendError;
-use crate::repo::markers::{self, Marker};
 use crate::error::{Error, Result};
 use crate::format::id::{Id, IdMap, IdSet};
 use crate::format::layout;
 use crate::format::pack::PackInfo;
 use crate::format::snapshot::Snapshot;
 use crate::repo::condemned::{self, Record, SKEW_MARGIN};
+use crate::repo::markers::{self, Marker};
 use crate::repo::{IndexObject, Repository};
 
 /// What happens to one pack, and why.
