@@ -34,6 +34,7 @@ impl Site {
             dst_backend.clone(),
             src.backend().as_ref(),
             &Secret::Passphrase(PW.into()),
+            &Secret::Passphrase(PW.into()),
             &cheap_kdf(),
             None,
         )
@@ -393,4 +394,101 @@ fn unrelated_repositories_and_a_missing_replica_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("same repository"), "{e}");
+}
+
+#[test]
+fn the_replica_keeps_its_own_retention_without_the_key() {
+    use bulwark_store::maintain::retention::KeepOptions;
+    use bulwark_store::sync::retain;
+    let site = Site::new();
+    let mut snaps = Vec::new();
+    for day in 1..=4u32 {
+        let data = random(1 << 20, day as u64);
+        let mut s = BackupSession::new(&site.src, &BackupOptions::default()).unwrap();
+        s.backup_disk("image", &mut MemSource::new(data.clone()), Mode::Full)
+            .unwrap();
+        let snap = s
+            .finish(SnapshotMeta {
+                source: "vm-a".into(),
+                time: Some(format!("2026-11-0{day}T02:00:00Z").parse().unwrap()),
+                ..Default::default()
+            })
+            .unwrap();
+        snaps.push((snap, data));
+    }
+    assert_eq!(site.sync(&SyncOptions::default()).snapshots_copied, 4);
+    // What a killed sync leaves: a record whose manifest never came. It
+    // must not count as a kept snapshot.
+    let stray = bulwark_store::format::sync_record::SyncRecord {
+        snapshot: bulwark_store::Id::random(),
+        time: "2026-11-09T02:00:00Z".parse().unwrap(),
+        ..bulwark_store::repo::sync_records::load(
+            site.dst_backend.as_ref(),
+            &bulwark_store::repo::sync_records::newest(site.dst_backend.as_ref())
+                .unwrap()
+                .into_values()
+                .next()
+                .unwrap(),
+        )
+        .unwrap()
+        .unwrap()
+    };
+    bulwark_store::repo::sync_records::put(site.dst_backend.as_ref(), &stray).unwrap();
+
+    let keep = KeepOptions {
+        keep_last: 2,
+        ..Default::default()
+    };
+    let plan = retain::plan(
+        site.dst_backend.as_ref(),
+        &Filters::default(),
+        &keep,
+        &chrono::Utc,
+    )
+    .unwrap();
+    let kept: Vec<_> = plan
+        .iter()
+        .filter(|r| r.rule.is_some())
+        .map(|r| r.record.snapshot)
+        .collect();
+    assert_eq!(kept, vec![snaps[3].0.id, snaps[2].0.id]);
+    assert_eq!(
+        retain::execute(site.dst_backend.as_ref(), &plan).unwrap(),
+        2
+    );
+
+    // The source keeps all four; the replica the newest two, which restore.
+    assert_eq!(site.src.snapshots().unwrap().len(), 4);
+    let replica = site.replica();
+    let left: Vec<_> = replica.snapshots().unwrap().iter().map(|s| s.id).collect();
+    assert_eq!(left, vec![snaps[2].0.id, snaps[3].0.id]);
+    // The next sync, told the replica's retention, does not bring back
+    // what it would prune; a new snapshot it does copy.
+    let newer = random(1 << 20, 9);
+    let mut s = BackupSession::new(&site.src, &BackupOptions::default()).unwrap();
+    s.backup_disk("image", &mut MemSource::new(newer.clone()), Mode::Full)
+        .unwrap();
+    let s5 = s
+        .finish(SnapshotMeta {
+            source: "vm-a".into(),
+            time: Some("2026-11-05T02:00:00Z".parse().unwrap()),
+            ..Default::default()
+        })
+        .unwrap();
+    let again = site.sync(&SyncOptions {
+        keep: Some(keep.clone()),
+        ..Default::default()
+    });
+    assert_eq!((again.snapshots_copied, again.snapshots_skipped), (1, 4));
+    assert_eq!(replica.snapshots().unwrap().len(), 3);
+    let dir = tempfile::tempdir().unwrap();
+    check_restores(
+        &replica,
+        &[
+            (&snaps[2].0, &snaps[2].1),
+            (&snaps[3].0, &snaps[3].1),
+            (&s5, &newer),
+        ],
+        dir.path(),
+    );
 }

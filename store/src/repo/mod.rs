@@ -117,12 +117,13 @@ impl Repository {
     pub fn init_replica(
         backend: Arc<dyn Backend>,
         source: &dyn Backend,
+        source_secret: &Secret,
         secret: &Secret,
         kdf: &KdfParams,
         object_lock: Option<crate::maintain::lock::LockSettings>,
     ) -> Result<Self> {
         let src = Self::read_config(source)?;
-        let master = Self::unlock(source, secret)?;
+        let master = Self::unlock(source, source_secret)?;
         if backend.exists(CONFIG)? {
             return Err(Error::AlreadyInitialized(backend.location()));
         }
@@ -315,14 +316,8 @@ impl Repository {
     /// shares, then its sync record. Chunks stay until a GC finds them
     /// unreferenced.
     pub fn delete_snapshot(&self, snap: &Snapshot) -> Result<()> {
-        self.backend.delete(&layout::snapshot(&snap.id))?;
-        for d in snap.chunk_lists() {
-            match self.backend.delete(&layout::chunk_list(&d.chunk_list)) {
-                Ok(()) | Err(BackendError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        sync_records::delete_all(self.backend.as_ref(), &snap.id)
+        let lists: Vec<Id> = snap.chunk_lists().map(|d| d.chunk_list).collect();
+        delete_snapshot_objects(self.backend.as_ref(), &snap.id, &lists)
     }
 
     pub(crate) fn put_sealed(&self, name: &str, sealed: &[u8]) -> Result<()> {
@@ -506,4 +501,22 @@ pub(crate) fn load_each<T: Send>(
     });
     done.sort_by_key(|(i, _)| *i);
     done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Deletes a snapshot: its manifest first (from then on it is gone for
+/// every reader), then its chunk lists and its sync records. Needs no key,
+/// so a replica's retention runs without one (`crate::sync::retain`).
+pub fn delete_snapshot_objects(
+    backend: &dyn Backend,
+    snapshot: &Id,
+    chunk_lists: &[Id],
+) -> Result<()> {
+    backend.delete(&layout::snapshot(snapshot))?;
+    for list in chunk_lists {
+        match backend.delete(&layout::chunk_list(list)) {
+            Ok(()) | Err(BackendError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    sync_records::delete_all(backend, snapshot)
 }

@@ -17,6 +17,7 @@
 
 mod copy;
 mod plan;
+pub mod retain;
 mod select;
 
 use serde::Serialize;
@@ -41,6 +42,10 @@ pub struct SyncOptions {
     /// concurrency).
     pub parallel: usize,
     pub dry_run: bool,
+    /// The destination's retention (local time): copy only the snapshots
+    /// it keeps, counted with those the destination has (the rest count as
+    /// skipped).
+    pub keep: Option<crate::maintain::retention::KeepOptions>,
 }
 
 /// What a run did (or, dry, would do).
@@ -50,7 +55,8 @@ pub struct SyncReport {
     /// Snapshots the filters select at the source.
     pub snapshots_selected: usize,
     pub snapshots_copied: usize,
-    /// Selected, but at the destination already.
+    /// Selected, but at the destination already (or, with `keep`, not
+    /// kept by the destination's retention).
     pub snapshots_skipped: usize,
     /// Selected, but gone at the source before they were copied (pruned
     /// meanwhile), or made before sync records existed.

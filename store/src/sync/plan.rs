@@ -59,6 +59,15 @@ impl SyncPlan {
         let at_dst: IdSet = ids_under(dst, layout::SNAPSHOTS)?;
         let (have, todo): (Vec<&SyncRecord>, Vec<&SyncRecord>) =
             selected.iter().partition(|r| at_dst.contains(&r.snapshot));
+        let (todo, not_kept) = match &opts.keep {
+            Some(keep) => {
+                let n = todo.len();
+                let worth = super::retain::worth_copying(dst, todo, keep, &chrono::Local)?;
+                let dropped = n - worth.len();
+                (worth, dropped)
+            }
+            None => (todo, 0),
+        };
         let needed: IdSet = todo.iter().flat_map(|r| r.packs.iter().copied()).collect();
         let frames = source_frames(src, &needed)?;
         let dst_packs: IdSet = dst
@@ -84,7 +93,7 @@ impl SyncPlan {
         };
         Ok(SyncPlan {
             snapshots,
-            skipped: have.len(),
+            skipped: have.len() + not_kept,
             unrecorded,
             vanished,
             selected: selected.len(),
@@ -171,7 +180,7 @@ fn count_unrecorded(src: &dyn Backend, records: &[SyncRecord]) -> Result<usize> 
 }
 
 /// The ids of the objects under `prefix` (`snapshots/<id>`).
-fn ids_under(backend: &dyn Backend, prefix: &str) -> Result<IdSet> {
+pub(super) fn ids_under(backend: &dyn Backend, prefix: &str) -> Result<IdSet> {
     Ok(backend
         .list(prefix)?
         .iter()
