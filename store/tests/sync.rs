@@ -492,3 +492,72 @@ fn the_replica_keeps_its_own_retention_without_the_key() {
         dir.path(),
     );
 }
+
+/// Runs `f` once, at the first byte the sync copies.
+struct AtFirstCopy<F: Fn() + Sync>(std::sync::Once, F);
+
+impl<F: Fn() + Sync> sync::Progress for AtFirstCopy<F> {
+    fn copied(&self, _bytes: u64) {
+        self.0.call_once(|| (self.1)());
+    }
+}
+
+#[test]
+fn gc_on_either_side_racing_a_sync_deletes_nothing_referenced() {
+    let site = Site::new();
+    let a = random(3 << 20, 21);
+    let b = random(3 << 20, 22);
+    let sa = site.backup("vm-a", &a);
+    let sb = site.backup("vm-b", &b);
+    let zero = GcOptions {
+        grace: chrono::Duration::zero(),
+        ..Default::default()
+    };
+    // While the first snapshot's packs are being copied: GC at the
+    // destination (condemn, then sweep: what the sync has written so far is
+    // referenced by no manifest there yet), and at the source vm-b pruned
+    // and collected at once, so its packs vanish before the sync gets to
+    // them.
+    let race = AtFirstCopy(std::sync::Once::new(), || {
+        let replica = site.replica();
+        for _ in 0..2 {
+            gc::run(&replica, &zero, &|_| {}).unwrap();
+        }
+        site.src.delete_snapshot(&sb).unwrap();
+        for _ in 0..2 {
+            gc::run(&site.src, &zero, &|_| {}).unwrap();
+        }
+    });
+    let r = sync::run(
+        site.src.backend().as_ref(),
+        site.dst_backend.as_ref(),
+        &SyncOptions::default(),
+        &race,
+    )
+    .unwrap();
+    assert!(race.0.is_completed(), "the race ran");
+    assert_eq!(r.snapshots_copied, 1, "{r:?}");
+    // vm-b, pruned mid-run, failed (its packs went) and left nothing.
+    assert_eq!(r.snapshots_failed.len(), 1, "{r:?}");
+    assert_eq!(r.snapshots_failed[0].snapshot, sb.id);
+    let dst = site.dst_backend.as_ref();
+    assert!(!dst
+        .exists(&bulwark_store::format::layout::snapshot(&sb.id))
+        .unwrap());
+    assert!(dst.list(&format!("sync/{}", sb.id)).unwrap().is_empty());
+
+    // More GC at the destination after the sync: vm-a is whole.
+    let replica = site.replica();
+    for _ in 0..2 {
+        gc::run(&replica, &zero, &|_| {}).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    check_restores(&replica, &[(&sa, &a)], dir.path());
+    // The next sync has nothing to do: vm-b is gone at the source.
+    let again = site.sync(&SyncOptions::default());
+    assert_eq!(
+        (again.snapshots_copied, again.snapshots_skipped, again.snapshots_failed.len()),
+        (0, 1, 0),
+        "{again:?}"
+    );
+}
