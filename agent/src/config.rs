@@ -418,8 +418,8 @@ impl Config {
             // A repository only syncs touch needs no key: a sync moves
             // sealed objects, and the replica's retention reads only its
             // plain sync records.
-            let keyless_ok = r.gc_schedule.is_none()
-                && !self.policies.values().any(|p| &p.repository == name);
+            let keyless_ok =
+                r.gc_schedule.is_none() && !self.policies.values().any(|p| &p.repository == name);
             if r.password_file.is_none() && r.key_file.is_none() && !keyless_ok {
                 bail!("repository {name}: set password_file or key_file");
             }

@@ -556,7 +556,11 @@ fn gc_on_either_side_racing_a_sync_deletes_nothing_referenced() {
     // The next sync has nothing to do: vm-b is gone at the source.
     let again = site.sync(&SyncOptions::default());
     assert_eq!(
-        (again.snapshots_copied, again.snapshots_skipped, again.snapshots_failed.len()),
+        (
+            again.snapshots_copied,
+            again.snapshots_skipped,
+            again.snapshots_failed.len()
+        ),
         (0, 1, 0),
         "{again:?}"
     );

@@ -221,7 +221,12 @@ fn check_target(g: &Global, json: bool) -> Result<i32> {
     let mut steps: Vec<(&str, String)> = Vec::new();
     let mut info = serde_json::json!({});
     let r = match secret::location(g) {
-        Ok(l) => target::check_steps(&l, || secret::secret(g, false).map(Some), &mut steps, &mut info),
+        Ok(l) => target::check_steps(
+            &l,
+            || secret::secret(g, false).map(Some),
+            &mut steps,
+            &mut info,
+        ),
         Err(e) => Err(target::failed("invalid", 1, format!("{e:#}"))),
     };
     let location = g.repo.clone().unwrap_or_default();

@@ -112,7 +112,9 @@ impl Agent {
                     run.error = Some(
                         failed
                             .iter()
-                            .map(|f| format!("snapshot {} of {}: {}", f.snapshot, f.source, f.error))
+                            .map(|f| {
+                                format!("snapshot {} of {}: {}", f.snapshot, f.source, f.error)
+                            })
                             .collect::<Vec<_>>()
                             .join("; "),
                     );
@@ -173,10 +175,8 @@ impl Agent {
                 Some(e) => format!("sync {name} failed: {e}"),
                 None => format!("sync {name} has not completed for twice its period"),
             };
-            let lag = behind.map_or_else(
-                || "never complete".to_string(),
-                |l| format!("{l} behind"),
-            );
+            let lag =
+                behind.map_or_else(|| "never complete".to_string(), |l| format!("{l} behind"));
             out.push(Problem {
                 domain: None,
                 repository: Some(job.to.clone()),

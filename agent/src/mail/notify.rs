@@ -124,7 +124,10 @@ impl Job<'_> {
                 format!("bulwark: garbage collection of {repo} failed on {host}"),
             ),
             Task::Sync => (
-                format!("The sync job {} into repository {repo} failed.", job_name(policy)),
+                format!(
+                    "The sync job {} into repository {repo} failed.",
+                    job_name(policy)
+                ),
                 format!("bulwark: sync {} failed on {host}", job_name(policy)),
             ),
             Task::Protection => (
