@@ -36,6 +36,7 @@
 
 pub mod cli;
 mod console;
+pub mod fsimage;
 pub mod guest;
 mod image;
 mod libvirt;
