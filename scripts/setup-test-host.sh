@@ -27,6 +27,7 @@ PACKAGES=(
     restic python3-aiosmtpd
     mount util-linux coreutils gzip cpio xz-utils zstd
     dpkg-dev  # package test: dpkg-shlibdeps (systemctl, systemd-analyze used if present)
+    xfsprogs dosfstools mtools ntfs-3g lvm2  # bulwark files tests: real filesystem images
 )
 
 # One dpkg-query for all packages; anything not listed as installed is missing.

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod files;
 pub mod gc;
 pub mod image;
 pub mod mount;
