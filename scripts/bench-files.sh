@@ -36,7 +36,7 @@ ls_run() {
     local s e log; drop; s=$(date +%s.%N)
     log=$("$BIN/bulwark" "$@" files ls bench@latest vda/p1/etc -v 2>&1 >/dev/null)
     e=$(date +%s.%N)
-    echo "$(echo "$e - $s" | bc) $(sed -n 's/.*bytes_fetched=\([0-9]*\).*/\1/p' <<<"$log")"
+    echo "$(echo "$e - $s" | bc) $(sed 's/\x1b\[[0-9;]*m//g' <<<"$log" | sed -n 's/.*bytes_fetched=\([0-9]*\).*/\1/p')"
 }
 t() { local s e; drop; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); echo "$e - $s" | bc; }
 report() { # name, "seconds bytes", baseline seconds

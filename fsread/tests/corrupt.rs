@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fsread::{Kind, Node, ReadAt, Tree};
+use fsread::{Content, Kind, Node, ReadAt, Tree};
 use rand::{Rng, SeedableRng};
 use testbed::fsimage::{self, Caps};
 
@@ -44,6 +44,9 @@ impl ReadAt for Recorder {
 fn exercise(dev: Arc<dyn ReadAt>) -> usize {
     let mut errors = 0;
     for v in fsread::discover(&[("vda".into(), dev)]) {
+        if !matches!(v.content, Content::Fs(_) | Content::Damaged(_)) {
+            continue;
+        }
         let Ok(tree) = v.tree() else {
             errors += 1;
             continue;

@@ -27,6 +27,8 @@ use super::Located;
 
 /// Bytes read per piece of a file.
 const PIECE: usize = 1 << 20;
+/// Zero runs this long (and aligned) are left as holes.
+const HOLE: usize = 4096;
 
 pub(super) fn to_dir(sources: &[Located], dir: &Path) -> Result<i32> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -230,12 +232,31 @@ fn copy_sparse(e: &Located, f: &std::fs::File) -> Result<()> {
         if n == 0 {
             anyhow::bail!("file ends at {pos} of {size} bytes");
         }
-        if buf[..n] != zeros[..n] {
-            f.write_all_at(&buf[..n], pos)?;
-        }
+        write_data(f, &buf[..n], &zeros, pos)?;
         pos += n as u64;
     }
     f.set_len(size)?;
+    Ok(())
+}
+
+/// Writes the blocks of `data` (at file offset `at`) that are not all
+/// zeros, runs of them at once; zero blocks stay holes.
+fn write_data(f: &std::fs::File, data: &[u8], zeros: &[u8], at: u64) -> Result<()> {
+    let mut run: Option<usize> = None;
+    for (i, block) in data.chunks(HOLE).enumerate() {
+        let start = i * HOLE;
+        match (block == &zeros[..block.len()], run) {
+            (false, None) => run = Some(start),
+            (true, Some(r)) => {
+                f.write_all_at(&data[r..start], at + r as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(r) = run {
+        f.write_all_at(&data[r..], at + r as u64)?;
+    }
     Ok(())
 }
 
