@@ -47,7 +47,16 @@ impl Env {
     /// then opens the repository to everyone (the commands under test run
     /// as nobody).
     fn backup(&self, image: &Path, source: &str, disk: &str) -> String {
-        let v = self.bw.json(&["backup", "image", image.to_str().unwrap(), "--source", source, "--disk", disk, "--json"]);
+        let v = self.bw.json(&[
+            "backup",
+            "image",
+            image.to_str().unwrap(),
+            "--source",
+            source,
+            "--disk",
+            disk,
+            "--json",
+        ]);
         let status = std::process::Command::new("chmod")
             .args(["-R", "a+rX"])
             .arg(self.path("repo"))
@@ -114,7 +123,17 @@ fn check_listing(e: &Env, snap: &str, vol: &str, src: &Path, caps: Caps) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| (x["path"].as_str().unwrap().strip_prefix(&format!("{vol}/")).unwrap().to_string(), x))
+        .map(|x| {
+            (
+                x["path"]
+                    .as_str()
+                    .unwrap()
+                    .strip_prefix(&format!("{vol}/"))
+                    .unwrap()
+                    .to_string(),
+                x,
+            )
+        })
         .filter(|(p, _)| !p.starts_with("lost+found"))
         .collect();
     let want: Vec<String> = fsimage::walk(src)
@@ -122,10 +141,20 @@ fn check_listing(e: &Env, snap: &str, vol: &str, src: &Path, caps: Caps) {
         .iter()
         .map(|p| p.strip_prefix(src).unwrap().to_str().unwrap().to_string())
         .collect();
-    assert_eq!(listed.keys().cloned().collect::<Vec<_>>(), want, "{vol}: paths");
+    assert_eq!(
+        listed.keys().cloned().collect::<Vec<_>>(),
+        want,
+        "{vol}: paths"
+    );
     for (rel, x) in &listed {
         let m = std::fs::symlink_metadata(src.join(rel)).unwrap();
-        let ty = if m.is_dir() { "dir" } else if m.file_type().is_symlink() { "symlink" } else { "file" };
+        let ty = if m.is_dir() {
+            "dir"
+        } else if m.file_type().is_symlink() {
+            "symlink"
+        } else {
+            "file"
+        };
         assert_eq!(x["type"], ty, "{vol}/{rel}");
         if ty == "file" {
             assert_eq!(x["size"], m.len(), "{vol}/{rel}");
@@ -135,8 +164,16 @@ fn check_listing(e: &Env, snap: &str, vol: &str, src: &Path, caps: Caps) {
             assert_eq!(x["target"], t.to_str().unwrap(), "{vol}/{rel}");
         }
         if caps.posix && ty != "symlink" {
-            assert_eq!(x["mode"], format!("{:04o}", m.mode() & 0o7777), "{vol}/{rel}");
-            assert_eq!((&x["uid"], &x["gid"]), (&Value::from(m.uid()), &Value::from(m.gid())), "{vol}/{rel}");
+            assert_eq!(
+                x["mode"],
+                format!("{:04o}", m.mode() & 0o7777),
+                "{vol}/{rel}"
+            );
+            assert_eq!(
+                (&x["uid"], &x["gid"]),
+                (&Value::from(m.uid()), &Value::from(m.gid())),
+                "{vol}/{rel}"
+            );
         }
         if caps.mtime_step > 0 && ty != "symlink" && ty != "dir" {
             let t = chrono::DateTime::parse_from_rfc3339(x["mtime"].as_str().unwrap()).unwrap();
@@ -157,7 +194,11 @@ fn check_get(e: &Env, snap: &str, vol: &str, src: &Path, caps: Caps, name: &str)
     let top = out.join(vol.rsplit('/').next().unwrap());
     let mut skip = vec!["lost+found"];
     if caps.posix {
-        assert_eq!(r.status.code(), Some(1), "refusals make the exit code 1: {err}");
+        assert_eq!(
+            r.status.code(),
+            Some(1),
+            "refusals make the exit code 1: {err}"
+        );
         for l in ["link-abs", "link-up"] {
             assert!(err.contains(&format!("refused: {vol}/{l}")), "{err}");
             assert!(!top.join(l).exists());
@@ -172,13 +213,20 @@ fn check_get(e: &Env, snap: &str, vol: &str, src: &Path, caps: Caps, name: &str)
     let n = fsimage::compare_trees(src, &top, caps, &skip, false).unwrap();
     assert!(n > 0, "{n} entries compared");
     if caps.hardlinks {
-        let (a, b) = (top.join("hard1").metadata().unwrap(), top.join("hard2").metadata().unwrap());
+        let (a, b) = (
+            top.join("hard1").metadata().unwrap(),
+            top.join("hard2").metadata().unwrap(),
+        );
         assert_eq!(a.ino(), b.ino(), "hard links are linked again");
     }
     if caps.big_sparse {
         let m = top.join("big-sparse.img").metadata().unwrap();
         assert_eq!(m.len(), fsimage::BIG_SPARSE);
-        assert!(m.blocks() * 512 < 1 << 20, "holes stay holes: {} blocks", m.blocks());
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "holes stay holes: {} blocks",
+            m.blocks()
+        );
     }
 }
 
@@ -234,7 +282,14 @@ fn ls_find_get_every_filesystem_as_nobody() {
             .collect()
     };
     let s = |p: &str, c: &str, l: &str| (p.to_string(), c.to_string(), l.to_string());
-    assert_eq!(vols(&a), vec![s("vda", "gpt", ""), s("vda/p1", "vfat", "EFI"), s("vda/p2", "ext4", "root")]);
+    assert_eq!(
+        vols(&a),
+        vec![
+            s("vda", "gpt", ""),
+            s("vda/p1", "vfat", "EFI"),
+            s("vda/p2", "ext4", "root")
+        ]
+    );
     assert_eq!(
         vols(&b),
         vec![
@@ -246,15 +301,26 @@ fn ls_find_get_every_filesystem_as_nobody() {
         ]
     );
     let table = e.ok(&["files", "ls", &a]);
-    assert!(table.contains("vda/p2") && table.contains("ext4") && table.contains("root"), "{table}");
+    assert!(
+        table.contains("vda/p2") && table.contains("ext4") && table.contains("root"),
+        "{table}"
+    );
 
     // One directory, plain and long.
     let plain = e.ok(&["files", "ls", &a, "vda/p2/dir"]);
     assert_eq!(plain, "vda/p2/dir/exec.sh\nvda/p2/dir/nested/\n");
     let long = e.ok(&["files", "ls", &a, "vda/p2/dir", "--long"]);
-    assert!(long.contains("-rwxr-xr-x") && long.contains("2020-09-13 12:26:40") && long.contains("vda/p2/dir/exec.sh"), "{long}");
+    assert!(
+        long.contains("-rwxr-xr-x")
+            && long.contains("2020-09-13 12:26:40")
+            && long.contains("vda/p2/dir/exec.sh"),
+        "{long}"
+    );
     let link = e.ok(&["files", "ls", &a, "vda/p2/link-rel", "-l"]);
-    assert!(link.trim_end().ends_with("vda/p2/link-rel -> dir/exec.sh"), "{link}");
+    assert!(
+        link.trim_end().ends_with("vda/p2/link-rel -> dir/exec.sh"),
+        "{link}"
+    );
 
     // Every entry with its metadata.
     let lv = |n: &str| format!("vdb/lvm/{vg}/{n}");
@@ -263,18 +329,30 @@ fn ls_find_get_every_filesystem_as_nobody() {
     check_listing(&e, &b, "vdb/p1", &ntfs_src, fsimage::NTFS);
     check_listing(&e, &b, &lv("data"), &xfs_src, fsimage::XFS);
     // ext4 filled from the tree made for XFS (no hard links, no big file).
-    let lvroot = Caps { hardlinks: false, big_sparse: false, ..fsimage::EXT4 };
+    let lvroot = Caps {
+        hardlinks: false,
+        big_sparse: false,
+        ..fsimage::EXT4
+    };
     check_listing(&e, &b, &lv("root"), &xfs_src, lvroot);
 
     // find: names, whole paths, one subtree.
     let found = e.ok(&["files", "find", &b, "file-00?.txt"]);
     let lines: Vec<&str> = found.lines().collect();
-    assert_eq!(lines.len(), 30, "10 names on each of three filesystems: {found}");
+    assert_eq!(
+        lines.len(),
+        30,
+        "10 names on each of three filesystems: {found}"
+    );
     assert!(lines.contains(&format!("{}/many/file-007.txt", lv("data")).as_str()));
     let found = e.ok(&["files", "find", &a, "vda/p2/dir/*/deep"]);
     assert_eq!(found, "vda/p2/dir/nested/deep/\n");
     let found = e.json(&["files", "find", &b, "*.txt", "--in", "vdb/p1", "--json"]);
-    assert_eq!(found["entries"].as_array().unwrap().len(), 202, "hello.txt, the UTF-8 name, 200 in many/");
+    assert_eq!(
+        found["entries"].as_array().unwrap().len(),
+        202,
+        "hello.txt, the UTF-8 name, 200 in many/"
+    );
 
     // get: whole volumes back, bit for bit.
     check_get(&e, &a, "vda/p2", &ext4_src, fsimage::EXT4, "out-ext4");
@@ -284,30 +362,80 @@ fn ls_find_get_every_filesystem_as_nobody() {
     check_get(&e, &b, &lv("root"), &xfs_src, lvroot, "out-lvroot");
 
     // Nothing is overwritten.
-    let again = e.as_nobody(&["files", "get", &a, "vda/p2/hello.txt", "--to", e.path("out-ext4/p2").to_str().unwrap()]);
+    let again = e.as_nobody(&[
+        "files",
+        "get",
+        &a,
+        "vda/p2/hello.txt",
+        "--to",
+        e.path("out-ext4/p2").to_str().unwrap(),
+    ]);
     assert_eq!(again.status.code(), Some(1));
-    assert_eq!(std::fs::read(e.path("out-ext4/p2/hello.txt")).unwrap(), b"hello world\n");
+    assert_eq!(
+        std::fs::read(e.path("out-ext4/p2/hello.txt")).unwrap(),
+        b"hello world\n"
+    );
 
     // --stdout: one file's bytes.
-    let out = e.as_nobody(&["files", "get", &a, &format!("vda/p2/{}", fsimage::UTF8_NAME), "--stdout"]);
+    let out = e.as_nobody(&[
+        "files",
+        "get",
+        &a,
+        &format!("vda/p2/{}", fsimage::UTF8_NAME),
+        "--stdout",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, "grüße\n".as_bytes());
     let out = e.as_nobody(&["files", "get", &a, "vda/p2/dir", "--stdout"]);
-    assert!(!out.status.success() && stderr(&out).contains("not a file"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("not a file"),
+        "{}",
+        stderr(&out)
+    );
 
     // --tar and --zip: unpacked by tar and Python, the same tree.
     let tar = e.path("out.tar");
     let zip = e.path("out.zip");
     let out_dir = e.out_dir("archives");
-    e.ok(&["files", "get", &a, "vda/p2/dir", "--tar", out_dir.join("dir.tar").to_str().unwrap()]);
-    e.ok(&["files", "get", &a, "vda/p2/dir", "--zip", out_dir.join("dir.zip").to_str().unwrap()]);
+    e.ok(&[
+        "files",
+        "get",
+        &a,
+        "vda/p2/dir",
+        "--tar",
+        out_dir.join("dir.tar").to_str().unwrap(),
+    ]);
+    e.ok(&[
+        "files",
+        "get",
+        &a,
+        "vda/p2/dir",
+        "--zip",
+        out_dir.join("dir.zip").to_str().unwrap(),
+    ]);
     std::fs::rename(out_dir.join("dir.tar"), &tar).unwrap();
     std::fs::rename(out_dir.join("dir.zip"), &zip).unwrap();
     let untar = e.path("untar");
     std::fs::create_dir(&untar).unwrap();
-    let st = std::process::Command::new("tar").args(["-xpf"]).arg(&tar).arg("-C").arg(&untar).status().unwrap();
+    let st = std::process::Command::new("tar")
+        .args(["-xpf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&untar)
+        .status()
+        .unwrap();
     assert!(st.success());
-    fsimage::compare_trees(&ext4_src.join("dir"), &untar.join("dir"), Caps { mtime_step: 1_000_000_000, ..fsimage::EXT4 }, &[], true).unwrap();
+    fsimage::compare_trees(
+        &ext4_src.join("dir"),
+        &untar.join("dir"),
+        Caps {
+            mtime_step: 1_000_000_000,
+            ..fsimage::EXT4
+        },
+        &[],
+        true,
+    )
+    .unwrap();
     let unzip = e.path("unzip");
     let st = std::process::Command::new("/usr/bin/python3")
         .args(["-m", "zipfile", "-e"])
@@ -316,13 +444,33 @@ fn ls_find_get_every_filesystem_as_nobody() {
         .status()
         .unwrap();
     assert!(st.success());
-    let bytes_only = Caps { posix: false, hardlinks: false, big_sparse: false, mtime_step: 0 };
-    fsimage::compare_trees(&ext4_src.join("dir"), &unzip.join("dir"), bytes_only, &[], false).unwrap();
+    let bytes_only = Caps {
+        posix: false,
+        hardlinks: false,
+        big_sparse: false,
+        mtime_step: 0,
+    };
+    fsimage::compare_trees(
+        &ext4_src.join("dir"),
+        &unzip.join("dir"),
+        bytes_only,
+        &[],
+        false,
+    )
+    .unwrap();
 
     // Paths that name nothing.
-    for (path, says) in [("vdc/p1", "no such disk"), ("vda/p2/nope", "no such file"), ("vda/p9", "no such")] {
+    for (path, says) in [
+        ("vdc/p1", "no such disk"),
+        ("vda/p2/nope", "no such file"),
+        ("vda/p9", "no such"),
+    ] {
         let out = e.as_nobody(&["files", "ls", &a, path]);
-        assert!(!out.status.success() && stderr(&out).contains(says), "{path}: {}", stderr(&out));
+        assert!(
+            !out.status.success() && stderr(&out).contains(says),
+            "{path}: {}",
+            stderr(&out)
+        );
     }
 }
 
@@ -332,7 +480,13 @@ fn ls_find_get_every_filesystem_as_nobody() {
 fn damaged_image_ends_in_a_clear_error() {
     let e = Env::new();
     let t = e.path("work");
-    let src = known(&t.join("src"), Caps { big_sparse: false, ..fsimage::EXT4 });
+    let src = known(
+        &t.join("src"),
+        Caps {
+            big_sparse: false,
+            ..fsimage::EXT4
+        },
+    );
     let fs = t.join("fs.img");
     fsimage::ext4(&src, &fs, 64 << 20, "root", &["-b", "4096"]).unwrap();
     let disk = t.join("disk.img");
@@ -342,11 +496,21 @@ fn damaged_image_ends_in_a_clear_error() {
     fsimage::place(&fs, &disk, off[1]).unwrap();
     // Partition 2: the inode table and the root directory's block become
     // noise (offsets from dumpe2fs of the same image).
-    let dump = std::process::Command::new("dumpe2fs").arg(&fs).output().unwrap();
+    let dump = std::process::Command::new("dumpe2fs")
+        .arg(&fs)
+        .output()
+        .unwrap();
     let dump = String::from_utf8_lossy(&dump.stdout);
     let table: u64 = dump
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Inode table at ")?.split('-').next()?.parse().ok())
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Inode table at ")?
+                .split('-')
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap();
     let noise = testbed::fsimage::pattern(64 << 10, 99);
     use std::os::unix::fs::FileExt;
@@ -363,11 +527,17 @@ fn damaged_image_ends_in_a_clear_error() {
     let out = e.as_nobody(&["files", "ls", &snap, "vda/p2", "-R"]);
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("corrupt") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("corrupt") && !err.contains("panicked"),
+        "{err}"
+    );
     let out = e.as_nobody(&["files", "find", &snap, "*.txt"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let found = String::from_utf8_lossy(&out.stdout);
-    assert!(found.contains("vda/p1/hello.txt"), "the sound volume is still searched: {found}");
+    assert!(
+        found.contains("vda/p1/hello.txt"),
+        "the sound volume is still searched: {found}"
+    );
     assert!(started.elapsed().as_secs() < 60);
 }
 
@@ -385,29 +555,53 @@ fn files_from_s3_fetch_only_what_they_need() {
         .env("BULWARK_CACHE_DIR", dir.path().join("cache"))
         .env_remove("BULWARK_S3_ENDPOINT");
     bw.ok(&["repo", "init"]);
-    let src = known(&dir.path().join("src"), Caps { big_sparse: false, ..fsimage::EXT4 });
+    let src = known(
+        &dir.path().join("src"),
+        Caps {
+            big_sparse: false,
+            ..fsimage::EXT4
+        },
+    );
     // 192 MiB of incompressible data beside the known files.
     for i in 0..6 {
         std::fs::write(src.join(format!("blob{i}")), fsimage::pattern(32 << 20, i)).unwrap();
     }
     let img = dir.path().join("disk.img");
     fsimage::ext4(&src, &img, 256 << 20, "root", &[]).unwrap();
-    let snap = bw.backup_image(img.to_str().unwrap(), "s3vm")["snapshot"].as_str().unwrap().to_string();
+    let snap = bw.backup_image(img.to_str().unwrap(), "s3vm")["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let out = bw.run(&["files", "ls", &snap, "vda/dir/nested", "-v"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "vda/dir/nested/deep/\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "vda/dir/nested/deep/\n"
+    );
     let log = strip_ansi(&stderr(&out));
     let fetched: u64 = log
         .split("bytes_fetched=")
         .nth(1)
         .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
         .unwrap_or_else(|| panic!("{log}"));
-    assert!(fetched < 48 << 20, "a listing fetched {fetched} bytes of a 256 MiB disk");
+    assert!(
+        fetched < 48 << 20,
+        "a listing fetched {fetched} bytes of a 256 MiB disk"
+    );
 
-    let out = bw.run(&["files", "get", &snap, "vda/dir/nested/deep/file.bin", "--stdout"]);
+    let out = bw.run(&[
+        "files",
+        "get",
+        &snap,
+        "vda/dir/nested/deep/file.bin",
+        "--stdout",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(out.stdout, std::fs::read(src.join("dir/nested/deep/file.bin")).unwrap());
+    assert_eq!(
+        out.stdout,
+        std::fs::read(src.join("dir/nested/deep/file.bin")).unwrap()
+    );
 }
 
 /// Text without terminal colour codes.

@@ -228,10 +228,7 @@ impl Ext4 {
         let table_blocks = (sb.inodes_per_group * sb.inode_size).div_ceil(sb.block_size);
         self.check_block(table, table_blocks)?;
         let mut raw = vec![0u8; sb.inode_size as usize];
-        self.read_fs(
-            table * sb.block_size + index * sb.inode_size,
-            &mut raw,
-        )?;
+        self.read_fs(table * sb.block_size + index * sb.inode_size, &mut raw)?;
         parse_inode(ino, raw)
     }
 
@@ -277,13 +274,20 @@ impl Ext4 {
         let entries = usize::from(f.le16(2)?);
         let d = f.le16(6)?;
         if d > 5 || depth.is_some_and(|want| want != d) {
-            return Err(corrupt(WHAT, format!("extent tree depth {d} where {depth:?} expected")));
+            return Err(corrupt(
+                WHAT,
+                format!("extent tree depth {d} where {depth:?} expected"),
+            ));
         }
         for i in 0..entries {
             let e = 12 + i * 12;
             if d == 0 {
                 let len = u64::from(f.le16(e + 4)?);
-                let (len, unwritten) = if len > 32768 { (len - 32768, true) } else { (len, false) };
+                let (len, unwritten) = if len > 32768 {
+                    (len - 32768, true)
+                } else {
+                    (len, false)
+                };
                 let phys = u64::from(f.le16(e + 6)?) << 32 | u64::from(f.le32(e + 8)?);
                 if len == 0 {
                     continue;
@@ -401,7 +405,8 @@ impl Ext4 {
                         Some(e) if e.logical <= lb => {
                             let end = (e.logical + e.len) * bs;
                             let n = ((end - at) as usize).min(buf.len() - pos);
-                            let src = (!e.unwritten).then(|| (e.phys + lb - e.logical) * bs + at % bs);
+                            let src =
+                                (!e.unwritten).then(|| (e.phys + lb - e.logical) * bs + at % bs);
                             (n, src)
                         }
                         next => {
@@ -422,8 +427,12 @@ impl Ext4 {
     }
 
     fn node(&self, inode: &Inode) -> Result<Node> {
-        let kind = Kind::from_mode(inode.mode)
-            .ok_or_else(|| corrupt(WHAT, format!("inode {} has mode {:o}", inode.ino, inode.mode)))?;
+        let kind = Kind::from_mode(inode.mode).ok_or_else(|| {
+            corrupt(
+                WHAT,
+                format!("inode {} has mode {:o}", inode.ino, inode.mode),
+            )
+        })?;
         Ok(Node {
             id: inode.ino,
             handle: inode.ino,
@@ -465,7 +474,10 @@ impl Ext4 {
                         }
                         total += bs;
                         if total > MAX_DIR_BYTES {
-                            return Err(Error::TooLarge(format!("directory inode {} is too large", dir.ino)));
+                            return Err(Error::TooLarge(format!(
+                                "directory inode {} is too large",
+                                dir.ino
+                            )));
                         }
                         let block = self.block(e.phys + b)?;
                         parse_dirents(&block, name_len16, &mut names)?;
@@ -543,7 +555,11 @@ fn read_super(dev: &dyn ReadAt) -> Result<Super> {
     let block_size = 1024u64 << log;
     let incompat = f.le32(96)?;
     let rev = f.le32(76)?;
-    let inode_size = if rev == 0 { 128 } else { u64::from(f.le16(88)?) };
+    let inode_size = if rev == 0 {
+        128
+    } else {
+        u64::from(f.le16(88)?)
+    };
     if !inode_size.is_power_of_two() || !(128..=block_size).contains(&inode_size) {
         return Err(corrupt(WHAT, format!("inode size {inode_size}")));
     }
@@ -568,11 +584,16 @@ fn read_super(dev: &dyn ReadAt) -> Result<Super> {
     }
     for (bit, what) in [
         (INCOMPAT_COMPRESSION, "compression"),
-        (INCOMPAT_JOURNAL_DEV, "an external journal device, not a filesystem"),
+        (
+            INCOMPAT_JOURNAL_DEV,
+            "an external journal device, not a filesystem",
+        ),
         (INCOMPAT_DIRDATA, "dirdata"),
     ] {
         if incompat & bit != 0 {
-            return Err(Error::Unsupported(format!("ext4 feature not supported: {what}")));
+            return Err(Error::Unsupported(format!(
+                "ext4 feature not supported: {what}"
+            )));
         }
     }
     let groups = (blocks - first_data_block).div_ceil(blocks_per_group);
@@ -602,7 +623,11 @@ fn parse_inode(ino: u64, raw: Vec<u8>) -> Result<Inode> {
     let size = u64::from(f.le32(4)?) | u64::from(f.le32(108)?) << 32;
     let mut secs = i64::from(f.le32(16)? as i32);
     let mut nsec = 0;
-    let extra_isize = if raw.len() > 128 { usize::from(f.le16(128)?) } else { 0 };
+    let extra_isize = if raw.len() > 128 {
+        usize::from(f.le16(128)?)
+    } else {
+        0
+    };
     if extra_isize >= 12 {
         let extra = f.le32(136)?;
         secs += i64::from(extra & 3) << 32;

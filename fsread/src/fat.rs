@@ -66,7 +66,11 @@ impl Fat {
             fat: g.reserved * g.sector,
             fat_bytes: g.fat_sectors * g.sector,
             root_dir: (g.root_start * g.sector, g.root_sectors * g.sector),
-            root_cluster: if g.bits == Bits::Fat32 { f.le32(44)? } else { 0 },
+            root_cluster: if g.bits == Bits::Fat32 {
+                f.le32(44)?
+            } else {
+                0
+            },
             data: g.data_start * g.sector,
             clusters: g.clusters,
             label: None,
@@ -131,7 +135,10 @@ impl Fat {
         let mut c = first;
         while c != 0 && !self.is_end(c) && (out.len() as u64) < max {
             if c < 2 || c - 2 >= self.clusters {
-                return Err(corrupt(WHAT, format!("cluster {c} in a chain from {first}")));
+                return Err(corrupt(
+                    WHAT,
+                    format!("cluster {c} in a chain from {first}"),
+                ));
             }
             if out.len() as u64 > u64::from(self.clusters) {
                 return Err(corrupt(WHAT, format!("cluster chain from {first} loops")));
@@ -162,7 +169,11 @@ impl Fat {
         let max = (MAX_DIR_ENTRIES as u64 * 32).div_ceil(self.cluster);
         if root && self.bits != Bits::Fat32 {
             let (at, len) = self.root_dir;
-            return io::read_vec(self.dev.as_ref(), at, len.min(MAX_DIR_ENTRIES as u64 * 32) as usize);
+            return io::read_vec(
+                self.dev.as_ref(),
+                at,
+                len.min(MAX_DIR_ENTRIES as u64 * 32) as usize,
+            );
         }
         let mut raw = Vec::new();
         for c in self.chain(first, max)? {
@@ -217,12 +228,19 @@ impl Tree for Fat {
         let mut pos = 0usize;
         while pos < n {
             let at = offset + pos as u64;
-            let c = clusters
-                .get((at / self.cluster) as usize)
-                .ok_or_else(|| corrupt(WHAT, format!("file of {size} bytes has a short cluster chain")))?;
+            let c = clusters.get((at / self.cluster) as usize).ok_or_else(|| {
+                corrupt(
+                    WHAT,
+                    format!("file of {size} bytes has a short cluster chain"),
+                )
+            })?;
             let within = at % self.cluster;
             let k = ((self.cluster - within) as usize).min(n - pos);
-            io::read_exact(self.dev.as_ref(), self.cluster_offset(*c) + within, &mut buf[pos..pos + k])?;
+            io::read_exact(
+                self.dev.as_ref(),
+                self.cluster_offset(*c) + within,
+                &mut buf[pos..pos + k],
+            )?;
             pos += k;
         }
         Ok(n)
@@ -271,7 +289,11 @@ fn geometry(b: &[u8]) -> Result<Geometry> {
     if !sector.is_power_of_two() || !(512..=4096).contains(&sector) {
         return Err(bad("sector size"));
     }
-    if !per_cluster.is_power_of_two() || reserved == 0 || !(1..=2).contains(&fats) || fat_sectors == 0 {
+    if !per_cluster.is_power_of_two()
+        || reserved == 0
+        || !(1..=2).contains(&fats)
+        || fat_sectors == 0
+    {
         return Err(bad("geometry"));
     }
     let root_sectors = (root_entries * 32).div_ceil(sector);
@@ -344,7 +366,10 @@ fn parse_dir(raw: &[u8], base: u64) -> Result<Vec<Entry>> {
         }
         let short = &e[..11];
         let name = if !long.is_empty() && long_sum == Some(checksum(short)) {
-            let end = long.iter().position(|&u| u == 0 || u == 0xFFFF).unwrap_or(long.len());
+            let end = long
+                .iter()
+                .position(|&u| u == 0 || u == 0xFFFF)
+                .unwrap_or(long.len());
             char::decode_utf16(long[..end].iter().copied())
                 .map(|r| r.unwrap_or(char::REPLACEMENT_CHARACTER))
                 .collect::<String>()
@@ -359,7 +384,13 @@ fn parse_dir(raw: &[u8], base: u64) -> Result<Vec<Entry>> {
         let f = Fields::new(e, WHAT);
         let first = u32::from(f.le16(20)?) << 16 | u32::from(f.le16(26)?);
         let dir = attr & ATTR_DIR != 0;
-        let mode = if dir { 0o755 } else if attr & ATTR_READONLY != 0 { 0o444 } else { 0o644 };
+        let mode = if dir {
+            0o755
+        } else if attr & ATTR_READONLY != 0 {
+            0o444
+        } else {
+            0o644
+        };
         out.push(Entry {
             name,
             node: Node {
@@ -415,8 +446,16 @@ fn checksum(short: &[u8]) -> u8 {
 
 /// A DOS date and time (2-second steps), as UTC.
 fn dos_time(date: u16, time: u16) -> Option<Time> {
-    let (y, m, d) = (1980 + i64::from(date >> 9), i64::from(date >> 5 & 0xF), i64::from(date & 0x1F));
-    let (h, min, s) = (i64::from(time >> 11), i64::from(time >> 5 & 0x3F), i64::from(time & 0x1F) * 2);
+    let (y, m, d) = (
+        1980 + i64::from(date >> 9),
+        i64::from(date >> 5 & 0xF),
+        i64::from(date & 0x1F),
+    );
+    let (h, min, s) = (
+        i64::from(time >> 11),
+        i64::from(time >> 5 & 0x3F),
+        i64::from(time & 0x1F) * 2,
+    );
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || min > 59 || s > 59 {
         return None;
     }

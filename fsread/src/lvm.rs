@@ -75,8 +75,17 @@ fn read_metadata(dev: &dyn ReadAt, mda: u64, mda_size: u64) -> Result<String> {
         return Err(corrupt(WHAT, "bad metadata area header"));
     }
     let (off, size) = (f.le64(40)?, f.le64(48)?);
-    if off == 0 || size == 0 || size > MAX_METADATA || size > mda_size || off >= mda_size || off < 512 {
-        return Err(corrupt(WHAT, format!("metadata at {off}+{size} in an area of {mda_size}")));
+    if off == 0
+        || size == 0
+        || size > MAX_METADATA
+        || size > mda_size
+        || off >= mda_size
+        || off < 512
+    {
+        return Err(corrupt(
+            WHAT,
+            format!("metadata at {off}+{size} in an area of {mda_size}"),
+        ));
     }
     let first = size.min(mda_size - off);
     let mut text = io::read_vec(dev, mda + off, first as usize)?;
@@ -108,13 +117,19 @@ impl Value {
     fn int(&self, key: &str) -> Result<u64> {
         match self.get(key) {
             Some(Value::Int(i)) if *i >= 0 => Ok(*i as u64),
-            _ => Err(corrupt(WHAT, format!("metadata: {key} missing or not a number"))),
+            _ => Err(corrupt(
+                WHAT,
+                format!("metadata: {key} missing or not a number"),
+            )),
         }
     }
     fn str(&self, key: &str) -> Result<&str> {
         match self.get(key) {
             Some(Value::Str(s)) => Ok(s),
-            _ => Err(corrupt(WHAT, format!("metadata: {key} missing or not a string"))),
+            _ => Err(corrupt(
+                WHAT,
+                format!("metadata: {key} missing or not a string"),
+            )),
         }
     }
     fn sections(&self) -> impl Iterator<Item = (&str, &Value)> {
@@ -371,7 +386,9 @@ fn logical_volume(name: &str, lv: &Value) -> Result<Lv> {
             continue;
         }
         if segments.len() >= MAX_SEGMENTS {
-            return Err(Error::TooLarge(format!("logical volume {name} has too many segments")));
+            return Err(Error::TooLarge(format!(
+                "logical volume {name} has too many segments"
+            )));
         }
         let kind = seg.str("type")?;
         if kind != "striped" {
@@ -382,7 +399,9 @@ fn logical_volume(name: &str, lv: &Value) -> Result<Lv> {
         if let Some(Value::List(l)) = seg.get("stripes") {
             for pair in l.chunks(2) {
                 match pair {
-                    [Value::Str(pv), Value::Int(e)] if *e >= 0 => stripes.push((pv.clone(), *e as u64)),
+                    [Value::Str(pv), Value::Int(e)] if *e >= 0 => {
+                        stripes.push((pv.clone(), *e as u64))
+                    }
                     _ => return Err(corrupt(WHAT, format!("{name}: bad stripe list"))),
                 }
             }
@@ -433,7 +452,10 @@ impl LvReader {
             let start = io::mul(WHAT, s.start_extent, vg.extent_size)?;
             let len = io::mul(WHAT, s.extents, vg.extent_size)?;
             if start != next {
-                return Err(corrupt(WHAT, format!("{}: segments leave a gap or overlap", lv.name)));
+                return Err(corrupt(
+                    WHAT,
+                    format!("{}: segments leave a gap or overlap", lv.name),
+                ));
             }
             next = io::add(WHAT, start, len)?;
             let mut stripes = Vec::new();
@@ -444,7 +466,10 @@ impl LvReader {
                     .find(|p| &p.name == name)
                     .ok_or_else(|| corrupt(WHAT, format!("{}: unknown PV {name}", lv.name)))?;
                 let dev = pv(&p.uuid).ok_or_else(|| {
-                    Error::Unsupported(format!("{}: PV {name} ({}) is not in this snapshot", lv.name, p.uuid))
+                    Error::Unsupported(format!(
+                        "{}: PV {name} ({}) is not in this snapshot",
+                        lv.name, p.uuid
+                    ))
                 })?;
                 let at = io::add(WHAT, p.pe_start, io::mul(WHAT, *first, vg.extent_size)?)?;
                 stripes.push((dev, at));
@@ -452,7 +477,11 @@ impl LvReader {
             segs.push(Mapped {
                 start,
                 len,
-                stripe_size: if s.stripe_size == 0 { len.max(1) } else { s.stripe_size },
+                stripe_size: if s.stripe_size == 0 {
+                    len.max(1)
+                } else {
+                    s.stripe_size
+                },
                 stripes,
             });
         }
@@ -467,7 +496,10 @@ impl ReadAt for LvReader {
             let at = offset + pos as u64;
             let i = self.segs.partition_point(|s| s.start + s.len <= at);
             let s = self.segs.get(i).filter(|s| s.start <= at).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("offset {at} past the logical volume"))
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("offset {at} past the logical volume"),
+                )
             })?;
             let rel = at - s.start;
             let n_stripes = s.stripes.len() as u64;
@@ -475,7 +507,8 @@ impl ReadAt for LvReader {
             let (dev, base) = &s.stripes[(chunk % n_stripes) as usize];
             let within = rel % s.stripe_size;
             let dev_at = base + chunk / n_stripes * s.stripe_size + within;
-            let n = ((s.stripe_size - within).min(s.start + s.len - at) as usize).min(buf.len() - pos);
+            let n =
+                ((s.stripe_size - within).min(s.start + s.len - at) as usize).min(buf.len() - pos);
             dev.read_at(dev_at, &mut buf[pos..pos + n])?;
             pos += n;
         }
@@ -535,9 +568,16 @@ contents = "Text Format Volume Group"
     #[test]
     fn linear_segments_map_to_their_extents() {
         let vg = volume_group(&parse(META).unwrap()).unwrap();
-        assert_eq!((vg.name.as_str(), vg.seqno, vg.extent_size), ("vg0", 3, 4096));
+        assert_eq!(
+            (vg.name.as_str(), vg.seqno, vg.extent_size),
+            ("vg0", 3, 4096)
+        );
         assert_eq!(vg.lvs.len(), 1, "invisible volumes are skipped");
-        let pv: Arc<dyn ReadAt> = Arc::new((0..200u32 * 1024).map(|i| (i / 4096) as u8).collect::<Vec<u8>>());
+        let pv: Arc<dyn ReadAt> = Arc::new(
+            (0..200u32 * 1024)
+                .map(|i| (i / 4096) as u8)
+                .collect::<Vec<u8>>(),
+        );
         let lv = LvReader::new(&vg, &vg.lvs[0], |u| (u == "aaaabb").then(|| pv.clone())).unwrap();
         assert_eq!(lv.size(), 3 * 4096);
         let mut b = vec![0u8; 3 * 4096];
@@ -549,7 +589,13 @@ contents = "Text Format Volume Group"
 
     #[test]
     fn bad_metadata_is_an_error() {
-        for text in ["vg {", "vg { a = [1, [2]] }", "vg { a = \"x }", "vg { = }", &"a {".repeat(100)] {
+        for text in [
+            "vg {",
+            "vg { a = [1, [2]] }",
+            "vg { a = \"x }",
+            "vg { = }",
+            &"a {".repeat(100),
+        ] {
             assert!(parse(text).is_err(), "{text}");
         }
     }

@@ -71,7 +71,11 @@ impl NtfsFs {
         let info = file.info().map_err(err)?;
         let attrs = info.file_attributes().bits();
         let dir = file.is_directory();
-        let target = if dir { None } else { self.link_target(c, file)? };
+        let target = if dir {
+            None
+        } else {
+            self.link_target(c, file)?
+        };
         let link = target.is_some();
         let size = if let Some(t) = &target {
             t.len() as u64
@@ -79,7 +83,11 @@ impl NtfsFs {
             0
         } else {
             match file.data(c, "") {
-                Some(item) => item.map_err(err)?.to_attribute().map_err(err)?.value_length(),
+                Some(item) => item
+                    .map_err(err)?
+                    .to_attribute()
+                    .map_err(err)?
+                    .value_length(),
                 None => 0,
             }
         };
@@ -257,7 +265,10 @@ fn reparse_target(raw: &[u8]) -> Result<Option<Vec<u8>>> {
     let print = (usize::from(f.le16(12)?), usize::from(f.le16(14)?));
     let (off, len) = if print.1 > 0 { print } else { sub };
     let name = utf16le(f.slice(body + off, len)?);
-    let name = name.strip_prefix("\\??\\").unwrap_or(&name).replace('\\', "/");
+    let name = name
+        .strip_prefix("\\??\\")
+        .unwrap_or(&name)
+        .replace('\\', "/");
     Ok(Some(name.into_bytes()))
 }
 
@@ -284,7 +295,11 @@ impl<'a> Cursor<'a> {
 
 impl Read for Cursor<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.dev.size().saturating_sub(self.pos).min(buf.len() as u64) as usize;
+        let n = self
+            .dev
+            .size()
+            .saturating_sub(self.pos)
+            .min(buf.len() as u64) as usize;
         self.dev.read_at(self.pos, &mut buf[..n])?;
         self.pos += n as u64;
         Ok(n)
@@ -298,7 +313,9 @@ impl Seek for Cursor<'_> {
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
             SeekFrom::End(d) => self.dev.size().checked_add_signed(d),
         };
-        self.pos = base.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek out of range"))?;
+        self.pos = base.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek out of range")
+        })?;
         Ok(self.pos)
     }
 }

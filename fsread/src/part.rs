@@ -134,7 +134,10 @@ fn logical(disk: &dyn ReadAt, ext: u64, parts: &mut Vec<Partition>) -> Result<()
         let at = io::mul("mbr", ebr, SECTOR)?;
         let sector = io::read_vec(disk, at, SECTOR as usize)?;
         if sector[510..512] != [0x55, 0xAA] {
-            return Err(corrupt("mbr", format!("no signature in the EBR at sector {ebr}")));
+            return Err(corrupt(
+                "mbr",
+                format!("no signature in the EBR at sector {ebr}"),
+            ));
         }
         let e = mbr_entries(&sector)?;
         if let Some(Some(l)) = e.first() {
@@ -191,7 +194,10 @@ fn gpt(disk: &dyn ReadAt, sector: u64) -> Result<Option<Vec<Partition>>> {
             let first = ef.le64(32)?;
             let end = ef.le64(40)?;
             if end < first {
-                return Err(corrupt("gpt", format!("entry {} ends before it starts", i + 1)));
+                return Err(corrupt(
+                    "gpt",
+                    format!("entry {} ends before it starts", i + 1),
+                ));
             }
             parts.push(Partition {
                 number: i as u32 + 1,
@@ -222,8 +228,20 @@ fn mbr_type(kind: u8) -> String {
 fn guid(b: &[u8]) -> String {
     format!(
         "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{}",
-        b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9],
-        b[10..16].iter().map(|x| format!("{x:02x}")).collect::<String>()
+        b[3],
+        b[2],
+        b[1],
+        b[0],
+        b[5],
+        b[4],
+        b[7],
+        b[6],
+        b[8],
+        b[9],
+        b[10..16]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
     )
 }
 
@@ -265,7 +283,10 @@ mod tests {
         assert_eq!(t.scheme(), "mbr");
         let p = t.partitions();
         assert_eq!(p.len(), 2);
-        assert_eq!((p[0].number, p[0].start, p[0].len), (1, 2048 * 512, 100 * 512));
+        assert_eq!(
+            (p[0].number, p[0].start, p[0].len),
+            (1, 2048 * 512, 100 * 512)
+        );
         assert_eq!(p[1].type_name, "lvm");
     }
 

@@ -122,7 +122,10 @@ impl Xfs {
             return Err(corrupt(WHAT, "superblock geometry is inconsistent"));
         }
         if !v5 && (version & 0xF != 4 || version & V4_DIRV2 == 0) {
-            return Err(Error::Unsupported(format!("XFS version {:#x} not supported", version)));
+            return Err(Error::Unsupported(format!(
+                "XFS version {:#x} not supported",
+                version
+            )));
         }
         let ftype = if v5 {
             f.be32(216)? & INCOMPAT_FTYPE != 0
@@ -155,7 +158,10 @@ impl Xfs {
         let agno = fsb >> self.agblklog;
         let agbno = fsb & ((1u64 << self.agblklog) - 1);
         if agno >= self.agcount || agbno.checked_add(len).is_none_or(|e| e > self.agblocks) {
-            return Err(corrupt(WHAT, format!("block {fsb}+{len} outside the filesystem")));
+            return Err(corrupt(
+                WHAT,
+                format!("block {fsb}+{len} outside the filesystem"),
+            ));
         }
         Ok((agno * self.agblocks + agbno) * self.bs)
     }
@@ -199,7 +205,11 @@ impl Xfs {
         }
         let core = if version == 3 { 176 } else { 100 };
         let forkoff = usize::from(f.u8(82)?) * 8;
-        let fork_len = if forkoff != 0 { forkoff } else { raw.len() - core };
+        let fork_len = if forkoff != 0 {
+            forkoff
+        } else {
+            raw.len() - core
+        };
         Ok(Inode {
             ino,
             mode: u32::from(f.be16(2)?),
@@ -207,10 +217,18 @@ impl Xfs {
             flags: f.be16(90)?,
             uid: f.be32(8)?,
             gid: f.be32(12)?,
-            nlink: if version == 1 { u32::from(f.be16(6)?) } else { f.be32(16)? },
+            nlink: if version == 1 {
+                u32::from(f.be16(6)?)
+            } else {
+                f.be32(16)?
+            },
             mtime,
             size,
-            nextents: if flags2 & DIFLAG2_NREXT64 != 0 { f.be64(24)? } else { u64::from(f.be32(76)?) },
+            nextents: if flags2 & DIFLAG2_NREXT64 != 0 {
+                f.be64(24)?
+            } else {
+                u64::from(f.be32(76)?)
+            },
             fork: f.slice(core, fork_len)?.to_vec(),
         })
     }
@@ -228,7 +246,10 @@ impl Xfs {
             FMT_EXTENTS => {
                 let n = usize::try_from(inode.nextents).unwrap_or(usize::MAX);
                 if n.checked_mul(16).is_none_or(|b| b > inode.fork.len()) {
-                    return Err(corrupt(WHAT, format!("inode {}: {n} extents do not fit", inode.ino)));
+                    return Err(corrupt(
+                        WHAT,
+                        format!("inode {}: {n} extents do not fit", inode.ino),
+                    ));
                 }
                 self.records(&inode.fork[..n * 16], &mut out)?;
             }
@@ -238,7 +259,13 @@ impl Xfs {
                 let numrecs = usize::from(f.be16(2)?);
                 let maxrecs = (inode.fork.len() - 4) / 16;
                 if level == 0 || numrecs > maxrecs {
-                    return Err(corrupt(WHAT, format!("inode {}: bmap root level {level}, {numrecs} records", inode.ino)));
+                    return Err(corrupt(
+                        WHAT,
+                        format!(
+                            "inode {}: bmap root level {level}, {numrecs} records",
+                            inode.ino
+                        ),
+                    ));
                 }
                 let mut budget = self.agcount * self.agblocks;
                 for i in 0..numrecs {
@@ -247,26 +274,51 @@ impl Xfs {
                 }
             }
             FMT_LOCAL => {}
-            other => return Err(corrupt(WHAT, format!("inode {}: data fork format {other}", inode.ino))),
+            other => {
+                return Err(corrupt(
+                    WHAT,
+                    format!("inode {}: data fork format {other}", inode.ino),
+                ))
+            }
         }
         out.sort_by_key(|e| e.logical);
         Ok(out)
     }
 
-    fn bmap_block(&self, fsb: u64, level: u16, out: &mut Vec<Extent>, budget: &mut u64) -> Result<()> {
+    fn bmap_block(
+        &self,
+        fsb: u64,
+        level: u16,
+        out: &mut Vec<Extent>,
+        budget: &mut u64,
+    ) -> Result<()> {
         *budget = budget
             .checked_sub(1)
             .ok_or_else(|| corrupt(WHAT, "bmap btree visits more blocks than exist"))?;
-        let b = io::read_vec(self.dev.as_ref(), self.block_offset(fsb, 1)?, self.bs as usize)?;
+        let b = io::read_vec(
+            self.dev.as_ref(),
+            self.block_offset(fsb, 1)?,
+            self.bs as usize,
+        )?;
         let f = Fields::new(&b, "xfs bmap block");
-        let (magic, hdr) = if self.v5 { (0x424d_4133, 72) } else { (0x424d_4150, 24) };
+        let (magic, hdr) = if self.v5 {
+            (0x424d_4133, 72)
+        } else {
+            (0x424d_4150, 24)
+        };
         if f.be32(0)? != magic || f.be16(4)? != level {
-            return Err(corrupt(WHAT, format!("bmap block {fsb}: bad magic or level")));
+            return Err(corrupt(
+                WHAT,
+                format!("bmap block {fsb}: bad magic or level"),
+            ));
         }
         let numrecs = usize::from(f.be16(6)?);
         let maxrecs = (b.len() - hdr) / 16;
         if numrecs > maxrecs {
-            return Err(corrupt(WHAT, format!("bmap block {fsb}: {numrecs} records")));
+            return Err(corrupt(
+                WHAT,
+                format!("bmap block {fsb}: {numrecs} records"),
+            ));
         }
         if level == 0 {
             return self.records(f.slice(hdr, numrecs * 16)?, out);
@@ -326,7 +378,10 @@ impl Xfs {
                     let src = (!e.unwritten).then(|| e.offset + (lb - e.logical) * bs + at % bs);
                     (end - at, src)
                 }
-                next => (next.map_or(u64::MAX, |e| e.logical.saturating_mul(bs)) - at, None),
+                next => (
+                    next.map_or(u64::MAX, |e| e.logical.saturating_mul(bs)) - at,
+                    None,
+                ),
             };
             let n = n.min((buf.len() - pos) as u64) as usize;
             let dst = &mut buf[pos..pos + n];
@@ -340,8 +395,12 @@ impl Xfs {
     }
 
     fn node(&self, inode: &Inode) -> Result<Node> {
-        let kind = Kind::from_mode(inode.mode)
-            .ok_or_else(|| corrupt(WHAT, format!("inode {} has mode {:o}", inode.ino, inode.mode)))?;
+        let kind = Kind::from_mode(inode.mode).ok_or_else(|| {
+            corrupt(
+                WHAT,
+                format!("inode {} has mode {:o}", inode.ino, inode.mode),
+            )
+        })?;
         Ok(Node {
             id: inode.ino,
             handle: inode.ino,
@@ -369,14 +428,19 @@ impl Xfs {
         let mut blocks: Vec<u64> = Vec::new();
         for e in extents.iter().filter(|e| !e.unwritten) {
             let from = e.logical.saturating_mul(self.bs);
-            let to = (e.logical + e.len).saturating_mul(self.bs).min(DIR_LEAF_OFFSET);
+            let to = (e.logical + e.len)
+                .saturating_mul(self.bs)
+                .min(DIR_LEAF_OFFSET);
             let mut b = from / db;
             while b * db < to {
                 if blocks.last() != Some(&b) {
                     blocks.push(b);
                 }
                 if blocks.len() as u64 * db > MAX_DIR_BYTES {
-                    return Err(Error::TooLarge(format!("directory inode {} is too large", dir.ino)));
+                    return Err(Error::TooLarge(format!(
+                        "directory inode {} is too large",
+                        dir.ino
+                    )));
                 }
                 b += 1;
             }
@@ -400,7 +464,11 @@ impl Xfs {
             let len = usize::from(f.u8(pos)?);
             let name = f.slice(pos + 3, len)?;
             pos += 3 + len + usize::from(self.ftype);
-            let ino = if width == 8 { f.be64(pos)? } else { u64::from(f.be32(pos)?) };
+            let ino = if width == 8 {
+                f.be64(pos)?
+            } else {
+                u64::from(f.be32(pos)?)
+            };
             pos += width;
             out.push((name.to_vec(), ino));
         }
@@ -422,7 +490,9 @@ impl Xfs {
             count
                 .checked_mul(8)
                 .and_then(|l| b.len().checked_sub(8 + l))
-                .ok_or_else(|| corrupt(WHAT, format!("directory block with {count} leaf entries")))?
+                .ok_or_else(|| {
+                    corrupt(WHAT, format!("directory block with {count} leaf entries"))
+                })?
         } else {
             b.len()
         };
@@ -431,7 +501,10 @@ impl Xfs {
             if f.be16(pos)? == 0xFFFF {
                 let len = usize::from(f.be16(pos + 2)?);
                 if len < 8 || len % 8 != 0 {
-                    return Err(corrupt(WHAT, format!("free directory space of {len} bytes")));
+                    return Err(corrupt(
+                        WHAT,
+                        format!("free directory space of {len} bytes"),
+                    ));
                 }
                 pos += len;
                 continue;
@@ -495,7 +568,9 @@ impl Tree for Xfs {
         }
         let n = inode.size as usize;
         if inode.format == FMT_LOCAL {
-            return Ok(Fields::new(&inode.fork, "xfs symlink").slice(0, n)?.to_vec());
+            return Ok(Fields::new(&inode.fork, "xfs symlink")
+                .slice(0, n)?
+                .to_vec());
         }
         // Remote: v5 blocks each start with a 56-byte header.
         let hdr = if self.v5 { 56 } else { 0 };
@@ -511,7 +586,10 @@ impl Tree for Xfs {
             }
         }
         if target.len() != n {
-            return Err(corrupt(WHAT, format!("symlink inode {} is short", inode.ino)));
+            return Err(corrupt(
+                WHAT,
+                format!("symlink inode {} is short", inode.ino),
+            ));
         }
         Ok(target)
     }

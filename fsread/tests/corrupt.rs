@@ -97,14 +97,25 @@ fn fuzz(name: &str, caps: Caps, make: impl Fn(&Path, &Path)) {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     std::fs::create_dir(&src).unwrap();
-    fsimage::populate(&src, Caps { big_sparse: false, ..caps }).unwrap();
+    fsimage::populate(
+        &src,
+        Caps {
+            big_sparse: false,
+            ..caps
+        },
+    )
+    .unwrap();
     let img = t.path().join("img");
     make(&src, &img);
     let rec = Arc::new(Recorder {
         data: std::fs::read(&img).unwrap(),
         seen: Mutex::new(BTreeSet::new()),
     });
-    assert_eq!(exercise(rec.clone()), 0, "{name}: the pristine image reads without errors");
+    assert_eq!(
+        exercise(rec.clone()),
+        0,
+        "{name}: the pristine image reads without errors"
+    );
     let sectors: Vec<u64> = rec.seen.lock().unwrap().iter().copied().collect();
     let base: u64 = std::env::var("FSREAD_FUZZ_SEED")
         .ok()
@@ -139,36 +150,51 @@ fn fuzz(name: &str, caps: Caps, make: impl Fn(&Path, &Path)) {
         match rx.recv_timeout(DEADLINE) {
             Ok(Ok(n)) => errors += n,
             Ok(Err(_)) => panic!("{name}: panicked on seed {seed} (FSREAD_FUZZ_SEED={seed})"),
-            Err(_) => panic!("{name}: no answer after {:?} on seed {seed}", started.elapsed()),
+            Err(_) => panic!(
+                "{name}: no answer after {:?} on seed {seed}",
+                started.elapsed()
+            ),
         }
     }
-    eprintln!("{name}: {ROUNDS} damaged copies from seed {base}: {errors} errors met, no panic, no hang");
+    eprintln!(
+        "{name}: {ROUNDS} damaged copies from seed {base}: {errors} errors met, no panic, no hang"
+    );
     assert!(errors > 0, "{name}: damage was noticed at least once");
 }
 
 #[test]
 fn ext4_damaged() {
-    fuzz("ext4", fsimage::EXT4, |s, i| fsimage::ext4(s, i, 16 << 20, "KNOWN", &["-b", "1024"]).unwrap());
+    fuzz("ext4", fsimage::EXT4, |s, i| {
+        fsimage::ext4(s, i, 16 << 20, "KNOWN", &["-b", "1024"]).unwrap()
+    });
 }
 
 #[test]
 fn ext3_damaged() {
-    fuzz("ext3", fsimage::EXT4, |s, i| fsimage::ext4(s, i, 16 << 20, "KNOWN", &["-t", "ext3"]).unwrap());
+    fuzz("ext3", fsimage::EXT4, |s, i| {
+        fsimage::ext4(s, i, 16 << 20, "KNOWN", &["-t", "ext3"]).unwrap()
+    });
 }
 
 #[test]
 fn xfs_damaged() {
-    fuzz("xfs", fsimage::XFS, |s, i| fsimage::xfs(s, i, 300 << 20, "KNOWN").unwrap());
+    fuzz("xfs", fsimage::XFS, |s, i| {
+        fsimage::xfs(s, i, 300 << 20, "KNOWN").unwrap()
+    });
 }
 
 #[test]
 fn vfat_damaged() {
-    fuzz("vfat", fsimage::VFAT, |s, i| fsimage::vfat(s, i, 40 << 20, "KNOWN").unwrap());
+    fuzz("vfat", fsimage::VFAT, |s, i| {
+        fsimage::vfat(s, i, 40 << 20, "KNOWN").unwrap()
+    });
 }
 
 #[test]
 fn ntfs_damaged() {
-    fuzz("ntfs", fsimage::NTFS, |s, i| fsimage::ntfs(s, i, 16 << 20, "KNOWN").unwrap());
+    fuzz("ntfs", fsimage::NTFS, |s, i| {
+        fsimage::ntfs(s, i, 16 << 20, "KNOWN").unwrap()
+    });
 }
 
 /// Partition tables and LVM metadata: an MBR disk with an LVM PV holding

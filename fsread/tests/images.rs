@@ -44,7 +44,11 @@ fn check(tree: &dyn Tree, dir: &Node, src: &Path, caps: Caps) -> usize {
         if m.file_type().is_symlink() {
             assert_eq!(meta.kind, Kind::Symlink, "{what}");
             let t = tree.read_link(&e.node).unwrap();
-            assert_eq!(Path::new(std::str::from_utf8(&t).unwrap()), std::fs::read_link(&p).unwrap(), "{what}");
+            assert_eq!(
+                Path::new(std::str::from_utf8(&t).unwrap()),
+                std::fs::read_link(&p).unwrap(),
+                "{what}"
+            );
             continue;
         }
         if m.is_dir() {
@@ -57,7 +61,11 @@ fn check(tree: &dyn Tree, dir: &Node, src: &Path, caps: Caps) -> usize {
         }
         if caps.posix {
             assert_eq!(meta.mode, m.mode() & 0o7777, "{what}: mode");
-            assert_eq!((meta.uid, meta.gid), (Some(m.uid()), Some(m.gid())), "{what}: owner");
+            assert_eq!(
+                (meta.uid, meta.gid),
+                (Some(m.uid()), Some(m.gid())),
+                "{what}: owner"
+            );
         }
         if caps.mtime_step > 0 {
             let t = meta.mtime.unwrap();
@@ -95,7 +103,10 @@ fn same_bytes(tree: &dyn Tree, node: &Node, p: &Path) -> bool {
 }
 
 fn tree_of(vols: &[fsread::Volume], path: &str) -> (Arc<dyn Tree>, Option<String>) {
-    let v = vols.iter().find(|v| v.path == path).unwrap_or_else(|| panic!("no volume {path}"));
+    let v = vols
+        .iter()
+        .find(|v| v.path == path)
+        .unwrap_or_else(|| panic!("no volume {path}"));
     (v.tree().unwrap(), v.label.clone())
 }
 
@@ -125,28 +136,40 @@ fn whole_disk(kind: &'static str, caps: Caps, make: impl Fn(&Path, &Path)) {
 
 #[test]
 fn ext4_whole_disk() {
-    whole_disk("ext4", fsimage::EXT4, |src, img| fsimage::ext4(src, img, 64 << 20, "KNOWN", &[]).unwrap());
+    whole_disk("ext4", fsimage::EXT4, |src, img| {
+        fsimage::ext4(src, img, 64 << 20, "KNOWN", &[]).unwrap()
+    });
 }
 
 #[test]
 fn ext3_block_maps_and_ext2() {
-    whole_disk("ext3", fsimage::EXT4, |src, img| fsimage::ext4(src, img, 64 << 20, "KNOWN", &["-t", "ext3"]).unwrap());
-    whole_disk("ext2", fsimage::EXT4, |src, img| fsimage::ext4(src, img, 64 << 20, "KNOWN", &["-t", "ext2"]).unwrap());
+    whole_disk("ext3", fsimage::EXT4, |src, img| {
+        fsimage::ext4(src, img, 64 << 20, "KNOWN", &["-t", "ext3"]).unwrap()
+    });
+    whole_disk("ext2", fsimage::EXT4, |src, img| {
+        fsimage::ext4(src, img, 64 << 20, "KNOWN", &["-t", "ext2"]).unwrap()
+    });
 }
 
 #[test]
 fn xfs_whole_disk() {
-    whole_disk("xfs", fsimage::XFS, |src, img| fsimage::xfs(src, img, 320 << 20, "KNOWN").unwrap());
+    whole_disk("xfs", fsimage::XFS, |src, img| {
+        fsimage::xfs(src, img, 320 << 20, "KNOWN").unwrap()
+    });
 }
 
 #[test]
 fn vfat_whole_disk() {
-    whole_disk("vfat", fsimage::VFAT, |src, img| fsimage::vfat(src, img, 64 << 20, "KNOWN").unwrap());
+    whole_disk("vfat", fsimage::VFAT, |src, img| {
+        fsimage::vfat(src, img, 64 << 20, "KNOWN").unwrap()
+    });
 }
 
 #[test]
 fn ntfs_whole_disk() {
-    whole_disk("ntfs", fsimage::NTFS, |src, img| fsimage::ntfs(src, img, 64 << 20, "KNOWN").unwrap());
+    whole_disk("ntfs", fsimage::NTFS, |src, img| {
+        fsimage::ntfs(src, img, 64 << 20, "KNOWN").unwrap()
+    });
 }
 
 /// GPT with ext4 and XFS; MBR with FAT and an LVM PV holding ext4 and XFS
@@ -162,8 +185,12 @@ fn partitions_and_logical_volumes() {
         f(&p);
         p
     };
-    let ext4 = fs("ext4.img", &|p| fsimage::ext4(&src, p, 64 << 20, "ROOT", &[]).unwrap());
-    let xfs = fs("xfs.img", &|p| fsimage::xfs(&src, p, 320 << 20, "DATA").unwrap());
+    let ext4 = fs("ext4.img", &|p| {
+        fsimage::ext4(&src, p, 64 << 20, "ROOT", &[]).unwrap()
+    });
+    let xfs = fs("xfs.img", &|p| {
+        fsimage::xfs(&src, p, 320 << 20, "DATA").unwrap()
+    });
     let fat = fs("fat.img", &|p| {
         let plain = t.path().join("plain");
         std::fs::create_dir_all(&plain).unwrap();
@@ -188,8 +215,10 @@ fn partitions_and_logical_volumes() {
     fsimage::place(&xfs, &mbr, at[&format!("{vg}/data")]).unwrap();
 
     let vols = fsread::discover(&[("vda".into(), open(&gpt)), ("vdb".into(), open(&mbr))]);
-    let summary: Vec<(String, String, Option<String>)> =
-        vols.iter().map(|v| (v.path.clone(), v.content.name(), v.label.clone())).collect();
+    let summary: Vec<(String, String, Option<String>)> = vols
+        .iter()
+        .map(|v| (v.path.clone(), v.content.name(), v.label.clone()))
+        .collect();
     let s = |p: &str, c: &str, l: Option<&str>| (p.to_string(), c.to_string(), l.map(String::from));
     assert_eq!(
         summary,
@@ -204,7 +233,12 @@ fn partitions_and_logical_volumes() {
             s(&format!("vdb/lvm/{vg}/data"), "xfs", Some("DATA")),
         ]
     );
-    for path in ["vda/p1", "vda/p2", &format!("vdb/lvm/{vg}/root"), &format!("vdb/lvm/{vg}/data")] {
+    for path in [
+        "vda/p1",
+        "vda/p2",
+        &format!("vdb/lvm/{vg}/root"),
+        &format!("vdb/lvm/{vg}/data"),
+    ] {
         let (tree, _) = tree_of(&vols, path);
         // Both were filled from one tree made for XFS's protofile.
         let caps = fsimage::XFS;
@@ -212,7 +246,10 @@ fn partitions_and_logical_volumes() {
         assert!(check(tree.as_ref(), &root, &src, caps) > 200, "{path}");
     }
     let (v, rest) = fsread::resolve(&vols, &format!("vdb/lvm/{vg}/root/dir/exec.sh")).unwrap();
-    assert_eq!((v.path.as_str(), rest.as_str()), (format!("vdb/lvm/{vg}/root").as_str(), "dir/exec.sh"));
+    assert_eq!(
+        (v.path.as_str(), rest.as_str()),
+        (format!("vdb/lvm/{vg}/root").as_str(), "dir/exec.sh")
+    );
 }
 
 /// A block that exists only in the journal (a committed, unreplayed

@@ -27,14 +27,34 @@ pub struct Caps {
 }
 
 /// ext4 keeps everything; `mkfs.ext4 -d` copies mtimes in whole seconds.
-pub const EXT4: Caps = Caps { posix: true, hardlinks: true, big_sparse: true, mtime_step: 1_000_000_000 };
+pub const EXT4: Caps = Caps {
+    posix: true,
+    hardlinks: true,
+    big_sparse: true,
+    mtime_step: 1_000_000_000,
+};
 /// `mkfs.xfs -p` makes no hard links and stamps the time of mkfs.
-pub const XFS: Caps = Caps { posix: true, hardlinks: false, big_sparse: false, mtime_step: 0 };
+pub const XFS: Caps = Caps {
+    posix: true,
+    hardlinks: false,
+    big_sparse: false,
+    mtime_step: 0,
+};
 /// FAT: names and bytes, times in 2 s steps.
-pub const VFAT: Caps = Caps { posix: false, hardlinks: false, big_sparse: false, mtime_step: 2_000_000_000 };
+pub const VFAT: Caps = Caps {
+    posix: false,
+    hardlinks: false,
+    big_sparse: false,
+    mtime_step: 2_000_000_000,
+};
 /// NTFS through ntfs-3g: symlinks, hard links, sparse files, 100 ns times;
 /// no POSIX modes or owners.
-pub const NTFS: Caps = Caps { posix: false, hardlinks: true, big_sparse: true, mtime_step: 100 };
+pub const NTFS: Caps = Caps {
+    posix: false,
+    hardlinks: true,
+    big_sparse: true,
+    mtime_step: 100,
+};
 
 /// The mtime every known file gets (nanoseconds included).
 pub const MTIME: (i64, u32) = (1_600_000_000, 123_456_789);
@@ -50,7 +70,8 @@ pub fn populate(dir: &Path, caps: Caps) -> Result<()> {
     let w = |rel: &str, data: &[u8]| -> Result<()> {
         let p = dir.join(rel);
         if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err(format!("mkdir {}", parent.display())))?;
+            std::fs::create_dir_all(parent)
+                .map_err(io_err(format!("mkdir {}", parent.display())))?;
         }
         std::fs::write(&p, data).map_err(io_err(format!("writing {}", p.display())))
     };
@@ -62,18 +83,30 @@ pub fn populate(dir: &Path, caps: Caps) -> Result<()> {
     w("hard1", b"one inode, two names\n")?;
     std::fs::create_dir_all(dir.join("emptydir")).map_err(io_err("mkdir emptydir"))?;
     for i in 0..200 {
-        w(&format!("many/file-{i:03}.txt"), format!("file {i}\n").as_bytes())?;
+        w(
+            &format!("many/file-{i:03}.txt"),
+            format!("file {i}\n").as_bytes(),
+        )?;
     }
-    sparse(&dir.join("sparse.img"), 4 << 20, &[(0, b"head"), (3 << 20, b"middle")])?;
+    sparse(
+        &dir.join("sparse.img"),
+        4 << 20,
+        &[(0, b"head"), (3 << 20, b"middle")],
+    )?;
     if caps.big_sparse {
-        sparse(&dir.join("big-sparse.img"), BIG_SPARSE, &[(1 << 20, b"one"), (BIG_SPARSE - 4, b"tail")])?;
+        sparse(
+            &dir.join("big-sparse.img"),
+            BIG_SPARSE,
+            &[(1 << 20, b"one"), (BIG_SPARSE - 4, b"tail")],
+        )?;
     }
     if caps.hardlinks {
         std::fs::hard_link(dir.join("hard1"), dir.join("hard2")).map_err(io_err("hard link"))?;
     }
     if caps.posix {
         let sym = |target: &str, name: &str| {
-            std::os::unix::fs::symlink(target, dir.join(name)).map_err(io_err(format!("symlink {name}")))
+            std::os::unix::fs::symlink(target, dir.join(name))
+                .map_err(io_err(format!("symlink {name}")))
         };
         sym("dir/exec.sh", "link-rel")?;
         sym("/etc/passwd", "link-abs")?;
@@ -183,19 +216,28 @@ fn proto_dir(dir: &Path, text: &mut String, depth: usize) -> Result<()> {
     entries.sort();
     for p in entries {
         let m = std::fs::symlink_metadata(&p).map_err(io_err("lstat"))?;
-        let name = p.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::Unexpected("name".into()))?;
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::Unexpected("name".into()))?;
         let pad = " ".repeat(depth);
         let perm = m.mode() & 0o777;
         let (uid, gid) = (m.uid(), m.gid());
         if m.file_type().is_symlink() {
             let t = std::fs::read_link(&p).map_err(io_err("readlink"))?;
-            text.push_str(&format!("{pad}{name} l--{perm:o} {uid} {gid} {}\n", t.display()));
+            text.push_str(&format!(
+                "{pad}{name} l--{perm:o} {uid} {gid} {}\n",
+                t.display()
+            ));
         } else if m.is_dir() {
             text.push_str(&format!("{pad}{name} d--{perm:o} {uid} {gid}\n"));
             proto_dir(&p, text, depth + 1)?;
             text.push_str(&format!("{pad}$\n"));
         } else {
-            text.push_str(&format!("{pad}{name} ---{perm:o} {uid} {gid} {}\n", p.display()));
+            text.push_str(&format!(
+                "{pad}{name} ---{perm:o} {uid} {gid} {}\n",
+                p.display()
+            ));
         }
     }
     Ok(())
@@ -204,7 +246,9 @@ fn proto_dir(dir: &Path, text: &mut String, depth: usize) -> Result<()> {
 /// A FAT32 image holding `dir` (`mkfs.vfat`, `mcopy -s -m`, as UTC).
 pub fn vfat(dir: &Path, image: &Path, size: u64, label: &str) -> Result<()> {
     make_file(image, size)?;
-    run(Command::new("mkfs.vfat").args(["-F", "32", "-n", label]).arg(image))?;
+    run(Command::new("mkfs.vfat")
+        .args(["-F", "32", "-n", label])
+        .arg(image))?;
     for p in std::fs::read_dir(dir).map_err(io_err("listing"))? {
         let p = p.map_err(io_err("listing"))?.path();
         run(Command::new("mcopy")
@@ -223,11 +267,16 @@ pub fn vfat(dir: &Path, image: &Path, size: u64, label: &str) -> Result<()> {
 /// FUSE mount of it).
 pub fn ntfs(dir: &Path, image: &Path, size: u64, label: &str) -> Result<()> {
     make_file(image, size)?;
-    run(Command::new("mkntfs").args(["-q", "-F", "-Q", "-L", label]).arg(image))?;
+    run(Command::new("mkntfs")
+        .args(["-q", "-F", "-Q", "-L", label])
+        .arg(image))?;
     let mnt = image.with_extension("mnt");
     std::fs::create_dir_all(&mnt).map_err(io_err("mkdir"))?;
     run(Command::new("ntfs-3g").arg(image).arg(&mnt))?;
-    let copied = run(Command::new("cp").args(["-a", "--sparse=always"]).arg(format!("{}/.", dir.display())).arg(&mnt));
+    let copied = run(Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(format!("{}/.", dir.display()))
+        .arg(&mnt));
     let unmounted = run(Command::new("fusermount3").arg("-u").arg(&mnt));
     copied?;
     unmounted?;
@@ -267,11 +316,17 @@ pub fn partition(disk: &Path, label: &str, parts: &[(u64, &str)]) -> Result<Vec<
         return Err(Error::Unexpected(format!("sfdisk failed: {st}")));
     }
     let dump = run(Command::new("sfdisk").args(["-J"]).arg(disk))?;
-    let v: serde_json::Value = serde_json::from_str(&dump).map_err(|e| Error::Unexpected(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&dump).map_err(|e| Error::Unexpected(e.to_string()))?;
     let sector = v["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
     Ok(v["partitiontable"]["partitions"]
         .as_array()
-        .map(|a| a.iter().filter_map(|p| p["start"].as_u64()).map(|s| s * sector).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["start"].as_u64())
+                .map(|s| s * sector)
+                .collect()
+        })
         .unwrap_or_default())
 }
 
@@ -280,7 +335,12 @@ pub fn place(image: &Path, disk: &Path, offset: u64) -> Result<()> {
     run(Command::new("dd")
         .arg(format!("if={}", image.display()))
         .arg(format!("of={}", disk.display()))
-        .args(["bs=1M", "conv=notrunc,sparse", "oflag=seek_bytes", "status=none"])
+        .args([
+            "bs=1M",
+            "conv=notrunc,sparse",
+            "oflag=seek_bytes",
+            "status=none",
+        ])
         .arg(format!("seek={offset}")))?;
     Ok(())
 }
@@ -297,34 +357,89 @@ pub struct LvPlace {
 /// Makes a PV on `disk` at `offset` (a partition) through a loop device,
 /// a VG `vg` and linear LVs of the given MiB sizes, without device-mapper
 /// (`lvcreate --driverloaded n -an -Zn`).
-pub fn lvm(disk: &Path, offset: u64, len: u64, vg: &str, lvs: &[(&str, u64)]) -> Result<Vec<LvPlace>> {
+pub fn lvm(
+    disk: &Path,
+    offset: u64,
+    len: u64,
+    vg: &str,
+    lvs: &[(&str, u64)],
+) -> Result<Vec<LvPlace>> {
     let out = run(Command::new("losetup")
-        .args(["-f", "--show", "-o", &offset.to_string(), "--sizelimit", &len.to_string()])
+        .args([
+            "-f",
+            "--show",
+            "-o",
+            &offset.to_string(),
+            "--sizelimit",
+            &len.to_string(),
+        ])
         .arg(disk))?;
     let dev = out.trim().to_string();
     let filter = format!("devices {{ filter=[\"a|^{dev}$|\",\"r|.*|\"] use_devicesfile=0 }}");
     let lvm = |args: &[&str]| -> Result<String> {
-        run(Command::new(args[0]).args(&args[1..]).args(["--config", &filter]))
+        run(Command::new(args[0])
+            .args(&args[1..])
+            .args(["--config", &filter]))
     };
     let result = (|| {
         lvm(&["pvcreate", "-q", "-y", &dev])?;
         lvm(&["vgcreate", "-q", vg, &dev])?;
         for (name, mib) in lvs {
-            lvm(&["lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-y", "-n", name, "-L", &format!("{mib}m"), vg])?;
+            lvm(&[
+                "lvcreate",
+                "-q",
+                "--driverloaded",
+                "n",
+                "-an",
+                "-Zn",
+                "-y",
+                "-n",
+                name,
+                "-L",
+                &format!("{mib}m"),
+                vg,
+            ])?;
         }
-        let pe_start: u64 = lvm(&["pvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", &dev])?
-            .trim()
-            .parse()
-            .map_err(|e| Error::Unexpected(format!("pe_start: {e}")))?;
-        let extent: u64 = lvm(&["vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_extent_size", vg])?
-            .trim()
-            .parse()
-            .map_err(|e| Error::Unexpected(format!("extent size: {e}")))?;
-        let segs = lvm(&["lvs", "--noheadings", "--segments", "-o", "lv_name,seg_pe_ranges", vg])?;
+        let pe_start: u64 = lvm(&[
+            "pvs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "pe_start",
+            &dev,
+        ])?
+        .trim()
+        .parse()
+        .map_err(|e| Error::Unexpected(format!("pe_start: {e}")))?;
+        let extent: u64 = lvm(&[
+            "vgs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "vg_extent_size",
+            vg,
+        ])?
+        .trim()
+        .parse()
+        .map_err(|e| Error::Unexpected(format!("extent size: {e}")))?;
+        let segs = lvm(&[
+            "lvs",
+            "--noheadings",
+            "--segments",
+            "-o",
+            "lv_name,seg_pe_ranges",
+            vg,
+        ])?;
         let mut places = Vec::new();
         for line in segs.lines() {
             let mut it = line.split_whitespace();
-            let (Some(name), Some(range)) = (it.next(), it.next()) else { continue };
+            let (Some(name), Some(range)) = (it.next(), it.next()) else {
+                continue;
+            };
             let first: u64 = range
                 .rsplit(':')
                 .next()
@@ -346,8 +461,18 @@ pub fn lvm(disk: &Path, offset: u64, len: u64, vg: &str, lvs: &[(&str, u64)]) ->
 /// Checks that `copy` holds what `source` holds as far as `caps` go:
 /// every entry, its kind, bytes, symlink target, mode, owner, mtime;
 /// `skip` names entries (relative paths) the copy must not have.
-pub fn compare_trees(source: &Path, copy: &Path, caps: Caps, skip: &[&str], owners: bool) -> Result<usize> {
-    let rel = |root: &Path, p: &Path| p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
+pub fn compare_trees(
+    source: &Path,
+    copy: &Path,
+    caps: Caps,
+    skip: &[&str],
+    owners: bool,
+) -> Result<usize> {
+    let rel = |root: &Path, p: &Path| {
+        p.strip_prefix(root)
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    };
     let want: Vec<PathBuf> = walk(source)?
         .iter()
         .map(|p| rel(source, p))
@@ -355,7 +480,9 @@ pub fn compare_trees(source: &Path, copy: &Path, caps: Caps, skip: &[&str], owne
         .collect();
     let have: Vec<PathBuf> = walk(copy)?.iter().map(|p| rel(copy, p)).collect();
     if want != have {
-        return Err(Error::Unexpected(format!("entries differ:\n want {want:?}\n have {have:?}")));
+        return Err(Error::Unexpected(format!(
+            "entries differ:\n want {want:?}\n have {have:?}"
+        )));
     }
     for r in &want {
         let (a, b) = (source.join(r), copy.join(r));
@@ -381,7 +508,8 @@ pub fn compare_trees(source: &Path, copy: &Path, caps: Caps, skip: &[&str], owne
             return Err(bad("owner"));
         }
         if caps.mtime_step > 0 && !ma.file_type().is_symlink() {
-            let t = |m: &std::fs::Metadata| m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
+            let t =
+                |m: &std::fs::Metadata| m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
             let step = caps.mtime_step as i128;
             if t(&ma) / step != t(&mb) / step {
                 return Err(bad(&format!("mtime {} vs {}", t(&ma), t(&mb))));
@@ -395,9 +523,11 @@ pub fn compare_trees(source: &Path, copy: &Path, caps: Caps, skip: &[&str], owne
 /// may be large).
 pub fn same_content(a: &Path, b: &Path) -> Result<bool> {
     use std::io::Read;
-    let open = |p: &Path| std::fs::File::open(p).map_err(io_err(format!("opening {}", p.display())));
+    let open =
+        |p: &Path| std::fs::File::open(p).map_err(io_err(format!("opening {}", p.display())));
     let (mut fa, mut fb) = (open(a)?, open(b)?);
-    if fa.metadata().map_err(io_err("stat"))?.len() != fb.metadata().map_err(io_err("stat"))?.len() {
+    if fa.metadata().map_err(io_err("stat"))?.len() != fb.metadata().map_err(io_err("stat"))?.len()
+    {
         return Ok(false);
     }
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);

@@ -219,8 +219,9 @@ impl Session {
         if path.is_empty() {
             return Ok(Target::Volumes(self.volumes.iter().collect()));
         }
-        let (vol, rest) = fsread::resolve(&self.volumes, path)
-            .with_context(|| format!("{path}: no such disk or volume (bulwark files ls shows them)"))?;
+        let (vol, rest) = fsread::resolve(&self.volumes, path).with_context(|| {
+            format!("{path}: no such disk or volume (bulwark files ls shows them)")
+        })?;
         let container = matches!(vol.content, Content::Table(_) | Content::LvmPv(_));
         if container && rest.is_empty() {
             let under: Vec<&Volume> = self
@@ -233,9 +234,14 @@ impl Session {
         if container {
             bail!("{path}: no such partition or volume (bulwark files ls shows them)");
         }
-        let tree = vol.tree().with_context(|| format!("{path}: cannot read {}", vol.path))?;
-        let root = tree.root().with_context(|| format!("reading {}", vol.path))?;
-        let node = fsread::lookup(tree.as_ref(), root, &rest).with_context(|| format!("{}: {path}", vol.path))?;
+        let tree = vol
+            .tree()
+            .with_context(|| format!("{path}: cannot read {}", vol.path))?;
+        let root = tree
+            .root()
+            .with_context(|| format!("reading {}", vol.path))?;
+        let node = fsread::lookup(tree.as_ref(), root, &rest)
+            .with_context(|| format!("{}: {path}", vol.path))?;
         Ok(Target::Node(Located {
             tree,
             node,

@@ -103,7 +103,10 @@ impl Journal {
             return Ok(Journal::default());
         }
         if first == 0 || first >= maxlen || start < first || start >= maxlen {
-            return Err(corrupt(WHAT, format!("journal bounds first {first} start {start} maxlen {maxlen}")));
+            return Err(corrupt(
+                WHAT,
+                format!("journal bounds first {first} start {start} maxlen {maxlen}"),
+            ));
         }
         let layout = Layout {
             maxlen,
@@ -115,7 +118,11 @@ impl Journal {
             } else {
                 8
             },
-            tail: if incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3) != 0 { 4 } else { 0 },
+            tail: if incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3) != 0 {
+                4
+            } else {
+                0
+            },
             is64: incompat & INCOMPAT_64BIT != 0,
         };
         let txns = log.scan(&layout, start, seq)?;

@@ -117,7 +117,9 @@ pub(super) fn tar(sources: &[Located], file: &Path) -> Result<i32> {
     let mut errors = 0;
     for s in sources {
         errors += each_below(s, &mut |rel, e| {
-            let Some(item) = plan.item(rel, e)? else { return Ok(()) };
+            let Some(item) = plan.item(rel, e)? else {
+                return Ok(());
+            };
             let m = &e.node.meta;
             let mut h = tar_header(m);
             match item {
@@ -163,7 +165,9 @@ pub(super) fn zip(sources: &[Located], file: &Path) -> Result<i32> {
     let mut errors = 0;
     for s in sources {
         errors += each_below(s, &mut |rel, e| {
-            let Some(item) = plan.item(rel, e)? else { return Ok(()) };
+            let Some(item) = plan.item(rel, e)? else {
+                return Ok(());
+            };
             let m = &e.node.meta;
             let opts = zip::write::SimpleFileOptions::default()
                 .unix_permissions(m.mode & 0o1777)
@@ -173,7 +177,10 @@ pub(super) fn zip(sources: &[Located], file: &Path) -> Result<i32> {
                 Item::Dir => z.add_directory(format!("{rel}/"), opts)?,
                 // Zip has no hard links: another copy.
                 Item::File | Item::HardLink(_) => {
-                    z.start_file(rel, opts.compression_method(zip::CompressionMethod::Deflated))?;
+                    z.start_file(
+                        rel,
+                        opts.compression_method(zip::CompressionMethod::Deflated),
+                    )?;
                     std::io::copy(&mut Content::new(e), &mut z)?;
                 }
                 Item::Symlink(target) => z.add_symlink(rel, target, opts)?,

@@ -124,7 +124,8 @@ impl Extractor {
         let key = (Arc::as_ptr(&e.tree) as *const () as usize, e.node.id);
         if m.nlink > 1 {
             if let Some(first) = self.links.get(&key) {
-                std::fs::hard_link(first, dest).with_context(|| format!("linking {}", dest.display()))?;
+                std::fs::hard_link(first, dest)
+                    .with_context(|| format!("linking {}", dest.display()))?;
                 return Ok(true);
             }
         }
@@ -158,13 +159,15 @@ impl Extractor {
             self.refuse(&e.path, why);
             return Ok(false);
         }
-        self.symlinks.push((dest.to_path_buf(), target, e.node.meta.clone()));
+        self.symlinks
+            .push((dest.to_path_buf(), target, e.node.meta.clone()));
         Ok(true)
     }
 
     fn owner(&self, dest: &Path, m: &Meta) -> Result<()> {
         if self.as_root {
-            std::os::unix::fs::lchown(dest, m.uid, m.gid).with_context(|| format!("chown {}", dest.display()))?;
+            std::os::unix::fs::lchown(dest, m.uid, m.gid)
+                .with_context(|| format!("chown {}", dest.display()))?;
         }
         Ok(())
     }
@@ -186,9 +189,10 @@ impl Extractor {
         let mut dirs = std::mem::take(&mut self.dirs);
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (dest, m) in dirs {
-            let r = std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(m.mode & 0o1777))
-                .map_err(anyhow::Error::from)
-                .and_then(|_| set_mtime(&dest, &m));
+            let r =
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(m.mode & 0o1777))
+                    .map_err(anyhow::Error::from)
+                    .and_then(|_| set_mtime(&dest, &m));
             if let Err(err) = r {
                 eprintln!("error: {}: {err:#}", dest.display());
                 self.failed += 1;
@@ -269,9 +273,17 @@ fn set_mtime(p: &Path, m: &Meta) -> Result<()> {
     };
     let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
     // SAFETY: a valid NUL-terminated path and two timespecs.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [ts, ts].as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            [ts, ts].as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if r != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("setting the time of {}", p.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setting the time of {}", p.display()));
     }
     Ok(())
 }

@@ -63,7 +63,11 @@ pub(super) fn find(s: &Session, a: &FindArgs) -> Result<i32> {
             }
         };
         errors += walk(&root, &mut |e| {
-            let subject = if whole_path { e.path.as_str() } else { name_of(&e.path) };
+            let subject = if whole_path {
+                e.path.as_str()
+            } else {
+                name_of(&e.path)
+            };
             if pattern.matches(subject) {
                 found.push(e.clone());
             }
@@ -85,7 +89,11 @@ pub(super) fn children(dir: &Located, f: &mut dyn FnMut(&Located) -> Result<()>)
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     for e in entries {
         if !fsread::valid_name(&e.name) {
-            eprintln!("warning: {}: skipped an entry with an unusable name {:?}", dir.path, String::from_utf8_lossy(&e.name));
+            eprintln!(
+                "warning: {}: skipped an entry with an unusable name {:?}",
+                dir.path,
+                String::from_utf8_lossy(&e.name)
+            );
             continue;
         }
         let name = String::from_utf8_lossy(&e.name);
@@ -132,7 +140,10 @@ fn walk_dir(
     f: &mut dyn FnMut(&Located) -> Result<()>,
 ) {
     if depth > MAX_DEPTH || !seen.insert(dir.node.id) {
-        eprintln!("warning: {}: directory loop or nesting too deep, not entered", dir.path);
+        eprintln!(
+            "warning: {}: directory loop or nesting too deep, not entered",
+            dir.path
+        );
         *errors += 1;
         return;
     }
@@ -156,10 +167,16 @@ fn walk_dir(
 fn print_volumes(vols: &[&Volume], json: bool) -> Result<()> {
     if json {
         let v: Vec<Value> = vols.iter().map(|v| volume_json(v)).collect();
-        println!("{}", serde_json::to_string_pretty(&json!({ "volumes": v }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "volumes": v }))?
+        );
         return Ok(());
     }
-    println!("{:<28}  {:>10}  {:<8}  {:<16}  DETAIL", "PATH", "SIZE", "CONTENT", "LABEL");
+    println!(
+        "{:<28}  {:>10}  {:<8}  {:<16}  DETAIL",
+        "PATH", "SIZE", "CONTENT", "LABEL"
+    );
     for v in vols {
         let detail = match (&v.place, &v.content) {
             (_, fsread::Content::Damaged(e)) => e.clone(),
@@ -188,9 +205,15 @@ fn volume_json(v: &Volume) -> Value {
     });
     match &v.place {
         Place::Disk => j["type"] = json!("disk"),
-        Place::Partition { number, start, type_name, name } => {
+        Place::Partition {
+            number,
+            start,
+            type_name,
+            name,
+        } => {
             j["type"] = json!("partition");
-            j["partition"] = json!({ "number": number, "start": start, "type": type_name, "name": name });
+            j["partition"] =
+                json!({ "number": number, "start": start, "type": type_name, "name": name });
         }
         Place::LogicalVolume { vg, lv } => {
             j["type"] = json!("lvm");
@@ -208,7 +231,10 @@ fn volume_json(v: &Volume) -> Value {
 fn print_entries(entries: &[Located], long: bool, json: bool) -> Result<()> {
     if json {
         let v: Vec<Value> = entries.iter().map(entry_json).collect();
-        println!("{}", serde_json::to_string_pretty(&json!({ "entries": v }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "entries": v }))?
+        );
         return Ok(());
     }
     for e in entries {
@@ -227,7 +253,9 @@ fn print_entries(entries: &[Located], long: bool, json: bool) -> Result<()> {
             .and_then(|t| chrono::DateTime::from_timestamp(t.secs, t.nsec))
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| "-".into());
-        let target = link_target(e).map(|t| format!(" -> {t}")).unwrap_or_default();
+        let target = link_target(e)
+            .map(|t| format!(" -> {t}"))
+            .unwrap_or_default();
         println!(
             "{}  {:>5}  {:>11}  {:>12}  {time}  {}{target}",
             mode_string(m.kind, m.mode),
