@@ -10,11 +10,12 @@
 
 mod journal;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::{corrupt, Error, Result};
+use crate::extent::{self, Extent, LastMap, PosixInode};
 use crate::io::{self, Fields, ReadAt};
-use crate::tree::{Entry, Kind, Meta, Node, Time, Tree, LINK_MAX};
+use crate::tree::{Entry, Node, Time, Tree, LINK_MAX};
 
 const WHAT: &str = "ext4";
 const MAGIC: u16 = 0xEF53;
@@ -59,16 +60,6 @@ struct Super {
     label: Option<String>,
 }
 
-/// A run of a file's blocks: `len` blocks from logical block `logical` at
-/// physical block `phys` (`unwritten`: preallocated, reads as zeros).
-#[derive(Clone, Copy, Debug)]
-struct Extent {
-    logical: u64,
-    phys: u64,
-    len: u64,
-    unwritten: bool,
-}
-
 /// Where a file's bytes are.
 enum Map {
     Blocks(Vec<Extent>),
@@ -78,13 +69,7 @@ enum Map {
 
 /// An inode as read.
 struct Inode {
-    ino: u64,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    mtime: Time,
-    nlink: u32,
+    posix: PosixInode,
     flags: u32,
     raw: Vec<u8>,
 }
@@ -100,8 +85,7 @@ pub struct Ext4 {
     dev: Arc<dyn ReadAt>,
     sb: Super,
     journal: journal::Journal,
-    /// The last file mapped: reads of one file come in many pieces.
-    last_map: Mutex<Option<(u64, Arc<Map>)>>,
+    last_map: LastMap<Map>,
 }
 
 impl Ext4 {
@@ -117,7 +101,7 @@ impl Ext4 {
             dev,
             sb,
             journal: journal::Journal::default(),
-            last_map: Mutex::new(None),
+            last_map: LastMap::default(),
         };
         if fs.sb.incompat & INCOMPAT_RECOVER != 0 && fs.sb.journal_ino != 0 {
             let inode = fs.inode(fs.sb.journal_ino)?;
@@ -237,7 +221,7 @@ impl Ext4 {
         if inode.flags & FLAG_INLINE_DATA != 0 {
             return Ok(Map::Inline(self.inline_data(inode)?));
         }
-        let nblocks = inode.size.div_ceil(self.sb.block_size);
+        let nblocks = inode.posix.size.div_ceil(self.sb.block_size);
         let mut out = Vec::new();
         if inode.flags & FLAG_EXTENTS != 0 {
             let mut budget = self.sb.blocks;
@@ -247,16 +231,6 @@ impl Ext4 {
             self.walk_block_map(inode.i_block(), nblocks, &mut out)?;
         }
         Ok(Map::Blocks(out))
-    }
-
-    fn map_cached(&self, inode: &Inode) -> Result<Arc<Map>> {
-        let mut last = self.last_map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, m)) = last.as_ref().filter(|(ino, _)| *ino == inode.ino) {
-            return Ok(m.clone());
-        }
-        let m = Arc::new(self.map(inode)?);
-        *last = Some((inode.ino, m.clone()));
-        Ok(m)
     }
 
     /// Collects the leaves of an extent tree node.
@@ -298,7 +272,7 @@ impl Ext4 {
                 }
                 out.push(Extent {
                     logical: u64::from(f.le32(e)?),
-                    phys,
+                    offset: phys * self.sb.block_size,
                     len,
                     unwritten,
                 });
@@ -319,7 +293,7 @@ impl Ext4 {
         let f = Fields::new(i_block, WHAT);
         let per = self.sb.block_size / 4;
         for i in 0..12 {
-            push_block(out, i as u64, u64::from(f.le32(i * 4)?), nblocks);
+            self.push_block(out, i as u64, u64::from(f.le32(i * 4)?), nblocks)?;
         }
         let mut budget = self.sb.blocks;
         let mut start = 12u64;
@@ -329,9 +303,6 @@ impl Ext4 {
             let ptr = u64::from(f.le32(44 + level * 4)?);
             self.indirect(ptr, level as u32, start, nblocks, out, &mut budget)?;
             start += span;
-        }
-        for e in out.iter() {
-            self.check_block(e.phys, e.len)?;
         }
         if out.len() > MAX_EXTENTS {
             return Err(Error::TooLarge("file has too many extents".into()));
@@ -364,11 +335,33 @@ impl Ext4 {
             }
             let p = u64::from(u32::from_le_bytes([p[0], p[1], p[2], p[3]]));
             if level == 1 {
-                push_block(out, logical, p, nblocks);
+                self.push_block(out, logical, p, nblocks)?;
             } else {
                 self.indirect(p, level - 1, logical, nblocks, out, budget)?;
             }
         }
+        Ok(())
+    }
+
+    /// Appends file block `logical` at block `phys` to a map, merging runs.
+    fn push_block(&self, out: &mut Vec<Extent>, logical: u64, phys: u64, nblocks: u64) -> Result<()> {
+        if phys == 0 || logical >= nblocks {
+            return Ok(());
+        }
+        self.check_block(phys, 1)?;
+        let bs = self.sb.block_size;
+        if let Some(l) = out.last_mut() {
+            if l.logical + l.len == logical && l.offset + l.len * bs == phys * bs {
+                l.len += 1;
+                return Ok(());
+            }
+        }
+        out.push(Extent {
+            logical,
+            offset: phys * bs,
+            len: 1,
+            unwritten: false,
+        });
         Ok(())
     }
 
@@ -395,64 +388,16 @@ impl Ext4 {
                 Ok(())
             }
             Map::Blocks(extents) => {
-                let bs = self.sb.block_size;
-                let mut pos = 0usize;
-                while pos < buf.len() {
-                    let at = offset + pos as u64;
-                    let lb = at / bs;
-                    let i = extents.partition_point(|e| e.logical + e.len <= lb);
-                    let (n, src) = match extents.get(i) {
-                        Some(e) if e.logical <= lb => {
-                            let end = (e.logical + e.len) * bs;
-                            let n = ((end - at) as usize).min(buf.len() - pos);
-                            let src =
-                                (!e.unwritten).then(|| (e.phys + lb - e.logical) * bs + at % bs);
-                            (n, src)
-                        }
-                        next => {
-                            let end = next.map_or(u64::MAX, |e| e.logical.saturating_mul(bs));
-                            (((end - at) as usize).min(buf.len() - pos), None)
-                        }
-                    };
-                    let dst = &mut buf[pos..pos + n];
-                    match src {
-                        Some(s) => self.read_fs(s, dst)?,
-                        None => dst.fill(0),
-                    }
-                    pos += n;
-                }
-                Ok(())
+                extent::read(extents, self.sb.block_size, offset, buf, |at, dst| self.read_fs(at, dst))
             }
         }
-    }
-
-    fn node(&self, inode: &Inode) -> Result<Node> {
-        let kind = Kind::from_mode(inode.mode).ok_or_else(|| {
-            corrupt(
-                WHAT,
-                format!("inode {} has mode {:o}", inode.ino, inode.mode),
-            )
-        })?;
-        Ok(Node {
-            id: inode.ino,
-            handle: inode.ino,
-            meta: Meta {
-                kind,
-                size: inode.size,
-                mode: inode.mode & 0o7777,
-                uid: Some(inode.uid),
-                gid: Some(inode.gid),
-                mtime: Some(inode.mtime),
-                nlink: inode.nlink,
-            },
-        })
     }
 
     fn dir_entries(&self, dir: &Inode) -> Result<Vec<(Vec<u8>, u64)>> {
         if dir.flags & FLAG_ENCRYPT != 0 {
             return Err(Error::Unsupported(format!(
                 "directory inode {} is encrypted",
-                dir.ino
+                dir.posix.ino
             )));
         }
         let map = self.map(dir)?;
@@ -469,17 +414,18 @@ impl Ext4 {
                 let mut total = 0u64;
                 for e in extents.iter().filter(|e| !e.unwritten) {
                     for b in 0..e.len {
-                        if (e.logical + b) * bs >= dir.size {
+                        if (e.logical + b) * bs >= dir.posix.size {
                             break;
                         }
                         total += bs;
                         if total > MAX_DIR_BYTES {
                             return Err(Error::TooLarge(format!(
                                 "directory inode {} is too large",
-                                dir.ino
+                                dir.posix.ino
                             )));
                         }
-                        let block = self.block(e.phys + b)?;
+                        let mut block = vec![0u8; bs as usize];
+                        self.read_fs(e.offset + b * bs, &mut block)?;
                         parse_dirents(&block, name_len16, &mut names)?;
                     }
                 }
@@ -501,14 +447,14 @@ impl Tree for Ext4 {
     }
 
     fn root(&self) -> Result<Node> {
-        self.node(&self.inode(ROOT_INO)?)
+        self.inode(ROOT_INO)?.posix.node(WHAT)
     }
 
     fn list(&self, dir: &Node) -> Result<Vec<Entry>> {
         let inode = self.inode(dir.handle)?;
         let mut out = Vec::new();
         for (name, ino) in self.dir_entries(&inode)? {
-            let node = self.node(&self.inode(ino)?)?;
+            let node = self.inode(ino)?.posix.node(WHAT)?;
             out.push(Entry { name, node });
         }
         Ok(out)
@@ -516,21 +462,21 @@ impl Tree for Ext4 {
 
     fn read(&self, file: &Node, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.inode(file.handle)?;
-        let n = inode.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let n = inode.posix.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         if n == 0 {
             return Ok(0);
         }
-        let map = self.map_cached(&inode)?;
+        let map = self.last_map.get(inode.posix.ino, || self.map(&inode))?;
         self.read_mapped(&map, offset, &mut buf[..n])?;
         Ok(n)
     }
 
     fn read_link(&self, link: &Node) -> Result<Vec<u8>> {
         let inode = self.inode(link.handle)?;
-        if inode.size > LINK_MAX {
-            return Err(corrupt(WHAT, format!("symlink of {} bytes", inode.size)));
+        if inode.posix.size > LINK_MAX {
+            return Err(corrupt(WHAT, format!("symlink of {} bytes", inode.posix.size)));
         }
-        let n = inode.size as usize;
+        let n = inode.posix.size as usize;
         if inode.flags & (FLAG_EXTENTS | FLAG_INLINE_DATA) == 0 && n < 60 {
             // A fast symlink: the target is in i_block.
             return Ok(inode.i_block()[..n].to_vec());
@@ -636,35 +582,18 @@ fn parse_inode(ino: u64, raw: Vec<u8>) -> Result<Inode> {
     let nlink = u32::from(f.le16(26)?);
     let flags = f.le32(32)?;
     Ok(Inode {
-        ino,
-        mode,
-        uid,
-        gid,
-        size,
-        mtime: Time { secs, nsec },
-        nlink,
+        posix: PosixInode {
+            ino,
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: Time { secs, nsec },
+            nlink,
+        },
         flags,
         raw,
     })
-}
-
-/// Appends logical block `logical` at `phys` to a map, merging runs.
-fn push_block(out: &mut Vec<Extent>, logical: u64, phys: u64, nblocks: u64) {
-    if phys == 0 || logical >= nblocks {
-        return;
-    }
-    if let Some(l) = out.last_mut() {
-        if l.logical + l.len == logical && l.phys + l.len == phys {
-            l.len += 1;
-            return;
-        }
-    }
-    out.push(Extent {
-        logical,
-        phys,
-        len: 1,
-        unwritten: false,
-    });
 }
 
 /// The value of the in-inode extended attribute `system.data`.

@@ -12,6 +12,7 @@
 //! - [`part`], [`lvm`], [`ext4`], [`xfs`], [`fat`], [`ntfs`]: the formats.
 
 pub mod error;
+mod extent;
 pub mod ext4;
 pub mod fat;
 pub mod io;

@@ -13,11 +13,12 @@
 //! btrees against their level and a visit budget, directories against a
 //! byte cap.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::{corrupt, Error, Result};
+use crate::extent::{self, Extent, LastMap, PosixInode};
 use crate::io::{self, Fields, ReadAt};
-use crate::tree::{Entry, Kind, Meta, Node, Time, Tree, LINK_MAX};
+use crate::tree::{Entry, Node, Time, Tree, LINK_MAX};
 
 const WHAT: &str = "xfs";
 const SB_MAGIC: u32 = 0x5846_5342; // XFSB
@@ -41,26 +42,10 @@ const DIR_LEAF_OFFSET: u64 = 32 << 30;
 const MAX_DIR_BYTES: u64 = 256 << 20;
 const MAX_EXTENTS: usize = 8 << 20;
 
-/// `len` blocks of a file from file block `logical`, on disk at byte
-/// `offset` (`unwritten`: preallocated, reads as zeros).
-#[derive(Clone, Copy, Debug)]
-struct Extent {
-    logical: u64,
-    offset: u64,
-    len: u64,
-    unwritten: bool,
-}
-
 struct Inode {
-    ino: u64,
-    mode: u32,
+    posix: PosixInode,
     format: u8,
     flags: u16,
-    uid: u32,
-    gid: u32,
-    nlink: u32,
-    mtime: Time,
-    size: u64,
     nextents: u64,
     /// The data fork, as stored in the inode.
     fork: Vec<u8>,
@@ -80,7 +65,7 @@ pub struct Xfs {
     ftype: bool,
     dir_block: u64,
     label: Option<String>,
-    last_map: Mutex<Option<(u64, Arc<Vec<Extent>>)>>,
+    last_map: LastMap<Vec<Extent>>,
 }
 
 impl Xfs {
@@ -144,7 +129,7 @@ impl Xfs {
             ftype,
             dir_block: bs << dirblklog,
             label: io::label(f.slice(108, 12)?),
-            last_map: Mutex::new(None),
+            last_map: LastMap::default(),
             dev,
         })
     }
@@ -211,19 +196,21 @@ impl Xfs {
             raw.len() - core
         };
         Ok(Inode {
-            ino,
-            mode: u32::from(f.be16(2)?),
+            posix: PosixInode {
+                ino,
+                mode: u32::from(f.be16(2)?),
+                uid: f.be32(8)?,
+                gid: f.be32(12)?,
+                nlink: if version == 1 {
+                    u32::from(f.be16(6)?)
+                } else {
+                    f.be32(16)?
+                },
+                mtime,
+                size,
+            },
             format: f.u8(5)?,
             flags: f.be16(90)?,
-            uid: f.be32(8)?,
-            gid: f.be32(12)?,
-            nlink: if version == 1 {
-                u32::from(f.be16(6)?)
-            } else {
-                f.be32(16)?
-            },
-            mtime,
-            size,
             nextents: if flags2 & DIFLAG2_NREXT64 != 0 {
                 f.be64(24)?
             } else {
@@ -238,7 +225,7 @@ impl Xfs {
         if inode.flags & DIFLAG_REALTIME != 0 {
             return Err(Error::Unsupported(format!(
                 "inode {}: data on a realtime device",
-                inode.ino
+                inode.posix.ino
             )));
         }
         let mut out = Vec::new();
@@ -248,7 +235,7 @@ impl Xfs {
                 if n.checked_mul(16).is_none_or(|b| b > inode.fork.len()) {
                     return Err(corrupt(
                         WHAT,
-                        format!("inode {}: {n} extents do not fit", inode.ino),
+                        format!("inode {}: {n} extents do not fit", inode.posix.ino),
                     ));
                 }
                 self.records(&inode.fork[..n * 16], &mut out)?;
@@ -263,7 +250,7 @@ impl Xfs {
                         WHAT,
                         format!(
                             "inode {}: bmap root level {level}, {numrecs} records",
-                            inode.ino
+                            inode.posix.ino
                         ),
                     ));
                 }
@@ -277,7 +264,7 @@ impl Xfs {
             other => {
                 return Err(corrupt(
                     WHAT,
-                    format!("inode {}: data fork format {other}", inode.ino),
+                    format!("inode {}: data fork format {other}", inode.posix.ino),
                 ))
             }
         }
@@ -353,66 +340,11 @@ impl Xfs {
         Ok(())
     }
 
-    fn extents_cached(&self, inode: &Inode) -> Result<Arc<Vec<Extent>>> {
-        let mut last = self.last_map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, m)) = last.as_ref().filter(|(ino, _)| *ino == inode.ino) {
-            return Ok(m.clone());
-        }
-        let m = Arc::new(self.extents(inode)?);
-        *last = Some((inode.ino, m.clone()));
-        Ok(m)
-    }
-
     /// Reads `buf.len()` bytes from byte `offset` of a file mapped by
-    /// `extents`; holes and unwritten extents read as zeros.
+    /// `extents`.
     fn read_mapped(&self, extents: &[Extent], offset: u64, buf: &mut [u8]) -> Result<()> {
-        let bs = self.bs;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let at = offset + pos as u64;
-            let lb = at / bs;
-            let i = extents.partition_point(|e| e.logical.saturating_add(e.len) <= lb);
-            let (n, src) = match extents.get(i) {
-                Some(e) if e.logical <= lb => {
-                    let end = (e.logical + e.len).saturating_mul(bs);
-                    let src = (!e.unwritten).then(|| e.offset + (lb - e.logical) * bs + at % bs);
-                    (end - at, src)
-                }
-                next => (
-                    next.map_or(u64::MAX, |e| e.logical.saturating_mul(bs)) - at,
-                    None,
-                ),
-            };
-            let n = n.min((buf.len() - pos) as u64) as usize;
-            let dst = &mut buf[pos..pos + n];
-            match src {
-                Some(s) => io::read_exact(self.dev.as_ref(), s, dst)?,
-                None => dst.fill(0),
-            }
-            pos += n;
-        }
-        Ok(())
-    }
-
-    fn node(&self, inode: &Inode) -> Result<Node> {
-        let kind = Kind::from_mode(inode.mode).ok_or_else(|| {
-            corrupt(
-                WHAT,
-                format!("inode {} has mode {:o}", inode.ino, inode.mode),
-            )
-        })?;
-        Ok(Node {
-            id: inode.ino,
-            handle: inode.ino,
-            meta: Meta {
-                kind,
-                size: inode.size,
-                mode: inode.mode & 0o7777,
-                uid: Some(inode.uid),
-                gid: Some(inode.gid),
-                mtime: Some(inode.mtime),
-                nlink: inode.nlink,
-            },
+        extent::read(extents, self.bs, offset, buf, |at, dst| {
+            io::read_exact(self.dev.as_ref(), at, dst)
         })
     }
 
@@ -439,7 +371,7 @@ impl Xfs {
                 if blocks.len() as u64 * db > MAX_DIR_BYTES {
                     return Err(Error::TooLarge(format!(
                         "directory inode {} is too large",
-                        dir.ino
+                        dir.posix.ino
                     )));
                 }
                 b += 1;
@@ -530,14 +462,14 @@ impl Tree for Xfs {
     }
 
     fn root(&self) -> Result<Node> {
-        self.node(&self.inode(self.root)?)
+        self.inode(self.root)?.posix.node(WHAT)
     }
 
     fn list(&self, dir: &Node) -> Result<Vec<Entry>> {
         let inode = self.inode(dir.handle)?;
         let mut out = Vec::new();
         for (name, ino) in self.dir_entries(&inode)? {
-            let node = self.node(&self.inode(ino)?)?;
+            let node = self.inode(ino)?.posix.node(WHAT)?;
             out.push(Entry { name, node });
         }
         Ok(out)
@@ -545,7 +477,7 @@ impl Tree for Xfs {
 
     fn read(&self, file: &Node, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.inode(file.handle)?;
-        let n = inode.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let n = inode.posix.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         if n == 0 {
             return Ok(0);
         }
@@ -556,17 +488,17 @@ impl Tree for Xfs {
             buf[..k].copy_from_slice(&src[..k]);
             return Ok(n);
         }
-        let extents = self.extents_cached(&inode)?;
+        let extents = self.last_map.get(inode.posix.ino, || self.extents(&inode))?;
         self.read_mapped(&extents, offset, &mut buf[..n])?;
         Ok(n)
     }
 
     fn read_link(&self, link: &Node) -> Result<Vec<u8>> {
         let inode = self.inode(link.handle)?;
-        if inode.size > LINK_MAX {
-            return Err(corrupt(WHAT, format!("symlink of {} bytes", inode.size)));
+        if inode.posix.size > LINK_MAX {
+            return Err(corrupt(WHAT, format!("symlink of {} bytes", inode.posix.size)));
         }
-        let n = inode.size as usize;
+        let n = inode.posix.size as usize;
         if inode.format == FMT_LOCAL {
             return Ok(Fields::new(&inode.fork, "xfs symlink")
                 .slice(0, n)?
@@ -588,7 +520,7 @@ impl Tree for Xfs {
         if target.len() != n {
             return Err(corrupt(
                 WHAT,
-                format!("symlink inode {} is short", inode.ino),
+                format!("symlink inode {} is short", inode.posix.ino),
             ));
         }
         Ok(target)

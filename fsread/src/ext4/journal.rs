@@ -10,7 +10,8 @@
 
 use std::collections::HashMap;
 
-use super::{Ext4, Extent, WHAT};
+use super::{Ext4, WHAT};
+use crate::extent::Extent;
 use crate::error::{corrupt, Error, Result};
 use crate::io::Fields;
 
@@ -161,10 +162,9 @@ struct Log<'a> {
 impl Log<'_> {
     /// Device byte offset of journal block `j`.
     fn offset(&self, j: u64) -> Result<u64> {
-        let i = self.map.partition_point(|e| e.logical + e.len <= j);
-        match self.map.get(i) {
-            Some(e) if e.logical <= j => Ok((e.phys + j - e.logical) * self.fs.sb.block_size),
-            _ => Err(corrupt(WHAT, format!("journal block {j} is not mapped"))),
+        match crate::extent::find(self.map, j) {
+            Some(e) => Ok(e.offset + (j - e.logical) * self.fs.sb.block_size),
+            None => Err(corrupt(WHAT, format!("journal block {j} is not mapped"))),
         }
     }
 
