@@ -344,7 +344,13 @@ impl Ext4 {
     }
 
     /// Appends file block `logical` at block `phys` to a map, merging runs.
-    fn push_block(&self, out: &mut Vec<Extent>, logical: u64, phys: u64, nblocks: u64) -> Result<()> {
+    fn push_block(
+        &self,
+        out: &mut Vec<Extent>,
+        logical: u64,
+        phys: u64,
+        nblocks: u64,
+    ) -> Result<()> {
         if phys == 0 || logical >= nblocks {
             return Ok(());
         }
@@ -388,7 +394,9 @@ impl Ext4 {
                 Ok(())
             }
             Map::Blocks(extents) => {
-                extent::read(extents, self.sb.block_size, offset, buf, |at, dst| self.read_fs(at, dst))
+                extent::read(extents, self.sb.block_size, offset, buf, |at, dst| {
+                    self.read_fs(at, dst)
+                })
             }
         }
     }
@@ -462,7 +470,11 @@ impl Tree for Ext4 {
 
     fn read(&self, file: &Node, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.inode(file.handle)?;
-        let n = inode.posix.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let n = inode
+            .posix
+            .size
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
         if n == 0 {
             return Ok(0);
         }
@@ -474,7 +486,10 @@ impl Tree for Ext4 {
     fn read_link(&self, link: &Node) -> Result<Vec<u8>> {
         let inode = self.inode(link.handle)?;
         if inode.posix.size > LINK_MAX {
-            return Err(corrupt(WHAT, format!("symlink of {} bytes", inode.posix.size)));
+            return Err(corrupt(
+                WHAT,
+                format!("symlink of {} bytes", inode.posix.size),
+            ));
         }
         let n = inode.posix.size as usize;
         if inode.flags & (FLAG_EXTENTS | FLAG_INLINE_DATA) == 0 && n < 60 {

@@ -44,13 +44,18 @@ pub(crate) fn read(
             }
             None => {
                 let i = extents.partition_point(|e| e.logical <= lb);
-                let next = extents.get(i).map_or(u64::MAX, |e| e.logical.saturating_mul(bs));
+                let next = extents
+                    .get(i)
+                    .map_or(u64::MAX, |e| e.logical.saturating_mul(bs));
                 (next, None)
             }
         };
         let n = end.saturating_sub(at).min((buf.len() - pos) as u64) as usize;
         if n == 0 {
-            return Err(corrupt("extent map", format!("extents overlap at block {lb}")));
+            return Err(corrupt(
+                "extent map",
+                format!("extents overlap at block {lb}"),
+            ));
         }
         let dst = &mut buf[pos..pos + n];
         match src {

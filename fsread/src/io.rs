@@ -42,6 +42,7 @@ impl ReadAt for std::fs::File {
         std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
     }
     fn size(&self) -> u64 {
+        // Size 0 when unknown: every read then fails, nothing is made up.
         self.metadata().map(|m| m.len()).unwrap_or(0)
     }
 }

@@ -12,8 +12,8 @@
 //! - [`part`], [`lvm`], [`ext4`], [`xfs`], [`fat`], [`ntfs`]: the formats.
 
 pub mod error;
-mod extent;
 pub mod ext4;
+mod extent;
 pub mod fat;
 pub mod io;
 pub mod lvm;

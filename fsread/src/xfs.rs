@@ -477,7 +477,11 @@ impl Tree for Xfs {
 
     fn read(&self, file: &Node, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.inode(file.handle)?;
-        let n = inode.posix.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let n = inode
+            .posix
+            .size
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
         if n == 0 {
             return Ok(0);
         }
@@ -488,7 +492,9 @@ impl Tree for Xfs {
             buf[..k].copy_from_slice(&src[..k]);
             return Ok(n);
         }
-        let extents = self.last_map.get(inode.posix.ino, || self.extents(&inode))?;
+        let extents = self
+            .last_map
+            .get(inode.posix.ino, || self.extents(&inode))?;
         self.read_mapped(&extents, offset, &mut buf[..n])?;
         Ok(n)
     }
@@ -496,7 +502,10 @@ impl Tree for Xfs {
     fn read_link(&self, link: &Node) -> Result<Vec<u8>> {
         let inode = self.inode(link.handle)?;
         if inode.posix.size > LINK_MAX {
-            return Err(corrupt(WHAT, format!("symlink of {} bytes", inode.posix.size)));
+            return Err(corrupt(
+                WHAT,
+                format!("symlink of {} bytes", inode.posix.size),
+            ));
         }
         let n = inode.posix.size as usize;
         if inode.format == FMT_LOCAL {

@@ -375,7 +375,10 @@ pub fn lvm(
         ])
         .arg(disk))?;
     let dev = out.trim().to_string();
-    let filter = format!("devices {{ filter=[\"a|^{dev}$|\",\"r|.*|\"] use_devicesfile=0 }}");
+    // Only this device; no metadata backups left in /etc/lvm.
+    let filter = format!(
+        "devices {{ filter=[\"a|^{dev}$|\",\"r|.*|\"] use_devicesfile=0 }} backup {{ backup=0 archive=0 }}"
+    );
     let lvm = |args: &[&str]| -> Result<String> {
         run(Command::new(args[0])
             .args(&args[1..])

@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 
 use super::{Ext4, WHAT};
-use crate::extent::Extent;
 use crate::error::{corrupt, Error, Result};
+use crate::extent::Extent;
 use crate::io::Fields;
 
 pub(super) const MAGIC: u32 = 0xC03B_3998;
