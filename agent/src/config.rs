@@ -104,18 +104,21 @@ pub struct RepoConf {
 impl RepoConf {
     /// Where the repository is, with the environment's S3 options (the
     /// agent has no command line).
-    pub fn location(&self) -> store::Location {
+    pub fn location(&self) -> bulwark_store::Location {
         crate::secret::BackendArgs::default().location(&self.path)
     }
 
     /// The secret from the key or password file the config names.
-    pub fn secret(&self) -> Result<store::Secret> {
-        store::keys::secret_from_sources(self.key_file.as_deref(), self.password_file.as_deref())?
-            .with_context(|| format!("repository {}: no key_file or password_file", self.path))
+    pub fn secret(&self) -> Result<bulwark_store::Secret> {
+        bulwark_store::format::keys::secret_from_sources(
+            self.key_file.as_deref(),
+            self.password_file.as_deref(),
+        )?
+        .with_context(|| format!("repository {}: no key_file or password_file", self.path))
     }
 
     /// Opens the repository.
-    pub fn open(&self) -> Result<store::Repository> {
+    pub fn open(&self) -> Result<bulwark_store::Repository> {
         let secret = self.secret()?;
         self.location()
             .open(&secret)
@@ -124,7 +127,7 @@ impl RepoConf {
 
     pub fn gc_grace(&self) -> Result<chrono::Duration> {
         match &self.gc_grace {
-            Some(g) => crate::cmd::parse_duration(g).map_err(|e| anyhow::anyhow!("gc_grace {e}")),
+            Some(g) => crate::units::parse_duration(g).map_err(|e| anyhow::anyhow!("gc_grace {e}")),
             None => Ok(chrono::Duration::hours(24)),
         }
     }
@@ -148,8 +151,8 @@ pub struct PolicyConf {
 
 impl PolicyConf {
     /// The retention numbers, for prune (unset numbers are rules left off).
-    pub fn keep(&self) -> store::retention::KeepOptions {
-        store::retention::KeepOptions {
+    pub fn keep(&self) -> bulwark_store::maintain::retention::KeepOptions {
+        bulwark_store::maintain::retention::KeepOptions {
             keep_last: self.keep_last.unwrap_or(0),
             keep_hourly: self.keep_hourly.unwrap_or(0),
             keep_daily: self.keep_daily.unwrap_or(0),

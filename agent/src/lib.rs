@@ -6,7 +6,8 @@
 //! - [`vm`], [`libvirt`], [`live`]: VM backup and restore on libvirt's API;
 //! - [`config`], [`calendar`], [`mail`], [`logging`]: the agent's parts an
 //!   operator configures;
-//! - [`secret`], [`progress`]: shared by the commands.
+//! - [`secret`], [`target`], [`statefile`], [`progress`], [`units`]:
+//!   shared by the commands and the agent.
 
 pub mod calendar;
 pub mod cmd;
@@ -18,6 +19,9 @@ pub mod logging;
 pub mod mail;
 pub mod progress;
 pub mod secret;
+pub mod statefile;
+pub mod target;
+pub mod units;
 pub mod vm;
 
 use clap::{Parser, Subcommand};
@@ -95,6 +99,8 @@ pub enum Command {
     Hook(cmd::vm::HookCmd),
     /// Measure the throughput of each primitive and of the backup pipeline.
     Benchmark(cmd::bench::Args),
+    /// Print the shell completion script (bash, zsh, fish, ...).
+    Completions(cmd::completions::Args),
 }
 
 /// Parses the command line, runs the command; the process's exit code.
@@ -117,6 +123,7 @@ pub fn main() -> i32 {
         Command::Unprotect(a) => cmd::vm::unprotect(a),
         Command::Hook(c) => cmd::vm::hook(c),
         Command::Agent(c) => cmd::agent::run(c),
+        Command::Completions(a) => cmd::completions::run(a),
     };
     match r {
         Ok(code) => code,

@@ -4,9 +4,9 @@
 
 use std::sync::{Arc, Barrier};
 
-use store::reader::{open_disk, DiskReader};
-use store::source::MemSource;
-use store::{Error, Mode, Repository, Snapshot};
+use bulwark_store::backup::source::MemSource;
+use bulwark_store::read::reader::{open_disk, DiskReader};
+use bulwark_store::{Error, Mode, Repository, Snapshot};
 
 mod common;
 use common::*;

@@ -5,6 +5,7 @@
 
 pub mod cache;
 mod local;
+pub mod location;
 #[cfg(feature = "s3")]
 pub mod s3;
 

@@ -663,7 +663,7 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
-        if name == crate::layout::CONFIG && self.exists(name)? {
+        if name == crate::format::layout::CONFIG && self.exists(name)? {
             return Err(BackendError::AlreadyExists(name.to_string()));
         }
         let body = bytes_of(data);
