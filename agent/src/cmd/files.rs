@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulwark_store::read::reader::{open_disk, DiskReader};
 use clap::Subcommand;
 use fsread::{Content, Node, Tree, Volume};
-use store::reader::DiskReader;
 
 use crate::{secret, Global};
 
@@ -182,7 +182,7 @@ impl Session {
         let mut disks: Vec<(String, Arc<dyn fsread::ReadAt>)> = Vec::new();
         for d in &snap.disks {
             let r = Arc::new(
-                store::reader::open_disk(repo.clone(), &snap, &d.name, cache)
+                open_disk(repo.clone(), &snap, &d.name, cache)
                     .with_context(|| format!("opening disk {}", d.name))?,
             );
             readers.push(r.clone());

@@ -8,7 +8,7 @@ use fsread::{Kind, Place, Volume};
 use serde_json::{json, Value};
 
 use super::{FindArgs, Located, LsArgs, Session, Target};
-use crate::cmd::human;
+use crate::units::human;
 
 /// Deepest directory a walk enters (a hostile image may nest without end).
 const MAX_DEPTH: usize = 1024;
