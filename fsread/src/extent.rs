@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{corrupt, Result};
-use crate::tree::{Kind, Meta, Node, Time};
+use crate::tree::{Entry, Kind, Meta, Node, Time};
 
 /// `len` blocks of a file from file block `logical`, on the device at
 /// byte `offset` (`unwritten`: preallocated, reads as zeros).
@@ -118,4 +118,26 @@ impl PosixInode {
             },
         })
     }
+}
+
+/// A directory's `(name, inode number)` pairs as entries, each inode
+/// read by `node`.
+pub(crate) fn entries(
+    names: Vec<(Vec<u8>, u64)>,
+    node: impl Fn(u64) -> Result<Node>,
+) -> Result<Vec<Entry>> {
+    names
+        .into_iter()
+        .map(|(name, ino)| {
+            Ok(Entry {
+                name,
+                node: node(ino)?,
+            })
+        })
+        .collect()
+}
+
+/// Bytes of a `size`-byte file a read of `len` at `offset` returns.
+pub(crate) fn clip(size: u64, offset: u64, len: usize) -> usize {
+    size.saturating_sub(offset).min(len as u64) as usize
 }

@@ -466,22 +466,13 @@ impl Tree for Xfs {
     }
 
     fn list(&self, dir: &Node) -> Result<Vec<Entry>> {
-        let inode = self.inode(dir.handle)?;
-        let mut out = Vec::new();
-        for (name, ino) in self.dir_entries(&inode)? {
-            let node = self.inode(ino)?.posix.node(WHAT)?;
-            out.push(Entry { name, node });
-        }
-        Ok(out)
+        let names = self.dir_entries(&self.inode(dir.handle)?)?;
+        extent::entries(names, |ino| self.inode(ino)?.posix.node(WHAT))
     }
 
     fn read(&self, file: &Node, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.inode(file.handle)?;
-        let n = inode
-            .posix
-            .size
-            .saturating_sub(offset)
-            .min(buf.len() as u64) as usize;
+        let n = extent::clip(inode.posix.size, offset, buf.len());
         if n == 0 {
             return Ok(0);
         }
