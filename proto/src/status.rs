@@ -24,6 +24,9 @@ pub struct Status {
     pub runs: BTreeMap<String, Run>,
     /// The last GC per repository.
     pub gcs: BTreeMap<String, GcRun>,
+    /// The last lock check per locked repository.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub locks: BTreeMap<String, LockRun>,
     /// A backup is running.
     pub busy: bool,
     /// Domains being backed up now.
@@ -99,6 +102,28 @@ pub struct GcRun {
     pub packs_deleted: usize,
     pub bytes_deleted: u64,
     pub packs_condemned: usize,
+}
+
+/// What the last check of a locked repository's locks found.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct LockRun {
+    pub at: u64,
+    pub ok: bool,
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub error: Option<String>,
+    /// Everything kept snapshots need is locked until then (RFC 3339; none:
+    /// the repository is not locked).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub locked_until: Option<String>,
+    /// Locks set by this check (0 when none was due).
+    pub extended: usize,
 }
 
 /// The last check of one repository.

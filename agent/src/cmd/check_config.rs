@@ -117,7 +117,10 @@ fn repositories(cfg: &Config) -> Vec<Check> {
     cfg.repositories
         .iter()
         .map(|(name, rc)| {
-            let r = crate::target::check(&rc.location(), || rc.secret())
+            let r = rc
+                .location_as(crate::config::Role::Backup)
+                .map_err(|e| ("credentials", format!("{e:#}")))
+                .and_then(|l| crate::target::check(&l, || rc.secret()))
                 .map(|()| format!("{}: usable", rc.path))
                 .map_err(|(kind, e)| format!("{} ({kind}): {e}", rc.path));
             Check::new("repository", name, r)

@@ -90,6 +90,24 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     for s in &r.sessions_in_flight {
         println!("held back by a backup in flight: {s}");
     }
+    if let Some(l) = &r.lock {
+        println!(
+            "locks: {} removed versions {would}deleted ({}), {} held by locks ({}{})",
+            l.versions_deleted,
+            human(l.bytes_deleted),
+            l.versions_held,
+            human(l.bytes_held_by_locks),
+            l.next_expiry
+                .map(|t| format!(", the first runs out {}", t.to_rfc3339()))
+                .unwrap_or_default()
+        );
+        if l.versions_overwritten > 0 {
+            println!(
+                "locks: {} overwritten versions kept (only an attack overwrites: see `repo recover`)",
+                l.versions_overwritten
+            );
+        }
+    }
     Ok(0)
 }
 

@@ -7,6 +7,7 @@ pub mod completions;
 pub mod files;
 pub mod gc;
 pub mod image;
+pub mod lock;
 pub mod mount;
 pub mod prune;
 pub mod repo;

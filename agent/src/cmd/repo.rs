@@ -15,6 +15,11 @@ pub enum RepoCmd {
     Init {
         #[arg(long)]
         json: bool,
+        /// Lock every object with S3 Object Lock, `governance:PERIOD` or
+        /// `compliance:PERIOD` (e.g. `compliance:30d`), on a bucket with
+        /// Object Lock enabled (docs/immutability.md).
+        #[arg(long, value_name = "MODE:PERIOD", value_parser = super::lock::parse_settings)]
+        object_lock: Option<bulwark_store::maintain::lock::LockSettings>,
     },
     /// Show the repository's settings.
     Info {
@@ -30,11 +35,36 @@ pub enum RepoCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Locked repositories: lock everything kept snapshots need until a
+    /// generation past the lock period (the agent does it on schedule).
+    ExtendLocks {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put the repository back as it was at a time, from object versions:
+    /// delete markers and overwrites since then undone, objects written
+    /// since hidden; nothing locked is touched (docs/immutability.md).
+    Recover {
+        /// RFC 3339, e.g. 2026-12-04T09:00:00Z.
+        #[arg(long, value_parser = crate::units::parse_time)]
+        as_of: chrono::DateTime<chrono::Utc>,
+        /// List what would be brought back, hidden or restored.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(g: &Global, c: RepoCmd) -> Result<i32> {
     match c {
-        RepoCmd::Init { json } => {
+        RepoCmd::ExtendLocks { json } => super::lock::extend(g, json),
+        RepoCmd::Recover {
+            as_of,
+            dry_run,
+            json,
+        } => super::lock::recover(g, as_of, dry_run, json),
+        RepoCmd::Init { json, object_lock } => {
             let backend = secret::backend(g)?;
             let secret = match &g.key_file {
                 Some(path) if !path.exists() => {
@@ -50,7 +80,10 @@ pub fn run(g: &Global, c: RepoCmd) -> Result<i32> {
                 backend,
                 &secret,
                 &KdfParams::default(),
-                RepoConfig::default(),
+                RepoConfig {
+                    object_lock,
+                    ..RepoConfig::default()
+                },
             )
             .with_context(|| format!("creating repository at {location}"))?;
             if json {
@@ -82,6 +115,9 @@ pub fn run(g: &Global, c: RepoCmd) -> Result<i32> {
                     c.chunker.min, c.chunker.avg, c.chunker.max
                 );
                 println!("packs       {} ({} chunks)", ix.packs().len(), ix.len());
+                if let Some(l) = &c.object_lock {
+                    println!("lock        {l}");
+                }
             }
             Ok(0)
         }

@@ -93,7 +93,7 @@ impl Agent {
                 run.bytes_stored = rep.bytes_stored;
                 run.last_ok = Some(run.at);
                 run.last_snapshot = Some(rep.snapshot.to_string());
-                match prune(repo, dom, &policy_name, pol) {
+                match prune_with_maintenance(rc, repo, dom, &policy_name, pol) {
                     Ok(n) => {
                         run.pruned = n;
                         None
@@ -137,7 +137,7 @@ impl Agent {
         let _gc = self.gc_busy.lock().unwrap_or_else(|p| p.into_inner());
         let log = Capture::begin();
         let r = rc.gc_grace().and_then(|grace| {
-            let repo = rc.open()?;
+            let repo = rc.open_as(crate::config::Role::Maintenance)?;
             let opts = bulwark_store::maintain::gc::GcOptions {
                 grace,
                 ..Default::default()
@@ -214,4 +214,24 @@ fn prune(
         tracing::info!("pruned {n} snapshots of {dom} ({policy})");
     }
     Ok(Some(n))
+}
+
+/// [`prune`] with the maintenance credentials when the repository names
+/// them (the backup credentials may not delete).
+fn prune_with_maintenance(
+    rc: &RepoConf,
+    repo: &bulwark_store::Repository,
+    dom: &str,
+    policy: &str,
+    pol: &PolicyConf,
+) -> Result<Option<usize>> {
+    if rc.maintenance_credentials.is_none() {
+        return prune(repo, dom, policy, pol);
+    }
+    prune(
+        &rc.open_as(crate::config::Role::Maintenance)?,
+        dom,
+        policy,
+        pol,
+    )
 }

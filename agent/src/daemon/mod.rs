@@ -15,6 +15,7 @@ mod control;
 mod enforce;
 mod jobs;
 mod live;
+mod locks;
 mod metrics;
 mod scheduler;
 mod slots;

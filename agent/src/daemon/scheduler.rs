@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-pub(super) use bulwark_proto::status::{GcRun, Run};
+pub(super) use bulwark_proto::status::{GcRun, LockRun, Run};
 
 use super::Agent;
 use crate::config;
@@ -27,6 +27,9 @@ pub(super) struct Schedule {
     pub runs: BTreeMap<String, Run>,
     #[serde(default)]
     pub gcs: BTreeMap<String, GcRun>,
+    /// Last lock check per repository (`locks.rs`).
+    #[serde(default)]
+    pub locks: BTreeMap<String, LockRun>,
 }
 
 pub(super) fn now() -> u64 {
@@ -72,6 +75,7 @@ pub(super) fn run(agent: &Arc<Agent>) {
     loop {
         agent.backups_due();
         agent.gc_due();
+        agent.locks_due();
         agent.check_silence();
         agent.enforce_protection();
         std::thread::sleep(Duration::from_secs(agent.cfg.tick_seconds.max(1)));

@@ -45,6 +45,7 @@ impl Agent {
                 ),
             });
         }
+        problems.extend(self.lock_problems(&sched));
         let refused = self
             .cfg
             .policies
@@ -61,6 +62,7 @@ impl Agent {
             libvirt_connections: self.connections.load(Ordering::Relaxed),
             runs: sched.runs,
             gcs: sched.gcs,
+            locks: sched.locks,
             busy: !running.is_empty(),
             queued: self.slots.queued(),
             running,

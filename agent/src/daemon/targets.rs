@@ -20,7 +20,10 @@ pub(super) fn run(agent: &Arc<Agent>) {
         .unwrap_or(std::time::Duration::from_secs(300));
     loop {
         for (name, rc) in &agent.cfg.repositories {
-            let r = crate::target::check(&rc.location(), || rc.secret());
+            let r = match rc.location_as(crate::config::Role::Backup) {
+                Ok(l) => crate::target::check(&l, || rc.secret()),
+                Err(e) => Err(("credentials", format!("{e:#}"))),
+            };
             agent.note_target(name, r);
         }
         agent.write_metrics();

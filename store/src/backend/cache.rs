@@ -456,6 +456,10 @@ impl Backend for CachedBackend {
     fn read_concurrency(&self) -> usize {
         self.inner.read_concurrency()
     }
+
+    fn object_lock(&self) -> Option<&dyn super::ObjectLock> {
+        self.inner.object_lock()
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub struct Location {
     pub s3_max_attempts: u32,
     /// Let S3 credentials come from EC2 instance metadata.
     pub s3_imds: bool,
+    /// S3 access key id and secret (`None`: the environment or a profile).
+    pub s3_credentials: Option<(String, String)>,
     /// Local cache of a remote repository's objects (`None`: none).
     pub cache: Option<CacheOptions>,
 }
@@ -35,6 +37,7 @@ impl Location {
             s3_endpoint: None,
             s3_max_attempts: 10,
             s3_imds: false,
+            s3_credentials: None,
             cache: None,
         }
     }
@@ -64,6 +67,7 @@ impl Location {
         cfg.endpoint = self.s3_endpoint.clone().filter(|e| !e.is_empty());
         cfg.max_attempts = self.s3_max_attempts.max(1);
         cfg.imds = self.s3_imds;
+        cfg.credentials = self.s3_credentials.clone();
         Ok(Some(cfg))
     }
 

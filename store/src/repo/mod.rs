@@ -36,6 +36,9 @@ pub struct RepoConfig {
     pub pack_size: u32,
     pub compression_level: i32,
     pub created: chrono::DateTime<chrono::Utc>,
+    /// S3 Object Lock: how every object is locked (`crate::maintain::lock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<crate::maintain::lock::LockSettings>,
 }
 
 impl Default for RepoConfig {
@@ -47,6 +50,7 @@ impl Default for RepoConfig {
             pack_size: 16 << 20,
             compression_level: blob::DEFAULT_LEVEL,
             created: chrono::Utc::now(),
+            object_lock: None,
         }
     }
 }
@@ -79,6 +83,10 @@ impl Repository {
         if backend.exists(CONFIG)? {
             return Err(Error::AlreadyInitialized(backend.location()));
         }
+        if config.object_lock.is_some() {
+            crate::maintain::lock::check_store(backend.as_ref())?;
+        }
+        crate::maintain::lock::apply(backend.as_ref(), config.object_lock.as_ref())?;
         let master = MasterKey::generate();
         let slot = KeySlot::wrap(&master, secret, kdf)?;
         let slot_json = serde_json::to_vec_pretty(&slot).expect("serialize key slot");
@@ -96,6 +104,7 @@ impl Repository {
     /// Opens an existing repository; `WrongKey` if no slot opens with `secret`.
     pub fn open(backend: Arc<dyn Backend>, secret: &Secret) -> Result<Self> {
         let config = Self::read_config(backend.as_ref())?;
+        crate::maintain::lock::apply(backend.as_ref(), config.object_lock.as_ref())?;
         let master = Self::unlock(backend.as_ref(), secret)?;
         Ok(Self::with_key(backend, config, &master))
     }

@@ -64,6 +64,10 @@ pub struct GcReport {
     /// Backups in flight that hold deletions back.
     pub sessions_in_flight: Vec<String>,
     pub index_objects_rewritten: usize,
+    /// Locked repositories: removed versions deleted and held
+    /// ([`crate::maintain::lock`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock: Option<crate::maintain::lock::Reclaim>,
     pub seconds: f64,
 }
 
@@ -83,6 +87,19 @@ pub fn run(repo: &Repository, opts: &GcOptions, progress: &dyn Fn(&str)) -> Resu
     } else {
         plan.execute(repo, progress)?
     };
+    report.lock = reclaim_locked(repo, opts.dry_run)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// In a locked repository, what was removed leaves only once its lock
+/// runs out.
+fn reclaim_locked(
+    repo: &Repository,
+    dry_run: bool,
+) -> Result<Option<crate::maintain::lock::Reclaim>> {
+    match repo.config().object_lock {
+        Some(_) => Ok(Some(crate::maintain::lock::reclaim(repo, dry_run)?)),
+        None => Ok(None),
+    }
 }
