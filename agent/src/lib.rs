@@ -86,6 +86,9 @@ pub enum Command {
     Mount(cmd::mount::Args),
     /// Undo `bulwark mount`.
     Umount(cmd::mount::UmountArgs),
+    /// Single files from a snapshot's filesystems: ls, get, find (no root).
+    #[command(subcommand)]
+    Files(cmd::files::FilesCmd),
     /// Name backup policies in a domain's XML (Bulwark's metadata namespace).
     Protect(cmd::vm::ProtectArgs),
     /// Remove Bulwark's policies from a domain's XML.
@@ -117,6 +120,7 @@ pub fn main() -> i32 {
         Command::Prune(a) => cmd::prune::run(&cli.global, a),
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(a),
+        Command::Files(c) => cmd::files::run(&cli.global, c),
         Command::Benchmark(a) => cmd::bench::run(a),
         Command::Protect(a) => cmd::vm::protect(a),
         Command::Unprotect(a) => cmd::vm::unprotect(a),

@@ -38,6 +38,7 @@
 
 pub mod cli;
 mod console;
+pub mod fsimage;
 pub mod guest;
 mod image;
 mod libvirt;
