@@ -410,7 +410,7 @@ impl Config {
             j.filters()
                 .check()
                 .with_context(|| format!("sync {name}"))?;
-            if j.rate.is_some_and(|r| !(r > 0.0)) {
+            if j.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
                 bail!("sync {name}: rate must be a positive number of MiB per second");
             }
         }

@@ -282,7 +282,13 @@ pub fn copy_objects(
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Ok(0)))
+            .map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(crate::error::Error::Invalid(
+                        "a copy thread panicked".into(),
+                    ))
+                })
+            })
             .collect()
     });
     let mut total = 0;

@@ -476,7 +476,7 @@ fn the_replica_keeps_its_own_retention_without_the_key() {
         })
         .unwrap();
     let again = site.sync(&SyncOptions {
-        keep: Some(keep.clone()),
+        keep: Some(keep),
         ..Default::default()
     });
     assert_eq!((again.snapshots_copied, again.snapshots_skipped), (1, 4));

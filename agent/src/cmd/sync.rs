@@ -85,6 +85,9 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
 
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (from, to) = endpoints(&a)?;
+    if let Some(r) = a.rate.filter(|r| !r.is_finite() || *r <= 0.0) {
+        bail!("--rate {r}: must be a positive number of MiB per second");
+    }
     let config = a.config.as_deref().map(Config::load).transpose()?;
     // Removing vanished snapshots deletes: the maintenance credentials.
     let dst_role = if a.remove_vanished {
@@ -102,9 +105,6 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         dry_run: a.dry_run,
         keep: None,
     };
-    if let Some(r) = a.rate.filter(|r| !(*r > 0.0)) {
-        bail!("--rate {r}: must be a positive number of MiB per second");
-    }
     let progress = Bar::default();
     let report = bulwark_store::sync::run(src.as_ref(), dst.as_ref(), &opts, &progress)
         .with_context(|| format!("syncing {} to {}", src.location(), dst.location()))?;

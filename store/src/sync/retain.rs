@@ -32,7 +32,9 @@ pub fn worth_copying<'a, Tz: TimeZone>(
     tz: &Tz,
 ) -> Result<Vec<&'a SyncRecord>> {
     let there = replica_records(dst)?;
-    let mut by_group: std::collections::BTreeMap<(&str, Option<&str>), Vec<(&SyncRecord, bool)>> =
+    // Per group, its snapshots and whether each is one to copy.
+    type Group<'r> = (&'r str, Option<&'r str>);
+    let mut by_group: std::collections::BTreeMap<Group, Vec<(&SyncRecord, bool)>> =
         Default::default();
     for r in there.iter() {
         by_group.entry(r.group()).or_default().push((r, false));
