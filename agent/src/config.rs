@@ -73,6 +73,73 @@ pub struct Config {
     pub metrics_textfile: Option<PathBuf>,
     #[serde(default)]
     pub enforce: Enforce,
+    /// Sync jobs: copies of one repository's snapshots into a replica
+    /// (another site), by name.
+    #[serde(default)]
+    pub sync: BTreeMap<String, SyncConf>,
+}
+
+/// A sync job (`[sync.NAME]`): on `schedule`, copy the snapshots of `from`
+/// the filters select into `to` (a replica of it), then apply the
+/// destination's own retention there. Needs no key of either (docs/s3.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConf {
+    /// The source: a name in `[repositories]`, read with its backup
+    /// credentials.
+    pub from: String,
+    /// The destination: a name in `[repositories]`, written with its
+    /// backup credentials (its maintenance ones prune it).
+    pub to: String,
+    pub schedule: String,
+    /// Source globs (`!` excludes); none: all.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Policy globs (`!` excludes); none: all.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// Of each source and policy, only the newest N.
+    pub transfer_last: Option<usize>,
+    /// Copy at most this many MiB per second.
+    pub rate: Option<f64>,
+    /// Also delete destination snapshots the source no longer has.
+    #[serde(default)]
+    pub remove_vanished: bool,
+    /// The destination's retention, applied there after each run (none:
+    /// it keeps everything it receives).
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    /// Told when the job fails, and when it recovers.
+    #[serde(default)]
+    pub contacts: Vec<String>,
+}
+
+impl SyncConf {
+    /// The destination's retention; `None` when it sets no number.
+    pub fn keep(&self) -> Option<bulwark_store::maintain::retention::KeepOptions> {
+        let k = bulwark_store::maintain::retention::KeepOptions {
+            keep_last: self.keep_last.unwrap_or(0),
+            keep_hourly: self.keep_hourly.unwrap_or(0),
+            keep_daily: self.keep_daily.unwrap_or(0),
+            keep_weekly: self.keep_weekly.unwrap_or(0),
+            keep_monthly: self.keep_monthly.unwrap_or(0),
+            keep_yearly: self.keep_yearly.unwrap_or(0),
+        };
+        k.any().then_some(k)
+    }
+
+    pub fn filters(&self) -> bulwark_store::sync::Filters {
+        bulwark_store::sync::Filters {
+            sources: self.sources.clone(),
+            policies: self.policies.clone(),
+            transfer_last: self.transfer_last,
+            since: None,
+        }
+    }
 }
 
 /// What the operator requires of every VM on the host.
@@ -96,6 +163,9 @@ pub struct Enforce {
 #[serde(deny_unknown_fields)]
 pub struct RepoConf {
     pub path: String,
+    /// The S3 endpoint of this repository (default: `BULWARK_S3_ENDPOINT`,
+    /// the AWS variables or profile): two sites, two endpoints.
+    pub endpoint: Option<String>,
     pub password_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     /// How often the agent runs `gc` on this repository (none: never).
@@ -126,6 +196,9 @@ impl RepoConf {
     /// agent has no command line), reached with `role`'s credentials.
     pub fn location_as(&self, role: Role) -> Result<bulwark_store::Location> {
         let mut l = crate::secret::BackendArgs::default().location(&self.path);
+        if let Some(e) = &self.endpoint {
+            l.s3_endpoint = Some(e.clone());
+        }
         let file = match role {
             Role::Backup => &self.backup_credentials,
             Role::Maintenance => &self.maintenance_credentials,
@@ -134,6 +207,12 @@ impl RepoConf {
             l.s3_credentials = Some(read_credentials(f)?);
         }
         Ok(l)
+    }
+
+    /// Whether the config names a key or password file (a replica only
+    /// syncs touch may have neither).
+    pub fn has_key(&self) -> bool {
+        self.key_file.is_some() || self.password_file.is_some()
     }
 
     /// The secret from the key or password file the config names.
@@ -245,6 +324,12 @@ impl Config {
         self.policies.contains_key(policy) && self.refusal(policy).is_none()
     }
 
+    /// Whether the agent has VMs to watch: a host at the backup site with
+    /// only sync jobs runs without libvirt.
+    pub fn uses_libvirt(&self) -> bool {
+        !self.policies.is_empty() || self.enforce.require_protection
+    }
+
     /// The calendar offset of this host (`schedule_spread`).
     pub fn spread(&self) -> Result<std::time::Duration> {
         match &self.schedule_spread {
@@ -312,8 +397,30 @@ impl Config {
             }
             schedule(&p.schedule).with_context(|| format!("policy {name}"))?;
         }
+        for (name, j) in &self.sync {
+            for (what, r) in [("from", &j.from), ("to", &j.to)] {
+                if !self.repositories.contains_key(r) {
+                    bail!("sync {name}: {what}: no repository {r:?} in [repositories]");
+                }
+            }
+            if j.from == j.to {
+                bail!("sync {name}: from and to are the same repository");
+            }
+            schedule(&j.schedule).with_context(|| format!("sync {name}"))?;
+            j.filters()
+                .check()
+                .with_context(|| format!("sync {name}"))?;
+            if j.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+                bail!("sync {name}: rate must be a positive number of MiB per second");
+            }
+        }
         for (name, r) in &self.repositories {
-            if r.password_file.is_none() && r.key_file.is_none() {
+            // A repository only syncs touch needs no key: a sync moves
+            // sealed objects, and the replica's retention reads only its
+            // plain sync records.
+            let keyless_ok =
+                r.gc_schedule.is_none() && !self.policies.values().any(|p| &p.repository == name);
+            if r.password_file.is_none() && r.key_file.is_none() && !keyless_ok {
                 bail!("repository {name}: set password_file or key_file");
             }
             if let Some(s) = &r.gc_schedule {

@@ -76,6 +76,8 @@ pub enum Command {
     Restore(cmd::image::RestoreCmd),
     /// Remove snapshots by retention rules (keep-last/hourly/daily/...).
     Prune(cmd::prune::Args),
+    /// Copy snapshots to a replica repository (another site), without a key.
+    Sync(cmd::sync::Args),
     /// Reclaim space no snapshot uses (safe while backups run).
     Gc(cmd::gc::Args),
     /// Read back every chunk the snapshots use and check it.
@@ -114,6 +116,7 @@ pub fn main() -> i32 {
         Command::Restore(c) => cmd::image::restore(&cli.global, c),
         Command::Verify(a) => cmd::verify::run(&cli.global, a),
         Command::Gc(a) => cmd::gc::run(&cli.global, a),
+        Command::Sync(a) => cmd::sync::run(&cli.global, a),
         Command::Prune(a) => cmd::prune::run(&cli.global, a),
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(a),

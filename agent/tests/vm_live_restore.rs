@@ -1,5 +1,5 @@
-//! Live restore end to end: a VM snapshot in an S3 bucket boots at once as
-//! a new domain, reading through `bulwark-nbd`, while the agent streams its
+//! Live restore end to end: a VM snapshot in an S3 bucket (a replica, the
+//! source deleted) boots at once as a new domain, reading through `bulwark-nbd`, while the agent streams its
 //! disk into a local overlay; the server is killed and the agent restarted
 //! in the middle, and the restore still completes with nothing lost.
 
@@ -21,17 +21,32 @@ fn status(env: &Env, name: &str) -> serde_json::Value {
 fn live_restore_from_s3_boots_at_once_and_survives_server_and_agent_restarts() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
-    let bucket = S3Repo::start("live");
+    let mut bucket = S3Repo::start("live");
     let pw = env.path("pw");
     std::fs::write(&pw, PW).unwrap();
-    let s3 = |args: &[&str]| bucket.ok(&env, args);
-    s3(&["repo", "init"]);
+    bucket.ok(&env, &["repo", "init"]);
     let vm = Vm::define(&image, VmOptions::default()).unwrap();
     let r: serde_json::Value =
-        serde_json::from_str(&s3(&["backup", "vm", vm.name(), "--json"])).unwrap();
+        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
     let snap = r["snapshot"].as_str().unwrap().to_string();
     // The host never saw the VM: everything comes from the bucket.
     drop(vm);
+
+    // The backup site's copy: a replica synced without the key, then the
+    // source deleted. Everything below reads the replica alone.
+    let source = bucket.repo.clone();
+    bucket.repo = format!("{source}-offsite");
+    bucket.ok(&env, &["repo", "init", "--replica-of", &source]);
+    let replica = bucket.repo.clone();
+    let synced: serde_json::Value = serde_json::from_str(&bucket.ok(
+        &env,
+        &["sync", "--from", &source, "--to", &replica, "--json"],
+    ))
+    .unwrap();
+    assert_eq!(synced["snapshots_copied"], 1, "{synced}");
+    let bucket_name = source["s3://".len()..].split('/').next().unwrap();
+    std::fs::remove_dir_all(bucket.server.bucket_dir(bucket_name).join("live")).unwrap();
+    let s3 = |args: &[&str]| bucket.ok(&env, args);
 
     let agent = Agent::start_with(&env, 3600, "", bucket.server.env());
     let name = testbed::unique_name("bw-live");

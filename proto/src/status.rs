@@ -27,6 +27,9 @@ pub struct Status {
     /// The last lock check per locked repository.
     #[cfg_attr(feature = "serde", serde(default))]
     pub locks: BTreeMap<String, LockRun>,
+    /// The last run of each sync job (`[sync.NAME]`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub syncs: BTreeMap<String, SyncRun>,
     /// A backup is running.
     pub busy: bool,
     /// Domains being backed up now.
@@ -102,6 +105,37 @@ pub struct GcRun {
     pub packs_deleted: usize,
     pub bytes_deleted: u64,
     pub packs_condemned: usize,
+}
+
+/// One sync job's last run.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct SyncRun {
+    pub at: u64,
+    pub ok: bool,
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub error: Option<String>,
+    /// The repositories it copies from and to.
+    pub from: String,
+    pub to: String,
+    pub snapshots_copied: usize,
+    pub snapshots_skipped: usize,
+    /// Snapshots that failed to copy (the run is not ok).
+    pub snapshots_failed: usize,
+    /// Removed at the destination by its own retention after the run.
+    pub snapshots_pruned: usize,
+    pub bytes_copied: u64,
+    pub seconds: f64,
+    /// The end of the last run that left nothing behind (the destination
+    /// was as current as the source then).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub last_ok: Option<u64>,
 }
 
 /// What the last check of a locked repository's locks found.

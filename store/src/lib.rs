@@ -14,7 +14,8 @@
 //! - [`repo`]: an opened repository, and the records writers and GC share;
 //! - [`backup`]: the write path (sources, the disk walk, the pipeline, packs);
 //! - [`read`]: the read path (fetch plans, restores, the random-access reader);
-//! - [`maintain`]: retention, prune, GC and verify.
+//! - [`maintain`]: retention, prune, GC, verify and object locks;
+//! - [`sync`]: replication into a replica, without the key.
 
 pub mod backend;
 pub mod backup;
@@ -24,6 +25,7 @@ pub mod format;
 pub mod maintain;
 pub mod read;
 pub mod repo;
+pub mod sync;
 
 pub use backend::location::Location;
 pub use backend::{Backend, BackendError, LocalBackend};

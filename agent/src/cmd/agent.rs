@@ -174,4 +174,19 @@ fn print_status(st: &Status) {
             println!("  {name}: {state} (checked {})", t(Some(tg.checked)));
         }
     }
+    if !st.syncs.is_empty() {
+        println!("\nsync jobs:");
+        for (name, r) in &st.syncs {
+            let result = if r.ok { "ok" } else { "FAILED" };
+            println!(
+                "  {name}: {} -> {}: {result} at {}, copied {} snapshots ({}), last complete {}",
+                r.from,
+                r.to,
+                t(Some(r.at)),
+                r.snapshots_copied,
+                crate::units::human(r.bytes_copied),
+                t(r.last_ok)
+            );
+        }
+    }
 }

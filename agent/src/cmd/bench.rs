@@ -12,9 +12,20 @@ pub struct Args {
     rounds: usize,
     #[arg(long)]
     json: bool,
+    /// Instead: the raw object copy rate from this location (every pack
+    /// under `data/`, read and written whole with the S3 SDK, no checks):
+    /// the baseline of `bulwark sync` (scripts/bench-sync.sh).
+    #[arg(long, value_name = "LOCATION", requires = "copy_to")]
+    copy_from: Option<String>,
+    /// Where `--copy-from` copies to.
+    #[arg(long, value_name = "LOCATION", requires = "copy_from")]
+    copy_to: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    if let (Some(from), Some(to)) = (&a.copy_from, &a.copy_to) {
+        return copy_rate(from, to, a.json);
+    }
     let r = bulwark_store::bench::run(a.size, a.rounds.max(1))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -42,5 +53,28 @@ pub fn run(a: Args) -> Result<i32> {
         r.pipeline_all_cores_mib_per_s,
         r.pipeline_all_cores_mib_per_s / r.pipeline_1_core_mib_per_s
     );
+    Ok(0)
+}
+
+fn copy_rate(from: &str, to: &str, json: bool) -> Result<i32> {
+    let env = crate::secret::BackendArgs::default();
+    let (mut src, mut dst) = (env.location(from), env.location(to));
+    src.cache = None;
+    dst.cache = None;
+    let (src, dst) = (src.backend()?, dst.backend()?);
+    let parallel = dst.upload_concurrency();
+    let (bytes, secs) =
+        bulwark_store::bench::copy_objects(src.as_ref(), dst.as_ref(), "data/", parallel)?;
+    let mib_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"bytes": bytes, "seconds": secs, "mib_per_s": mib_s, "parallel": parallel})
+        );
+    } else {
+        println!(
+            "raw object copy: {bytes} B in {secs:.2}s = {mib_s:.1} MiB/s ({parallel} at once)"
+        );
+    }
     Ok(0)
 }

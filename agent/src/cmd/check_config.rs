@@ -120,7 +120,9 @@ fn repositories(cfg: &Config) -> Vec<Check> {
             let r = rc
                 .location_as(crate::config::Role::Backup)
                 .map_err(|e| ("credentials", format!("{e:#}")))
-                .and_then(|l| crate::target::check(&l, || rc.secret()))
+                .and_then(|l| {
+                    crate::target::check(&l, || rc.has_key().then(|| rc.secret()).transpose())
+                })
                 .map(|()| format!("{}: usable", rc.path))
                 .map_err(|(kind, e)| format!("{} ({kind}): {e}", rc.path));
             Check::new("repository", name, r)

@@ -15,5 +15,6 @@ pub mod restore_live;
 pub mod restore_vm;
 pub mod schedule;
 pub mod snapshots;
+pub mod sync;
 pub mod verify;
 pub mod vm;

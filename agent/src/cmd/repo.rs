@@ -20,6 +20,22 @@ pub enum RepoCmd {
         /// Object Lock enabled (docs/immutability.md).
         #[arg(long, value_name = "MODE:PERIOD", value_parser = super::lock::parse_settings)]
         object_lock: Option<bulwark_store::maintain::lock::LockSettings>,
+        /// Make a replica of this repository (a location, or with --config
+        /// a repository name): it shares the source's chunking and keys, so
+        /// `bulwark sync` can copy snapshots into it as they are. The key
+        /// slot is the replica's own (this command's passphrase or key
+        /// file; the source's is needed once, here).
+        #[arg(long, value_name = "SOURCE")]
+        replica_of: Option<String>,
+        /// The agent config that names the source repository.
+        #[arg(long, requires = "replica_of")]
+        config: Option<std::path::PathBuf>,
+        /// The source's passphrase file, when it differs from the replica's.
+        #[arg(long, requires = "replica_of")]
+        source_password_file: Option<std::path::PathBuf>,
+        /// The source's key file, when it differs from the replica's.
+        #[arg(long, requires = "replica_of")]
+        source_key_file: Option<std::path::PathBuf>,
     },
     /// Show the repository's settings.
     Info {
@@ -64,7 +80,24 @@ pub fn run(g: &Global, c: RepoCmd) -> Result<i32> {
             dry_run,
             json,
         } => super::lock::recover(g, as_of, dry_run, json),
-        RepoCmd::Init { json, object_lock } => {
+        RepoCmd::Init {
+            json,
+            object_lock,
+            replica_of: Some(source),
+            config,
+            source_password_file,
+            source_key_file,
+        } => init_replica(
+            g,
+            &source,
+            config.as_deref(),
+            (source_key_file, source_password_file),
+            object_lock,
+            json,
+        ),
+        RepoCmd::Init {
+            json, object_lock, ..
+        } => {
             let backend = secret::backend(g)?;
             let secret = match &g.key_file {
                 Some(path) if !path.exists() => {
@@ -118,10 +151,56 @@ pub fn run(g: &Global, c: RepoCmd) -> Result<i32> {
                 if let Some(l) = &c.object_lock {
                     println!("lock        {l}");
                 }
+                if let Some(source) = &c.replica_of {
+                    println!("replica of  {source}");
+                }
             }
             Ok(0)
         }
     }
+}
+
+/// `repo init --replica-of SOURCE`: the source's keys under a key slot of
+/// the replica's own.
+fn init_replica(
+    g: &Global,
+    source: &str,
+    config: Option<&std::path::Path>,
+    (source_key, source_password): (Option<std::path::PathBuf>, Option<std::path::PathBuf>),
+    object_lock: Option<bulwark_store::maintain::lock::LockSettings>,
+    json: bool,
+) -> Result<i32> {
+    let config = config.map(crate::config::Config::load).transpose()?;
+    let src = super::sync::resolve(g, source, config.as_ref(), crate::config::Role::Backup)?;
+    let backend = secret::backend(g)?;
+    let secret = secret::secret(g, true)?;
+    let src_secret = match bulwark_store::format::keys::secret_from_sources(
+        source_key.as_deref(),
+        source_password.as_deref(),
+    )? {
+        Some(s) => s,
+        None => secret.clone(),
+    };
+    let location = backend.location();
+    let repo = Repository::init_replica(
+        backend,
+        src.as_ref(),
+        &src_secret,
+        &secret,
+        &KdfParams::default(),
+        object_lock,
+    )
+    .with_context(|| format!("creating a replica of {} at {location}", src.location()))?;
+    if json {
+        println!("{}", serde_json::to_string(repo.config())?);
+    } else {
+        println!(
+            "created repository {} at {location}, a replica of {}",
+            repo.config().id.short(),
+            src.location()
+        );
+    }
+    Ok(0)
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
@@ -142,7 +221,12 @@ fn check_target(g: &Global, json: bool) -> Result<i32> {
     let mut steps: Vec<(&str, String)> = Vec::new();
     let mut info = serde_json::json!({});
     let r = match secret::location(g) {
-        Ok(l) => target::check_steps(&l, || secret::secret(g, false), &mut steps, &mut info),
+        Ok(l) => target::check_steps(
+            &l,
+            || secret::secret(g, false).map(Some),
+            &mut steps,
+            &mut info,
+        ),
         Err(e) => Err(target::failed("invalid", 1, format!("{e:#}"))),
     };
     let location = g.repo.clone().unwrap_or_default();

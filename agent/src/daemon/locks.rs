@@ -41,7 +41,8 @@ fn check(rc: &RepoConf) -> anyhow::Result<Option<(DateTime<Utc>, usize)>> {
 impl Agent {
     /// Starts a lock check on every repository whose `lock_schedule` is due.
     pub(super) fn locks_due(self: &Arc<Self>) {
-        for (name, rc) in &self.cfg.repositories {
+        // Extension reads chunk lists: only where the key is.
+        for (name, rc) in self.cfg.repositories.iter().filter(|(_, r)| r.has_key()) {
             let Some(sched) = schedule_of(rc) else {
                 continue;
             };

@@ -92,6 +92,33 @@ impl Agent {
                 g.bytes_deleted as f64,
             );
         }
+        for (job, r) in &sched.syncs {
+            let l = [("sync", job.as_str()), ("repository", r.to.as_str())];
+            m.gauge(
+                "bulwark_sync_last_run_timestamp_seconds",
+                "Last run of the sync job.",
+                &l,
+                r.at as f64,
+            );
+            m.gauge(
+                "bulwark_sync_last_ok",
+                "1 if the sync job's last run copied everything it selected.",
+                &l,
+                f64::from(u8::from(r.ok)),
+            );
+            m.gauge(
+                "bulwark_sync_last_complete_timestamp_seconds",
+                "End of the sync job's last complete run (the destination's lag is now minus this).",
+                &l,
+                r.last_ok.unwrap_or(0) as f64,
+            );
+            m.gauge(
+                "bulwark_sync_bytes_copied",
+                "Bytes the sync job's last run copied.",
+                &l,
+                r.bytes_copied as f64,
+            );
+        }
         for (repo, t) in self.targets() {
             let l = [("repository", repo.as_str())];
             m.gauge(

@@ -17,6 +17,7 @@ mod jobs;
 mod live;
 mod locks;
 mod metrics;
+mod replicate;
 mod scheduler;
 mod slots;
 mod status;
@@ -99,8 +100,12 @@ pub fn run(cfg: Config) -> Result<()> {
         agent.cfg.socket.display(),
         agent.cfg.policies.len()
     );
-    let a = agent.clone();
-    std::thread::spawn(move || watch::run(&a));
+    if agent.cfg.uses_libvirt() {
+        let a = agent.clone();
+        std::thread::spawn(move || watch::run(&a));
+    } else {
+        tracing::info!("no policies: not watching libvirt (a host for sync jobs)");
+    }
     let a = agent.clone();
     std::thread::spawn(move || scheduler::run(&a));
     let a = agent.clone();

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-pub(super) use bulwark_proto::status::{GcRun, LockRun, Run};
+pub(super) use bulwark_proto::status::{GcRun, LockRun, Run, SyncRun};
 
 use super::Agent;
 use crate::config;
@@ -30,6 +30,9 @@ pub(super) struct Schedule {
     /// Last lock check per repository (`locks.rs`).
     #[serde(default)]
     pub locks: BTreeMap<String, LockRun>,
+    /// Last run per sync job (`replicate.rs`).
+    #[serde(default)]
+    pub syncs: BTreeMap<String, SyncRun>,
 }
 
 pub(super) fn now() -> u64 {
@@ -48,7 +51,7 @@ pub(super) fn next_run(sched: &crate::calendar::Schedule, last: Option<u64>) -> 
 
 /// Never run, or a run came due since the last one (however long ago: a
 /// missed run runs once).
-fn due(sched: &crate::calendar::Schedule, last: Option<u64>) -> bool {
+pub(super) fn due(sched: &crate::calendar::Schedule, last: Option<u64>) -> bool {
     let Some(last) = last else { return true };
     let Some(last) = chrono::DateTime::from_timestamp(last as i64, 0) else {
         return true;
@@ -76,6 +79,7 @@ pub(super) fn run(agent: &Arc<Agent>) {
         agent.backups_due();
         agent.gc_due();
         agent.locks_due();
+        agent.syncs_due();
         agent.check_silence();
         agent.enforce_protection();
         std::thread::sleep(Duration::from_secs(agent.cfg.tick_seconds.max(1)));

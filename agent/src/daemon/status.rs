@@ -46,6 +46,7 @@ impl Agent {
             });
         }
         problems.extend(self.lock_problems(&sched));
+        problems.extend(self.sync_problems(&sched));
         let refused = self
             .cfg
             .policies
@@ -63,6 +64,7 @@ impl Agent {
             runs: sched.runs,
             gcs: sched.gcs,
             locks: sched.locks,
+            syncs: sched.syncs,
             busy: !running.is_empty(),
             queued: self.slots.queued(),
             running,
@@ -75,6 +77,9 @@ impl Agent {
     /// Each domain's state, by name (empty if libvirtd cannot be reached:
     /// the status still answers).
     fn domain_states(&self) -> BTreeMap<String, &'static str> {
+        if !self.cfg.uses_libvirt() {
+            return BTreeMap::new();
+        }
         let list = Libvirt::open(&self.cfg.libvirt_uri).and_then(|lv| {
             lv.domains()?
                 .iter()

@@ -21,7 +21,7 @@ pub(super) fn run(agent: &Arc<Agent>) {
     loop {
         for (name, rc) in &agent.cfg.repositories {
             let r = match rc.location_as(crate::config::Role::Backup) {
-                Ok(l) => crate::target::check(&l, || rc.secret()),
+                Ok(l) => crate::target::check(&l, || rc.has_key().then(|| rc.secret()).transpose()),
                 Err(e) => Err(("credentials", format!("{e:#}"))),
             };
             agent.note_target(name, r);

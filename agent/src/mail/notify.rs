@@ -98,13 +98,15 @@ pub enum Task {
     Gc,
     /// A VM without a policy on a host that requires one.
     Protection,
+    /// A sync job (`policy` is `sync:NAME`, `repository` its destination).
+    Sync,
 }
 
 impl Job<'_> {
     /// The VM and policy lines of a mail (a GC has neither).
     fn who(&self) -> String {
         match self.task {
-            Task::Gc => String::new(),
+            Task::Gc | Task::Sync => String::new(),
             _ => format!("VM:         {}\nPolicy:     {}\n", self.vm, self.policy),
         }
     }
@@ -120,6 +122,13 @@ impl Job<'_> {
             Task::Gc => (
                 format!("The garbage collection of repository {repo} failed."),
                 format!("bulwark: garbage collection of {repo} failed on {host}"),
+            ),
+            Task::Sync => (
+                format!(
+                    "The sync job {} into repository {repo} failed.",
+                    job_name(policy)
+                ),
+                format!("bulwark: sync {} failed on {host}", job_name(policy)),
             ),
             Task::Protection => (
                 format!(
@@ -143,12 +152,24 @@ impl Job<'_> {
                 format!("The garbage collection of repository {repo} succeeded again."),
                 format!("bulwark: garbage collection of {repo} recovered on {host}"),
             ),
+            Task::Sync => (
+                format!(
+                    "The sync job {} into repository {repo} succeeded again.",
+                    job_name(policy)
+                ),
+                format!("bulwark: sync {} recovered on {host}", job_name(policy)),
+            ),
             Task::Protection => (
                 format!("VM {vm} is protected now."),
                 format!("bulwark: VM {vm} on {host} is protected now"),
             ),
         }
     }
+}
+
+/// A sync job's name from its mail key (`sync:NAME`).
+fn job_name(policy: &str) -> &str {
+    policy.strip_prefix("sync:").unwrap_or(policy)
 }
 
 /// Decides which events deserve a mail; sends nothing itself.

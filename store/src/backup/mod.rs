@@ -6,7 +6,7 @@
 //! pieces run through the [`pipeline`] into packs ([`packer`]).
 //!
 //! Write order makes a crash harmless: packs, then the index objects naming
-//! them, then chunk lists, then the manifest. A run killed at any point
+//! them, then chunk lists, then the sync record, then the manifest. A run killed at any point
 //! leaves at most unreferenced packs (and hidden temp files locally); the
 //! next run simply stores those chunks again.
 //!
@@ -16,10 +16,10 @@
 
 mod packer;
 mod pipeline;
-pub mod session;
 pub mod source;
 pub mod walk;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,10 +30,12 @@ use crate::format::extent::Span;
 use crate::format::id::Id;
 use crate::format::index::Index;
 use crate::format::snapshot::{self, BackupStats, DiskEntry, Snapshot, SnapshotMeta};
+use crate::format::sync_record::SyncRecord;
 use crate::format::{layout, object};
+use crate::repo::markers::Session;
 use crate::repo::Repository;
 use packer::Packer;
-use pipeline::Ctx;
+use pipeline::{Collected, Ctx};
 use source::BlockSource;
 use walk::Walk;
 
@@ -73,7 +75,7 @@ pub struct DiskResult {
 pub struct BackupSession<'r> {
     repo: &'r Repository,
     /// Removed when the session ends: after `finish` stored the manifest.
-    _marker: session::Session<'r>,
+    _marker: Session<'r>,
     index: Arc<Index>,
     cipher: Arc<SessionCipher>,
     threads: usize,
@@ -82,12 +84,14 @@ pub struct BackupSession<'r> {
     /// Which of `lists` is the NVRAM (stored beside the disks).
     nvram: Option<usize>,
     stats: BackupStats,
+    /// Packs (positions in `index`) of the chunks reused from it.
+    reused_packs: BTreeSet<u32>,
     started: Instant,
 }
 
 impl<'r> BackupSession<'r> {
     pub fn new(repo: &'r Repository, opts: &BackupOptions) -> Result<Self> {
-        let marker = session::Session::begin(repo)?;
+        let marker = Session::begin(repo.backend().as_ref())?;
         // A fresh index with the condemned records as they are now, read
         // after the marker is visible.
         repo.invalidate_index();
@@ -108,6 +112,7 @@ impl<'r> BackupSession<'r> {
             lists: Vec::new(),
             nvram: None,
             stats: BackupStats::default(),
+            reused_packs: BTreeSet::new(),
             started: Instant::now(),
         })
     }
@@ -141,11 +146,16 @@ impl<'r> BackupSession<'r> {
             pending: self.packer.pending.clone(),
         };
         let walk = Walk::new(source, self.repo.chunker(), parent, dirty);
-        let (list, mut stats) = if self.threads <= 1 {
+        let Collected {
+            list,
+            mut stats,
+            reused_packs,
+        } = if self.threads <= 1 {
             pipeline::run_serial(&ctx, &mut self.packer, walk)?
         } else {
             pipeline::run_parallel(&ctx, &mut self.packer, self.threads, walk)?
         };
+        self.reused_packs.extend(reused_packs);
         stats.seconds = t0.elapsed().as_secs_f64();
         add_stats(&mut self.stats, &stats);
         let entry = DiskEntry {
@@ -216,6 +226,16 @@ impl<'r> BackupSession<'r> {
             nvram,
             stats: self.stats.clone(),
         };
+        // The sync record, then the manifest last.
+        let packs = self
+            .reused_packs
+            .iter()
+            .map(|&p| self.index.packs()[p as usize].id);
+        let record = SyncRecord::new(
+            &snap,
+            packs.chain(self.packer.written().iter().copied()).collect(),
+        );
+        crate::repo::sync_records::put(self.repo.backend().as_ref(), &record)?;
         let json = serde_json::to_vec(&snap).expect("serialize manifest");
         let sealed = object::seal(&self.cipher, snapshot::KIND, &json);
         self.repo.put_sealed(&layout::snapshot(&snap.id), &sealed)?;

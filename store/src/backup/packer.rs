@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::format::crypto::SessionCipher;
 use crate::format::id::{Id, IdSet};
 use crate::format::pack::{PackInfo, PackWriter};
-use crate::format::{index, layout, object};
+use crate::format::{index, layout};
 use crate::repo::Repository;
 
 /// Pack infos written in one index object at most; a long backup killed
@@ -28,6 +28,8 @@ pub(super) struct Packer {
     uploaders: Vec<std::thread::JoinHandle<()>>,
     in_flight: usize,
     uploaded: Vec<PackInfo>,
+    /// Every pack this session stored.
+    written: Vec<Id>,
 }
 
 impl Packer {
@@ -68,6 +70,7 @@ impl Packer {
             uploaders,
             in_flight: 0,
             uploaded: Vec::new(),
+            written: Vec::new(),
         }
     }
 
@@ -125,11 +128,12 @@ impl Packer {
                 }
             };
             self.in_flight -= 1;
-            self.uploaded.push(r?);
+            let info = r?;
+            self.written.push(info.id);
+            self.uploaded.push(info);
         }
         if self.uploaded.len() >= INDEX_FLUSH_PACKS || (all && !self.uploaded.is_empty()) {
-            let payload = index::encode(&self.uploaded);
-            let sealed = object::seal(cipher, index::KIND, &payload);
+            let sealed = index::seal(cipher, &self.uploaded);
             repo.put_sealed(&layout::index(&Id::random()), &sealed)?;
             self.uploaded.clear();
         }
@@ -144,6 +148,11 @@ impl Packer {
             .and_then(|()| self.poll(repo, cipher, true));
         self.stop();
         r
+    }
+
+    /// Every pack this session stored (all of them once closed).
+    pub(super) fn written(&self) -> &[Id] {
+        &self.written
     }
 
     fn stop(&mut self) {

@@ -7,7 +7,7 @@
 //! pieces; the collector runs on its own thread. A fixed number of tokens
 //! bounds the pieces in flight, so memory stays flat whatever the disk size.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::bounded;
@@ -67,49 +67,74 @@ impl Ctx<'_> {
     }
 }
 
+/// What one disk's pipeline made: its chunk list, its counters, and the
+/// packs (positions in the session's index) of the chunks it reused.
+pub(super) struct Collected {
+    pub list: ChunkList,
+    pub stats: BackupStats,
+    pub reused_packs: BTreeSet<u32>,
+}
+
 /// Builds a disk's chunk list from results in disk order and feeds packs.
 struct Collector<'p> {
     packer: &'p mut Packer,
-    list: ChunkList,
-    stats: BackupStats,
+    out: Collected,
 }
 
 impl<'p> Collector<'p> {
     fn new(packer: &'p mut Packer) -> Self {
         Collector {
             packer,
-            list: ChunkList::new(),
-            stats: BackupStats::default(),
+            out: Collected {
+                list: ChunkList::new(),
+                stats: BackupStats::default(),
+                reused_packs: BTreeSet::new(),
+            },
         }
     }
 
+    /// Notes the pack of a chunk reused from the index: the snapshot's sync
+    /// record lists it. A reused chunk the index does not know would make a
+    /// snapshot that cannot be read: refused.
+    fn reused(&mut self, id: &Id, ctx: &Ctx<'_>) -> Result<()> {
+        let loc = ctx.index.get(id).ok_or(Error::MissingChunk(*id))?;
+        self.out.reused_packs.insert(loc.pack);
+        Ok(())
+    }
+
     fn take(&mut self, done: Done, ctx: &Ctx<'_>) -> Result<()> {
+        let out = &mut self.out;
         match done {
-            Done::Zero(len) => self.list.push(len, None),
+            Done::Zero(len) => out.list.push(len, None),
             Done::Reuse(v) => {
                 for e in v {
-                    if e.chunk.is_some() {
-                        self.stats.chunks_reused += 1;
+                    if let Some(id) = &e.chunk {
+                        self.out.stats.chunks_reused += 1;
+                        self.reused(id, ctx)?;
                     }
-                    self.list.push(e.len, e.chunk);
+                    self.out.list.push(e.len, e.chunk);
                 }
             }
             Done::Known { len, id } => {
-                self.stats.chunks_reused += 1;
-                self.list.push(len, Some(id));
+                out.stats.chunks_reused += 1;
+                out.list.push(len, Some(id));
+                // Known from this session's own packs, or from the index.
+                if ctx.index.reusable(&id) {
+                    self.reused(&id, ctx)?;
+                }
             }
             Done::New { len, id, sealed } => {
                 // Two workers may have sealed the same new chunk at once:
                 // the first one to arrive here is stored, the other dropped.
                 if ctx.pending().insert(id) {
-                    self.stats.chunks_new += 1;
-                    self.stats.bytes_new += len;
-                    self.stats.bytes_stored += sealed.len() as u64;
+                    out.stats.chunks_new += 1;
+                    out.stats.bytes_new += len;
+                    out.stats.bytes_stored += sealed.len() as u64;
                     self.packer.add(id, &sealed, ctx.cipher, ctx.repo)?;
                 } else {
-                    self.stats.chunks_reused += 1;
+                    out.stats.chunks_reused += 1;
                 }
-                self.list.push(len, Some(id));
+                out.list.push(len, Some(id));
             }
         }
         Ok(())
@@ -121,13 +146,13 @@ pub(super) fn run_serial(
     ctx: &Ctx<'_>,
     packer: &mut Packer,
     mut walk: Walk<'_>,
-) -> Result<(ChunkList, BackupStats)> {
+) -> Result<Collected> {
     let mut col = Collector::new(packer);
     for piece in &mut walk {
         col.take(ctx.process(piece?), ctx)?;
     }
-    col.stats.bytes_read = walk.bytes_read();
-    Ok((col.list, col.stats))
+    col.out.stats.bytes_read = walk.bytes_read();
+    Ok(col.out)
 }
 
 /// Runs `walk` through the pipeline: the walk on this thread, `threads`
@@ -137,7 +162,7 @@ pub(super) fn run_parallel(
     packer: &mut Packer,
     threads: usize,
     mut walk: Walk<'_>,
-) -> Result<(ChunkList, BackupStats)> {
+) -> Result<Collected> {
     let in_flight = threads * 4 + 4;
     let (tokens_tx, tokens_rx) = bounded::<()>(in_flight);
     for _ in 0..in_flight {
@@ -163,7 +188,7 @@ pub(super) fn run_parallel(
         drop(work_rx);
         // Owns the token sender: when it stops, a walker waiting for a token
         // wakes up to an error instead of waiting forever.
-        let collector = s.spawn(move || -> Result<(ChunkList, BackupStats)> {
+        let collector = s.spawn(move || -> Result<Collected> {
             let mut col = Collector::new(packer);
             let mut next = 0u64;
             let mut waiting = BTreeMap::new();
@@ -176,7 +201,7 @@ pub(super) fn run_parallel(
                     let _ = tokens_tx.send(());
                 }
             }
-            Ok((col.list, col.stats))
+            Ok(col.out)
         });
         let walked = (&mut walk).enumerate().try_for_each(|(seq, piece)| {
             let piece = piece?;
@@ -190,8 +215,8 @@ pub(super) fn run_parallel(
         (walked, collected)
     });
     // The collector's error is the cause when the walk only saw it stop.
-    let (list, mut stats) = collected?;
+    let mut out = collected?;
     walked?;
-    stats.bytes_read = walk.bytes_read();
-    Ok((list, stats))
+    out.stats.bytes_read = walk.bytes_read();
+    Ok(out)
 }

@@ -23,6 +23,9 @@ pub const GC_CONDEMNED: &str = "gc/condemned-";
 /// The lock of the GC running now.
 pub const GC_LOCK: &str = "gc/lock-";
 
+/// Sync records: what a sync needs of each snapshot, in the clear.
+pub const SYNC: &str = "sync/";
+
 /// Metadata a local cache may keep whole (small, read often).
 pub const METADATA: [&str; 4] = [INDEX, SNAPSHOTS, CHUNK_LISTS, KEYS];
 
@@ -51,6 +54,17 @@ pub fn session(id: &Id) -> String {
     format!("{SESSIONS}{id}")
 }
 
+/// A snapshot's sync record of one generation.
+pub fn sync_record(snapshot: &Id, generation: u32) -> String {
+    format!("{SYNC}{snapshot}.{generation:08x}")
+}
+
+/// The snapshot and generation of a sync record's name, if it is one.
+pub fn sync_record_of(name: &str) -> Option<(Id, u32)> {
+    let (id, g) = name.strip_prefix(SYNC)?.split_once('.')?;
+    Some((id.parse().ok()?, u32::from_str_radix(g, 16).ok()?))
+}
+
 /// The id of a pack object's name (`data/ab/ab...`), if it is one.
 pub fn pack_id(name: &str) -> Option<Id> {
     name.strip_prefix(DATA)?.rsplit('/').next()?.parse().ok()
@@ -66,5 +80,8 @@ mod tests {
         assert_eq!(pack_id(&pack(&id)), Some(id));
         assert_eq!(pack_id("data/ab/.tmp-1"), None);
         assert_eq!(pack_id(&index(&id)), None);
+        assert_eq!(sync_record_of(&sync_record(&id, 300)), Some((id, 300)));
+        assert_eq!(sync_record_of("sync/x.1"), None);
+        assert_eq!(sync_record_of(&snapshot(&id)), None);
     }
 }

@@ -13,3 +13,4 @@ pub mod layout;
 pub(crate) mod object;
 pub mod pack;
 pub mod snapshot;
+pub mod sync_record;

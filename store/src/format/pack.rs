@@ -29,6 +29,29 @@ pub struct PackInfo {
     pub id: Id,
     pub salt: [u8; SALT_LEN],
     pub blobs: Vec<BlobEntry>,
+    /// The pack object's size and digest (unknown for packs indexed before
+    /// index objects carried them).
+    pub object: Option<PackObject>,
+}
+
+/// What anyone may check of a pack object without the key: its size and
+/// SHA-256 (a sync checks every pack it copies against them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackObject {
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+impl PackObject {
+    pub fn of(bytes: &[u8]) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(d.as_ref());
+        PackObject {
+            size: bytes.len() as u64,
+            sha256,
+        }
+    }
 }
 
 pub struct PackWriter {
@@ -83,6 +106,7 @@ impl PackWriter {
             id: Id::random(),
             salt: self.salt,
             blobs: self.blobs,
+            object: Some(PackObject::of(&self.buf)),
         };
         (self.buf, info)
     }
@@ -120,7 +144,12 @@ pub fn read_trailer(keys: &Keys, id: Id, bytes: &[u8]) -> Result<PackInfo> {
         }
         blobs.push(b);
     }
-    Ok(PackInfo { id, salt, blobs })
+    Ok(PackInfo {
+        id,
+        salt,
+        blobs,
+        object: Some(PackObject::of(bytes)),
+    })
 }
 
 #[cfg(test)]
@@ -140,6 +169,8 @@ mod tests {
         let back = read_trailer(&keys, info.id, &bytes).unwrap();
         assert_eq!(back.blobs, info.blobs);
         assert_eq!(back.salt, info.salt);
+        assert_eq!(back.object, info.object);
+        assert_eq!(info.object.unwrap().size, bytes.len() as u64);
         let e = back.blobs[0];
         let mut blob = bytes[e.offset as usize..(e.offset + e.len) as usize].to_vec();
         let o = crate::format::crypto::Opener::new(&keys, &back.salt);

@@ -33,7 +33,9 @@ pub struct Record {
 }
 
 /// Every record, with its object name.
-pub fn load(backend: &dyn Backend, keys: &Keys) -> Result<Vec<(String, Record)>> {
+/// `keys` open the records sealed by earlier versions; without them those
+/// are an error.
+pub fn load(backend: &dyn Backend, keys: Option<&Keys>) -> Result<Vec<(String, Record)>> {
     let mut out = Vec::new();
     for o in backend.list(GC_CONDEMNED)? {
         let bytes = match backend.get(&o.name) {
@@ -42,7 +44,19 @@ pub fn load(backend: &dyn Backend, keys: &Keys) -> Result<Vec<(String, Record)>>
             Err(BackendError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
         };
-        let payload = object::open(keys, KIND, &o.name, &bytes)?;
+        // Plain JSON (a sync must read them without the key); sealed by
+        // GCs of before.
+        let payload = if bytes.starts_with(b"{") {
+            bytes
+        } else {
+            let keys = keys.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{} is sealed (written by an older GC): run `bulwark gc` with the key once",
+                    o.name
+                ))
+            })?;
+            object::open(keys, KIND, &o.name, &bytes)?
+        };
         let r: Record =
             serde_json::from_slice(&payload).map_err(|e| Error::corrupt(&o.name, e.to_string()))?;
         out.push((o.name, r));
@@ -51,7 +65,7 @@ pub fn load(backend: &dyn Backend, keys: &Keys) -> Result<Vec<(String, Record)>>
 }
 
 /// Packs condemned by any record: writers must not reuse their chunks.
-pub fn packs(backend: &dyn Backend, keys: &Keys) -> Result<IdSet> {
+pub fn packs(backend: &dyn Backend, keys: Option<&Keys>) -> Result<IdSet> {
     Ok(load(backend, keys)?
         .into_iter()
         .flat_map(|(_, r)| r.packs)
@@ -60,7 +74,7 @@ pub fn packs(backend: &dyn Backend, keys: &Keys) -> Result<IdSet> {
 
 /// Stores a record of `packs`, withdrawn if storing it took so long that a
 /// backup could have started without seeing it (rule 1).
-pub fn write(backend: &dyn Backend, keys: &Keys, packs: Vec<Id>) -> Result<()> {
+pub fn write(backend: &dyn Backend, packs: Vec<Id>) -> Result<()> {
     let time = Utc::now();
     let rec = Record {
         time,
@@ -72,8 +86,9 @@ pub fn write(backend: &dyn Backend, keys: &Keys, packs: Vec<Id>) -> Result<()> {
         time.format("%Y%m%dT%H%M%S%.3fZ"),
         Id::random().short()
     );
-    let json = serde_json::to_vec(&rec).expect("serialize record");
-    backend.put(&name, &object::seal(&keys.session(), KIND, &json))?;
+    // In the clear: pack ids and a time, nothing a bucket listing does not
+    // show already; a sync reads them without the key.
+    backend.put(&name, &serde_json::to_vec(&rec).expect("serialize record"))?;
     if Utc::now() - time > SKEW_MARGIN / 2 {
         delete_if_there(backend, &name)?;
         return Err(Error::Invalid(

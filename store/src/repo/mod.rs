@@ -1,7 +1,10 @@
 //! An opened repository: config, keys, index, snapshots, chunk reads; and
-//! below it, the [`condemned`] records its index loader honours.
+//! below it, the [`condemned`] records its index loader honours, writers'
+//! [`markers`] and the snapshots' [`sync_records`].
 
 pub mod condemned;
+pub mod markers;
+pub mod sync_records;
 
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +42,21 @@ pub struct RepoConfig {
     /// S3 Object Lock: how every object is locked (`crate::maintain::lock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_lock: Option<crate::maintain::lock::LockSettings>,
+    /// Shared by a repository and its replicas (which share its master key
+    /// and chunking); a sync goes only within one family. Absent: the
+    /// repository's own id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<Id>,
+    /// The repository this one was made a replica of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<Id>,
+}
+
+impl RepoConfig {
+    /// The family of repositories this one belongs to.
+    pub fn family(&self) -> Id {
+        self.family.unwrap_or(self.id)
+    }
 }
 
 impl Default for RepoConfig {
@@ -51,6 +69,8 @@ impl Default for RepoConfig {
             compression_level: blob::DEFAULT_LEVEL,
             created: chrono::Utc::now(),
             object_lock: None,
+            family: None,
+            replica_of: None,
         }
     }
 }
@@ -86,8 +106,49 @@ impl Repository {
         if config.object_lock.is_some() {
             crate::maintain::lock::check_store(backend.as_ref())?;
         }
+        Self::create(backend, secret, kdf, config, MasterKey::generate())
+    }
+
+    /// Creates a replica of the repository at `source` at `backend`: the
+    /// same master key (so chunks keep their ids and move as they are
+    /// stored), chunking and packing, a new id and a key slot of its own
+    /// for `secret`, which must open `source`. Its config may lock objects
+    /// of its own accord.
+    pub fn init_replica(
+        backend: Arc<dyn Backend>,
+        source: &dyn Backend,
+        source_secret: &Secret,
+        secret: &Secret,
+        kdf: &KdfParams,
+        object_lock: Option<crate::maintain::lock::LockSettings>,
+    ) -> Result<Self> {
+        let src = Self::read_config(source)?;
+        let master = Self::unlock(source, source_secret)?;
+        if backend.exists(CONFIG)? {
+            return Err(Error::AlreadyInitialized(backend.location()));
+        }
+        if object_lock.is_some() {
+            crate::maintain::lock::check_store(backend.as_ref())?;
+        }
+        let config = RepoConfig {
+            id: Id::random(),
+            family: Some(src.family()),
+            replica_of: Some(src.id),
+            object_lock,
+            created: chrono::Utc::now(),
+            ..src
+        };
+        Self::create(backend, secret, kdf, config, master)
+    }
+
+    fn create(
+        backend: Arc<dyn Backend>,
+        secret: &Secret,
+        kdf: &KdfParams,
+        config: RepoConfig,
+        master: MasterKey,
+    ) -> Result<Self> {
         crate::maintain::lock::apply(backend.as_ref(), config.object_lock.as_ref())?;
-        let master = MasterKey::generate();
         let slot = KeySlot::wrap(&master, secret, kdf)?;
         let slot_json = serde_json::to_vec_pretty(&slot).expect("serialize key slot");
         backend.put(&layout::key(&Id::random()), &slot_json)?;
@@ -226,7 +287,8 @@ impl Repository {
     fn load_index(&self) -> Result<Index> {
         // Condemned records first: a backup must not reuse what a GC has
         // condemned (docs/gc.md, rule 2).
-        let mut ix = Index::with_condemned(condemned::packs(self.backend.as_ref(), &self.keys)?);
+        let mut ix =
+            Index::with_condemned(condemned::packs(self.backend.as_ref(), Some(&self.keys))?);
         for (_, packs) in self.load_index_objects()? {
             for p in packs {
                 ix.add_pack(&p);
@@ -243,64 +305,19 @@ impl Repository {
             .into_iter()
             .map(|o| o.name)
             .collect();
-        self.load_each(&names, |n| {
-            let payload = self.get_sealed(index::KIND, n)?;
-            Ok((n.to_string(), index::decode(&payload, n)?))
+        load_each(&names, |n| {
+            let bytes = self.backend.get(n)?;
+            Ok((n.to_string(), index::open(&self.keys, &bytes, n)?))
         })
-    }
-
-    /// `load` of every name, on up to 8 threads (on S3 each is a round
-    /// trip), in the order of `names`; the first error wins.
-    fn load_each<T: Send>(
-        &self,
-        names: &[String],
-        load: impl Fn(&str) -> Result<T> + Sync,
-    ) -> Result<Vec<T>> {
-        let threads = 8.min(names.len()).max(1);
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut done: Vec<(usize, Result<T>)> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut mine = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(n) = names.get(i) else { return mine };
-                            let r = load(n);
-                            let failed = r.is_err();
-                            mine.push((i, r));
-                            if failed {
-                                return mine;
-                            }
-                        }
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| {
-                    w.join().unwrap_or_else(|_| {
-                        vec![(0, Err(Error::Invalid("a loader thread panicked".into())))]
-                    })
-                })
-                .collect()
-        });
-        done.sort_by_key(|(i, _)| *i);
-        done.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Removes a snapshot: its manifest first (so no listed snapshot ever
     /// lacks a chunk list), then its chunk lists, which no other snapshot
-    /// shares. Chunks stay until a GC finds them unreferenced.
+    /// shares, then its sync record. Chunks stay until a GC finds them
+    /// unreferenced.
     pub fn delete_snapshot(&self, snap: &Snapshot) -> Result<()> {
-        self.backend.delete(&layout::snapshot(&snap.id))?;
-        for d in snap.chunk_lists() {
-            match self.backend.delete(&layout::chunk_list(&d.chunk_list)) {
-                Ok(()) | Err(BackendError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
+        let lists: Vec<Id> = snap.chunk_lists().map(|d| d.chunk_list).collect();
+        delete_snapshot_objects(self.backend.as_ref(), &snap.id, &lists)
     }
 
     pub(crate) fn put_sealed(&self, name: &str, sealed: &[u8]) -> Result<()> {
@@ -321,7 +338,7 @@ impl Repository {
             .into_iter()
             .map(|o| o.name)
             .collect();
-        let mut out = self.load_each(&names, |n| self.load_snapshot_object(n))?;
+        let mut out = load_each(&names, |n| self.load_snapshot_object(n))?;
         out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
         Ok(out)
     }
@@ -445,4 +462,61 @@ impl Repository {
         let opener = Opener::new(&self.keys, &index.pack(loc).salt);
         blob::open_chunk(&opener, id, sealed, self.config.chunker.max as usize, buf)
     }
+}
+
+/// `load` of every name, on up to 8 threads (on S3 each is a round
+/// trip), in the order of `names`; the first error wins.
+pub(crate) fn load_each<T: Send>(
+    names: &[String],
+    load: impl Fn(&str) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let threads = 8.min(names.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, Result<T>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(n) = names.get(i) else { return mine };
+                        let r = load(n);
+                        let failed = r.is_err();
+                        mine.push((i, r));
+                        if failed {
+                            return mine;
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    vec![(0, Err(Error::Invalid("a loader thread panicked".into())))]
+                })
+            })
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Deletes a snapshot: its manifest first (from then on it is gone for
+/// every reader), then its chunk lists and its sync records. Needs no key,
+/// so a replica's retention runs without one (`crate::sync::retain`).
+pub fn delete_snapshot_objects(
+    backend: &dyn Backend,
+    snapshot: &Id,
+    chunk_lists: &[Id],
+) -> Result<()> {
+    backend.delete(&layout::snapshot(snapshot))?;
+    for list in chunk_lists {
+        match backend.delete(&layout::chunk_list(list)) {
+            Ok(()) | Err(BackendError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    sync_records::delete_all(backend, snapshot)
 }

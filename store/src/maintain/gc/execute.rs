@@ -5,12 +5,17 @@
 
 use super::plan::{Action, GcPlan, Packs};
 use super::GcReport;
+use crate::backend::BackendError;
 use crate::error::{Error, Result};
 use crate::format::crypto::{Opener, SessionCipher};
 use crate::format::id::{Id, IdSet};
+use crate::format::index::Index;
 use crate::format::pack::{PackInfo, PackWriter};
-use crate::format::{blob, index, layout, object};
+use crate::format::snapshot::Snapshot;
+use crate::format::sync_record::SyncRecord;
+use crate::format::{blob, index, layout};
 use crate::repo::condemned::{self, delete_if_there};
+use crate::repo::sync_records;
 use crate::repo::{IndexObject, Repository};
 
 impl GcPlan {
@@ -25,8 +30,11 @@ impl GcPlan {
         let condemn = self.packs_where(|a| matches!(a, Action::Condemn | Action::Repack { .. }));
         if !condemn.is_empty() {
             progress("condemning");
-            condemned::write(backend, repo.keys(), condemn)?;
+            condemned::write(backend, condemn)?;
         }
+        progress("sync records");
+        let moved: IdSet = repack.iter().copied().collect();
+        keep_sync_records(repo, &self.snapshots, &moved)?;
         let doomed: IdSet = self
             .packs_where(|a| *a == Action::Delete)
             .into_iter()
@@ -45,6 +53,65 @@ impl GcPlan {
         report.index_objects_rewritten = rewritten;
         Ok(report)
     }
+}
+
+/// Writes the sync record of every snapshot whose chunks moved out of a
+/// repacked pack (the next generation, listing their new packs), and of
+/// every snapshot that has none (made before backups wrote them). Runs
+/// after the repacked packs are condemned, so the index prefers the new
+/// copies; a sync that read the older generation still finds the old
+/// packs until a later sweep.
+fn keep_sync_records(repo: &Repository, snapshots: &[Snapshot], moved: &IdSet) -> Result<()> {
+    let backend = repo.backend().as_ref();
+    let newest = sync_records::newest(backend)?;
+    let mut index = None;
+    for snap in snapshots {
+        let record = match newest.get(&snap.id) {
+            Some(name) if !moved.is_empty() => sync_records::load(backend, name)?,
+            Some(_) => continue,
+            None => None,
+        };
+        if record
+            .as_ref()
+            .is_some_and(|r| !r.packs.iter().any(|p| moved.contains(p)))
+        {
+            continue;
+        }
+        let index = match &index {
+            Some(ix) => ix,
+            None => {
+                repo.invalidate_index();
+                index.insert(repo.index()?)
+            }
+        };
+        let packs = match packs_of(repo, index, snap) {
+            // Pruned since the plan listed it: nothing to keep.
+            Err(Error::Backend(BackendError::NotFound(_)))
+                if !backend.exists(&layout::snapshot(&snap.id))? =>
+            {
+                continue
+            }
+            r => r?,
+        };
+        match record {
+            Some(r) => sync_records::replace(backend, &r, packs)?,
+            None => sync_records::put(backend, &SyncRecord::new(snap, packs))?,
+        }
+    }
+    Ok(())
+}
+
+/// The packs the index reads `snap`'s chunks from.
+fn packs_of(repo: &Repository, index: &Index, snap: &Snapshot) -> Result<Vec<Id>> {
+    let mut packs = IdSet::default();
+    for d in snap.chunk_lists() {
+        let list = repo.load_chunk_list(&d.chunk_list)?;
+        for id in list.extents().iter().filter_map(|e| e.chunk.as_ref()) {
+            let loc = index.get(id).ok_or(Error::MissingChunk(*id))?;
+            packs.insert(index.pack(&loc).id);
+        }
+    }
+    Ok(packs.into_iter().collect())
 }
 
 /// Copies the live chunks of `victims` into new packs under a fresh session
@@ -92,7 +159,7 @@ fn store_pack(repo: &Repository, w: PackWriter, cipher: &SessionCipher) -> Resul
 }
 
 fn put_index(repo: &Repository, cipher: &SessionCipher, packs: &[PackInfo]) -> Result<()> {
-    let sealed = object::seal(cipher, index::KIND, &index::encode(packs));
+    let sealed = index::seal(cipher, packs);
     repo.backend().put(&layout::index(&Id::random()), &sealed)?;
     Ok(())
 }

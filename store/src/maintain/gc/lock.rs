@@ -5,11 +5,11 @@
 use chrono::Utc;
 
 use crate::backend::BackendError;
-use crate::backup::session::Marker;
 use crate::error::{Error, Result};
 use crate::format::id::Id;
 use crate::format::layout::GC_LOCK as LOCK;
 use crate::format::object;
+use crate::repo::markers::Marker;
 use crate::repo::Repository;
 
 const LOCK_KIND: &str = "gc-lock";

@@ -6,12 +6,13 @@ use serde::Serialize;
 
 use super::{GcOptions, GcReport};
 use crate::backend::BackendError;
-use crate::backup::session::{self, Marker};
 use crate::error::{Error, Result};
 use crate::format::id::{Id, IdMap, IdSet};
 use crate::format::layout;
 use crate::format::pack::PackInfo;
+use crate::format::snapshot::Snapshot;
 use crate::repo::condemned::{self, Record, SKEW_MARGIN};
+use crate::repo::markers::{self, Marker};
 use crate::repo::{IndexObject, Repository};
 
 /// What happens to one pack, and why.
@@ -50,6 +51,8 @@ pub struct GcPlan {
     pub(super) live: IdSet,
     pub(super) packs: Packs,
     pub(super) objects: Vec<IndexObject>,
+    /// The snapshots listed (their sync records are kept up to date).
+    pub(super) snapshots: Vec<Snapshot>,
 }
 
 impl GcPlan {
@@ -58,17 +61,18 @@ impl GcPlan {
     /// has its manifest in the listing), and decides.
     pub fn compute(repo: &Repository, opts: &GcOptions, progress: &dyn Fn(&str)) -> Result<GcPlan> {
         let now = Utc::now();
-        let markers: Vec<Marker> = session::list(repo)?
+        let markers: Vec<Marker> = markers::list(repo.backend().as_ref(), Some(repo.keys()))?
             .into_iter()
             .filter(|m| m.is_live(now))
             .collect();
-        let records = condemned::load(repo.backend().as_ref(), repo.keys())?;
+        let records = condemned::load(repo.backend().as_ref(), Some(repo.keys()))?;
         let mut report = GcReport {
             dry_run: opts.dry_run,
             ..Default::default()
         };
         progress("reading snapshots");
-        let live = live_chunks(repo, &mut report)?;
+        let mut snapshots = Vec::new();
+        let live = live_chunks(repo, &mut report, &mut snapshots)?;
         progress("reading the index");
         let objects = repo.load_index_objects()?;
         let packs = Packs::new(repo, &objects)?;
@@ -81,6 +85,7 @@ impl GcPlan {
             live,
             packs,
             objects,
+            snapshots,
         };
         plan.sweep_decisions(&records, &markers, opts, now);
         plan.mark_decisions(&records, opts);
@@ -200,7 +205,11 @@ fn condemned_set(records: &[(String, Record)]) -> IdSet {
 /// Every chunk a listed snapshot references. A snapshot pruned while we
 /// read it is skipped; a chunk list missing under a manifest that still
 /// exists is damage, and stops the GC rather than free its chunks.
-fn live_chunks(repo: &Repository, report: &mut GcReport) -> Result<IdSet> {
+fn live_chunks(
+    repo: &Repository,
+    report: &mut GcReport,
+    snapshots: &mut Vec<Snapshot>,
+) -> Result<IdSet> {
     let mut live = IdSet::default();
     for o in repo.backend().list(layout::SNAPSHOTS)? {
         let snap = match repo.load_snapshot_object(&o.name) {
@@ -231,6 +240,7 @@ fn live_chunks(repo: &Repository, report: &mut GcReport) -> Result<IdSet> {
             live.extend(list.extents().iter().filter_map(|e| e.chunk));
         }
         report.snapshots += 1;
+        snapshots.push(snap);
     }
     report.live_chunks = live.len();
     Ok(live)

@@ -1,15 +1,17 @@
-//! Markers of backups in flight (`sessions/<id>`), so a GC on another host
-//! knows which backups may have reused chunks it has just condemned
-//! (`docs/gc.md`, rule 3).
+//! Markers of writers in flight (`sessions/<id>`: backups, and syncs into
+//! a replica), so a GC on another host knows which writers may have reused
+//! chunks it has just condemned (`docs/gc.md`, rule 3). Markers are plain
+//! JSON (host, pid, start time: nothing secret) so that a sync, which has
+//! no key, writes them too; ones sealed by earlier versions still read.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendError;
+use crate::backend::{Backend, BackendError};
 use crate::error::{Error, Result};
+use crate::format::crypto::Keys;
 use crate::format::id::Id;
 use crate::format::{layout, object};
-use crate::repo::Repository;
 
 pub const KIND: &str = "session";
 
@@ -43,15 +45,16 @@ impl Marker {
     }
 }
 
-/// A backup's marker, removed when dropped.
-pub struct Session<'r> {
-    repo: &'r Repository,
+/// A writer's marker, removed when dropped.
+pub struct Session<'b> {
+    backend: &'b dyn Backend,
     marker: Marker,
 }
 
-impl<'r> Session<'r> {
-    /// Stores the marker; the caller loads the index only after this.
-    pub fn begin(repo: &'r Repository) -> Result<Self> {
+impl<'b> Session<'b> {
+    /// Stores the marker; the caller loads the index (or lists what it
+    /// may reuse) only after this.
+    pub fn begin(backend: &'b dyn Backend) -> Result<Self> {
         let marker = Marker {
             id: Id::random(),
             host: crate::hostname(),
@@ -59,9 +62,8 @@ impl<'r> Session<'r> {
             started: Utc::now(),
         };
         let json = serde_json::to_vec(&marker).expect("serialize marker");
-        let sealed = object::seal(&repo.keys().session(), KIND, &json);
-        repo.backend().put(&layout::session(&marker.id), &sealed)?;
-        Ok(Session { repo, marker })
+        backend.put(&layout::session(&marker.id), &json)?;
+        Ok(Session { backend, marker })
     }
 
     pub fn marker(&self) -> &Marker {
@@ -72,27 +74,27 @@ impl<'r> Session<'r> {
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         // A marker left behind only delays GC (it goes stale): never fatal.
-        if let Err(e) = self
-            .repo
-            .backend()
-            .delete(&layout::session(&self.marker.id))
-        {
+        if let Err(e) = self.backend.delete(&layout::session(&self.marker.id)) {
             tracing::warn!("could not remove session marker: {e}");
         }
     }
 }
 
 /// Every marker in the repository (live or not). A marker deleted while
-/// listing is skipped: its backup just ended.
-pub fn list(repo: &Repository) -> Result<Vec<Marker>> {
+/// listing is skipped: its writer just ended. `keys` open markers sealed by
+/// earlier versions.
+pub fn list(backend: &dyn Backend, keys: Option<&Keys>) -> Result<Vec<Marker>> {
     let mut out = Vec::new();
-    for o in repo.backend().list(layout::SESSIONS)? {
-        let bytes = match repo.backend().get(&o.name) {
+    for o in backend.list(layout::SESSIONS)? {
+        let bytes = match backend.get(&o.name) {
             Ok(b) => b,
             Err(BackendError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
         };
-        let payload = object::open(repo.keys(), KIND, &o.name, &bytes)?;
+        let payload = match keys {
+            Some(k) if !bytes.starts_with(b"{") => object::open(k, KIND, &o.name, &bytes)?,
+            _ => bytes,
+        };
         let m: Marker =
             serde_json::from_slice(&payload).map_err(|e| Error::corrupt(&o.name, e.to_string()))?;
         out.push(m);
