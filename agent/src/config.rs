@@ -70,6 +70,9 @@ pub struct Config {
     pub metrics_textfile: Option<PathBuf>,
     #[serde(default)]
     pub enforce: Enforce,
+    /// The dashboard (`bulwark web`).
+    #[serde(default)]
+    pub web: Option<crate::web::WebConf>,
 }
 
 /// What the operator requires of every VM on the host.

@@ -19,6 +19,7 @@ pub mod mail;
 pub mod progress;
 pub mod secret;
 pub mod vm;
+pub mod web;
 
 use clap::{Parser, Subcommand};
 
@@ -92,6 +93,8 @@ pub enum Command {
     Hook(cmd::vm::HookCmd),
     /// Measure the throughput of each primitive and of the backup pipeline.
     Benchmark(cmd::bench::Args),
+    /// The dashboard (`[web]` in the agent's config) and its users.
+    Web(cmd::web::Args),
 }
 
 /// Parses the command line, runs the command; the process's exit code.
@@ -113,6 +116,7 @@ pub fn main() -> i32 {
         Command::Unprotect(a) => cmd::vm::unprotect(a),
         Command::Hook(c) => cmd::vm::hook(c),
         Command::Agent(c) => cmd::agent::run(c),
+        Command::Web(a) => cmd::web::run(a),
     };
     match r {
         Ok(code) => code,

@@ -13,6 +13,7 @@ pub mod schedule;
 pub mod snapshots;
 pub mod verify;
 pub mod vm;
+pub mod web;
 
 /// Human-readable byte counts.
 pub fn human(bytes: u64) -> String {
