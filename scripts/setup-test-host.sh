@@ -27,6 +27,7 @@ PACKAGES=(
     restic python3-aiosmtpd
     mount util-linux coreutils gzip cpio xz-utils zstd
     dpkg-dev  # package test: dpkg-shlibdeps (systemctl, systemd-analyze used if present)
+    chromium chromium-driver  # dashboard browser tests (headless, WebDriver)
 )
 
 # One dpkg-query for all packages; anything not listed as installed is missing.

@@ -265,6 +265,7 @@ fn refresh_one(k: &mut Known, name: &str, rc: &RepoConf) -> anyhow::Result<RepoV
         .filter_map(|o| o.name[store::layout::SNAPSHOTS.len()..].parse().ok())
         .collect();
     let new: Vec<&Id> = listed.iter().filter(|i| !k.snaps.contains_key(i)).collect();
+    let added = !new.is_empty();
     if new.len() > 32 {
         // Many at once (the first refresh): the store opens them in parallel.
         for s in repo.snapshots()? {
@@ -276,9 +277,11 @@ fn refresh_one(k: &mut Known, name: &str, rc: &RepoConf) -> anyhow::Result<RepoV
             k.snaps.insert(s.id, Arc::new(Snap::of(name, &s)));
         }
     }
+    let changed = added || listed.len() != k.snaps.len();
     let keep: std::collections::HashSet<&Id> = listed.iter().collect();
     k.snaps.retain(|id, _| keep.contains(id));
-    if k.sizes_at.is_none_or(|t| t.elapsed() > SIZES_EVERY) {
+    // Backups, prunes and GCs change the sizes; so does time (other hosts).
+    if changed || k.sizes_at.is_none_or(|t| t.elapsed() > SIZES_EVERY) {
         k.sizes = sizes(&repo)?;
         k.sizes_at = Some(Instant::now());
     }

@@ -147,10 +147,12 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Option<tokio_rustls:
                 continue;
             }
         };
-        let app = app.clone().map_request(move |mut r: Request| {
-            r.extensions_mut().insert(ConnectInfo(peer));
-            r
-        });
+        let app = app
+            .clone()
+            .map_request(move |mut r: hyper::Request<hyper::body::Incoming>| {
+                r.extensions_mut().insert(ConnectInfo(peer));
+                r.map(axum::body::Body::new)
+            });
         let tls = tls.clone();
         tokio::spawn(async move {
             let service = TowerToHyperService::new(app);
