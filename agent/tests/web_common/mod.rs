@@ -242,7 +242,7 @@ impl Browser {
     fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let url = format!("{}{path}", self.url);
         let mut r = match method {
-            "GET" => self.http.get(url).call().unwrap(),
+            "GET" => self.http.get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}")),
             "DELETE" => self.http.delete(url).call().unwrap(),
             _ => self.http.post(url).send_json(body.unwrap_or(json!({}))).unwrap(),
         };
@@ -276,6 +276,7 @@ impl Browser {
         let v: Value = r.body_mut().read_json().unwrap();
         v["value"]
             .as_object()
+            .filter(|o| !o.contains_key("error"))
             .and_then(|o| o.values().next())
             .and_then(|e| e.as_str())
             .map(str::to_string)
