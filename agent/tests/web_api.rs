@@ -72,7 +72,10 @@ fn sessions_csrf_roles_and_rate_limit() {
     // With it, the request goes through (and fails on the missing domain).
     let (s, v) = c.post("/api/v1/unprotect", body);
     assert_eq!(s, 500, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("no-such-domain"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("no-such-domain"),
+        "{v}"
+    );
 
     // A viewer sees, but may not restore (403 before anything is read).
     let mut viewer = Client::new(&server.base);
@@ -85,7 +88,10 @@ fn sessions_csrf_roles_and_rate_limit() {
     assert_eq!(s, 403, "{v}");
     assert!(v["error"].as_str().unwrap().contains("operator"), "{v}");
     assert_eq!(viewer.post("/api/v1/backup", json!({"domain": "x"})).0, 403);
-    assert_eq!(viewer.post("/api/v1/repositories/main/gc", json!({})).0, 403);
+    assert_eq!(
+        viewer.post("/api/v1/repositories/main/gc", json!({})).0,
+        403
+    );
     assert!(viewer.get("/api/v1/tasks").1.as_array().unwrap().is_empty());
 
     // Logout ends the session.
@@ -105,19 +111,41 @@ fn sessions_csrf_roles_and_rate_limit() {
 
     // Every action is in the audit log with its user.
     let audit = std::fs::read_to_string(env.state_dir().join("web/audit.log")).unwrap();
-    let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(lines.iter().any(|l| l["user"] == "ada" && l["action"] == "login" && l["outcome"] == "ok"));
-    assert!(lines.iter().any(|l| l["user"] == "ada" && l["action"] == "unprotect" && l["outcome"] == "failed"));
-    assert!(lines.iter().any(|l| l["user"] == "vic" && l["outcome"] == "refused: rate limit"));
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["user"] == "ada" && l["action"] == "login" && l["outcome"] == "ok"));
+    assert!(lines
+        .iter()
+        .any(|l| l["user"] == "ada" && l["action"] == "unprotect" && l["outcome"] == "failed"));
+    assert!(lines
+        .iter()
+        .any(|l| l["user"] == "vic" && l["outcome"] == "refused: rate limit"));
 
     // Plain HTTP beyond loopback: refused without --insecure, before binding.
-    let out = env.run(&["web", "--config", env.path("agent.toml").to_str().unwrap(), "--listen", "0.0.0.0:0"]);
+    let out = env.run(&[
+        "web",
+        "--config",
+        env.path("agent.toml").to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:0",
+    ]);
     assert!(!out.status.success());
     assert!(testbed::cli::stderr(&out).contains("--insecure"), "{out:?}");
 
     // Another host's dashboard over HTTPS, read with a token.
     let pki = testbed::nbd::certs::make_pki(&env.path("pki"));
-    let token = env.ok(&["web", "token", "add", "hv1", "--users-file", users.to_str().unwrap()]);
+    let token = env.ok(&[
+        "web",
+        "token",
+        "add",
+        "hv1",
+        "--users-file",
+        users.to_str().unwrap(),
+    ]);
     let token = token.trim();
     let peer_cfg = env.path("peer.toml");
     std::fs::write(
@@ -160,11 +188,17 @@ fn sessions_csrf_roles_and_rate_limit() {
     assert_eq!(hosts[0]["ok"], true, "{hosts}");
     assert_eq!(hosts[0]["status"]["host"], cli["host"]);
     assert_eq!(hosts[1]["ok"], false);
-    assert!(hosts[1]["error"].as_str().unwrap().contains("401"), "{hosts}");
+    assert!(
+        hosts[1]["error"].as_str().unwrap().contains("401"),
+        "{hosts}"
+    );
     // The overview shows both hosts.
     let (s, html, _) = f.page("/");
     assert_eq!(s, 200);
-    assert!(html.contains("id=\"host-hv1\"") && html.contains("id=\"host-liar\""), "{html}");
+    assert!(
+        html.contains("id=\"host-hv1\"") && html.contains("id=\"host-liar\""),
+        "{html}"
+    );
     // A bearer token is read-only here: no change with a viewer token.
     let mut t = Client::new(&front.base);
     t.bearer = Some(token.to_string());
@@ -182,7 +216,14 @@ fn every_endpoint_against_a_real_vm() {
     let users = env.path("users.toml");
     add_user(&env, &users, "ada", "admin");
     add_user(&env, &users, "opa", "operator");
-    let vm = Vm::define(&image, VmOptions { metadata_xml: Some(policy_xml(&policy)), ..VmOptions::default() }).unwrap();
+    let vm = Vm::define(
+        &image,
+        VmOptions {
+            metadata_xml: Some(policy_xml(&policy)),
+            ..VmOptions::default()
+        },
+    )
+    .unwrap();
     let name = vm.name().to_string();
     let _agent = Agent::start(
         &env,
@@ -214,7 +255,10 @@ fn every_endpoint_against_a_real_vm() {
     // The VM page lists it, with its restore link.
     let (s, html, _) = c.page(&format!("/vm/{name}"));
     assert_eq!(s, 200);
-    assert!(html.contains(&format!("data-snapshot=\"{snap}\"")), "{html}");
+    assert!(
+        html.contains(&format!("data-snapshot=\"{snap}\"")),
+        "{html}"
+    );
 
     // Protect and unprotect are admin's.
     let both = json!({"domain": name, "policies": [policy, format!("other-{policy}")]});
@@ -224,8 +268,20 @@ fn every_endpoint_against_a_real_vm() {
     let (s, v) = admin.post("/api/v1/protect", both);
     assert_eq!(s, 200, "{v}");
     let xml = virsh(&["dumpxml", &name, "--inactive"]);
-    assert!(xml.contains(&format!("name='other-{policy}'")) || xml.contains(&format!("name=\"other-{policy}\"")), "{xml}");
-    assert_eq!(admin.post("/api/v1/protect", json!({"domain": name, "policies": ["nope"]})).0, 400);
+    assert!(
+        xml.contains(&format!("name='other-{policy}'"))
+            || xml.contains(&format!("name=\"other-{policy}\"")),
+        "{xml}"
+    );
+    assert_eq!(
+        admin
+            .post(
+                "/api/v1/protect",
+                json!({"domain": name, "policies": ["nope"]})
+            )
+            .0,
+        400
+    );
     let (s, v) = admin.post("/api/v1/unprotect", json!({"domain": name}));
     assert_eq!(s, 200, "{v}");
     assert!(!virsh(&["dumpxml", &name, "--inactive"]).contains(&policy));
@@ -244,7 +300,10 @@ fn every_endpoint_against_a_real_vm() {
     assert_eq!(t["state"], "done", "{t}");
     assert_eq!(t["items"][0]["state"], "done");
     assert_eq!(t["items"][0]["bytes_done"], t["items"][0]["bytes_total"]);
-    assert_eq!(t["items"][0]["bytes_total"].as_u64().unwrap(), image.disk_size());
+    assert_eq!(
+        t["items"][0]["bytes_total"].as_u64().unwrap(),
+        image.disk_size()
+    );
     assert!(t["lines"].as_array().unwrap().len() > 1, "{t}");
     assert_eq!(virsh(&["domstate", &new]).trim(), "shut off");
     let got = env.path("got.raw");
@@ -257,31 +316,51 @@ fn every_endpoint_against_a_real_vm() {
     assert!(st.success());
     env.assert_restores_to(&snap, "vda", &got);
     // The same name again: refused at planning, nothing touched.
-    let (_, v) = c.post("/api/v1/restore", json!({"vms": [{"snapshot": snap, "as": new, "storage_dir": images}]}));
+    let (_, v) = c.post(
+        "/api/v1/restore",
+        json!({"vms": [{"snapshot": snap, "as": new, "storage_dir": images}]}),
+    );
     let t = c.wait_task(v["task"].as_u64().unwrap(), 120);
     assert_eq!(t["state"], "failed", "{t}");
-    assert!(t["error"].as_str().unwrap().contains("exists already"), "{t}");
+    assert!(
+        t["error"].as_str().unwrap().contains("exists already"),
+        "{t}"
+    );
     // Bad requests are refused before any task.
     assert_eq!(c.post("/api/v1/restore", json!({"vms": []})).0, 400);
-    assert_eq!(c.post("/api/v1/restore", json!({"vms": [{"snapshot": snap}]})).0, 400);
+    assert_eq!(
+        c.post("/api/v1/restore", json!({"vms": [{"snapshot": snap}]}))
+            .0,
+        400
+    );
 
     // Tasks: newest first; a finished one cannot be cancelled.
     let (_, tasks) = c.get("/api/v1/tasks");
     assert_eq!(tasks.as_array().unwrap().len(), 3, "{tasks}");
     assert_eq!(tasks[2]["kind"], "backup");
-    assert_eq!(c.post(&format!("/api/v1/tasks/{id}/cancel"), json!({})).0, 409);
+    assert_eq!(
+        c.post(&format!("/api/v1/tasks/{id}/cancel"), json!({})).0,
+        409
+    );
     assert_eq!(c.get("/api/v1/tasks/999").0, 404);
     assert_eq!(c.get("/api/v1/live").1, json!([]));
 
     // Two more backups, then prune: simulated (anyone), then for real (admin).
     for _ in 0..2 {
         let (_, v) = c.post("/api/v1/backup", json!({"domain": name, "policy": policy}));
-        assert_eq!(c.wait_task(v["task"].as_u64().unwrap(), 300)["state"], "done");
+        assert_eq!(
+            c.wait_task(v["task"].as_u64().unwrap(), 300)["state"],
+            "done"
+        );
     }
     let q = json!({"source": name, "policy": policy, "keep_last": 1});
     let (s, sim) = c.post("/api/v1/prune/simulate", q.clone());
     assert_eq!(s, 200, "{sim}");
-    assert_eq!((sim["kept"].as_u64(), sim["removed"].as_u64()), (Some(1), Some(2)), "{sim}");
+    assert_eq!(
+        (sim["kept"].as_u64(), sim["removed"].as_u64()),
+        (Some(1), Some(2)),
+        "{sim}"
+    );
     assert_eq!(sim["snapshots"][0]["rule"], "keep-last");
     let kept = sim["snapshots"][0]["id"].clone();
     assert_eq!(c.post("/api/v1/prune", q.clone()).0, 403);
@@ -293,16 +372,33 @@ fn every_endpoint_against_a_real_vm() {
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert_eq!(json!(ids[0]), kept);
     // A synthetic schedule is simulated only.
-    let (s, sim) = c.post("/api/v1/prune/simulate", json!({"schedule": "every 6h", "days": 10, "keep_daily": 3}));
+    let (s, sim) = c.post(
+        "/api/v1/prune/simulate",
+        json!({"schedule": "every 6h", "days": 10, "keep_daily": 3}),
+    );
     assert_eq!(s, 200, "{sim}");
     assert_eq!(sim["kept"], 3, "{sim}");
-    assert_eq!(admin.post("/api/v1/prune", json!({"schedule": "daily", "keep_daily": 1})).0, 400);
+    assert_eq!(
+        admin
+            .post(
+                "/api/v1/prune",
+                json!({"schedule": "daily", "keep_daily": 1})
+            )
+            .0,
+        400
+    );
 
     // Repositories, verify and GC.
     let (_, v) = c.post("/api/v1/repositories/main/verify", json!({}));
-    assert_eq!(c.wait_task(v["task"].as_u64().unwrap(), 300)["state"], "done");
+    assert_eq!(
+        c.wait_task(v["task"].as_u64().unwrap(), 300)["state"],
+        "done"
+    );
     let (_, v) = admin.post("/api/v1/repositories/main/gc", json!({}));
-    assert_eq!(admin.wait_task(v["task"].as_u64().unwrap(), 300)["state"], "done");
+    assert_eq!(
+        admin.wait_task(v["task"].as_u64().unwrap(), 300)["state"],
+        "done"
+    );
     let repos = wait_for("the repository's figures", 60, || {
         let (_, r) = c.get("/api/v1/repositories");
         (r[0]["snapshots"] == 1 && r[0]["usable"] == true).then_some(r)
@@ -311,7 +407,10 @@ fn every_endpoint_against_a_real_vm() {
     assert_eq!(r["name"], "main");
     assert_eq!(r["last_verify"]["ok"], true, "{r}");
     assert!(r["stored_bytes"].as_u64().unwrap() > 0, "{r}");
-    assert!(r["total_bytes"].as_u64() > r["stored_bytes"].as_u64(), "{r}");
+    assert!(
+        r["total_bytes"].as_u64() > r["stored_bytes"].as_u64(),
+        "{r}"
+    );
     assert_eq!(r["logical_bytes"].as_u64().unwrap(), image.disk_size());
     assert!(r["dedup_ratio"].as_f64().unwrap() > 0.0);
     assert_eq!(c.post("/api/v1/repositories/nope/verify", json!({})).0, 404);
@@ -319,7 +418,10 @@ fn every_endpoint_against_a_real_vm() {
     // Files: not in this build, said so.
     let (s, v) = c.get("/api/v1/files");
     assert_eq!(s, 501);
-    assert!(v["error"].as_str().unwrap().contains("bulwark files"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("bulwark files"),
+        "{v}"
+    );
     assert_eq!(c.get("/api/v1/nothing-here").0, 404);
     drop(vm);
 }

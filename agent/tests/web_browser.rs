@@ -52,7 +52,15 @@ fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
         .collect();
     times.push("2026-01-10T18:00:00Z".into());
     for t in &times {
-        env.ok(&["backup", "image", small.to_str().unwrap(), "--source", "crafted", "--time", t]);
+        env.ok(&[
+            "backup",
+            "image",
+            small.to_str().unwrap(),
+            "--source",
+            "crafted",
+            "--time",
+            t,
+        ]);
     }
     let server = WebServer::start(&env, &env.path("agent.toml"), vec![]);
     let base = server.base.clone();
@@ -67,7 +75,9 @@ fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
     b.fill("#password", "wrong password");
     b.click("form#login button");
     b.wait_for("the refusal", 10, || {
-        b.text("form#login .msg").contains("wrong user or password").then_some(())
+        b.text("form#login .msg")
+            .contains("wrong user or password")
+            .then_some(())
     });
     b.fill("#password", UPW);
     b.click("form#login button");
@@ -77,9 +87,8 @@ fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
     });
     assert!(!row.is_empty());
     // The overview's whole load (document, CSS, JS) stays small.
-    let bytes = b.script(
-        "return performance.getEntries().reduce((n, e) => n + (e.transferSize || 0), 0);",
-    );
+    let bytes =
+        b.script("return performance.getEntries().reduce((n, e) => n + (e.transferSize || 0), 0);");
     assert!(bytes.as_u64().unwrap() < 200_000, "{bytes}");
     b.screenshot("overview");
 
@@ -103,9 +112,12 @@ fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
     b.click("tr.vm input[name=start]");
     b.screenshot("restore-2");
     b.click("form#wizard button[type=submit]");
-    b.wait_for("the task page", 30, || b.current_url().contains("/tasks/").then_some(()));
+    b.wait_for("the task page", 30, || {
+        b.current_url().contains("/tasks/").then_some(())
+    });
     b.wait_for("the full restore", 300, || {
-        let s = b.script("var e = document.querySelector('#task-state'); return e && e.dataset.state;");
+        let s =
+            b.script("var e = document.querySelector('#task-state'); return e && e.dataset.state;");
         assert_ne!(s, json!("failed"), "{}", b.text("main"));
         (s == json!("done")).then_some(())
     });
@@ -122,7 +134,9 @@ fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
     b.fill("tr.vm input[name=storage_dir]", images.to_str().unwrap());
     b.script("document.querySelector('tr.vm select[name=mode]').value = 'live'; return 1;");
     b.click("form#wizard button[type=submit]");
-    b.wait_for("the task page", 30, || b.current_url().contains("/tasks/").then_some(()));
+    b.wait_for("the task page", 30, || {
+        b.current_url().contains("/tasks/").then_some(())
+    });
     b.wait_for("the live restore's start", 120, || {
         let s = b.script(&format!(
             "var e = document.querySelector('tr[data-name=\"{live}\"]'); return e && e.dataset.state;"
@@ -169,8 +183,17 @@ fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
     assert_eq!(page.len(), times.len(), "{marks}");
     // The same decisions as `bulwark prune --dry-run`.
     let cli = env.json(&[
-        "prune", "--source", "crafted", "--keep-last", "2", "--keep-daily", "3", "--keep-weekly", "2",
-        "--dry-run", "--json",
+        "prune",
+        "--source",
+        "crafted",
+        "--keep-last",
+        "2",
+        "--keep-daily",
+        "3",
+        "--keep-weekly",
+        "2",
+        "--dry-run",
+        "--json",
     ]);
     for d in cli.as_array().unwrap() {
         let t = chrono::DateTime::parse_from_rfc3339(d["time"].as_str().unwrap())
@@ -187,12 +210,24 @@ fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
         }
     }
     // By hand: the two newest by keep-last; days 9, 8, 7 by keep-daily.
-    let rule_of = |t: &str| page[&chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc().to_rfc3339()].1.clone();
+    let rule_of = |t: &str| {
+        page[&chrono::DateTime::parse_from_rfc3339(t)
+            .unwrap()
+            .to_utc()
+            .to_rfc3339()]
+            .1
+            .clone()
+    };
     assert_eq!(rule_of("2026-01-10T18:00:00Z"), "last");
     assert_eq!(rule_of("2026-01-10T12:00:00Z"), "last");
     assert_eq!(rule_of("2026-01-09T12:00:00Z"), "daily");
     assert_eq!(rule_of("2026-01-07T12:00:00Z"), "daily");
-    let kept = cli.as_array().unwrap().iter().filter(|d| d["keep"] == true).count();
+    let kept = cli
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == true)
+        .count();
     assert_eq!(
         b.script("return document.querySelector('#summary').dataset.kept;"),
         json!(kept.to_string())

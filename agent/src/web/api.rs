@@ -71,7 +71,11 @@ impl Caller {
         } else {
             Err(ApiError(
                 StatusCode::FORBIDDEN,
-                format!("{} may not do this: it needs the {} role", self.role.as_str(), role.as_str()),
+                format!(
+                    "{} may not do this: it needs the {} role",
+                    self.role.as_str(),
+                    role.as_str()
+                ),
             ))
         }
     }
@@ -138,7 +142,10 @@ pub fn authenticate(web: &Web, parts: &Parts) -> Result<Caller, ApiError> {
 impl FromRequestParts<Arc<Web>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, web: &Arc<Web>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        web: &Arc<Web>,
+    ) -> Result<Self, Self::Rejection> {
         authenticate(web, parts)
     }
 }
@@ -200,8 +207,12 @@ pub async fn login(
 ) -> ApiResult {
     let addr = peer.ip().to_string();
     if let Err(wait) = web.limiter.check(&addr, &l.user) {
-        web.audit
-            .record(&l.user, "login", json!({"from": addr}), "refused: rate limit");
+        web.audit.record(
+            &l.user,
+            "login",
+            json!({"from": addr}),
+            "refused: rate limit",
+        );
         let mut r = ApiError(
             StatusCode::TOO_MANY_REQUESTS,
             format!("too many failed logins: try again in {wait}s"),
@@ -216,21 +227,27 @@ pub async fn login(
     let role = blocking(move || Ok(Users::load(&path)?.check_password(&user, &password))).await?;
     let Some(role) = role else {
         web.limiter.failed(&addr, &l.user);
-        web.audit
-            .record(&l.user, "login", json!({"from": addr}), "refused: wrong user or password");
+        web.audit.record(
+            &l.user,
+            "login",
+            json!({"from": addr}),
+            "refused: wrong user or password",
+        );
         return Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "wrong user or password".into(),
         ));
     };
     let (id, s) = web.sessions.create(&l.user, role);
-    web.audit.record(&l.user, "login", json!({"from": addr}), "ok");
+    web.audit
+        .record(&l.user, "login", json!({"from": addr}), "ok");
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         web.sessions.ttl().as_secs(),
         if web.tls { "; Secure" } else { "" }
     );
-    let mut r = Json(json!({"user": s.user, "role": role.as_str(), "csrf": s.csrf})).into_response();
+    let mut r =
+        Json(json!({"user": s.user, "role": role.as_str(), "csrf": s.csrf})).into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
         HeaderValue::from_str(&cookie).map_err(ApiError::internal)?,
@@ -284,7 +301,11 @@ pub struct SnapQuery {
 }
 
 /// `GET /api/v1/snapshots`: from the cache, newest first.
-pub async fn snapshots(State(web): State<Arc<Web>>, _c: Caller, Query(q): Query<SnapQuery>) -> ApiResult {
+pub async fn snapshots(
+    State(web): State<Arc<Web>>,
+    _c: Caller,
+    Query(q): Query<SnapQuery>,
+) -> ApiResult {
     let view = web.cache.view();
     let mut out: Vec<Value> = Vec::new();
     for (name, r) in &view.repos {
@@ -317,8 +338,11 @@ pub struct BackupReq {
 pub async fn backup(State(web): State<Arc<Web>>, c: Caller, Json(b): Json<BackupReq>) -> ApiResult {
     c.need(Role::Operator)?;
     let detail = json!({"domain": b.domain, "policy": b.policy, "full": b.full});
-    web.audit.record(&c.user, "backup", detail.clone(), "started");
-    let t = web.tasks.add("backup", format!("backup of {}", b.domain), &c.user);
+    web.audit
+        .record(&c.user, "backup", detail.clone(), "started");
+    let t = web
+        .tasks
+        .add("backup", format!("backup of {}", b.domain), &c.user);
     let id = t.id;
     let w = web.clone();
     web.tasks.run(t, move |t| {
@@ -328,13 +352,19 @@ pub async fn backup(State(web): State<Arc<Web>>, c: Caller, Json(b): Json<Backup
             full: b.full,
         };
         t.log(format!("asking the agent to back up {}", b.domain));
-        let reply: bulwark_proto::Reply<bulwark_proto::Backed<Value>> =
-            crate::daemon::request(&w.cfg.socket, &req, std::time::Duration::from_secs(24 * 3600))?;
+        let reply: bulwark_proto::Reply<bulwark_proto::Backed<Value>> = crate::daemon::request(
+            &w.cfg.socket,
+            &req,
+            std::time::Duration::from_secs(24 * 3600),
+        )?;
         let r = reply.into_result().map_err(anyhow::Error::from);
         let outcome = if r.is_ok() { "ok" } else { "failed" };
         w.audit.record(&t.user, "backup", detail, outcome);
         let report = r?.report;
-        t.log(format!("snapshot {}", report["snapshot"].as_str().unwrap_or("?")));
+        t.log(format!(
+            "snapshot {}",
+            report["snapshot"].as_str().unwrap_or("?")
+        ));
         w.cache.refresh_all();
         Ok(report)
     });
@@ -351,7 +381,11 @@ pub struct ProtectReq {
 
 /// `POST /api/v1/protect`: names policies in the domain's XML, as
 /// `bulwark protect` does (each must be usable on this host).
-pub async fn protect(State(web): State<Arc<Web>>, c: Caller, Json(p): Json<ProtectReq>) -> ApiResult {
+pub async fn protect(
+    State(web): State<Arc<Web>>,
+    c: Caller,
+    Json(p): Json<ProtectReq>,
+) -> ApiResult {
     c.need(Role::Admin)?;
     if p.policies.is_empty() {
         return Err(ApiError::bad("name at least one policy"));
@@ -374,13 +408,26 @@ pub struct UnprotectReq {
 }
 
 /// `POST /api/v1/unprotect`: removes Bulwark's policies from the domain.
-pub async fn unprotect(State(web): State<Arc<Web>>, c: Caller, Json(u): Json<UnprotectReq>) -> ApiResult {
+pub async fn unprotect(
+    State(web): State<Arc<Web>>,
+    c: Caller,
+    Json(u): Json<UnprotectReq>,
+) -> ApiResult {
     c.need(Role::Admin)?;
     set_policies(&web, &c, u.domain, None).await
 }
 
-async fn set_policies(web: &Arc<Web>, c: &Caller, domain: String, policies: Option<Vec<String>>) -> ApiResult {
-    let action = if policies.is_some() { "protect" } else { "unprotect" };
+async fn set_policies(
+    web: &Arc<Web>,
+    c: &Caller,
+    domain: String,
+    policies: Option<Vec<String>>,
+) -> ApiResult {
+    let action = if policies.is_some() {
+        "protect"
+    } else {
+        "unprotect"
+    };
     let detail = json!({"domain": domain, "policies": policies});
     let uri = web.cfg.libvirt_uri.clone();
     let r = blocking(move || {
@@ -391,8 +438,12 @@ async fn set_policies(web: &Arc<Web>, c: &Caller, domain: String, policies: Opti
         Ok(())
     })
     .await;
-    web.audit
-        .record(&c.user, action, detail.clone(), if r.is_ok() { "ok" } else { "failed" });
+    web.audit.record(
+        &c.user,
+        action,
+        detail.clone(),
+        if r.is_ok() { "ok" } else { "failed" },
+    );
     r?;
     ok(json!({"ok": true, "action": action, "detail": detail}))
 }
@@ -400,16 +451,25 @@ async fn set_policies(web: &Arc<Web>, c: &Caller, domain: String, policies: Opti
 /// `POST /api/v1/restore`: starts the restores (one task); 202 with its id.
 pub async fn restore(State(web): State<Arc<Web>>, c: Caller, body: axum::body::Bytes) -> ApiResult {
     c.need(Role::Operator)?;
-    let job: worker::Job =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("bad restore request: {e}")))?;
+    let job: worker::Job = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad(format!("bad restore request: {e}")))?;
     job.check().map_err(ApiError::bad)?;
-    web.repository(job.repository.as_deref()).map_err(ApiError::bad)?;
+    web.repository(job.repository.as_deref())
+        .map_err(ApiError::bad)?;
     let detail = serde_json::to_value(&job).map_err(ApiError::internal)?;
     let names: Vec<&str> = job.vms.iter().map(|v| v.name.as_str()).collect();
-    let t = web.tasks.add("restore", format!("restore of {}", names.join(", ")), &c.user);
+    let t = web.tasks.add(
+        "restore",
+        format!("restore of {}", names.join(", ")),
+        &c.user,
+    );
     let r = worker::spawn(&web.config_path, t.clone(), &job);
-    web.audit
-        .record(&c.user, "restore", detail, if r.is_ok() { "started" } else { "failed" });
+    web.audit.record(
+        &c.user,
+        "restore",
+        detail,
+        if r.is_ok() { "started" } else { "failed" },
+    );
     if let Err(e) = r {
         t.finish(TaskState::Failed(format!("{e:#}")), None);
         return Err(e.into());
@@ -419,17 +479,28 @@ pub async fn restore(State(web): State<Arc<Web>>, c: Caller, body: axum::body::B
 
 /// `GET /api/v1/tasks`: newest first, without their log lines.
 pub async fn tasks(State(web): State<Arc<Web>>, _c: Caller) -> ApiResult {
-    ok(json!(web.tasks.all().iter().map(|t| t.to_json(false)).collect::<Vec<_>>()))
+    ok(json!(web
+        .tasks
+        .all()
+        .iter()
+        .map(|t| t.to_json(false))
+        .collect::<Vec<_>>()))
 }
 
 pub async fn task(State(web): State<Arc<Web>>, _c: Caller, Path(id): Path<u64>) -> ApiResult {
-    let t = web.tasks.get(id).ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    let t = web
+        .tasks
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
     ok(t.to_json(true))
 }
 
 pub async fn cancel_task(State(web): State<Arc<Web>>, c: Caller, Path(id): Path<u64>) -> ApiResult {
     c.need(Role::Operator)?;
-    let t = web.tasks.get(id).ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    let t = web
+        .tasks
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
     let done = t.cancel();
     web.audit.record(
         &c.user,
@@ -438,7 +509,10 @@ pub async fn cancel_task(State(web): State<Arc<Web>>, c: Caller, Path(id): Path<
         if done { "ok" } else { "refused: not running" },
     );
     if !done {
-        return Err(ApiError(StatusCode::CONFLICT, format!("task {id} is not running or cannot be cancelled")));
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("task {id} is not running or cannot be cancelled"),
+        ));
     }
     ok(json!({"ok": true}))
 }
@@ -468,7 +542,11 @@ pub fn live_list(state_dir: &std::path::Path) -> anyhow::Result<Vec<Value>> {
         .collect())
 }
 
-pub async fn cancel_live(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<String>) -> ApiResult {
+pub async fn cancel_live(
+    State(web): State<Arc<Web>>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult {
     c.need(Role::Operator)?;
     let (dir, uri) = (web.cfg.state_dir.clone(), web.cfg.libvirt_uri.clone());
     let n = name.clone();
@@ -480,14 +558,22 @@ pub async fn cancel_live(State(web): State<Arc<Web>>, c: Caller, Path(name): Pat
         crate::live::cancel(&records, &n, &uri, false)
     })
     .await;
-    web.audit
-        .record(&c.user, "cancel_live", json!({"name": name}), if r.is_ok() { "ok" } else { "failed" });
+    web.audit.record(
+        &c.user,
+        "cancel_live",
+        json!({"name": name}),
+        if r.is_ok() { "ok" } else { "failed" },
+    );
     let r = r?;
     ok(json!({"ok": true, "name": r.name}))
 }
 
 /// `POST /api/v1/prune/simulate`: kept and removed, with the rule.
-pub async fn simulate(State(web): State<Arc<Web>>, _c: Caller, Json(q): Json<simulate::Request>) -> ApiResult {
+pub async fn simulate(
+    State(web): State<Arc<Web>>,
+    _c: Caller,
+    Json(q): Json<simulate::Request>,
+) -> ApiResult {
     let marks = run_simulation(&web, &q)?;
     let kept = marks.iter().filter(|m| m.kept()).count();
     ok(json!({"kept": kept, "removed": marks.len() - kept, "snapshots": marks}))
@@ -516,8 +602,13 @@ pub fn run_simulation(web: &Web, q: &simulate::Request) -> Result<Vec<simulate::
 }
 
 /// The snapshots of the requested group, from the cache.
-fn group(web: &Web, q: &simulate::Request) -> Result<Vec<std::sync::Arc<super::cache::Snap>>, ApiError> {
-    let repo = web.repository(q.repository.as_deref()).map_err(ApiError::bad)?;
+fn group(
+    web: &Web,
+    q: &simulate::Request,
+) -> Result<Vec<std::sync::Arc<super::cache::Snap>>, ApiError> {
+    let repo = web
+        .repository(q.repository.as_deref())
+        .map_err(ApiError::bad)?;
     let source = q
         .source
         .as_deref()
@@ -537,7 +628,11 @@ fn group(web: &Web, q: &simulate::Request) -> Result<Vec<std::sync::Arc<super::c
 }
 
 /// `POST /api/v1/prune`: prunes one group now (admin), as `bulwark prune`.
-pub async fn prune(State(web): State<Arc<Web>>, c: Caller, Json(q): Json<simulate::Request>) -> ApiResult {
+pub async fn prune(
+    State(web): State<Arc<Web>>,
+    c: Caller,
+    Json(q): Json<simulate::Request>,
+) -> ApiResult {
     c.need(Role::Admin)?;
     if q.synthetic() {
         return Err(ApiError::bad("a synthetic schedule can only be simulated"));
@@ -546,12 +641,23 @@ pub async fn prune(State(web): State<Arc<Web>>, c: Caller, Json(q): Json<simulat
     if !keep.any() {
         return Err(ApiError::bad("set at least one keep number"));
     }
-    let repo_name = web.repository(q.repository.as_deref()).map_err(ApiError::bad)?;
-    let source = q.source.clone().filter(|s| !s.is_empty()).ok_or_else(|| ApiError::bad("name a source"))?;
+    let repo_name = web
+        .repository(q.repository.as_deref())
+        .map_err(ApiError::bad)?;
+    let source = q
+        .source
+        .clone()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad("name a source"))?;
     let policy = q.policy.clone().filter(|p| !p.is_empty());
     let detail = json!({"repository": repo_name, "source": source, "policy": policy, "keep": keep});
-    web.audit.record(&c.user, "prune", detail.clone(), "started");
-    let t = web.tasks.add("prune", format!("prune of {source} in {repo_name}"), &c.user);
+    web.audit
+        .record(&c.user, "prune", detail.clone(), "started");
+    let t = web.tasks.add(
+        "prune",
+        format!("prune of {source} in {repo_name}"),
+        &c.user,
+    );
     let id = t.id;
     let w = web.clone();
     web.tasks.run(t, move |t| {
@@ -566,12 +672,16 @@ pub async fn prune(State(web): State<Arc<Web>>, c: Caller, Json(q): Json<simulat
             t.log(format!(
                 "{} {} {}",
                 d.snapshot.id.short(),
-                d.snapshot.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M"),
+                d.snapshot
+                    .time
+                    .with_timezone(&chrono::Local)
+                    .format("%Y-%m-%d %H:%M"),
                 d.rule.map_or("remove", |r| r.as_str())
             ));
         }
         let n = store::prune::execute(&repo, &decisions)?;
-        w.audit.record(&t.user, "prune", detail, &format!("ok: {n} removed"));
+        w.audit
+            .record(&t.user, "prune", detail, &format!("ok: {n} removed"));
         w.cache.refresh(&repo_name);
         Ok(json!({"removed": n, "kept": decisions.len() - n}))
     });
@@ -626,8 +736,11 @@ pub fn repository_rows(web: &Web, st: Option<&status::Status>) -> Vec<Value> {
 pub async fn verify(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<String>) -> ApiResult {
     c.need(Role::Operator)?;
     let name = web.repository(Some(&name)).map_err(ApiError::not_found)?;
-    web.audit.record(&c.user, "verify", json!({"repository": name}), "started");
-    let t = web.tasks.add("verify", format!("verify of {name}"), &c.user);
+    web.audit
+        .record(&c.user, "verify", json!({"repository": name}), "started");
+    let t = web
+        .tasks
+        .add("verify", format!("verify of {name}"), &c.user);
     let id = t.id;
     let w = web.clone();
     web.tasks.run(t, move |t| {
@@ -653,7 +766,12 @@ pub async fn verify(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<Str
             },
         };
         w.tasks.record_verify(&name, v.clone())?;
-        w.audit.record(&t.user, "verify", json!({"repository": name}), if v.ok { "ok" } else { "damaged" });
+        w.audit.record(
+            &t.user,
+            "verify",
+            json!({"repository": name}),
+            if v.ok { "ok" } else { "damaged" },
+        );
         let rep = r?;
         for d in &rep.damaged {
             t.log(format!("DAMAGED {}: {}", d.object, d.reason));
@@ -671,7 +789,8 @@ pub async fn verify(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<Str
 pub async fn gc(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<String>) -> ApiResult {
     c.need(Role::Admin)?;
     let name = web.repository(Some(&name)).map_err(ApiError::not_found)?;
-    web.audit.record(&c.user, "gc", json!({"repository": name}), "started");
+    web.audit
+        .record(&c.user, "gc", json!({"repository": name}), "started");
     let t = web.tasks.add("gc", format!("gc of {name}"), &c.user);
     let id = t.id;
     let w = web.clone();
@@ -695,5 +814,8 @@ pub async fn gc(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<String>
 
 /// `GET /api/v1/files`: the seam for `bulwark files` (not in this build).
 pub async fn files(_c: Caller) -> ApiError {
-    ApiError(StatusCode::NOT_IMPLEMENTED, super::pages::FILES_UNAVAILABLE.into())
+    ApiError(
+        StatusCode::NOT_IMPLEMENTED,
+        super::pages::FILES_UNAVAILABLE.into(),
+    )
 }

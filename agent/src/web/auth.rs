@@ -111,7 +111,8 @@ impl Users {
             .hash_password(password.as_bytes(), &salt)
             .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?
             .to_string();
-        self.users.insert(name.to_string(), UserEntry { role, hash });
+        self.users
+            .insert(name.to_string(), UserEntry { role, hash });
         Ok(())
     }
 
@@ -313,9 +314,13 @@ mod tests {
     #[test]
     fn passwords_and_tokens_check_and_are_stored_hashed() {
         let mut u = Users::default();
-        u.add_user("alice", Role::Operator, "correct horse").unwrap();
+        u.add_user("alice", Role::Operator, "correct horse")
+            .unwrap();
         assert!(u.users["alice"].hash.starts_with("$argon2id$"));
-        assert_eq!(u.check_password("alice", "correct horse"), Some(Role::Operator));
+        assert_eq!(
+            u.check_password("alice", "correct horse"),
+            Some(Role::Operator)
+        );
         assert_eq!(u.check_password("alice", "wrong horse!"), None);
         assert_eq!(u.check_password("bob", "correct horse"), None);
         assert!(u.add_user("bad name", Role::Admin, "long enough").is_err());
@@ -326,7 +331,10 @@ mod tests {
         assert_eq!(u.check_token(&t), Some(("hv1".into(), Role::Viewer)));
         assert_eq!(u.check_token("nope"), None);
         let back: Users = toml::from_str(&toml::to_string(&u).unwrap()).unwrap();
-        assert_eq!(back.check_password("alice", "correct horse"), Some(Role::Operator));
+        assert_eq!(
+            back.check_password("alice", "correct horse"),
+            Some(Role::Operator)
+        );
         assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
     }
 

@@ -94,7 +94,11 @@ impl RepoView {
     }
 
     /// Builds a view from snapshot summaries (refreshes and benchmarks).
-    pub fn from_snaps(name: &str, location: &str, snaps: impl IntoIterator<Item = Arc<Snap>>) -> RepoView {
+    pub fn from_snaps(
+        name: &str,
+        location: &str,
+        snaps: impl IntoIterator<Item = Arc<Snap>>,
+    ) -> RepoView {
         let mut v = RepoView {
             name: name.to_string(),
             location: location.to_string(),
@@ -127,7 +131,7 @@ impl View {
             .values()
             .flat_map(|r| r.by_source.get(source).into_iter().flatten().cloned())
             .collect();
-        all.sort_by(|a, b| b.time.cmp(&a.time));
+        all.sort_by_key(|s| std::cmp::Reverse(s.time));
         all
     }
 
@@ -250,7 +254,10 @@ fn open(k: &mut Known, name: &str, rc: &RepoConf) -> anyhow::Result<Arc<Reposito
     if let Some(r) = &k.repo {
         return Ok(r.clone());
     }
-    let r = Arc::new(rc.open().map_err(|e| e.context(format!("repository {name}")))?);
+    let r = Arc::new(
+        rc.open()
+            .map_err(|e| e.context(format!("repository {name}")))?,
+    );
     k.repo = Some(r.clone());
     Ok(r)
 }
@@ -269,7 +276,9 @@ fn refresh_one(k: &mut Known, name: &str, rc: &RepoConf) -> anyhow::Result<RepoV
     if new.len() > 32 {
         // Many at once (the first refresh): the store opens them in parallel.
         for s in repo.snapshots()? {
-            k.snaps.entry(s.id).or_insert_with(|| Arc::new(Snap::of(name, &s)));
+            k.snaps
+                .entry(s.id)
+                .or_insert_with(|| Arc::new(Snap::of(name, &s)));
         }
     } else {
         for id in new {

@@ -105,7 +105,12 @@ pub struct Web {
 }
 
 impl Web {
-    pub fn new(cfg: Config, conf: WebConf, config_path: PathBuf, tls: bool) -> anyhow::Result<Arc<Web>> {
+    pub fn new(
+        cfg: Config,
+        conf: WebConf,
+        config_path: PathBuf,
+        tls: bool,
+    ) -> anyhow::Result<Arc<Web>> {
         let dir = cfg.state_dir.join("web");
         std::fs::create_dir_all(&dir)
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;

@@ -76,7 +76,10 @@ impl Peers {
         let handles: Vec<_> = self.list.iter().map(|o| tokio::spawn(ask(o))).collect();
         let mut answers = Vec::with_capacity(handles.len());
         for h in handles {
-            answers.push(h.await.unwrap_or_else(|e| Err(format!("the poll failed: {e}"))));
+            answers.push(
+                h.await
+                    .unwrap_or_else(|e| Err(format!("the poll failed: {e}"))),
+            );
         }
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         for (s, a) in seen.iter_mut().zip(answers) {

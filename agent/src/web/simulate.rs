@@ -54,7 +54,9 @@ impl Request {
     }
 
     pub fn synthetic(&self) -> bool {
-        self.schedule.as_deref().is_some_and(|s| !s.trim().is_empty())
+        self.schedule
+            .as_deref()
+            .is_some_and(|s| !s.trim().is_empty())
     }
 }
 
@@ -94,8 +96,13 @@ pub fn decide<Tz: TimeZone>(
 
 /// The runs of `schedule` over the `days` before `now` (at most
 /// [`MAX_SYNTHETIC`], the newest), in local time.
-pub fn synthetic(schedule: &str, days: u32, now: DateTime<Utc>) -> Result<Vec<DateTime<Utc>>, String> {
-    let s = crate::calendar::Schedule::parse(schedule).map_err(|e| format!("schedule {schedule:?}: {e}"))?;
+pub fn synthetic(
+    schedule: &str,
+    days: u32,
+    now: DateTime<Utc>,
+) -> Result<Vec<DateTime<Utc>>, String> {
+    let s = crate::calendar::Schedule::parse(schedule)
+        .map_err(|e| format!("schedule {schedule:?}: {e}"))?;
     let mut from = now - chrono::Duration::days(i64::from(days.min(3660)));
     // No need to walk further back than the last MAX_SYNTHETIC runs.
     if let Some(p) = s
@@ -161,9 +168,14 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 3, 10, 12, 0, 0).unwrap();
         let s = synthetic("every 6h", 2, now).unwrap();
         assert_eq!(s.len(), 8);
-        assert!(s.windows(2).all(|w| w[1] - w[0] == chrono::Duration::hours(6)));
+        assert!(s
+            .windows(2)
+            .all(|w| w[1] - w[0] == chrono::Duration::hours(6)));
         assert!(*s.last().unwrap() <= now);
-        assert_eq!(synthetic("every 1m", 3660, now).unwrap().len(), MAX_SYNTHETIC);
+        assert_eq!(
+            synthetic("every 1m", 3660, now).unwrap().len(),
+            MAX_SYNTHETIC
+        );
         assert!(synthetic("sometimes", 2, now).is_err());
     }
 }

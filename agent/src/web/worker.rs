@@ -69,7 +69,10 @@ impl Job {
                 return Err(format!("vms[{i}]: no snapshot"));
             }
             if v.name.is_empty() || v.name.contains('/') || v.name.len() > 100 {
-                return Err(format!("vms[{i}]: {:?} is not a usable domain name", v.name));
+                return Err(format!(
+                    "vms[{i}]: {:?} is not a usable domain name",
+                    v.name
+                ));
             }
             if self.vms.iter().filter(|w| w.name == v.name).count() > 1 {
                 return Err(format!("{} is named twice", v.name));
@@ -89,13 +92,28 @@ impl Job {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// Every VM planned (nothing written yet): names and bytes.
-    Planned { vms: Vec<(String, u64)> },
-    Started { vm: usize },
-    Progress { vm: usize, done: u64 },
-    Done { vm: usize, outcome: Value },
-    Failed { vm: usize, error: String },
+    Planned {
+        vms: Vec<(String, u64)>,
+    },
+    Started {
+        vm: usize,
+    },
+    Progress {
+        vm: usize,
+        done: u64,
+    },
+    Done {
+        vm: usize,
+        outcome: Value,
+    },
+    Failed {
+        vm: usize,
+        error: String,
+    },
     /// The job as a whole failed before any VM started.
-    Error { error: String },
+    Error {
+        error: String,
+    },
 }
 
 /// The child: reads a [`Job`] on stdin, restores, reports. Exit 0 when
@@ -123,7 +141,9 @@ impl Out {
         let _g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut o = std::io::stdout().lock();
         // The parent reads until EOF; a write that fails means it is gone.
-        if serde_json::to_writer(&mut o, e).is_err() || writeln!(o).and_then(|()| o.flush()).is_err() {
+        if serde_json::to_writer(&mut o, e).is_err()
+            || writeln!(o).and_then(|()| o.flush()).is_err()
+        {
             std::process::exit(1);
         }
     }
@@ -134,7 +154,9 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
     let cfg = Config::load(config)?;
     let name = match &job.repository {
         Some(n) => n.clone(),
-        None if cfg.repositories.len() == 1 => cfg.repositories.keys().next().cloned().unwrap_or_default(),
+        None if cfg.repositories.len() == 1 => {
+            cfg.repositories.keys().next().cloned().unwrap_or_default()
+        }
         None => bail!("name the repository"),
     };
     let rc = cfg
@@ -148,7 +170,9 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
         repo: rc.path.clone(),
         password_file: rc.password_file.clone(),
         key_file: rc.key_file.clone(),
-        s3_endpoint: std::env::var("BULWARK_S3_ENDPOINT").ok().filter(|s| !s.is_empty()),
+        s3_endpoint: std::env::var("BULWARK_S3_ENDPOINT")
+            .ok()
+            .filter(|s| !s.is_empty()),
     };
     let live_opts = |v: &VmSpec| LiveOptions {
         restore: options(v, Stage::Started, ImageFormat::Qcow2),
@@ -166,8 +190,17 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
                 if v.live {
                     start::plan(&libvirt, snap, &v.name, &live_opts(v))
                 } else {
-                    let stage = if v.start { Stage::Started } else { Stage::Defined };
-                    restore::plan(&libvirt, snap, &v.name, &options(v, stage, ImageFormat::Qcow2))
+                    let stage = if v.start {
+                        Stage::Started
+                    } else {
+                        Stage::Defined
+                    };
+                    restore::plan(
+                        &libvirt,
+                        snap,
+                        &v.name,
+                        &options(v, stage, ImageFormat::Qcow2),
+                    )
                 }
                 .with_context(|| v.name.clone())
             })
@@ -178,13 +211,23 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
     });
     restore::undo_on_interrupt(libvirt.clone())?;
     let mut all_ok = true;
-    for (i, (v, p)) in job.vms.iter().zip(&plans).enumerate().filter(|(_, (v, _))| v.live) {
+    for (i, (v, p)) in job
+        .vms
+        .iter()
+        .zip(&plans)
+        .enumerate()
+        .filter(|(_, (v, _))| v.live)
+    {
         out.send(&Event::Started { vm: i });
         let r = start::start(&repo, &libvirt, p, &live_opts(v)).and_then(|r| {
             adopt(&cfg.socket, &r.name)?;
             Ok(r)
         });
-        all_ok &= report(out, i, r.map(|r| json!({"live": true, "name": r.name, "snapshot": r.snapshot})));
+        all_ok &= report(
+            out,
+            i,
+            r.map(|r| json!({"live": true, "name": r.name, "snapshot": r.snapshot})),
+        );
     }
     let full: Vec<usize> = (0..plans.len()).filter(|&i| !job.vms[i].live).collect();
     all_ok &= restore_full(&repo, &libvirt, job, &plans, &full, out);
@@ -266,7 +309,11 @@ fn restore_full(
                 };
                 out.send(&Event::Started { vm: i });
                 let v = &job.vms[i];
-                let stage = if v.start { Stage::Started } else { Stage::Defined };
+                let stage = if v.start {
+                    Stage::Started
+                } else {
+                    Stage::Defined
+                };
                 let opts = options(v, stage, ImageFormat::Qcow2);
                 let r = restore::run(repo, libvirt, &plans[i], &opts, &|n| {
                     done[i].fetch_add(n, Ordering::Relaxed);
@@ -335,9 +382,10 @@ pub fn spawn(config: &Path, t: Arc<Task>, job: &Job) -> Result<()> {
             *r = true;
             st
         };
-        let failed = t.to_json(false)["items"]
-            .as_array()
-            .is_none_or(|i| i.iter().any(|i| i["state"] == "failed" || i["state"] == "queued"));
+        let failed = t.to_json(false)["items"].as_array().is_none_or(|i| {
+            i.iter()
+                .any(|i| i["state"] == "failed" || i["state"] == "queued")
+        });
         match st {
             Ok(s) if s.code() == Some(130) || s.code().is_none() => {
                 t.item_all(|it| {
@@ -348,7 +396,10 @@ pub fn spawn(config: &Path, t: Arc<Task>, job: &Job) -> Result<()> {
                 t.finish(State::Cancelled, None)
             }
             Ok(s) if s.success() && !failed => t.finish(State::Done, None),
-            Ok(s) => t.finish(State::Failed(format!("the restore worker exited: {s}")), None),
+            Ok(s) => t.finish(
+                State::Failed(format!("the restore worker exited: {s}")),
+                None,
+            ),
             Err(e) => t.finish(State::Failed(format!("waiting for the worker: {e}")), None),
         }
     });
@@ -428,13 +479,16 @@ mod tests {
 
     #[test]
     fn jobs_are_checked_before_any_repository_is_opened() {
-        let j = job(json!({"vms": [{"snapshot": "web@latest", "as": "web-r", "live": true}]})).unwrap();
+        let j =
+            job(json!({"vms": [{"snapshot": "web@latest", "as": "web-r", "live": true}]})).unwrap();
         assert!(j.vms[0].live && !j.vms[0].start);
         assert!(job(json!({"vms": []})).unwrap_err().contains("empty"));
         assert!(job(json!({"vms": [{"snapshot": "a", "as": "x/y"}]})).is_err());
-        assert!(job(json!({"vms": [{"snapshot": "a", "as": "x"}, {"snapshot": "b", "as": "x"}]}))
-            .unwrap_err()
-            .contains("twice"));
+        assert!(
+            job(json!({"vms": [{"snapshot": "a", "as": "x"}, {"snapshot": "b", "as": "x"}]}))
+                .unwrap_err()
+                .contains("twice")
+        );
         assert!(job(json!({"vms": [{"snapshot": "a", "as": "x", "storage_dir": "rel"}]})).is_err());
         assert!(job(json!({"vms": [{"snapshot": "a", "as": "x", "colour": 1}]})).is_err());
         assert_eq!(strip_ansi("\u{1b}[32m INFO\u{1b}[0m hi"), " INFO hi");

@@ -18,16 +18,33 @@ pub const UPW: &str = "web test password";
 /// Adds a user with `bulwark web user add` (password on stdin).
 pub fn add_user(env: &Env, users: &Path, name: &str, role: &str) {
     let mut c = env
-        .cmd(&["web", "user", "add", name, "--role", role, "--users-file", users.to_str().unwrap()])
+        .cmd(&[
+            "web",
+            "user",
+            "add",
+            name,
+            "--role",
+            role,
+            "--users-file",
+            users.to_str().unwrap(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
-    c.stdin.take().unwrap().write_all(format!("{UPW}\n").as_bytes()).unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{UPW}\n").as_bytes())
+        .unwrap();
     let out = c.wait_with_output().unwrap();
-    assert!(out.status.success(), "user add: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "user add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `bulwark web` on the agent's config, on a free loopback port.
@@ -42,7 +59,13 @@ impl WebServer {
     /// for its `listening on` line.
     pub fn start(env: &Env, config: &Path, vars: Vec<(String, String)>) -> WebServer {
         let mut child = env
-            .cmd(&["web", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .cmd(&[
+                "web",
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .envs(vars)
             .stdout(Stdio::piped())
             .spawn()
@@ -126,7 +149,11 @@ impl Client {
             .headers()
             .get("location")
             .map(|l| l.to_str().unwrap().to_string());
-        (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap(), location)
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_to_string().unwrap(),
+            location,
+        )
     }
 
     /// POST with the CSRF token (if logged in).
@@ -153,7 +180,10 @@ impl Client {
         let (status, v) = Self::answer(r);
         if status == 200 {
             let c = cookie.expect("a session cookie");
-            assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict"), "{c}");
+            assert!(
+                c.contains("HttpOnly") && c.contains("SameSite=Strict"),
+                "{c}"
+            );
             self.cookie = Some(c.split(';').next().unwrap().to_string());
             self.csrf = Some(v["csrf"].as_str().unwrap().to_string());
         }
@@ -169,7 +199,10 @@ impl Client {
             if v["state"] != "running" {
                 return v;
             }
-            assert!(t.elapsed() < Duration::from_secs(secs), "task {id} still running: {v}");
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "task {id} still running: {v}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -208,21 +241,36 @@ impl Browser {
         let base = format!("http://127.0.0.1:{port}");
         let t = Instant::now();
         while http.get(format!("{base}/status")).call().is_err() {
-            assert!(t.elapsed() < Duration::from_secs(30), "chromedriver did not start");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "chromedriver did not start"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let profile = tempfile::Builder::new().prefix("bw-chromium-").tempdir().unwrap();
+        let profile = tempfile::Builder::new()
+            .prefix("bw-chromium-")
+            .tempdir()
+            .unwrap();
         let args = json!([
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage", "--window-size=1366,900",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1366,900",
             format!("--user-data-dir={}", profile.path().display()),
         ]);
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args},
         }}});
-        let mut r = http.post(format!("{base}/session")).send_json(&caps).unwrap();
+        let mut r = http
+            .post(format!("{base}/session"))
+            .send_json(&caps)
+            .unwrap();
         let v: Value = r.body_mut().read_json().unwrap();
         let id = v["value"]["sessionId"]
             .as_str()
@@ -242,9 +290,17 @@ impl Browser {
     fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let url = format!("{}{path}", self.url);
         let mut r = match method {
-            "GET" => self.http.get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}")),
+            "GET" => self
+                .http
+                .get(&url)
+                .call()
+                .unwrap_or_else(|e| panic!("GET {url}: {e}")),
             "DELETE" => self.http.delete(url).call().unwrap(),
-            _ => self.http.post(url).send_json(body.unwrap_or(json!({}))).unwrap(),
+            _ => self
+                .http
+                .post(url)
+                .send_json(body.unwrap_or(json!({})))
+                .unwrap(),
         };
         let v: Value = r.body_mut().read_json().unwrap();
         if v["value"].get("error").is_some() {
@@ -291,7 +347,11 @@ impl Browser {
     pub fn fill(&self, css: &str, text: &str) {
         let e = self.find(css);
         self.cmd("POST", &format!("/element/{e}/clear"), None);
-        self.cmd("POST", &format!("/element/{e}/value"), Some(json!({"text": text})));
+        self.cmd(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(json!({"text": text})),
+        );
     }
 
     pub fn text(&self, css: &str) -> String {
@@ -304,7 +364,11 @@ impl Browser {
 
     /// Runs `script` in the page (its `return` value).
     pub fn script(&self, script: &str) -> Value {
-        self.cmd("POST", "/execute/sync", Some(json!({"script": script, "args": []})))
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
     }
 
     /// Saves a screenshot as `target/screenshots/NAME.png`; its path.
@@ -327,7 +391,10 @@ impl Browser {
             if let Some(v) = f() {
                 return v;
             }
-            assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

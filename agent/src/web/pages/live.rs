@@ -11,7 +11,11 @@ use super::{badge, bytes, form_message, live_region, respond, secs, Fragment, Vi
 use crate::web::auth::Role;
 use crate::web::Web;
 
-pub async fn page(State(web): State<Arc<Web>>, Viewer(c): Viewer, Query(f): Query<Fragment>) -> Response {
+pub async fn page(
+    State(web): State<Arc<Web>>,
+    Viewer(c): Viewer,
+    Query(f): Query<Fragment>,
+) -> Response {
     let dir = web.cfg.state_dir.clone();
     let list = tokio::task::spawn_blocking(move || crate::web::api::live_list(&dir))
         .await

@@ -27,8 +27,14 @@ const CSS: &str = include_str!("../assets/app.css");
 const JS: &str = include_str!("../assets/app.js");
 const ICON: &[u8] = include_bytes!("../assets/icon.svg");
 
+/// Bytes of the embedded assets a first page load fetches.
+pub fn assets_len() -> usize {
+    CSS.len() + JS.len() + ICON.len()
+}
+
 /// What the files page says until `bulwark files` exists.
-pub const FILES_UNAVAILABLE: &str = "Browsing a snapshot's files needs `bulwark files`, which this \
+pub const FILES_UNAVAILABLE: &str =
+    "Browsing a snapshot's files needs `bulwark files`, which this \
      build does not have yet. Until then: `bulwark mount SNAPSHOT DIR` on the host.";
 
 /// A logged-in caller, or a redirect to the login page.
@@ -37,9 +43,16 @@ pub struct Viewer(pub Caller);
 impl FromRequestParts<Arc<Web>> for Viewer {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, web: &Arc<Web>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        web: &Arc<Web>,
+    ) -> Result<Self, Self::Rejection> {
         authenticate(web, parts).map(Viewer).map_err(|_| {
-            let next = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let next = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
             let q: String = url_encode(next);
             Redirect::to(&format!("/login?next={q}")).into_response()
         })
@@ -131,7 +144,14 @@ pub fn layout(title: &str, here: &str, c: &Caller, body: Markup) -> Html<String>
 }
 
 /// The page itself or only its live region.
-pub fn respond(f: &Fragment, title: &str, here: &str, c: &Caller, region: Markup, around: impl FnOnce(Markup) -> Markup) -> Response {
+pub fn respond(
+    f: &Fragment,
+    title: &str,
+    here: &str,
+    c: &Caller,
+    region: Markup,
+    around: impl FnOnce(Markup) -> Markup,
+) -> Response {
     if f.only() {
         Html(region.into_string()).into_response()
     } else {
@@ -216,7 +236,8 @@ pub async fn asset(Path(file): Path<String>) -> Response {
         _ => return (StatusCode::NOT_FOUND, "no such asset").into_response(),
     };
     let mut r = body.into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     r.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=86400"),
@@ -233,7 +254,9 @@ pub fn time(secs: Option<u64>) -> String {
 
 /// `2026-03-01 14:00` in local time.
 pub fn local(t: &chrono::DateTime<chrono::Utc>) -> String {
-    t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M").to_string()
+    t.with_timezone(&chrono::Local)
+        .format("%Y-%m-%d %H:%M")
+        .to_string()
 }
 
 pub fn bytes(n: u64) -> String {

@@ -31,7 +31,11 @@ pub struct Overview<'a> {
     pub tasks: Vec<(u64, String)>,
 }
 
-pub async fn page(axum::extract::State(web): State<Arc<Web>>, Viewer(c): Viewer, Query(f): Query<Fragment>) -> Response {
+pub async fn page(
+    axum::extract::State(web): State<Arc<Web>>,
+    Viewer(c): Viewer,
+    Query(f): Query<Fragment>,
+) -> Response {
     let socket = web.cfg.socket.clone();
     let local = tokio::task::spawn_blocking(move || {
         status::document(&socket).and_then(|d| Status::from_document(&d))
@@ -50,7 +54,9 @@ pub async fn page(axum::extract::State(web): State<Arc<Web>>, Viewer(c): Viewer,
     for p in web.peers.seen() {
         hosts.push(Host {
             name: p.name,
-            status: p.status.and_then(|d| Status::from_document(&d).map_err(|e| format!("{e:#}"))),
+            status: p
+                .status
+                .and_then(|d| Status::from_document(&d).map_err(|e| format!("{e:#}"))),
             local: false,
         });
     }
@@ -67,7 +73,14 @@ pub async fn page(axum::extract::State(web): State<Arc<Web>>, Viewer(c): Viewer,
         view: &view,
         tasks,
     };
-    respond(&f, "Overview", "/", &c, live_region("overview", "/?fragment=1", 10, render(&o)), |r| r)
+    respond(
+        &f,
+        "Overview",
+        "/",
+        &c,
+        live_region("overview", "/?fragment=1", 10, render(&o)),
+        |r| r,
+    )
 }
 
 /// The hosts side by side.
@@ -152,7 +165,11 @@ fn list_or_none(l: &[String]) -> String {
 
 /// One domain's row (compact: 500 of them stay well under 200 KB).
 fn domain(d: &Domain, local: bool, view: &View) -> Markup {
-    let (count, latest) = if local { snapshots_of(view, &d.name) } else { (0, None) };
+    let (count, latest) = if local {
+        snapshots_of(view, &d.name)
+    } else {
+        (0, None)
+    };
     html! {
         tr {
             td { @if local { a href={"/vm/" (d.name)} { (d.name) } } @else { (d.name) } }

@@ -34,12 +34,17 @@ fn request(q: Option<&str>) -> Result<Request, String> {
         if v.is_empty() {
             continue;
         }
-        let num = || v.parse::<u32>().map_err(|_| format!("{k}: {v:?} is not a number"));
+        let num = || {
+            v.parse::<u32>()
+                .map_err(|_| format!("{k}: {v:?} is not a number"))
+        };
         match &*k {
             "repository" => r.repository = Some(v),
             "group" => {
                 // `source` or `source/policy`.
-                let (s, p) = v.split_once('/').map_or((v.as_str(), None), |(s, p)| (s, Some(p)));
+                let (s, p) = v
+                    .split_once('/')
+                    .map_or((v.as_str(), None), |(s, p)| (s, Some(p)));
                 r.source = Some(s.to_string());
                 r.policy = p.map(str::to_string);
             }
@@ -72,7 +77,11 @@ fn keep_value(r: &Request, k: &str) -> Option<u32> {
     }
 }
 
-pub async fn page(State(web): State<Arc<Web>>, Viewer(c): Viewer, RawQuery(q): RawQuery) -> Response {
+pub async fn page(
+    State(web): State<Arc<Web>>,
+    Viewer(c): Viewer,
+    RawQuery(q): RawQuery,
+) -> Response {
     let asked = q.as_deref().is_some_and(|q| !q.is_empty());
     let req = request(q.as_deref());
     let (form_req, result) = match req {
@@ -161,7 +170,8 @@ fn form(web: &Web, r: &Request) -> Markup {
 }
 
 fn rule_name(m: &Mark) -> &'static str {
-    m.rule.map_or("removed", |r| r.as_str().trim_start_matches("keep-"))
+    m.rule
+        .map_or("removed", |r| r.as_str().trim_start_matches("keep-"))
 }
 
 fn summary(marks: &[Mark]) -> Markup {
@@ -196,7 +206,9 @@ fn apply(r: &Request) -> Markup {
 fn calendar(marks: &[Mark]) -> Markup {
     let mut days: BTreeMap<NaiveDate, Vec<&Mark>> = BTreeMap::new();
     for m in marks {
-        days.entry(m.time.with_timezone(&chrono::Local).date_naive()).or_default().push(m);
+        days.entry(m.time.with_timezone(&chrono::Local).date_naive())
+            .or_default()
+            .push(m);
     }
     let mut months: Vec<(i32, u32)> = days.keys().map(|d| (d.year(), d.month())).collect();
     months.dedup();
@@ -259,7 +271,10 @@ mod tests {
 
     #[test]
     fn the_form_reads_empty_fields_as_unset() {
-        let r = request(Some("mode=group&group=web%2Fdaily&keep_last=&keep_daily=7&schedule=daily")).unwrap();
+        let r = request(Some(
+            "mode=group&group=web%2Fdaily&keep_last=&keep_daily=7&schedule=daily",
+        ))
+        .unwrap();
         assert_eq!(r.source.as_deref(), Some("web"));
         assert_eq!(r.policy.as_deref(), Some("daily"));
         assert_eq!((r.keep_last, r.keep_daily), (None, Some(7)));

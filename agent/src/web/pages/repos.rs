@@ -13,12 +13,18 @@ use crate::web::auth::Role;
 use crate::web::status::{self, Status};
 use crate::web::Web;
 
-pub async fn page(State(web): State<Arc<Web>>, Viewer(c): Viewer, Query(f): Query<Fragment>) -> Response {
+pub async fn page(
+    State(web): State<Arc<Web>>,
+    Viewer(c): Viewer,
+    Query(f): Query<Fragment>,
+) -> Response {
     let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || status::document(&socket).and_then(|d| Status::from_document(&d)))
-        .await
-        .ok()
-        .and_then(|r| r.ok());
+    let st = tokio::task::spawn_blocking(move || {
+        status::document(&socket).and_then(|d| Status::from_document(&d))
+    })
+    .await
+    .ok()
+    .and_then(|r| r.ok());
     let rows = crate::web::api::repository_rows(&web, st.as_ref());
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let region = html! {
@@ -70,5 +76,12 @@ pub async fn page(State(web): State<Arc<Web>>, Viewer(c): Viewer, Query(f): Quer
         }
         p.muted { "Logical: the disks' sizes summed over snapshots. Data: what their chunks cover. Dedup ratio: data per stored byte." }
     };
-    respond(&f, "Repositories", "/repositories", &c, live_region("repos", "/repositories?fragment=1", 10, region), |r| r)
+    respond(
+        &f,
+        "Repositories",
+        "/repositories",
+        &c,
+        live_region("repos", "/repositories?fragment=1", 10, region),
+        |r| r,
+    )
 }

@@ -40,7 +40,11 @@ fn picks(q: Option<&str>) -> Picks {
     p
 }
 
-pub async fn page(State(web): State<Arc<Web>>, Viewer(c): Viewer, RawQuery(q): RawQuery) -> Response {
+pub async fn page(
+    State(web): State<Arc<Web>>,
+    Viewer(c): Viewer,
+    RawQuery(q): RawQuery,
+) -> Response {
     let p = picks(q.as_deref());
     let repo = match web.repository(p.repository.as_deref()) {
         Ok(r) => r,

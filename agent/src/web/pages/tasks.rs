@@ -17,20 +17,29 @@ use crate::web::Web;
 
 fn state_badge(v: &Value) -> Markup {
     let s = v["state"].as_str().unwrap_or("");
-    badge(s, match s {
-        "done" => "ok",
-        "failed" => "bad",
-        "cancelled" => "idle",
-        _ => "warn",
-    })
+    badge(
+        s,
+        match s {
+            "done" => "ok",
+            "failed" => "bad",
+            "cancelled" => "idle",
+            _ => "warn",
+        },
+    )
 }
 
-pub async fn list(State(web): State<Arc<Web>>, Viewer(c): Viewer, Query(f): Query<Fragment>) -> Response {
+pub async fn list(
+    State(web): State<Arc<Web>>,
+    Viewer(c): Viewer,
+    Query(f): Query<Fragment>,
+) -> Response {
     let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || status::document(&socket).and_then(|d| Status::from_document(&d)))
-        .await
-        .ok()
-        .and_then(|r| r.ok());
+    let st = tokio::task::spawn_blocking(move || {
+        status::document(&socket).and_then(|d| Status::from_document(&d))
+    })
+    .await
+    .ok()
+    .and_then(|r| r.ok());
     let tasks: Vec<Value> = web.tasks.all().iter().map(|t| t.to_json(false)).collect();
     let region = html! {
         h2 { "From this dashboard" }
@@ -69,17 +78,36 @@ pub async fn list(State(web): State<Arc<Web>>, Viewer(c): Viewer, Query(f): Quer
             },
         }
     };
-    respond(&f, "Tasks", "/tasks", &c, live_region("tasks", "/tasks?fragment=1", 3, region), |r| r)
+    respond(
+        &f,
+        "Tasks",
+        "/tasks",
+        &c,
+        live_region("tasks", "/tasks?fragment=1", 3, region),
+        |r| r,
+    )
 }
 
-pub async fn one(State(web): State<Arc<Web>>, Viewer(c): Viewer, Path(id): Path<u64>, Query(f): Query<Fragment>) -> Response {
+pub async fn one(
+    State(web): State<Arc<Web>>,
+    Viewer(c): Viewer,
+    Path(id): Path<u64>,
+    Query(f): Query<Fragment>,
+) -> Response {
     let Some(t) = web.tasks.get(id) else {
         return (StatusCode::NOT_FOUND, format!("no task {id}")).into_response();
     };
     let v = t.to_json(true);
     let title = format!("Task {id}: {}", t.title);
     let region = task(&v, c.role);
-    respond(&f, &title, "/tasks", &c, live_region("task", &format!("/tasks/{id}?fragment=1"), 1, region), |r| r)
+    respond(
+        &f,
+        &title,
+        "/tasks",
+        &c,
+        live_region("task", &format!("/tasks/{id}?fragment=1"), 1, region),
+        |r| r,
+    )
 }
 
 fn task(v: &Value, role: Role) -> Markup {

@@ -23,14 +23,23 @@ pub async fn page(
     Query(f): Query<Fragment>,
 ) -> Response {
     let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || status::document(&socket).and_then(|d| Status::from_document(&d)))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| format!("{e:#}")));
+    let st = tokio::task::spawn_blocking(move || {
+        status::document(&socket).and_then(|d| Status::from_document(&d))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| format!("{e:#}")));
     let url = format!("/vm/{}?fragment=1", super::url_encode(&name));
     let region = live_region("vm", &url, 10, details(&web, &name, &st));
     let actions = actions(&web, &name, &st, c.role);
-    respond(&f, &format!("VM {name}"), "/", &c, region, |r| html! { (actions) (r) })
+    respond(
+        &f,
+        &format!("VM {name}"),
+        "/",
+        &c,
+        region,
+        |r| html! { (actions) (r) },
+    )
 }
 
 fn details(web: &Web, name: &str, st: &Result<Status, String>) -> Markup {
