@@ -17,6 +17,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 # this script started) run there.
 if [ "${CI:-}" = true ]; then export BULWARK_TEST_RESTART_LIBVIRTD=1; fi
 echo "== cargo test"
-cargo test --workspace 2>&1 | tee target/test.log
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
 # One plain closing line: tests counted over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log

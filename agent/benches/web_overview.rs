@@ -14,38 +14,58 @@ use bulwark::web::api::Caller;
 use bulwark::web::auth::Role;
 use bulwark::web::cache::{RepoView, Snap, View};
 use bulwark::web::pages::{self, overview};
-use bulwark::web::status::Status;
-use serde_json::json;
+use bulwark_proto::status::{DomainStatus, PolicyStatus, Status, Target};
 
 const DOMAINS: usize = 500;
 const SNAPSHOTS: usize = 50_000;
 
 fn status() -> Status {
     let now = 1_780_000_000u64;
-    let domains: Vec<_> = (0..DOMAINS)
-        .map(|i| {
-            json!({
-                "name": format!("vm-{i:04}"),
-                "state": if i % 3 == 0 { "shut off" } else { "running" },
-                "protected": true,
-                "backing_up": i % 97 == 0,
-                "policies": [
-                    {"name": "hourly", "usable": true, "repository": "main", "schedule": "hourly",
-                     "last_run": now - 600, "last_result": if i % 50 == 0 { "failed" } else { "ok" },
-                     "next_run": now + 3000},
-                    {"name": "weekly", "usable": true, "repository": "main", "schedule": "weekly",
-                     "last_run": now - 86_400, "last_result": "ok", "next_run": now + 500_000},
-                ],
-                "problems": if i % 50 == 0 { json!(["hourly: failing since 2026-05-01 10:00:00 UTC: repository unreachable"]) } else { json!([]) },
-            })
+    let policy = |name: &str, last_run: u64, failed: bool, next_run: u64| PolicyStatus {
+        name: name.into(),
+        usable: true,
+        repository: Some("main".into()),
+        schedule: Some(name.into()),
+        last_run: Some(last_run),
+        last_result: Some(if failed { "failed" } else { "ok" }.into()),
+        next_run: Some(next_run),
+        ..PolicyStatus::default()
+    };
+    let domains = (0..DOMAINS)
+        .map(|i| DomainStatus {
+            name: format!("vm-{i:04}"),
+            state: if i % 3 == 0 { "shut off" } else { "running" }.into(),
+            protected: true,
+            backing_up: i % 97 == 0,
+            policies: vec![
+                policy("hourly", now - 600, i % 50 == 0, now + 3000),
+                policy("weekly", now - 86_400, false, now + 500_000),
+            ],
+            problems: if i % 50 == 0 {
+                vec!["hourly: failing since 2026-05-01 10:00:00 UTC: repository unreachable".into()]
+            } else {
+                vec![]
+            },
         })
         .collect();
-    Status::from_document(&json!({
-        "host": "hv01", "version": "0.1.0", "now": now, "running": ["vm-0000"], "queued": ["vm-0000/hourly"],
-        "targets": {"main": {"ok": true, "checked": now}},
-        "domains": domains, "problems": [],
-    }))
-    .unwrap()
+    Status {
+        host: "hv01".into(),
+        version: "0.1.0".into(),
+        now,
+        running: vec!["vm-0000".into()],
+        queued: vec!["vm-0000/hourly".into()],
+        targets: [(
+            "main".to_string(),
+            Target {
+                ok: true,
+                checked: now,
+                ..Target::default()
+            },
+        )]
+        .into(),
+        domains,
+        ..Status::default()
+    }
 }
 
 fn view() -> View {
@@ -54,7 +74,7 @@ fn view() -> View {
         let mut id = [0u8; 32];
         id[..8].copy_from_slice(&(i as u64).to_be_bytes());
         Arc::new(Snap {
-            id: store::Id(id),
+            id: bulwark_store::Id(id),
             repository: "main".into(),
             source: format!("vm-{:04}", i % DOMAINS),
             policy: Some(if i % 10 == 0 { "weekly" } else { "hourly" }.into()),

@@ -15,6 +15,9 @@
 //! password_file = "/etc/bulwark/main.pass"   # or key_file = "..."
 //! gc_schedule = "daily"                   # garbage collection (default: never)
 //! gc_grace = "24h"                        # docs/gc.md
+//! backup_credentials = "/etc/bulwark/main.backup"       # S3 keys for backups (docs/immutability.md)
+//! maintenance_credentials = "/etc/bulwark/main.maint"   # ... for prune, GC, locks
+//! lock_schedule = "daily"                 # locked repositories: extend locks when due
 //!
 //! [policies.hourly]
 //! repository = "main"
@@ -102,32 +105,65 @@ pub struct RepoConf {
     pub gc_schedule: Option<String>,
     /// The GC's grace period (default 24h; `docs/gc.md`).
     pub gc_grace: Option<String>,
+    /// S3 keys for backups and restores (`aws_access_key_id = ...` and
+    /// `aws_secret_access_key = ...` lines; none: the environment).
+    pub backup_credentials: Option<PathBuf>,
+    /// S3 keys for prune, GC and lock extension (none: the environment).
+    pub maintenance_credentials: Option<PathBuf>,
+    /// How often the agent checks whether a locked repository's locks are
+    /// due for extension (default daily; docs/immutability.md).
+    pub lock_schedule: Option<String>,
+}
+
+/// Which of a repository's credentials a job uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Backups, restores: may write but not delete.
+    Backup,
+    /// Prune, GC, lock extension.
+    Maintenance,
 }
 
 impl RepoConf {
     /// Where the repository is, with the environment's S3 options (the
-    /// agent has no command line).
-    pub fn location(&self) -> store::Location {
-        crate::secret::BackendArgs::default().location(&self.path)
+    /// agent has no command line), reached with `role`'s credentials.
+    pub fn location_as(&self, role: Role) -> Result<bulwark_store::Location> {
+        let mut l = crate::secret::BackendArgs::default().location(&self.path);
+        let file = match role {
+            Role::Backup => &self.backup_credentials,
+            Role::Maintenance => &self.maintenance_credentials,
+        };
+        if let Some(f) = file {
+            l.s3_credentials = Some(read_credentials(f)?);
+        }
+        Ok(l)
     }
 
     /// The secret from the key or password file the config names.
-    pub fn secret(&self) -> Result<store::Secret> {
-        store::keys::secret_from_sources(self.key_file.as_deref(), self.password_file.as_deref())?
-            .with_context(|| format!("repository {}: no key_file or password_file", self.path))
+    pub fn secret(&self) -> Result<bulwark_store::Secret> {
+        bulwark_store::format::keys::secret_from_sources(
+            self.key_file.as_deref(),
+            self.password_file.as_deref(),
+        )?
+        .with_context(|| format!("repository {}: no key_file or password_file", self.path))
     }
 
-    /// Opens the repository.
-    pub fn open(&self) -> Result<store::Repository> {
+    /// Opens the repository with the backup credentials.
+    pub fn open(&self) -> Result<bulwark_store::Repository> {
+        self.open_as(Role::Backup)
+    }
+
+    /// Opens the repository with `role`'s credentials.
+    pub fn open_as(&self, role: Role) -> Result<bulwark_store::Repository> {
         let secret = self.secret()?;
-        self.location()
+        self.location_as(role)?
             .open(&secret)
             .with_context(|| format!("opening repository {}", self.path))
     }
 
     pub fn gc_grace(&self) -> Result<chrono::Duration> {
         match &self.gc_grace {
-            Some(g) => crate::cmd::parse_duration(g).map_err(|e| anyhow::anyhow!("gc_grace {e}")),
+            Some(g) => crate::units::parse_duration(g).map_err(|e| anyhow::anyhow!("gc_grace {e}")),
             None => Ok(chrono::Duration::hours(24)),
         }
     }
@@ -151,8 +187,8 @@ pub struct PolicyConf {
 
 impl PolicyConf {
     /// The retention numbers, for prune (unset numbers are rules left off).
-    pub fn keep(&self) -> store::retention::KeepOptions {
-        store::retention::KeepOptions {
+    pub fn keep(&self) -> bulwark_store::maintain::retention::KeepOptions {
+        bulwark_store::maintain::retention::KeepOptions {
             keep_last: self.keep_last.unwrap_or(0),
             keep_hourly: self.keep_hourly.unwrap_or(0),
             keep_daily: self.keep_daily.unwrap_or(0),
@@ -301,6 +337,34 @@ fn duration(s: &str) -> Result<std::time::Duration> {
 /// (`hourly`, `mon..fri 02:00`, `*:0/15`) or an interval (`every 15m`).
 pub fn schedule(s: &str) -> Result<crate::calendar::Schedule> {
     crate::calendar::Schedule::parse(s).map_err(|e| anyhow::anyhow!("schedule {s:?}: {e}"))
+}
+
+/// S3 keys from a file of `aws_access_key_id = ...` and
+/// `aws_secret_access_key = ...` lines (the form of `~/.aws/credentials`;
+/// `[section]` lines and `#` comments are skipped).
+fn read_credentials(path: &Path) -> Result<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading S3 credentials {}", path.display()))?;
+    let (mut id, mut secret) = (None, None);
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with('[') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v.trim().to_string()),
+                "aws_secret_access_key" => secret = Some(v.trim().to_string()),
+                _ => {}
+            }
+        }
+    }
+    match (id, secret) {
+        (Some(i), Some(s)) if !i.is_empty() && !s.is_empty() => Ok((i, s)),
+        _ => bail!(
+            "{}: needs aws_access_key_id and aws_secret_access_key lines",
+            path.display()
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! - [`vm`], [`libvirt`], [`live`]: VM backup and restore on libvirt's API;
 //! - [`config`], [`calendar`], [`mail`], [`logging`]: the agent's parts an
 //!   operator configures;
-//! - [`secret`], [`progress`]: shared by the commands.
+//! - [`secret`], [`target`], [`statefile`], [`progress`], [`units`]:
+//!   shared by the commands and the agent.
 
 pub mod calendar;
 pub mod cmd;
@@ -18,6 +19,9 @@ pub mod logging;
 pub mod mail;
 pub mod progress;
 pub mod secret;
+pub mod statefile;
+pub mod target;
+pub mod units;
 pub mod vm;
 pub mod web;
 
@@ -81,6 +85,9 @@ pub enum Command {
     Mount(cmd::mount::Args),
     /// Undo `bulwark mount`.
     Umount(cmd::mount::UmountArgs),
+    /// Single files from a snapshot's filesystems: ls, get, find (no root).
+    #[command(subcommand)]
+    Files(cmd::files::FilesCmd),
     /// Name backup policies in a domain's XML (Bulwark's metadata namespace).
     Protect(cmd::vm::ProtectArgs),
     /// Remove Bulwark's policies from a domain's XML.
@@ -95,6 +102,8 @@ pub enum Command {
     Benchmark(cmd::bench::Args),
     /// The dashboard (`[web]` in the agent's config) and its users.
     Web(cmd::web::Args),
+    /// Print the shell completion script (bash, zsh, fish, ...).
+    Completions(cmd::completions::Args),
 }
 
 /// Parses the command line, runs the command; the process's exit code.
@@ -111,12 +120,14 @@ pub fn main() -> i32 {
         Command::Prune(a) => cmd::prune::run(&cli.global, a),
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(a),
+        Command::Files(c) => cmd::files::run(&cli.global, c),
         Command::Benchmark(a) => cmd::bench::run(a),
         Command::Protect(a) => cmd::vm::protect(a),
         Command::Unprotect(a) => cmd::vm::unprotect(a),
         Command::Hook(c) => cmd::vm::hook(c),
         Command::Agent(c) => cmd::agent::run(c),
         Command::Web(a) => cmd::web::run(a),
+        Command::Completions(a) => cmd::completions::run(a),
     };
     match r {
         Ok(code) => code,

@@ -6,17 +6,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use store::backend::CacheOptions;
-use store::location::default_cache_dir;
-use store::{Backend, Location, Repository, Secret};
+use bulwark_store::backend::location::default_cache_dir;
+use bulwark_store::backend::CacheOptions;
+use bulwark_store::{Backend, Location, Repository, Secret};
 
 use crate::Global;
 
 pub fn secret(g: &Global, confirm: bool) -> Result<Secret> {
     // Key file, password file, $BULWARK_PASSWORD: the same order bulwark-nbd uses.
-    if let Some(secret) =
-        store::keys::secret_from_sources(g.key_file.as_deref(), g.password_file.as_deref())?
-    {
+    if let Some(secret) = bulwark_store::format::keys::secret_from_sources(
+        g.key_file.as_deref(),
+        g.password_file.as_deref(),
+    )? {
         return Ok(secret);
     }
     if std::io::stdin().is_terminal() {

@@ -166,7 +166,7 @@ fn key_file_repository() {
             .success()
     );
     let other = dir.path().join("other.key");
-    std::fs::write(&other, store::keys::new_key_file().0).unwrap();
+    std::fs::write(&other, bulwark_store::format::keys::new_key_file().0).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_bulwark"))
         .args(["snapshots", "--repo"])
         .arg(&repo)

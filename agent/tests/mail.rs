@@ -2,7 +2,6 @@
 //! lettre against a real SMTP server (Debian's python3-aiosmtpd) on
 //! loopback, each test with its own port, directories and server process.
 
-#[path = "smtp_server/mod.rs"]
 mod smtp_server;
 
 use std::time::{Duration, Instant};

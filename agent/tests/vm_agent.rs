@@ -2,9 +2,8 @@
 //! running the policy a domain names in its metadata, CLI through the
 //! socket, and hook events recorded.
 
-#[path = "vm_common/mod.rs"]
-mod common;
-#[path = "smtp_server/mod.rs"]
+mod vm_common;
+use vm_common as common;
 mod smtp_server;
 
 use std::path::Path;

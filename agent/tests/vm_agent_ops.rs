@@ -4,9 +4,8 @@
 //! it, and the metrics textfile. Real libvirtd, real agent daemon, real
 //! SMTP server on loopback.
 
-#[path = "vm_common/mod.rs"]
-mod common;
-#[path = "smtp_server/mod.rs"]
+mod vm_common;
+use vm_common as common;
 mod smtp_server;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

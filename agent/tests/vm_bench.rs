@@ -3,8 +3,8 @@
 //! by default (needs virtnbdbackup; about 40 s). Run:
 //! `cargo test -p bulwark --test vm_bench -- --ignored --nocapture`.
 
-#[path = "vm_common/mod.rs"]
-mod common;
+mod vm_common;
+use vm_common as common;
 
 use std::process::Command;
 use std::time::Instant;

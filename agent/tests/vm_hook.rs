@@ -2,8 +2,8 @@
 //! called as libvirt calls it (domain XML from libvirtd on stdin), and, when
 //! the host's libvirtd loaded it, through a real VM start.
 
-#[path = "vm_common/mod.rs"]
-mod common;
+mod vm_common;
+use vm_common as common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;

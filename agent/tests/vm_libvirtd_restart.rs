@@ -5,8 +5,8 @@
 //! on: it runs only with `BULWARK_TEST_RESTART_LIBVIRTD=1` (on a dedicated
 //! test host), and otherwise says so and skips.
 
-#[path = "vm_common/mod.rs"]
-mod common;
+mod vm_common;
+use vm_common as common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

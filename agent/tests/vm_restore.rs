@@ -5,8 +5,8 @@
 //! damaged chunk, a wrong key, an unreachable bucket, a full disk and
 //! Ctrl-C leave no domain and no disk behind.
 
-#[path = "vm_common/mod.rs"]
-mod common;
+mod vm_common;
+use vm_common as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,8 +2,8 @@
 //! full, then incrementals through pull-mode backups and checkpoints;
 //! every snapshot restores bit-identical to the disk at its backup.
 
-#[path = "vm_common/mod.rs"]
-mod common;
+mod vm_common;
+use vm_common as common;
 
 use common::*;
 use testbed::{Image, Vm, VmOptions, BOOT_TIMEOUT};

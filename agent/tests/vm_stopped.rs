@@ -4,8 +4,8 @@
 //! agent's record); then destroyed, where the next backup must notice the
 //! inconsistent bitmaps and read everything.
 
-#[path = "vm_common/mod.rs"]
-mod common;
+mod vm_common;
+use vm_common as common;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,5 +1,5 @@
 //! An [`Export`] over a raw image file or block device, with holes found by
-//! `SEEK_DATA`/`SEEK_HOLE` ([`store::source::allocation_map`]). Used by tests and the benchmark, and handy for
+//! `SEEK_DATA`/`SEEK_HOLE` ([`bulwark_store::backup::source::allocation_map`]). Used by tests and the benchmark, and handy for
 //! serving a restored raw image.
 
 use std::fs::File;
@@ -35,10 +35,12 @@ impl FileExport {
     /// turns "no hole information" into a hole).
     fn extents_sync(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size);
-        Ok(store::source::allocation_map(&self.file, offset, end)?
-            .into_iter()
-            .map(|e| Extent::data_or_hole(e.offset, e.len, e.data))
-            .collect())
+        Ok(
+            bulwark_store::backup::source::allocation_map(&self.file, offset, end)?
+                .into_iter()
+                .map(|e| Extent::data_or_hole(e.offset, e.len, e.data))
+                .collect(),
+        )
     }
 }
 

@@ -3,6 +3,7 @@
 //! crate's [`nbd_server::Export`] trait. The protocol, server and client
 //! themselves are in `nbd-server`, which does not depend on the store.
 
+pub mod cli;
 pub mod file_export;
 pub mod store_export;
 

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
+use bulwark_store::read::reader::DiskReader;
 use bytes::Bytes;
 use nbd_server::{BlockSize, Export, ExportError, Extent};
-use store::reader::DiskReader;
 
 pub struct StoreExport {
     reader: Arc<DiskReader>,
@@ -23,12 +23,14 @@ impl StoreExport {
     }
 }
 
-fn export_error(offset: u64, e: store::Error) -> ExportError {
+fn export_error(offset: u64, e: bulwark_store::Error) -> ExportError {
     match e {
-        store::Error::Corrupt { .. } | store::Error::MissingChunk(_) => ExportError::Damaged {
-            offset,
-            reason: e.to_string(),
-        },
+        bulwark_store::Error::Corrupt { .. } | bulwark_store::Error::MissingChunk(_) => {
+            ExportError::Damaged {
+                offset,
+                reason: e.to_string(),
+            }
+        }
         other => ExportError::Other(other.to_string()),
     }
 }

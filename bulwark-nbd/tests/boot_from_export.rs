@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use store::{
+use bulwark_store::{
     BackupOptions, BackupSession, ImageFile, KdfParams, LocalBackend, Mode, RepoConfig, Repository,
     Secret, SnapshotMeta,
 };

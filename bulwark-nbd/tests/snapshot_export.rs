@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use store::{
+use bulwark_store::{
     BackupOptions, BackupSession, ChunkerParams, ImageFile, KdfParams, LocalBackend, Mode,
     RepoConfig, Repository, Secret, SnapshotMeta,
 };

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 // The names the agent uses too, from one place: a mismatch would make the
 // hook skip protected domains or add bitmaps the agent does not know.
-use bulwark_proto::{HookEvent, CHECKPOINT_PREFIX, DEFAULT_SOCKET, HOOK_BITMAP, XMLNS};
+use bulwark_proto::{is_ours, needs_first_bitmap, HookEvent, DEFAULT_SOCKET, HOOK_BITMAP, XMLNS};
 
 struct Conf {
     socket: String,
@@ -93,14 +93,11 @@ fn main() {
         for (target, file) in qcow2_disks(&xml) {
             match bitmaps(&c, &file) {
                 Ok(bms) => {
-                    let ours: Vec<&(String, bool)> = bms
-                        .iter()
-                        .filter(|b| b.0.starts_with(CHECKPOINT_PREFIX))
-                        .collect();
-                    if ours.iter().any(|b| b.1) {
+                    // A bitmap of ours still in use: the VM did not stop cleanly.
+                    if bms.iter().any(|b| is_ours(&b.0) && b.1) {
                         unclean = true;
                     }
-                    if ours.is_empty() {
+                    if needs_first_bitmap(bms.iter().map(|b| b.0.as_str())) {
                         match add_bitmap(&c, &file) {
                             Ok(()) => added.push(target.clone()),
                             Err(e) => eprintln!("bulwark-hook: {dom}: {target}: {e}"),

@@ -15,8 +15,12 @@ mod hook;
 mod names;
 mod reply;
 mod request;
+pub mod status;
 
 pub use hook::HookEvent;
-pub use names::{CHECKPOINT_PREFIX, DEFAULT_SOCKET, HOOK_BITMAP, XMLNS};
+pub use names::{
+    is_ours, needs_first_bitmap, CHECKPOINT_PREFIX, DEFAULT_SOCKET, HOOK_BITMAP, XMLNS,
+};
 pub use reply::{Backed, Done, Pong, Refused, Reply};
 pub use request::Request;
+pub use status::Status;

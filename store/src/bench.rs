@@ -9,11 +9,11 @@ use std::time::Instant;
 use rand::{RngCore, SeedableRng};
 
 use crate::backend::{Backend, BackendError, ObjectInfo};
-use crate::crypto::{Keys, MasterKey, Opener};
+use crate::backup::source::MemSource;
 use crate::error::Result;
-use crate::keys::{KdfParams, Secret};
+use crate::format::crypto::{Keys, MasterKey, Opener};
+use crate::format::keys::{KdfParams, Secret};
 use crate::repo::{RepoConfig, Repository};
-use crate::source::MemSource;
 use crate::{BackupOptions, BackupSession, Mode, SnapshotMeta};
 
 /// Throughput of one measured step, in bytes of input per second.
@@ -125,10 +125,28 @@ impl Backend for NullBackend {
 
 pub fn run(data_mib: u64, rounds: usize) -> Result<BenchReport> {
     let data = mixed_data((data_mib as usize) << 20, 7);
+    let (primitives, serial) = primitives(&data, rounds);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let p1 = pipeline_rate(&data, rounds, 1)?;
+    let pn = pipeline_rate(&data, rounds, cores)?;
+    Ok(BenchReport {
+        data_mib,
+        primitives,
+        serial_bound_mib_per_s: serial,
+        pipeline_1_core_mib_per_s: p1,
+        pipeline_all_cores_mib_per_s: pn,
+        cores,
+        pipeline_1_core_percent_of_bound: 100.0 * p1 / serial,
+    })
+}
+
+/// Each primitive alone over `data`, best of `rounds`; and the serial bound
+/// of the pipeline (CDC + HMAC + zstd + seal, one after the other).
+fn primitives(data: &[u8], rounds: usize) -> (Vec<Figure>, f64) {
     let n = data.len();
     let cfg = RepoConfig::default();
     let keys = Keys::derive(&MasterKey::generate());
-    let chunker = crate::chunker::Chunker::new(cfg.chunker, keys.cdc_seed());
+    let chunker = crate::format::chunker::Chunker::new(cfg.chunker, keys.cdc_seed());
     let level = cfg.compression_level;
 
     let mut bounds = Vec::new();
@@ -178,80 +196,56 @@ pub fn run(data_mib: u64, rounds: usize) -> Result<BenchReport> {
             std::hint::black_box(opener.open(b"bench", s).ok());
         }
     });
-    let primitives = vec![
-        Figure {
-            name: "CDC (FastCDC 2020, keyed gear)".into(),
-            mib_per_s: rate(n, t_cdc),
-        },
-        Figure {
-            name: "HMAC-SHA256 (chunk id)".into(),
-            mib_per_s: rate(n, t_hmac),
-        },
-        Figure {
-            name: format!("zstd -{level} compress"),
-            mib_per_s: rate(n, t_zstd),
-        },
-        Figure {
-            name: format!(
-                "zstd decompress ({:.0}% of input)",
-                100.0 * comp_bytes as f64 / n as f64
-            ),
-            mib_per_s: rate(n, t_unzstd),
-        },
-        Figure {
-            name: "AES-256-GCM seal".into(),
-            mib_per_s: rate(stored_bytes, t_seal),
-        },
-        Figure {
-            name: "AES-256-GCM open".into(),
-            mib_per_s: rate(stored_bytes, t_open),
-        },
-    ];
-    let serial = rate(n, t_cdc + t_hmac + t_zstd + t_seal);
-
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let pipeline = |threads: usize| -> Result<f64> {
-        let mut best_rate: f64 = 0.0;
-        for _ in 0..rounds {
-            let backend: Arc<dyn Backend> = Arc::new(NullBackend);
-            let kdf = KdfParams {
-                m_cost_kib: 8,
-                t_cost: 1,
-                p_cost: 1,
-            };
-            let repo = Repository::init(
-                backend,
-                &Secret::Passphrase("bench".into()),
-                &kdf,
-                RepoConfig::default(),
-            )?;
-            let mut src = MemSource::new(data.clone());
-            let t = Instant::now();
-            let mut s = BackupSession::new(
-                &repo,
-                &BackupOptions {
-                    threads,
-                    uploaders: 1,
-                },
-            )?;
-            s.backup_disk("bench", &mut src, Mode::Full)?;
-            s.finish(SnapshotMeta {
-                source: "bench".into(),
-                ..Default::default()
-            })?;
-            best_rate = best_rate.max(rate(n, t.elapsed().as_secs_f64()));
-        }
-        Ok(best_rate)
+    let figure = |name: String, bytes: usize, t: f64| Figure {
+        name,
+        mib_per_s: rate(bytes, t),
     };
-    let p1 = pipeline(1)?;
-    let pn = pipeline(cores)?;
-    Ok(BenchReport {
-        data_mib,
-        primitives,
-        serial_bound_mib_per_s: serial,
-        pipeline_1_core_mib_per_s: p1,
-        pipeline_all_cores_mib_per_s: pn,
-        cores,
-        pipeline_1_core_percent_of_bound: 100.0 * p1 / serial,
-    })
+    let comp_percent = 100.0 * comp_bytes as f64 / n as f64;
+    let figures = vec![
+        figure("CDC (FastCDC 2020, keyed gear)".into(), n, t_cdc),
+        figure("HMAC-SHA256 (chunk id)".into(), n, t_hmac),
+        figure(format!("zstd -{level} compress"), n, t_zstd),
+        figure(
+            format!("zstd decompress ({comp_percent:.0}% of input)"),
+            n,
+            t_unzstd,
+        ),
+        figure("AES-256-GCM seal".into(), stored_bytes, t_seal),
+        figure("AES-256-GCM open".into(), stored_bytes, t_open),
+    ];
+    (figures, rate(n, t_cdc + t_hmac + t_zstd + t_seal))
+}
+
+/// The whole backup pipeline on `threads` into a backend that stores
+/// nothing: best MiB/s of `rounds`.
+fn pipeline_rate(data: &[u8], rounds: usize, threads: usize) -> Result<f64> {
+    let mut best_rate: f64 = 0.0;
+    for _ in 0..rounds {
+        let backend: Arc<dyn Backend> = Arc::new(NullBackend);
+        let kdf = KdfParams {
+            m_cost_kib: 8,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        let repo = Repository::init(
+            backend,
+            &Secret::Passphrase("bench".into()),
+            &kdf,
+            RepoConfig::default(),
+        )?;
+        let mut src = MemSource::new(data.to_vec());
+        let t = Instant::now();
+        let opts = BackupOptions {
+            threads,
+            uploaders: 1,
+        };
+        let mut s = BackupSession::new(&repo, &opts)?;
+        s.backup_disk("bench", &mut src, Mode::Full)?;
+        s.finish(SnapshotMeta {
+            source: "bench".into(),
+            ..Default::default()
+        })?;
+        best_rate = best_rate.max(rate(data.len(), t.elapsed().as_secs_f64()));
+    }
+    Ok(best_rate)
 }

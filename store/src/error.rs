@@ -2,7 +2,7 @@
 //! (wrong key, damaged data, backend trouble) without parsing strings.
 
 use crate::backend::BackendError;
-use crate::id::Id;
+use crate::format::id::Id;
 
 /// Everything the repository can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -3,50 +3,40 @@
 //! A repository holds deduplicated, compressed, encrypted chunks of disk
 //! images in packs, an append-only index of where each chunk lives, and
 //! immutable snapshot manifests with per-disk chunk lists. `docs/format.md`
-//! gives the objects and the decisions behind them; each module's docs say
-//! how it implements them, and `docs/gc.md` states the garbage-collection
-//! invariant.
+//! gives the objects and the decisions behind them, `docs/gc.md` the
+//! garbage-collection invariant, `docs/architecture.md` the map.
+//!
+//! The folders are the architecture:
+//! - [`format`]: what is stored and how (ids, chunker, crypto, blobs, packs,
+//!   index, chunk lists, snapshots, keys, object names);
+//! - [`backend`]: where it is stored (local directory, S3, the local cache)
+//!   and [`backend::location`], which turns a location into a backend;
+//! - [`repo`]: an opened repository, and the records writers and GC share;
+//! - [`backup`]: the write path (sources, the disk walk, the pipeline, packs);
+//! - [`read`]: the read path (fetch plans, restores, the random-access reader);
+//! - [`maintain`]: retention, prune, GC and verify.
 
 pub mod backend;
 pub mod backup;
 pub mod bench;
-pub mod blob;
-pub mod chunker;
-pub mod chunklist;
-pub mod crypto;
 pub mod error;
-pub mod extent;
-pub mod fetch;
-pub mod gc;
-pub mod id;
-pub mod index;
-pub mod keys;
-pub mod layout;
-pub mod location;
-mod object;
-pub mod pack;
-pub mod prune;
-pub mod reader;
+pub mod format;
+pub mod maintain;
+pub mod read;
 pub mod repo;
-pub mod restore;
-pub mod retention;
-pub mod session;
-pub mod snapshot;
-pub mod source;
-pub mod verify;
 
+pub use backend::location::Location;
 pub use backend::{Backend, BackendError, LocalBackend};
+pub use backup::source::{BlockSource, ImageFile, MemSource};
 pub use backup::{BackupOptions, BackupSession, DiskResult, Mode};
-pub use chunker::ChunkerParams;
-pub use chunklist::ChunkList;
 pub use error::{Error, Result};
-pub use extent::{DataExtent, Span};
-pub use id::Id;
-pub use keys::{KdfParams, Secret};
-pub use location::Location;
+pub use format::chunker::ChunkerParams;
+pub use format::chunklist::ChunkList;
+pub use format::extent::{DataExtent, Span};
+pub use format::id::Id;
+pub use format::keys::{KdfParams, Secret};
+pub use format::snapshot::{BackupStats, Snapshot, SnapshotMeta};
 pub use repo::{RepoConfig, Repository};
-pub use snapshot::{BackupStats, Snapshot, SnapshotMeta};
-pub use source::{BlockSource, ImageFile, MemSource};
 
 /// This host's name, recorded in manifests and key slots.
 pub fn hostname() -> String {

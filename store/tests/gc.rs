@@ -3,10 +3,10 @@
 //! keeps it; one that starts after stores it again; repacking keeps every
 //! live chunk readable.
 
+use bulwark_store::backup::source::MemSource;
+use bulwark_store::maintain::gc::{self, GcOptions, GcReport};
+use bulwark_store::{BackupOptions, BackupSession, Mode, Repository, SnapshotMeta};
 use chrono::Duration;
-use store::gc::{self, GcOptions, GcReport};
-use store::source::MemSource;
-use store::{BackupOptions, BackupSession, Mode, Repository, SnapshotMeta};
 
 mod common;
 use common::*;
@@ -33,12 +33,12 @@ fn data_bytes(repo: &Repository) -> u64 {
         .sum()
 }
 
-fn check(repo: &Repository, snap: &store::Snapshot, want: &[u8], dir: &std::path::Path) {
+fn check(repo: &Repository, snap: &bulwark_store::Snapshot, want: &[u8], dir: &std::path::Path) {
     let got = restore(repo, snap, &dir.join("check.raw")).unwrap();
     assert!(got == want, "snapshot {} restores different bytes", snap.id);
     repo.invalidate_index();
     let all = repo.snapshots().unwrap();
-    let report = store::verify::verify(repo, &all, 2, &|_| {}).unwrap();
+    let report = bulwark_store::maintain::verify::verify(repo, &all, 2, &|_| {}).unwrap();
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
 }
 

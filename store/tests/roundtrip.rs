@@ -5,9 +5,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use bulwark_store::backup::source::MemSource;
+use bulwark_store::{ChunkList, Error, ImageFile, LocalBackend, Mode, Repository, Secret, Span};
 use rand::RngCore;
-use store::source::MemSource;
-use store::{ChunkList, Error, ImageFile, LocalBackend, Mode, Repository, Secret, Span};
 
 mod common;
 use common::*;
@@ -178,7 +178,7 @@ fn flipped_byte_is_found_by_verify_and_fails_restore() {
     let data = random(4 << 20, 30);
     let snap = backup(&repo, &mut MemSource::new(data), Mode::Full, 2);
     let all = repo.snapshots().unwrap();
-    let ok = store::verify::verify(&repo, &all, 2, &|_| {}).unwrap();
+    let ok = bulwark_store::maintain::verify::verify(&repo, &all, 2, &|_| {}).unwrap();
     assert!(ok.damaged.is_empty());
     assert!(ok.chunks > 10);
     // Flip one byte in the middle of a pack (inside some chunk's blob).
@@ -190,7 +190,7 @@ fn flipped_byte_is_found_by_verify_and_fails_restore() {
     bytes[mid] ^= 0x01;
     std::fs::write(&path, &bytes).unwrap();
     let repo = Repository::open(repo.backend().clone(), &Secret::Passphrase(PW.into())).unwrap();
-    let report = store::verify::verify(&repo, &all, 2, &|_| {}).unwrap();
+    let report = bulwark_store::maintain::verify::verify(&repo, &all, 2, &|_| {}).unwrap();
     assert_eq!(report.damaged.len(), 1, "{report:?}");
     assert_eq!(report.damaged[0].uses[0].snapshot, snap.id);
     let out = dir.path().join("r.raw");
@@ -212,7 +212,7 @@ fn disk_reader_random_reads_match_and_cache() {
     data.extend(text(5 << 20, 41));
     let snap = backup(&repo, &mut MemSource::new(data.clone()), Mode::Full, 2);
     let repo = Arc::new(repo);
-    let r = store::reader::open_disk(repo.clone(), &snap, "image", 64 << 20).unwrap();
+    let r = bulwark_store::read::reader::open_disk(repo.clone(), &snap, "image", 64 << 20).unwrap();
     assert_eq!(r.size(), data.len() as u64);
     let ex = r.extents(0, r.size());
     assert!(ex.iter().any(|e| !e.data && e.len >= 2 << 20), "{ex:?}");
@@ -229,7 +229,10 @@ fn disk_reader_random_reads_match_and_cache() {
         );
         // The same through `read`, shared with the cache or copied.
         let got = r.read(off, len).unwrap();
-        shared += u32::from(matches!(got, store::reader::ReadData::Shared { .. }));
+        shared += u32::from(matches!(
+            got,
+            bulwark_store::read::reader::ReadData::Shared { .. }
+        ));
         assert!(
             got.as_ref() == &data[off as usize..off as usize + len],
             "read {off}+{len}"
@@ -260,7 +263,7 @@ fn disk_reader_random_reads_match_and_cache() {
         *b ^= 0x55;
     }
     std::fs::write(&path, &bytes).unwrap();
-    let r = store::reader::open_disk(repo.clone(), &snap, "image", 64 << 20).unwrap();
+    let r = bulwark_store::read::reader::open_disk(repo.clone(), &snap, "image", 64 << 20).unwrap();
     let mut failures = 0;
     for off in (0..data.len() as u64).step_by(256 << 10) {
         let mut buf = vec![0u8; 4096];

@@ -5,15 +5,15 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::{RngCore, SeedableRng};
-use store::backend::s3::FailureKind;
-use store::backend::{CacheOptions, CachedBackend, S3Backend, S3Config};
-use store::restore::{restore_to_file, RestoreOptions};
-use store::source::MemSource;
-use store::{
+use bulwark_store::backend::s3::FailureKind;
+use bulwark_store::backend::{CacheOptions, CachedBackend, S3Backend, S3Config};
+use bulwark_store::backup::source::MemSource;
+use bulwark_store::read::restore::{restore_to_file, RestoreOptions};
+use bulwark_store::{
     Backend, BackendError, BackupOptions, BackupSession, KdfParams, Mode, Repository, Secret,
     SnapshotMeta,
 };
+use rand::{RngCore, SeedableRng};
 use testbed::s3::{FaultProxy, Faults, S3Server};
 
 mod common;
@@ -135,7 +135,7 @@ fn kdf() -> KdfParams {
     }
 }
 
-fn backup(repo: &Repository, data: &[u8], uploaders: usize) -> store::Snapshot {
+fn backup(repo: &Repository, data: &[u8], uploaders: usize) -> bulwark_store::Snapshot {
     let mut src = MemSource::new(data.to_vec());
     let mut s = BackupSession::new(
         repo,
@@ -153,7 +153,7 @@ fn backup(repo: &Repository, data: &[u8], uploaders: usize) -> store::Snapshot {
     .unwrap()
 }
 
-fn restore(repo: &Repository, snap: &store::Snapshot, dir: &std::path::Path) -> Vec<u8> {
+fn restore(repo: &Repository, snap: &bulwark_store::Snapshot, dir: &std::path::Path) -> Vec<u8> {
     let list = repo.load_chunk_list(&snap.disks[0].chunk_list).unwrap();
     let path = dir.join(format!("restored-{}", snap.id.short()));
     let f = File::create(&path).unwrap();
@@ -185,7 +185,9 @@ fn repository_roundtrip_with_cache() {
         .join(snap.id.to_string())
         .exists());
     assert_eq!(restore(&repo, &snap, tmp.path()), data);
-    let report = store::verify::verify(&repo, &repo.snapshots().unwrap(), 4, &|_| {}).unwrap();
+    let report =
+        bulwark_store::maintain::verify::verify(&repo, &repo.snapshots().unwrap(), 4, &|_| {})
+            .unwrap();
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
 
     // A restore reads each range once: it keeps none of them.
@@ -197,12 +199,13 @@ fn repository_roundtrip_with_cache() {
     // server's back: a second export of the snapshot is served from the
     // range cache...
     let export = |repo: &Arc<Repository>| {
-        let r = store::reader::open_disk(repo.clone(), &snap, "disk", 1 << 20).unwrap();
+        let r =
+            bulwark_store::read::reader::open_disk(repo.clone(), &snap, "disk", 1 << 20).unwrap();
         let mut buf = vec![0u8; r.size() as usize];
         for (i, block) in buf.chunks_mut(256 << 10).enumerate().rev() {
             r.read_at(i as u64 * (256 << 10), block)?;
         }
-        Ok::<_, store::Error>(buf)
+        Ok::<_, bulwark_store::Error>(buf)
     };
     let repo = Arc::new(repo);
     assert_eq!(export(&repo).unwrap(), data);
@@ -223,7 +226,7 @@ fn repository_roundtrip_with_cache() {
 }
 
 fn packname(repo: &Repository) -> String {
-    store::layout::pack(&repo.index().unwrap().packs()[0].id)
+    bulwark_store::format::layout::pack(&repo.index().unwrap().packs()[0].id)
 }
 
 #[test]
@@ -252,7 +255,9 @@ fn backup_through_faults_then_verify() {
     let repo = Repository::open(open(), &secret()).unwrap();
     assert_eq!(restore(&repo, &s1, tmp.path()), first);
     assert_eq!(restore(&repo, &s2, tmp.path()), second);
-    let report = store::verify::verify(&repo, &repo.snapshots().unwrap(), 4, &|_| {}).unwrap();
+    let report =
+        bulwark_store::maintain::verify::verify(&repo, &repo.snapshots().unwrap(), 4, &|_| {})
+            .unwrap();
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
     assert_eq!(report.snapshots, 2);
     let st = &proxy.stats;

@@ -12,6 +12,8 @@
 //! * [`QemuVm`] is the same guest under a plain `qemu-system-x86_64 -accel tcg`,
 //!   killed on drop.
 //! * [`nbd`] has the NBD tests' images, served exports and test PKI.
+//! * [`s3`] starts `s3s-fs` and a fault proxy; [`rgw`] starts Ceph's radosgw,
+//!   an S3 server that enforces Object Lock.
 //!
 //! The guest speaks on its serial console in one line format (see
 //! [`guest`]); both VM kinds read that console from a file with
@@ -36,12 +38,14 @@
 
 pub mod cli;
 mod console;
+pub mod fsimage;
 pub mod guest;
 mod image;
 mod libvirt;
 mod loopdev;
 pub mod nbd;
 mod qemu;
+pub mod rgw;
 pub mod s3;
 mod util;
 mod vmfiles;

@@ -1,12 +1,13 @@
-//! `bulwark agent run|status|backup`.
+//! `bulwark agent run|status|backup|schedule|check-config`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bulwark_proto::{Backed, Reply, Request};
+use bulwark_proto::{Backed, Reply, Request, Status};
 
 use crate::config::{self, Config};
+use crate::vm::backup::Report;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum AgentCmd {
@@ -36,6 +37,10 @@ pub enum AgentCmd {
     },
     /// Print the next run times of a schedule, in local time.
     Schedule(crate::cmd::schedule::Args),
+    /// Check a config before the agent runs it: parse and validate it,
+    /// reach each repository, the SMTP server and libvirt, and list what
+    /// would run in the next 24 hours.
+    CheckConfig(crate::cmd::check_config::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -59,24 +64,24 @@ impl Sock {
 pub fn run(c: AgentCmd) -> Result<i32> {
     match c {
         AgentCmd::Schedule(a) => crate::cmd::schedule::run(a),
+        AgentCmd::CheckConfig(a) => crate::cmd::check_config::run(a),
         AgentCmd::Run { config } => {
             crate::daemon::run(Config::load(&config)?)?;
             Ok(0)
         }
         AgentCmd::Status { json, sock } => {
-            let reply: Reply<serde_json::Value> =
+            let reply: Reply<Status> =
                 crate::daemon::request(&sock.path()?, &Request::Status, Duration::from_secs(30))?;
-            // The document as the agent sent it, `"ok": true` included.
+            // The document as the agent sends it, `"ok": true` included.
             let doc = serde_json::to_string(&reply)?;
-            let v = reply.into_result().context("agent")?;
+            let st = reply.into_result().context("agent")?;
             if json {
                 println!("{doc}");
             } else {
-                print_status(&v);
+                print_status(&st);
             }
             // Scripts and monitoring may key on the exit code too.
-            let wrong = v["problems"].as_array().is_some_and(|p| !p.is_empty());
-            Ok(if wrong { 1 } else { 0 })
+            Ok(if st.problems.is_empty() { 0 } else { 1 })
         }
         AgentCmd::Backup {
             domain,
@@ -89,11 +94,10 @@ pub fn run(c: AgentCmd) -> Result<i32> {
                 policy,
                 full,
             };
-            // The report is shown as the agent wrote it.
-            let reply: Reply<Backed<serde_json::Value>> =
+            let reply: Reply<Backed<Report>> =
                 crate::daemon::request(&sock.path()?, &req, Duration::from_secs(24 * 3600))?;
             let Backed { report } = reply.into_result().context("agent")?;
-            println!("{report}");
+            println!("{}", serde_json::to_string(&report)?);
             Ok(0)
         }
     }
@@ -101,10 +105,9 @@ pub fn run(c: AgentCmd) -> Result<i32> {
 
 /// `agent status` for a person: a line per (domain, policy), then what is
 /// wrong, then the repositories.
-fn print_status(v: &serde_json::Value) {
-    let t = |x: &serde_json::Value| {
-        x.as_u64()
-            .and_then(|s| chrono::DateTime::from_timestamp(s as i64, 0))
+fn print_status(st: &Status) {
+    let t = |x: Option<u64>| {
+        x.and_then(|s| chrono::DateTime::from_timestamp(s as i64, 0))
             .map(|d| {
                 d.with_timezone(&chrono::Local)
                     .format("%Y-%m-%d %H:%M")
@@ -112,64 +115,63 @@ fn print_status(v: &serde_json::Value) {
             })
             .unwrap_or_else(|| "-".into())
     };
-    let s = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
+    let running = if st.running.is_empty() {
+        "nothing".to_string()
+    } else {
+        st.running.join(", ")
+    };
     println!(
-        "agent {} on {}: {} domains, backing up: {}",
-        s(&v["version"]),
-        s(&v["host"]),
-        v["domains"].as_array().map_or(0, |d| d.len()),
-        match v["running"].as_array() {
-            Some(r) if !r.is_empty() => r.iter().map(s).collect::<Vec<_>>().join(", "),
-            _ => "nothing".into(),
-        }
+        "agent {} on {}: {} domains, backing up: {running}",
+        st.version,
+        st.host,
+        st.domains.len(),
     );
     println!(
         "{:<24} {:<9} {:<12} {:<16} {:<7} {:<16} SNAPSHOT",
         "DOMAIN", "STATE", "POLICY", "LAST RUN", "RESULT", "NEXT RUN"
     );
-    for d in v["domains"].as_array().into_iter().flatten() {
-        let policies = d["policies"].as_array().cloned().unwrap_or_default();
-        if policies.is_empty() {
-            println!("{:<24} {:<9} {:<12}", s(&d["name"]), s(&d["state"]), "-");
+    for d in &st.domains {
+        if d.policies.is_empty() {
+            println!("{:<24} {:<9} {:<12}", d.name, d.state, "-");
         }
-        for p in policies {
-            let snap = s(&p["last_snapshot"]);
+        for p in &d.policies {
+            let snap = p.last_snapshot.as_deref().unwrap_or("-");
+            let result = match (&p.last_result, p.usable) {
+                (_, false) => "refused",
+                (Some(r), true) => r.as_str(),
+                (None, true) => "-",
+            };
             println!(
                 "{:<24} {:<9} {:<12} {:<16} {:<7} {:<16} {}",
-                s(&d["name"]),
-                s(&d["state"]),
-                s(&p["name"]),
-                t(&p["last_run"]),
-                if p["usable"] == false {
-                    "refused".into()
-                } else {
-                    s(&p["last_result"])
-                },
-                t(&p["next_run"]),
+                d.name,
+                d.state,
+                p.name,
+                t(p.last_run),
+                result,
+                t(p.next_run),
                 &snap[..snap.len().min(12)],
             );
         }
     }
-    let problems = v["problems"].as_array().cloned().unwrap_or_default();
-    if !problems.is_empty() {
+    if !st.problems.is_empty() {
         println!("\nproblems:");
-        for p in problems {
-            let what = p["domain"]
-                .as_str()
-                .or(p["repository"].as_str())
-                .unwrap_or("");
-            println!("  {what}: {}", s(&p["problem"]));
+        for p in &st.problems {
+            println!("  {}: {}", p.subject(), p.problem);
         }
     }
-    if let Some(targets) = v["targets"].as_object().filter(|t| !t.is_empty()) {
+    if !st.targets.is_empty() {
         println!("\nrepositories:");
-        for (name, tg) in targets {
-            let state = if tg["ok"] == true {
+        for (name, tg) in &st.targets {
+            let state = if tg.ok {
                 "usable".to_string()
             } else {
-                format!("NOT usable ({}): {}", s(&tg["kind"]), s(&tg["error"]))
+                format!(
+                    "NOT usable ({}): {}",
+                    tg.kind.as_deref().unwrap_or("-"),
+                    tg.error.as_deref().unwrap_or("-")
+                )
             };
-            println!("  {name}: {state} (checked {})", t(&tg["checked"]));
+            println!("  {name}: {state} (checked {})", t(Some(tg.checked)));
         }
     }
 }

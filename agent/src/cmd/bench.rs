@@ -15,7 +15,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let r = store::bench::run(a.size, a.rounds.max(1))?;
+    let r = bulwark_store::bench::run(a.size, a.rounds.max(1))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(0);

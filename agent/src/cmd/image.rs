@@ -4,12 +4,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulwark_store::format::snapshot::{DiskEntry, Snapshot};
+use bulwark_store::read::restore::{restore_to_path, Overwrite, RestoreOptions};
+use bulwark_store::{BackupOptions, BackupSession, ImageFile, Mode, SnapshotMeta};
 use clap::Subcommand;
-use store::restore::{restore_to_path, Overwrite, RestoreOptions};
-use store::snapshot::{DiskEntry, Snapshot};
-use store::{BackupOptions, BackupSession, ImageFile, Mode, SnapshotMeta};
 
-use super::human;
+use crate::units::human;
 use crate::{progress, secret, Global};
 
 #[derive(Subcommand)]
@@ -30,7 +30,7 @@ pub enum BackupCmd {
         parent: Option<String>,
         /// The snapshot's time (RFC 3339) instead of now, as `restic backup
         /// --time` (imports, crafted histories).
-        #[arg(long, value_parser = super::parse_time)]
+        #[arg(long, value_parser = crate::units::parse_time)]
         time: Option<chrono::DateTime<chrono::Utc>>,
         /// Worker threads (default: one per core).
         #[arg(long, default_value_t = 0)]
@@ -52,6 +52,8 @@ pub enum RestoreCmd {
     Status(super::restore_live::StatusArgs),
     /// Stop a live restore (the VM is destroyed; --keep keeps its disks).
     Cancel(super::restore_live::CancelArgs),
+    /// Stream a failed live restore again (the VM and guest writes kept).
+    Retry(super::restore_live::RetryArgs),
     /// Write a snapshot's disk to a new sparse raw image file, or with
     /// --force over an existing file or a block device (zeros written).
     Image {
@@ -200,6 +202,7 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
         RestoreCmd::Vm(a) => return super::restore_vm::run(g, a),
         RestoreCmd::Status(a) => return super::restore_live::status(a),
         RestoreCmd::Cancel(a) => return super::restore_live::cancel(a),
+        RestoreCmd::Retry(a) => return super::restore_live::retry(a),
         c => c,
     };
     let RestoreCmd::Image {
@@ -239,7 +242,7 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
     pb.finish_and_clear();
     match r {
         Ok(_) => {}
-        Err(store::Error::TargetExists(_)) => {
+        Err(bulwark_store::Error::TargetExists(_)) => {
             bail!("{} exists; pass --force to replace it", to.display())
         }
         Err(e) => {

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use bulwark_store::read::reader::{open_disk, DiskReader};
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
     ReplyOpen, Request,
 };
-use store::reader::{open_disk, DiskReader};
 
 use crate::{secret, Global};
 

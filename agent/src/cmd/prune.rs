@@ -1,11 +1,11 @@
 //! `bulwark prune`: remove snapshots by retention rules (Proxmox Backup
-//! Server's semantics, `store::retention`), per group of (source, policy).
+//! Server's semantics, `bulwark_store::maintain::retention`), per group of (source, policy).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use store::prune;
-use store::retention::KeepOptions;
+use bulwark_store::maintain::prune;
+use bulwark_store::maintain::retention::KeepOptions;
 
 use crate::config::Config;
 use crate::{secret, Global};

@@ -1,5 +1,5 @@
 //! `bulwark restore vm --live`, `bulwark restore status`,
-//! `bulwark restore cancel`.
+//! `bulwark restore cancel`, `bulwark restore retry`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,20 +9,45 @@ use anyhow::{bail, Context, Result};
 use bulwark_proto::{Done, Pong, Reply, Request};
 use serde_json::json;
 
-use super::human;
-use super::restore_vm::{options, targets, Args};
 use crate::libvirt::Libvirt;
 use crate::live::record::{LiveRestore, Phase, Records, RepoSpec};
 use crate::live::start::{self, LiveOptions};
 use crate::live::supervise::supervise;
-use crate::vm::restore::{self, Stage};
+use crate::units::human;
+use crate::vm::restore::{self, Options, Stage};
 use crate::vm::rewrite::ImageFormat;
 use crate::{progress, secret, Global};
 
-pub fn run(g: &Global, a: Args) -> Result<i32> {
-    let libvirt = Libvirt::open(&a.connect)?;
-    let targets = targets(&a)?;
-    let records = Records::new(&a.state_dir);
+/// Who supervises live restores, and where their records are.
+#[derive(clap::Args)]
+pub struct Supervision {
+    /// The agent's socket (with --live, the agent supervises the restore).
+    #[arg(long, default_value = bulwark_proto::DEFAULT_SOCKET)]
+    agent_socket: PathBuf,
+    /// Where live restore records live (the agent's state dir).
+    #[arg(long, env = "BULWARK_STATE_DIR", default_value = crate::vm::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// libvirt connection.
+    #[arg(long, env = "BULWARK_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub(super) connect: String,
+}
+
+/// What `restore vm --live` adds to a restore's options.
+pub struct LiveArgs {
+    pub wait: bool,
+    pub stream_mib_per_sec: u64,
+    pub sup: Supervision,
+    pub json: bool,
+}
+
+pub fn run(
+    g: &Global,
+    libvirt: &Libvirt,
+    targets: &[(String, String)],
+    mut ropts: Options,
+    a: LiveArgs,
+) -> Result<i32> {
+    let records = Records::new(&a.sup.state_dir);
     let spec = RepoSpec {
         repo: g
             .repo
@@ -33,11 +58,9 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         s3_endpoint: g.backend.s3_endpoint.clone(),
     };
     let in_file = spec.password_file.is_some() || spec.key_file.is_some();
-    let password = std::env::var("BULWARK_PASSWORD")
-        .ok()
-        .filter(|p| !p.is_empty() && !in_file);
+    let password = foreground_password(in_file);
     if !a.wait {
-        ping_agent(&a.agent_socket)?;
+        ping_agent(&a.sup.agent_socket)?;
         if !in_file {
             bail!(
                 "the agent restarts a live restore's NBD server on its own, so it needs the \
@@ -48,7 +71,6 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     } else if !in_file && password.is_none() {
         bail!("a live restore needs --password-file, --key-file or $BULWARK_PASSWORD");
     }
-    let mut ropts = options(&libvirt, &a)?;
     ropts.format = ImageFormat::Qcow2;
     ropts.stage = Stage::Started;
     let o = LiveOptions {
@@ -59,21 +81,11 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         stream_mib_per_sec: a.stream_mib_per_sec,
     };
     let repo = Arc::new(secret::open(g)?);
-    // Every VM is checked before any is made.
-    let plans = repo.while_loading_index(|| -> Result<_> {
-        let mut plans = Vec::new();
-        for (snap, name) in &targets {
-            if targets.iter().filter(|(_, n)| n == name).count() > 1 {
-                bail!("{name} is named twice");
-            }
-            plans.push(start::plan(&libvirt, repo.find_snapshot(snap)?, name, &o)?);
-        }
-        Ok(plans)
-    })?;
+    let plans = restore::plan_all(&repo, targets, |s, name| start::plan(libvirt, s, name, &o))?;
     restore::undo_on_interrupt(libvirt.clone())?;
     let mut started = Vec::new();
     for p in &plans {
-        let r = start::start(&repo, &libvirt, p, &o)
+        let r = start::start(&repo, libvirt, p, &o)
             .with_context(|| format!("live restore of {}", p.name))?;
         if !a.json {
             println!(
@@ -87,16 +99,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         started.push(r);
     }
     if !a.wait {
-        for r in &started {
-            let req = Request::LiveAdopt {
-                name: r.name.clone(),
-            };
-            let reply: Reply<Done> =
-                crate::daemon::request(&a.agent_socket, &req, Duration::from_secs(30))?;
-            reply
-                .into_result()
-                .with_context(|| format!("the agent did not take {} over", r.name))?;
-        }
+        hand_over(&a.sup.agent_socket, &started)?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&started)?);
         } else {
@@ -104,15 +107,42 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         }
         return Ok(0);
     }
-    let finals = wait_all(&records, &started, &a.connect, o.password.as_deref());
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&finals)?);
+    let finals = wait_all(&records, &started, &a.sup.connect, o.password.as_deref());
+    print_finals(&finals, a.json)
+}
+
+/// The passphrase for a server supervised in the foreground, when no file
+/// holds the secret.
+fn foreground_password(in_file: bool) -> Option<String> {
+    std::env::var("BULWARK_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty() && !in_file)
+}
+
+/// Has the running agent supervise `restores`.
+fn hand_over(socket: &std::path::Path, restores: &[LiveRestore]) -> Result<()> {
+    for r in restores {
+        let req = Request::LiveAdopt {
+            name: r.name.clone(),
+        };
+        let reply: Reply<Done> = crate::daemon::request(socket, &req, Duration::from_secs(30))?;
+        reply
+            .into_result()
+            .with_context(|| format!("the agent did not take {} over", r.name))?;
+    }
+    Ok(())
+}
+
+/// Prints how each restore ended; exit 0 when every one is done.
+fn print_finals(finals: &[LiveRestore], json: bool) -> Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(finals)?);
     } else {
-        for r in &finals {
+        for r in finals {
             println!("{}", line(r));
         }
     }
-    Ok(if finals.iter().all(|r| r.phase == Phase::Done) {
+    Ok(if finals.iter().all(|r| *r.phase() == Phase::Done) {
         0
     } else {
         1
@@ -154,11 +184,7 @@ fn wait_all(
                         bar.set_position(now.bytes_done())
                     });
                     bar.finish_and_clear();
-                    out.unwrap_or_else(|e| {
-                        let mut f = r.clone();
-                        f.phase = Phase::Failed(format!("{e:#}"));
-                        f
-                    })
+                    out.unwrap_or_else(|e| failed(r, format!("{e:#}")))
                 })
             })
             .collect();
@@ -166,14 +192,21 @@ fn wait_all(
             .into_iter()
             .zip(started)
             .map(|(h, r)| {
-                h.join().unwrap_or_else(|_| {
-                    let mut f = r.clone();
-                    f.phase = Phase::Failed("the supervisor panicked".into());
-                    f
-                })
+                h.join()
+                    .unwrap_or_else(|_| failed(r, "the supervisor panicked".into()))
             })
             .collect()
     })
+}
+
+/// What to show of a restore whose supervisor stopped with `why` (the
+/// record itself says what the supervisor last saved).
+fn failed(r: &LiveRestore, why: String) -> LiveRestore {
+    let mut f = r.clone();
+    if let Err(e) = f.fail(why) {
+        tracing::debug!("{e}");
+    }
+    f
 }
 
 #[derive(clap::Args)]
@@ -202,6 +235,7 @@ pub fn status(a: StatusArgs) -> Result<i32> {
                 v["bytes_done"] = json!(r.bytes_done());
                 v["bytes_per_second"] = json!(rate);
                 v["eta_seconds"] = json!(eta);
+                v["server_unit"] = json!(crate::live::server::unit(r));
                 v
             })
             .collect();
@@ -216,25 +250,22 @@ pub fn status(a: StatusArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `NAME  streaming  1.2 GiB of 4.0 GiB  85 MiB/s  ETA 34s`
+/// `NAME  streaming  1.2 GiB of 4.0 GiB  85 MiB/s  ETA 34s  [UNIT]`
 fn line(r: &LiveRestore) -> String {
     let (rate, eta) = r.rate_and_eta();
-    let phase = match &r.phase {
-        Phase::Booting => "booting".to_string(),
-        Phase::Streaming => "streaming".to_string(),
-        Phase::Done => "done".to_string(),
-        Phase::Cancelled => "cancelled".to_string(),
-        Phase::Failed(why) => format!("failed: {why}"),
-    };
+    let phase = r.phase();
     let eta = eta.map_or(String::new(), |s| format!("  ETA {:.0}s", s));
+    // The server's systemd unit, where it runs in one.
+    let unit = crate::live::server::unit(r).map_or(String::new(), |u| format!("  [{u}]"));
     format!(
-        "{}  {}  {} of {}  {}/s{}",
+        "{}  {}  {} of {}  {}/s{}{}",
         r.name,
         phase,
         human(r.bytes_done()),
         human(r.bytes_total()),
         human(rate as u64),
-        eta
+        eta,
+        unit
     )
 }
 
@@ -262,4 +293,43 @@ pub fn cancel(a: CancelArgs) -> Result<i32> {
         }
     );
     Ok(0)
+}
+
+#[derive(clap::Args)]
+pub struct RetryArgs {
+    /// The failed live restore.
+    name: String,
+    /// Supervise in the foreground until every disk is local (without it,
+    /// the running agent takes over).
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    sup: Supervision,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `restore retry`: a failed live restore streams again (its server is
+/// stopped here and started afresh by the supervisor, each stream gets its
+/// restarts afresh).
+pub fn retry(a: RetryArgs) -> Result<i32> {
+    let records = Records::new(&a.sup.state_dir);
+    if !a.wait {
+        ping_agent(&a.sup.agent_socket)?;
+    }
+    // A fresh server too: nothing it read before the fix is kept.
+    let r = records.update(&a.name, |r| {
+        r.retry()?;
+        crate::live::server::stop(r);
+        Ok(())
+    })?;
+    if !a.wait {
+        hand_over(&a.sup.agent_socket, std::slice::from_ref(&r))?;
+        println!("{}: streaming again, supervised by the agent", r.name);
+        return Ok(0);
+    }
+    let in_file = r.repo.password_file.is_some() || r.repo.key_file.is_some();
+    let password = foreground_password(in_file);
+    let finals = wait_all(&records, &[r], &a.sup.connect, password.as_deref());
+    print_finals(&finals, a.json)
 }

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
+use super::restore_live::{LiveArgs, Supervision};
 use crate::libvirt::Libvirt;
 use crate::vm::restore::{self, Options, Outcome, Plan, Stage};
 use crate::vm::rewrite::ImageFormat;
@@ -55,48 +56,38 @@ pub struct Args {
     /// Live restore: the VM boots at once from the backup while its disks
     /// are copied in behind it (qcow2 overlays; see `restore status`).
     #[arg(long, conflicts_with_all = ["define_only", "disks_only"])]
-    pub(super) live: bool,
+    live: bool,
     /// With --live: supervise in the foreground until every disk is local
     /// (without it, the running agent takes over).
     #[arg(long, requires = "live")]
-    pub(super) wait: bool,
+    wait: bool,
     /// With --live: cap each disk's stream at this many MiB/s (0: none),
     /// leaving bandwidth to the guest's own reads.
     #[arg(long, default_value_t = 0, requires = "live")]
-    pub(super) stream_mib_per_sec: u64,
-    /// The agent's socket (with --live, the agent supervises the restore).
-    #[arg(long, default_value = bulwark_proto::DEFAULT_SOCKET)]
-    pub(super) agent_socket: PathBuf,
-    /// Where live restore records live (the agent's state dir).
-    #[arg(long, env = "BULWARK_STATE_DIR", default_value = crate::vm::DEFAULT_STATE_DIR)]
-    pub(super) state_dir: PathBuf,
-    /// libvirt connection.
-    #[arg(long, env = "BULWARK_LIBVIRT_URI", default_value = "qemu:///system")]
-    pub(super) connect: String,
+    stream_mib_per_sec: u64,
+    #[command(flatten)]
+    sup: Supervision,
     #[arg(long)]
-    pub(super) json: bool,
+    json: bool,
 }
 
 pub fn run(g: &Global, a: Args) -> Result<i32> {
-    if a.live {
-        return super::restore_live::run(g, a);
-    }
-    let libvirt = Libvirt::open(&a.connect)?;
-    let targets = targets(&a)?;
+    let libvirt = Libvirt::open(&a.sup.connect)?;
+    let targets = restore::targets(&a.specs, a.as_name.as_deref())?;
     let opts = options(&libvirt, &a)?;
+    if a.live {
+        let live = LiveArgs {
+            wait: a.wait,
+            stream_mib_per_sec: a.stream_mib_per_sec,
+            sup: a.sup,
+            json: a.json,
+        };
+        return super::restore_live::run(g, &libvirt, &targets, opts, live);
+    }
     let repo = Arc::new(secret::open(g)?);
     restore::undo_on_interrupt(libvirt.clone())?;
-    // Every VM is checked before any is written.
-    let plans = repo.while_loading_index(|| -> Result<_> {
-        let mut plans = Vec::new();
-        for (snap, name) in &targets {
-            if targets.iter().filter(|(_, n)| n == name).count() > 1 {
-                bail!("{name} is named twice");
-            }
-            let s = repo.find_snapshot(snap)?;
-            plans.push(restore::plan(&libvirt, s, name, &opts)?);
-        }
-        Ok(plans)
+    let plans = restore::plan_all(&repo, &targets, |s, name| {
+        restore::plan(&libvirt, s, name, &opts)
     })?;
     let results = restore_all(&repo, &libvirt, &plans, &opts, a.parallel.max(1));
     let failed = results.iter().filter(|(_, r)| r.is_err()).count();
@@ -146,9 +137,8 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
-/// (snapshot, new name) pairs from the arguments.
 /// The restore options the arguments say.
-pub(super) fn options(libvirt: &Libvirt, a: &Args) -> Result<Options> {
+fn options(libvirt: &Libvirt, a: &Args) -> Result<Options> {
     let dir = match &a.pool {
         Some(pool) => libvirt.pool_dir(pool)?,
         None => a.storage_dir.clone(),
@@ -174,28 +164,10 @@ pub(super) fn options(libvirt: &Libvirt, a: &Args) -> Result<Options> {
     })
 }
 
-pub(super) fn targets(a: &Args) -> Result<Vec<(String, String)>> {
-    if let Some(name) = &a.as_name {
-        if a.specs.len() != 1 || a.specs[0].contains(':') {
-            bail!("--as names one VM: give one SNAPSHOT, or SNAPSHOT:NAME pairs without --as");
-        }
-        return Ok(vec![(a.specs[0].clone(), name.clone())]);
-    }
-    a.specs
-        .iter()
-        .map(|s| match s.rsplit_once(':') {
-            Some((snap, name)) if !snap.is_empty() && !name.is_empty() => {
-                Ok((snap.to_string(), name.to_string()))
-            }
-            _ => bail!("{s:?}: name the new VM, as SNAPSHOT:NAME (or --as NAME)"),
-        })
-        .collect()
-}
-
 type Results<'p> = Vec<(&'p Plan, Result<Outcome>)>;
 
 fn restore_all<'p>(
-    repo: &Arc<store::Repository>,
+    repo: &Arc<bulwark_store::Repository>,
     libvirt: &Libvirt,
     plans: &'p [Plan],
     opts: &Options,

@@ -17,7 +17,7 @@ pub struct Args {
     pub count: usize,
     /// Count from this time instead of now (RFC 3339); for an interval, the
     /// last run.
-    #[arg(long, value_parser = crate::cmd::parse_time)]
+    #[arg(long, value_parser = crate::units::parse_time)]
     pub after: Option<DateTime<Utc>>,
     /// Print JSON.
     #[arg(long)]

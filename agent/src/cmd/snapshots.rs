@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 
-use super::human;
 use crate::secret;
+use crate::units::human;
 use crate::Global;
 
 #[derive(clap::Args)]

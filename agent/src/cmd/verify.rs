@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::human;
+use crate::units::human;
 use crate::{progress, secret, Global};
 
 #[derive(clap::Args)]
@@ -26,7 +26,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         .map(|s| s.disks.iter().map(|d| d.data_bytes).sum::<u64>())
         .sum();
     let pb = progress::bar(total, "verify");
-    let report = store::verify::verify(&repo, &snaps, a.threads, &|n| pb.inc(n))?;
+    let report = bulwark_store::maintain::verify::verify(&repo, &snaps, a.threads, &|n| pb.inc(n))?;
     pb.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::human;
 use crate::libvirt::{Libvirt, State};
+use crate::units::human;
 use crate::vm::backup::{self, Options};
 use crate::vm::state::StateDir;
 use crate::{secret, Global};

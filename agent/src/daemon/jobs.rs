@@ -80,20 +80,20 @@ impl Agent {
             ok: r.is_ok(),
             seconds: started.elapsed().as_secs_f64(),
             last_ok: prev.as_ref().and_then(|p| p.last_ok),
-            last_snapshot: prev.as_ref().and_then(|p| p.last_snapshot),
+            last_snapshot: prev.as_ref().and_then(|p| p.last_snapshot.clone()),
             failing_since: prev.as_ref().and_then(|p| p.failing_since),
             ..Run::default()
         };
         // What the contacts hear: the backup's error, else the prune's.
         let failure = match &r {
             Ok((repo, rep)) => {
-                run.snapshot = Some(rep.snapshot);
-                run.mode = Some(rep.mode);
+                run.snapshot = Some(rep.snapshot.to_string());
+                run.mode = Some(rep.mode.to_string());
                 run.bytes_read = rep.bytes_read;
                 run.bytes_stored = rep.bytes_stored;
                 run.last_ok = Some(run.at);
-                run.last_snapshot = Some(rep.snapshot);
-                match prune(repo, dom, &policy_name, pol) {
+                run.last_snapshot = Some(rep.snapshot.to_string());
+                match prune_with_maintenance(rc, repo, dom, &policy_name, pol) {
                     Ok(n) => {
                         run.pruned = n;
                         None
@@ -137,12 +137,12 @@ impl Agent {
         let _gc = self.gc_busy.lock().unwrap_or_else(|p| p.into_inner());
         let log = Capture::begin();
         let r = rc.gc_grace().and_then(|grace| {
-            let repo = rc.open()?;
-            let opts = store::gc::GcOptions {
+            let repo = rc.open_as(crate::config::Role::Maintenance)?;
+            let opts = bulwark_store::maintain::gc::GcOptions {
                 grace,
                 ..Default::default()
             };
-            Ok(store::gc::run(&repo, &opts, &|_| {})?)
+            Ok(bulwark_store::maintain::gc::run(&repo, &opts, &|_| {})?)
         });
         let run = match &r {
             Ok(rep) => {
@@ -194,7 +194,7 @@ impl Agent {
 /// Prunes the (domain, policy) group by the policy's numbers; `None` when
 /// the policy sets none.
 fn prune(
-    repo: &store::Repository,
+    repo: &bulwark_store::Repository,
     dom: &str,
     policy: &str,
     pol: &PolicyConf,
@@ -208,10 +208,30 @@ fn prune(
         .into_iter()
         .filter(|s| s.source == dom && s.policy.as_deref() == Some(policy))
         .collect();
-    let decisions = store::prune::plan(snaps, &keep, &chrono::Local)?;
-    let n = store::prune::execute(repo, &decisions)?;
+    let decisions = bulwark_store::maintain::prune::plan(snaps, &keep, &chrono::Local)?;
+    let n = bulwark_store::maintain::prune::execute(repo, &decisions)?;
     if n > 0 {
         tracing::info!("pruned {n} snapshots of {dom} ({policy})");
     }
     Ok(Some(n))
+}
+
+/// [`prune`] with the maintenance credentials when the repository names
+/// them (the backup credentials may not delete).
+fn prune_with_maintenance(
+    rc: &RepoConf,
+    repo: &bulwark_store::Repository,
+    dom: &str,
+    policy: &str,
+    pol: &PolicyConf,
+) -> Result<Option<usize>> {
+    if rc.maintenance_credentials.is_none() {
+        return prune(repo, dom, policy, pol);
+    }
+    prune(
+        &rc.open_as(crate::config::Role::Maintenance)?,
+        dom,
+        policy,
+        pol,
+    )
 }

@@ -18,8 +18,8 @@ impl Agent {
     /// Supervises `name` on a thread of its own, unless one already does.
     pub(super) fn adopt_live(self: &Arc<Self>, name: &str) -> Result<()> {
         let r = self.records().load(name)?;
-        if !r.phase.active() {
-            bail!("live restore {name} is not running ({:?})", r.phase);
+        if !r.phase().active() {
+            bail!("live restore {name} is not running ({})", r.phase());
         }
         if !self
             .live
@@ -35,7 +35,7 @@ impl Agent {
         std::thread::spawn(move || {
             let out = supervise(&a.records(), &name, &a.cfg.libvirt_uri, None, &|_| {});
             match out {
-                Ok(r) => tracing::info!("live restore {name}: {:?}", r.phase),
+                Ok(r) => tracing::info!("live restore {name}: {}", r.phase()),
                 Err(e) => tracing::error!("live restore {name}: {e:#}"),
             }
             a.live
@@ -50,7 +50,7 @@ impl Agent {
     pub(super) fn resume_live(self: &Arc<Self>) {
         match self.records().all() {
             Ok(list) => {
-                for r in list.into_iter().filter(|r| r.phase.active()) {
+                for r in list.into_iter().filter(|r| r.phase().active()) {
                     if let Err(e) = self.adopt_live(&r.name) {
                         tracing::warn!("live restore {}: {e:#}", r.name);
                     }

@@ -15,6 +15,7 @@ mod control;
 mod enforce;
 mod jobs;
 mod live;
+mod locks;
 mod metrics;
 mod scheduler;
 mod slots;
@@ -108,10 +109,10 @@ pub fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// systemd stops the agent with SIGTERM to it alone (`KillMode=process`,
-/// so live restore servers survive): pass it on to our own process group
-/// (qemu-nbd, qemu-img of a backup in progress; the servers run in groups
-/// of their own), then exit.
+/// On SIGTERM, pass it on to our own process group (qemu-nbd, qemu-img of
+/// a backup in progress), then exit: systemd signals the unit's whole
+/// cgroup anyway, a shell only us. Live restore servers run in groups (and
+/// under systemd, units) of their own and keep serving.
 fn exit_on_sigterm() -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
         .context("installing the SIGTERM handler")?;

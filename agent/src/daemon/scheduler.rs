@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+pub(super) use bulwark_proto::status::{GcRun, LockRun, Run};
+
 use super::Agent;
 use crate::config;
 
@@ -25,50 +27,9 @@ pub(super) struct Schedule {
     pub runs: BTreeMap<String, Run>,
     #[serde(default)]
     pub gcs: BTreeMap<String, GcRun>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(super) struct Run {
-    /// Unix seconds of the last attempt.
-    pub at: u64,
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub snapshot: Option<store::Id>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mode: Option<crate::vm::backup::ReadMode>,
-    /// Snapshots the prune after this backup removed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pruned: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prune_error: Option<String>,
-    /// How long the backup took, what it read and stored.
+    /// Last lock check per repository (`locks.rs`).
     #[serde(default)]
-    pub seconds: f64,
-    #[serde(default)]
-    pub bytes_read: u64,
-    #[serde(default)]
-    pub bytes_stored: u64,
-    /// The last successful run and its snapshot, kept across failures.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_ok: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_snapshot: Option<store::Id>,
-    /// Set while failing: the first failed run of the streak.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failing_since: Option<u64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(super) struct GcRun {
-    pub at: u64,
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub packs_deleted: usize,
-    pub bytes_deleted: u64,
-    pub packs_condemned: usize,
+    pub locks: BTreeMap<String, LockRun>,
 }
 
 pub(super) fn now() -> u64 {
@@ -114,6 +75,7 @@ pub(super) fn run(agent: &Arc<Agent>) {
     loop {
         agent.backups_due();
         agent.gc_due();
+        agent.locks_due();
         agent.check_silence();
         agent.enforce_protection();
         std::thread::sleep(Duration::from_secs(agent.cfg.tick_seconds.max(1)));

@@ -7,14 +7,14 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use serde_json::{json, Value};
+use bulwark_proto::status::{DomainStatus, PolicyStatus, Problem, Run, Status};
 
 use super::scheduler::{next_run, now};
 use super::Agent;
 use crate::libvirt::{Libvirt, State};
 
 impl Agent {
-    pub(super) fn status(&self) -> Value {
+    pub(super) fn status(&self) -> Status {
         let sched = self
             .schedule
             .lock()
@@ -27,44 +27,49 @@ impl Agent {
         let mut problems = Vec::new();
         for (name, named) in self.inventory.all() {
             let d = self.domain_status(&name, &named, &sched, &targets, &running, &states);
-            for p in d["problems"].as_array().into_iter().flatten() {
-                problems.push(json!({"domain": name, "problem": p}));
-            }
+            problems.extend(d.problems.iter().map(|p| Problem {
+                domain: Some(name.clone()),
+                repository: None,
+                problem: p.clone(),
+            }));
             domains.push(d);
         }
-        for (name, t) in &targets {
-            if !t.ok {
-                problems.push(json!({"repository": name, "problem": format!(
+        for (name, t) in targets.iter().filter(|(_, t)| !t.ok) {
+            problems.push(Problem {
+                domain: None,
+                repository: Some(name.clone()),
+                problem: format!(
                     "repository {name} is not usable ({}): {}",
                     t.kind.as_deref().unwrap_or("error"),
                     t.error.as_deref().unwrap_or("")
-                )}));
-            }
+                ),
+            });
         }
-        let refused: BTreeMap<&String, String> = self
+        problems.extend(self.lock_problems(&sched));
+        let refused = self
             .cfg
             .policies
             .keys()
-            .filter_map(|p| self.cfg.refusal(p).map(|why| (p, why)))
+            .filter_map(|p| self.cfg.refusal(p).map(|why| (p.clone(), why)))
             .collect();
-        // `"ok": true` is the reply's (control.rs), beside these.
-        json!({
-            "host": super::hostname(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "now": now(),
-            "policies": self.cfg.policies.keys().collect::<Vec<_>>(),
-            "refused_policies": refused,
-            "protected": self.protected().into_iter().collect::<BTreeMap<_, _>>(),
-            "libvirt_connections": self.connections.load(Ordering::Relaxed),
-            "runs": sched.runs,
-            "gcs": sched.gcs,
-            "busy": !running.is_empty(),
-            "running": running,
-            "queued": self.slots.queued(),
-            "targets": targets,
-            "domains": domains,
-            "problems": problems,
-        })
+        Status {
+            host: super::hostname(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            now: now(),
+            policies: self.cfg.policies.keys().cloned().collect(),
+            refused_policies: refused,
+            protected: self.protected().into_iter().collect(),
+            libvirt_connections: self.connections.load(Ordering::Relaxed),
+            runs: sched.runs,
+            gcs: sched.gcs,
+            locks: sched.locks,
+            busy: !running.is_empty(),
+            queued: self.slots.queued(),
+            running,
+            targets,
+            domains,
+            problems,
+        }
     }
 
     /// Each domain's state, by name (empty if libvirtd cannot be reached:
@@ -96,77 +101,104 @@ impl Agent {
         targets: &BTreeMap<String, super::targets::Target>,
         running: &[String],
         states: &BTreeMap<String, &'static str>,
-    ) -> Value {
+    ) -> DomainStatus {
         let mut problems: Vec<String> = Vec::new();
         let mut policies = Vec::new();
         for p in named {
+            let unusable = |repository: Option<String>| PolicyStatus {
+                name: p.clone(),
+                usable: false,
+                repository,
+                ..Default::default()
+            };
             let Some(pol) = self.cfg.policies.get(p) else {
                 problems.push(format!("policy {p} is not defined on this host"));
-                policies.push(json!({"name": p, "usable": false}));
+                policies.push(unusable(None));
                 continue;
             };
             if let Some(why) = self.cfg.refusal(p) {
                 problems.push(why);
-                policies.push(json!({"name": p, "usable": false, "repository": pol.repository}));
+                policies.push(unusable(Some(pol.repository.clone())));
                 continue;
             }
             let run = sched.runs.get(&format!("{name}/{p}"));
-            let schedule = self.schedule_of(&pol.schedule);
-            let next = schedule
-                .as_ref()
-                .and_then(|s| next_run(s, run.map(|r| r.at)));
-            if let Some(r) = run.filter(|r| r.failing_since.is_some() || !r.ok) {
-                let since = r.failing_since.unwrap_or(r.at);
-                let err = r
-                    .error
-                    .as_deref()
-                    .or(r.prune_error.as_deref())
-                    .unwrap_or("");
-                problems.push(format!("{p}: failing since {}: {err}", fmt_time(since)));
-            }
-            if let Some(t) = targets.get(&pol.repository).filter(|t| !t.ok) {
-                problems.push(format!(
-                    "{p}: repository {} is not usable ({})",
-                    pol.repository,
-                    t.kind.as_deref().unwrap_or("error")
-                ));
-            }
-            let period = schedule.and_then(|s| s.period(&chrono::Local::now()));
-            let last_ok = run.and_then(|r| r.last_ok);
-            if let (Some(period), Some(last_ok)) = (period, last_ok) {
-                if now().saturating_sub(last_ok) > 2 * period.as_secs() {
-                    problems.push(format!(
-                        "{p}: no successful backup since {}",
-                        fmt_time(last_ok)
-                    ));
+            problems.extend(self.policy_problems(p, pol, run, targets));
+            let next = self
+                .schedule_of(&pol.schedule)
+                .and_then(|s| next_run(&s, run.map(|r| r.at)));
+            let result = |r: &Run| {
+                if r.ok && r.prune_error.is_none() {
+                    "ok"
+                } else {
+                    "failed"
                 }
-            }
-            policies.push(json!({
-                "name": p,
-                "usable": true,
-                "repository": pol.repository,
-                "schedule": pol.schedule,
-                "last_run": run.map(|r| r.at),
-                "last_result": run.map(|r| if r.ok && r.prune_error.is_none() { "ok" } else { "failed" }),
-                "last_error": run.and_then(|r| r.error.clone().or(r.prune_error.clone())),
-                "last_ok": last_ok,
-                "last_snapshot": run.and_then(|r| r.last_snapshot),
-                "failing_since": run.and_then(|r| r.failing_since),
-                "next_run": next,
-            }));
+            };
+            policies.push(PolicyStatus {
+                name: p.clone(),
+                usable: true,
+                repository: Some(pol.repository.clone()),
+                schedule: Some(pol.schedule.clone()),
+                last_run: run.map(|r| r.at),
+                last_result: run.map(|r| result(r).to_string()),
+                last_error: run.and_then(|r| r.error.clone().or(r.prune_error.clone())),
+                last_ok: run.and_then(|r| r.last_ok),
+                last_snapshot: run.and_then(|r| r.last_snapshot.clone()),
+                failing_since: run.and_then(|r| r.failing_since),
+                next_run: next,
+            });
         }
-        let protected = policies.iter().any(|p| p["usable"] == true);
+        let protected = policies.iter().any(|p| p.usable);
         if !protected && self.cfg.enforce.require_protection {
             problems.insert(0, "unprotected: no policy of this host names it".into());
         }
-        json!({
-            "name": name,
-            "state": states.get(name).copied().unwrap_or("unknown"),
-            "protected": protected,
-            "backing_up": running.iter().any(|r| r == name),
-            "policies": policies,
-            "problems": problems,
-        })
+        DomainStatus {
+            name: name.to_string(),
+            state: states.get(name).copied().unwrap_or("unknown").to_string(),
+            protected,
+            backing_up: running.iter().any(|r| r == name),
+            policies,
+            problems,
+        }
+    }
+
+    /// What is wrong with a usable policy: failing, its repository not
+    /// usable, or silent for twice its schedule's period.
+    fn policy_problems(
+        &self,
+        p: &str,
+        pol: &crate::config::PolicyConf,
+        run: Option<&Run>,
+        targets: &BTreeMap<String, super::targets::Target>,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(r) = run.filter(|r| r.failing_since.is_some() || !r.ok) {
+            let since = r.failing_since.unwrap_or(r.at);
+            let err = r
+                .error
+                .as_deref()
+                .or(r.prune_error.as_deref())
+                .unwrap_or("");
+            problems.push(format!("{p}: failing since {}: {err}", fmt_time(since)));
+        }
+        if let Some(t) = targets.get(&pol.repository).filter(|t| !t.ok) {
+            problems.push(format!(
+                "{p}: repository {} is not usable ({})",
+                pol.repository,
+                t.kind.as_deref().unwrap_or("error")
+            ));
+        }
+        let period = self
+            .schedule_of(&pol.schedule)
+            .and_then(|s| s.period(&chrono::Local::now()));
+        if let (Some(period), Some(last_ok)) = (period, run.and_then(|r| r.last_ok)) {
+            if now().saturating_sub(last_ok) > 2 * period.as_secs() {
+                problems.push(format!(
+                    "{p}: no successful backup since {}",
+                    fmt_time(last_ok)
+                ));
+            }
+        }
+        problems
     }
 }
 

@@ -6,26 +6,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use super::scheduler::now;
 use super::Agent;
 
-/// The last check of one repository.
-#[derive(Clone, Debug, Serialize)]
-pub(super) struct Target {
-    pub ok: bool,
-    /// Unix seconds of the check.
-    pub checked: u64,
-    /// Since when it has been in this state (ok or not).
-    pub since: u64,
-    /// `unreachable`, `credentials`, `no_bucket`, `no_repository`,
-    /// `wrong_key`, ... (as `repo check-target --json` says).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
+pub(super) use bulwark_proto::status::Target;
 
 /// Checks every repository, then again every `target_check`, for as long
 /// as the process runs.
@@ -36,7 +20,10 @@ pub(super) fn run(agent: &Arc<Agent>) {
         .unwrap_or(std::time::Duration::from_secs(300));
     loop {
         for (name, rc) in &agent.cfg.repositories {
-            let r = crate::cmd::repo::check(&rc.location(), || rc.secret());
+            let r = match rc.location_as(crate::config::Role::Backup) {
+                Ok(l) => crate::target::check(&l, || rc.secret()),
+                Err(e) => Err(("credentials", format!("{e:#}"))),
+            };
             agent.note_target(name, r);
         }
         agent.write_metrics();

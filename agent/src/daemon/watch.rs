@@ -16,7 +16,8 @@ use crate::libvirt::events::{self, Event, Lifecycle};
 use crate::libvirt::{Domain, Libvirt, State};
 use crate::vm::chain::HOOK_BITMAP;
 use crate::vm::domain::{self, DomainInfo};
-use crate::vm::{qemu, CHECKPOINT_PREFIX};
+use crate::vm::qemu;
+use bulwark_proto::needs_first_bitmap;
 
 /// Every domain on the host by name: the policies its XML names (none:
 /// unprotected). Whether this agent may run them is the config's call.
@@ -195,18 +196,16 @@ impl Agent {
     }
 
     /// What the hook does at `prepare begin`, for domains the hook missed:
-    /// every qcow2 disk without a bitmap of Bulwark's gets one, so changes
-    /// are tracked from now on. Offline with qemu-img when the domain is
+    /// the first-bitmap rule ([`needs_first_bitmap`]). Offline with qemu-img when the domain is
     /// shut off, through QMP when it runs.
     fn ensure_bitmaps(&self, dom: &Domain, info: &DomainInfo) -> Result<()> {
         // A backup of this domain holds the lock: never race its bitmaps.
         let _lock = self.state.lock(&info.uuid)?;
-        let ours = |name: &str| name.starts_with(CHECKPOINT_PREFIX);
         match dom.state()? {
             State::ShutOff => {
                 for d in info.disks.iter().filter(|d| d.has_bitmaps()) {
                     let have = qemu::bitmaps(&d.path)?;
-                    if !have.iter().any(|b| ours(&b.name)) {
+                    if needs_first_bitmap(have.iter().map(|b| b.name.as_str())) {
                         qemu::bitmap_add(&d.path, HOOK_BITMAP)
                             .with_context(|| format!("adding a bitmap to {}", d.target))?;
                         tracing::info!("{}: bitmap {HOOK_BITMAP} added to {}", info.name, d.target);
@@ -220,8 +219,8 @@ impl Agent {
                     let Some(b) = blocks.iter().find(|b| b.is_image(&d.path)) else {
                         continue;
                     };
-                    let has = b.bitmaps().any(|bm| ours(&bm.name));
-                    if let (false, Some(node)) = (has, b.node_name()) {
+                    let first = needs_first_bitmap(b.bitmaps().map(|bm| bm.name.as_str()));
+                    if let (true, Some(node)) = (first, b.node_name()) {
                         dom.bitmap_add(node, HOOK_BITMAP)?;
                         tracing::info!("{}: bitmap {HOOK_BITMAP} added to {}", info.name, d.target);
                     }

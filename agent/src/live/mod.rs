@@ -17,7 +17,7 @@ pub mod supervise;
 use anyhow::Result;
 
 use crate::libvirt::{Libvirt, State};
-use record::{LiveRestore, Phase, Records};
+use record::{LiveRestore, Records};
 
 /// Stops a live restore: streams cancelled, the VM destroyed, and unless
 /// `keep` its definition and overlays removed; then the server stopped.
@@ -25,6 +25,7 @@ pub fn cancel(records: &Records, name: &str, uri: &str, keep: bool) -> Result<Li
     let lv = Libvirt::open(uri)?;
     let mut problems = Vec::new();
     let r = records.update(name, |r| {
+        r.cancel()?;
         match lv.find_domain(&r.name) {
             Ok(Some(dom)) => {
                 for d in &r.disks {
@@ -58,7 +59,7 @@ pub fn cancel(records: &Records, name: &str, uri: &str, keep: bool) -> Result<Li
             }
         }
         server::stop(r);
-        r.phase = Phase::Cancelled;
+        Ok(())
     })?;
     for p in problems {
         tracing::warn!("cancelling {name}: {p}");

@@ -7,7 +7,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-/// Where a live restore is.
+use crate::statefile::StateFile;
+
+/// Where a live restore is. The phase field of a [`LiveRestore`] is
+/// private: it changes only through the transitions on that type, which
+/// refuse the illegal ones.
+///
+/// ```text
+/// Booting --streams started--> Streaming --every disk local--> Done
+///    |                            |  ^
+///    +------------fail------------+  | retry (the operator)
+///                                 v  |
+///                               Failed
+/// any phase but Done --cancel--> Cancelled
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "phase", content = "reason")]
 pub enum Phase {
@@ -19,18 +32,48 @@ pub enum Phase {
     /// Every disk is local: no backing, server stopped.
     Done,
     /// A stream failed (why): the VM and its overlays stay, guest writes
-    /// with them; `bulwark restore resume NAME` (or a supervisor restart)
-    /// tries again.
+    /// with them; `bulwark restore retry NAME` tries again.
     Failed(String),
     /// `bulwark restore cancel`: the VM was destroyed.
     Cancelled,
 }
 
 impl Phase {
-    /// Whether a supervisor still has work here.
+    /// The pickup rule, stated once: a supervisor (the agent at its start
+    /// and when a command hands a restore over, or `--wait`) works on a
+    /// restore in these phases only. A failed one waits for the operator's
+    /// `restore retry`; done and cancelled ones are history.
     pub fn active(&self) -> bool {
         matches!(self, Phase::Booting | Phase::Streaming)
     }
+
+    fn word(&self) -> &'static str {
+        match self {
+            Phase::Booting => "booting",
+            Phase::Streaming => "streaming",
+            Phase::Done => "done",
+            Phase::Failed(_) => "failed",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Failed(why) => write!(f, "failed: {why}"),
+            p => f.write_str(p.word()),
+        }
+    }
+}
+
+/// A transition the phase rules refuse.
+#[derive(Debug, thiserror::Error)]
+#[error("live restore {name} is {from}: it cannot be {to}")]
+pub struct Refused {
+    pub name: String,
+    pub from: &'static str,
+    pub to: &'static str,
 }
 
 /// How to open the repository again (the server is restarted from this).
@@ -68,7 +111,7 @@ pub struct LiveDisk {
 pub struct LiveRestore {
     /// The new domain's name (also this record's).
     pub name: String,
-    pub snapshot: store::Id,
+    pub snapshot: bulwark_store::Id,
     pub source: String,
     pub repo: RepoSpec,
     /// The Unix socket `bulwark-nbd` serves the snapshot on.
@@ -78,7 +121,7 @@ pub struct LiveRestore {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_pid: Option<u32>,
     #[serde(flatten)]
-    pub phase: Phase,
+    phase: Phase,
     pub disks: Vec<LiveDisk>,
     /// Unix seconds.
     pub started: i64,
@@ -92,6 +135,82 @@ pub struct LiveRestore {
 }
 
 impl LiveRestore {
+    /// A new restore's record, booting.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        snapshot: bulwark_store::Id,
+        source: String,
+        repo: RepoSpec,
+        socket: PathBuf,
+        server_log: PathBuf,
+        disks: Vec<LiveDisk>,
+        stream_mib_per_sec: u64,
+    ) -> Self {
+        let now = chrono::Utc::now().timestamp();
+        LiveRestore {
+            name,
+            snapshot,
+            source,
+            repo,
+            socket,
+            server_log,
+            server_pid: None,
+            phase: Phase::Booting,
+            disks,
+            started: now,
+            updated: now,
+            stream_mib_per_sec,
+            server_restarts: 0,
+        }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Booting -> Streaming: every disk's stream has started.
+    pub fn streams_started(&mut self) -> Result<(), Refused> {
+        self.go(matches!(self.phase, Phase::Booting), Phase::Streaming)
+    }
+
+    /// Streaming -> Done: every disk is local.
+    pub fn finished(&mut self) -> Result<(), Refused> {
+        self.go(matches!(self.phase, Phase::Streaming), Phase::Done)
+    }
+
+    /// Booting or Streaming -> Failed, with the reason.
+    pub fn fail(&mut self, why: impl Into<String>) -> Result<(), Refused> {
+        self.go(self.phase.active(), Phase::Failed(why.into()))
+    }
+
+    /// Failed -> Streaming, on the operator's word: each stream gets its
+    /// budget of restarts afresh.
+    pub fn retry(&mut self) -> Result<(), Refused> {
+        self.go(matches!(self.phase, Phase::Failed(_)), Phase::Streaming)?;
+        for d in &mut self.disks {
+            d.pulls = 0;
+        }
+        Ok(())
+    }
+
+    /// Any phase but Done -> Cancelled.
+    pub fn cancel(&mut self) -> Result<(), Refused> {
+        self.go(!matches!(self.phase, Phase::Done), Phase::Cancelled)
+    }
+
+    fn go(&mut self, allowed: bool, to: Phase) -> Result<(), Refused> {
+        if !allowed {
+            return Err(Refused {
+                name: self.name.clone(),
+                from: self.phase.word(),
+                to: to.word(),
+            });
+        }
+        self.phase = to;
+        Ok(())
+    }
+
     pub fn bytes_total(&self) -> u64 {
         self.disks.iter().map(|d| d.size).sum()
     }
@@ -113,7 +232,7 @@ impl LiveRestore {
     }
 }
 
-/// The directory of live restore records.
+/// The directory of live restore records, one [`StateFile`] each.
 #[derive(Clone, Debug)]
 pub struct Records {
     dir: PathBuf,
@@ -130,49 +249,38 @@ impl Records {
         &self.dir
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.json"))
+    fn file(&self, name: &str) -> StateFile<LiveRestore> {
+        StateFile::new(self.dir.join(format!("{name}.json")))
     }
 
     pub fn exists(&self, name: &str) -> bool {
-        self.path(name).exists()
+        self.file(name).exists()
     }
 
     pub fn load(&self, name: &str) -> Result<LiveRestore> {
-        let p = self.path(name);
-        let b = std::fs::read(&p).with_context(|| format!("no live restore {name}"))?;
-        serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))
+        self.file(name)
+            .load()?
+            .with_context(|| format!("no live restore {name}"))
     }
 
-    /// Writes atomically (temp file, fsync, rename), stamping `updated`.
+    /// Writes atomically, stamping `updated`.
     pub fn save(&self, r: &mut LiveRestore) -> Result<()> {
         r.updated = chrono::Utc::now().timestamp();
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
-        let p = self.path(&r.name);
-        let tmp = p.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(r)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
+        Ok(self.file(&r.name).save(r)?)
     }
 
     /// Loads, changes and saves a record under its lock (supervisor,
-    /// `cancel` and `resume` may run in different processes).
-    pub fn update(&self, name: &str, f: impl FnOnce(&mut LiveRestore)) -> Result<LiveRestore> {
-        std::fs::create_dir_all(&self.dir)?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(format!("{name}.lock")))?;
-        // SAFETY: flock on a descriptor we own; released when it closes.
-        if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("locking the live restore record");
-        }
+    /// `cancel` and `retry` may run in different processes); a change that
+    /// fails is not saved.
+    pub fn update(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut LiveRestore) -> Result<()>,
+    ) -> Result<LiveRestore> {
+        let file = self.file(name);
+        let _lock = file.lock()?;
         let mut r = self.load(name)?;
-        f(&mut r);
+        f(&mut r)?;
         self.save(&mut r)?;
         Ok(r)
     }
@@ -188,11 +296,10 @@ impl Records {
         for e in rd {
             let p = e?.path();
             if p.extension().is_some_and(|x| x == "json") {
-                let b = std::fs::read(&p)?;
-                out.push(
-                    serde_json::from_slice(&b)
-                        .with_context(|| format!("parsing {}", p.display()))?,
-                );
+                // Gone between the listing and now: cancelled meanwhile.
+                if let Some(r) = StateFile::new(p).load()? {
+                    out.push(r);
+                }
             }
         }
         out.sort_by(|a: &LiveRestore, b| a.name.cmp(&b.name));
@@ -259,5 +366,29 @@ mod tests {
         r.phase = Phase::Done;
         assert_eq!(r.bytes_done(), 100);
         assert_eq!(r.rate_and_eta().1, None);
+    }
+
+    #[test]
+    fn transitions_follow_the_rules() {
+        let mut r = rec(Phase::Booting);
+        assert!(r.finished().is_err(), "done before streaming");
+        assert!(r.retry().is_err(), "retry of a running restore");
+        r.streams_started().unwrap();
+        assert!(r.streams_started().is_err());
+        r.fail("stream stopped").unwrap();
+        assert_eq!(r.phase(), &Phase::Failed("stream stopped".into()));
+        assert!(
+            !r.phase().active(),
+            "a failed restore waits for the operator"
+        );
+        assert!(r.fail("again").is_err());
+        r.retry().unwrap();
+        assert_eq!((r.phase(), r.disks[0].pulls), (&Phase::Streaming, 0));
+        r.finished().unwrap();
+        let e = r.cancel().unwrap_err().to_string();
+        assert_eq!(e, "live restore web-live is done: it cannot be cancelled");
+        let mut r = rec(Phase::Failed("x".into()));
+        r.cancel().unwrap();
+        assert!(r.retry().is_err() && r.streams_started().is_err());
     }
 }

@@ -1,12 +1,17 @@
 //! The `bulwark-nbd` process that serves a live restore's snapshot. It
-//! runs in its own process group and outlives the command (or agent) that
-//! started it: QEMU reads through it until the stream is done, whoever
-//! supervises. A supervisor that finds it dead starts it again on the same
-//! socket; QEMU's NBD client reconnects.
+//! outlives the command (or agent) that started it: QEMU reads through it
+//! until the stream is done, whoever supervises. A supervisor that finds it
+//! dead starts it again on the same socket; QEMU's NBD client reconnects.
+//!
+//! Where systemd manages the host, the server runs in a transient unit of
+//! its own (`bulwark-live-NAME.scope`, made by `systemd-run --scope`), so
+//! stopping or restarting the agent's unit, which ends every process in
+//! its cgroup, leaves it serving; elsewhere it runs in a process group of
+//! its own.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,6 +28,70 @@ fn binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("bulwark-nbd"))
 }
 
+/// How the server is started: `bulwark-nbd` itself, or `systemd-run
+/// --scope` that moves itself into the restore's unit and then becomes
+/// `bulwark-nbd` (the same pid, our environment and stdio: no S3 key or
+/// passphrase becomes a unit property other users could read).
+fn command(r: &LiveRestore) -> Command {
+    let Some(unit) = unit_for(&r.name) else {
+        return Command::new(binary());
+    };
+    // A predecessor's unit may linger a moment after its server died (or
+    // hold a server nobody recorded): gone first, or the name is taken.
+    // Its outcome is not needed: systemd-run below reports a real problem.
+    let _ = Command::new("systemctl")
+        .args(["stop", "--quiet", &unit])
+        .stderr(Stdio::null())
+        .status();
+    let mut c = Command::new("systemd-run");
+    c.args(["--scope", "--quiet", "--collect"])
+        .arg(format!("--unit={unit}"))
+        .arg(format!(
+            "--description=Bulwark live restore {}: NBD server",
+            r.name
+        ))
+        .arg("--")
+        .arg(binary());
+    c
+}
+
+/// The unit a server for the restore `name` runs in, when systemd manages
+/// the host (sd_booted(3)) and we may create units (root).
+fn unit_for(name: &str) -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    (root && Path::new("/run/systemd/system").is_dir()).then(|| unit_name(name))
+}
+
+/// `bulwark-live-NAME.scope`, each byte of NAME a unit name may not hold
+/// written `\xNN` (as `systemd-escape` does, but `-` kept: it is valid in a
+/// unit name and an operator types it).
+pub fn unit_name(name: &str) -> String {
+    let mut out = String::from("bulwark-live-");
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b":_.-".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out + ".scope"
+}
+
+/// The unit the running server is in (`bulwark-live-NAME.scope`), from its
+/// cgroup; `None` when it is not running or runs without one.
+pub fn unit(r: &LiveRestore) -> Option<String> {
+    if !alive(r) {
+        return None;
+    }
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", r.server_pid?)).ok()?;
+    cgroup
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .find(|u| u.starts_with("bulwark-live-"))
+        .map(str::to_string)
+}
+
 /// Starts the server for `r` and waits until it serves; its pid.
 /// `password` is passed in the environment when no file holds it.
 pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
@@ -37,7 +106,7 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
         .append(true)
         .open(&r.server_log)
         .with_context(|| format!("opening {}", r.server_log.display()))?;
-    let mut cmd = Command::new(binary());
+    let mut cmd = command(r);
     cmd.args(["serve", "--snapshot", &r.snapshot.to_hex(), "--socket"])
         .arg(&r.socket)
         .env("BULWARK_REPO", &r.repo.repo)
@@ -59,7 +128,7 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
     }
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("starting {}", binary().display()))?;
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     let pid = child.id();
     let stdout = child.stdout.take().context("server stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -130,11 +199,31 @@ pub fn stop(r: &LiveRestore) {
     let _ = std::fs::remove_file(&r.socket);
 }
 
-/// The last failed read the server logged (names the damaged chunk).
+/// The last failed read the server logged (names the damaged chunk), or
+/// why systemd-run could not start it.
 pub fn last_error(r: &LiveRestore) -> Option<String> {
     let log = std::fs::read_to_string(&r.server_log).ok()?;
     log.lines()
         .rev()
-        .find(|l| l.contains("failed") || l.contains("error"))
+        .find(|l| {
+            // systemd-run says "Failed to start ...".
+            let l = l.to_lowercase();
+            l.contains("failed") || l.contains("error")
+        })
         .map(|l| l.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_names_escape_what_units_cannot_hold() {
+        assert_eq!(unit_name("web01"), "bulwark-live-web01.scope");
+        assert_eq!(unit_name("web-live_2.b"), "bulwark-live-web-live_2.b.scope");
+        assert_eq!(
+            unit_name("a b/ä\\"),
+            "bulwark-live-a\\x20b\\x2f\\xc3\\xa4\\x5c.scope"
+        );
+    }
 }

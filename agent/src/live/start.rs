@@ -8,9 +8,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use store::{Repository, Snapshot};
+use bulwark_store::{Repository, Snapshot};
 
-use super::record::{LiveDisk, LiveRestore, Phase, Records, RepoSpec};
+use super::record::{LiveDisk, LiveRestore, Records, RepoSpec};
 use super::{reconnect, server};
 use crate::libvirt::Libvirt;
 use crate::vm::restore::{self, Options, Plan, Undo};
@@ -80,7 +80,7 @@ pub fn start(
         dom.block_pull(&d.target, served.0.stream_mib_per_sec)?;
         d.pulls = 1;
     }
-    served.0.phase = Phase::Streaming;
+    served.0.streams_started()?;
     o.records.save(served.0)?;
     undo.commit();
     std::mem::forget(served);
@@ -88,34 +88,29 @@ pub fn start(
 }
 
 fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
-    let now = chrono::Utc::now().timestamp();
-    LiveRestore {
-        name: plan.name.clone(),
-        snapshot: plan.snapshot.id,
-        source: plan.snapshot.source.clone(),
-        repo: o.repo.clone(),
+    let disks = plan
+        .disks
+        .iter()
+        .map(|(d, r)| LiveDisk {
+            target: d.name.clone(),
+            overlay: r.path.clone(),
+            size: d.size,
+            done: 0,
+            local: false,
+            pulls: 0,
+        })
+        .collect();
+    LiveRestore::new(
+        plan.name.clone(),
+        plan.snapshot.id,
+        plan.snapshot.source.clone(),
+        o.repo.clone(),
         // Short: a Unix socket path has ~107 bytes.
-        socket: o.records.dir().join(format!("{}.sock", plan.name)),
-        server_log: o.records.dir().join(format!("{}.nbd.log", plan.name)),
-        server_pid: None,
-        phase: Phase::Booting,
-        disks: plan
-            .disks
-            .iter()
-            .map(|(d, r)| LiveDisk {
-                target: d.name.clone(),
-                overlay: r.path.clone(),
-                size: d.size,
-                done: 0,
-                local: false,
-                pulls: 0,
-            })
-            .collect(),
-        started: now,
-        updated: now,
-        server_restarts: 0,
-        stream_mib_per_sec: o.stream_mib_per_sec,
-    }
+        o.records.dir().join(format!("{}.sock", plan.name)),
+        o.records.dir().join(format!("{}.nbd.log", plan.name)),
+        disks,
+        o.stream_mib_per_sec,
+    )
 }
 
 /// A qcow2 overlay of `size` bytes over the export `export` on `socket`

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::record::{LiveRestore, Phase, Records};
+use super::record::{LiveRestore, Records};
 use super::server;
 use crate::libvirt::{Domain, Libvirt};
 
@@ -31,7 +31,7 @@ pub fn supervise(
     loop {
         let r = records.update(name, |r| step(r, uri, password))?;
         progress(&r);
-        if !r.phase.active() {
+        if !r.phase().active() {
             return Ok(r);
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -39,9 +39,9 @@ pub fn supervise(
 }
 
 /// One look at the restore; errors reaching libvirt are retried next step.
-fn step(r: &mut LiveRestore, uri: &str, password: Option<&str>) {
-    if !r.phase.active() {
-        return;
+fn step(r: &mut LiveRestore, uri: &str, password: Option<&str>) -> Result<()> {
+    if !r.phase().active() {
+        return Ok(());
     }
     if !server::alive(r) {
         tracing::warn!("{}: bulwark-nbd is not running: starting it again", r.name);
@@ -60,13 +60,13 @@ fn step(r: &mut LiveRestore, uri: &str, password: Option<&str>) {
     let dom = match Libvirt::open(uri).and_then(|lv| lv.domain(&r.name)) {
         Ok(d) => d,
         Err(crate::libvirt::Error::NoDomain(_)) => {
-            r.phase = Phase::Failed("the domain is gone".into());
+            r.fail("the domain is gone")?;
             server::stop(r);
-            return;
+            return Ok(());
         }
         Err(e) => {
             tracing::warn!("{}: {e}", r.name);
-            return;
+            return Ok(());
         }
     };
     if let Err(e) = follow_streams(r, &dom) {
@@ -75,8 +75,9 @@ fn step(r: &mut LiveRestore, uri: &str, password: Option<&str>) {
     if r.disks.iter().all(|d| d.local) {
         tracing::info!("{}: every disk is local: live restore done", r.name);
         server::stop(r);
-        r.phase = Phase::Done;
+        r.finished()?;
     }
+    Ok(())
 }
 
 fn follow_streams(r: &mut LiveRestore, dom: &Domain) -> Result<()> {
@@ -103,10 +104,10 @@ fn follow_streams(r: &mut LiveRestore, dom: &Domain) -> Result<()> {
         }
         if r.disks[i].pulls >= MAX_PULLS {
             let cause = server::last_error(r).unwrap_or_else(|| "see the server log".into());
-            r.phase = Phase::Failed(format!(
+            r.fail(format!(
                 "the stream of {target} stopped {} times; last failed read: {cause}",
                 r.disks[i].pulls
-            ));
+            ))?;
             return Ok(());
         }
         tracing::warn!(

@@ -32,12 +32,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    State(#[from] crate::statefile::Error),
     #[error("smtp config: {0}")]
     Config(String),
     #[error("building mail: {0}")]
@@ -198,27 +194,6 @@ impl Alerts {
     }
 }
 
-/// Writes `data` to `path` atomically: a temporary file in the same
-/// directory, synced, then renamed over `path`, so a crash leaves the old
-/// or the new file and never half of one.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(data).map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,15 +242,5 @@ mod tests {
         let e = toml::from_str::<SmtpConfig>("host = \"h\"\nfrom = \"a@b\"\npasword = \"x\"")
             .unwrap_err();
         assert!(e.to_string().contains("pasword"), "{e}");
-    }
-
-    #[test]
-    fn atomic_write_replaces_and_leaves_no_temp() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("state.json");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{write_atomic, Error, Mail};
+use super::{Error, Mail};
+use crate::statefile::StateFile;
 
 /// What the notifier remembers per (vm, policy).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -43,23 +44,12 @@ pub struct NotifierState {
 impl NotifierState {
     /// Reads the state file; a missing one is a fresh start.
     pub fn load(path: &Path) -> Result<NotifierState, Error> {
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|source| Error::Json {
-                path: path.to_path_buf(),
-                source,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NotifierState::default()),
-            Err(e) => Err(Error::io(path, e)),
-        }
+        Ok(StateFile::new(path).load()?.unwrap_or_default())
     }
 
     /// Writes the state file atomically.
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let json = serde_json::to_vec_pretty(self).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        write_atomic(path, &json)
+        Ok(StateFile::new(path).save(self)?)
     }
 
     pub fn job(&self, vm: &str, policy: &str) -> Option<&JobState> {

@@ -11,7 +11,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{write_atomic, Error, Mail};
+use super::{Error, Mail};
+use crate::statefile::StateFile;
 
 const SUFFIX: &str = ".mail.json";
 const FIRST_RETRY: Duration = Duration::from_secs(30);
@@ -108,12 +109,7 @@ impl Outbox {
     }
 
     fn write(&self, q: &Queued) -> Result<(), Error> {
-        let path = self.path(&q.id);
-        let json = serde_json::to_vec_pretty(q).map_err(|source| Error::Json {
-            path: path.clone(),
-            source,
-        })?;
-        write_atomic(&path, &json)
+        Ok(StateFile::new(self.path(&q.id)).save(q)?)
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, Error> {
@@ -130,12 +126,9 @@ impl Outbox {
         Ok(v)
     }
 
-    fn read(path: &Path) -> Result<Queued, Error> {
-        let b = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_slice(&b).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+    /// A queued mail; `None` when another drainer sent it meanwhile.
+    fn read(path: &Path) -> Result<Option<Queued>, Error> {
+        Ok(StateFile::new(path).load()?)
     }
 
     /// Every queued mail, oldest first (unreadable files are skipped).
@@ -143,7 +136,7 @@ impl Outbox {
         Ok(self
             .files()?
             .iter()
-            .filter_map(|p| Self::read(p).ok())
+            .filter_map(|p| Self::read(p).ok().flatten())
             .collect())
     }
 
@@ -159,10 +152,8 @@ impl Outbox {
         let mut d = Drained::default();
         for path in self.files()? {
             let mut q = match Self::read(&path) {
-                Ok(q) => q,
-                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                    continue; // another drainer sent it
-                }
+                Ok(Some(q)) => q,
+                Ok(None) => continue, // another drainer sent it
                 Err(e) => {
                     tracing::warn!("outbox: setting aside {e}");
                     let bad = path.with_extension("bad");

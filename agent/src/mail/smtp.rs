@@ -105,6 +105,22 @@ impl SmtpSender {
     }
 }
 
+impl SmtpSender {
+    /// Connects as a mail would (TLS, AUTH), says NOOP and leaves, sending
+    /// nothing: `bulwark agent check-config`.
+    pub fn check(&self) -> Result<(), Error> {
+        let failed = |reason: String| Error::Send {
+            server: self.server.clone(),
+            reason,
+        };
+        match self.transport.test_connection() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(failed("the connection did not answer NOOP".into())),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+}
+
 impl Transport for SmtpSender {
     fn send(&self, id: &str, mail: &Mail) -> Result<(), Error> {
         use lettre::Transport as _;

@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use store::{Repository, Snapshot};
+use bulwark_store::{Repository, Snapshot};
 
 use super::domain::{self, Disk, DomainInfo};
 use super::qemu;
@@ -423,7 +423,7 @@ impl<'a> Chain<'a> {
         let mut names: Vec<String> = self.state.checkpoints.drain(..).map(|c| c.name).collect();
         if let Ok(known) = self.dom.checkpoint_names() {
             for n in known {
-                if n.starts_with(CHECKPOINT_PREFIX) && !names.contains(&n) {
+                if bulwark_proto::is_ours(&n) && !names.contains(&n) {
                     names.push(n);
                 }
             }

@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use bulwark_store::BlockSource;
+use bulwark_store::{DataExtent, Span};
 use nbd_server::proto::consts::{STATE_DIRTY, STATE_ZERO};
 use nbd_server::{Client, ClientOptions};
-use store::BlockSource;
-use store::{DataExtent, Span};
 
 pub const ALLOCATION: &str = "base:allocation";
 
@@ -82,7 +82,7 @@ impl BlockSource for NbdSource {
         self.size
     }
 
-    fn extents(&mut self, offset: u64, len: u64) -> store::Result<Vec<DataExtent>> {
+    fn extents(&mut self, offset: u64, len: u64) -> bulwark_store::Result<Vec<DataExtent>> {
         if !self.has_allocation {
             return Ok(vec![DataExtent {
                 offset,
@@ -95,10 +95,10 @@ impl BlockSource for NbdSource {
         let c = self
             .client
             .as_mut()
-            .ok_or_else(|| store::Error::Invalid("NBD connection closed".into()))?;
+            .ok_or_else(|| bulwark_store::Error::Invalid("NBD connection closed".into()))?;
         let ext = rt
             .block_on(c.block_status(offset, len, ALLOCATION))
-            .map_err(|e| store::Error::SourceRead {
+            .map_err(|e| bulwark_store::Error::SourceRead {
                 offset,
                 source: to_io(e),
             })?;
@@ -112,22 +112,22 @@ impl BlockSource for NbdSource {
             .collect())
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> store::Result<()> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> bulwark_store::Result<()> {
         let len = buf.len();
         let rt = &self.rt;
         let c = self
             .client
             .as_mut()
-            .ok_or_else(|| store::Error::SourceRead {
+            .ok_or_else(|| bulwark_store::Error::SourceRead {
                 offset,
                 source: std::io::Error::other("NBD connection closed"),
             })?;
-        let data = rt
-            .block_on(c.read(offset, len))
-            .map_err(|e| store::Error::SourceRead {
-                offset,
-                source: to_io(e),
-            })?;
+        let data =
+            rt.block_on(c.read(offset, len))
+                .map_err(|e| bulwark_store::Error::SourceRead {
+                    offset,
+                    source: to_io(e),
+                })?;
         buf.copy_from_slice(&data);
         Ok(())
     }

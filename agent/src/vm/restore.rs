@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulwark_store::format::snapshot::DiskEntry;
+use bulwark_store::read::restore::{restore_to_path, Overwrite, RestoreOptions};
+use bulwark_store::{Repository, Snapshot};
 use serde::Serialize;
-use store::restore::{restore_to_path, Overwrite, RestoreOptions};
-use store::snapshot::DiskEntry;
-use store::{Repository, Snapshot};
 
 use super::rewrite::{self, ImageFormat, RestoredDisk, Rewrite};
 use crate::libvirt::Libvirt;
@@ -52,7 +52,7 @@ pub struct Options {
 #[derive(Clone, Debug, Serialize)]
 pub struct Outcome {
     pub name: String,
-    pub snapshot: store::Id,
+    pub snapshot: bulwark_store::Id,
     pub disks: Vec<(String, PathBuf)>,
     pub nvram: Option<PathBuf>,
     pub defined: bool,
@@ -125,6 +125,46 @@ pub fn plan(libvirt: &Libvirt, snapshot: Snapshot, name: &str, opts: &Options) -
         name: name.to_string(),
         disks,
         nvram,
+    })
+}
+
+/// (snapshot, new name) pairs from `SNAPSHOT:NAME` specs, or from one
+/// SNAPSHOT and `as_name`.
+pub fn targets(specs: &[String], as_name: Option<&str>) -> Result<Vec<(String, String)>> {
+    if let Some(name) = as_name {
+        if specs.len() != 1 || specs[0].contains(':') {
+            bail!("--as names one VM: give one SNAPSHOT, or SNAPSHOT:NAME pairs without --as");
+        }
+        return Ok(vec![(specs[0].clone(), name.to_string())]);
+    }
+    specs
+        .iter()
+        .map(|s| match s.rsplit_once(':') {
+            Some((snap, name)) if !snap.is_empty() && !name.is_empty() => {
+                Ok((snap.to_string(), name.to_string()))
+            }
+            _ => bail!("{s:?}: name the new VM, as SNAPSHOT:NAME (or --as NAME)"),
+        })
+        .collect()
+}
+
+/// Plans every VM of `targets` before any is made (a name given twice is
+/// refused), with `plan` (a full or a live restore's), while the index
+/// loads: a restore needs both next.
+pub fn plan_all(
+    repo: &Repository,
+    targets: &[(String, String)],
+    plan: impl Fn(Snapshot, &str) -> Result<Plan>,
+) -> Result<Vec<Plan>> {
+    repo.while_loading_index(|| {
+        let mut plans = Vec::new();
+        for (snap, name) in targets {
+            if targets.iter().filter(|(_, n)| n == name).count() > 1 {
+                bail!("{name} is named twice");
+            }
+            plans.push(plan(repo.find_snapshot(snap)?, name)?);
+        }
+        Ok(plans)
     })
 }
 
@@ -272,7 +312,7 @@ fn restore_qcow2(
             .write(true)
             .open(&partial)
             .with_context(|| format!("opening {}", partial.display()))?;
-        store::restore::restore_into(
+        bulwark_store::read::restore::restore_into(
             repo,
             &list,
             &out,
@@ -296,7 +336,7 @@ fn qemu_img(args: &[&str]) -> Result<String> {
 
 /// Where a metadata-preallocated qcow2 keeps each guest byte in its file.
 /// Every range must be mapped: anything else is refused, never guessed.
-fn qcow2_layout(image: &Path, size: u64) -> Result<store::restore::Layout> {
+fn qcow2_layout(image: &Path, size: u64) -> Result<bulwark_store::read::restore::Layout> {
     #[derive(serde::Deserialize)]
     struct Entry {
         start: u64,
@@ -324,7 +364,7 @@ fn qcow2_layout(image: &Path, size: u64) -> Result<store::restore::Layout> {
             ),
         }
     }
-    Ok(store::restore::Layout::new(runs, size)?)
+    Ok(bulwark_store::read::restore::Layout::new(runs, size)?)
 }
 
 /// The snapshot's domain XML, rewritten for the new VM.

@@ -273,11 +273,11 @@ pub async fn logout(State(web): State<Arc<Web>>, c: Caller) -> ApiResult {
 /// status --json` prints it.
 pub async fn status(State(web): State<Arc<Web>>, _c: Caller) -> ApiResult {
     let socket = web.cfg.socket.clone();
-    let doc = tokio::task::spawn_blocking(move || status::document(&socket))
+    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
         .await
         .map_err(ApiError::internal)?
         .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, format!("{e:#}")))?;
-    ok(doc)
+    ok(status::document(st).map_err(ApiError::internal)?)
 }
 
 /// `GET /api/v1/hosts`: the other hosts, as last read.
@@ -661,13 +661,13 @@ pub async fn prune(
     let id = t.id;
     let w = web.clone();
     web.tasks.run(t, move |t| {
-        let repo = w.cache.repo(&repo_name)?;
+        let repo = w.cache.maintenance_repo(&repo_name)?;
         let snaps: Vec<_> = repo
             .snapshots()?
             .into_iter()
             .filter(|s| s.source == source && s.policy == policy)
             .collect();
-        let decisions = store::prune::plan(snaps, &keep, &chrono::Local)?;
+        let decisions = bulwark_store::maintain::prune::plan(snaps, &keep, &chrono::Local)?;
         for d in &decisions {
             t.log(format!(
                 "{} {} {}",
@@ -679,7 +679,7 @@ pub async fn prune(
                 d.rule.map_or("remove", |r| r.as_str())
             ));
         }
-        let n = store::prune::execute(&repo, &decisions)?;
+        let n = bulwark_store::maintain::prune::execute(&repo, &decisions)?;
         w.audit
             .record(&t.user, "prune", detail, &format!("ok: {n} removed"));
         w.cache.refresh(&repo_name);
@@ -691,11 +691,11 @@ pub async fn prune(
 /// `GET /api/v1/repositories`: sizes, dedup, health, last GC and verify.
 pub async fn repositories(State(web): State<Arc<Web>>, _c: Caller) -> ApiResult {
     let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || status::document(&socket))
+    // Without the agent the rows still show the repositories, unchecked.
+    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
         .await
         .map_err(ApiError::internal)?
-        .ok()
-        .and_then(|d| status::Status::from_document(&d).ok());
+        .ok();
     ok(json!(repository_rows(&web, st.as_ref())))
 }
 
@@ -744,11 +744,16 @@ pub async fn verify(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<Str
     let id = t.id;
     let w = web.clone();
     web.tasks.run(t, move |t| {
-        let r = (|| -> anyhow::Result<store::verify::VerifyReport> {
+        let r = (|| -> anyhow::Result<bulwark_store::maintain::verify::VerifyReport> {
             let repo = w.cache.repo(&name)?;
             let snaps = repo.snapshots()?;
             t.log(format!("checking {} snapshots", snaps.len()));
-            Ok(store::verify::verify(&repo, &snaps, 2, &|_| {})?)
+            Ok(bulwark_store::maintain::verify::verify(
+                &repo,
+                &snaps,
+                2,
+                &|_| {},
+            )?)
         })();
         let v = match &r {
             Ok(rep) => Verified {
@@ -796,13 +801,13 @@ pub async fn gc(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<String>
     let w = web.clone();
     web.tasks.run(t, move |t| {
         let rc = &w.cfg.repositories[&name];
-        let r = (|| -> anyhow::Result<store::gc::GcReport> {
-            let opts = store::gc::GcOptions {
+        let r = (|| -> anyhow::Result<bulwark_store::maintain::gc::GcReport> {
+            let opts = bulwark_store::maintain::gc::GcOptions {
                 grace: rc.gc_grace()?,
                 ..Default::default()
             };
-            let repo = w.cache.repo(&name)?;
-            Ok(store::gc::run(&repo, &opts, &|step| t.log(step))?)
+            let repo = w.cache.maintenance_repo(&name)?;
+            Ok(bulwark_store::maintain::gc::run(&repo, &opts, &|step| t.log(step))?)
         })();
         w.audit.record(&t.user, "gc", json!({"repository": name}), if r.is_ok() { "ok" } else { "failed" });
         let rep = r?;

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use bulwark_store::{Id, Repository};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use store::{Id, Repository};
 
 use crate::config::{Config, RepoConf};
 
@@ -36,7 +36,7 @@ pub struct Snap {
 }
 
 impl Snap {
-    fn of(repository: &str, s: &store::Snapshot) -> Snap {
+    fn of(repository: &str, s: &bulwark_store::Snapshot) -> Snap {
         Snap {
             id: s.id,
             repository: repository.to_string(),
@@ -217,6 +217,19 @@ impl Cache {
         open(&mut k, name, &self.confs[name])
     }
 
+    /// The repository with the credentials that may delete (prune, GC):
+    /// its maintenance credentials when the config names them (the backup
+    /// ones may not delete), else the shared handle.
+    pub fn maintenance_repo(&self, name: &str) -> anyhow::Result<Arc<Repository>> {
+        match self.confs.get(name) {
+            Some(rc) if rc.maintenance_credentials.is_some() => Ok(Arc::new(
+                rc.open_as(crate::config::Role::Maintenance)
+                    .map_err(|e| e.context(format!("repository {name}")))?,
+            )),
+            _ => self.repo(name),
+        }
+    }
+
     /// Refreshes every repository (each failure is kept in its view).
     pub fn refresh_all(&self) {
         for name in self.confs.keys() {
@@ -267,9 +280,13 @@ fn refresh_one(k: &mut Known, name: &str, rc: &RepoConf) -> anyhow::Result<RepoV
     let repo = open(k, name, rc)?;
     let listed: Vec<Id> = repo
         .backend()
-        .list(store::layout::SNAPSHOTS)?
+        .list(bulwark_store::format::layout::SNAPSHOTS)?
         .into_iter()
-        .filter_map(|o| o.name[store::layout::SNAPSHOTS.len()..].parse().ok())
+        .filter_map(|o| {
+            o.name[bulwark_store::format::layout::SNAPSHOTS.len()..]
+                .parse()
+                .ok()
+        })
         .collect();
     let new: Vec<&Id> = listed.iter().filter(|i| !k.snaps.contains_key(i)).collect();
     let added = !new.is_empty();
@@ -302,10 +319,13 @@ fn refresh_one(k: &mut Known, name: &str, rc: &RepoConf) -> anyhow::Result<RepoV
 
 fn sizes(repo: &Repository) -> anyhow::Result<Sizes> {
     let mut s = Sizes::default();
-    for prefix in store::layout::METADATA.iter().chain([&store::layout::DATA]) {
+    for prefix in bulwark_store::format::layout::METADATA
+        .iter()
+        .chain([&bulwark_store::format::layout::DATA])
+    {
         for o in repo.backend().list(prefix)? {
             s.total += o.size;
-            if *prefix == store::layout::DATA {
+            if *prefix == bulwark_store::format::layout::DATA {
                 s.stored += o.size;
                 s.packs += 1;
             }

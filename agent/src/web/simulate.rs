@@ -1,12 +1,12 @@
 //! The prune simulator: which snapshots of a group (or of a synthetic
 //! schedule, as Proxmox's simulator offers) the keep numbers would keep,
 //! and by which rule, before anything is deleted. The decisions come from
-//! `store::retention::apply`, the rules `bulwark prune` applies, in the
+//! `bulwark_store::maintain::retention::apply`, the rules `bulwark prune` applies, in the
 //! host's local time as prune does.
 
+use bulwark_store::maintain::retention::{self, KeepOptions, Rule};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
-use store::retention::{self, KeepOptions, Rule};
 
 /// Synthetic histories stop at this many snapshots.
 pub const MAX_SYNTHETIC: usize = 5000;

@@ -279,7 +279,7 @@ fn report(out: &Out, vm: usize, r: Result<Value>) -> bool {
 
 /// The full restores, [`PARALLEL`] at a time, progress every 250 ms.
 fn restore_full(
-    repo: &Arc<store::Repository>,
+    repo: &Arc<bulwark_store::Repository>,
     libvirt: &Libvirt,
     job: &Job,
     plans: &[Plan],

@@ -1,5 +1,5 @@
 //! A real SMTP server for tests: Debian's python3-aiosmtpd on a loopback
-//! port, storing each message in a Maildir (included with `#[path]`).
+//! port, storing each message in a Maildir.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};

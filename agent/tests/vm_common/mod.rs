@@ -1,4 +1,4 @@
-//! Shared helpers of the `vm_*` tests (included with `#[path]`).
+//! Shared helpers of the `vm_*` tests.
 #![allow(dead_code, clippy::new_without_default)]
 
 use std::path::{Path, PathBuf};
@@ -241,12 +241,16 @@ impl Agent {
         .unwrap();
         // A killed agent's socket file stays behind: wait for a live one.
         let _ = std::fs::remove_file(&socket);
-        let child = env
-            .cmd(&["agent", "run", "--config", cfg.to_str().unwrap()])
-            .envs(vars)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        // A group of its own, as under systemd: SIGTERM then reaches the
+        // helpers of a backup in flight too (see Drop).
+        let child = std::os::unix::process::CommandExt::process_group(
+            env.cmd(&["agent", "run", "--config", cfg.to_str().unwrap()])
+                .envs(vars)
+                .stdout(std::process::Stdio::null()),
+            0,
+        )
+        .spawn()
+        .unwrap();
         let t = std::time::Instant::now();
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(
@@ -284,7 +288,19 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Stops the agent as systemd does: SIGTERM (it ends the helpers of a
+    /// backup in flight, whose `qemu-nbd` would otherwise hold the disk's
+    /// lock into the next test step), then SIGKILL if it lingers.
     fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(15) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -8,64 +8,13 @@
 //! required TLS is refused unless the operator says `--insecure`.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bulwark_nbd::cli::{Cli, Cmd, TlsArg};
 use bulwark_nbd::StoreExport;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use nbd_server::{Server, ServerConfig, ServerTls, TlsMode};
-
-#[derive(Parser)]
-#[command(
-    name = "bulwark-nbd",
-    version,
-    about = "Serve Bulwark snapshots over NBD (read-only)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Serve every disk of one snapshot until interrupted (SIGINT/SIGTERM).
-    Serve {
-        #[arg(long, env = "BULWARK_REPO")]
-        repo: String,
-        /// Snapshot id, unique id prefix, or SOURCE@latest.
-        #[arg(long)]
-        snapshot: String,
-        /// Unix socket to listen on.
-        #[arg(long, conflicts_with = "listen")]
-        socket: Option<PathBuf>,
-        /// TCP address, ADDR:PORT. Beyond loopback only with TLS required
-        /// (--tls-creds) or --insecure: plain NBD has no authentication.
-        #[arg(long)]
-        listen: Option<String>,
-        /// Directory with server-cert.pem and server-key.pem (QEMU's
-        /// tls-creds-x509 layout); with a ca-cert.pem there too, clients
-        /// must present a certificate signed by that CA.
-        #[arg(long, value_name = "DIR")]
-        tls_creds: Option<PathBuf>,
-        /// require: every option before STARTTLS is refused with
-        /// NBD_REP_ERR_TLS_REQD (as qemu-nbd does). allow: plain-text
-        /// clients are served too.
-        #[arg(long, value_enum, default_value_t = TlsArg::Require, requires = "tls_creds")]
-        tls: TlsArg,
-        /// Listen beyond loopback without required TLS: anyone who can reach
-        /// the port can read every disk of the snapshot.
-        #[arg(long)]
-        insecure: bool,
-        #[arg(long)]
-        password_file: Option<PathBuf>,
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-        /// Memory for decrypted chunks, in MiB (shared by the disks).
-        #[arg(long, default_value_t = 512)]
-        cache_mib: usize,
-    },
-}
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
@@ -131,12 +80,6 @@ where
         write!(w, "<{p}>{} ", event.metadata().level())?;
         self.0.format_event(ctx, w, event)
     }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum TlsArg {
-    Require,
-    Allow,
 }
 
 /// Addresses of `listen` that are not loopback (a name can resolve to
@@ -209,11 +152,12 @@ fn run(cli: Cli) -> Result<()> {
     };
     // The agent and the CLI pass the S3 endpoint and metadata permission
     // through the environment; no local object cache: the reader has its own.
-    let location = store::Location::from_env(&repo);
-    let secret = store::keys::secret_from_sources(key_file.as_deref(), password_file.as_deref())?
-        .context(
-        "no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file",
-    )?;
+    let location = bulwark_store::Location::from_env(&repo);
+    let secret = bulwark_store::format::keys::secret_from_sources(
+        key_file.as_deref(),
+        password_file.as_deref(),
+    )?
+    .context("no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file")?;
     let repo = Arc::new(
         location
             .open(&secret)
@@ -227,7 +171,7 @@ fn run(cli: Cli) -> Result<()> {
     });
     let mut readers = Vec::new();
     for d in &snap.disks {
-        let reader = Arc::new(store::reader::open_disk(
+        let reader = Arc::new(bulwark_store::read::reader::open_disk(
             repo.clone(),
             &snap,
             &d.name,

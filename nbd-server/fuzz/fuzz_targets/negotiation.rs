@@ -18,9 +18,7 @@ use nbd_server::{ClientTls, MemExport, Server, ServerConfig, ServerHandle, Serve
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-#[allow(dead_code)]
-#[path = "../../../testbed/src/nbd/certs.rs"]
-mod certs;
+use testbed::nbd::certs;
 
 struct Env {
     rt: tokio::runtime::Runtime,

@@ -23,7 +23,7 @@
 //! the repository's AES-GCM when it is opened. Cache write failures are
 //! logged and ignored (the cache is an optimisation, never a dependency).
 
-use crate::layout;
+use crate::format::layout;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
@@ -99,7 +99,7 @@ fn valid_name(name: &str) -> bool {
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("cache paths have a parent");
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".tmp-{}", crate::id::Id::random().short()));
+    let tmp = dir.join(format!(".tmp-{}", crate::format::id::Id::random().short()));
     let r = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
@@ -455,6 +455,10 @@ impl Backend for CachedBackend {
 
     fn read_concurrency(&self) -> usize {
         self.inner.read_concurrency()
+    }
+
+    fn object_lock(&self) -> Option<&dyn super::ObjectLock> {
+        self.inner.object_lock()
     }
 }
 

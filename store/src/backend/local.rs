@@ -70,7 +70,7 @@ impl Backend for LocalBackend {
                 let _ = sync_dir(p);
             }
         }
-        let tmp = dir.join(format!(".tmp-{}", crate::id::Id::random().short()));
+        let tmp = dir.join(format!(".tmp-{}", crate::format::id::Id::random().short()));
         let write = || -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;

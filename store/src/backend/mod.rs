@@ -5,11 +5,19 @@
 
 pub mod cache;
 mod local;
+pub mod location;
+pub mod object_lock;
 #[cfg(feature = "s3")]
 pub mod s3;
+#[cfg(feature = "s3")]
+mod s3_lock;
 
 pub use cache::{CacheOptions, CachedBackend};
 pub use local::LocalBackend;
+pub use object_lock::{
+    bucket_policy, LockMode, ObjectLock, ObjectVersion, PolicyUsers, Retention, RetentionRule,
+    VersionHead,
+};
 #[cfg(feature = "s3")]
 pub use s3::{S3Backend, S3Config};
 
@@ -107,5 +115,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Ranged reads worth running at once (`RestoreOptions::threads`).
     fn read_concurrency(&self) -> usize {
         4
+    }
+
+    /// Versions and locks, where the store has them (S3 Object Lock).
+    fn object_lock(&self) -> Option<&dyn ObjectLock> {
+        None
     }
 }

@@ -134,10 +134,10 @@ pub enum FailureKind {
 }
 
 #[derive(Debug)]
-struct Failure {
-    kind: FailureKind,
-    retry: bool,
-    message: String,
+pub(super) struct Failure {
+    pub(super) kind: FailureKind,
+    pub(super) retry: bool,
+    pub(super) message: String,
 }
 
 /// The result of [`S3Backend::check`].
@@ -150,10 +150,12 @@ pub struct CheckError {
 pub struct S3Backend {
     rt: Option<tokio::runtime::Runtime>,
     client: Client,
-    cfg: Arc<S3Config>,
+    pub(super) cfg: Arc<S3Config>,
     /// `prefix/` or empty.
     key_prefix: String,
     endpoint: String,
+    /// How `put` locks new objects (`super::s3_lock`).
+    pub(super) new_rule: std::sync::Mutex<Option<super::RetentionRule>>,
 }
 
 impl std::fmt::Debug for S3Backend {
@@ -325,6 +327,7 @@ impl S3Backend {
             endpoint: endpoint.unwrap_or_else(|| "AWS S3".into()),
             key_prefix,
             cfg: Arc::new(cfg),
+            new_rule: std::sync::Mutex::new(None),
         })
     }
 
@@ -337,7 +340,7 @@ impl S3Backend {
         &self.endpoint
     }
 
-    fn key(&self, name: &str) -> String {
+    pub(super) fn key(&self, name: &str) -> String {
         format!("{}{}", self.key_prefix, name)
     }
 
@@ -356,7 +359,12 @@ impl S3Backend {
 
     /// Runs `op` (one attempt) until it succeeds, fails for good, or the
     /// attempts are spent.
-    fn call<T, F, Fut>(&self, what: &'static str, name: &str, op: F) -> Result<T, BackendError>
+    pub(super) fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        name: &str,
+        op: F,
+    ) -> Result<T, BackendError>
     where
         T: Send + 'static,
         F: Fn(Client, String) -> Fut + Send + 'static,
@@ -519,7 +527,10 @@ where
 
 /// Sorts an SDK error into retry-or-not and a kind, with a message that
 /// keeps the whole cause chain.
-fn classify<E>(e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>, bucket_op: bool) -> Failure
+pub(super) fn classify<E>(
+    e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    bucket_op: bool,
+) -> Failure
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -663,16 +674,19 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
-        if name == crate::layout::CONFIG && self.exists(name)? {
+        if name == crate::format::layout::CONFIG && self.exists(name)? {
             return Err(BackendError::AlreadyExists(name.to_string()));
         }
         let body = bytes_of(data);
         let bucket = self.cfg.bucket.clone();
+        let lock = self.new_retention();
         self.call("put", name, move |c, key| {
             let req = c
                 .put_object()
                 .bucket(&bucket)
                 .key(key)
+                .set_object_lock_mode(lock.map(|r| super::s3_lock::mode(r.mode)))
+                .set_object_lock_retain_until_date(lock.map(|r| super::s3_lock::time(r.until)))
                 .content_length(body.len() as i64)
                 .body(ByteStream::from(body.clone()));
             async move {
@@ -782,6 +796,10 @@ impl Backend for S3Backend {
 
     fn read_concurrency(&self) -> usize {
         self.cfg.read_concurrency
+    }
+
+    fn object_lock(&self) -> Option<&dyn super::ObjectLock> {
+        Some(self)
     }
 }
 

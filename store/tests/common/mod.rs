@@ -5,12 +5,12 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use rand::{RngCore, SeedableRng};
-use store::restore::{restore_to_file, RestoreOptions};
-use store::{
+use bulwark_store::read::restore::{restore_to_file, RestoreOptions};
+use bulwark_store::{
     BackupOptions, BackupSession, ChunkerParams, KdfParams, LocalBackend, Mode, RepoConfig,
     Repository, Secret, Snapshot, SnapshotMeta,
 };
+use rand::{RngCore, SeedableRng};
 
 pub const PW: &str = "correct horse";
 
@@ -70,7 +70,7 @@ pub fn text(len: usize, seed: u64) -> Vec<u8> {
 
 pub fn backup(
     repo: &Repository,
-    src: &mut dyn store::BlockSource,
+    src: &mut dyn bulwark_store::BlockSource,
     mode: Mode<'_>,
     threads: usize,
 ) -> Snapshot {
@@ -90,7 +90,7 @@ pub fn backup(
     .unwrap()
 }
 
-pub fn restore(repo: &Repository, snap: &Snapshot, out: &Path) -> store::Result<Vec<u8>> {
+pub fn restore(repo: &Repository, snap: &Snapshot, out: &Path) -> bulwark_store::Result<Vec<u8>> {
     let list = repo.load_chunk_list(&snap.disks[0].chunk_list)?;
     let f = File::create(out).unwrap();
     f.set_len(snap.disks[0].size).unwrap();

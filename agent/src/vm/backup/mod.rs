@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulwark_store::{BackupOptions, BackupSession, Repository, Snapshot, SnapshotMeta};
 use serde::{Deserialize, Serialize};
-use store::{BackupOptions, BackupSession, Repository, Snapshot, SnapshotMeta};
 
 use super::chain::{Base, Chain, DiskPlan, NewCheckpoint};
 use super::domain::{self, DomainInfo};
@@ -54,37 +54,37 @@ impl std::fmt::Display for ReadMode {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiskReport {
     pub name: String,
     pub format: String,
     /// `Full` or `Incremental`.
     pub mode: ReadMode,
     /// Why the disk was read whole (absent for incrementals).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub size: u64,
     /// Bytes the dirty bitmap marked (incrementals).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_extents: Option<usize>,
     pub bytes_read: u64,
     pub chunks_new: u64,
     pub chunks_reused: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
-    pub snapshot: store::Id,
+    pub snapshot: bulwark_store::Id,
     pub domain: String,
     pub running: bool,
     pub mode: ReadMode,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
     pub size: u64,
     pub bytes_read: u64,
@@ -95,7 +95,7 @@ pub struct Report {
     pub seconds: f64,
     pub disks: Vec<DiskReport>,
     /// The UEFI variable store backed up with the disks.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvram: Option<PathBuf>,
 }
 
@@ -188,7 +188,7 @@ fn read_domain(dom: &Domain) -> Result<(DomainInfo, String, bool)> {
 /// yet: libvirt makes them from the template at first start).
 fn store_nvram(session: &mut BackupSession<'_>, nvram: Option<&PathBuf>) -> Result<()> {
     let Some(p) = nvram else { return Ok(()) };
-    store::ImageFile::open(p)
+    bulwark_store::ImageFile::open(p)
         .and_then(|mut src| session.backup_nvram(&mut src))
         .with_context(|| format!("backing up the NVRAM {}", p.display()))
 }
@@ -213,7 +213,7 @@ fn store_snapshot(
 }
 
 /// The base snapshot, if any disk was read incrementally from it.
-fn parent(plans: &[DiskPlan<'_>], base: &Base) -> Option<store::Id> {
+fn parent(plans: &[DiskPlan<'_>], base: &Base) -> Option<bulwark_store::Id> {
     base.from
         .as_ref()
         .filter(|_| plans.iter().any(|p| p.full_reason.is_none()))

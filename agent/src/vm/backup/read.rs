@@ -2,7 +2,7 @@
 //! from the base's chunk list, or everything.
 
 use anyhow::{Context, Result};
-use store::{BackupSession, Mode, Repository};
+use bulwark_store::{BackupSession, Mode, Repository};
 
 use super::{DiskReport, ReadMode};
 use crate::vm::chain::{Base, DiskPlan};

@@ -260,7 +260,7 @@ pub fn local(t: &chrono::DateTime<chrono::Utc>) -> String {
 }
 
 pub fn bytes(n: u64) -> String {
-    crate::cmd::human(n)
+    crate::units::human(n)
 }
 
 /// `1h 2m`, `34s`.

@@ -37,12 +37,10 @@ pub async fn page(
     Query(f): Query<Fragment>,
 ) -> Response {
     let socket = web.cfg.socket.clone();
-    let local = tokio::task::spawn_blocking(move || {
-        status::document(&socket).and_then(|d| Status::from_document(&d))
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r.map_err(|e| format!("{e:#}")));
+    let local = tokio::task::spawn_blocking(move || status::fetch(&socket))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| format!("{e:#}")));
     let mut hosts = vec![Host {
         name: local
             .as_ref()
@@ -56,7 +54,7 @@ pub async fn page(
             name: p.name,
             status: p
                 .status
-                .and_then(|d| Status::from_document(&d).map_err(|e| format!("{e:#}"))),
+                .and_then(|d| status::from_document(&d).map_err(|e| format!("{e:#}"))),
             local: false,
         });
     }

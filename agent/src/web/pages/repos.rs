@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::{badge, bytes, form_message, live_region, respond, time, Fragment, Viewer};
 use crate::web::auth::Role;
-use crate::web::status::{self, Status};
+use crate::web::status;
 use crate::web::Web;
 
 pub async fn page(
@@ -19,12 +19,10 @@ pub async fn page(
     Query(f): Query<Fragment>,
 ) -> Response {
     let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || {
-        status::document(&socket).and_then(|d| Status::from_document(&d))
-    })
-    .await
-    .ok()
-    .and_then(|r| r.ok());
+    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
+        .await
+        .ok()
+        .and_then(|r| r.ok());
     let rows = crate::web::api::repository_rows(&web, st.as_ref());
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let region = html! {

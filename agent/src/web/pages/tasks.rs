@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{badge, bytes, form_message, live_region, respond, secs, time, Fragment, Viewer};
 use crate::web::auth::Role;
-use crate::web::status::{self, Status};
+use crate::web::status;
 use crate::web::Web;
 
 fn state_badge(v: &Value) -> Markup {
@@ -34,12 +34,10 @@ pub async fn list(
     Query(f): Query<Fragment>,
 ) -> Response {
     let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || {
-        status::document(&socket).and_then(|d| Status::from_document(&d))
-    })
-    .await
-    .ok()
-    .and_then(|r| r.ok());
+    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
+        .await
+        .ok()
+        .and_then(|r| r.ok());
     let tasks: Vec<Value> = web.tasks.all().iter().map(|t| t.to_json(false)).collect();
     let region = html! {
         h2 { "From this dashboard" }

@@ -23,12 +23,10 @@ pub async fn page(
     Query(f): Query<Fragment>,
 ) -> Response {
     let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || {
-        status::document(&socket).and_then(|d| Status::from_document(&d))
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r.map_err(|e| format!("{e:#}")));
+    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| format!("{e:#}")));
     let url = format!("/vm/{}?fragment=1", super::url_encode(&name));
     let region = live_region("vm", &url, 10, details(&web, &name, &st));
     let actions = actions(&web, &name, &st, c.role);
@@ -46,7 +44,7 @@ fn details(web: &Web, name: &str, st: &Result<Status, String>) -> Markup {
     let snaps = web.cache.view().of_source(name);
     html! {
         @match st {
-            Ok(s) => @match s.domain(name) {
+            Ok(s) => @match status::domain(s, name) {
                 Some(d) => {
                     p { "State: " (d.state) @if d.backing_up { " " (badge("backing up", "warn")) } }
                     @if !d.problems.is_empty() { ul.problems { @for p in &d.problems { li { (p) } } } }
@@ -90,7 +88,7 @@ fn actions(web: &Web, name: &str, st: &Result<Status, String>, role: Role) -> Ma
     let named: Vec<String> = st
         .as_ref()
         .ok()
-        .and_then(|s| s.domain(name))
+        .and_then(|s| status::domain(s, name))
         .map(|d| d.policies.iter().map(|p| p.name.clone()).collect())
         .unwrap_or_default();
     html! {

@@ -1,0 +1,69 @@
+//! The `bulwark-nbd` command line, in the library so the man page and
+//! completions are generated from the same definition (`docgen`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// `bulwark-nbd`'s arguments.
+#[derive(Parser)]
+#[command(
+    name = "bulwark-nbd",
+    version,
+    about = "Serve Bulwark snapshots over NBD (read-only)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// What `bulwark-nbd` is asked to do.
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Serve every disk of one snapshot until interrupted (SIGINT/SIGTERM).
+    Serve {
+        /// Repository location: a directory or s3://BUCKET/PREFIX.
+        #[arg(long, env = "BULWARK_REPO")]
+        repo: String,
+        /// Snapshot id, unique id prefix, or SOURCE@latest.
+        #[arg(long)]
+        snapshot: String,
+        /// Unix socket to listen on.
+        #[arg(long, conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// TCP address, ADDR:PORT. Beyond loopback only with TLS required
+        /// (--tls-creds) or --insecure: plain NBD has no authentication.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Directory with server-cert.pem and server-key.pem (QEMU's
+        /// tls-creds-x509 layout); with a ca-cert.pem there too, clients
+        /// must present a certificate signed by that CA.
+        #[arg(long, value_name = "DIR")]
+        tls_creds: Option<PathBuf>,
+        /// require: every option before STARTTLS is refused with
+        /// NBD_REP_ERR_TLS_REQD (as qemu-nbd does). allow: plain-text
+        /// clients are served too.
+        #[arg(long, value_enum, default_value_t = TlsArg::Require, requires = "tls_creds")]
+        tls: TlsArg,
+        /// Listen beyond loopback without required TLS: anyone who can reach
+        /// the port can read every disk of the snapshot.
+        #[arg(long)]
+        insecure: bool,
+        /// Read the passphrase from this file (else $BULWARK_PASSWORD).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Open the repository with this key file instead of a passphrase.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Memory for decrypted chunks, in MiB (shared by the disks).
+        #[arg(long, default_value_t = 512)]
+        cache_mib: usize,
+    },
+}
+
+/// `--tls`: whether plain-text clients are served.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsArg {
+    Require,
+    Allow,
+}

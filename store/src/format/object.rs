@@ -1,0 +1,95 @@
+//! Sealed metadata objects (index, chunk lists, snapshot manifests):
+//! `magic || session salt || seal(zstd(payload))`, the object kind bound in
+//! as associated data so one kind cannot be swapped for another.
+
+use crate::error::{Error, Result};
+use crate::format::crypto::{Keys, SessionCipher, SALT_LEN};
+
+const MAGIC: &[u8; 4] = b"BWO1";
+/// Metadata can be large (a 1 TiB disk's chunk list) but never this large.
+const MAX_PAYLOAD: usize = 1 << 30;
+
+pub fn seal(cipher: &SessionCipher, kind: &str, payload: &[u8]) -> Vec<u8> {
+    let comp = zstd::bulk::compress(payload, 3).expect("zstd into a growable buffer");
+    let mut out = Vec::with_capacity(comp.len() + 80);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(cipher.salt());
+    out.extend_from_slice(&cipher.seal(kind.as_bytes(), &comp));
+    out
+}
+
+pub fn open(keys: &Keys, kind: &str, name: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+    if bytes.len() < 4 + SALT_LEN || &bytes[..4] != MAGIC {
+        return Err(Error::corrupt(name, "not a Bulwark object"));
+    }
+    let mut salt = [0u8; SALT_LEN];
+    salt.copy_from_slice(&bytes[4..4 + SALT_LEN]);
+    let comp = keys
+        .open(&salt, kind.as_bytes(), &bytes[4 + SALT_LEN..])
+        .map_err(|_| {
+            Error::corrupt(
+                name,
+                "authentication failed (damaged, or another repository's key)",
+            )
+        })?;
+    zstd::bulk::decompress(&comp, MAX_PAYLOAD)
+        .map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
+}
+
+/// Little helpers for the binary payloads: bounds-checked reads that turn
+/// truncation into a `Corrupt` error instead of a panic.
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'a str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8], what: &'a str) -> Self {
+        Reader { buf, pos: 0, what }
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| Error::corrupt(self.what, "truncated"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    pub fn u32(&mut self) -> Result<u32> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.bytes(4)?);
+        Ok(u32::from_le_bytes(b))
+    }
+
+    pub fn u64(&mut self) -> Result<u64> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.bytes(8)?);
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn id(&mut self) -> Result<crate::format::id::Id> {
+        let mut b = [0u8; 32];
+        b.copy_from_slice(self.bytes(32)?);
+        Ok(crate::format::id::Id(b))
+    }
+
+    pub fn expect(&mut self, magic: &[u8]) -> Result<()> {
+        if self.bytes(magic.len())? != magic {
+            return Err(Error::corrupt(self.what, "bad magic"));
+        }
+        Ok(())
+    }
+
+    pub fn done(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+}

@@ -1,0 +1,7 @@
+//! The read path: how a disk's chunks are fetched ([`fetch`]), written back
+//! whole ([`restore`]) or served at random offsets ([`reader`]: NBD exports,
+//! FUSE mounts, live restores).
+
+pub mod fetch;
+pub mod reader;
+pub mod restore;

@@ -1,0 +1,680 @@
+//! Random access to one disk of a snapshot, for the NBD server, FUSE mounts
+//! and live restore. Zero extents are answered without fetching anything;
+//! data comes in *spans* ([`crate::read::fetch`]: chunks back to back in a pack,
+//! fetched with one ranged read) held in an LRU cache of opened chunks.
+//!
+//! What keeps a cold read fast, especially from S3:
+//! - **single flight**: a span being fetched is waited for, never fetched
+//!   twice, however many readers want it;
+//! - **read-ahead for sequential readers only**: up to [`STREAMS`] readers
+//!   are followed; one that keeps reading in order gets the next spans
+//!   fetched by background threads, with a window that doubles up to a
+//!   bound (a quarter of the cache). A random read fetches one span;
+//! - **many reads in flight**: the background threads (as many as the
+//!   backend wants ranged reads in flight) coalesce adjacent spans into one
+//!   request, and every caller thread fetches and opens its own span, so
+//!   chunks are opened on all cores;
+//! - **demand first**: a reader never queues behind read-ahead. It fetches
+//!   on its own thread, taking over a span that was queued but not started;
+//! - **scan resistant**: what a sequential stream has passed is evicted
+//!   first, so a pass over more data than the cache keeps what it cached
+//!   at its start for the next pass, and random readers' spans survive it.
+//!
+//! Thread-safe and synchronous: callers (the async NBD server) run it on
+//! blocking threads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use lru::LruCache;
+
+use crate::backend::BackendError;
+use crate::error::{Error, Result};
+use crate::format::blob::ChunkBuf;
+use crate::format::chunklist::ChunkList;
+use crate::format::index::Index;
+use crate::read::fetch::{self, Reads, Scratch, Span};
+use crate::repo::Repository;
+
+/// Largest span: what a random read may fetch at once.
+const SPAN_MAX: u64 = 4 << 20;
+
+/// Largest ranged read of coalesced read-ahead spans.
+const COALESCE_MAX: u64 = 16 << 20;
+/// Sequential readers followed at once (a backfill beside a guest, ...).
+pub const STREAMS: usize = 8;
+/// How far behind the end of a stream a read may land and still belong to
+/// it (requests in flight are served a little out of order)...
+const NEAR_BACK: u32 = 4;
+/// ...and how far ahead.
+const NEAR_FWD: u32 = 2;
+/// Read-ahead window of a stream that just turned out sequential.
+const WINDOW_MIN: u64 = 8 << 20;
+/// The window never grows past this (nor past a quarter of the cache).
+const WINDOW_MAX: u64 = 256 << 20;
+
+pub use crate::format::extent::DataExtent;
+
+/// Counters, for benchmarks and tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReaderStats {
+    /// Ranged reads sent to the backend.
+    pub fetches: u64,
+    pub bytes_fetched: u64,
+    /// Of those, by background read-ahead.
+    pub readahead_fetches: u64,
+    /// Span lookups answered from the cache (or by another's fetch).
+    pub cache_hits: u64,
+    /// Bytes handed to readers (data extents only).
+    pub bytes_served: u64,
+}
+
+thread_local! {
+    /// This thread's fetch buffers (up to [`COALESCE_MAX`] of pack bytes):
+    /// a fetch neither maps fresh memory nor builds a new zstd context.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// What [`DiskReader::read`] returns.
+pub enum ReadData {
+    /// A part of one cached chunk.
+    Shared {
+        chunk: Arc<Vec<u8>>,
+        start: usize,
+        len: usize,
+    },
+    /// A buffer of its own.
+    Owned(Vec<u8>),
+}
+
+impl AsRef<[u8]> for ReadData {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            ReadData::Shared { chunk, start, len } => &chunk[*start..*start + *len],
+            ReadData::Owned(v) => v,
+        }
+    }
+}
+
+/// Opened chunks of a span; a damaged chunk fails only the reads that need it.
+struct SpanData {
+    chunks: Vec<Result<Arc<Vec<u8>>, Arc<Error>>>,
+    bytes: usize,
+}
+
+/// A fetch in progress that others wait on.
+struct Flight {
+    done: Mutex<Option<Result<Arc<SpanData>, String>>>,
+    cv: Condvar,
+}
+
+enum Pending {
+    /// Read-ahead scheduled, not started: a reader may take it over.
+    Queued,
+    Loading(Arc<Flight>),
+}
+
+#[derive(Clone, Copy, Default)]
+struct Stream {
+    /// Last span read.
+    last: u32,
+    /// Spans up to here are fetched or scheduled.
+    ahead: u32,
+    /// Read-ahead in bytes; 0 until the stream first moves forward.
+    window: u64,
+    used: u64,
+}
+
+struct State {
+    ready: LruCache<u32, Arc<SpanData>>,
+    ready_bytes: usize,
+    pending: HashMap<u32, Pending>,
+    streams: [Stream; STREAMS],
+    clock: u64,
+    stats: ReaderStats,
+}
+
+struct Inner {
+    repo: Arc<Repository>,
+    index: Arc<Index>,
+    list: ChunkList,
+    spans: Vec<Span>,
+    /// Span of each extent (`u32::MAX`: a zero extent).
+    span_of: Vec<u32>,
+    cache_limit: usize,
+    window_max: u64,
+    state: Mutex<State>,
+}
+
+pub struct DiskReader {
+    inner: Arc<Inner>,
+    jobs: Sender<Vec<u32>>,
+}
+
+impl DiskReader {
+    /// A reader over `list` (a disk of a snapshot) with a cache of
+    /// `cache_bytes` of opened chunks.
+    pub fn new(repo: Arc<Repository>, list: ChunkList, cache_bytes: usize) -> Result<Self> {
+        let index = repo.index()?;
+        let spans = fetch::plan(&index, &list, SPAN_MAX)?;
+        let mut span_of = vec![u32::MAX; list.extents().len()];
+        for (s, span) in spans.iter().enumerate() {
+            for (i, _) in &span.items {
+                span_of[*i] = s as u32;
+            }
+        }
+        let cache_limit = cache_bytes.max(32 << 20);
+        let threads = repo.backend().read_concurrency().max(1);
+        let inner = Arc::new(Inner {
+            repo,
+            index,
+            list,
+            spans,
+            span_of,
+            cache_limit,
+            window_max: WINDOW_MAX.min(cache_limit as u64 / 4),
+            state: Mutex::new(State {
+                ready: LruCache::unbounded(),
+                ready_bytes: 0,
+                pending: HashMap::new(),
+                streams: [Stream::default(); STREAMS],
+                clock: 0,
+                stats: ReaderStats::default(),
+            }),
+        });
+        let (jobs, rx) = unbounded::<Vec<u32>>();
+        for _ in 0..threads {
+            let (inner, rx): (Arc<Inner>, Receiver<Vec<u32>>) = (inner.clone(), rx.clone());
+            // Detached: they end when the reader (the sender) is dropped.
+            std::thread::spawn(move || {
+                for job in rx {
+                    inner.read_ahead(&job);
+                }
+            });
+        }
+        Ok(DiskReader { inner, jobs })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.list.size()
+    }
+
+    pub fn stats(&self) -> ReaderStats {
+        self.inner.lock().stats
+    }
+
+    /// Data/zero extents covering `[offset, offset + len)` (clipped to the disk).
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<DataExtent> {
+        let list = &self.inner.list;
+        let end = offset.saturating_add(len).min(self.size());
+        let mut out: Vec<DataExtent> = Vec::new();
+        let Some(mut i) = list.find(offset) else {
+            return out;
+        };
+        while let Some(e) = list.extents().get(i) {
+            if e.offset >= end {
+                break;
+            }
+            let s = e.offset.max(offset);
+            let t = e.end().min(end);
+            let data = e.chunk.is_some();
+            match out.last_mut() {
+                Some(l) if l.data == data && l.offset + l.len == s => l.len += t - s,
+                _ => out.push(DataExtent {
+                    offset: s,
+                    len: t - s,
+                    data,
+                }),
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// `len` bytes at `offset`, shared with the cache when they lie inside
+    /// one chunk (the usual case: guests and `nbdcopy` read blocks smaller
+    /// than chunks), so an NBD reply sends them without a copy; else
+    /// copied into a buffer of their own by [`DiskReader::read_at`].
+    pub fn read(&self, offset: u64, len: usize) -> Result<ReadData> {
+        let inner = &self.inner;
+        let end = offset.saturating_add(len as u64);
+        if let Some(i) = inner.list.find(offset).filter(|_| len > 0) {
+            let e = inner.list.extents()[i];
+            if e.chunk.is_some() && end <= e.end() {
+                let s = inner.span_of[i];
+                // Read-ahead starts before this read waits.
+                self.follow(s, s);
+                let chunk = inner.chunk(s, i)?;
+                let start = (offset - e.offset) as usize;
+                if chunk.len() < start + len {
+                    return Err(Error::Invalid(format!(
+                        "chunk at {} is shorter than its extent",
+                        e.offset
+                    )));
+                }
+                inner.lock().stats.bytes_served += len as u64;
+                return Ok(ReadData::Shared { chunk, start, len });
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.read_at(offset, &mut buf)?;
+        Ok(ReadData::Owned(buf))
+    }
+
+    /// Fills `buf` from `offset`. A damaged or missing chunk fails the read;
+    /// nothing wrong is ever returned.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let inner = &self.inner;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size())
+            .ok_or_else(|| {
+                Error::Invalid(format!("read {offset}+{} past end of disk", buf.len()))
+            })?;
+        let mut pos = offset;
+        let mut touched: Option<(u32, u32)> = None;
+        let mut served = 0u64;
+        while pos < end {
+            let i = inner
+                .list
+                .find(pos)
+                .ok_or_else(|| Error::Invalid(format!("offset {pos} not in the chunk list")))?;
+            let e = inner.list.extents()[i];
+            let t = e.end().min(end);
+            let dst = &mut buf[(pos - offset) as usize..(t - offset) as usize];
+            match e.chunk {
+                None => dst.fill(0),
+                Some(_) => {
+                    let s = inner.span_of[i];
+                    if touched.is_none() {
+                        // Read-ahead starts before this read waits.
+                        touched = Some((s, s));
+                        self.follow(s, s);
+                    }
+                    if let Some(t) = touched.as_mut() {
+                        t.1 = s;
+                    }
+                    let data = inner.chunk(s, i)?;
+                    let from = (pos - e.offset) as usize;
+                    dst.copy_from_slice(&data[from..from + dst.len()]);
+                    served += dst.len() as u64;
+                }
+            }
+            pos = t;
+        }
+        if let Some((a, b)) = touched.filter(|(a, b)| a != b) {
+            self.follow(a, b);
+        }
+        inner.lock().stats.bytes_served += served;
+        Ok(())
+    }
+
+    /// Loads the chunks of a range in the background (NBD_CMD_CACHE): as
+    /// much of it as a quarter of the cache holds.
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        let inner = &self.inner;
+        let end = offset.saturating_add(len).min(self.size());
+        let Some(first) = inner.list.find(offset) else {
+            return Ok(());
+        };
+        let spans: Vec<u32> = inner.list.extents()[first..]
+            .iter()
+            .zip(&inner.span_of[first..])
+            .take_while(|(e, _)| e.offset < end)
+            .filter(|(_, &s)| s != u32::MAX)
+            .map(|(_, &s)| s)
+            .collect();
+        if let (Some(&a), Some(&b)) = (spans.first(), spans.last()) {
+            let mut st = inner.lock();
+            let limit = inner.window_max;
+            self.schedule(&mut st, a, b, limit);
+        }
+        Ok(())
+    }
+
+    /// Sequential detection: a read of spans `a..=b` that continues a
+    /// stream forward turns it sequential (or grows its window) and
+    /// schedules the spans after `b`. Reads a little behind the end of a
+    /// stream (requests in flight arrive out of order) continue it quietly.
+    fn follow(&self, a: u32, b: u32) {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        st.clock += 1;
+        let clock = st.clock;
+        let found = st.streams.iter().position(|s| {
+            s.used > 0 && a + NEAR_BACK >= s.last && a <= s.last.saturating_add(NEAR_FWD)
+        });
+        let Some(k) = found else {
+            // A new stream (random so far): no read-ahead yet.
+            let k = (0..STREAMS)
+                .min_by_key(|&k| st.streams[k].used)
+                .unwrap_or(0);
+            st.streams[k] = Stream {
+                last: b,
+                ahead: b,
+                window: 0,
+                used: clock,
+            };
+            return;
+        };
+        let mut s = st.streams[k];
+        s.used = clock;
+        if b <= s.last {
+            st.streams[k] = s;
+            return;
+        }
+        s.window = if s.window == 0 {
+            WINDOW_MIN
+        } else {
+            (s.window * 2).min(inner.window_max)
+        };
+        // Spans the stream has left behind for good go to the cold end of
+        // the cache: a scan larger than the cache then evicts its own past
+        // rather than everything else, and a second pass finds the part
+        // kept (plain LRU would keep nothing of it).
+        let behind = |x: u32| x.saturating_sub(NEAR_BACK + 1);
+        if b - s.last <= 1024 {
+            for p in behind(s.last)..behind(b) {
+                st.ready.demote(&p);
+            }
+        }
+        s.last = b;
+        // Spans after `b` within the window, from where scheduling stopped.
+        let n = inner.spans.len() as u32;
+        let from = (s.ahead.max(b) + 1).min(n);
+        let mut bytes = inner.spans[(b + 1).min(from) as usize..from as usize]
+            .iter()
+            .map(Span::len)
+            .sum::<u64>();
+        let mut to = from;
+        while to < n && bytes < s.window {
+            bytes += inner.spans[to as usize].len();
+            to += 1;
+        }
+        if to > from {
+            s.ahead = to - 1;
+            self.schedule(&mut st, from, to - 1, u64::MAX);
+        }
+        st.streams[k] = s;
+    }
+
+    /// Queues spans `a..=b` that are neither cached nor on their way, in
+    /// jobs of adjacent spans of one pack (one ranged read each).
+    fn schedule(&self, st: &mut State, a: u32, b: u32, limit: u64) {
+        let inner = &self.inner;
+        let mut job: Vec<u32> = Vec::new();
+        let mut job_bytes = 0u64;
+        let mut total = 0u64;
+        let Some(last) = (inner.spans.len() as u32).checked_sub(1) else {
+            return;
+        };
+        for s in a..=b.min(last) {
+            if st.ready.contains(&s) || st.pending.contains_key(&s) {
+                continue;
+            }
+            let span = &inner.spans[s as usize];
+            total += span.len();
+            if total > limit {
+                break;
+            }
+            let joins = job.last().is_some_and(|&p| {
+                let prev = &inner.spans[p as usize];
+                p + 1 == s && prev.pack == span.pack && prev.end == span.start
+            });
+            if !job.is_empty() && (!joins || job_bytes + span.len() > COALESCE_MAX) {
+                // A closed channel means the reader is going away.
+                let _ = self.jobs.send(std::mem::take(&mut job));
+                job_bytes = 0;
+            }
+            st.pending.insert(s, Pending::Queued);
+            job.push(s);
+            job_bytes += span.len();
+        }
+        if !job.is_empty() {
+            let _ = self.jobs.send(job);
+        }
+    }
+}
+
+impl Drop for DiskReader {
+    fn drop(&mut self) {
+        // Queued spans stay queued: nobody will want them. The workers see
+        // the channel close and stop.
+        self.inner.lock().pending.clear();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The opened chunk of extent `i` (in span `s`), from the cache, from
+    /// another reader's fetch, or fetched here.
+    fn chunk(&self, s: u32, i: usize) -> Result<Arc<Vec<u8>>> {
+        let data = self.span(s)?;
+        let k = self.spans[s as usize]
+            .items
+            .iter()
+            .position(|(j, _)| *j == i)
+            .ok_or_else(|| Error::Invalid(format!("extent {i} is not in span {s}")))?;
+        match &data.chunks[k] {
+            Ok(d) => Ok(d.clone()),
+            Err(e) => Err(clone_error(e)),
+        }
+    }
+
+    fn span(&self, s: u32) -> Result<Arc<SpanData>> {
+        let flight = {
+            let mut st = self.lock();
+            if let Some(d) = st.ready.get(&s).cloned() {
+                st.stats.cache_hits += 1;
+                return Ok(d);
+            }
+            let waiting = match st.pending.get(&s) {
+                Some(Pending::Loading(f)) => Some(f.clone()),
+                _ => None,
+            };
+            match waiting {
+                Some(f) => {
+                    st.stats.cache_hits += 1;
+                    Some(f)
+                }
+                // Queued or absent: this reader fetches it now.
+                _ => {
+                    st.pending
+                        .insert(s, Pending::Loading(Arc::new(Flight::new())));
+                    None
+                }
+            }
+        };
+        if let Some(f) = flight {
+            return f.wait();
+        }
+        let span = &self.spans[s as usize];
+        let data = SCRATCH.with_borrow_mut(|sc| {
+            let r = fetch::fetch(
+                &self.repo,
+                &self.index,
+                &[span],
+                Reads::Again,
+                &mut sc.fetched,
+            );
+            self.count_fetch(&r, &sc.fetched, false);
+            r.inspect_err(|e| self.publish(s, Err(e.to_string())))?;
+            Ok::<_, Error>(self.open(s, &mut sc.fetched, span.start, &mut sc.chunk))
+        })?;
+        self.publish(s, Ok(data.clone()));
+        Ok(data)
+    }
+
+    /// A background job: fetch the spans still queued, adjacent ones with
+    /// one ranged read.
+    fn read_ahead(&self, job: &[u32]) {
+        let mut run: Vec<u32> = Vec::new();
+        {
+            let mut st = self.lock();
+            for &s in job {
+                if matches!(st.pending.get(&s), Some(Pending::Queued)) {
+                    st.pending
+                        .insert(s, Pending::Loading(Arc::new(Flight::new())));
+                    run.push(s);
+                }
+            }
+        }
+        // Spans a reader took over leave gaps: fetch each contiguous run.
+        let mut start = 0;
+        for k in 1..=run.len() {
+            if k == run.len() || run[k] != run[k - 1] + 1 {
+                self.fetch_run(&run[start..k]);
+                start = k;
+            }
+        }
+    }
+
+    /// Fetched for a stream, which reads each span once: kept in memory,
+    /// not added to the disk cache (scan resistance, as in memory).
+    fn fetch_run(&self, run: &[u32]) {
+        let spans: Vec<&Span> = run.iter().map(|&s| &self.spans[s as usize]).collect();
+        SCRATCH.with_borrow_mut(|sc| {
+            let r = fetch::fetch(
+                &self.repo,
+                &self.index,
+                &spans,
+                Reads::Once,
+                &mut sc.fetched,
+            );
+            self.count_fetch(&r, &sc.fetched, true);
+            match r {
+                Ok(()) => {
+                    let base = spans[0].start;
+                    for &s in run {
+                        let data = self.open(s, &mut sc.fetched, base, &mut sc.chunk);
+                        self.publish(s, Ok(data));
+                    }
+                }
+                Err(e) => {
+                    for &s in run {
+                        self.publish(s, Err(e.to_string()));
+                    }
+                }
+            }
+        })
+    }
+
+    fn count_fetch(&self, r: &Result<()>, bytes: &[u8], ahead: bool) {
+        if r.is_ok() {
+            let mut st = self.lock();
+            st.stats.fetches += 1;
+            st.stats.bytes_fetched += bytes.len() as u64;
+            st.stats.readahead_fetches += u64::from(ahead);
+        }
+    }
+
+    fn open(&self, s: u32, bytes: &mut [u8], base: u64, buf: &mut ChunkBuf) -> Arc<SpanData> {
+        let span = &self.spans[s as usize];
+        let mut chunks = Vec::with_capacity(span.items.len());
+        let walked = fetch::open_each(
+            &self.repo,
+            &self.index,
+            &self.list,
+            span,
+            bytes,
+            base,
+            buf,
+            |_, r| {
+                chunks.push(r.map(|d| Arc::new(d.into_vec())).map_err(Arc::new));
+                Ok(())
+            },
+        );
+        debug_assert!(walked.is_ok(), "the callback never fails");
+        let bytes = chunks
+            .iter()
+            .map(|c| c.as_ref().map_or(0, |d| d.len()))
+            .sum();
+        Arc::new(SpanData { chunks, bytes })
+    }
+
+    /// Ends a fetch: caches the result (a failed fetch is not cached, so
+    /// the next read tries again) and wakes whoever waits for it.
+    fn publish(&self, s: u32, r: Result<Arc<SpanData>, String>) {
+        let flight = {
+            let mut st = self.lock();
+            let flight = match st.pending.remove(&s) {
+                Some(Pending::Loading(f)) => Some(f),
+                _ => None,
+            };
+            if let Ok(d) = &r {
+                st.ready_bytes += d.bytes;
+                if let Some((_, old)) = st.ready.push(s, d.clone()) {
+                    st.ready_bytes -= old.bytes;
+                }
+                while st.ready_bytes > self.cache_limit {
+                    match st.ready.pop_lru() {
+                        Some((_, old)) => st.ready_bytes -= old.bytes,
+                        None => break,
+                    }
+                }
+            }
+            flight
+        };
+        if let Some(f) = flight {
+            *f.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            f.cv.notify_all();
+        }
+    }
+}
+
+impl Flight {
+    fn new() -> Self {
+        Flight {
+            done: Mutex::new(None),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn wait(&self) -> Result<Arc<SpanData>> {
+        let mut g = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &*g {
+                Some(Ok(d)) => return Ok(d.clone()),
+                Some(Err(e)) => return Err(Error::Backend(BackendError::Other(e.clone()))),
+                None => g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+}
+
+/// The same error again for another reader of a damaged chunk.
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Corrupt { what, detail } => Error::Corrupt {
+            what: what.clone(),
+            detail: detail.clone(),
+        },
+        Error::MissingChunk(id) => Error::MissingChunk(*id),
+        other => Error::Invalid(other.to_string()),
+    }
+}
+
+/// Disk `name` of a snapshot, ready for random reads.
+pub fn open_disk(
+    repo: Arc<Repository>,
+    snapshot: &crate::Snapshot,
+    name: &str,
+    cache_bytes: usize,
+) -> Result<DiskReader> {
+    let d = snapshot
+        .disks
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "snapshot {} has no disk {name}",
+                snapshot.id.short()
+            ))
+        })?;
+    let list = repo.load_chunk_list(&d.chunk_list)?;
+    DiskReader::new(repo, list, cache_bytes)
+}

@@ -1,0 +1,448 @@
+//! An opened repository: config, keys, index, snapshots, chunk reads; and
+//! below it, the [`condemned`] records its index loader honours.
+
+pub mod condemned;
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendError};
+use crate::error::{Error, Result};
+use crate::format::blob::{self, ChunkBuf, Plain};
+use crate::format::chunker::{Chunker, ChunkerParams};
+use crate::format::chunklist::{self, ChunkList};
+use crate::format::crypto::{Keys, MasterKey, Opener};
+use crate::format::id::Id;
+use crate::format::index::{self, Index, Loc};
+use crate::format::keys::{KdfParams, KeySlot, Secret};
+use crate::format::snapshot::{self, Snapshot};
+use crate::format::{object, pack};
+
+pub const VERSION: u32 = 1;
+use crate::format::layout::{self, CONFIG};
+
+/// An index object's name and the packs it lists.
+pub(crate) type IndexObject = (String, Vec<pack::PackInfo>);
+
+/// The repository's public, unencrypted settings. Everything secret (the
+/// chunker seed too) derives from the master key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepoConfig {
+    pub version: u32,
+    pub id: Id,
+    pub chunker: ChunkerParams,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+    pub compression_level: i32,
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// S3 Object Lock: how every object is locked (`crate::maintain::lock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<crate::maintain::lock::LockSettings>,
+}
+
+impl Default for RepoConfig {
+    fn default() -> Self {
+        RepoConfig {
+            version: VERSION,
+            id: Id::random(),
+            chunker: ChunkerParams::default(),
+            pack_size: 16 << 20,
+            compression_level: blob::DEFAULT_LEVEL,
+            created: chrono::Utc::now(),
+            object_lock: None,
+        }
+    }
+}
+
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    config: RepoConfig,
+    keys: Arc<Keys>,
+    chunker: Chunker,
+    index: Mutex<Option<Arc<Index>>>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("location", &self.backend.location())
+            .finish()
+    }
+}
+
+impl Repository {
+    /// Creates a repository with one key slot for `secret`.
+    pub fn init(
+        backend: Arc<dyn Backend>,
+        secret: &Secret,
+        kdf: &KdfParams,
+        config: RepoConfig,
+    ) -> Result<Self> {
+        config.chunker.validate().map_err(Error::Invalid)?;
+        if backend.exists(CONFIG)? {
+            return Err(Error::AlreadyInitialized(backend.location()));
+        }
+        if config.object_lock.is_some() {
+            crate::maintain::lock::check_store(backend.as_ref())?;
+        }
+        crate::maintain::lock::apply(backend.as_ref(), config.object_lock.as_ref())?;
+        let master = MasterKey::generate();
+        let slot = KeySlot::wrap(&master, secret, kdf)?;
+        let slot_json = serde_json::to_vec_pretty(&slot).expect("serialize key slot");
+        backend.put(&layout::key(&Id::random()), &slot_json)?;
+        let cfg = serde_json::to_vec_pretty(&config).expect("serialize config");
+        match backend.put(CONFIG, &cfg) {
+            Err(BackendError::AlreadyExists(_)) => {
+                return Err(Error::AlreadyInitialized(backend.location()))
+            }
+            r => r?,
+        }
+        Ok(Self::with_key(backend, config, &master))
+    }
+
+    /// Opens an existing repository; `WrongKey` if no slot opens with `secret`.
+    pub fn open(backend: Arc<dyn Backend>, secret: &Secret) -> Result<Self> {
+        let config = Self::read_config(backend.as_ref())?;
+        crate::maintain::lock::apply(backend.as_ref(), config.object_lock.as_ref())?;
+        let master = Self::unlock(backend.as_ref(), secret)?;
+        Ok(Self::with_key(backend, config, &master))
+    }
+
+    /// The public settings of the repository at `backend` (no key needed):
+    /// `NoRepository` if there is none.
+    pub fn read_config(backend: &dyn Backend) -> Result<RepoConfig> {
+        let cfg = match backend.get(CONFIG) {
+            Ok(c) => c,
+            Err(BackendError::NotFound(_)) => return Err(Error::NoRepository(backend.location())),
+            Err(e) => return Err(e.into()),
+        };
+        let config: RepoConfig =
+            serde_json::from_slice(&cfg).map_err(|e| Error::corrupt("config", e.to_string()))?;
+        if config.version != VERSION {
+            return Err(Error::UnsupportedVersion(config.version));
+        }
+        config
+            .chunker
+            .validate()
+            .map_err(|e| Error::corrupt("config", e))?;
+        Ok(config)
+    }
+
+    fn unlock(backend: &dyn Backend, secret: &Secret) -> Result<MasterKey> {
+        for obj in backend.list(layout::KEYS)? {
+            let bytes = backend.get(&obj.name)?;
+            let slot: KeySlot = match serde_json::from_slice(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("skipping unreadable key slot {}: {e}", obj.name);
+                    continue;
+                }
+            };
+            if slot.accepts(secret) {
+                if let Some(m) = slot.unwrap_key(secret)? {
+                    return Ok(m);
+                }
+            }
+        }
+        Err(Error::WrongKey)
+    }
+
+    fn with_key(backend: Arc<dyn Backend>, config: RepoConfig, master: &MasterKey) -> Self {
+        let keys = Arc::new(Keys::derive(master));
+        let chunker = Chunker::new(config.chunker, keys.cdc_seed());
+        Repository {
+            backend,
+            config,
+            keys,
+            chunker,
+            index: Mutex::new(None),
+        }
+    }
+
+    /// Adds another way to open this repository (e.g. a key file next to a
+    /// passphrase). `current` must open it already.
+    pub fn add_key(&self, current: &Secret, new: &Secret, kdf: &KdfParams) -> Result<()> {
+        let master = Self::unlock(self.backend.as_ref(), current)?;
+        let slot = KeySlot::wrap(&master, new, kdf)?;
+        let json = serde_json::to_vec_pretty(&slot).expect("serialize key slot");
+        self.backend.put(&layout::key(&Id::random()), &json)?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.keys
+    }
+
+    pub fn chunker(&self) -> &Chunker {
+        &self.chunker
+    }
+
+    /// The merged index, loaded once and then cached.
+    pub fn index(&self) -> Result<Arc<Index>> {
+        let mut guard = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ix) = guard.as_ref() {
+            return Ok(ix.clone());
+        }
+        let ix = Arc::new(self.load_index()?);
+        *guard = Some(ix.clone());
+        Ok(ix)
+    }
+
+    /// Runs `f` (find a snapshot, load its chunk lists) while the index
+    /// loads on another thread: a restore or an export needs both next,
+    /// and on S3 each is a chain of round trips. For readers only: a backup
+    /// loads its index when it starts (docs/gc.md, rule 2). `f`'s error
+    /// comes first.
+    pub fn while_loading_index<T, E: From<Error>>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        std::thread::scope(|s| {
+            let index = s.spawn(|| self.index());
+            let r = f();
+            let index = index
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid("the index loader panicked".into())));
+            let r = r?;
+            index?;
+            Ok(r)
+        })
+    }
+
+    /// Forgets the cached index (after a backup added to it).
+    pub fn invalidate_index(&self) {
+        *self.index.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn load_index(&self) -> Result<Index> {
+        // Condemned records first: a backup must not reuse what a GC has
+        // condemned (docs/gc.md, rule 2).
+        let mut ix = Index::with_condemned(condemned::packs(self.backend.as_ref(), &self.keys)?);
+        for (_, packs) in self.load_index_objects()? {
+            for p in packs {
+                ix.add_pack(&p);
+            }
+        }
+        Ok(ix)
+    }
+
+    /// Every index object, by name, with the packs it lists.
+    pub(crate) fn load_index_objects(&self) -> Result<Vec<IndexObject>> {
+        let names: Vec<String> = self
+            .backend
+            .list(layout::INDEX)?
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        self.load_each(&names, |n| {
+            let payload = self.get_sealed(index::KIND, n)?;
+            Ok((n.to_string(), index::decode(&payload, n)?))
+        })
+    }
+
+    /// `load` of every name, on up to 8 threads (on S3 each is a round
+    /// trip), in the order of `names`; the first error wins.
+    fn load_each<T: Send>(
+        &self,
+        names: &[String],
+        load: impl Fn(&str) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let threads = 8.min(names.len()).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut done: Vec<(usize, Result<T>)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(n) = names.get(i) else { return mine };
+                            let r = load(n);
+                            let failed = r.is_err();
+                            mine.push((i, r));
+                            if failed {
+                                return mine;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        vec![(0, Err(Error::Invalid("a loader thread panicked".into())))]
+                    })
+                })
+                .collect()
+        });
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Removes a snapshot: its manifest first (so no listed snapshot ever
+    /// lacks a chunk list), then its chunk lists, which no other snapshot
+    /// shares. Chunks stay until a GC finds them unreferenced.
+    pub fn delete_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        self.backend.delete(&layout::snapshot(&snap.id))?;
+        for d in snap.chunk_lists() {
+            match self.backend.delete(&layout::chunk_list(&d.chunk_list)) {
+                Ok(()) | Err(BackendError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn put_sealed(&self, name: &str, sealed: &[u8]) -> Result<()> {
+        self.backend.put(name, sealed)?;
+        Ok(())
+    }
+
+    fn get_sealed(&self, kind: &str, name: &str) -> Result<Vec<u8>> {
+        let bytes = self.backend.get(name)?;
+        object::open(&self.keys, kind, name, &bytes)
+    }
+
+    /// All snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let names: Vec<String> = self
+            .backend
+            .list(layout::SNAPSHOTS)?
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        let mut out = self.load_each(&names, |n| self.load_snapshot_object(n))?;
+        out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    pub(crate) fn load_snapshot_object(&self, name: &str) -> Result<Snapshot> {
+        let payload = self.get_sealed(snapshot::KIND, name)?;
+        let s: Snapshot =
+            serde_json::from_slice(&payload).map_err(|e| Error::corrupt(name, e.to_string()))?;
+        if layout::snapshot(&s.id) != name {
+            return Err(Error::corrupt(name, "manifest id does not match its name"));
+        }
+        Ok(s)
+    }
+
+    /// Resolves a snapshot by full id, unique id prefix, or `SOURCE@latest`.
+    pub fn find_snapshot(&self, spec: &str) -> Result<Snapshot> {
+        if let Ok(id) = spec.parse::<Id>() {
+            return match self.load_snapshot_object(&layout::snapshot(&id)) {
+                Err(Error::Backend(BackendError::NotFound(_))) => {
+                    Err(Error::SnapshotNotFound(spec.into()))
+                }
+                r => r,
+            };
+        }
+        if let Some(source) = spec.strip_suffix("@latest") {
+            return self
+                .snapshots()?
+                .into_iter()
+                .rfind(|s| s.source == source)
+                .ok_or_else(|| Error::SnapshotNotFound(spec.into()));
+        }
+        if spec.len() < 4 || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::SnapshotNotFound(spec.into()));
+        }
+        let spec_l = spec.to_ascii_lowercase();
+        let matches: Vec<_> = self
+            .backend
+            .list(layout::SNAPSHOTS)?
+            .into_iter()
+            .filter(|o| o.name[layout::SNAPSHOTS.len()..].starts_with(&spec_l))
+            .collect();
+        match matches.as_slice() {
+            [one] => self.load_snapshot_object(&one.name),
+            [] => Err(Error::SnapshotNotFound(spec.into())),
+            _ => Err(Error::AmbiguousSnapshot(spec.into())),
+        }
+    }
+
+    pub fn load_chunk_list(&self, id: &Id) -> Result<ChunkList> {
+        let name = layout::chunk_list(id);
+        ChunkList::decode(&self.get_sealed(chunklist::KIND, &name)?, &name)
+    }
+
+    /// Reads, authenticates and decompresses one chunk.
+    pub fn read_chunk(&self, index: &Index, id: &Id) -> Result<Vec<u8>> {
+        let loc = index.get(id).ok_or(Error::MissingChunk(*id))?;
+        let mut sealed = self.backend.get_range(
+            &layout::pack(&index.pack(&loc).id),
+            u64::from(loc.offset),
+            u64::from(loc.len),
+        )?;
+        let mut buf = ChunkBuf::default();
+        Ok(self
+            .open_blob(index, id, &loc, &mut sealed, &mut buf)?
+            .into_vec())
+    }
+
+    /// Opens the chunk of disk extent `e`: authenticated, as long as the
+    /// chunk list says, and damage reported with the disk offset and pack.
+    /// Decrypts in place, as [`blob::open_chunk`].
+    pub fn open_extent<'a>(
+        &self,
+        index: &Index,
+        e: &crate::format::chunklist::Extent,
+        loc: &Loc,
+        sealed: &'a mut [u8],
+        buf: &'a mut ChunkBuf,
+    ) -> Result<Plain<'a>> {
+        let id = e
+            .chunk
+            .ok_or_else(|| Error::Invalid("zero extent has no chunk".into()))?;
+        let data = self
+            .open_blob(index, &id, loc, sealed, buf)
+            .map_err(|err| match err {
+                Error::Corrupt { what, detail } => Error::Corrupt {
+                    what,
+                    detail: format!(
+                        "{detail} (disk offset {}, pack {})",
+                        e.offset,
+                        index.pack(loc).id.short()
+                    ),
+                },
+                other => other,
+            })?;
+        let n = data.bytes().len();
+        if n as u64 != e.len {
+            return Err(Error::corrupt(
+                format!("chunk {id}"),
+                format!("holds {n} bytes, the chunk list says {}", e.len),
+            ));
+        }
+        Ok(data)
+    }
+
+    /// Opens a sealed blob fetched from its pack, in place (see
+    /// [`blob::open_chunk`]).
+    pub fn open_blob<'a>(
+        &self,
+        index: &Index,
+        id: &Id,
+        loc: &Loc,
+        sealed: &'a mut [u8],
+        buf: &'a mut ChunkBuf,
+    ) -> Result<Plain<'a>> {
+        if sealed.len() != loc.len as usize {
+            return Err(Error::corrupt(
+                format!("chunk {id}"),
+                format!("pack {} is truncated", index.pack(loc).id),
+            ));
+        }
+        let opener = Opener::new(&self.keys, &index.pack(loc).salt);
+        blob::open_chunk(&opener, id, sealed, self.config.chunker.max as usize, buf)
+    }
+}
