@@ -207,7 +207,8 @@ fn sessions_csrf_roles_and_rate_limit() {
 }
 
 /// Every endpoint against a real VM: back up, protect, restore (bit for
-/// bit), snapshots, tasks, prune, repositories, verify, GC, files.
+/// bit), snapshots, tasks, prune, repositories, verify, GC, files (list,
+/// download, zip).
 #[test]
 fn every_endpoint_against_a_real_vm() {
     let image = Image::tiny().unwrap();
@@ -415,12 +416,68 @@ fn every_endpoint_against_a_real_vm() {
     assert!(r["dedup_ratio"].as_f64().unwrap() > 0.0);
     assert_eq!(c.post("/api/v1/repositories/nope/verify", json!({})).0, 404);
 
-    // Files: not in this build, said so.
-    let (s, v) = c.get("/api/v1/files");
-    assert_eq!(s, 501);
-    assert!(
-        v["error"].as_str().unwrap().contains("bulwark files"),
-        "{v}"
+    // Files: a real ext4 image's snapshot, listed and downloaded.
+    let fs = fs_snapshot(&env);
+    let (s, v) = c.get(&format!("/api/v1/files?snapshot={}", fs.id));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["volumes"][0]["path"], "vda", "{v}");
+    assert_eq!(v["volumes"][0]["content"], "ext4", "{v}");
+    let (s, v) = c.get(&format!("/api/v1/files?snapshot={}&path=vda/data", fs.id));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["entry"]["type"], "dir", "{v}");
+    let names: Vec<&str> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["blob.bin"], "{v}");
+    assert_eq!(v["entries"][0]["size"], fs.blob.len(), "{v}");
+    let (s, _, body) = c.bytes(&format!(
+        "/api/v1/files/download?snapshot={}&path=vda/data/blob.bin",
+        fs.id
+    ));
+    assert_eq!(s, 200);
+    assert!(body == fs.blob, "the download differs from the file");
+    // A tree as a zip: every file, byte for byte.
+    let (s, refused, body) = c.bytes(&format!(
+        "/api/v1/files/download?snapshot={}&path=vda&format=zip",
+        fs.id
+    ));
+    assert_eq!((s, refused.as_deref()), (200, Some("0")));
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(body)).unwrap();
+    let mut read = |name: &str| {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut z.by_name(name).unwrap(), &mut out).unwrap();
+        out
+    };
+    assert!(read("vda/data/blob.bin") == fs.blob);
+    assert_eq!(read("vda/etc/motd"), fs.motd.as_bytes());
+    // Bad paths and snapshots: 404; a viewer may list, not download.
+    assert_eq!(
+        c.get(&format!("/api/v1/files?snapshot={}&path=vda/nope", fs.id))
+            .0,
+        404
+    );
+    assert_eq!(c.get("/api/v1/files?snapshot=ffffffffffff").0, 404);
+    assert_eq!(c.get("/api/v1/files").0, 400);
+    add_user(&env, &users, "vic", "viewer");
+    let mut viewer = Client::new(&server.base);
+    assert_eq!(viewer.login("vic", UPW).0, 200);
+    assert_eq!(
+        viewer
+            .get(&format!("/api/v1/files?snapshot={}&path=vda/etc", fs.id))
+            .0,
+        200
+    );
+    assert_eq!(
+        viewer
+            .get(&format!(
+                "/api/v1/files/download?snapshot={}&path=vda/etc/motd",
+                fs.id
+            ))
+            .0,
+        403
     );
     assert_eq!(c.get("/api/v1/nothing-here").0, 404);
     drop(vm);

@@ -1,7 +1,8 @@
 //! The dashboard in Debian's headless Chromium, driven over WebDriver:
 //! log in, restore a real VM through the wizard (full, then live) and see
 //! each boot, run the prune simulator on a crafted history and read its
-//! kept/removed marks; a screenshot of every page in target/screenshots/.
+//! kept/removed marks; browse a snapshot's files and download one; a
+//! screenshot of every page in target/screenshots/.
 
 #[path = "vm_common/mod.rs"]
 mod common;
@@ -16,7 +17,7 @@ use testbed::{Console, Image, Vm, VmOptions, BOOT_TIMEOUT};
 use web::*;
 
 #[test]
-fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
+fn browser_logs_in_restores_full_and_live_simulates_prune_and_browses_files() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
     let policy = format!("wb-{}", std::process::id());
@@ -239,11 +240,37 @@ fn browser_logs_in_restores_full_and_live_and_simulates_prune() {
     for (path, shot, css, says) in [
         ("/tasks", "tasks", "#tasks", "restore of"),
         ("/repositories", "repositories", "#repositories", "main"),
-        ("/files", "files", "p.note", "bulwark files"),
     ] {
         b.goto(&format!("{base}{path}"));
         assert!(b.text(css).contains(says), "{path}: {}", b.text(css));
         b.screenshot(shot);
     }
+
+    // Files: walk a real ext4 snapshot to a file and download it.
+    let fs = fs_snapshot(&env);
+    // The picker lists it once the dashboard's cache has seen it.
+    b.wait_for("the snapshot in the picker", 60, || {
+        b.goto(&format!("{base}/files"));
+        b.try_find(&format!("#snapshot option[value=\"{}\"]", fs.id))
+    });
+    b.script(&format!(
+        "document.querySelector('#snapshot').value = '{}'; return 1;",
+        fs.id
+    ));
+    b.click("form#pick-snapshot button[type=submit]");
+    b.click("#volumes tr[data-path=\"vda\"] a");
+    b.click("#entries tr[data-path=\"vda/etc\"] a");
+    b.find("#entries tr[data-path=\"vda/etc/motd\"]");
+    b.screenshot("files");
+    b.click("#entries tr[data-path=\"vda/etc/motd\"] a");
+    assert_eq!(
+        b.text("#entry dd[data-bytes]"),
+        format!("{} B", fs.motd.len())
+    );
+    let got = b.script(
+        "var x = new XMLHttpRequest(); x.open('GET', document.querySelector('#download').href, false); \
+         x.send(); return [x.status, x.responseText];",
+    );
+    assert_eq!(got, json!([200, fs.motd]));
     drop(vm);
 }

@@ -182,7 +182,8 @@ pub async fn index() -> Json<Value> {
             "POST /api/v1/prune/simulate {repository?, source?, policy?, schedule?, days?, keep_*}",
             "POST /api/v1/prune {repository?, source, policy?, keep_*} (admin)",
             "GET  /api/v1/repositories, POST /api/v1/repositories/{name}/verify (operator), .../gc (admin)",
-            "GET  /api/v1/files (not available yet)",
+            "GET  /api/v1/files?snapshot=&path=&repository= (volumes, or an entry and its entries)",
+            "GET  /api/v1/files/download?snapshot=&path=&repository=&format=zip? (operator: a file, or a zip)",
         ]
     }))
 }
@@ -682,7 +683,7 @@ pub async fn prune(
         let n = bulwark_store::maintain::prune::execute(&repo, &decisions)?;
         w.audit
             .record(&t.user, "prune", detail, &format!("ok: {n} removed"));
-        w.cache.refresh(&repo_name);
+        w.cache.changed(&repo_name);
         Ok(json!({"removed": n, "kept": decisions.len() - n}))
     });
     Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))).into_response())
@@ -811,16 +812,8 @@ pub async fn gc(State(web): State<Arc<Web>>, c: Caller, Path(name): Path<String>
         })();
         w.audit.record(&t.user, "gc", json!({"repository": name}), if r.is_ok() { "ok" } else { "failed" });
         let rep = r?;
-        w.cache.refresh(&name);
+        w.cache.changed(&name);
         Ok(json!({"packs_deleted": rep.packs_deleted, "bytes_deleted": rep.bytes_deleted, "packs_condemned": rep.packs_condemned}))
     });
     Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))).into_response())
-}
-
-/// `GET /api/v1/files`: the seam for `bulwark files` (not in this build).
-pub async fn files(_c: Caller) -> ApiError {
-    ApiError(
-        StatusCode::NOT_IMPLEMENTED,
-        super::pages::FILES_UNAVAILABLE.into(),
-    )
 }

@@ -54,7 +54,7 @@ impl Snap {
 }
 
 /// Sizes of a repository's objects.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Sizes {
     /// Every object: packs, index, manifests, chunk lists.
     pub total: u64,
@@ -84,6 +84,13 @@ pub struct RepoView {
 }
 
 impl RepoView {
+    /// The view lists snapshot `id` of `source`.
+    pub fn has(&self, source: &str, id: &Id) -> bool {
+        self.by_source
+            .get(source)
+            .is_some_and(|l| l.iter().any(|s| s.id == *id))
+    }
+
     /// Data bytes per stored byte (1.0 when nothing is stored).
     pub fn dedup_ratio(&self) -> f64 {
         if self.sizes.stored == 0 {
@@ -230,6 +237,17 @@ impl Cache {
         }
     }
 
+    /// Refreshes one repository's view now and forgets the shared handle's
+    /// index (after a change the dashboard made: a GC moves chunks).
+    pub fn changed(&self, name: &str) {
+        if let Some(k) = self.known.get(name) {
+            if let Some(r) = &k.lock().unwrap_or_else(|e| e.into_inner()).repo {
+                r.invalidate_index();
+            }
+        }
+        self.refresh(name);
+    }
+
     /// Refreshes every repository (each failure is kept in its view).
     pub fn refresh_all(&self) {
         for name in self.confs.keys() {
@@ -308,7 +326,13 @@ fn refresh_one(k: &mut Known, name: &str, rc: &RepoConf) -> anyhow::Result<RepoV
     k.snaps.retain(|id, _| keep.contains(id));
     // Backups, prunes and GCs change the sizes; so does time (other hosts).
     if changed || k.sizes_at.is_none_or(|t| t.elapsed() > SIZES_EVERY) {
-        k.sizes = sizes(&repo)?;
+        let now = sizes(&repo)?;
+        // Other packs (a backup, a GC's repack or delete): the shared
+        // handle's index is stale; the next reader loads it again.
+        if changed || now != k.sizes {
+            repo.invalidate_index();
+        }
+        k.sizes = now;
         k.sizes_at = Some(Instant::now());
     }
     let mut v = RepoView::from_snaps(name, &rc.path, k.snaps.values().cloned());

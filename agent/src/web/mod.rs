@@ -16,6 +16,8 @@
 //!   of `bulwark restore vm`, so a cancel is the CLI's interrupt;
 //! - [`cache`]: snapshot summaries per repository, refreshed incrementally
 //!   by listing names; [`peers`]: other hosts' dashboards over HTTPS;
+//! - [`files`]: a snapshot's files, listed and downloaded through
+//!   `bulwark files`' code;
 //! - [`simulate`]: the prune simulator on the store's retention rules;
 //! - [`audit`]: every change, with its user.
 
@@ -23,6 +25,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cache;
+pub mod files;
 pub mod pages;
 pub mod peers;
 pub mod server;

@@ -20,7 +20,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use super::{api, pages, Web};
+use super::{api, files, pages, Web};
 
 /// Every route: the pages, the assets, the JSON API.
 pub fn router(web: Arc<Web>) -> Router {
@@ -45,7 +45,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/repositories", get(api::repositories))
         .route("/repositories/{name}/verify", post(api::verify))
         .route("/repositories/{name}/gc", post(api::gc))
-        .route("/files", get(api::files))
+        .route("/files", get(files::api_list))
+        .route("/files/download", get(files::download))
         .fallback(api::not_found);
     Router::new()
         .route("/", get(pages::overview::page))
@@ -57,7 +58,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/tasks", get(pages::tasks::list))
         .route("/tasks/{id}", get(pages::tasks::one))
         .route("/repositories", get(pages::repos::page))
-        .route("/files", get(pages::files))
+        .route("/files", get(pages::files::page))
         .route("/assets/{file}", get(pages::asset))
         .nest("/api/v1", api)
         .layer(axum::middleware::from_fn(headers))

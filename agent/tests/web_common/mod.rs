@@ -136,6 +136,23 @@ impl Client {
         (status, v)
     }
 
+    /// A GET's status, `X-Bulwark-Refused` header and body bytes.
+    pub fn bytes(&self, path: &str) -> (u16, Option<String>, Vec<u8>) {
+        let r = self.auth(self.agent.get(format!("{}{path}", self.base)), false);
+        let mut resp = r.call().unwrap();
+        let refused = resp
+            .headers()
+            .get("x-bulwark-refused")
+            .map(|h| h.to_str().unwrap().to_string());
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .unwrap();
+        (resp.status().as_u16(), refused, body)
+    }
+
     pub fn get(&self, path: &str) -> (u16, Value) {
         let r = self.auth(self.agent.get(format!("{}{path}", self.base)), false);
         Self::answer(r.call().unwrap())
@@ -415,4 +432,42 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// What [`fs_snapshot`] put in its filesystem.
+pub struct FsSnapshot {
+    pub id: String,
+    /// `vda/etc/motd`'s text.
+    pub motd: String,
+    /// `vda/data/blob.bin`'s bytes.
+    pub blob: Vec<u8>,
+}
+
+/// Backs up a real ext4 image (made by mkfs.ext4 from a directory) as
+/// disk `vda` of source `fsimg`: a snapshot whose files the dashboard lists.
+pub fn fs_snapshot(env: &Env) -> FsSnapshot {
+    let dir = env.path("fs-tree");
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let motd = format!("welcome to {}\n", env.path("").display());
+    let blob = testbed::fsimage::pattern(300 * 1024 + 17, 29);
+    std::fs::write(dir.join("etc/motd"), &motd).unwrap();
+    std::fs::write(dir.join("data/blob.bin"), &blob).unwrap();
+    let image = env.path("fs.ext4");
+    testbed::fsimage::ext4(&dir, &image, 16 << 20, "webfs", &[]).unwrap();
+    let v = env.json(&[
+        "backup",
+        "image",
+        image.to_str().unwrap(),
+        "--source",
+        "fsimg",
+        "--disk",
+        "vda",
+        "--json",
+    ]);
+    FsSnapshot {
+        id: v["snapshot"].as_str().unwrap().to_string(),
+        motd,
+        blob,
+    }
 }

@@ -3,6 +3,7 @@
 //! embedded script fetches the page again with `?fragment=1` and swaps the
 //! region in. Changes go through the JSON API (`data-api` forms).
 
+pub mod files;
 pub mod live;
 pub mod overview;
 pub mod prune;
@@ -31,11 +32,6 @@ const ICON: &[u8] = include_bytes!("../assets/icon.svg");
 pub fn assets_len() -> usize {
     CSS.len() + JS.len() + ICON.len()
 }
-
-/// What the files page says until `bulwark files` exists.
-pub const FILES_UNAVAILABLE: &str =
-    "Browsing a snapshot's files needs `bulwark files`, which this \
-     build does not have yet. Until then: `bulwark mount SNAPSHOT DIR` on the host.";
 
 /// A logged-in caller, or a redirect to the login page.
 pub struct Viewer(pub Caller);
@@ -212,18 +208,6 @@ pub async fn login(Query(q): Query<LoginQuery>) -> Html<String> {
             }
         }
         .into_string(),
-    )
-}
-
-/// `GET /files`: the seam for `bulwark files`.
-pub async fn files(Viewer(c): Viewer) -> Html<String> {
-    layout(
-        "Files",
-        "/files",
-        &c,
-        html! {
-            p.note role="note" { (FILES_UNAVAILABLE) }
-        },
     )
 }
 
