@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::*;
 use serde_json::json;
-use testbed::{Image, Vm, VmOptions};
+use testbed::Image;
 use web::*;
 
 /// Login, the rate limit, sessions, CSRF and roles; plain HTTP beyond
@@ -217,14 +217,7 @@ fn every_endpoint_against_a_real_vm() {
     let users = env.path("users.toml");
     add_user(&env, &users, "ada", "admin");
     add_user(&env, &users, "opa", "operator");
-    let vm = Vm::define(
-        &image,
-        VmOptions {
-            metadata_xml: Some(policy_xml(&policy)),
-            ..VmOptions::default()
-        },
-    )
-    .unwrap();
+    let vm = protected_vm(&image, &policy);
     let name = vm.name().to_string();
     let _agent = Agent::start(
         &env,

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use serde_json::json;
-use testbed::{Console, Image, Vm, VmOptions, BOOT_TIMEOUT};
+use testbed::{Console, Image, BOOT_TIMEOUT};
 use web::*;
 
 #[test]
@@ -23,14 +23,7 @@ fn browser_logs_in_restores_full_and_live_simulates_prune_and_browses_files() {
     let policy = format!("wb-{}", std::process::id());
     let users = env.path("users.toml");
     add_user(&env, &users, "ops", "operator");
-    let vm = Vm::define(
-        &image,
-        VmOptions {
-            metadata_xml: Some(policy_xml(&policy)),
-            ..VmOptions::default()
-        },
-    )
-    .unwrap();
+    let vm = protected_vm(&image, &policy);
     let name = vm.name().to_string();
     let agent = Agent::start(
         &env,

@@ -691,12 +691,8 @@ pub async fn prune(
 
 /// `GET /api/v1/repositories`: sizes, dedup, health, last GC and verify.
 pub async fn repositories(State(web): State<Arc<Web>>, _c: Caller) -> ApiResult {
-    let socket = web.cfg.socket.clone();
     // Without the agent the rows still show the repositories, unchecked.
-    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
-        .await
-        .map_err(ApiError::internal)?
-        .ok();
+    let st = status::ask(&web).await.ok();
     ok(json!(repository_rows(&web, st.as_ref())))
 }
 

@@ -12,11 +12,23 @@ use serde_json::Value;
 
 pub use bulwark_proto::status::{DomainStatus as Domain, Status};
 
+use super::Web;
+
 /// Asks the agent over its control socket.
 pub fn fetch(socket: &Path) -> Result<Status> {
     let reply: Reply<Status> =
         crate::daemon::request(socket, &Request::Status, Duration::from_secs(30))?;
     reply.into_result().context("agent")
+}
+
+/// [`fetch`] off the runtime, for a handler: the status, or why there is
+/// none.
+pub async fn ask(web: &Web) -> Result<Status, String> {
+    let socket = web.cfg.socket.clone();
+    tokio::task::spawn_blocking(move || fetch(&socket))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| format!("{e:#}")))
 }
 
 /// The document exactly as `bulwark agent status --json` prints it

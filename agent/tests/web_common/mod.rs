@@ -471,3 +471,15 @@ pub fn fs_snapshot(env: &Env) -> FsSnapshot {
         blob,
     }
 }
+
+/// A test VM whose domain XML names `policy`.
+pub fn protected_vm(image: &testbed::Image, policy: &str) -> testbed::Vm {
+    testbed::Vm::define(
+        image,
+        testbed::VmOptions {
+            metadata_xml: Some(super::common::policy_xml(policy)),
+            ..testbed::VmOptions::default()
+        },
+    )
+    .unwrap()
+}

@@ -90,22 +90,30 @@ const NAV: [(&str, &str); 7] = [
     ("/files", "Files"),
 ];
 
+/// The `<head>`: the page's title, the CSRF token the script sends back,
+/// the embedded assets (their URLs change with the version: cached safely).
+fn head(title: &str, csrf: &str) -> Markup {
+    let v = env!("CARGO_PKG_VERSION");
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            meta name="csrf-token" content=(csrf);
+            title { (title) " · Bulwark" }
+            link rel="icon" href={"/assets/icon.svg?v=" (v)};
+            link rel="stylesheet" href={"/assets/app.css?v=" (v)};
+            script src={"/assets/app.js?v=" (v)} defer {}
+        }
+    }
+}
+
 /// A whole page: head, navigation, the caller, `body`.
 pub fn layout(title: &str, here: &str, c: &Caller, body: Markup) -> Html<String> {
-    let v = env!("CARGO_PKG_VERSION");
     Html(
         html! {
             (DOCTYPE)
             html lang="en" {
-                head {
-                    meta charset="utf-8";
-                    meta name="viewport" content="width=device-width, initial-scale=1";
-                    meta name="csrf-token" content=(c.csrf.as_deref().unwrap_or(""));
-                    title { (title) " · Bulwark" }
-                    link rel="icon" href={"/assets/icon.svg?v=" (v)};
-                    link rel="stylesheet" href={"/assets/app.css?v=" (v)};
-                    script src={"/assets/app.js?v=" (v)} defer {}
-                }
+                (head(title, c.csrf.as_deref().unwrap_or("")))
                 body {
                     a.skip href="#main" { "Skip to content" }
                     header.top {
@@ -179,19 +187,11 @@ pub async fn login(Query(q): Query<LoginQuery>) -> Html<String> {
         .next
         .filter(|n| n.starts_with('/') && !n.starts_with("//"))
         .unwrap_or_else(|| "/".into());
-    let v = env!("CARGO_PKG_VERSION");
     Html(
         html! {
             (DOCTYPE)
             html lang="en" {
-                head {
-                    meta charset="utf-8";
-                    meta name="viewport" content="width=device-width, initial-scale=1";
-                    title { "Log in · Bulwark" }
-                    link rel="icon" href={"/assets/icon.svg?v=" (v)};
-                    link rel="stylesheet" href={"/assets/app.css?v=" (v)};
-                    script src={"/assets/app.js?v=" (v)} defer {}
-                }
+                (head("Log in", ""))
                 body.login {
                     main #main {
                         h1 { "Bulwark" }

@@ -36,11 +36,7 @@ pub async fn page(
     Viewer(c): Viewer,
     Query(f): Query<Fragment>,
 ) -> Response {
-    let socket = web.cfg.socket.clone();
-    let local = tokio::task::spawn_blocking(move || status::fetch(&socket))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| format!("{e:#}")));
+    let local = status::ask(&web).await;
     let mut hosts = vec![Host {
         name: local
             .as_ref()

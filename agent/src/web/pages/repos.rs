@@ -18,11 +18,7 @@ pub async fn page(
     Viewer(c): Viewer,
     Query(f): Query<Fragment>,
 ) -> Response {
-    let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
-        .await
-        .ok()
-        .and_then(|r| r.ok());
+    let st = status::ask(&web).await.ok();
     let rows = crate::web::api::repository_rows(&web, st.as_ref());
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let region = html! {

@@ -33,11 +33,7 @@ pub async fn list(
     Viewer(c): Viewer,
     Query(f): Query<Fragment>,
 ) -> Response {
-    let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
-        .await
-        .ok()
-        .and_then(|r| r.ok());
+    let st = status::ask(&web).await.ok();
     let tasks: Vec<Value> = web.tasks.all().iter().map(|t| t.to_json(false)).collect();
     let region = html! {
         h2 { "From this dashboard" }

@@ -22,11 +22,7 @@ pub async fn page(
     Path(name): Path<String>,
     Query(f): Query<Fragment>,
 ) -> Response {
-    let socket = web.cfg.socket.clone();
-    let st = tokio::task::spawn_blocking(move || status::fetch(&socket))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| format!("{e:#}")));
+    let st = status::ask(&web).await;
     let url = format!("/vm/{}?fragment=1", super::url_encode(&name));
     let region = live_region("vm", &url, 10, details(&web, &name, &st));
     let actions = actions(&web, &name, &st, c.role);
