@@ -27,6 +27,7 @@ PACKAGES=(
     restic python3-aiosmtpd
     mount util-linux coreutils gzip cpio xz-utils zstd
     dpkg-dev  # package test: dpkg-shlibdeps (systemctl, systemd-analyze used if present)
+    chromium chromium-driver  # dashboard browser tests (headless, WebDriver)
     lintian man-db zsh fish  # package test: lintian, `man -l`, completion scripts
     radosgw ceph-mon ceph-osd ceph-common curl  # scripts/s3-lock-server.sh: S3 with Object Lock
     xfsprogs dosfstools mtools ntfs-3g lvm2  # bulwark files tests: real filesystem images

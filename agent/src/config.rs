@@ -77,6 +77,9 @@ pub struct Config {
     /// (another site), by name.
     #[serde(default)]
     pub sync: BTreeMap<String, SyncConf>,
+    /// The dashboard (`bulwark web`).
+    #[serde(default)]
+    pub web: Option<crate::web::WebConf>,
 }
 
 /// A sync job (`[sync.NAME]`): on `schedule`, copy the snapshots of `from`

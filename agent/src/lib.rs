@@ -23,6 +23,7 @@ pub mod statefile;
 pub mod target;
 pub mod units;
 pub mod vm;
+pub mod web;
 
 use clap::{Parser, Subcommand};
 
@@ -101,6 +102,8 @@ pub enum Command {
     Hook(cmd::vm::HookCmd),
     /// Measure the throughput of each primitive and of the backup pipeline.
     Benchmark(cmd::bench::Args),
+    /// The dashboard (`[web]` in the agent's config) and its users.
+    Web(cmd::web::Args),
     /// Print the shell completion script (bash, zsh, fish, ...).
     Completions(cmd::completions::Args),
 }
@@ -126,6 +129,7 @@ pub fn main() -> i32 {
         Command::Unprotect(a) => cmd::vm::unprotect(a),
         Command::Hook(c) => cmd::vm::hook(c),
         Command::Agent(c) => cmd::agent::run(c),
+        Command::Web(a) => cmd::web::run(a),
         Command::Completions(a) => cmd::completions::run(a),
     };
     match r {

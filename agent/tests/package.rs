@@ -788,6 +788,8 @@ fn config_man_page_describes_every_field() {
         ("[enforce]", "[enforce]\n"),
         ("[smtp]", "[smtp]\n"),
         ("[sync.NAME]", "[sync.x]\n"),
+        ("[web]", "[web]\n"),
+        ("[web.peers]", "[[web.peers]]\n"),
     ] {
         let doc = format!("{table}no_such_key_at_all = 1\n");
         let e = toml::from_str::<bulwark::config::Config>(&doc)

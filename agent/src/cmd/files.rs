@@ -8,9 +8,9 @@
 //! (an entry with type, size, mode, owner, mtime; a tree to walk), so any
 //! other source of files can plug in.
 
-mod archive;
+pub(crate) mod archive;
 mod extract;
-mod list;
+pub(crate) mod list;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -159,14 +159,14 @@ pub(crate) struct Located {
 }
 
 /// What a path names.
-enum Target<'a> {
+pub(crate) enum Target<'a> {
     /// Volumes (all of them, or those of one disk).
     Volumes(Vec<&'a Volume>),
     Node(Located),
 }
 
 /// An opened snapshot: its disks and what is on them.
-struct Session {
+pub(crate) struct Session {
     readers: Vec<Arc<DiskReader>>,
     volumes: Vec<Volume>,
     started: Instant,
@@ -174,10 +174,19 @@ struct Session {
 
 impl Session {
     fn open(g: &Global, c: &Common) -> Result<Self> {
+        Session::open_in(Arc::new(secret::open(g)?), &c.snapshot, c.cache_mib)
+    }
+
+    /// Opens `snapshot` (id, prefix, SOURCE@latest) of an open repository
+    /// with `cache_mib` MiB for decrypted chunks (the dashboard's files).
+    pub(crate) fn open_in(
+        repo: Arc<bulwark_store::Repository>,
+        snapshot: &str,
+        cache_mib: usize,
+    ) -> Result<Self> {
         let started = Instant::now();
-        let repo = Arc::new(secret::open(g)?);
-        let snap = repo.while_loading_index(|| repo.find_snapshot(&c.snapshot))?;
-        let cache = (c.cache_mib << 20) / snap.disks.len().max(1);
+        let snap = repo.while_loading_index(|| repo.find_snapshot(snapshot))?;
+        let cache = (cache_mib << 20) / snap.disks.len().max(1);
         let mut readers = Vec::new();
         let mut disks: Vec<(String, Arc<dyn fsread::ReadAt>)> = Vec::new();
         for d in &snap.disks {
@@ -214,7 +223,7 @@ impl Session {
 
     /// What `path` names: nothing (every volume), a disk holding volumes,
     /// or an entry of a filesystem.
-    fn resolve(&self, path: &str) -> Result<Target<'_>> {
+    pub(crate) fn resolve(&self, path: &str) -> Result<Target<'_>> {
         let path = path.trim_matches('/');
         if path.is_empty() {
             return Ok(Target::Volumes(self.volumes.iter().collect()));

@@ -18,3 +18,4 @@ pub mod snapshots;
 pub mod sync;
 pub mod verify;
 pub mod vm;
+pub mod web;

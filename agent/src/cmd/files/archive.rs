@@ -4,7 +4,7 @@
 //! tree, device files) stays out of archives too: whoever unpacks one later
 //! gets nothing the VM's owner could aim outside it.
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,14 +16,20 @@ use super::list::each_below;
 use super::Located;
 
 pub(super) fn to_stdout(f: &Located) -> Result<i32> {
+    let out = std::io::stdout();
+    copy_file(f, &mut out.lock())?;
+    Ok(0)
+}
+
+/// Writes file `f`'s bytes into `w`.
+pub(crate) fn copy_file(f: &Located, w: &mut dyn Write) -> Result<()> {
     if f.node.meta.kind != Kind::File {
         bail!("{} is a {}, not a file", f.path, f.node.meta.kind.name());
     }
-    let out = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, out.lock());
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, w);
     std::io::copy(&mut Content::new(f), &mut out).with_context(|| format!("reading {}", f.path))?;
     out.flush()?;
-    Ok(0)
+    Ok(())
 }
 
 /// Reads a file of a tree from start to end.
@@ -160,7 +166,15 @@ fn tar_header(m: &Meta) -> tar::Header {
 }
 
 pub(super) fn zip(sources: &[Located], file: &Path) -> Result<i32> {
-    let mut z = zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, create(file)?));
+    let out = std::io::BufWriter::with_capacity(1 << 20, create(file)?);
+    let (refused, errors) = zip_into(sources, out)?;
+    report(file, refused, errors)
+}
+
+/// Writes `sources` as a zip archive into `out`; the entries refused and
+/// failed (each reported on stderr).
+pub(crate) fn zip_into<W: Write + Seek>(sources: &[Located], out: W) -> Result<(usize, usize)> {
+    let mut z = zip::ZipWriter::new(out);
     let mut plan = Plan::default();
     let mut errors = 0;
     for s in sources {
@@ -189,7 +203,7 @@ pub(super) fn zip(sources: &[Located], file: &Path) -> Result<i32> {
         });
     }
     z.finish()?.flush()?;
-    report(file, plan.refused, errors)
+    Ok((plan.refused, errors))
 }
 
 /// A zip time (1980 to 2107, 2 s steps; UTC): clamped into that range.

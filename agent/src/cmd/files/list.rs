@@ -84,7 +84,7 @@ fn name_of(path: &str) -> &str {
 
 /// Calls `f` for each entry of directory `dir`, sorted by name. Names a
 /// path cannot hold (`/`, NUL) are reported and skipped.
-pub(super) fn children(dir: &Located, f: &mut dyn FnMut(&Located) -> Result<()>) -> Result<()> {
+pub(crate) fn children(dir: &Located, f: &mut dyn FnMut(&Located) -> Result<()>) -> Result<()> {
     let mut entries = dir.tree.list(&dir.node)?;
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     for e in entries {
@@ -196,7 +196,8 @@ fn print_volumes(vols: &[&Volume], json: bool) -> Result<()> {
     Ok(())
 }
 
-fn volume_json(v: &Volume) -> Value {
+/// A volume as `--json` shows it.
+pub(crate) fn volume_json(v: &Volume) -> Value {
     let mut j = json!({
         "path": v.path,
         "size": v.size,
@@ -276,7 +277,7 @@ fn link_target(e: &Located) -> Option<String> {
 }
 
 /// An entry as `--json` shows it.
-pub(super) fn entry_json(e: &Located) -> Value {
+pub(crate) fn entry_json(e: &Located) -> Value {
     let m = &e.node.meta;
     json!({
         "path": e.path,
