@@ -62,7 +62,7 @@ fn copy_rate(from: &str, to: &str, json: bool) -> Result<i32> {
     src.cache = None;
     dst.cache = None;
     let (src, dst) = (src.backend()?, dst.backend()?);
-    let parallel = dst.upload_concurrency();
+    let parallel = bulwark_store::sync::default_parallel(src.as_ref(), dst.as_ref());
     let (bytes, secs) =
         bulwark_store::bench::copy_objects(src.as_ref(), dst.as_ref(), "data/", parallel)?;
     let mib_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9);

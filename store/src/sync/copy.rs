@@ -50,7 +50,7 @@ impl SyncPlan {
             ..Default::default()
         };
         let parallel = match opts.parallel {
-            0 => dst.upload_concurrency(),
+            0 => super::default_parallel(src, dst),
             n => n,
         };
         let mut copier = Copier {

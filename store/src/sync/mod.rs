@@ -38,8 +38,7 @@ pub struct SyncOptions {
     pub remove_vanished: bool,
     /// Copy at most this many MiB per second (packs and metadata).
     pub rate_mib_per_sec: Option<f64>,
-    /// Pack copies in flight at once (0: the destination's upload
-    /// concurrency).
+    /// Pack copies in flight at once (0: [`default_parallel`]).
     pub parallel: usize,
     pub dry_run: bool,
     /// The destination's retention (local time): copy only the snapshots
@@ -77,6 +76,12 @@ pub struct Failure {
     pub snapshot: Id,
     pub source: String,
     pub error: String,
+}
+
+/// Pack copies in flight by default: each is a whole-object read and a
+/// whole-object write, so as many as either side allows.
+pub fn default_parallel(src: &dyn Backend, dst: &dyn Backend) -> usize {
+    dst.upload_concurrency().max(src.read_concurrency())
 }
 
 /// Syncs `src` into `dst` (plans, then unless `dry_run` copies).
