@@ -84,7 +84,8 @@ pub struct Config {
 
 /// A sync job (`[sync.NAME]`): on `schedule`, copy the snapshots of `from`
 /// the filters select into `to` (a replica of it), then apply the
-/// destination's own retention there. Needs no key of either (docs/s3.md).
+/// destination's own retention there. Needs no key of either
+/// (docs/replication.md).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConf {
