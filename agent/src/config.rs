@@ -125,14 +125,14 @@ pub struct SyncConf {
 impl SyncConf {
     /// The destination's retention; `None` when it sets no number.
     pub fn keep(&self) -> Option<bulwark_store::maintain::retention::KeepOptions> {
-        let k = bulwark_store::maintain::retention::KeepOptions {
-            keep_last: self.keep_last.unwrap_or(0),
-            keep_hourly: self.keep_hourly.unwrap_or(0),
-            keep_daily: self.keep_daily.unwrap_or(0),
-            keep_weekly: self.keep_weekly.unwrap_or(0),
-            keep_monthly: self.keep_monthly.unwrap_or(0),
-            keep_yearly: self.keep_yearly.unwrap_or(0),
-        };
+        let k = keep_options([
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ]);
         k.any().then_some(k)
     }
 
@@ -268,14 +268,28 @@ pub struct PolicyConf {
 impl PolicyConf {
     /// The retention numbers, for prune (unset numbers are rules left off).
     pub fn keep(&self) -> bulwark_store::maintain::retention::KeepOptions {
-        bulwark_store::maintain::retention::KeepOptions {
-            keep_last: self.keep_last.unwrap_or(0),
-            keep_hourly: self.keep_hourly.unwrap_or(0),
-            keep_daily: self.keep_daily.unwrap_or(0),
-            keep_weekly: self.keep_weekly.unwrap_or(0),
-            keep_monthly: self.keep_monthly.unwrap_or(0),
-            keep_yearly: self.keep_yearly.unwrap_or(0),
-        }
+        keep_options([
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ])
+    }
+}
+
+/// `keep_last` .. `keep_yearly` as prune takes them (unset: the rule is off).
+fn keep_options(
+    [last, hourly, daily, weekly, monthly, yearly]: [Option<u32>; 6],
+) -> bulwark_store::maintain::retention::KeepOptions {
+    bulwark_store::maintain::retention::KeepOptions {
+        keep_last: last.unwrap_or(0),
+        keep_hourly: hourly.unwrap_or(0),
+        keep_daily: daily.unwrap_or(0),
+        keep_weekly: weekly.unwrap_or(0),
+        keep_monthly: monthly.unwrap_or(0),
+        keep_yearly: yearly.unwrap_or(0),
     }
 }
 

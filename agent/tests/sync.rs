@@ -172,39 +172,35 @@ fn s3_entry(name: &str, url: &str, server: &S3Server, creds: &Path) -> String {
     )
 }
 
-fn count_packs(dir: &Path) -> usize {
+/// Every file under `dir`: its name and size (s3s-fs keeps one file per
+/// object).
+fn files_under(dir: &Path) -> Vec<(String, u64)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
+        return Vec::new();
     };
     rd.flatten()
-        .map(|e| {
+        .flat_map(|e| {
             let p = e.path();
             if p.is_dir() {
-                count_packs(&p)
+                files_under(&p)
             } else {
-                let n = e.file_name();
-                usize::from(
-                    n.len() == 64 && n.to_string_lossy().bytes().all(|b| b.is_ascii_hexdigit()),
-                )
+                let len = e.metadata().map_or(0, |m| m.len());
+                vec![(e.file_name().to_string_lossy().into_owned(), len)]
             }
         })
-        .sum()
+        .collect()
+}
+
+/// Pack objects under `dir` (named by 64 hex digits).
+fn count_packs(dir: &Path) -> usize {
+    files_under(dir)
+        .iter()
+        .filter(|(n, _)| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .count()
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| {
-            let p = e.path();
-            if p.is_dir() {
-                dir_bytes(&p)
-            } else {
-                e.metadata().map_or(0, |m| m.len())
-            }
-        })
-        .sum()
+    files_under(dir).iter().map(|(_, len)| len).sum()
 }
 
 fn n(v: &serde_json::Value, field: &str) -> u64 {

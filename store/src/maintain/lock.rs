@@ -237,8 +237,8 @@ pub fn last_pass(repo: &Repository) -> Result<Option<Pass>> {
 }
 
 /// Every object the repository's snapshots need, by name: config, key
-/// slots, index objects, manifests, their chunk lists, and the packs the
-/// index reads their chunks from.
+/// slots, index objects, manifests, their chunk lists and sync records,
+/// and the packs the index reads their chunks from.
 pub fn needed_objects(repo: &Repository) -> Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
     names.insert(layout::CONFIG.to_string());
@@ -247,8 +247,13 @@ pub fn needed_objects(repo: &Repository) -> Result<BTreeSet<String>> {
     }
     let index = repo.index()?;
     let mut packs = IdSet::default();
+    // A kept snapshot's sync record too: a replica is made from it.
+    let records = crate::repo::sync_records::newest(repo.backend().as_ref())?;
     for snap in repo.snapshots()? {
         names.insert(layout::snapshot(&snap.id));
+        if let Some(r) = records.get(&snap.id) {
+            names.insert(r.clone());
+        }
         for d in snap.chunk_lists() {
             names.insert(layout::chunk_list(&d.chunk_list));
             for c in repo
