@@ -539,4 +539,28 @@ mod tests {
         let m = n.success(&bare, t(2)).unwrap();
         assert_eq!(m.subject, "bulwark: VM web01 on pve1 is protected now");
     }
+
+    #[test]
+    fn a_failing_sync_job_mails_once_with_its_lag_and_once_on_recovery() {
+        let c = contacts();
+        let sync = Job {
+            task: Task::Sync,
+            vm: "",
+            policy: "sync:offsite",
+            repository: "offsite",
+            contacts: &c,
+        };
+        let mut n = Notifier::new("backup1", NotifierState::default());
+        let why = "endpoint unreachable (offsite is 3days behind main)";
+        let m = n.failure(&sync, why, &[], t(0)).unwrap();
+        assert_eq!(m.subject, "bulwark: sync offsite failed on backup1");
+        assert!(m
+            .body
+            .starts_with("The sync job offsite into repository offsite failed."));
+        assert!(m.body.contains("3days behind main"), "{}", m.body);
+        assert!(!m.body.contains("VM:"), "{}", m.body);
+        assert!(n.failure(&sync, why, &[], t(1)).is_none(), "one per streak");
+        let m = n.success(&sync, t(2)).unwrap();
+        assert_eq!(m.subject, "bulwark: sync offsite recovered on backup1");
+    }
 }
