@@ -16,16 +16,19 @@ use crate::Global;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The source and destination as names of `[repositories.X]` in
-    /// `--config` (`bulwark sync main offsite --config F`).
-    #[arg(num_args = 0..=2, value_names = ["FROM", "TO"])]
-    names: Vec<String>,
+    /// The source: a name of `[repositories.X]` in `--config`, or a
+    /// location (`bulwark sync main offsite --config F`).
+    #[arg(value_name = "FROM", conflicts_with_all = ["from", "to"], requires = "to_name")]
+    from_name: Option<String>,
+    /// The destination, the same way.
+    #[arg(value_name = "TO")]
+    to_name: Option<String>,
     /// The source repository, as `--repo` takes it (or a name with --config).
-    #[arg(long, conflicts_with = "names")]
+    #[arg(long, requires = "to")]
     from: Option<String>,
     /// The destination: a replica of the source (`bulwark repo init
     /// --replica-of SOURCE`).
-    #[arg(long, conflicts_with = "names")]
+    #[arg(long, requires = "from")]
     to: Option<String>,
     /// The agent config whose repositories the names refer to.
     #[arg(long)]
@@ -119,9 +122,10 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
 
 /// FROM and TO from `--from/--to` or the two names.
 fn endpoints(a: &Args) -> Result<(String, String)> {
-    match (&a.from, &a.to, a.names.as_slice()) {
-        (Some(f), Some(t), []) => Ok((f.clone(), t.clone())),
-        (None, None, [f, t]) => Ok((f.clone(), t.clone())),
+    match (&a.from, &a.to, &a.from_name, &a.to_name) {
+        (Some(f), Some(t), None, None) | (None, None, Some(f), Some(t)) => {
+            Ok((f.clone(), t.clone()))
+        }
         _ => bail!("name the source and the destination: --from SOURCE --to DEST, or FROM TO"),
     }
 }
