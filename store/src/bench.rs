@@ -261,39 +261,14 @@ pub fn copy_objects(
     parallel: usize,
 ) -> Result<(u64, f64)> {
     let objects = src.list(prefix)?;
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let bytes = std::sync::atomic::AtomicU64::new(0);
     let started = Instant::now();
-    let results: Vec<Result<u64>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..parallel.max(1))
-            .map(|_| {
-                s.spawn(|| -> Result<u64> {
-                    let mut bytes = 0;
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(o) = objects.get(i) else {
-                            return Ok(bytes);
-                        };
-                        let data = src.get(&o.name)?;
-                        dst.put(&o.name, &data)?;
-                        bytes += data.len() as u64;
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    Err(crate::error::Error::Invalid(
-                        "a copy thread panicked".into(),
-                    ))
-                })
-            })
-            .collect()
-    });
-    let mut total = 0;
-    for r in results {
-        total += r?;
-    }
+    crate::repo::for_each_parallel(&objects, parallel, |o| {
+        let data = src.get(&o.name)?;
+        dst.put(&o.name, &data)?;
+        bytes.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    })?;
+    let total = bytes.into_inner();
     Ok((total, started.elapsed().as_secs_f64()))
 }

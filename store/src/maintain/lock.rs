@@ -357,27 +357,7 @@ fn run_parallel<T: Sync>(
     items: &[T],
     f: impl Fn(&T) -> std::result::Result<(), BackendError> + Sync,
 ) -> Result<()> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed = std::sync::Mutex::new(None);
-    std::thread::scope(|sc| {
-        for _ in 0..THREADS.min(items.len()) {
-            sc.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                if let Err(e) = f(item) {
-                    failed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e);
-                    next.store(items.len(), std::sync::atomic::Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e.into()),
-        None => Ok(()),
-    }
+    crate::repo::for_each_parallel(items, THREADS, |it| Ok(f(it)?))
 }
 
 // ---- reclaim (GC) -----------------------------------------------------

@@ -29,30 +29,18 @@ pub fn plan<Tz: TimeZone>(
     keep: &KeepOptions,
     tz: &Tz,
 ) -> Result<Vec<Decision>> {
-    // Groups by (source, policy), in order of first appearance.
-    let mut groups: Vec<Vec<Snapshot>> = Vec::new();
-    for s in snapshots {
-        match groups.iter_mut().find(|g| g[0].group() == s.group()) {
-            Some(g) => g.push(s),
-            None => groups.push(vec![s]),
-        }
-    }
-    let mut out = Vec::new();
-    for mut snaps in groups {
-        // Oldest first, as `apply` breaks ties in time by position.
-        snaps.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
-        let times: Vec<_> = snaps.iter().map(|s| s.time).collect();
-        let rules =
-            retention::apply(&times, keep, tz).map_err(|e| Error::Invalid(e.to_string()))?;
-        out.extend(
-            snaps
-                .into_iter()
-                .zip(rules)
-                .map(|(snapshot, rule)| Decision { snapshot, rule })
-                .rev(),
-        );
-    }
-    Ok(out)
+    let decided = retention::by_group(
+        snapshots,
+        |s| (s.source.clone(), s.policy.clone()),
+        |s| (s.time, s.id),
+        keep,
+        tz,
+    )
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(decided
+        .into_iter()
+        .map(|(snapshot, rule)| Decision { snapshot, rule })
+        .collect())
 }
 
 /// Removes the snapshots `decisions` do not keep; returns how many.

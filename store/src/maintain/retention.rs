@@ -119,6 +119,37 @@ pub enum RetentionError {
     NoRule,
 }
 
+/// The rules applied group by group: `items` grouped by `group` (groups in
+/// order of first appearance), each group ordered oldest first by
+/// `order` (time, then a tie-breaking id), every item returned with the
+/// rule that keeps it, newest first within its group. Prune (snapshots)
+/// and a replica's retention (sync records) both decide through here.
+pub fn by_group<T, G: PartialEq, Tz: TimeZone>(
+    items: Vec<T>,
+    group: impl Fn(&T) -> G,
+    order: impl Fn(&T) -> (DateTime<Utc>, crate::format::id::Id),
+    keep: &KeepOptions,
+    tz: &Tz,
+) -> Result<Vec<(T, Option<Rule>)>, RetentionError> {
+    let mut groups: Vec<(G, Vec<T>)> = Vec::new();
+    for it in items {
+        let g = group(&it);
+        match groups.iter_mut().find(|(k, _)| *k == g) {
+            Some((_, members)) => members.push(it),
+            None => groups.push((g, vec![it])),
+        }
+    }
+    let mut out = Vec::new();
+    for (_, mut members) in groups {
+        // Oldest first, as `apply` breaks ties in time by position.
+        members.sort_by_key(|it| order(it));
+        let times: Vec<_> = members.iter().map(|it| order(it).0).collect();
+        let rules = apply(&times, keep, tz)?;
+        out.extend(members.into_iter().zip(rules).rev());
+    }
+    Ok(out)
+}
+
 /// For each of `times` (any order), the rule that keeps it, or `None` if it
 /// is to be removed. Ties in time are broken by position (later = newer).
 pub fn apply<Tz: TimeZone>(

@@ -464,6 +464,36 @@ impl Repository {
     }
 }
 
+/// `f` on every item from up to `threads` threads; the first error wins
+/// and the others stop after the item they are on.
+pub(crate) fn for_each_parallel<T: Sync>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|sc| {
+        for _ in 0..threads.max(1).min(items.len()) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                if let Err(e) = f(item) {
+                    failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                    next.store(items.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// `load` of every name, on up to 8 threads (on S3 each is a round
 /// trip), in the order of `names`; the first error wins.
 pub(crate) fn load_each<T: Send>(

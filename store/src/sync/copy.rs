@@ -4,7 +4,6 @@
 //! record, the manifest last.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -137,7 +136,7 @@ impl Copier<'_> {
     }
 
     /// Copies the packs of `packs` the destination lacks, `parallel` at
-    /// a time; the first failure wins (the others finish first).
+    /// a time; the first failure wins (the others stop after their pack).
     fn packs(&self, packs: &[Id], plan: &SyncPlan) -> Result<()> {
         let todo: Vec<&Frame> = {
             let have = self.dst_packs.lock().unwrap_or_else(|p| p.into_inner());
@@ -147,27 +146,7 @@ impl Copier<'_> {
                 .filter_map(|p| plan.frames.get(p))
                 .collect()
         };
-        let next = AtomicUsize::new(0);
-        let failed: Mutex<Option<Error>> = Mutex::new(None);
-        std::thread::scope(|sc| {
-            for _ in 0..self.parallel.min(todo.len()) {
-                sc.spawn(|| {
-                    while let Some(f) = todo.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        if let Err(e) = self.pack(f) {
-                            failed
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        crate::repo::for_each_parallel(&todo, self.parallel, |f| self.pack(f))
     }
 
     /// One pack: read, checked against its frame, written.

@@ -164,7 +164,7 @@ fn same_family(src: &dyn Backend, dst: &dyn Backend) -> Result<crate::repo::Repo
 }
 
 /// The newest record of every snapshot, loaded in parallel.
-fn load_records(backend: &dyn Backend) -> Result<Vec<SyncRecord>> {
+pub(super) fn load_records(backend: &dyn Backend) -> Result<Vec<SyncRecord>> {
     let names: Vec<String> = sync_records::newest(backend)?.into_values().collect();
     let loaded = load_each(&names, |n| sync_records::load(backend, n))?;
     Ok(loaded.into_iter().flatten().collect())

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::format::layout;
 use crate::format::sync_record::SyncRecord;
 use crate::maintain::retention::{self, KeepOptions, Rule};
-use crate::repo::{self, sync_records};
+use crate::repo;
 
 /// One replica snapshot and the rule that keeps it (`None`: removed).
 #[derive(Clone, Debug)]
@@ -32,28 +32,23 @@ pub fn worth_copying<'a, Tz: TimeZone>(
     tz: &Tz,
 ) -> Result<Vec<&'a SyncRecord>> {
     let there = replica_records(dst)?;
-    // Per group, its snapshots and whether each is one to copy.
-    type Group<'r> = (&'r str, Option<&'r str>);
-    let mut by_group: std::collections::BTreeMap<Group, Vec<(&SyncRecord, bool)>> =
-        Default::default();
-    for r in there.iter() {
-        by_group.entry(r.group()).or_default().push((r, false));
-    }
-    for r in &todo {
-        by_group.entry(r.group()).or_default().push((r, true));
-    }
-    let mut wanted = std::collections::BTreeSet::new();
-    for mut snaps in by_group.into_values() {
-        snaps.sort_by_key(|(r, _)| (r.time, r.snapshot));
-        let times: Vec<_> = snaps.iter().map(|(r, _)| r.time).collect();
-        let rules =
-            retention::apply(&times, keep, tz).map_err(|e| Error::Invalid(e.to_string()))?;
-        for ((r, new), rule) in snaps.into_iter().zip(rules) {
-            if new && rule.is_some() {
-                wanted.insert(r.snapshot);
-            }
-        }
-    }
+    // Each with whether it is one to copy.
+    let all = there
+        .iter()
+        .map(|r| (r, false))
+        .chain(todo.iter().map(|r| (*r, true)));
+    let wanted: std::collections::BTreeSet<_> = retention::by_group(
+        all.collect(),
+        |(r, _)| r.group(),
+        |(r, _)| (r.time, r.snapshot),
+        keep,
+        tz,
+    )
+    .map_err(|e| Error::Invalid(e.to_string()))?
+    .into_iter()
+    .filter(|((_, new), rule)| *new && rule.is_some())
+    .map(|((r, _), _)| r.snapshot)
+    .collect();
     Ok(todo
         .into_iter()
         .filter(|r| wanted.contains(&r.snapshot))
@@ -65,13 +60,8 @@ pub fn worth_copying<'a, Tz: TimeZone>(
 /// count as a kept snapshot).
 fn replica_records(dst: &dyn Backend) -> Result<Vec<SyncRecord>> {
     let manifests = super::plan::ids_under(dst, layout::SNAPSHOTS)?;
-    let mut records = Vec::new();
-    for (id, name) in sync_records::newest(dst)? {
-        if manifests.contains(&id) {
-            // A record gone meanwhile was pruned by someone else.
-            records.extend(sync_records::load(dst, &name)?);
-        }
-    }
+    let mut records = super::plan::load_records(dst)?;
+    records.retain(|r| manifests.contains(&r.snapshot));
     Ok(records)
 }
 
@@ -90,30 +80,19 @@ pub fn plan<Tz: TimeZone>(
         ..filters.clone()
     };
     let records = replica_records(dst)?;
-    let mut by_group: std::collections::BTreeMap<(String, Option<String>), Vec<SyncRecord>> =
-        Default::default();
-    for r in groups.select(&records) {
-        let (s, p) = r.group();
-        by_group
-            .entry((s.to_string(), p.map(String::from)))
-            .or_default()
-            .push(r.clone());
-    }
-    let mut out = Vec::new();
-    for snaps in by_group.into_values() {
-        // Oldest first (as `select` returns them), as `apply` breaks ties.
-        let times: Vec<_> = snaps.iter().map(|r| r.time).collect();
-        let rules =
-            retention::apply(&times, keep, tz).map_err(|e| Error::Invalid(e.to_string()))?;
-        out.extend(
-            snaps
-                .into_iter()
-                .zip(rules)
-                .map(|(record, rule)| Retained { record, rule })
-                .rev(),
-        );
-    }
-    Ok(out)
+    let selected = groups.select(&records).into_iter().cloned().collect();
+    let decided = retention::by_group(
+        selected,
+        |r: &SyncRecord| (r.source.clone(), r.policy.clone()),
+        |r| (r.time, r.snapshot),
+        keep,
+        tz,
+    )
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(decided
+        .into_iter()
+        .map(|(record, rule)| Retained { record, rule })
+        .collect())
 }
 
 /// Removes the snapshots the plan does not keep; returns how many.
