@@ -213,6 +213,17 @@ impl RepoConf {
         Ok(l)
     }
 
+    /// The repository's backend as `role`, without the local cache: what a
+    /// sync reads or writes is whole objects, once each.
+    pub fn backend_uncached(
+        &self,
+        role: Role,
+    ) -> Result<std::sync::Arc<dyn bulwark_store::Backend>> {
+        let mut l = self.location_as(role)?;
+        l.cache = None;
+        Ok(l.backend()?)
+    }
+
     /// Whether the config names a key or password file (a replica only
     /// syncs touch may have neither).
     pub fn has_key(&self) -> bool {

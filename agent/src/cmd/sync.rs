@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use bulwark_store::sync::{Filters, SyncOptions, SyncPlan, SyncReport};
-use bulwark_store::{Backend, Location};
+use bulwark_store::Backend;
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, Role};
@@ -139,15 +139,17 @@ pub fn resolve(
     config: Option<&Config>,
     role: Role,
 ) -> Result<std::sync::Arc<dyn Backend>> {
-    let mut location: Location = match config.and_then(|c| c.repositories.get(spec)) {
-        Some(r) => r.location_as(role)?,
+    match config.and_then(|c| c.repositories.get(spec)) {
+        Some(r) => r.backend_uncached(role),
         None if config.is_some() && !looks_like_location(spec) => {
             bail!("no repository {spec:?} in the config ([repositories.{spec}])")
         }
-        None => g.backend.location(spec),
-    };
-    location.cache = None;
-    Ok(location.backend()?)
+        None => {
+            let mut location = g.backend.location(spec);
+            location.cache = None;
+            Ok(location.backend()?)
+        }
+    }
 }
 
 fn looks_like_location(spec: &str) -> bool {

@@ -23,12 +23,8 @@ struct Outcome {
 /// Copy, then prune the destination by its own rules.
 fn sync_and_prune(cfg: &crate::config::Config, job: &SyncConf) -> anyhow::Result<Outcome> {
     let (from, to) = (&cfg.repositories[&job.from], &cfg.repositories[&job.to]);
-    let mut src = from.location_as(Role::Backup)?;
-    let mut dst = to.location_as(Role::Backup)?;
-    // Whole objects once each: no cache.
-    src.cache = None;
-    dst.cache = None;
-    let (src, dst) = (src.backend()?, dst.backend()?);
+    let src = from.backend_uncached(Role::Backup)?;
+    let dst = to.backend_uncached(Role::Backup)?;
     let opts = bulwark_store::sync::SyncOptions {
         filters: job.filters(),
         remove_vanished: job.remove_vanished,
@@ -39,9 +35,7 @@ fn sync_and_prune(cfg: &crate::config::Config, job: &SyncConf) -> anyhow::Result
     let report = bulwark_store::sync::run(src.as_ref(), dst.as_ref(), &opts, &())?;
     let pruned = match job.keep() {
         Some(keep) => {
-            let mut l = to.location_as(Role::Maintenance)?;
-            l.cache = None;
-            let dst = l.backend()?;
+            let dst = to.backend_uncached(Role::Maintenance)?;
             let plan = bulwark_store::sync::retain::plan(
                 dst.as_ref(),
                 &job.filters(),

@@ -206,7 +206,8 @@ pub(crate) fn zip_into<W: Write + Seek>(sources: &[Located], out: W) -> Result<(
     Ok((plan.refused, errors))
 }
 
-/// A zip time (1980 to 2107, 2 s steps; UTC): clamped into that range.
+/// A zip time (1980 to 2107, 2 s steps; UTC); outside that range, or
+/// unknown, the format's zero time (1980-01-01): metadata, not data.
 fn zip_time(m: &Meta) -> zip::DateTime {
     use chrono::{Datelike, Timelike};
     m.mtime
