@@ -274,9 +274,45 @@ pub struct PolicyConf {
     pub keep_yearly: Option<u32>,
     #[serde(default)]
     pub contacts: Vec<String>,
+    /// When to prove the latest snapshot of each VM boots (a calendar
+    /// event, e.g. `weekly`); no drills when unset.
+    pub drill: Option<String>,
+    /// The drill passes when a console line matches this regex ...
+    pub drill_console: Option<String>,
+    /// ... the guest agent answers ...
+    #[serde(default)]
+    pub drill_guest_agent: bool,
+    /// ... and a screenshot is drawn on and changed after boot.
+    #[serde(default)]
+    pub drill_screenshot: bool,
+    /// Time limit of each check (default 5m).
+    pub drill_timeout: Option<String>,
 }
 
 impl PolicyConf {
+    /// The drill's checks, when the policy has drills.
+    pub fn drill_spec(&self) -> Result<Option<crate::drill::Spec>> {
+        if self.drill.is_none() {
+            return Ok(None);
+        }
+        let timeout = match &self.drill_timeout {
+            Some(t) => {
+                humantime::parse_duration(t).with_context(|| format!("drill_timeout {t:?}"))?
+            }
+            None => std::time::Duration::from_secs(300),
+        };
+        let spec = crate::cmd::drill::spec(
+            self.drill_console.as_deref(),
+            self.drill_guest_agent,
+            self.drill_screenshot,
+            timeout,
+        )?;
+        if spec.is_empty() {
+            bail!("drill needs a check: drill_console, drill_guest_agent or drill_screenshot");
+        }
+        Ok(Some(spec))
+    }
+
     /// The retention numbers, for prune (unset numbers are rules left off).
     pub fn keep(&self) -> bulwark_store::maintain::retention::KeepOptions {
         keep_options([
@@ -425,6 +461,10 @@ impl Config {
                 );
             }
             schedule(&p.schedule).with_context(|| format!("policy {name}"))?;
+            if let Some(d) = &p.drill {
+                schedule(d).with_context(|| format!("policy {name}: drill"))?;
+            }
+            p.drill_spec().with_context(|| format!("policy {name}"))?;
         }
         for (name, j) in &self.sync {
             for (what, r) in [("from", &j.from), ("to", &j.to)] {

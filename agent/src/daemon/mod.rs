@@ -6,12 +6,13 @@
 //! (libvirt events: every domain and its policies, bitmaps, records),
 //! [`targets`] (is each repository usable), the work itself in [`jobs`]
 //! (backup + prune, GC; [`slots`] says when one may start), and the
-//! supervision of live restores in [`live`]. What an operator sees is in
+//! supervision of live restores in [`live`], restore drills in [`drills`]. What an operator sees is in
 //! [`status`] and [`metrics`]; what the host requires, in [`enforce`].
 //! A failed job is logged, recorded, mailed once per streak (`mail`), and
 //! retried when next due.
 
 mod control;
+mod drills;
 mod enforce;
 mod jobs;
 mod live;
@@ -55,6 +56,8 @@ struct Agent {
     targets: Mutex<BTreeMap<String, Target>>,
     /// One GC at a time (the repository's GC lock covers other hosts).
     gc_busy: Mutex<()>,
+    /// One restore drill at a time on this host.
+    drill_busy: Mutex<()>,
     schedule: Mutex<Schedule>,
     /// Live restores a thread of this agent supervises.
     live: Mutex<std::collections::BTreeSet<String>>,
@@ -90,11 +93,13 @@ pub fn run(cfg: Config) -> Result<()> {
         targets: Mutex::new(BTreeMap::new()),
         unprotected: Mutex::new(Default::default()),
         gc_busy: Mutex::new(()),
+        drill_busy: Mutex::new(()),
         schedule: Mutex::new(schedule),
         live: Mutex::new(Default::default()),
         alerts,
     });
     agent.resume_live();
+    agent.clean_leftover_drills();
     tracing::info!(
         "agent listening on {}, {} policies",
         agent.cfg.socket.display(),
