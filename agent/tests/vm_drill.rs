@@ -135,6 +135,44 @@ fn a_drill_boots_an_isolated_copy_and_a_damaged_snapshot_fails_naming_the_read()
     assert_eq!(snaps[0]["drill"]["passed"], true, "{snaps}");
     let reports = env.state_dir().join("drill-reports").join(&source);
     assert_eq!(std::fs::read_dir(&reports).unwrap().count(), 1);
+    let text = env.ok(&["snapshots"]);
+    assert!(text.contains(", proven bootable "), "{text}");
+
+    // A screenshot (the drill adds a VGA display the source lacked) and
+    // the guest agent, which the test image does not have: that check
+    // fails, and says why.
+    let out = env.run(&[
+        "drill",
+        &snap,
+        "--screenshot",
+        "--guest-agent",
+        "--timeout",
+        "15s",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{r}");
+    assert_eq!(r["passed"], false, "{r}");
+    let check = |name: &str| {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {r}"))
+            .clone()
+    };
+    assert_eq!(check("screenshot")["passed"], true, "{r}");
+    assert_eq!(check("guest-agent")["passed"], false, "{r}");
+    assert!(
+        check("guest-agent")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("agent"),
+        "{r}"
+    );
+    let png = std::fs::read(r["screenshot"].as_str().unwrap()).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 
     // The same snapshot with every pack damaged: the boot fails, and the
     // drill names the read that failed.
@@ -190,4 +228,83 @@ fn a_killed_drill_leaves_nothing_once_the_agent_starts() {
     wait_for("the leftovers to go", 30, || {
         (drill_domains(&source).is_empty() && labs(&env).is_empty()).then_some(())
     });
+}
+
+/// A policy's scheduled drills: the first runs once the VM has a backup;
+/// each failing one is recorded in `agent status`, and the streak is
+/// mailed once, naming the VM and the check.
+#[test]
+fn scheduled_drills_from_the_agent_mail_a_failing_streak_once() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let port = smtp_server::free_port();
+    let smtp = smtp_server::Server::start(&env.path(""), port, None);
+    let policy = format!("drill-{}", std::process::id());
+    let agent = Agent::start(
+        &env,
+        1,
+        &format!(
+            "[policies.{policy}]\nrepository = \"main\"\nschedule = \"yearly\"\n\
+             drill = \"*:*:0/10\"\ndrill_console = \"no such line\"\ndrill_timeout = \"6s\"\n\
+             contacts = [\"ops@example.com\"]\n\
+             [smtp]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n\
+             from = \"bulwark@example.com\"\n"
+        ),
+    );
+    let vm = Vm::define(
+        &image,
+        VmOptions {
+            metadata_xml: Some(policy_xml(&policy)),
+            ..VmOptions::default()
+        },
+    )
+    .unwrap();
+    let name = vm.name().to_string();
+    // The yearly backup runs at once (never run); the drill follows it.
+    let first = wait_for("the first drill", 120, || {
+        let s = agent.status(&env);
+        s["drills"].get(&name).filter(|d| d["at"].is_u64()).cloned()
+    });
+    assert_eq!(first["ok"], false, "{first}");
+    assert_eq!(first["policy"], policy.as_str());
+    let error = first["error"].as_str().unwrap();
+    assert!(
+        error.contains("console") && error.contains("no such line"),
+        "{first}"
+    );
+    assert!(first["snapshot"].is_string(), "{first}");
+    // A second failure of the streak: recorded, not mailed.
+    wait_for("the second drill", 60, || {
+        let s = agent.status(&env);
+        (s["drills"][&name]["at"].as_u64() > first["at"].as_u64()).then_some(())
+    });
+    let s = agent.status(&env);
+    assert!(
+        s["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["problem"]
+                .as_str()
+                .unwrap()
+                .contains("restore drill failed")),
+        "{s}"
+    );
+    let mails = wait_for("the failure mail", 30, || {
+        let m = smtp.messages();
+        (!m.is_empty()).then_some(m)
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(smtp.messages().len(), 1, "{mails:?}");
+    let m = &mails[0].replace("=\r\n", "").replace("=\n", "");
+    assert!(
+        m.contains(&format!("Subject: bulwark: restore drill of {name} failed")),
+        "{m}"
+    );
+    assert!(m.contains("no such line"), "{m}");
+    // Stopped, mid-drill or between drills, the agent leaves no drill
+    // domain or lab behind.
+    drop(agent);
+    assert!(drill_domains(&name).is_empty());
+    assert!(labs(&env).is_empty(), "{:?}", labs(&env));
 }

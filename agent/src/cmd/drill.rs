@@ -52,6 +52,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
             snap.time.with_timezone(&chrono::Local).format("%F %T")
         );
     }
+    tear_down_on_signal(&a.state_dir, &a.connect)?;
     let report = drill::run(&repo, &libvirt, snap, &spec, &a.state_dir)?;
     // The drill ran: its report stands even if the repository cannot take
     // it now (a read-only credential, an outage).
@@ -60,6 +61,22 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     }
     print(&report, a.json)?;
     Ok(if report.passed { 0 } else { 1 })
+}
+
+/// Ctrl-C or SIGTERM: the drill's domain and lab go before we exit.
+fn tear_down_on_signal(state_dir: &std::path::Path, uri: &str) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the signal handler")?;
+    let (state_dir, uri) = (state_dir.to_path_buf(), uri.to_string());
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("interrupted: removing the drill's domain");
+            drill::abandon(&state_dir, &uri);
+            std::process::exit(128 + sig);
+        }
+    });
+    Ok(())
 }
 
 /// The checks asked for, checked before anything starts.

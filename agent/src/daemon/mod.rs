@@ -72,7 +72,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("creating {}", state.root().display()))?;
     let schedule = Schedule::load(&state.root().join("schedule.json"));
     let listener = control::bind(&cfg.socket)?;
-    exit_on_sigterm()?;
+    exit_on_sigterm(&cfg)?;
     let alerts = match &cfg.smtp {
         Some(smtp) => Some(mail(smtp, &state)?),
         None => None,
@@ -122,13 +122,16 @@ pub fn run(cfg: Config) -> Result<()> {
 /// On SIGTERM, pass it on to our own process group (qemu-nbd, qemu-img of
 /// a backup in progress), then exit: systemd signals the unit's whole
 /// cgroup anyway, a shell only us. Live restore servers run in groups (and
-/// under systemd, units) of their own and keep serving.
-fn exit_on_sigterm() -> Result<()> {
+/// under systemd, units) of their own and keep serving; a drill in flight
+/// is torn down (its domain would outlive us).
+fn exit_on_sigterm(cfg: &Config) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
         .context("installing the SIGTERM handler")?;
+    let (state_dir, uri) = (cfg.state_dir.clone(), cfg.libvirt_uri.clone());
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             tracing::info!("SIGTERM: stopping");
+            crate::drill::abandon(&state_dir, &uri);
             // SAFETY: plain syscalls. Only when we lead the group (systemd,
             // or a shell job), never a group we merely joined; the signal
             // this sends us too is caught by the handler above.

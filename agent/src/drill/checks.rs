@@ -265,10 +265,7 @@ impl Screens {
     /// the first.
     fn take(&mut self, libvirt: &Libvirt, dom: &Domain) -> Result<bool, String> {
         let (mime, bytes) = libvirt.screenshot(dom).map_err(|e| e.to_string())?;
-        if !mime.contains("portable-pixmap") && !bytes.starts_with(b"P6") {
-            return Err(format!("the screenshot is {mime}, not a PPM"));
-        }
-        let pic = Picture::from_ppm(&bytes).map_err(|e| format!("{e:#}"))?;
+        let pic = Picture::decode(&bytes).map_err(|e| format!("{e:#} ({mime})"))?;
         let first = self.first.get_or_insert_with(|| pic.clone());
         let ok = !pic.is_blank() && pic != *first;
         self.last = Some(pic);

@@ -34,6 +34,20 @@ use crate::vm::rewrite::{self, ImageFormat};
 /// Memory for decrypted chunks of the drill's server (all disks).
 const CACHE_BYTES: usize = 256 << 20;
 
+/// Tears down this process's drills (and any other leftovers) before it
+/// exits on a signal; the lab's `Drop` will not run then.
+pub fn abandon(state_dir: &std::path::Path, uri: &str) {
+    if !state_dir.join("drills").is_dir() {
+        return;
+    }
+    let r = Libvirt::open(uri)
+        .map_err(anyhow::Error::from)
+        .and_then(|lv| clean_stale(state_dir, &lv));
+    if let Err(e) = r {
+        tracing::warn!("tearing down drills: {e:#}");
+    }
+}
+
 /// Boots `snap` in a lab under `state_dir` and runs the checks of `spec`.
 /// An error means the drill could not run at all (the snapshot is not a
 /// VM, libvirt refused the domain, ...); a boot that fails its checks is

@@ -1,6 +1,7 @@
-//! Screenshots: QEMU hands libvirt a PPM of the guest's screen; a drill
-//! wants to know it is not blank and has changed since the first one, and
-//! keeps the last as a PNG.
+//! Screenshots: libvirt hands over the guest's screen as a PNG (QEMU's
+//! own screendump format; older versions a PPM); a drill wants to know it
+//! is not blank and has changed since the first one, and keeps the last
+//! as a PNG.
 
 use anyhow::{bail, Context, Result};
 
@@ -57,6 +58,48 @@ impl Picture {
         })
     }
 
+    /// A screenshot as libvirt gives it: PNG or binary PPM.
+    pub fn decode(b: &[u8]) -> Result<Picture> {
+        if b.starts_with(b"\x89PNG") {
+            Self::from_png(b)
+        } else {
+            Self::from_ppm(b)
+        }
+    }
+
+    /// A PNG of any colour type, as 8-bit RGB.
+    pub fn from_png(b: &[u8]) -> Result<Picture> {
+        let mut dec = png::Decoder::new(std::io::Cursor::new(b));
+        dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+        let mut reader = dec.read_info().context("screenshot: PNG header")?;
+        let (width, height) = (reader.info().width, reader.info().height);
+        if width == 0 || height == 0 || width > 16384 || height > 16384 {
+            bail!("screenshot: unsupported PNG {width}x{height}");
+        }
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let frame = reader
+            .next_frame(&mut buf)
+            .context("screenshot: PNG data")?;
+        let px = &buf[..frame.buffer_size()];
+        let rgb = match frame.color_type {
+            png::ColorType::Rgb => px.to_vec(),
+            png::ColorType::Rgba => px
+                .chunks_exact(4)
+                .flat_map(|p| [p[0], p[1], p[2]])
+                .collect(),
+            png::ColorType::Grayscale => px.iter().flat_map(|&g| [g, g, g]).collect(),
+            png::ColorType::GrayscaleAlpha => px
+                .chunks_exact(2)
+                .flat_map(|p| [p[0], p[0], p[0]])
+                .collect(),
+            png::ColorType::Indexed => bail!("screenshot: indexed PNG not expanded"),
+        };
+        if rgb.len() != width as usize * height as usize * 3 {
+            bail!("screenshot: PNG data does not fill {width}x{height}");
+        }
+        Ok(Picture { width, height, rgb })
+    }
+
     /// Every pixel the same colour (a screen nothing was drawn on).
     pub fn is_blank(&self) -> bool {
         let first = &self.rgb[..3];
@@ -95,6 +138,7 @@ mod tests {
         assert_ne!(blank, drawn);
         let png = drawn.png().unwrap();
         assert_eq!(&png[1..4], b"PNG");
+        assert_eq!(Picture::decode(&png).unwrap(), drawn);
     }
 
     #[test]
@@ -103,5 +147,10 @@ mod tests {
         assert!(Picture::from_ppm(&ppm(4, 4, &[1, 2, 3])).is_err());
         assert!(Picture::from_ppm(b"P6\n").is_err());
         assert!(Picture::from_ppm(&ppm(99999, 1, &[])).is_err());
+        let png = Picture::from_ppm(&ppm(2, 1, &[1; 6]))
+            .unwrap()
+            .png()
+            .unwrap();
+        assert!(Picture::decode(&png[..png.len() / 2]).is_err());
     }
 }
