@@ -240,14 +240,22 @@ mod tests {
             ..Default::default()
         };
         let row = domain(&d, Some(&passed), true, &view).into_string();
-        assert!(row.contains("restore drill") && row.contains("booted") && row.contains("23 s"), "{row}");
+        assert!(
+            row.contains("restore drill") && row.contains("booted") && row.contains("23 s"),
+            "{row}"
+        );
         let failed = DrillRun {
             ok: false,
             last_ok: Some(1_600_000_000),
             ..passed
         };
         let row = domain(&d, Some(&failed), true, &view).into_string();
-        assert!(row.contains("failed") && row.contains("last proven bootable"), "{row}");
-        assert!(!domain(&d, None, true, &view).into_string().contains("drill"));
+        assert!(
+            row.contains("failed") && row.contains("last proven bootable"),
+            "{row}"
+        );
+        assert!(!domain(&d, None, true, &view)
+            .into_string()
+            .contains("drill"));
     }
 }
