@@ -570,6 +570,29 @@ mod tests {
         assert!(bad.validate().is_err());
     }
 
+    #[test]
+    fn drills_need_a_check_a_schedule_and_a_valid_pattern() {
+        let cfg = |drill: &str| -> Result<()> {
+            let c: Config = toml::from_str(&format!(
+                "[repositories.main]\npath = \"/srv/r\"\npassword_file = \"/p\"\n\
+                 [policies.p]\nrepository = \"main\"\nschedule = \"daily\"\n{drill}"
+            ))?;
+            c.validate()
+        };
+        cfg("").unwrap();
+        cfg("drill = \"weekly\"\ndrill_console = \"login:\"\n").unwrap();
+        cfg("drill = \"weekly\"\ndrill_guest_agent = true\ndrill_timeout = \"90s\"\n").unwrap();
+        let e = cfg("drill = \"weekly\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("drill needs a check"), "{e:#}");
+        let e = cfg("drill = \"every fortnight\"\ndrill_screenshot = true\n").unwrap_err();
+        assert!(format!("{e:#}").contains("policy p: drill"), "{e:#}");
+        let e = cfg("drill = \"weekly\"\ndrill_console = \"(\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("--console"), "{e:#}");
+        let e = cfg("drill = \"weekly\"\ndrill_guest_agent = true\ndrill_timeout = \"soon\"\n")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("drill_timeout"), "{e:#}");
+    }
+
     /// The example operators copy must stay a valid config.
     #[test]
     fn the_shipped_example_parses() {
