@@ -24,14 +24,16 @@ export BULWARK_REPO=$work/repo BULWARK_PASSWORD=bench
 "$bw" repo init >/dev/null
 results=$work/results
 : > "$results"
-# measure NAME CMD...: one line "NAME  S s  M MiB", and the figures kept.
+# measure NAME CMD...: one line "NAME  wall  CPU (user+sys)  peak RSS", and
+# the figures kept (CPU time tells more than wall time on a busy host).
 measure() {
     local name=$1; shift
-    /usr/bin/time -f "%e %M" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || {
+    /usr/bin/time -f "%e %U %S %M" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || {
         echo "$name failed:"; cat "$work/err"; exit 1; }
-    read -r secs kib < "$work/time"
-    printf '%-34s %8.2f s %8d MiB\n' "$name" "$secs" $((kib >> 10))
-    echo "$name|$secs|$kib" >> "$results"
+    read -r secs user sys kib < "$work/time"
+    cpu=$(python3 -c "print($user + $sys)")
+    printf '%-34s %8.2f s wall %8.2f s CPU %6d MiB\n' "$name" "$secs" "$cpu" $((kib >> 10))
+    echo "$name|$secs|$kib|$cpu" >> "$results"
 }
 
 measure "synthesize ($chunks chunks)" "$bw" benchmark --synthetic "$chunks" \
@@ -55,12 +57,13 @@ measure "sync --source real" env -u BULWARK_PASSWORD "$bw" sync --from "$work/re
 python3 - "$results" "$chunks" <<'EOF'
 import sys
 rows = [l.strip().split("|") for l in open(sys.argv[1]) if l.strip()]
-fig = {n: (float(s), int(k) / 1024) for n, s, k in rows}
+fig = {n: (float(s), int(k) / 1024) for n, s, k, _ in rows}
 index = [n for n in fig if not n.startswith(("synthesize", "backup image (first", "gc", "snapshots", "prune"))]
 worst_t = max(fig[n][0] for n in index); worst_m = max(fig[n][1] for n in index)
 gc_t = max(fig[n][0] for n in fig if n.startswith("gc")); gc_m = max(fig[n][1] for n in fig if n.startswith("gc"))
 ok = worst_t < 5 and worst_m < 1024 and gc_t < 900 and gc_m < 2048
-print(f"scale {sys.argv[2]} chunks: index commands worst {worst_t:.1f} s / {worst_m:.0f} MiB "
+load = open("/proc/loadavg").read().split()[0]
+print(f"scale {sys.argv[2]} chunks (load {load}): index commands worst {worst_t:.1f} s / {worst_m:.0f} MiB "
       f"(goal 5 s / 1024 MiB), gc worst {gc_t:.1f} s / {gc_m:.0f} MiB (goal 900 s / 2048 MiB): "
       f"{'goals met' if ok else 'goals missed'}")
 EOF

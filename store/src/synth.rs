@@ -54,9 +54,7 @@ fn write_index(repo: &Repository, chunks: u64, progress: &dyn Fn(&str)) -> Resul
     let mut first = 0;
     while first < packs {
         let last = (first + PER_INDEX).min(packs);
-        let infos: Vec<PackInfo> = (first..last)
-            .map(|p| pack_info(p, chunks))
-            .collect();
+        let infos: Vec<PackInfo> = (first..last).map(|p| pack_info(p, chunks)).collect();
         repo.put_sealed(&layout::index(&Id::random()), &index::seal(&cipher, &infos))?;
         first = last;
         progress(&format!("index: {} of {packs} packs", last));
@@ -95,7 +93,11 @@ fn write_snapshots(repo: &Repository, shape: Shape, progress: &dyn Fn(&str)) -> 
             let mut list = ChunkList::new();
             for j in 0..base {
                 let replaced = slice > 0 && j / slice < k;
-                let i = if replaced { first + base + j } else { first + j };
+                let i = if replaced {
+                    first + base + j
+                } else {
+                    first + j
+                };
                 list.push(u64::from(CHUNK), Some(chunk_id(i)));
             }
             let list_id = Id::random();
@@ -123,7 +125,8 @@ fn write_snapshots(repo: &Repository, shape: Shape, progress: &dyn Fn(&str)) -> 
                 nvram: None,
                 stats: BackupStats::default(),
             };
-            let json = serde_json::to_vec(&snap).map_err(|e| crate::Error::Invalid(e.to_string()))?;
+            let json =
+                serde_json::to_vec(&snap).map_err(|e| crate::Error::Invalid(e.to_string()))?;
             let sealed = object::seal(&cipher, snapshot::KIND, &json);
             repo.put_sealed(&layout::snapshot(&snap.id), &sealed)?;
         }

@@ -128,7 +128,9 @@ mod tests {
     #[test]
     fn objects_round_trip_through_the_shared_context() {
         let keys = Keys::derive(&MasterKey::generate());
-        let big: Vec<u8> = (0..3_000_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let big: Vec<u8> = (0..3_000_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         for payload in [&b""[..], b"x", &big] {
             let sealed = seal(&keys.session(), "t", payload);
             assert_eq!(open(&keys, "t", "n", &sealed).unwrap(), payload);
