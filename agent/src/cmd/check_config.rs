@@ -200,23 +200,16 @@ fn plan(
 ) -> Result<Vec<Planned>> {
     let spread = cfg.spread()?;
     let mut out = Vec::new();
-    for (name, p) in &cfg.policies {
-        let sched = config::schedule(&p.schedule)?.with_spread(host, spread);
+    // Each policy's backups, then its drills.
+    let jobs = cfg.policies.iter().flat_map(|(name, p)| {
+        [("backup", Some(&p.schedule)), ("drill", p.drill.as_ref())]
+            .into_iter()
+            .filter_map(move |(job, expr)| Some((job, name, p, expr?)))
+    });
+    for (job, name, p, expr) in jobs {
+        let sched = config::schedule(expr)?.with_spread(host, spread);
         out.push(Planned {
-            job: "backup",
-            name: name.clone(),
-            repository: p.repository.clone(),
-            schedule: sched.to_string(),
-            refused: cfg.refusal(name),
-            domains: domains.map(|d| d.get(name).cloned().unwrap_or_default()),
-            runs: runs(&sched, from, to),
-        });
-    }
-    for (name, p) in &cfg.policies {
-        let Some(d) = &p.drill else { continue };
-        let sched = config::schedule(d)?.with_spread(host, spread);
-        out.push(Planned {
-            job: "drill",
+            job,
             name: name.clone(),
             repository: p.repository.clone(),
             schedule: sched.to_string(),

@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use xmltree::{Element, EmitterConfig, XMLNode};
+use xmltree::{Element, XMLNode};
+
+use crate::vm::rewrite::{children_mut, emit, is};
 
 /// Devices a drill never gives the guest.
 const REMOVED: &[&str] = &[
@@ -55,7 +57,7 @@ pub fn isolate(xml: &str, i: &Isolation<'_>) -> Result<Isolated> {
         XMLNode::Element(e) => keep(e, i),
         _ => true,
     });
-    for d in elements_mut(devices, "disk") {
+    for d in children_mut(devices, "disk") {
         if d.attributes.get("device").is_some_and(|v| v != "disk") {
             d.children.retain(|c| !is(c, "source"));
         }
@@ -73,16 +75,8 @@ pub fn isolate(xml: &str, i: &Isolation<'_>) -> Result<Isolated> {
         video.children.push(XMLNode::Element(model));
         devices.children.push(XMLNode::Element(video));
     }
-    let mut out = Vec::new();
-    dom.write_with_config(
-        &mut out,
-        EmitterConfig::new()
-            .perform_indent(true)
-            .write_document_declaration(false),
-    )
-    .context("writing the domain XML")?;
     Ok(Isolated {
-        xml: String::from_utf8(out).context("domain XML is not UTF-8")?,
+        xml: emit(&dom)?,
         consoles,
     })
 }
@@ -108,7 +102,7 @@ fn keep(e: &Element, i: &Isolation<'_>) -> bool {
 /// when the console check needs it and the domain has none.
 fn serial_to_files(devices: &mut Element, i: &Isolation<'_>) -> Vec<PathBuf> {
     let mut consoles = Vec::new();
-    for s in elements_mut(devices, "serial") {
+    for s in children_mut(devices, "serial") {
         let path = i.dir.join(format!("console-{}.log", consoles.len()));
         s.attributes.insert("type".into(), "file".into());
         s.children
@@ -156,17 +150,6 @@ fn guest_agent_channel() -> Element {
     t.attributes.insert("name".into(), GUEST_AGENT.into());
     ch.children.push(XMLNode::Element(t));
     ch
-}
-
-fn is(node: &XMLNode, name: &str) -> bool {
-    matches!(node, XMLNode::Element(e) if e.name == name)
-}
-
-fn elements_mut<'e>(el: &'e mut Element, name: &'e str) -> impl Iterator<Item = &'e mut Element> {
-    el.children.iter_mut().filter_map(move |c| match c {
-        XMLNode::Element(e) if e.name == name => Some(e),
-        _ => None,
-    })
 }
 
 #[cfg(test)]

@@ -276,7 +276,7 @@ pub fn add_nbd_backing(xml: &str, socket: &Path, reconnect_secs: u32) -> Result<
 }
 
 /// The domain XML as libvirt takes it: indented, no declaration.
-fn emit(dom: &Element) -> Result<String> {
+pub(crate) fn emit(dom: &Element) -> Result<String> {
     let mut out = Vec::new();
     dom.write_with_config(
         &mut out,
@@ -288,11 +288,14 @@ fn emit(dom: &Element) -> Result<String> {
     String::from_utf8(out).context("domain XML is not UTF-8")
 }
 
-fn is(node: &XMLNode, name: &str) -> bool {
+pub(crate) fn is(node: &XMLNode, name: &str) -> bool {
     matches!(node, XMLNode::Element(e) if e.name == name)
 }
 
-fn children_mut<'e>(el: &'e mut Element, name: &'e str) -> impl Iterator<Item = &'e mut Element> {
+pub(crate) fn children_mut<'e>(
+    el: &'e mut Element,
+    name: &'e str,
+) -> impl Iterator<Item = &'e mut Element> {
     el.children.iter_mut().filter_map(move |c| match c {
         XMLNode::Element(e) if e.name == name => Some(e),
         _ => None,
