@@ -6,6 +6,7 @@ pub mod check_config;
 pub mod completions;
 pub mod files;
 pub mod gc;
+pub mod host_files;
 pub mod image;
 pub mod lock;
 pub mod mount;
