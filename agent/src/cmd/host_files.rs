@@ -155,8 +155,13 @@ pub fn restore(g: &Global, a: RestoreFilesArgs) -> Result<i32> {
         .map(|p| p.as_os_str().as_bytes().to_vec())
         .collect();
     let t = Instant::now();
-    let r = files::restore::restore(repo, &snap, &paths, &a.to)
-        .with_context(|| format!("restoring snapshot {} to {}", snap.id.short(), a.to.display()))?;
+    let r = files::restore::restore(repo, &snap, &paths, &a.to).with_context(|| {
+        format!(
+            "restoring snapshot {} to {}",
+            snap.id.short(),
+            a.to.display()
+        )
+    })?;
     let secs = t.elapsed().as_secs_f64();
     if a.json {
         println!(

@@ -7,8 +7,9 @@
 //!
 //! Paths are relative (the absolute path backed up, without its leading
 //! `/`), raw bytes (any name a Linux filesystem allows). A catalog read back
-//! is hostile input: [`Catalog::decode`] refuses paths that could leave a
-//! restore's target (`..`, `.`, empty or absolute components, NUL).
+//! is hostile input: its structure is checked on decode, and whoever makes
+//! a path of an entry checks it with [`check_path`] first (no `..`, `.`,
+//! empty or absolute components, NUL).
 
 use std::collections::HashMap;
 
@@ -156,7 +157,7 @@ impl Catalog {
         out
     }
 
-    /// Reads a catalog, refusing any path a restore could not safely create.
+    /// Reads a catalog (its paths unchecked: see [`check_path`]).
     pub fn decode(payload: &[u8], what: &str) -> Result<Catalog> {
         let mut r = Reader::new(payload, what);
         r.expect(MAGIC)?;
@@ -167,17 +168,23 @@ impl Catalog {
         }
         let mut entries = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let e = decode_entry(&mut r, what)?;
-            check_path(&e.path).map_err(|d| Error::corrupt(what, d))?;
-            if !e.link.is_empty() {
-                check_path(&e.link).map_err(|d| Error::corrupt(what, d))?;
-            }
-            entries.push(e);
+            entries.push(decode_entry(&mut r, what)?);
         }
         if !r.done() {
             return Err(Error::corrupt(what, "trailing bytes"));
         }
         Ok(Catalog { entries })
+    }
+}
+
+/// A relative path whose every component is a plain name (and the entry's
+/// hard-link target, if any, too).
+pub fn check_entry(e: &Entry) -> std::result::Result<(), String> {
+    check_path(&e.path)?;
+    if e.link.is_empty() {
+        Ok(())
+    } else {
+        check_path(&e.link)
     }
 }
 

@@ -138,6 +138,31 @@ pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
     })
 }
 
+/// Stores `catalog` and `data` (the stream its offsets point into) as a
+/// file snapshot of `source`, as they are: imports, and tests of what a
+/// restore makes of any catalog.
+pub fn store_raw(
+    repo: &Repository,
+    source: &str,
+    catalog: &Catalog,
+    data: Vec<u8>,
+) -> Result<Snapshot> {
+    let mut session = BackupSession::new(repo, &BackupOptions::default())?;
+    let size = data.len() as u64;
+    let mut src = MemSource::new(data);
+    let mut walk = Walk::new(&mut src, repo.chunker(), None, &[Span::new(0, size)]);
+    session.run(DATA, Some(size), &mut walk)?;
+    store_catalog(repo, &mut session, catalog)?;
+    session.finish(SnapshotMeta {
+        source: source.into(),
+        files: Some(FilesInfo {
+            entries: catalog.entries.len() as u64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 /// The paths to back up: absolute, resolved, and none inside another.
 fn roots(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if paths.is_empty() {

@@ -225,6 +225,7 @@ impl Writer<'_> {
     }
 
     fn create(&mut self, e: &Entry) -> Step {
+        super::catalog::check_entry(e)?;
         let parent = self.dir(e.parent())?;
         let name = cstr(e.name())?;
         if !e.link.is_empty() {
@@ -404,6 +405,7 @@ impl Writer<'_> {
     }
 
     fn dir_metadata(&mut self, e: &Entry) -> Step {
+        super::catalog::check_entry(e)?;
         let parent = self.dir(e.parent())?;
         let d = open_dir_at(parent, e.name())?;
         let fd = d.as_raw_fd();
