@@ -36,6 +36,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
                     "size": s.size(),
                     "stored_bytes": s.stats.bytes_stored,
                     "vm": s.domain_xml.is_some(),
+                    "files": s.files,
                     "disks": s.disks.iter().map(|d| serde_json::json!({
                         "name": d.name, "size": d.size, "data_bytes": d.data_bytes,
                         "chunks": d.chunks, "checkpoint": d.checkpoint,
@@ -52,7 +53,15 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     );
     for s in &snaps {
         let local = s.time.with_timezone(&chrono::Local);
-        let disks: Vec<_> = s.disks.iter().map(|d| d.name.as_str()).collect();
+        let disks: Vec<String> = match &s.files {
+            Some(f) => vec![format!(
+                "{} files, {}{}",
+                f.files,
+                human(f.bytes),
+                if f.partial { " (PARTIAL)" } else { "" }
+            )],
+            None => s.disks.iter().map(|d| d.name.clone()).collect(),
+        };
         println!(
             "{:<8}  {:<20}  {:<12}  {:<19}  {:>10}  {:>10}  {}{}",
             s.id.short(),
