@@ -150,6 +150,15 @@ fn get(s: &Session, a: &GetArgs) -> Result<i32> {
     }
 }
 
+/// A file snapshot as a tree of files (for `bulwark mount`).
+pub fn file_tree(
+    repo: Arc<bulwark_store::Repository>,
+    snap: &bulwark_store::Snapshot,
+    cache_mib: usize,
+) -> Result<Arc<dyn Tree>> {
+    Ok(catalog_tree::open(repo, snap, cache_mib)?.0)
+}
+
 /// An entry of a tree, with the path the user knows it by.
 #[derive(Clone)]
 pub(crate) struct Located {

@@ -10,6 +10,7 @@ pub mod host_files;
 pub mod image;
 pub mod lock;
 pub mod mount;
+pub mod mount_tree;
 pub mod prune;
 pub mod repo;
 pub mod restore_live;

@@ -22,6 +22,23 @@ pub struct CatalogTree {
     data: Arc<DiskReader>,
 }
 
+/// The tree of file snapshot `snap`, and the reader of its data.
+pub fn open(
+    repo: Arc<bulwark_store::Repository>,
+    snap: &bulwark_store::Snapshot,
+    cache_mib: usize,
+) -> anyhow::Result<(Arc<dyn Tree>, Arc<DiskReader>)> {
+    let loaded = bulwark_store::files::load(&repo, &*repo.index()?, snap)?;
+    let data = Arc::new(bulwark_store::read::reader::open_disk(
+        repo.clone(),
+        snap,
+        bulwark_store::files::DATA,
+        cache_mib << 20,
+    )?);
+    let tree: Arc<dyn Tree> = Arc::new(CatalogTree::new(loaded.catalog, data.clone()));
+    Ok((tree, data))
+}
+
 impl CatalogTree {
     pub fn new(catalog: Catalog, data: Arc<DiskReader>) -> Self {
         let by_path: HashMap<Vec<u8>, u64> = catalog
