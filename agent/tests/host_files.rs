@@ -441,3 +441,45 @@ fn a_file_changing_while_read_is_read_again_and_reported() {
     assert!(v["bytes_read"].as_u64().unwrap() >= 3 * (64 << 20), "{v}");
     assert_eq!(v["files"], 2);
 }
+
+#[test]
+fn a_file_snapshot_is_browsed_with_files_and_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    let bw = runner(dir.path());
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("etc/ssh")).unwrap();
+    fs::write(src.join("etc/hosts"), b"127.0.0.1 localhost\n").unwrap();
+    fs::write(src.join("etc/ssh/sshd_config"), b"Port 22\n").unwrap();
+    std::os::unix::fs::symlink("hosts", src.join("etc/hosts.link")).unwrap();
+    bw.ok(&["backup", "files", src.to_str().unwrap(), "--source", "b"]);
+    let etc = src.join("etc").display().to_string();
+    let ls = bw.ok(&["files", "ls", "b@latest", &etc]);
+    let names: Vec<&str> = ls.lines().collect();
+    let want = ["hosts", "hosts.link", "ssh/"].map(|n| format!("{etc}/{n}"));
+    assert_eq!(names, want, "{ls}");
+    let found = bw.ok(&["files", "find", "b@latest", "*_config"]);
+    assert_eq!(found.trim(), format!("{etc}/ssh/sshd_config"));
+    let got = bw
+        .cmd(&[
+            "files",
+            "get",
+            "b@latest",
+            &format!("{etc}/hosts"),
+            "--stdout",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(got.stdout, b"127.0.0.1 localhost\n");
+    // The tree as a read-only mount.
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    bw.ok(&["mount", "b@latest", mnt.to_str().unwrap()]);
+    let inside = mnt.join(src.strip_prefix("/").unwrap()).join("etc");
+    let read = fs::read(inside.join("ssh/sshd_config"));
+    let link = fs::read_link(inside.join("hosts.link"));
+    let write = fs::write(inside.join("new"), b"x");
+    bw.ok(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(read.unwrap(), b"Port 22\n");
+    assert_eq!(link.unwrap(), Path::new("hosts"));
+    assert!(write.is_err(), "the mount is read-only");
+}
