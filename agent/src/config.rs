@@ -274,9 +274,45 @@ pub struct PolicyConf {
     pub keep_yearly: Option<u32>,
     #[serde(default)]
     pub contacts: Vec<String>,
+    /// When to prove the latest snapshot of each VM boots (a calendar
+    /// event, e.g. `weekly`); no drills when unset.
+    pub drill: Option<String>,
+    /// The drill passes when a console line matches this regex ...
+    pub drill_console: Option<String>,
+    /// ... the guest agent answers ...
+    #[serde(default)]
+    pub drill_guest_agent: bool,
+    /// ... and a screenshot is drawn on and changed after boot.
+    #[serde(default)]
+    pub drill_screenshot: bool,
+    /// Time limit of each check (default 5m).
+    pub drill_timeout: Option<String>,
 }
 
 impl PolicyConf {
+    /// The drill's checks, when the policy has drills.
+    pub fn drill_spec(&self) -> Result<Option<crate::drill::Spec>> {
+        if self.drill.is_none() {
+            return Ok(None);
+        }
+        let timeout = match &self.drill_timeout {
+            Some(t) => {
+                humantime::parse_duration(t).with_context(|| format!("drill_timeout {t:?}"))?
+            }
+            None => std::time::Duration::from_secs(300),
+        };
+        let spec = crate::cmd::drill::spec(
+            self.drill_console.as_deref(),
+            self.drill_guest_agent,
+            self.drill_screenshot,
+            timeout,
+        )?;
+        if spec.is_empty() {
+            bail!("drill needs a check: drill_console, drill_guest_agent or drill_screenshot");
+        }
+        Ok(Some(spec))
+    }
+
     /// The retention numbers, for prune (unset numbers are rules left off).
     pub fn keep(&self) -> bulwark_store::maintain::retention::KeepOptions {
         keep_options([
@@ -425,6 +461,10 @@ impl Config {
                 );
             }
             schedule(&p.schedule).with_context(|| format!("policy {name}"))?;
+            if let Some(d) = &p.drill {
+                schedule(d).with_context(|| format!("policy {name}: drill"))?;
+            }
+            p.drill_spec().with_context(|| format!("policy {name}"))?;
         }
         for (name, j) in &self.sync {
             for (what, r) in [("from", &j.from), ("to", &j.to)] {
@@ -528,6 +568,29 @@ mod tests {
         let bad: Config =
             toml::from_str("[policies.x]\nrepository = \"nope\"\nschedule = \"hourly\"\n").unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn drills_need_a_check_a_schedule_and_a_valid_pattern() {
+        let cfg = |drill: &str| -> Result<()> {
+            let c: Config = toml::from_str(&format!(
+                "[repositories.main]\npath = \"/srv/r\"\npassword_file = \"/p\"\n\
+                 [policies.p]\nrepository = \"main\"\nschedule = \"daily\"\n{drill}"
+            ))?;
+            c.validate()
+        };
+        cfg("").unwrap();
+        cfg("drill = \"weekly\"\ndrill_console = \"login:\"\n").unwrap();
+        cfg("drill = \"weekly\"\ndrill_guest_agent = true\ndrill_timeout = \"90s\"\n").unwrap();
+        let e = cfg("drill = \"weekly\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("drill needs a check"), "{e:#}");
+        let e = cfg("drill = \"every fortnight\"\ndrill_screenshot = true\n").unwrap_err();
+        assert!(format!("{e:#}").contains("policy p: drill"), "{e:#}");
+        let e = cfg("drill = \"weekly\"\ndrill_console = \"(\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("--console"), "{e:#}");
+        let e = cfg("drill = \"weekly\"\ndrill_guest_agent = true\ndrill_timeout = \"soon\"\n")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("drill_timeout"), "{e:#}");
     }
 
     /// The example operators copy must stay a valid config.

@@ -3,7 +3,8 @@
 //!
 //! - [`cmd`]: one module per command (parse arguments, call, print);
 //! - [`daemon`]: the agent (schedules, events, jobs, status, enforcement);
-//! - [`vm`], [`libvirt`], [`live`]: VM backup and restore on libvirt's API;
+//! - [`vm`], [`libvirt`], [`live`], [`drill`]: VM backup, restore and
+//!   restore drills on libvirt's API;
 //! - [`config`], [`calendar`], [`mail`], [`logging`]: the agent's parts an
 //!   operator configures;
 //! - [`secret`], [`target`], [`statefile`], [`progress`], [`units`]:
@@ -13,6 +14,7 @@ pub mod calendar;
 pub mod cmd;
 pub mod config;
 pub mod daemon;
+pub mod drill;
 pub mod libvirt;
 pub mod live;
 pub mod logging;
@@ -79,6 +81,8 @@ pub enum Command {
     Prune(cmd::prune::Args),
     /// Copy snapshots to a replica repository (another site), without a key.
     Sync(cmd::sync::Args),
+    /// Prove a VM snapshot boots: an isolated throw-away domain, checked.
+    Drill(cmd::drill::Args),
     /// Reclaim space no snapshot uses (safe while backups run).
     Gc(cmd::gc::Args),
     /// Read back every chunk the snapshots use and check it.
@@ -120,6 +124,7 @@ pub fn main() -> i32 {
         Command::Verify(a) => cmd::verify::run(&cli.global, a),
         Command::Gc(a) => cmd::gc::run(&cli.global, a),
         Command::Sync(a) => cmd::sync::run(&cli.global, a),
+        Command::Drill(a) => cmd::drill::run(&cli.global, a),
         Command::Prune(a) => cmd::prune::run(&cli.global, a),
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(a),

@@ -80,6 +80,8 @@ repository = "main"
 schedule = "hourly"
 keep_last = 3
 contacts = ["ops@example.com"]
+drill = "*-*-* 04:00"
+drill_console = "login:"
 
 [policies.quarter]
 repository = "main"
@@ -158,6 +160,12 @@ fn check_config_reaches_every_part_and_lists_the_next_day() {
     let runs = gc["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1);
     assert!(runs[0].as_str().unwrap().contains("T03:00:00"), "{gc:#}");
+    let drill = planned(&report, "drill", "hourly");
+    assert_eq!(drill["runs"].as_array().unwrap().len(), 1, "{drill:#}");
+    assert!(drill["domains"]
+        .as_array()
+        .unwrap()
+        .contains(&dom.0.as_str().into()));
     // The SMTP server was greeted (AUTH included), no mail sent.
     assert!(smtp.messages().is_empty());
 
@@ -165,6 +173,7 @@ fn check_config_reaches_every_part_and_lists_the_next_day() {
     let text = bw(dir).ok(&["agent", "check-config", cfg_arg]);
     assert!(text.contains("ok   repository main"), "{text}");
     assert!(text.contains("backup hourly -> main"), "{text}");
+    assert!(text.contains("restore drill hourly <- main"), "{text}");
     assert!(text.contains(&dom.0), "{text}");
 
     // A repository that is not there, a refused policy, a wrong SMTP

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod file_export;
 pub mod store_export;
+pub mod trace;
 
 pub use file_export::FileExport;
 pub use store_export::StoreExport;

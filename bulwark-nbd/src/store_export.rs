@@ -9,13 +9,27 @@ use bulwark_store::read::reader::DiskReader;
 use bytes::Bytes;
 use nbd_server::{BlockSize, Export, ExportError, Extent};
 
+use crate::trace::ReadTrace;
+
 pub struct StoreExport {
     reader: Arc<DiskReader>,
+    trace: Option<Arc<ReadTrace>>,
 }
 
 impl StoreExport {
     pub fn new(reader: Arc<DiskReader>) -> Self {
-        StoreExport { reader }
+        StoreExport {
+            reader,
+            trace: None,
+        }
+    }
+
+    /// Records every read (and failed read) in `trace`.
+    pub fn traced(reader: Arc<DiskReader>, trace: Arc<ReadTrace>) -> Self {
+        StoreExport {
+            reader,
+            trace: Some(trace),
+        }
     }
 
     pub fn reader(&self) -> &Arc<DiskReader> {
@@ -51,14 +65,21 @@ impl Export for StoreExport {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
+        if let Some(t) = &self.trace {
+            t.read(offset, len.into());
+        }
+        let r = tokio::task::spawn_blocking(move || {
             reader
                 .read(offset, len as usize)
                 .map(Bytes::from_owner)
                 .map_err(|e| export_error(offset, e))
         })
         .await
-        .map_err(|e| ExportError::Other(format!("read task failed: {e}")))?
+        .map_err(|e| ExportError::Other(format!("read task failed: {e}")))?;
+        if let (Err(e), Some(t)) = (&r, &self.trace) {
+            t.failed(offset, len.into(), e.to_string());
+        }
+        r
     }
 
     fn prefetch(&self, offset: u64, len: u64) {

@@ -30,6 +30,9 @@ pub struct Status {
     /// The last run of each sync job (`[sync.NAME]`).
     #[cfg_attr(feature = "serde", serde(default))]
     pub syncs: BTreeMap<String, SyncRun>,
+    /// The last restore drill of each VM (a policy's `drill`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub drills: BTreeMap<String, DrillRun>,
     /// A backup is running.
     pub busy: bool,
     /// Domains being backed up now.
@@ -131,6 +134,40 @@ pub struct SyncRun {
     pub seconds: f64,
     /// The end of the last run that left nothing behind (the destination
     /// was as current as the source then).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub last_ok: Option<u64>,
+}
+
+/// A VM's last restore drill: its latest snapshot booted in isolation
+/// and checked.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct DrillRun {
+    pub at: u64,
+    /// Every check passed.
+    pub ok: bool,
+    pub policy: String,
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub snapshot: Option<String>,
+    /// Why it failed (checks not passed, failed reads), or why it could
+    /// not run.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub error: Option<String>,
+    /// From the drill's start to its last check.
+    pub seconds: f64,
+    pub bytes_fetched: u64,
+    /// The blocks the guest read until its checks passed.
+    pub boot_set_bytes: u64,
+    /// The end of the last drill that passed: "last proven bootable".
     #[cfg_attr(
         feature = "serde",
         serde(default, skip_serializing_if = "Option::is_none")

@@ -275,3 +275,38 @@ fn disk_reader_random_reads_match_and_cache() {
     }
     assert!(failures > 0);
 }
+
+/// Drill reports are sealed beside their snapshot: the newest per snapshot
+/// is found, a wrong key cannot read them, and deleting the snapshot
+/// deletes them.
+#[test]
+fn drill_reports_follow_their_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let mut src = bulwark_store::MemSource::new(random(1 << 20, 9));
+    let a = backup(&repo, &mut src, Mode::Full, 1);
+    let b = backup(&repo, &mut src, Mode::Full, 1);
+    assert!(repo.latest_drill_reports().unwrap().is_empty());
+    repo.put_drill_report(&a.id, 100, b"{\"passed\":false}")
+        .unwrap();
+    repo.put_drill_report(&a.id, 200, b"{\"passed\":true}")
+        .unwrap();
+    repo.put_drill_report(&b.id, 150, b"{\"passed\":true}")
+        .unwrap();
+    let all = repo.latest_drill_reports().unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[&a.id], b"{\"passed\":true}");
+    assert_eq!(
+        repo.latest_drill_report(&a.id).unwrap().unwrap(),
+        b"{\"passed\":true}"
+    );
+    // Sealed: the bytes on disk are not the report.
+    let names = std::fs::read_dir(dir.path().join("repo/drills")).unwrap();
+    for n in names {
+        let raw = std::fs::read(n.unwrap().path()).unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"passed"));
+    }
+    repo.delete_snapshot(&a).unwrap();
+    assert_eq!(repo.latest_drill_report(&a.id).unwrap(), None);
+    assert_eq!(repo.latest_drill_reports().unwrap().len(), 1);
+}

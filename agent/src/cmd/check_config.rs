@@ -212,6 +212,19 @@ fn plan(
             runs: runs(&sched, from, to),
         });
     }
+    for (name, p) in &cfg.policies {
+        let Some(d) = &p.drill else { continue };
+        let sched = config::schedule(d)?.with_spread(host, spread);
+        out.push(Planned {
+            job: "drill",
+            name: name.clone(),
+            repository: p.repository.clone(),
+            schedule: sched.to_string(),
+            refused: cfg.refusal(name),
+            domains: domains.map(|d| d.get(name).cloned().unwrap_or_default()),
+            runs: runs(&sched, from, to),
+        });
+    }
     for (name, rc) in &cfg.repositories {
         let Some(s) = &rc.gc_schedule else { continue };
         let sched = config::schedule(s)?;
@@ -288,6 +301,10 @@ fn print(r: &Report, cfg: &Config) {
 fn planned_line(p: &Planned) -> String {
     let what = match p.job {
         "gc" => format!("gc {} ({})", p.name, p.schedule),
+        "drill" => format!(
+            "restore drill {} <- {} ({})",
+            p.name, p.repository, p.schedule
+        ),
         _ => format!("backup {} -> {} ({})", p.name, p.repository, p.schedule),
     };
     if let Some(why) = &p.refused {

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bench;
 pub mod check_config;
 pub mod completions;
+pub mod drill;
 pub mod files;
 pub mod gc;
 pub mod host_files;

@@ -22,6 +22,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         .into_iter()
         .filter(|s| a.source.as_ref().is_none_or(|src| &s.source == src))
         .collect();
+    let drills = crate::drill::report::latest_in_repository(&repo)?;
     if a.json {
         let v: Vec<_> = snaps
             .iter()
@@ -37,6 +38,10 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
                     "stored_bytes": s.stats.bytes_stored,
                     "vm": s.domain_xml.is_some(),
                     "files": s.files,
+                    "drill": drills.get(&s.id).map(|r| serde_json::json!({
+                        "passed": r.passed, "started": r.started, "seconds": r.seconds,
+                        "host": r.host,
+                    })),
                     "disks": s.disks.iter().map(|d| serde_json::json!({
                         "name": d.name, "size": d.size, "data_bytes": d.data_bytes,
                         "chunks": d.chunks, "checkpoint": d.checkpoint,
@@ -62,8 +67,22 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
             )],
             None => s.disks.iter().map(|d| d.name.clone()).collect(),
         };
+        let drill = drills.get(&s.id).map_or_else(String::new, |r| {
+            let at = chrono::DateTime::parse_from_rfc3339(&r.started)
+                .map(|t| {
+                    t.with_timezone(&chrono::Local)
+                        .format("%a %F %H:%M")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| r.started.clone());
+            if r.passed {
+                format!(", proven bootable {at} ({:.0} s)", r.seconds)
+            } else {
+                format!(", drill FAILED {at}")
+            }
+        });
         println!(
-            "{:<8}  {:<20}  {:<12}  {:<19}  {:>10}  {:>10}  {}{}",
+            "{:<8}  {:<20}  {:<12}  {:<19}  {:>10}  {:>10}  {}{}{drill}",
             s.id.short(),
             s.source,
             s.policy.as_deref().unwrap_or("-"),

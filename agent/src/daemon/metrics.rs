@@ -119,6 +119,33 @@ impl Agent {
                 r.bytes_copied as f64,
             );
         }
+        for (vm, r) in &sched.drills {
+            let l = [("domain", vm.as_str()), ("policy", r.policy.as_str())];
+            m.gauge(
+                "bulwark_drill_last_run_timestamp_seconds",
+                "Last restore drill of the VM's latest snapshot.",
+                &l,
+                r.at as f64,
+            );
+            m.gauge(
+                "bulwark_drill_last_ok",
+                "1 if the VM's last restore drill passed every check.",
+                &l,
+                f64::from(u8::from(r.ok)),
+            );
+            m.gauge(
+                "bulwark_drill_last_passed_timestamp_seconds",
+                "When a restore drill of the VM last passed (last proven bootable).",
+                &l,
+                r.last_ok.unwrap_or(0) as f64,
+            );
+            m.gauge(
+                "bulwark_drill_seconds",
+                "Duration of the VM's last restore drill.",
+                &l,
+                r.seconds,
+            );
+        }
         for (repo, t) in self.targets() {
             let l = [("repository", repo.as_str())];
             m.gauge(

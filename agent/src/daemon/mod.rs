@@ -6,12 +6,13 @@
 //! (libvirt events: every domain and its policies, bitmaps, records),
 //! [`targets`] (is each repository usable), the work itself in [`jobs`]
 //! (backup + prune, GC; [`slots`] says when one may start), and the
-//! supervision of live restores in [`live`]. What an operator sees is in
+//! supervision of live restores in [`live`], restore drills in [`drills`]. What an operator sees is in
 //! [`status`] and [`metrics`]; what the host requires, in [`enforce`].
 //! A failed job is logged, recorded, mailed once per streak (`mail`), and
 //! retried when next due.
 
 mod control;
+mod drills;
 mod enforce;
 mod jobs;
 mod live;
@@ -55,6 +56,8 @@ struct Agent {
     targets: Mutex<BTreeMap<String, Target>>,
     /// One GC at a time (the repository's GC lock covers other hosts).
     gc_busy: Mutex<()>,
+    /// One restore drill at a time on this host.
+    drill_busy: Mutex<()>,
     schedule: Mutex<Schedule>,
     /// Live restores a thread of this agent supervises.
     live: Mutex<std::collections::BTreeSet<String>>,
@@ -69,7 +72,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("creating {}", state.root().display()))?;
     let schedule = Schedule::load(&state.root().join("schedule.json"));
     let listener = control::bind(&cfg.socket)?;
-    exit_on_sigterm()?;
+    exit_on_sigterm(&cfg)?;
     let alerts = match &cfg.smtp {
         Some(smtp) => Some(mail(smtp, &state)?),
         None => None,
@@ -90,11 +93,13 @@ pub fn run(cfg: Config) -> Result<()> {
         targets: Mutex::new(BTreeMap::new()),
         unprotected: Mutex::new(Default::default()),
         gc_busy: Mutex::new(()),
+        drill_busy: Mutex::new(()),
         schedule: Mutex::new(schedule),
         live: Mutex::new(Default::default()),
         alerts,
     });
     agent.resume_live();
+    agent.clean_leftover_drills();
     tracing::info!(
         "agent listening on {}, {} policies",
         agent.cfg.socket.display(),
@@ -117,13 +122,16 @@ pub fn run(cfg: Config) -> Result<()> {
 /// On SIGTERM, pass it on to our own process group (qemu-nbd, qemu-img of
 /// a backup in progress), then exit: systemd signals the unit's whole
 /// cgroup anyway, a shell only us. Live restore servers run in groups (and
-/// under systemd, units) of their own and keep serving.
-fn exit_on_sigterm() -> Result<()> {
+/// under systemd, units) of their own and keep serving; a drill in flight
+/// is torn down (its domain would outlive us).
+fn exit_on_sigterm(cfg: &Config) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
         .context("installing the SIGTERM handler")?;
+    let (state_dir, uri) = (cfg.state_dir.clone(), cfg.libvirt_uri.clone());
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             tracing::info!("SIGTERM: stopping");
+            crate::drill::abandon(&state_dir, &uri);
             // SAFETY: plain syscalls. Only when we lead the group (systemd,
             // or a shell job), never a group we merely joined; the signal
             // this sends us too is caught by the handler above.

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-pub(super) use bulwark_proto::status::{GcRun, LockRun, Run, SyncRun};
+pub(super) use bulwark_proto::status::{DrillRun, GcRun, LockRun, Run, SyncRun};
 
 use super::Agent;
 use crate::config;
@@ -33,6 +33,9 @@ pub(super) struct Schedule {
     /// Last run per sync job (`replicate.rs`).
     #[serde(default)]
     pub syncs: BTreeMap<String, SyncRun>,
+    /// Last restore drill per VM (`drills.rs`).
+    #[serde(default)]
+    pub drills: BTreeMap<String, DrillRun>,
 }
 
 pub(super) fn now() -> u64 {
@@ -80,6 +83,7 @@ pub(super) fn run(agent: &Arc<Agent>) {
         agent.gc_due();
         agent.locks_due();
         agent.syncs_due();
+        agent.drills_due();
         agent.check_silence();
         agent.enforce_protection();
         std::thread::sleep(Duration::from_secs(agent.cfg.tick_seconds.max(1)));

@@ -47,6 +47,7 @@ impl Agent {
         }
         problems.extend(self.lock_problems(&sched));
         problems.extend(self.sync_problems(&sched));
+        problems.extend(self.drill_problems(&sched));
         let refused = self
             .cfg
             .policies
@@ -65,6 +66,7 @@ impl Agent {
             gcs: sched.gcs,
             locks: sched.locks,
             syncs: sched.syncs,
+            drills: sched.drills,
             busy: !running.is_empty(),
             queued: self.slots.queued(),
             running,

@@ -134,6 +134,51 @@ impl Libvirt {
         Ok(Domain { dom, name })
     }
 
+    /// Creates and starts a transient domain: it has no definition, so
+    /// once destroyed (or the host restarts) nothing of it is left.
+    pub fn create_transient(&self, xml: &str) -> Result<Domain> {
+        let dom = self
+            .conn
+            .create_domain_xml(xml, 0)
+            .map_err(call("starting the domain"))?;
+        let name = dom.name().map_err(call("reading the new domain's name"))?;
+        Ok(Domain { dom, name })
+    }
+
+    /// A screenshot of the domain's first screen: its MIME type (QEMU
+    /// gives a PPM) and bytes.
+    pub fn screenshot(&self, dom: &Domain) -> Result<(String, Vec<u8>)> {
+        let stream = virt::stream::Stream::new(&self.conn, 0)
+            .map_err(call("opening a stream for a screenshot"))?;
+        let mime = dom
+            .dom
+            .screenshot(&stream, 0, 0)
+            .map_err(dom.err("taking a screenshot of"))?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = stream
+                .recv(&mut buf)
+                .map_err(dom.err("receiving the screenshot of"))?;
+            if n <= 0 {
+                break;
+            }
+            // A bound: a screen is a few MiB at most.
+            if out.len() > 64 << 20 {
+                let _ = stream.abort();
+                return Err(Error::Call {
+                    op: format!("receiving the screenshot of {}", dom.name),
+                    message: "more than 64 MiB".into(),
+                });
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        stream
+            .finish()
+            .map_err(dom.err("ending the screenshot stream of"))?;
+        Ok((mime, out))
+    }
+
     /// The target directory of a directory-type storage pool.
     pub fn pool_dir(&self, pool: &str) -> Result<PathBuf> {
         let xml = self
@@ -281,6 +326,14 @@ impl Domain {
                 flags,
             )
             .map_err(self.err("setting the metadata of"))
+    }
+
+    /// A QEMU guest agent command (JSON) and its reply; waits at most
+    /// `timeout_secs` for the agent.
+    pub fn agent_command(&self, cmd: &str, timeout_secs: i32) -> Result<String> {
+        self.dom
+            .qemu_agent_command(cmd, timeout_secs, 0)
+            .map_err(self.err("asking the guest agent of"))
     }
 
     /// Ends the domain's current job (a pull-mode backup ends this way).

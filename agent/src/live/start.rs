@@ -116,7 +116,7 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
 /// A qcow2 overlay of `size` bytes over the export `export` on `socket`
 /// (`-u`: the server need not answer yet; libvirt gets the backing from
 /// the domain XML).
-fn overlay(path: &Path, size: u64, export: &str, socket: &Path) -> Result<()> {
+pub(crate) fn overlay(path: &Path, size: u64, export: &str, socket: &Path) -> Result<()> {
     let backing = format!("nbd+unix:///{export}?socket={}", socket.display());
     crate::vm::qemu::run(
         Command::new("qemu-img")

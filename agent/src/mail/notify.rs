@@ -100,6 +100,8 @@ pub enum Task {
     Protection,
     /// A sync job (`policy` is `sync:NAME`, `repository` its destination).
     Sync,
+    /// A VM's restore drill (`policy` is `drill:POLICY`).
+    Drill,
 }
 
 impl Job<'_> {
@@ -107,7 +109,11 @@ impl Job<'_> {
     fn who(&self) -> String {
         match self.task {
             Task::Gc | Task::Sync => String::new(),
-            _ => format!("VM:         {}\nPolicy:     {}\n", self.vm, self.policy),
+            _ => format!(
+                "VM:         {}\nPolicy:     {}\n",
+                self.vm,
+                job_name(self.policy)
+            ),
         }
     }
 
@@ -129,6 +135,14 @@ impl Job<'_> {
                     job_name(policy)
                 ),
                 format!("bulwark: sync {} failed on {host}", job_name(policy)),
+            ),
+            Task::Drill => (
+                format!(
+                    "The restore drill of VM {vm} failed: its latest snapshot did not boot \
+                     and pass its checks (policy {}).",
+                    job_name(policy)
+                ),
+                format!("bulwark: restore drill of {vm} failed on {host}"),
             ),
             Task::Protection => (
                 format!(
@@ -159,6 +173,10 @@ impl Job<'_> {
                 ),
                 format!("bulwark: sync {} recovered on {host}", job_name(policy)),
             ),
+            Task::Drill => (
+                format!("The restore drill of VM {vm} passed again."),
+                format!("bulwark: restore drill of {vm} passed again on {host}"),
+            ),
             Task::Protection => (
                 format!("VM {vm} is protected now."),
                 format!("bulwark: VM {vm} on {host} is protected now"),
@@ -167,9 +185,13 @@ impl Job<'_> {
     }
 }
 
-/// A sync job's name from its mail key (`sync:NAME`).
+/// A sync job's or drill's name from its mail key (`sync:NAME`,
+/// `drill:POLICY`).
 fn job_name(policy: &str) -> &str {
-    policy.strip_prefix("sync:").unwrap_or(policy)
+    policy
+        .strip_prefix("sync:")
+        .or_else(|| policy.strip_prefix("drill:"))
+        .unwrap_or(policy)
 }
 
 /// Decides which events deserve a mail; sends nothing itself.

@@ -3,6 +3,7 @@
 //! [`markers`] and the snapshots' [`sync_records`].
 
 pub mod condemned;
+pub mod drills;
 pub mod markers;
 pub mod sync_records;
 
@@ -534,7 +535,7 @@ pub(crate) fn load_each<T: Send>(
 }
 
 /// Deletes a snapshot: its manifest first (from then on it is gone for
-/// every reader), then its chunk lists and its sync records. Needs no key,
+/// every reader), then its chunk lists, sync records and drill reports. Needs no key,
 /// so a replica's retention runs without one (`crate::sync::retain`).
 pub fn delete_snapshot_objects(
     backend: &dyn Backend,
@@ -548,5 +549,6 @@ pub fn delete_snapshot_objects(
             Err(e) => return Err(e.into()),
         }
     }
-    sync_records::delete_all(backend, snapshot)
+    sync_records::delete_all(backend, snapshot)?;
+    drills::delete_all(backend, snapshot)
 }

@@ -143,7 +143,7 @@ fn host(s: &Status, local: bool, o: &Overview<'_>) -> Markup {
                 th scope="col" { "Snapshots" } th scope="col" { "Problems" }
             } }
             tbody {
-                @for d in &s.domains { (domain(d, local, o.view)) }
+                @for d in &s.domains { (domain(d, s.drills.get(&d.name), local, o.view)) }
             }
         }
     }
@@ -158,7 +158,12 @@ fn list_or_none(l: &[String]) -> String {
 }
 
 /// One domain's row (compact: 500 of them stay well under 200 KB).
-fn domain(d: &Domain, local: bool, view: &View) -> Markup {
+fn domain(
+    d: &Domain,
+    drill: Option<&bulwark_proto::status::DrillRun>,
+    local: bool,
+    view: &View,
+) -> Markup {
     let (count, latest) = if local {
         snapshots_of(view, &d.name)
     } else {
@@ -184,6 +189,17 @@ fn domain(d: &Domain, local: bool, view: &View) -> Markup {
                         }
                     }
                 }
+                @if let Some(r) = drill {
+                    div.drill {
+                        "restore drill " (time(Some(r.at))) " "
+                        @if r.ok {
+                            (badge("booted", "ok")) " in " (format!("{:.0} s", r.seconds))
+                        } @else {
+                            (badge("failed", "bad"))
+                            @if let Some(t) = r.last_ok { "; last proven bootable " (time(Some(t))) }
+                        }
+                    }
+                }
             }
             td { @if local { (count) @if let Some(t) = latest { ", last " (super::local(&t)) } } @else { "-" } }
             td { @for p in &d.problems { div.bad { (p) } } }
@@ -202,4 +218,44 @@ fn snapshots_of(view: &View, source: &str) -> (usize, Option<chrono::DateTime<ch
         }
     }
     (n, latest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_proto::status::DrillRun;
+
+    #[test]
+    fn a_domain_row_shows_its_last_drill() {
+        let d = Domain {
+            name: "web01".into(),
+            ..Default::default()
+        };
+        let view = View::default();
+        let passed = DrillRun {
+            at: 1_700_000_000,
+            ok: true,
+            seconds: 23.4,
+            last_ok: Some(1_700_000_000),
+            ..Default::default()
+        };
+        let row = domain(&d, Some(&passed), true, &view).into_string();
+        assert!(
+            row.contains("restore drill") && row.contains("booted") && row.contains("23 s"),
+            "{row}"
+        );
+        let failed = DrillRun {
+            ok: false,
+            last_ok: Some(1_600_000_000),
+            ..passed
+        };
+        let row = domain(&d, Some(&failed), true, &view).into_string();
+        assert!(
+            row.contains("failed") && row.contains("last proven bootable"),
+            "{row}"
+        );
+        assert!(!domain(&d, None, true, &view)
+            .into_string()
+            .contains("drill"));
+    }
 }

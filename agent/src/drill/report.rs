@@ -1,0 +1,142 @@
+//! A drill's report: what each check found and when, what the drill read,
+//! kept in the state dir (with the screenshot) and, small, in the
+//! repository beside the snapshot (`drills/`), where any host holding the
+//! key and the dashboard find it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use bulwark_store::Repository;
+use serde::{Deserialize, Serialize};
+
+use super::checks::CheckResult;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub snapshot: String,
+    pub source: String,
+    pub host: String,
+    /// When the drill started (RFC 3339).
+    pub started: String,
+    /// Every check passed.
+    pub passed: bool,
+    pub checks: Vec<CheckResult>,
+    /// From the command's start to the end of the checks.
+    pub seconds: f64,
+    /// Bytes the drill's server fetched from the repository.
+    pub bytes_fetched: u64,
+    /// Per disk, the ranges the guest read until its checks passed.
+    pub boot_set: Vec<BootSet>,
+    /// Reads the repository could not answer (damaged or missing chunks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_reads: Vec<FailedRead>,
+    /// The last screenshot, as a PNG in the state dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screenshot: Option<PathBuf>,
+}
+
+/// The blocks of one disk a guest read until it was up, in the order it
+/// first read them (`[offset, length]`, 64 KiB-aligned runs).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BootSet {
+    pub disk: String,
+    pub bytes: u64,
+    pub ranges: Vec<[u64; 2]>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailedRead {
+    pub disk: String,
+    pub offset: u64,
+    pub length: u64,
+    pub error: String,
+}
+
+impl Report {
+    /// Why it failed, in a line: the checks that did not pass and the
+    /// reads that failed.
+    pub fn failure(&self) -> Option<String> {
+        if self.passed {
+            return None;
+        }
+        let mut parts: Vec<String> = self
+            .checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| format!("{}: {}", c.name, c.detail.as_deref().unwrap_or("failed")))
+            .collect();
+        if let Some(r) = self.failed_reads.first() {
+            parts.push(format!(
+                "the guest's read of {} at offset {} ({} bytes) failed: {}{}",
+                r.disk,
+                r.offset,
+                r.length,
+                r.error,
+                match self.failed_reads.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more)", n - 1),
+                }
+            ));
+        }
+        Some(parts.join("; "))
+    }
+
+    /// Boot set size in bytes, all disks.
+    pub fn boot_set_bytes(&self) -> u64 {
+        self.boot_set.iter().map(|b| b.bytes).sum()
+    }
+}
+
+/// Where a source's reports are kept on this host.
+fn dir(state_dir: &Path, source: &str) -> PathBuf {
+    let safe: String = source
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect();
+    state_dir.join("drill-reports").join(safe)
+}
+
+/// Keeps the report (and the screenshot, as a PNG beside it) in the state
+/// dir; sets `report.screenshot`. Reports are named by start time, so they
+/// sort oldest first.
+pub fn save_local(state_dir: &Path, report: &mut Report, png: Option<&[u8]>) -> Result<PathBuf> {
+    let d = dir(state_dir, &report.source);
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    let stem = report.started.replace(':', "");
+    if let Some(png) = png {
+        let p = d.join(format!("{stem}.png"));
+        std::fs::write(&p, png).with_context(|| format!("writing {}", p.display()))?;
+        report.screenshot = Some(p);
+    }
+    let p = d.join(format!("{stem}.json"));
+    std::fs::write(&p, serde_json::to_vec_pretty(report)?)
+        .with_context(|| format!("writing {}", p.display()))?;
+    Ok(p)
+}
+
+/// Stores the report beside its snapshot in the repository.
+pub fn save_in_repository(repo: &Repository, report: &Report) -> Result<()> {
+    let id: bulwark_store::Id = report
+        .snapshot
+        .parse()
+        .context("the report's snapshot id")?;
+    let at = chrono::DateTime::parse_from_rfc3339(&report.started)
+        .context("the report's start time")?
+        .timestamp()
+        .max(0) as u64;
+    repo.put_drill_report(&id, at, &serde_json::to_vec(report)?)
+        .context("storing the drill report in the repository")
+}
+
+/// The newest drill report of each snapshot in the repository.
+pub fn latest_in_repository(
+    repo: &Repository,
+) -> Result<std::collections::BTreeMap<bulwark_store::Id, Report>> {
+    let mut out = std::collections::BTreeMap::new();
+    for (id, bytes) in repo.latest_drill_reports()? {
+        let r: Report = serde_json::from_slice(&bytes)
+            .with_context(|| format!("the drill report of snapshot {}", id.short()))?;
+        out.insert(id, r);
+    }
+    Ok(out)
+}

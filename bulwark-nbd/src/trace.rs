@@ -1,0 +1,134 @@
+//! What a guest read from an export, in the order it first read it: the
+//! *boot set* of a restore drill (the blocks a guest needs until it is up,
+//! which a later live restore can fetch first), and the reads that failed,
+//! so a failed boot names the damaged range rather than just timing out.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Granularity of the boot set: a read touches whole blocks of this size.
+/// Coarse enough that the set stays small, fine next to 1 MiB chunks.
+pub const BLOCK: u64 = 64 * 1024;
+/// At most this many blocks (4 GiB) are recorded: a guest that reads its
+/// whole disk in a loop must not grow the set without bound.
+const MAX_BLOCKS: usize = 65_536;
+
+/// A read the export could not answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedRead {
+    pub offset: u64,
+    pub length: u64,
+    pub error: String,
+}
+
+/// One export's record of reads; shared by the export and its owner.
+#[derive(Default)]
+pub struct ReadTrace {
+    stopped: AtomicBool,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    seen: HashSet<u64>,
+    /// `(offset, length)` runs of newly touched blocks, in first-read order.
+    ranges: Vec<(u64, u64)>,
+    failed: Vec<FailedRead>,
+}
+
+impl ReadTrace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A read of `[offset, offset + len)` was asked for. Blocks read before
+    /// are not recorded again; new ones extend the last run when they
+    /// follow it.
+    pub fn read(&self, offset: u64, len: u64) {
+        if len == 0 || self.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut inner = self.lock();
+        let first = offset / BLOCK;
+        let last = (offset + len - 1) / BLOCK;
+        for b in first..=last {
+            if inner.seen.len() >= MAX_BLOCKS {
+                break;
+            }
+            if !inner.seen.insert(b) {
+                continue;
+            }
+            let start = b * BLOCK;
+            match inner.ranges.last_mut() {
+                Some((o, l)) if *o + *l == start => *l += BLOCK,
+                _ => inner.ranges.push((start, BLOCK)),
+            }
+        }
+    }
+
+    /// A read failed; kept whether or not recording has stopped (the
+    /// first few only: one damaged chunk fails many reads).
+    pub fn failed(&self, offset: u64, length: u64, error: String) {
+        let mut inner = self.lock();
+        if inner.failed.len() < 16 {
+            inner.failed.push(FailedRead {
+                offset,
+                length,
+                error,
+            });
+        }
+    }
+
+    /// Freezes the boot set: reads from now on are not part of it.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// The boot set so far: block-aligned runs in first-read order.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.lock().ranges.clone()
+    }
+
+    pub fn failed_reads(&self) -> Vec<FailedRead> {
+        self.lock().failed.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_new_blocks_in_first_read_order_and_merges_runs() {
+        let t = ReadTrace::new();
+        t.read(0, 512); // block 0
+        t.read(BLOCK * 5 + 10, BLOCK); // blocks 5, 6
+        t.read(100, 10); // block 0 again: nothing
+        t.read(BLOCK * 7, 1); // block 7 follows the last run
+        t.read(BLOCK, 1); // block 1: a new run after it
+        assert_eq!(
+            t.ranges(),
+            vec![(0, BLOCK), (5 * BLOCK, 3 * BLOCK), (BLOCK, BLOCK)]
+        );
+        t.stop();
+        t.read(BLOCK * 20, 1);
+        assert_eq!(t.ranges().len(), 3);
+        t.failed(7, 8, "bad".into());
+        assert_eq!(t.failed_reads()[0].offset, 7);
+    }
+
+    #[test]
+    fn the_set_is_bounded() {
+        let t = ReadTrace::new();
+        t.read(0, BLOCK * (MAX_BLOCKS as u64 + 10));
+        let total: u64 = t.ranges().iter().map(|r| r.1).sum();
+        assert_eq!(total, BLOCK * MAX_BLOCKS as u64);
+    }
+}
