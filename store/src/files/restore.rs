@@ -80,24 +80,59 @@ pub fn restore(
     let root = open_dir_path(to).map_err(|e| Error::io(format!("opening {}", to.display()), e))?;
     let entries = &loaded.catalog.entries;
     let sel = selected(entries, paths);
-    let mut w = Writer {
-        root,
-        stack: Vec::new(),
-        reader: &reader,
-        buf: Vec::new(),
-        report: RestoreReport::default(),
+    let chosen: Vec<&Entry> = entries
+        .iter()
+        .zip(&sel)
+        .filter(|(_, s)| **s)
+        .map(|(e, _)| e)
+        .collect();
+    let new_writer = |report| -> Result<Writer<'_>> {
+        Ok(Writer {
+            root: dup(&root).map_err(|e| Error::io("dup", e))?,
+            stack: Vec::new(),
+            reader: &reader,
+            buf: Vec::new(),
+            report,
+        })
     };
-    let mut dirs = Vec::new();
-    for (e, _) in entries.iter().zip(&sel).filter(|(_, s)| **s) {
-        if let Err(err) = w.create(e) {
-            w.fail(e, err);
-            continue;
-        }
-        w.report.entries += 1;
-        if e.kind() == Kind::Dir {
-            dirs.push(e);
-        }
+    // Directories, links and nodes first; then the files' data, in parallel;
+    // then hard links (to files that exist now); then directories' metadata.
+    let mut w = new_writer(RestoreReport::default())?;
+    let (files, rest): (Vec<&Entry>, Vec<&Entry>) = chosen.iter().partition(|e| e.has_data());
+    let (links, rest): (Vec<&Entry>, Vec<&Entry>) = rest.iter().partition(|e| !e.link.is_empty());
+    let made = w.create_all(&rest);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8);
+    let per = files.len().div_ceil(threads).max(1);
+    let reports = std::thread::scope(|s| {
+        let workers: Vec<_> = files
+            .chunks(per)
+            .map(|part| {
+                let mut fw = new_writer(RestoreReport::default());
+                s.spawn(move || {
+                    let fw = fw.as_mut().map_err(|e| Error::Invalid(e.to_string()))?;
+                    let _made = fw.create_all(part);
+                    Ok(std::mem::take(&mut fw.report))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("a restore thread panicked".into())))
+            })
+            .collect::<Result<Vec<RestoreReport>>>()
+    })?;
+    for r in reports {
+        w.report.entries += r.entries;
+        w.report.files += r.files;
+        w.report.bytes += r.bytes;
+        w.report.errors.extend(r.errors);
     }
+    let _made = w.create_all(&links);
+    let mut dirs: Vec<&Entry> = made.into_iter().filter(|e| e.kind() == Kind::Dir).collect();
     // Deepest first: a parent's times are set after its children's.
     dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&b| b == b'/').count()));
     for e in dirs {
@@ -106,6 +141,10 @@ pub fn restore(
         }
     }
     Ok(w.report)
+}
+
+fn dup(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    fd.try_clone()
 }
 
 struct Writer<'a> {
@@ -176,6 +215,21 @@ fn ts(t: Time) -> libc::timespec {
 }
 
 impl Writer<'_> {
+    /// Creates `entries` in their order, listing what fails; those made.
+    fn create_all<'e>(&mut self, entries: &[&'e Entry]) -> Vec<&'e Entry> {
+        let mut made = Vec::new();
+        for e in entries {
+            match self.create(e) {
+                Ok(()) => {
+                    self.report.entries += 1;
+                    made.push(*e);
+                }
+                Err(err) => self.fail(e, err),
+            }
+        }
+        made
+    }
+
     fn fail(&mut self, e: &Entry, why: String) {
         let p = super::abs_path(&e.path).display().to_string();
         tracing::warn!("{p}: {why}");
