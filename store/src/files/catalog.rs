@@ -74,6 +74,22 @@ pub struct Time {
     pub nsec: u32,
 }
 
+impl Time {
+    /// (mtime, atime, ctime) of `md`.
+    pub fn of(md: &std::fs::Metadata) -> [Time; 3] {
+        use std::os::unix::fs::MetadataExt;
+        let t = |sec, nsec: i64| Time {
+            sec,
+            nsec: nsec as u32,
+        };
+        [
+            t(md.mtime(), md.mtime_nsec()),
+            t(md.atime(), md.atime_nsec()),
+            t(md.ctime(), md.ctime_nsec()),
+        ]
+    }
+}
+
 /// One catalog entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entry {

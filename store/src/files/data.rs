@@ -69,16 +69,11 @@ struct Stamp {
 }
 
 fn stamp(md: &std::fs::Metadata) -> Stamp {
+    let [mtime, _, ctime] = Time::of(md);
     Stamp {
         size: md.size(),
-        mtime: Time {
-            sec: md.mtime(),
-            nsec: md.mtime_nsec() as u32,
-        },
-        ctime: Time {
-            sec: md.ctime(),
-            nsec: md.ctime_nsec() as u32,
-        },
+        mtime,
+        ctime,
         ino: md.ino(),
         dev: md.dev(),
     }

@@ -371,19 +371,7 @@ impl Writer<'_> {
         self.write_data(e, &file)?;
         self.report.files += 1;
         self.report.bytes += e.size;
-        let fd = file.as_raw_fd();
-        // SAFETY: calls on a descriptor we own.
-        check(unsafe { libc::fchown(fd, e.uid, e.gid) }).map_err(os("chown"))?;
-        check(unsafe { libc::fchmod(fd, e.mode as libc::mode_t) }).map_err(os("chmod"))?;
-        for (k, v) in &e.xattrs {
-            let k = cstr(k)?;
-            // SAFETY: NUL-terminated name, `v` valid for its length.
-            check(unsafe { libc::fsetxattr(fd, k.as_ptr(), v.as_ptr().cast(), v.len(), 0) })
-                .map_err(os("setting an xattr"))?;
-        }
-        let times = [ts(e.atime), ts(e.mtime)];
-        // SAFETY: two timespecs, as futimens wants.
-        check(unsafe { libc::futimens(fd, times.as_ptr()) }).map_err(os("setting times"))
+        fd_metadata(e, file.as_raw_fd())
     }
 
     /// Writes the file's data extents; holes are left unwritten.
@@ -462,20 +450,26 @@ impl Writer<'_> {
         super::catalog::check_entry(e)?;
         let parent = self.dir(e.parent())?;
         let d = open_dir_at(parent, e.name())?;
-        let fd = d.as_raw_fd();
-        // SAFETY: calls on a descriptor we own.
-        check(unsafe { libc::fchown(fd, e.uid, e.gid) }).map_err(os("chown"))?;
-        check(unsafe { libc::fchmod(fd, e.mode as libc::mode_t) }).map_err(os("chmod"))?;
-        for (k, v) in &e.xattrs {
-            let k = cstr(k)?;
-            // SAFETY: as in `file`.
-            check(unsafe { libc::fsetxattr(fd, k.as_ptr(), v.as_ptr().cast(), v.len(), 0) })
-                .map_err(os("setting an xattr"))?;
-        }
-        let times = [ts(e.atime), ts(e.mtime)];
-        // SAFETY: as in `file`.
-        check(unsafe { libc::futimens(fd, times.as_ptr()) }).map_err(os("setting times"))
+        fd_metadata(e, d.as_raw_fd())
     }
+}
+
+/// Owner, then mode (chown clears setuid bits), then xattrs (a capability
+/// is cleared by chown; an ACL sets the group bits as the mode had them),
+/// then times, on an open file or directory.
+fn fd_metadata(e: &Entry, fd: libc::c_int) -> Step {
+    // SAFETY: calls on a descriptor the caller holds open.
+    check(unsafe { libc::fchown(fd, e.uid, e.gid) }).map_err(os("chown"))?;
+    check(unsafe { libc::fchmod(fd, e.mode as libc::mode_t) }).map_err(os("chmod"))?;
+    for (k, v) in &e.xattrs {
+        let k = cstr(k)?;
+        // SAFETY: NUL-terminated name, `v` valid for its length.
+        check(unsafe { libc::fsetxattr(fd, k.as_ptr(), v.as_ptr().cast(), v.len(), 0) })
+            .map_err(os("setting an xattr"))?;
+    }
+    let times = [ts(e.atime), ts(e.mtime)];
+    // SAFETY: two timespecs, as futimens wants.
+    check(unsafe { libc::futimens(fd, times.as_ptr()) }).map_err(os("setting times"))
 }
 
 /// A second descriptor of an open directory (so the stack may change).

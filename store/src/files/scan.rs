@@ -130,6 +130,7 @@ impl<'a> Scan<'a> {
         } else {
             Kind::File
         };
+        let [mtime, atime, ctime] = Time::of(md);
         let mut e = Entry {
             kind: Some(kind),
             mode: md.mode() & 0o7777,
@@ -137,18 +138,9 @@ impl<'a> Scan<'a> {
             gid: md.gid(),
             user: self.names.user(md.uid()),
             group: self.names.group(md.gid()),
-            mtime: Time {
-                sec: md.mtime(),
-                nsec: md.mtime_nsec() as u32,
-            },
-            atime: Time {
-                sec: md.atime(),
-                nsec: md.atime_nsec() as u32,
-            },
-            ctime: Time {
-                sec: md.ctime(),
-                nsec: md.ctime_nsec() as u32,
-            },
+            mtime,
+            atime,
+            ctime,
             ino: md.ino(),
             dev: md.dev(),
             rdev: md.rdev(),
