@@ -336,10 +336,11 @@ mod tests {
             b"a/\0",
             b"",
         ] {
-            let c = Catalog {
-                entries: vec![entry(bad)],
-            };
-            assert!(Catalog::decode(&c.encode(), "t").is_err(), "{bad:?}");
+            assert!(check_path(bad).is_err(), "{bad:?}");
         }
+        assert!(c.entries.iter().all(|e| check_entry(e).is_ok()));
+        let mut e = entry(b"a");
+        e.link = b"../../etc/passwd".to_vec();
+        assert!(check_entry(&e).is_err());
     }
 }
