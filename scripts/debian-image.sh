@@ -81,10 +81,8 @@ MNT=""
 LOOP=""
 # Debootstrap can leave its proc/sys mounts in the tree.
 unmount_under() {
-    local m
-    for m in $(awk -v w="$1/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r); do
-        umount -l "$m"
-    done
+    awk -v w="$1/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r |
+        while read -r m; do umount -l "$m"; done
 }
 cleanup() {
     unmount_under "$WORK" 2>/dev/null || true

@@ -4,7 +4,7 @@
 //! state_dir = "/var/lib/bulwark"          # checkpoint records, schedule
 //! socket = "/run/bulwark/agent.sock"      # control socket (CLI, hook)
 //! libvirt_uri = "qemu:///system"
-//! tick_seconds = 30                       # how often schedules are checked
+//! tick_seconds = 30                       # longest sleep: silence check (runs start on time)
 //! max_concurrent_backups = 2              # host-wide; one at a time per VM anyway
 //! schedule_spread = "10m"                 # per-host offset of calendar schedules
 //! target_check = "5m"                     # how often each repository is checked
@@ -48,6 +48,8 @@ pub struct Config {
     pub socket: PathBuf,
     #[serde(default = "default_uri")]
     pub libvirt_uri: String,
+    /// The scheduler's longest sleep: it wakes at each due time anyway;
+    /// this paces the silence check and notices a stepped clock.
     #[serde(default = "default_tick")]
     pub tick_seconds: u64,
     #[serde(default)]

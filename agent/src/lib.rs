@@ -129,7 +129,7 @@ pub fn main() -> i32 {
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(a),
         Command::Files(c) => cmd::files::run(&cli.global, c),
-        Command::Benchmark(a) => cmd::bench::run(a),
+        Command::Benchmark(a) => cmd::bench::run(&cli.global, a),
         Command::Protect(a) => cmd::vm::protect(a),
         Command::Unprotect(a) => cmd::vm::unprotect(a),
         Command::Hook(c) => cmd::vm::hook(c),

@@ -122,16 +122,16 @@ fn agent_runs_policies_and_answers_on_its_socket() {
 }
 
 /// With no hook installed, the agent still notices a protected VM from
-/// libvirt's define event: its qcow2 disk gets Bulwark's bitmap before any
-/// backup; the backups through the agent then chain; undefining the VM
-/// archives its record.
+/// libvirt's define event: it puts Bulwark's bitmap on the qcow2 disk and,
+/// the policy never having run, backs the VM up at once (the scheduler
+/// wakes on the event); later backups through the agent chain on it;
+/// undefining the VM archives its record.
 #[test]
 fn agent_notices_a_protected_vm_from_the_define_event() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
     let policy = format!("ev-{}", std::process::id());
-    // One tick at start, then none for an hour: nothing but the event can
-    // put the bitmap there, and no scheduled backup removes it again.
+    // Ticks an hour apart: only the event can start the first backup.
     let agent = Agent::start(
         &env,
         3600,
@@ -150,22 +150,33 @@ fn agent_notices_a_protected_vm_from_the_define_event() {
     )
     .unwrap();
     let name = vm.name().to_string();
-    wait_for("the define event's bitmap", 30, || {
-        bitmap_names(vm.disk_path())
-            .contains(&"bw-hook".to_string())
-            .then_some(())
+    let key = format!("{name}/{policy}");
+    let r1 = wait_for("the first backup, started by the define event", 60, || {
+        let s = agent.status(&env);
+        s["runs"]
+            .get(&key)
+            .filter(|r| r["snapshot"].is_string())
+            .cloned()
     });
+    assert_eq!(
+        (&r1["ok"], &r1["mode"]),
+        (&true.into(), &"full".into()),
+        "{r1}"
+    );
     let s = agent.status(&env);
     assert_eq!(s["protected"][&name], serde_json::json!([policy]), "{s}");
-
-    let r1 = agent.backup(&env, &name);
-    assert_eq!(r1["mode"], "full", "{r1}");
+    // The event's bitmap became the first backup's checkpoint.
     let names = bitmap_names(vm.disk_path());
+    assert_eq!(names.len(), 1, "{names:?}");
     assert!(!names.contains(&"bw-hook".to_string()), "{names:?}");
-    assert_eq!(names, vec![r1["checkpoint"].as_str().unwrap().to_string()]);
     let r2 = agent.backup(&env, &name);
     assert_eq!(r2["mode"], "incremental", "{r2}");
     assert_eq!(u(&r2, "bytes_read"), 0, "{r2}");
+    let names = bitmap_names(vm.disk_path());
+    assert!(
+        names.contains(&r2["checkpoint"].as_str().unwrap().to_string()),
+        "{names:?}"
+    );
 
     // Undefined: the record moves to the archive.
     let uuid = virsh(&["domuuid", &name]).trim().to_string();

@@ -88,9 +88,11 @@ fn calendar_schedules_keep_time_across_restarts_into_two_repositories() {
         )
     };
     // p1 at :00, :10, :20 ...; p2 at :05, :25, :45: they never meet.
-    let agent = Agent::start(&env, 1, &config("*:*:0/10", "*:*:5/20"));
-    // Each new run started within the tick after its second: p1 at a
-    // multiple of 10, p2 at 5 past a multiple of 20.
+    // The shipped `tick_seconds` (30): the agent wakes at each due time,
+    // not at its ticks.
+    let agent = Agent::start(&env, 30, &config("*:*:0/10", "*:*:5/20"));
+    // Each new run started on its second: p1 at a multiple of 10, p2 at 5
+    // past a multiple of 20.
     let mut seen: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     wait_for("two runs of each policy", 120, || {
         let s = agent.status(&env);
@@ -181,6 +183,48 @@ fn calendar_schedules_keep_time_across_restarts_into_two_repositories() {
         "exactly one run"
     );
     assert_eq!(snapshots(&env, &second, &name).len(), count2);
+}
+
+/// A freshly started agent backs up a (domain, policy) that never ran as
+/// soon as it has listed the domains, not at its first tick after that
+/// (`tick_seconds` is the shipped 30 s).
+#[test]
+fn a_fresh_agent_runs_a_never_run_policy_once_it_has_listed_the_domains() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let policy = format!("fresh-{}", std::process::id());
+    let vm = Vm::define(
+        &image,
+        VmOptions {
+            metadata_xml: Some(metadata(&[&policy])),
+            ..VmOptions::default()
+        },
+    )
+    .unwrap();
+    let key = format!("{}/{policy}", vm.name());
+    let begun = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let agent = Agent::start(
+        &env,
+        30,
+        &format!("[policies.{policy}]\nrepository = \"main\"\nschedule = \"yearly\"\n"),
+    );
+    let r = wait_for("the first run", 60, || {
+        let s = agent.status(&env);
+        run(&s, &key).filter(|r| r["snapshot"].is_string()).cloned()
+    });
+    assert_eq!(r["ok"], true, "{r}");
+    // (`at` is in whole seconds: the start may seem a second early.)
+    let started = r["at"].as_u64().unwrap() as f64 - r["seconds"].as_f64().unwrap();
+    assert!(
+        started - begun < 8.0,
+        "first backup began {:.1}s after the agent: {r}",
+        started - begun
+    );
+    let snaps = snapshots(&env, &env.path("repo"), vm.name());
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
 }
 
 /// `[enforce]`: an unprotected VM is reported and mailed (and the

@@ -308,3 +308,55 @@ fn scheduled_drills_from_the_agent_mail_a_failing_streak_once() {
     assert!(drill_domains(&name).is_empty());
     assert!(labs(&env).is_empty(), "{:?}", labs(&env));
 }
+
+/// A live restore of a VM that passed a drill queues the drill's boot set
+/// first (counted in `restore status`); one without a drill has none.
+#[test]
+fn a_live_restore_fetches_the_drills_boot_set_first() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let snap = env.backup(vm.name(), &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let images = env.path("images");
+    let live = |name: &str| -> serde_json::Value {
+        env.ok(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+        ]);
+        env.json(&["restore", "status", name, "--json"])[0].clone()
+    };
+    let before = testbed::unique_name("bw-boot0");
+    let after = testbed::unique_name("bw-boot1");
+    let _domains = Restored(vec![before.clone(), after.clone()]);
+    let s = live(&before);
+    assert_eq!(s["phase"], "done", "{s}");
+    assert_eq!(s["boot_set"], false, "{s}");
+    assert!(s["demand_misses"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["stall_seconds"].as_f64().is_some(), "{s}");
+
+    let r: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "drill",
+        &snap,
+        "--console",
+        READY,
+        "--timeout",
+        "90s",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(r["passed"], true, "{r}");
+    let s = live(&after);
+    assert_eq!(s["phase"], "done", "{s}");
+    assert_eq!(s["boot_set"], true, "{s}");
+    assert!(s["boot_set_bytes"].as_u64().unwrap() > 0, "{s}");
+}

@@ -25,6 +25,8 @@ fn browser_logs_in_restores_full_and_live_simulates_prune_and_browses_files() {
     add_user(&env, &users, "ops", "operator");
     let vm = protected_vm(&image, &policy);
     let name = vm.name().to_string();
+    // Backups here come from the test only, not from the schedule.
+    env.seed_runs(&[format!("{name}/{policy}")]);
     let agent = Agent::start(
         &env,
         3600,

@@ -58,6 +58,15 @@ pub enum Cmd {
         /// Memory for decrypted chunks, in MiB (shared by the disks).
         #[arg(long, default_value_t = 512)]
         cache_mib: usize,
+        /// Fetch these blocks first, in order, in parallel (a restore
+        /// drill's report: its `boot_set` per disk), while the client
+        /// starts.
+        #[arg(long, value_name = "FILE")]
+        boot_set: Option<PathBuf>,
+        /// Write counters (boot set queued, reads that waited for the
+        /// repository and for how long) to FILE as JSON every second.
+        #[arg(long, value_name = "FILE")]
+        stats: Option<PathBuf>,
     },
 }
 

@@ -4,6 +4,7 @@
 //! themselves are in `nbd-server`, which does not depend on the store.
 
 pub mod cli;
+pub mod demand;
 pub mod file_export;
 pub mod store_export;
 pub mod trace;

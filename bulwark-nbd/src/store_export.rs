@@ -9,11 +9,13 @@ use bulwark_store::read::reader::DiskReader;
 use bytes::Bytes;
 use nbd_server::{BlockSize, Export, ExportError, Extent};
 
+use crate::demand::DemandStats;
 use crate::trace::ReadTrace;
 
 pub struct StoreExport {
     reader: Arc<DiskReader>,
     trace: Option<Arc<ReadTrace>>,
+    demand: Arc<DemandStats>,
 }
 
 impl StoreExport {
@@ -21,15 +23,22 @@ impl StoreExport {
         StoreExport {
             reader,
             trace: None,
+            demand: Arc::default(),
         }
     }
 
     /// Records every read (and failed read) in `trace`.
     pub fn traced(reader: Arc<DiskReader>, trace: Arc<ReadTrace>) -> Self {
         StoreExport {
-            reader,
             trace: Some(trace),
+            ..Self::new(reader)
         }
+    }
+
+    /// Counts the reads that waited for the repository in `demand`.
+    pub fn with_demand(mut self, demand: Arc<DemandStats>) -> Self {
+        self.demand = demand;
+        self
     }
 
     pub fn reader(&self) -> &Arc<DiskReader> {
@@ -68,6 +77,8 @@ impl Export for StoreExport {
         if let Some(t) = &self.trace {
             t.read(offset, len.into());
         }
+        let miss = !reader.is_cached(offset, len.into());
+        let t0 = std::time::Instant::now();
         let r = tokio::task::spawn_blocking(move || {
             reader
                 .read(offset, len as usize)
@@ -76,6 +87,9 @@ impl Export for StoreExport {
         })
         .await
         .map_err(|e| ExportError::Other(format!("read task failed: {e}")))?;
+        if miss {
+            self.demand.miss(t0.elapsed());
+        }
         if let (Err(e), Some(t)) = (&r, &self.trace) {
             t.failed(offset, len.into(), e.to_string());
         }

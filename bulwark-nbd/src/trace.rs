@@ -24,6 +24,23 @@ pub struct FailedRead {
     pub error: String,
 }
 
+/// The blocks of one disk a guest read until it was up, in the order it
+/// first read them (`[offset, length]` runs of [`BLOCK`]s): what a restore
+/// drill reports, and what `bulwark-nbd serve --boot-set` fetches first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSet {
+    pub disk: String,
+    pub bytes: u64,
+    pub ranges: Vec<[u64; 2]>,
+}
+
+/// A file holding boot sets: a drill's report (or anything with its
+/// `boot_set` field).
+#[derive(Debug, Deserialize)]
+pub struct BootSetFile {
+    pub boot_set: Vec<BootSet>,
+}
+
 /// One export's record of reads; shared by the export and its owner.
 #[derive(Default)]
 pub struct ReadTrace {
@@ -91,9 +108,15 @@ impl ReadTrace {
         self.stopped.store(true, Ordering::Relaxed);
     }
 
-    /// The boot set so far: block-aligned runs in first-read order.
-    pub fn ranges(&self) -> Vec<(u64, u64)> {
-        self.lock().ranges.clone()
+    /// The boot set of `disk` so far: block-aligned runs in first-read
+    /// order.
+    pub fn boot_set(&self, disk: &str) -> BootSet {
+        let ranges: Vec<[u64; 2]> = self.lock().ranges.iter().map(|&(o, l)| [o, l]).collect();
+        BootSet {
+            disk: disk.to_string(),
+            bytes: ranges.iter().map(|r| r[1]).sum(),
+            ranges,
+        }
     }
 
     pub fn failed_reads(&self) -> Vec<FailedRead> {
@@ -113,13 +136,15 @@ mod tests {
         t.read(100, 10); // block 0 again: nothing
         t.read(BLOCK * 7, 1); // block 7 follows the last run
         t.read(BLOCK, 1); // block 1: a new run after it
+        let b = t.boot_set("vda");
         assert_eq!(
-            t.ranges(),
-            vec![(0, BLOCK), (5 * BLOCK, 3 * BLOCK), (BLOCK, BLOCK)]
+            b.ranges,
+            vec![[0, BLOCK], [5 * BLOCK, 3 * BLOCK], [BLOCK, BLOCK]]
         );
+        assert_eq!(b.bytes, 5 * BLOCK);
         t.stop();
         t.read(BLOCK * 20, 1);
-        assert_eq!(t.ranges().len(), 3);
+        assert_eq!(t.boot_set("vda").ranges.len(), 3);
         t.failed(7, 8, "bad".into());
         assert_eq!(t.failed_reads()[0].offset, 7);
     }
@@ -128,7 +153,6 @@ mod tests {
     fn the_set_is_bounded() {
         let t = ReadTrace::new();
         t.read(0, BLOCK * (MAX_BLOCKS as u64 + 10));
-        let total: u64 = t.ranges().iter().map(|r| r.1).sum();
-        assert_eq!(total, BLOCK * MAX_BLOCKS as u64);
+        assert_eq!(t.boot_set("vda").bytes, BLOCK * MAX_BLOCKS as u64);
     }
 }

@@ -27,6 +27,7 @@ pub mod maintain;
 pub mod read;
 pub mod repo;
 pub mod sync;
+pub mod synth;
 
 pub use backend::location::Location;
 pub use backend::{Backend, BackendError, LocalBackend};

@@ -20,11 +20,32 @@ pub struct Args {
     /// Where `--copy-from` copies to.
     #[arg(long, value_name = "LOCATION", requires = "copy_from")]
     copy_to: Option<String>,
+    /// Instead: fill the repository (`--repo`) with a synthetic history
+    /// of this many chunks, index and chunk lists only, no chunk data
+    /// (scripts/bench-scale.sh).
+    #[arg(long, value_name = "CHUNKS", hide = true)]
+    synthetic: Option<u64>,
+    /// Disks of the synthetic history.
+    #[arg(long, default_value_t = 30, hide = true)]
+    synthetic_sources: u64,
+    /// Snapshots of each synthetic disk.
+    #[arg(long, default_value_t = 10, hide = true)]
+    synthetic_snapshots: u64,
 }
 
-pub fn run(a: Args) -> Result<i32> {
+pub fn run(g: &crate::Global, a: Args) -> Result<i32> {
     if let (Some(from), Some(to)) = (&a.copy_from, &a.copy_to) {
         return copy_rate(from, to, a.json);
+    }
+    if let Some(chunks) = a.synthetic {
+        let shape = bulwark_store::synth::Shape {
+            chunks,
+            sources: a.synthetic_sources.max(1),
+            per_source: a.synthetic_snapshots.max(1),
+        };
+        let repo = crate::secret::open(g)?;
+        bulwark_store::synth::fill(&repo, shape, &|l| tracing::info!("{l}"))?;
+        return Ok(0);
     }
     let r = bulwark_store::bench::run(a.size, a.rounds.max(1))?;
     if a.json {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use bulwark_proto::status::Problem;
 
-use super::scheduler::{due, now, DrillRun, Schedule};
+use super::scheduler::{earliest, now, DrillRun, Schedule};
 use super::Agent;
 use crate::config::PolicyConf;
 use crate::drill::{self, Report};
@@ -37,7 +37,8 @@ impl Agent {
 
     /// Starts the drill of every protected VM that is due: the first of
     /// its policies with a `drill` schedule decides.
-    pub(super) fn drills_due(self: &Arc<Self>) {
+    pub(super) fn drills_due(self: &Arc<Self>) -> Option<u64> {
+        let mut next = None;
         for (dom, policies) in self.protected() {
             let Some((policy, expr)) = policies.iter().find_map(|p| {
                 let d = self.cfg.policies.get(p)?.drill.clone()?;
@@ -50,23 +51,18 @@ impl Agent {
             };
             let key = format!("drill/{dom}");
             let last = self.last_drill(&dom);
-            // Nothing to drill before the first backup.
+            // Nothing to drill before the first backup (whose record wakes
+            // the scheduler).
             let backed_up = self
                 .schedule_run(&format!("{dom}/{policy}"))
                 .is_some_and(|r| r.last_ok.is_some());
-            if (last.is_none() && !backed_up)
-                || !due(&sched, last)
-                || self.slots.queued().contains(&key)
-            {
+            if last.is_none() && !backed_up {
                 continue;
             }
-            let agent = self.clone();
-            std::thread::spawn(move || {
-                if let Some(_queued) = agent.slots.enqueue(&key) {
-                    agent.drill(&dom, &policy);
-                }
-            });
+            let job = move |agent: &Arc<Agent>| agent.drill(&dom, &policy);
+            next = earliest(next, self.start_due(&key, &sched, last, job));
         }
+        next
     }
 
     fn last_drill(&self, dom: &str) -> Option<u64> {

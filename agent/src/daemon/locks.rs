@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bulwark_proto::status::{LockRun, Problem};
 use chrono::{DateTime, Utc};
 
-use super::scheduler::{next_run, now, Schedule};
+use super::scheduler::{earliest, next_run, now, Schedule};
 use super::Agent;
 use crate::config::{self, RepoConf, Role};
 
@@ -40,26 +40,20 @@ fn check(rc: &RepoConf) -> anyhow::Result<Option<(DateTime<Utc>, usize)>> {
 
 impl Agent {
     /// Starts a lock check on every repository whose `lock_schedule` is due.
-    pub(super) fn locks_due(self: &Arc<Self>) {
+    pub(super) fn locks_due(self: &Arc<Self>) -> Option<u64> {
+        let mut next = None;
         // Extension reads chunk lists: only where the key is.
         for (name, rc) in self.cfg.repositories.iter().filter(|(_, r)| r.has_key()) {
             let Some(sched) = schedule_of(rc) else {
                 continue;
             };
-            let last = self.last_lock_check(name);
             let key = format!("locks/{name}");
-            if next_run(&sched, last).is_some_and(|t| t > now())
-                || self.slots.queued().contains(&key)
-            {
-                continue;
-            }
-            let (agent, name, rc) = (self.clone(), name.clone(), rc.clone());
-            std::thread::spawn(move || {
-                if let Some(_queued) = agent.slots.enqueue(&key) {
-                    agent.check_locks(&name, &rc);
-                }
-            });
+            let last = self.last_lock_check(name);
+            let (name, rc) = (name.clone(), rc.clone());
+            let job = move |agent: &Arc<Agent>| agent.check_locks(&name, &rc);
+            next = earliest(next, self.start_due(&key, &sched, last, job));
         }
+        next
     }
 
     fn last_lock_check(&self, repo: &str) -> Option<u64> {

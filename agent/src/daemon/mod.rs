@@ -49,7 +49,11 @@ struct Agent {
     /// Connections to libvirtd so far (each followed by a full rescan).
     connections: AtomicU64,
     /// One backup per VM, `max_concurrent_backups` per host.
-    slots: Slots,
+    slots: Arc<Slots>,
+    /// Pulled when what is due may have changed (the scheduler waits on it).
+    wake: scheduler::Wake,
+    /// When each scheduled job last started (a retry waits a tick).
+    started: Mutex<BTreeMap<String, u64>>,
     /// Unprotected domains already logged (`[enforce]`).
     unprotected: Mutex<std::collections::BTreeSet<String>>,
     /// The last reachability check of each repository.
@@ -85,7 +89,9 @@ pub fn run(cfg: Config) -> Result<()> {
         }
     }
     let agent = Arc::new(Agent {
-        slots: Slots::new(cfg.max_concurrent_backups),
+        slots: Arc::new(Slots::new(cfg.max_concurrent_backups)),
+        wake: Default::default(),
+        started: Mutex::new(BTreeMap::new()),
         cfg,
         state,
         inventory: Inventory::default(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bulwark_proto::status::{Problem, SyncRun};
 
-use super::scheduler::{now, Schedule};
+use super::scheduler::{earliest, now, Schedule};
 use super::Agent;
 use crate::config::{Role, SyncConf};
 use crate::logging::Capture;
@@ -51,23 +51,19 @@ fn sync_and_prune(cfg: &crate::config::Config, job: &SyncConf) -> anyhow::Result
 
 impl Agent {
     /// Starts every sync job that is due and not queued yet.
-    pub(super) fn syncs_due(self: &Arc<Self>) {
+    pub(super) fn syncs_due(self: &Arc<Self>) -> Option<u64> {
+        let mut next = None;
         for (name, job) in &self.cfg.sync {
             let Some(sched) = self.schedule_of(&job.schedule) else {
                 continue;
             };
             let key = format!("sync/{name}");
             let last = self.last_sync(name);
-            if !super::scheduler::due(&sched, last) || self.slots.queued().contains(&key) {
-                continue;
-            }
-            let (agent, name, job) = (self.clone(), name.clone(), job.clone());
-            std::thread::spawn(move || {
-                if let Some(_queued) = agent.slots.enqueue(&key) {
-                    agent.sync_job(&name, &job);
-                }
-            });
+            let (name, job) = (name.clone(), job.clone());
+            let run = move |agent: &Arc<Agent>| agent.sync_job(&name, &job);
+            next = earliest(next, self.start_due(&key, &sched, last, run));
         }
+        next
     }
 
     fn last_sync(&self, name: &str) -> Option<u64> {

@@ -2,15 +2,22 @@
 //! or an interval) has come since its last run, and each repository's GC on
 //! its `gc_schedule`. A run missed while the agent was down runs once at
 //! start, like a `Persistent=true` timer; a (domain, policy) that never ran
-//! runs at once, so a new VM is protected from the start. The record of last
-//! runs (`schedule.json` in the state dir) survives restarts.
+//! runs as soon as the first listing of the domains names it, so a new VM is
+//! protected from the start. The record of last runs (`schedule.json` in
+//! the state dir) survives restarts.
+//!
+//! The scheduler sleeps until the earliest time something is due, or until
+//! [`Wake`] is pulled by what changes that time: a libvirt event (the
+//! inventory changed), a job's end, a run recorded from the socket. The
+//! sleep is capped at `tick_seconds`, which now only paces the silence
+//! check and notices a clock that was stepped.
 //!
 //! Each due job runs on a thread of its own, so a long backup delays no
 //! other VM's; `Slots` keeps one backup per VM and the host-wide limit.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
@@ -52,19 +59,6 @@ pub(super) fn next_run(sched: &crate::calendar::Schedule, last: Option<u64>) -> 
     sched.next_after(&last).map(|t| t.timestamp().max(0) as u64)
 }
 
-/// Never run, or a run came due since the last one (however long ago: a
-/// missed run runs once).
-pub(super) fn due(sched: &crate::calendar::Schedule, last: Option<u64>) -> bool {
-    let Some(last) = last else { return true };
-    let Some(last) = chrono::DateTime::from_timestamp(last as i64, 0) else {
-        return true;
-    };
-    sched.missed(
-        Some(&last.with_timezone(&chrono::Local)),
-        &chrono::Local::now(),
-    )
-}
-
 impl Schedule {
     /// The record in `path`; an unreadable one starts afresh (the worst
     /// case is one run sooner than due).
@@ -76,17 +70,58 @@ impl Schedule {
     }
 }
 
-/// Checks the schedules every `tick_seconds`, for as long as the process runs.
+/// Pulled when what is due may have changed; the scheduler waits on it.
+#[derive(Default)]
+pub(super) struct Wake {
+    pulled: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl Wake {
+    pub fn pull(&self) {
+        *self.pulled.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cond.notify_all();
+    }
+
+    /// Sleeps up to `max`, less if pulled (also if pulled since the last wait).
+    fn wait(&self, max: Duration) {
+        let mut pulled = self.pulled.lock().unwrap_or_else(|p| p.into_inner());
+        if !*pulled {
+            pulled = self
+                .cond
+                .wait_timeout_while(pulled, max, |p| !*p)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *pulled = false;
+    }
+}
+
+/// How long until `at` (seconds since the epoch); zero once it has come.
+fn until(at: u64) -> Duration {
+    (UNIX_EPOCH + Duration::from_secs(at))
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Starts what is due, then sleeps until the next due time or a wake, for
+/// as long as the process runs.
 pub(super) fn run(agent: &Arc<Agent>) {
+    let cap = Duration::from_secs(agent.cfg.tick_seconds.max(1));
     loop {
-        agent.backups_due();
-        agent.gc_due();
-        agent.locks_due();
-        agent.syncs_due();
-        agent.drills_due();
+        let next = [
+            agent.backups_due(),
+            agent.gc_due(),
+            agent.locks_due(),
+            agent.syncs_due(),
+            agent.drills_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         agent.check_silence();
         agent.enforce_protection();
-        std::thread::sleep(Duration::from_secs(agent.cfg.tick_seconds.max(1)));
+        agent.wake.wait(next.map_or(cap, until).min(cap));
     }
 }
 
@@ -103,6 +138,7 @@ impl Agent {
         }
         drop(sched);
         self.write_metrics();
+        self.wake.pull();
         Ok(())
     }
 
@@ -129,10 +165,46 @@ impl Agent {
         s.gcs.get(repo).map(|r| r.at)
     }
 
+    /// Starts `job` on a thread of its own when the key's next run (after
+    /// `last`, its last recorded run) has come and `key` is not queued yet.
+    /// Returns when to look again: the next run while it lies ahead, none
+    /// while the job is queued or running (its end wakes the scheduler). A
+    /// job that ended without recording a run (libvirtd unreachable before
+    /// the backup began) is retried `tick_seconds` after it started.
+    pub(super) fn start_due(
+        self: &Arc<Self>,
+        key: &str,
+        sched: &crate::calendar::Schedule,
+        last: Option<u64>,
+        job: impl FnOnce(&Arc<Agent>) + Send + 'static,
+    ) -> Option<u64> {
+        let mut next = next_run(sched, last)?;
+        let started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&s) = started.get(key).filter(|&&s| last.is_none_or(|l| l < s)) {
+            next = next.max(s + self.cfg.tick_seconds.max(1));
+        }
+        drop(started);
+        if next > now() {
+            return Some(next);
+        }
+        let queued = self.slots.enqueue(key)?;
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        started.insert(key.to_string(), now());
+        drop(started);
+        let agent = self.clone();
+        std::thread::spawn(move || {
+            job(&agent);
+            drop(queued);
+            agent.wake.pull();
+        });
+        None
+    }
+
     /// Starts a backup of every protected (domain, policy) that is due and
-    /// not queued yet. The domains come from the inventory the libvirt
-    /// events keep.
-    fn backups_due(self: &Arc<Self>) {
+    /// not queued yet; the earliest next due time. The domains come from
+    /// the inventory the libvirt events keep.
+    fn backups_due(self: &Arc<Self>) -> Option<u64> {
+        let mut next = None;
         for (dom, policies) in self.protected() {
             for p in policies {
                 let Some(sched) = self
@@ -144,24 +216,23 @@ impl Agent {
                     continue;
                 };
                 let key = format!("{dom}/{p}");
-                if !due(&sched, self.last_run(&key)) || self.slots.queued().contains(&key) {
-                    continue;
-                }
-                let (agent, dom) = (self.clone(), dom.clone());
-                std::thread::spawn(move || {
-                    let Some(_queued) = agent.slots.enqueue(&key) else {
-                        return;
-                    };
+                let last = self.last_run(&key);
+                let dom = dom.clone();
+                let job = move |agent: &Arc<Agent>| {
                     tracing::info!("scheduled backup of {dom} ({p})");
                     // The result is recorded, logged and mailed by the job.
                     let _ = agent.backup(&dom, Some(&p), false);
-                });
+                };
+                next = earliest(next, self.start_due(&key, &sched, last, job));
             }
         }
+        next
     }
 
-    /// Starts GC on every repository whose `gc_schedule` is due.
-    fn gc_due(self: &Arc<Self>) {
+    /// Starts GC on every repository whose `gc_schedule` is due; the
+    /// earliest next due time.
+    fn gc_due(self: &Arc<Self>) -> Option<u64> {
+        let mut next = None;
         for (name, rc) in &self.cfg.repositories {
             let Some(sched) = rc
                 .gc_schedule
@@ -170,17 +241,12 @@ impl Agent {
             else {
                 continue;
             };
-            let key = format!("gc/{name}");
-            if !due(&sched, self.last_gc(name)) || self.slots.queued().contains(&key) {
-                continue;
-            }
-            let (agent, name, rc) = (self.clone(), name.clone(), rc.clone());
-            std::thread::spawn(move || {
-                if let Some(_queued) = agent.slots.enqueue(&key) {
-                    agent.gc(&name, &rc);
-                }
-            });
+            let (key, last) = (format!("gc/{name}"), self.last_gc(name));
+            let (name, rc) = (name.clone(), rc.clone());
+            let job = move |agent: &Arc<Agent>| agent.gc(&name, &rc);
+            next = earliest(next, self.start_due(&key, &sched, last, job));
         }
+        next
     }
 
     /// Silence is a failure too: a protected (domain, policy) with no
@@ -200,5 +266,13 @@ impl Agent {
                 self.alert_silence(&dom, &p, pol, period);
             }
         }
+    }
+}
+
+/// The earlier of two optional times.
+pub(super) fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -3,7 +3,7 @@
 //! its turn; the scheduler never queues the same (VM, policy) twice.
 
 use std::collections::BTreeSet;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub(super) struct Slots {
     max: usize,
@@ -25,9 +25,10 @@ pub(super) struct Slot<'a> {
     vm: String,
 }
 
-/// A queued job's entry; removed when dropped.
-pub(super) struct Queued<'a> {
-    slots: &'a Slots,
+/// A queued job's entry; removed when dropped. It owns its `Slots`, so
+/// the scheduler queues a job before the job's thread starts.
+pub(super) struct Queued {
+    slots: Arc<Slots>,
     key: String,
 }
 
@@ -45,9 +46,9 @@ impl Slots {
     }
 
     /// Marks `key` queued; `None` if it is queued or running already.
-    pub fn enqueue(&self, key: &str) -> Option<Queued<'_>> {
+    pub fn enqueue(self: &Arc<Self>, key: &str) -> Option<Queued> {
         self.lock().queued.insert(key.to_string()).then(|| Queued {
-            slots: self,
+            slots: self.clone(),
             key: key.to_string(),
         })
     }
@@ -84,7 +85,7 @@ impl Drop for Slot<'_> {
     }
 }
 
-impl Drop for Queued<'_> {
+impl Drop for Queued {
     fn drop(&mut self) {
         self.slots.lock().queued.remove(&self.key);
     }
@@ -99,7 +100,7 @@ mod tests {
 
     #[test]
     fn a_job_is_queued_once() {
-        let s = Slots::new(2);
+        let s = Arc::new(Slots::new(2));
         let q = s.enqueue("web/hourly").unwrap();
         assert!(s.enqueue("web/hourly").is_none());
         assert!(s.enqueue("web/daily").is_some());

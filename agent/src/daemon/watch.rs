@@ -57,6 +57,9 @@ pub(super) fn run(agent: &Agent) {
         if let Err(e) = agent.on_event(&ev) {
             tracing::warn!("handling {ev:?}: {e:#}");
         }
+        // The inventory may have changed what is due (the first listing
+        // above all: never-run policies start now).
+        agent.wake.pull();
     }
 }
 

@@ -228,14 +228,7 @@ impl Served {
     fn boot_set(&self) -> Vec<report::BootSet> {
         self.disks
             .iter()
-            .map(|(name, _, t)| {
-                let ranges: Vec<[u64; 2]> = t.ranges().into_iter().map(|(o, l)| [o, l]).collect();
-                report::BootSet {
-                    disk: name.clone(),
-                    bytes: ranges.iter().map(|r| r[1]).sum(),
-                    ranges,
-                }
-            })
+            .map(|(name, _, t)| t.boot_set(name))
             .collect()
     }
 

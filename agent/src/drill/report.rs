@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use bulwark_store::Repository;
 use serde::{Deserialize, Serialize};
 
+pub use bulwark_nbd::trace::BootSet;
+
 use super::checks::CheckResult;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -33,15 +35,6 @@ pub struct Report {
     /// The last screenshot, as a PNG in the state dir.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub screenshot: Option<PathBuf>,
-}
-
-/// The blocks of one disk a guest read until it was up, in the order it
-/// first read them (`[offset, length]`, 64 KiB-aligned runs).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BootSet {
-    pub disk: String,
-    pub bytes: u64,
-    pub ranges: Vec<[u64; 2]>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -139,4 +132,36 @@ pub fn latest_in_repository(
         out.insert(id, r);
     }
     Ok(out)
+}
+
+/// How many of the newest reports of other snapshots are read looking for
+/// one of the same VM.
+const BOOT_SET_LOOKUPS: usize = 16;
+
+/// The boot set of the newest passed drill of `snap`, or else of the
+/// newest passed drill of another snapshot of the same VM (its boot path
+/// rarely moves between backups).
+pub fn boot_set_for(
+    repo: &Repository,
+    snap: &bulwark_store::Snapshot,
+) -> Result<Option<Vec<BootSet>>> {
+    let usable = |r: &Report| r.passed && r.source == snap.source && r.boot_set_bytes() > 0;
+    if let Some(b) = repo.latest_drill_report(&snap.id)? {
+        let r: Report = serde_json::from_slice(&b).context("a drill report")?;
+        if usable(&r) {
+            return Ok(Some(r.boot_set));
+        }
+    }
+    for name in repo
+        .drill_report_names()?
+        .into_iter()
+        .take(BOOT_SET_LOOKUPS)
+    {
+        let r: Report = serde_json::from_slice(&repo.load_drill_report(&name)?)
+            .with_context(|| format!("drill report {name}"))?;
+        if usable(&r) {
+            return Ok(Some(r.boot_set));
+        }
+    }
+    Ok(None)
 }

@@ -132,6 +132,9 @@ pub struct LiveRestore {
     /// Times the server had to be started again.
     #[serde(default)]
     pub server_restarts: u32,
+    /// The boot set the server fetches first (a drill's of this VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_set_file: Option<PathBuf>,
 }
 
 impl LiveRestore {
@@ -162,7 +165,19 @@ impl LiveRestore {
             updated: now,
             stream_mib_per_sec,
             server_restarts: 0,
+            boot_set_file: None,
         }
+    }
+
+    /// Where the server writes its counters (`bulwark-nbd serve --stats`).
+    pub fn stats_path(&self) -> PathBuf {
+        self.server_log.with_extension("stats")
+    }
+
+    /// The server's counters, when it has written them.
+    pub fn stats(&self) -> Option<bulwark_nbd::demand::ServeStats> {
+        let b = std::fs::read(self.stats_path()).ok()?;
+        serde_json::from_slice(&b).ok()
     }
 
     pub fn phase(&self) -> &Phase {
@@ -320,6 +335,7 @@ mod tests {
             socket: "/s".into(),
             server_log: "/l".into(),
             server_pid: Some(7),
+            boot_set_file: None,
             phase,
             disks: vec![LiveDisk {
                 target: "vda".into(),

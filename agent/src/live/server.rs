@@ -120,6 +120,10 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
     if let Some(k) = &r.repo.key_file {
         cmd.arg("--key-file").arg(k);
     }
+    cmd.arg("--stats").arg(r.stats_path());
+    if let Some(b) = r.boot_set_file.as_ref().filter(|b| b.exists()) {
+        cmd.arg("--boot-set").arg(b);
+    }
     if let Some(e) = &r.repo.s3_endpoint {
         cmd.env("BULWARK_S3_ENDPOINT", e);
     }

@@ -3,7 +3,7 @@
 //! domain on them with the snapshot as their NBD backing, start it, start
 //! the streams, record. Anything made before a failure is removed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -54,6 +54,7 @@ pub fn start(
         .with_context(|| format!("creating {}", o.restore.dir.display()))?;
     std::fs::create_dir_all(o.records.dir())?;
     let mut rec = record(plan, o);
+    rec.boot_set_file = boot_set(repo, &plan.snapshot, o.records.dir(), &plan.name);
     let served = ServerGuard(&mut rec);
     served.0.server_pid = Some(server::start(served.0, o.password.as_deref())?);
     for (d, target) in &plan.disks {
@@ -85,6 +86,30 @@ pub fn start(
     undo.commit();
     std::mem::forget(served);
     Ok(rec)
+}
+
+/// The newest boot set a restore drill recorded of this VM, written for
+/// the server as `NAME.bootset` (not `.json`: those are records). Without one the guest's reads and
+/// read-ahead are all there is, as before: a missing or unreadable boot
+/// set costs speed, never data, so errors here are logged, not raised.
+fn boot_set(repo: &Repository, snap: &Snapshot, dir: &Path, name: &str) -> Option<PathBuf> {
+    let found = match crate::drill::report::boot_set_for(repo, snap) {
+        Ok(Some(b)) => b,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("{name}: no boot set to fetch first: {e:#}");
+            return None;
+        }
+    };
+    let path = dir.join(format!("{name}.bootset"));
+    let body = serde_json::json!({ "boot_set": found });
+    match std::fs::write(&path, body.to_string()) {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tracing::warn!("{name}: writing {}: {e}", path.display());
+            None
+        }
+    }
 }
 
 fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
@@ -135,6 +160,12 @@ struct ServerGuard<'a>(&'a mut LiveRestore);
 impl Drop for ServerGuard<'_> {
     fn drop(&mut self) {
         server::stop(self.0);
+        // What the failed start wrote beside its record; gone or not,
+        // nothing depends on it.
         let _ = std::fs::remove_file(&self.0.server_log);
+        let _ = std::fs::remove_file(self.0.stats_path());
+        if let Some(b) = &self.0.boot_set_file {
+            let _ = std::fs::remove_file(b);
+        }
     }
 }

@@ -33,6 +33,23 @@ impl Env {
         self.path("state")
     }
 
+    /// Records `keys` (`domain/policy`) as run just now, so an agent
+    /// started next runs none of them before its schedule says (a policy
+    /// that never ran runs as soon as the agent has listed the domains).
+    pub fn seed_runs(&self, keys: &[String]) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let runs: serde_json::Map<String, serde_json::Value> = keys
+            .iter()
+            .map(|k| (k.clone(), serde_json::json!({"at": now, "ok": true})))
+            .collect();
+        std::fs::create_dir_all(self.state_dir()).unwrap();
+        let s = serde_json::json!({ "runs": runs });
+        std::fs::write(self.state_dir().join("schedule.json"), s.to_string()).unwrap();
+    }
+
     /// `bulwark` on the env's repository and state dir.
     pub fn bw(&self) -> testbed::cli::Runner {
         testbed::cli::Runner::new(env!("CARGO_BIN_EXE_bulwark"))

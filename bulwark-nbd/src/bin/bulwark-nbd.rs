@@ -8,11 +8,15 @@
 //! required TLS is refused unless the operator says `--insecure`.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use bulwark_nbd::cli::{Cli, Cmd, TlsArg};
+use bulwark_nbd::demand::{DemandStats, ServeStats};
+use bulwark_nbd::trace::{BootSet, BootSetFile};
 use bulwark_nbd::StoreExport;
+use bulwark_store::read::reader::DiskReader;
 use clap::Parser;
 use nbd_server::{Server, ServerConfig, ServerTls, TlsMode};
 
@@ -129,7 +133,10 @@ fn run(cli: Cli) -> Result<()> {
         password_file,
         key_file,
         cache_mib,
+        boot_set,
+        stats,
     } = cli.command;
+    let boot_set = boot_set.map(|p| read_boot_set(&p)).transpose()?;
     let tls_required = tls_creds.is_some() && tls == TlsArg::Require;
     check_exposure(listen.as_deref(), tls_required, insecure)?;
     let tls = match &tls_creds {
@@ -170,6 +177,7 @@ fn run(cli: Cli) -> Result<()> {
         ..ServerConfig::default()
     });
     let mut readers = Vec::new();
+    let demand = Arc::new(DemandStats::default());
     for d in &snap.disks {
         let reader = Arc::new(bulwark_store::read::reader::open_disk(
             repo.clone(),
@@ -180,11 +188,18 @@ fn run(cli: Cli) -> Result<()> {
         let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
         server = server.add_export(
             &d.name,
-            Arc::new(StoreExport::new(reader.clone())),
+            Arc::new(StoreExport::new(reader.clone()).with_demand(demand.clone())),
             Some(desc),
         );
         readers.push((d.name.clone(), reader));
     }
+    let boot_set_bytes = boot_set.as_ref().map_or(0, |b| queue_boot_set(b, &readers));
+    let counters = Counters {
+        path: stats,
+        boot_set: boot_set.is_some(),
+        boot_set_bytes,
+        demand,
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let handle = match (&socket, &listen) {
@@ -213,11 +228,16 @@ fn run(cli: Cli) -> Result<()> {
         // Readiness for scripts: one line on stdout once the socket exists.
         println!("ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = tick.tick() => counters.write(&readers),
+            }
         }
         handle.shutdown().await;
+        counters.write(&readers);
         // What the reads cost: bytes fetched per byte served should stay
         // near the stored/logical ratio (no byte fetched twice).
         for (name, r) in &readers {
@@ -236,6 +256,66 @@ fn run(cli: Cli) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The boot sets in `path` (a drill report, or anything with its
+/// `boot_set` field).
+fn read_boot_set(path: &std::path::Path) -> Result<Vec<BootSet>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let f: BootSetFile = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a boot set", path.display()))?;
+    Ok(f.boot_set)
+}
+
+/// Queues each disk's boot set with its reader; the bytes queued.
+fn queue_boot_set(sets: &[BootSet], readers: &[(String, Arc<DiskReader>)]) -> u64 {
+    let mut bytes = 0;
+    for b in sets {
+        let Some((_, r)) = readers.iter().find(|(n, _)| *n == b.disk) else {
+            tracing::warn!("boot set of disk {}: the snapshot has no such disk", b.disk);
+            continue;
+        };
+        let ranges: Vec<(u64, u64)> = b.ranges.iter().map(|r| (r[0], r[1])).collect();
+        bytes += r.prefetch_in_order(&ranges);
+    }
+    tracing::info!("boot set: {bytes} B queued first");
+    bytes
+}
+
+/// `--stats FILE`: the counters, rewritten whole (a reader never sees half
+/// a file).
+struct Counters {
+    path: Option<PathBuf>,
+    boot_set: bool,
+    boot_set_bytes: u64,
+    demand: Arc<DemandStats>,
+}
+
+impl Counters {
+    fn write(&self, readers: &[(String, Arc<DiskReader>)]) {
+        let Some(path) = &self.path else { return };
+        let (fetched, served) = readers.iter().fold((0, 0), |(f, s), (_, r)| {
+            let st = r.stats();
+            (f + st.bytes_fetched, s + st.bytes_served)
+        });
+        let stats = ServeStats {
+            boot_set: self.boot_set,
+            boot_set_bytes: self.boot_set_bytes,
+            demand_misses: self.demand.misses(),
+            stall_seconds: self.demand.stall().as_secs_f64(),
+            bytes_fetched: fetched,
+            bytes_served: served,
+        };
+        let tmp = path.with_extension("tmp");
+        let r = serde_json::to_vec(&stats)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        // Counters only: serving goes on whatever happens to them.
+        if let Err(e) = r {
+            tracing::debug!("writing {}: {e}", path.display());
+        }
+    }
 }
 
 #[cfg(test)]

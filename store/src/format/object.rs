@@ -32,8 +32,34 @@ pub fn open(keys: &Keys, kind: &str, name: &str, bytes: &[u8]) -> Result<Vec<u8>
                 "authentication failed (damaged, or another repository's key)",
             )
         })?;
-    zstd::bulk::decompress(&comp, MAX_PAYLOAD)
-        .map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
+    decompress(&comp).map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
+}
+
+thread_local! {
+    /// One zstd context per thread: an index holds a sealed record per
+    /// pack, and a context costs more to make than a record to open.
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses into a buffer of the size the frame states (our frames
+/// state it), at most `MAX_PAYLOAD`: not a 1 GiB allocation per object.
+fn decompress(comp: &[u8]) -> std::io::Result<Vec<u8>> {
+    let size = zstd::zstd_safe::get_frame_content_size(comp)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .map_or(MAX_PAYLOAD, |n| n.min(MAX_PAYLOAD));
+    DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        let dctx = match &mut *d {
+            Some(c) => c,
+            empty => empty.insert(zstd::bulk::Decompressor::new()?),
+        };
+        let mut out = Vec::with_capacity(size);
+        dctx.decompress_to_buffer(comp, &mut out)?;
+        Ok(out)
+    })
 }
 
 /// Little helpers for the binary payloads: bounds-checked reads that turn
@@ -91,5 +117,27 @@ impl<'a> Reader<'a> {
 
     pub fn done(&self) -> bool {
         self.pos == self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::crypto::MasterKey;
+
+    #[test]
+    fn objects_round_trip_through_the_shared_context() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let big: Vec<u8> = (0..3_000_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        for payload in [&b""[..], b"x", &big] {
+            let sealed = seal(&keys.session(), "t", payload);
+            assert_eq!(open(&keys, "t", "n", &sealed).unwrap(), payload);
+        }
+        // A cut frame is an error, not a panic or a short payload.
+        let comp = zstd::bulk::compress(&big, 3).unwrap();
+        assert!(decompress(&comp[..comp.len() / 2]).is_err());
+        assert_eq!(decompress(&comp).unwrap(), big);
     }
 }

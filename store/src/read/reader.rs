@@ -333,6 +333,66 @@ impl DiskReader {
         Ok(())
     }
 
+    /// Whether every chunk of `[offset, offset + len)` is in the cache
+    /// now: a read of it would not wait for the repository.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        let inner = &self.inner;
+        let spans = self.spans_of(offset, len);
+        let st = inner.lock();
+        spans.iter().all(|s| st.ready.contains(s))
+    }
+
+    /// Queues the chunks of `ranges` for the read-ahead workers in the
+    /// order given (a boot set, fetched while the guest starts); the
+    /// workers fetch them in parallel, and a guest read of a queued chunk
+    /// fetches it at once rather than waiting its turn. The bytes queued.
+    pub fn prefetch_in_order(&self, ranges: &[(u64, u64)]) -> u64 {
+        let mut order: Vec<u32> = Vec::new();
+        for &(offset, len) in ranges {
+            for s in self.spans_of(offset, len) {
+                if order.last() != Some(&s) {
+                    order.push(s);
+                }
+            }
+        }
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        let before: u64 = queued_bytes(&st, &inner.spans);
+        // Runs of consecutive spans go together: one ranged read each.
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && order[j + 1] == order[j] + 1 {
+                j += 1;
+            }
+            self.schedule(&mut st, order[i], order[j], u64::MAX);
+            i = j + 1;
+        }
+        queued_bytes(&st, &inner.spans) - before
+    }
+
+    /// The spans holding the data of `[offset, offset + len)`, in order.
+    fn spans_of(&self, offset: u64, len: u64) -> Vec<u32> {
+        let inner = &self.inner;
+        let end = offset.saturating_add(len).min(self.size());
+        let Some(first) = inner.list.find(offset) else {
+            return Vec::new();
+        };
+        let mut out: Vec<u32> = Vec::new();
+        for (e, &s) in inner.list.extents()[first..]
+            .iter()
+            .zip(&inner.span_of[first..])
+        {
+            if e.offset >= end {
+                break;
+            }
+            if s != u32::MAX && out.last() != Some(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
     /// Sequential detection: a read of spans `a..=b` that continues a
     /// stream forward turns it sequential (or grows its window) and
     /// schedules the spans after `b`. Reads a little behind the end of a
@@ -435,6 +495,15 @@ impl DiskReader {
             let _ = self.jobs.send(job);
         }
     }
+}
+
+/// Bytes of the spans queued for the workers.
+fn queued_bytes(st: &State, spans: &[Span]) -> u64 {
+    st.pending
+        .iter()
+        .filter(|(_, p)| matches!(p, Pending::Queued))
+        .map(|(&s, _)| spans[s as usize].len())
+        .sum()
 }
 
 impl Drop for DiskReader {

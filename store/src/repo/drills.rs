@@ -43,6 +43,24 @@ impl Repository {
         Ok(out)
     }
 
+    /// Every report's object name, newest first.
+    pub fn drill_report_names(&self) -> Result<Vec<String>> {
+        let mut all: Vec<(u64, String)> = self
+            .backend()
+            .list(DRILLS)?
+            .into_iter()
+            .filter_map(|o| layout::drill_of(&o.name).map(|(_, t)| (t, o.name)))
+            .collect();
+        all.sort_by(|a, b| b.cmp(a));
+        Ok(all.into_iter().map(|(_, n)| n).collect())
+    }
+
+    /// The report stored as `name` (from [`Self::drill_report_names`]).
+    pub fn load_drill_report(&self, name: &str) -> Result<Vec<u8>> {
+        let bytes = self.backend().get(name)?;
+        object::open(self.keys(), KIND, name, &bytes)
+    }
+
     /// The newest report of `snapshot`, if it has one.
     pub fn latest_drill_report(&self, snapshot: &Id) -> Result<Option<Vec<u8>>> {
         let names = self.backend().list(&format!("{DRILLS}{snapshot}."))?;

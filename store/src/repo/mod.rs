@@ -18,7 +18,7 @@ use crate::format::chunker::{Chunker, ChunkerParams};
 use crate::format::chunklist::{self, ChunkList};
 use crate::format::crypto::{Keys, MasterKey, Opener};
 use crate::format::id::Id;
-use crate::format::index::{self, Index, Loc};
+use crate::format::index::{self, Index, IndexBuilder, Loc};
 use crate::format::keys::{KdfParams, KeySlot, Secret};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::{object, pack};
@@ -285,17 +285,28 @@ impl Repository {
         *self.index.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    /// Each index object is opened and added as it arrives, so only the
+    /// table is ever whole in memory, never every object's packs at once.
     fn load_index(&self) -> Result<Index> {
         // Condemned records first: a backup must not reuse what a GC has
         // condemned (docs/gc.md, rule 2).
-        let mut ix =
-            Index::with_condemned(condemned::packs(self.backend.as_ref(), Some(&self.keys))?);
-        for (_, packs) in self.load_index_objects()? {
-            for p in packs {
-                ix.add_pack(&p);
-            }
-        }
-        Ok(ix)
+        let condemned = condemned::packs(self.backend.as_ref(), Some(&self.keys))?;
+        let objects = self.backend.list(layout::INDEX)?;
+        let mut builder = IndexBuilder::new(condemned);
+        // An index object spends at least 40 bytes on each chunk it lists.
+        builder.reserve((objects.iter().map(|o| o.size).sum::<u64>() / 40) as usize);
+        let builder = std::sync::Mutex::new(builder);
+        let names: Vec<String> = objects.into_iter().map(|o| o.name).collect();
+        load_each(&names, |n| {
+            let packs = index::open(&self.keys, &self.backend.get(n)?, n)?;
+            let mut b = builder.lock().unwrap_or_else(|e| e.into_inner());
+            packs.iter().for_each(|p| b.add_pack(p));
+            Ok(())
+        })?;
+        Ok(builder
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish())
     }
 
     /// Every index object, by name, with the packs it lists.
