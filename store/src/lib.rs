@@ -21,6 +21,7 @@ pub mod backend;
 pub mod backup;
 pub mod bench;
 pub mod error;
+pub mod files;
 pub mod format;
 pub mod maintain;
 pub mod read;

@@ -123,6 +123,7 @@ fn write_snapshots(repo: &Repository, shape: Shape, progress: &dyn Fn(&str)) -> 
                     checkpoint: None,
                 }],
                 nvram: None,
+                files: None,
                 stats: BackupStats::default(),
             };
             let json =

@@ -9,6 +9,7 @@
 //! other source of files can plug in.
 
 pub(crate) mod archive;
+mod catalog_tree;
 mod extract;
 pub(crate) mod list;
 
@@ -149,6 +150,15 @@ fn get(s: &Session, a: &GetArgs) -> Result<i32> {
     }
 }
 
+/// A file snapshot as a tree of files (for `bulwark mount`).
+pub fn file_tree(
+    repo: Arc<bulwark_store::Repository>,
+    snap: &bulwark_store::Snapshot,
+    cache_mib: usize,
+) -> Result<Arc<dyn Tree>> {
+    Ok(catalog_tree::open(repo, snap, cache_mib)?.0)
+}
+
 /// An entry of a tree, with the path the user knows it by.
 #[derive(Clone)]
 pub(crate) struct Located {
@@ -169,6 +179,8 @@ pub(crate) enum Target<'a> {
 pub(crate) struct Session {
     readers: Vec<Arc<DiskReader>>,
     volumes: Vec<Volume>,
+    /// A file snapshot's tree (paths are its absolute paths, no volumes).
+    files: Option<Arc<dyn Tree>>,
     started: Instant,
 }
 
@@ -186,6 +198,23 @@ impl Session {
     ) -> Result<Self> {
         let started = Instant::now();
         let snap = repo.while_loading_index(|| repo.find_snapshot(snapshot))?;
+        if snap.is_files() {
+            let loaded = bulwark_store::files::load(&repo, &*repo.index()?, &snap)?;
+            let data = Arc::new(open_disk(
+                repo.clone(),
+                &snap,
+                bulwark_store::files::DATA,
+                cache_mib << 20,
+            )?);
+            let tree: Arc<dyn Tree> =
+                Arc::new(catalog_tree::CatalogTree::new(loaded.catalog, data.clone()));
+            return Ok(Session {
+                readers: vec![data],
+                volumes: Vec::new(),
+                files: Some(tree),
+                started,
+            });
+        }
         let cache = (cache_mib << 20) / snap.disks.len().max(1);
         let mut readers = Vec::new();
         let mut disks: Vec<(String, Arc<dyn fsread::ReadAt>)> = Vec::new();
@@ -201,6 +230,7 @@ impl Session {
         Ok(Session {
             readers,
             volumes,
+            files: None,
             started,
         })
     }
@@ -225,6 +255,19 @@ impl Session {
     /// or an entry of a filesystem.
     pub(crate) fn resolve(&self, path: &str) -> Result<Target<'_>> {
         let path = path.trim_matches('/');
+        if let Some(tree) = &self.files {
+            let node = fsread::lookup(tree.as_ref(), tree.root()?, path)
+                .with_context(|| format!("/{path}"))?;
+            return Ok(Target::Node(Located {
+                tree: tree.clone(),
+                node,
+                path: if path.is_empty() {
+                    String::new()
+                } else {
+                    format!("/{path}")
+                },
+            }));
+        }
         if path.is_empty() {
             return Ok(Target::Volumes(self.volumes.iter().collect()));
         }
@@ -260,6 +303,13 @@ impl Session {
 
     /// Every filesystem as a located root; a damaged one as its error.
     fn roots(&self) -> Vec<Result<Located>> {
+        if let Some(tree) = &self.files {
+            return vec![tree.root().map_err(Into::into).map(|node| Located {
+                tree: tree.clone(),
+                node,
+                path: String::new(),
+            })];
+        }
         self.volumes
             .iter()
             .filter(|v| matches!(v.content, Content::Fs(_) | Content::Damaged(_)))

@@ -41,6 +41,10 @@ pub enum BackupCmd {
     /// Back up a libvirt domain (running or stopped), incrementally when its
     /// dirty bitmaps allow.
     Vm(super::vm::BackupVmArgs),
+    /// Back up files and directories of this host (all metadata; unchanged
+    /// files since the source's last snapshot are not read). Exit code 3:
+    /// something could not be read (listed; the snapshot is partial).
+    Files(super::host_files::BackupFilesArgs),
 }
 
 #[derive(Subcommand)]
@@ -54,6 +58,10 @@ pub enum RestoreCmd {
     Cancel(super::restore_live::CancelArgs),
     /// Stream a failed live restore again (the VM and guest writes kept).
     Retry(super::restore_live::RetryArgs),
+    /// Restore a file snapshot (or the paths named) below a directory, with
+    /// owners, modes, times, xattrs, ACLs, hard links and holes. Exit code
+    /// 3: some entries could not be restored (listed).
+    Files(super::host_files::RestoreFilesArgs),
     /// Write a snapshot's disk to a new sparse raw image file, or with
     /// --force over an existing file or a block device (zeros written).
     Image {
@@ -77,6 +85,7 @@ pub enum RestoreCmd {
 pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
     let c = match c {
         BackupCmd::Vm(a) => return super::vm::backup(g, a),
+        BackupCmd::Files(a) => return super::host_files::backup(g, a),
         c => c,
     };
     let BackupCmd::Image {
@@ -203,6 +212,7 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
         RestoreCmd::Status(a) => return super::restore_live::status(a),
         RestoreCmd::Cancel(a) => return super::restore_live::cancel(a),
         RestoreCmd::Retry(a) => return super::restore_live::retry(a),
+        RestoreCmd::Files(a) => return super::host_files::restore(g, a),
         c => c,
     };
     let RestoreCmd::Image {

@@ -1,7 +1,8 @@
 //! `bulwark mount SNAPSHOT DIR` / `bulwark umount DIR`: a snapshot as a
 //! read-only FUSE directory with one raw image per disk (`vda.raw`, ...),
 //! read lazily from the repository. From there an admin uses `losetup` and
-//! `mount` to reach single files without restoring the VM.
+//! `mount` to reach single files without restoring the VM. A file
+//! snapshot shows its tree of files instead ([`super::mount_tree`]).
 
 use std::ffi::OsStr;
 use std::os::unix::process::CommandExt;
@@ -166,6 +167,13 @@ pub fn mount(g: &Global, a: Args) -> Result<i32> {
     }
     let repo = Arc::new(secret::open(g)?);
     let snap = repo.while_loading_index(|| repo.find_snapshot(&a.snapshot))?;
+    if snap.is_files() {
+        let tree = super::files::file_tree(repo, &snap, a.cache_mib)?;
+        let fs = super::mount_tree::TreeFs::new(tree).context("reading the catalog")?;
+        super::mount_tree::serve(fs, &a.dir, format!("bulwark:{}", snap.id.short()))
+            .with_context(|| format!("mounting on {}", a.dir.display()))?;
+        return Ok(0);
+    }
     let cache = (a.cache_mib << 20) / snap.disks.len().max(1);
     let mut disks = Vec::new();
     for d in &snap.disks {

@@ -37,6 +37,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
                     "size": s.size(),
                     "stored_bytes": s.stats.bytes_stored,
                     "vm": s.domain_xml.is_some(),
+                    "files": s.files,
                     "drill": drills.get(&s.id).map(|r| serde_json::json!({
                         "passed": r.passed, "started": r.started, "seconds": r.seconds,
                         "host": r.host,
@@ -57,7 +58,15 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     );
     for s in &snaps {
         let local = s.time.with_timezone(&chrono::Local);
-        let disks: Vec<_> = s.disks.iter().map(|d| d.name.as_str()).collect();
+        let disks: Vec<String> = match &s.files {
+            Some(f) => vec![format!(
+                "{} files, {}{}",
+                f.files,
+                human(f.bytes),
+                if f.partial { " (PARTIAL)" } else { "" }
+            )],
+            None => s.disks.iter().map(|d| d.name.clone()).collect(),
+        };
         let drill = drills.get(&s.id).map_or_else(String::new, |r| {
             let at = chrono::DateTime::parse_from_rfc3339(&r.started)
                 .map(|t| {

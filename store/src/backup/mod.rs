@@ -35,6 +35,7 @@ use crate::format::{layout, object};
 use crate::repo::markers::Session;
 use crate::repo::Repository;
 use packer::Packer;
+pub(crate) use pipeline::Pieces;
 use pipeline::{Collected, Ctx};
 use source::BlockSource;
 use walk::Walk;
@@ -139,24 +140,47 @@ impl<'r> BackupSession<'r> {
                 (None, &[Span::new(0, size)][..])
             }
         };
+        let mut walk = Walk::new(source, self.repo.chunker(), parent, dirty);
+        let mut stats = self.run(name, Some(size), &mut walk)?;
+        stats.seconds = t0.elapsed().as_secs_f64();
+        Ok(DiskResult {
+            name: name.to_string(),
+            size,
+            stats,
+            fell_back_to_full: fell_back,
+        })
+    }
+
+    /// Runs `pieces` (a stream of `expected` bytes, if known) through the pipeline and
+    /// keeps its chunk list as the snapshot's stream `name`.
+    pub(crate) fn run(
+        &mut self,
+        name: &str,
+        expected: Option<u64>,
+        pieces: &mut dyn Pieces,
+    ) -> Result<BackupStats> {
         let ctx = Ctx {
             repo: self.repo,
             index: &self.index,
             cipher: &self.cipher,
             pending: self.packer.pending.clone(),
         };
-        let walk = Walk::new(source, self.repo.chunker(), parent, dirty);
         let Collected {
             list,
-            mut stats,
+            stats,
             reused_packs,
         } = if self.threads <= 1 {
-            pipeline::run_serial(&ctx, &mut self.packer, walk)?
+            pipeline::run_serial(&ctx, &mut self.packer, pieces)?
         } else {
-            pipeline::run_parallel(&ctx, &mut self.packer, self.threads, walk)?
+            pipeline::run_parallel(&ctx, &mut self.packer, self.threads, pieces)?
         };
+        let size = list.size();
+        if expected.is_some_and(|n| n != size) {
+            return Err(crate::error::Error::Invalid(format!(
+                "stream {name}: {size} bytes chunked, {expected:?} expected"
+            )));
+        }
         self.reused_packs.extend(reused_packs);
-        stats.seconds = t0.elapsed().as_secs_f64();
         add_stats(&mut self.stats, &stats);
         let entry = DiskEntry {
             name: name.to_string(),
@@ -172,12 +196,17 @@ impl<'r> BackupSession<'r> {
             checkpoint: None,
         };
         self.lists.push((entry, list));
-        Ok(DiskResult {
-            name: name.to_string(),
-            size,
-            stats,
-            fell_back_to_full: fell_back,
-        })
+        Ok(stats)
+    }
+
+    /// The index this session reuses chunks from.
+    pub(crate) fn index(&self) -> Arc<Index> {
+        self.index.clone()
+    }
+
+    /// The length of the last stream run.
+    pub(crate) fn last_stream_size(&self) -> Option<u64> {
+        self.lists.last().map(|(e, _)| e.size)
     }
 
     /// Backs up a VM's UEFI variable store (read whole), kept in the
@@ -224,6 +253,7 @@ impl<'r> BackupSession<'r> {
             key_fingerprint: self.repo.keys().fingerprint().to_string(),
             disks,
             nvram,
+            files: meta.files,
             stats: self.stats.clone(),
         };
         // The sync record, then the manifest last.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::bounded;
 
 use super::packer::Packer;
-use super::walk::{is_zero, Piece, Walk};
+use super::walk::{is_zero, Piece};
 use crate::error::{Error, Result};
 use crate::format::blob;
 use crate::format::chunklist::{ChunkList, Extent};
@@ -141,14 +141,20 @@ impl<'p> Collector<'p> {
     }
 }
 
+/// What the pipeline runs: pieces in stream order, and the bytes read
+/// from the source for them.
+pub trait Pieces: Iterator<Item = Result<Piece>> {
+    fn bytes_read(&self) -> u64;
+}
+
 /// Runs `walk` through the pipeline on this thread alone.
 pub(super) fn run_serial(
     ctx: &Ctx<'_>,
     packer: &mut Packer,
-    mut walk: Walk<'_>,
+    walk: &mut dyn Pieces,
 ) -> Result<Collected> {
     let mut col = Collector::new(packer);
-    for piece in &mut walk {
+    for piece in &mut *walk {
         col.take(ctx.process(piece?), ctx)?;
     }
     col.out.stats.bytes_read = walk.bytes_read();
@@ -161,7 +167,7 @@ pub(super) fn run_parallel(
     ctx: &Ctx<'_>,
     packer: &mut Packer,
     threads: usize,
-    mut walk: Walk<'_>,
+    walk: &mut dyn Pieces,
 ) -> Result<Collected> {
     let in_flight = threads * 4 + 4;
     let (tokens_tx, tokens_rx) = bounded::<()>(in_flight);
@@ -203,7 +209,7 @@ pub(super) fn run_parallel(
             }
             Ok(col.out)
         });
-        let walked = (&mut walk).enumerate().try_for_each(|(seq, piece)| {
+        let walked = (&mut *walk).enumerate().try_for_each(|(seq, piece)| {
             let piece = piece?;
             tokens_rx.recv().map_err(|_| stopped())?;
             work_tx.send((seq as u64, piece)).map_err(|_| stopped())

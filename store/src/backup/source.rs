@@ -115,6 +115,11 @@ impl ImageFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file =
             File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        Self::from_file(file, path)
+    }
+
+    /// `file`, opened already as `path` (which names it in errors).
+    pub fn from_file(file: File, path: &Path) -> Result<Self> {
         let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
             .map_err(|e| Error::io(format!("size of {}", path.display()), e))?;
         let is_device = file

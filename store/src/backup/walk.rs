@@ -289,6 +289,12 @@ impl<'a> Walk<'a> {
     }
 }
 
+impl super::pipeline::Pieces for Walk<'_> {
+    fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+}
+
 impl Iterator for Walk<'_> {
     type Item = Result<Piece>;
 

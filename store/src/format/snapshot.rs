@@ -55,7 +55,30 @@ pub struct Snapshot {
     /// The VM's UEFI variable store, if it has one (not a disk: no export).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvram: Option<DiskEntry>,
+    /// Set on a file snapshot (`crate::files`): its streams are `files`
+    /// (the data) and `catalog`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesInfo>,
     pub stats: BackupStats,
+}
+
+/// What a file snapshot holds beyond a disk snapshot's manifest.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FilesInfo {
+    /// The absolute paths backed up.
+    pub paths: Vec<String>,
+    /// Catalog entries (files, directories, links, nodes).
+    pub entries: u64,
+    /// Regular files.
+    pub files: u64,
+    /// Bytes of regular files (holes included).
+    pub bytes: u64,
+    /// Something could not be read: the snapshot lacks it.
+    pub partial: bool,
+    /// (path, why) of what is missing or may be inconsistent (the first
+    /// thousand).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<(String, String)>,
 }
 
 impl Snapshot {
@@ -66,6 +89,11 @@ impl Snapshot {
     /// Everything with a chunk list: the disks and the NVRAM.
     pub fn chunk_lists(&self) -> impl Iterator<Item = &DiskEntry> {
         self.disks.iter().chain(&self.nvram)
+    }
+
+    /// Whether this is a file snapshot (of a host's files, not a disk).
+    pub fn is_files(&self) -> bool {
+        self.files.is_some()
     }
 
     /// The retention group: (source, policy).
@@ -83,4 +111,6 @@ pub struct SnapshotMeta {
     pub policy: Option<String>,
     pub parent: Option<Id>,
     pub domain_xml: Option<String>,
+    /// For a file snapshot.
+    pub files: Option<FilesInfo>,
 }

@@ -208,6 +208,7 @@ fn store_snapshot(
             parent: parent(plans, base),
             domain_xml: Some(domain_xml),
             time: None,
+            files: None,
         })
         .context("storing the snapshot")
 }

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# File backup of a host tree, bulwark against restic (both with defaults,
+# both into a local repository on the same disk): a first backup, an
+# unchanged second backup, a backup after touching 1% of the files, and a
+# full restore. The tree is copied first (the touch must not change the
+# host); the copy is in the page cache for every run (warm), unless COLD=1
+# (root: caches dropped before each timed run). Prints each step's times
+# and restic/bulwark; the last line sums up against the goals (2x first
+# backup and restore, 5x unchanged).
+# Usage: scripts/bench-host-files.sh [TREE (default /usr/share)] [WORKDIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TREE=$(realpath "${1:-/usr/share}")
+W=${2:-$(mktemp -d /tmp/bw-bench-host-files.XXXXXX)}
+mkdir -p "$W"
+trap 'rm -rf "$W"' EXIT
+[ -n "${BIN:-}" ] || { . scripts/ensure-rust.sh; cargo build --release -q -p bulwark; BIN=$PWD/target/release/bulwark; }
+command -v restic >/dev/null || { echo "restic not installed" >&2; exit 1; }
+
+cp -a "$TREE" "$W/tree"
+export BULWARK_REPO="$W/bw-repo" BULWARK_PASSWORD=bench RESTIC_REPOSITORY="$W/restic-repo" RESTIC_PASSWORD=bench
+export RESTIC_CACHE_DIR="$W/restic-cache"
+"$BIN" repo init >/dev/null
+restic init -q >/dev/null
+
+drop() { if [ "${COLD:-0}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi; }
+# Seconds a command takes (its output discarded; a failure stops the bench).
+secs() { drop; local t0=$(date +%s%N); "$@" >/dev/null; python3 -c "print(f'{($(date +%s%N) - $t0) / 1e9:.2f}')"; }
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+
+files=$(find "$W/tree" -type f | wc -l)
+bytes=$(du -sb "$W/tree" | cut -f1)
+echo "tree: $TREE ($files files, $((bytes >> 20)) MiB), cache: $([ "${COLD:-0}" = 1 ] && echo cold || echo warm)"
+declare -A R
+step() {  # NAME BULWARK_CMD... -- RESTIC_CMD...
+    local name=$1; shift
+    local bw=() rs=()
+    while [ "$1" != -- ]; do bw+=("$1"); shift; done; shift
+    rs=("$@")
+    local b r
+    b=$(secs "${bw[@]}"); r=$(secs "${rs[@]}")
+    R[$name]=$(ratio "$r" "$b")
+    printf '%-10s bulwark %7ss  restic %7ss  restic/bulwark %sx\n' "$name" "$b" "$r" "${R[$name]}"
+}
+step first "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$W/tree"
+step unchanged "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$W/tree"
+find "$W/tree" -type f | awk 'NR % 100 == 0' | xargs -d '\n' touch
+step touched "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$W/tree"
+rm -rf "$W/out-bw" "$W/out-rs"
+b=$(secs "$BIN" restore files bench@latest --to "$W/out-bw"); rm -rf "$W/out-bw"
+r=$(secs restic restore latest --target "$W/out-rs"); rm -rf "$W/out-rs"
+R[restore]=$(ratio "$r" "$b")
+printf '%-10s bulwark %7ss  restic %7ss  restic/bulwark %sx\n' restore "$b" "$r" "${R[restore]}"
+echo "bench-host-files: first ${R[first]}x (goal 2x), unchanged ${R[unchanged]}x (goal 5x), touched-1% ${R[touched]}x, restore ${R[restore]}x (goal 2x)"

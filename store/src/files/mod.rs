@@ -1,0 +1,360 @@
+//! File backups of hosts: a tree of files through the same pipeline as a
+//! disk (chunker, dedup with everything else, compression, encryption,
+//! packs), as a snapshot with two streams instead of disks:
+//!
+//! - `files`: every regular file's bytes one after another ([`data`]),
+//!   holes kept as zero extents;
+//! - `catalog`: every entry with its metadata and its place in `files`
+//!   ([`catalog`]), for listing and search without reading file data.
+//!
+//! Both are chunk lists like a disk's, so GC marks, sync copies, verify
+//! checks and prune removes a file snapshot as any other; the manifest's
+//! [`FilesInfo`] says what kind it is. Steps: find the previous snapshot
+//! of the source, [`scan`] the tree, read the data (reusing unchanged
+//! files), store the catalog, write the manifest.
+
+pub mod catalog;
+mod data;
+pub mod exclude;
+pub mod restore;
+mod scan;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_channel::{bounded, Receiver};
+
+use crate::backup::walk::{Piece, Walk};
+use crate::backup::{BackupOptions, BackupSession, Pieces};
+use crate::error::{Error, Result};
+use crate::format::chunklist::ChunkList;
+use crate::format::extent::Span;
+use crate::format::index::Index;
+use crate::format::snapshot::{FilesInfo, Snapshot, SnapshotMeta};
+use crate::repo::Repository;
+use crate::MemSource;
+use catalog::{Catalog, Entry};
+pub use exclude::Excludes;
+pub use scan::CACHEDIR_TAG;
+
+/// The stream of file bytes.
+pub const DATA: &str = "files";
+/// The stream of the catalog.
+pub const CATALOG: &str = "catalog";
+/// Errors kept in a manifest at most (the count is always whole).
+const MAX_ERRORS_KEPT: usize = 1000;
+
+#[derive(Clone, Debug, Default)]
+pub struct FilesOptions {
+    pub source: String,
+    pub paths: Vec<PathBuf>,
+    pub excludes: Excludes,
+    /// Descend into other file systems mounted below a path.
+    pub cross_mounts: bool,
+    /// Read every file, even those unchanged since the previous snapshot.
+    pub reread: bool,
+    pub threads: usize,
+    pub policy: Option<String>,
+    pub time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What a file backup did.
+#[derive(Clone, Debug)]
+pub struct FilesBackup {
+    pub snapshot: Snapshot,
+    /// Regular files in the snapshot.
+    pub files: u64,
+    /// File bytes read.
+    pub bytes_read: u64,
+    /// File bytes taken from the previous snapshot unread.
+    pub bytes_reused: u64,
+    pub files_reused: u64,
+    pub sockets_skipped: u64,
+    /// (path, why): everything missing or possibly inconsistent.
+    pub errors: Vec<(String, String)>,
+}
+
+/// `/` + a catalog path.
+pub fn abs_path(rel: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let mut b = Vec::with_capacity(rel.len() + 1);
+    b.push(b'/');
+    b.extend_from_slice(rel);
+    PathBuf::from(std::ffi::OsStr::from_bytes(&b))
+}
+
+/// Backs up `opts.paths` as a new snapshot of `opts.source`.
+pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
+    let roots = roots(&opts.paths)?;
+    let mut session = BackupSession::new(
+        repo,
+        &BackupOptions {
+            threads: opts.threads,
+            ..Default::default()
+        },
+    )?;
+    let previous = previous_snapshot(repo, &opts.source)?;
+    let prev = match &previous {
+        Some(s) => Some(load(repo, &session.index(), s)?),
+        None => None,
+    };
+    let scanned = scan::Scan::new(&opts.excludes, opts.cross_mounts).run(&roots);
+    let mut entries = scanned.entries;
+    let report = read_data(repo, &mut session, &mut entries, prev.as_ref(), opts)?;
+    let mut errors = scanned.errors;
+    let entries = drop_failed(entries, &report, &mut errors);
+    let catalog = Catalog { entries };
+    store_catalog(repo, &mut session, &catalog)?;
+    let files = catalog.entries.iter().filter(|e| e.has_data()).count() as u64;
+    let info = FilesInfo {
+        paths: roots.iter().map(|r| r.display().to_string()).collect(),
+        entries: catalog.entries.len() as u64,
+        files,
+        bytes: catalog
+            .entries
+            .iter()
+            .filter(|e| e.has_data())
+            .map(|e| e.size)
+            .sum(),
+        partial: !errors.is_empty(),
+        errors: errors.iter().take(MAX_ERRORS_KEPT).cloned().collect(),
+    };
+    let snapshot = session.finish(SnapshotMeta {
+        source: opts.source.clone(),
+        time: opts.time,
+        policy: opts.policy.clone(),
+        parent: previous.map(|s| s.id),
+        domain_xml: None,
+        files: Some(info),
+    })?;
+    Ok(FilesBackup {
+        snapshot,
+        files,
+        bytes_read: report.bytes_read,
+        bytes_reused: report.bytes_reused,
+        files_reused: report.files_reused,
+        sockets_skipped: scanned.sockets,
+        errors,
+    })
+}
+
+/// Stores `catalog` and `data` (the stream its offsets point into) as a
+/// file snapshot of `source`, as they are: imports, and tests of what a
+/// restore makes of any catalog.
+pub fn store_raw(
+    repo: &Repository,
+    source: &str,
+    catalog: &Catalog,
+    data: Vec<u8>,
+) -> Result<Snapshot> {
+    let mut session = BackupSession::new(repo, &BackupOptions::default())?;
+    let size = data.len() as u64;
+    let mut src = MemSource::new(data);
+    let mut walk = Walk::new(&mut src, repo.chunker(), None, &[Span::new(0, size)]);
+    session.run(DATA, Some(size), &mut walk)?;
+    store_catalog(repo, &mut session, catalog)?;
+    session.finish(SnapshotMeta {
+        source: source.into(),
+        files: Some(FilesInfo {
+            entries: catalog.entries.len() as u64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The paths to back up: absolute, resolved, and none inside another.
+fn roots(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if paths.is_empty() {
+        return Err(Error::Invalid("no path to back up".into()));
+    }
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in paths {
+        let c = std::fs::canonicalize(p)
+            .map_err(|e| Error::io(format!("resolving {}", p.display()), e))?;
+        if c == Path::new("/") {
+            return Err(Error::Invalid(
+                "back up / as its file systems' mount points (e.g. / is `/` with --cross-mounts off: name the directories)".into(),
+            ));
+        }
+        out.push(c);
+    }
+    out.sort();
+    out.dedup();
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for p in out {
+        if !kept.iter().any(|k| p.starts_with(k)) {
+            kept.push(p);
+        }
+    }
+    Ok(kept)
+}
+
+/// The newest file snapshot of `source`, the parent of the next.
+fn previous_snapshot(repo: &Repository, source: &str) -> Result<Option<Snapshot>> {
+    Ok(repo
+        .snapshots()?
+        .into_iter()
+        .rfind(|s| s.source == source && s.is_files()))
+}
+
+/// A file snapshot's catalog and data stream.
+pub struct Loaded {
+    pub catalog: Catalog,
+    pub data: ChunkList,
+}
+
+fn stream<'s>(snap: &'s Snapshot, name: &str) -> Result<&'s crate::format::snapshot::DiskEntry> {
+    if !snap.is_files() {
+        return Err(Error::Invalid(format!(
+            "snapshot {} is not a file snapshot",
+            snap.id.short()
+        )));
+    }
+    snap.disks.iter().find(|d| d.name == name).ok_or_else(|| {
+        Error::corrupt(
+            format!("snapshot {}", snap.id),
+            format!("file snapshot without its {name} stream"),
+        )
+    })
+}
+
+/// Reads a file snapshot's catalog (and its data stream's chunk list).
+pub fn load(repo: &Repository, index: &Index, snap: &Snapshot) -> Result<Loaded> {
+    let list = repo.load_chunk_list(&stream(snap, CATALOG)?.chunk_list)?;
+    let mut bytes = Vec::with_capacity(list.size().min(1 << 30) as usize);
+    for e in list.extents() {
+        match e.chunk {
+            Some(id) => bytes.extend_from_slice(&repo.read_chunk(index, &id)?),
+            None => bytes.resize(bytes.len() + e.len as usize, 0),
+        }
+    }
+    let catalog = Catalog::decode(&bytes, &format!("catalog of snapshot {}", snap.id))?;
+    let data = repo.load_chunk_list(&stream(snap, DATA)?.chunk_list)?;
+    Ok(Loaded { catalog, data })
+}
+
+/// Pieces another thread sends.
+struct Received<'a> {
+    rx: Receiver<Result<Piece>>,
+    read: &'a AtomicU64,
+}
+
+impl Iterator for Received<'_> {
+    type Item = Result<Piece>;
+    fn next(&mut self) -> Option<Result<Piece>> {
+        self.rx.recv().ok()
+    }
+}
+
+impl Pieces for Received<'_> {
+    fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the data stream through the session: the files are read on a
+/// thread of their own while the pipeline hashes and packs.
+fn read_data(
+    repo: &Repository,
+    session: &mut BackupSession<'_>,
+    entries: &mut [Entry],
+    prev: Option<&Loaded>,
+    opts: &FilesOptions,
+) -> Result<data::DataReport> {
+    let index = session.index();
+    let reader = data::DataReader {
+        chunker: repo.chunker(),
+        index: &index,
+        previous: prev.map(|p| data::Previous {
+            by_path: p.catalog.by_path(),
+            data: &p.data,
+        }),
+        reread: opts.reread,
+    };
+    let read = AtomicU64::new(0);
+    let (tx, rx) = bounded(64);
+    std::thread::scope(|s| {
+        let producer = s.spawn(|| {
+            let r = reader.run(entries, &tx, &read);
+            drop(tx);
+            r
+        });
+        let mut pieces = Received { rx, read: &read };
+        let ran = session.run(DATA, None, &mut pieces);
+        // Stops the reader, if the pipeline failed before the end.
+        drop(pieces);
+        let report = producer
+            .join()
+            .map_err(|_| Error::Invalid("the file reader panicked".into()))?;
+        ran?;
+        if stats_size_mismatch(session, report.size) {
+            return Err(Error::Invalid(
+                "the data stream's length differs from the files read".into(),
+            ));
+        }
+        Ok(report)
+    })
+}
+
+fn stats_size_mismatch(session: &BackupSession<'_>, size: u64) -> bool {
+    session.last_stream_size() != Some(size)
+}
+
+/// Leaves out what could not be read (and hard links to it), listing why.
+fn drop_failed(
+    entries: Vec<Entry>,
+    report: &data::DataReport,
+    errors: &mut Vec<(String, String)>,
+) -> Vec<Entry> {
+    let mut gone = vec![false; entries.len()];
+    for (i, why) in &report.failed {
+        gone[*i] = true;
+        errors.push((
+            abs_path(&entries[*i].path).display().to_string(),
+            why.clone(),
+        ));
+    }
+    for (i, why) in &report.unsettled {
+        errors.push((
+            abs_path(&entries[*i].path).display().to_string(),
+            why.clone(),
+        ));
+    }
+    let gone_paths: std::collections::HashSet<&[u8]> = entries
+        .iter()
+        .zip(&gone)
+        .filter(|(_, g)| **g)
+        .map(|(e, _)| e.path.as_slice())
+        .collect();
+    let mut out_gone = gone.clone();
+    for (i, e) in entries.iter().enumerate() {
+        if !e.link.is_empty() && gone_paths.contains(e.link.as_slice()) {
+            out_gone[i] = true;
+            errors.push((
+                abs_path(&e.path).display().to_string(),
+                "hard link to a file that could not be read".into(),
+            ));
+        }
+    }
+    entries
+        .into_iter()
+        .zip(out_gone)
+        .filter(|(_, g)| !g)
+        .map(|(e, _)| e)
+        .collect()
+}
+
+/// Stores the catalog as the snapshot's `catalog` stream.
+fn store_catalog(
+    repo: &Repository,
+    session: &mut BackupSession<'_>,
+    catalog: &Catalog,
+) -> Result<()> {
+    let bytes = catalog.encode();
+    let size = bytes.len() as u64;
+    let mut src = MemSource::new(bytes);
+    let mut walk = Walk::new(&mut src, repo.chunker(), None, &[Span::new(0, size)]);
+    // The catalog's bytes are not file data: not counted as read.
+    session.run(CATALOG, Some(size), &mut walk).map(|_| ())
+}
