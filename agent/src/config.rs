@@ -82,7 +82,70 @@ pub struct Config {
     /// The dashboard (`bulwark web`).
     #[serde(default)]
     pub web: Option<crate::web::WebConf>,
+    /// File backups of this host, by name (the snapshots' source).
+    #[serde(default)]
+    pub host: BTreeMap<String, HostConf>,
 }
+
+/// A file backup of this host (`[host.NAME]`): on `schedule`, `paths` are
+/// backed up as a file snapshot of source NAME (`bulwark backup files`),
+/// then NAME's snapshots are pruned by the `keep_*` rules.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConf {
+    pub repository: String,
+    pub paths: Vec<PathBuf>,
+    pub schedule: String,
+    /// Patterns left out (`--exclude`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Files of patterns (`--exclude-file`).
+    #[serde(default)]
+    pub exclude_files: Vec<PathBuf>,
+    /// Descend into file systems mounted below the paths.
+    #[serde(default)]
+    pub cross_mounts: bool,
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    #[serde(default)]
+    pub contacts: Vec<String>,
+}
+
+impl HostConf {
+    pub fn keep(&self) -> bulwark_store::maintain::retention::KeepOptions {
+        keep_options([
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ])
+    }
+
+    /// The store's options for a backup of `name` by this entry.
+    pub fn options(&self, name: &str) -> Result<bulwark_store::files::FilesOptions> {
+        Ok(bulwark_store::files::FilesOptions {
+            source: name.to_string(),
+            paths: self.paths.clone(),
+            excludes: bulwark_store::files::Excludes::new(&self.exclude, &self.exclude_files)
+                .map_err(anyhow::Error::msg)?,
+            cross_mounts: self.cross_mounts,
+            reread: false,
+            threads: 0,
+            policy: Some(HOST_POLICY.to_string()),
+            time: None,
+        })
+    }
+}
+
+/// The policy name of the agent's host file snapshots (prune groups them
+/// by source and policy).
+pub const HOST_POLICY: &str = "files";
 
 /// A sync job (`[sync.NAME]`): on `schedule`, copy the snapshots of `from`
 /// the filters select into `to` (a replica of it), then apply the
@@ -468,6 +531,19 @@ impl Config {
             }
             p.drill_spec().with_context(|| format!("policy {name}"))?;
         }
+        for (name, h) in &self.host {
+            if !self.repositories.contains_key(&h.repository) {
+                bail!(
+                    "host {name}: no repository {:?} in [repositories]",
+                    h.repository
+                );
+            }
+            schedule(&h.schedule).with_context(|| format!("host {name}"))?;
+            if h.paths.is_empty() || h.paths.iter().any(|p| !p.is_absolute()) {
+                bail!("host {name}: paths must be absolute, and at least one");
+            }
+            h.options(name).with_context(|| format!("host {name}"))?;
+        }
         for (name, j) in &self.sync {
             for (what, r) in [("from", &j.from), ("to", &j.to)] {
                 if !self.repositories.contains_key(r) {
@@ -593,6 +669,40 @@ mod tests {
         let e = cfg("drill = \"weekly\"\ndrill_guest_agent = true\ndrill_timeout = \"soon\"\n")
             .unwrap_err();
         assert!(format!("{e:#}").contains("drill_timeout"), "{e:#}");
+    }
+
+    #[test]
+    fn host_entries_need_a_repository_absolute_paths_and_valid_excludes() {
+        let cfg = |host: &str| -> Result<Config> {
+            let c: Config = toml::from_str(&format!(
+                "[repositories.main]\npath = \"/srv/r\"\npassword_file = \"/p\"\n\
+                 [host.h]\nschedule = \"daily\"\n{host}"
+            ))?;
+            c.validate()?;
+            Ok(c)
+        };
+        let c = cfg("repository = \"main\"\npaths = [\"/etc\"]\nkeep_last = 3\n").unwrap();
+        assert!(
+            !c.uses_libvirt(),
+            "a host with only file backups needs no libvirt"
+        );
+        assert_eq!(c.host["h"].keep().keep_last, 3);
+        assert_eq!(c.host["h"].options("h").unwrap().source, "h");
+        for (bad, why) in [
+            (
+                "repository = \"nope\"\npaths = [\"/etc\"]\n",
+                "no repository",
+            ),
+            ("repository = \"main\"\npaths = [\"etc\"]\n", "absolute"),
+            ("repository = \"main\"\npaths = []\n", "absolute"),
+            (
+                "repository = \"main\"\npaths = [\"/etc\"]\nexclude_files = [\"/nonexistent/x\"]\n",
+                "host h",
+            ),
+        ] {
+            let e = cfg(bad).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{bad}: {e:#}");
+        }
     }
 
     /// The example operators copy must stay a valid config.

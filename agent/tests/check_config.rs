@@ -87,6 +87,11 @@ drill_console = "login:"
 repository = "main"
 schedule = "*:0/15"
 
+[host.hv]
+repository = "main"
+paths = ["/etc"]
+schedule = "*-*-* 02:00"
+
 [smtp]
 host = "127.0.0.1"
 port = {smtp_port}
@@ -160,6 +165,8 @@ fn check_config_reaches_every_part_and_lists_the_next_day() {
     let runs = gc["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1);
     assert!(runs[0].as_str().unwrap().contains("T03:00:00"), "{gc:#}");
+    let files = planned(&report, "files", "hv");
+    assert_eq!(files["runs"].as_array().unwrap().len(), 1, "{files:#}");
     let drill = planned(&report, "drill", "hourly");
     assert_eq!(drill["runs"].as_array().unwrap().len(), 1, "{drill:#}");
     assert!(drill["domains"]
@@ -174,6 +181,7 @@ fn check_config_reaches_every_part_and_lists_the_next_day() {
     assert!(text.contains("ok   repository main"), "{text}");
     assert!(text.contains("backup hourly -> main"), "{text}");
     assert!(text.contains("restore drill hourly <- main"), "{text}");
+    assert!(text.contains("file backup hv -> main"), "{text}");
     assert!(text.contains(&dom.0), "{text}");
 
     // A repository that is not there, a refused policy, a wrong SMTP

@@ -788,6 +788,7 @@ fn config_man_page_describes_every_field() {
         ("[enforce]", "[enforce]\n"),
         ("[smtp]", "[smtp]\n"),
         ("[sync.NAME]", "[sync.x]\n"),
+        ("[host.NAME]", "[host.x]\n"),
         ("[web]", "[web]\n"),
         ("[web.peers]", "[[web.peers]]\n"),
     ] {

@@ -33,6 +33,9 @@ pub struct Status {
     /// The last restore drill of each VM (a policy's `drill`).
     #[cfg_attr(feature = "serde", serde(default))]
     pub drills: BTreeMap<String, DrillRun>,
+    /// The last file backup of each `[host.NAME]`.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub hosts: BTreeMap<String, Run>,
     /// A backup is running.
     pub busy: bool,
     /// Domains being backed up now.

@@ -218,6 +218,18 @@ fn plan(
             runs: runs(&sched, from, to),
         });
     }
+    for (name, h) in &cfg.host {
+        let sched = config::schedule(&h.schedule)?.with_spread(host, spread);
+        out.push(Planned {
+            job: "files",
+            name: name.clone(),
+            repository: h.repository.clone(),
+            schedule: sched.to_string(),
+            refused: None,
+            domains: None,
+            runs: runs(&sched, from, to),
+        });
+    }
     for (name, rc) in &cfg.repositories {
         let Some(s) = &rc.gc_schedule else { continue };
         let sched = config::schedule(s)?;
@@ -269,7 +281,7 @@ fn print(r: &Report, cfg: &Config) {
         humantime::format_duration(std::time::Duration::from_secs(r.spread_seconds))
     );
     if r.next_24h.is_empty() {
-        println!("  nothing: no policies and no gc_schedule");
+        println!("  nothing: no policies, host file backups or gc_schedule");
     }
     for p in &r.next_24h {
         println!("  {}", planned_line(p));
@@ -296,6 +308,10 @@ fn planned_line(p: &Planned) -> String {
         "gc" => format!("gc {} ({})", p.name, p.schedule),
         "drill" => format!(
             "restore drill {} <- {} ({})",
+            p.name, p.repository, p.schedule
+        ),
+        "files" => format!(
+            "file backup {} -> {} ({})",
             p.name, p.repository, p.schedule
         ),
         _ => format!("backup {} -> {} ({})", p.name, p.repository, p.schedule),

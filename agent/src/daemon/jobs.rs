@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 
 use super::scheduler::{now, GcRun, Run};
 use super::Agent;
-use crate::config::{PolicyConf, RepoConf};
+use bulwark_store::maintain::retention::KeepOptions;
+
+use crate::config::RepoConf;
 use crate::libvirt::Libvirt;
 use crate::logging::Capture;
 use crate::mail::Task;
@@ -93,7 +95,7 @@ impl Agent {
                 run.bytes_stored = rep.bytes_stored;
                 run.last_ok = Some(run.at);
                 run.last_snapshot = Some(rep.snapshot.to_string());
-                match prune_with_maintenance(rc, repo, dom, &policy_name, pol) {
+                match prune_with_maintenance(rc, repo, dom, &policy_name, &pol.keep()) {
                     Ok(n) => {
                         run.pruned = n;
                         None
@@ -197,9 +199,8 @@ fn prune(
     repo: &bulwark_store::Repository,
     dom: &str,
     policy: &str,
-    pol: &PolicyConf,
+    keep: &KeepOptions,
 ) -> Result<Option<usize>> {
-    let keep = pol.keep();
     if !keep.any() {
         return Ok(None);
     }
@@ -208,7 +209,7 @@ fn prune(
         .into_iter()
         .filter(|s| s.source == dom && s.policy.as_deref() == Some(policy))
         .collect();
-    let decisions = bulwark_store::maintain::prune::plan(snaps, &keep, &chrono::Local)?;
+    let decisions = bulwark_store::maintain::prune::plan(snaps, keep, &chrono::Local)?;
     let n = bulwark_store::maintain::prune::execute(repo, &decisions)?;
     if n > 0 {
         tracing::info!("pruned {n} snapshots of {dom} ({policy})");
@@ -216,22 +217,23 @@ fn prune(
     Ok(Some(n))
 }
 
-/// [`prune`] with the maintenance credentials when the repository names
-/// them (the backup credentials may not delete).
-fn prune_with_maintenance(
+/// [`prune`] of the group (`source`, `policy`) with the maintenance
+/// credentials when the repository names them (the backup credentials may
+/// not delete).
+pub(super) fn prune_with_maintenance(
     rc: &RepoConf,
     repo: &bulwark_store::Repository,
-    dom: &str,
+    source: &str,
     policy: &str,
-    pol: &PolicyConf,
+    keep: &KeepOptions,
 ) -> Result<Option<usize>> {
     if rc.maintenance_credentials.is_none() {
-        return prune(repo, dom, policy, pol);
+        return prune(repo, source, policy, keep);
     }
     prune(
         &rc.open_as(crate::config::Role::Maintenance)?,
-        dom,
+        source,
         policy,
-        pol,
+        keep,
     )
 }

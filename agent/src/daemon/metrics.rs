@@ -1,11 +1,13 @@
 //! Prometheus metrics in the text format, written to `metrics_textfile`
 //! (node exporter's textfile collector) after every job and target check:
-//! per (VM, policy) the last run, last success, result, duration and bytes;
+//! per (VM, policy) and per host file backup the last run, last success,
+//! result, duration and bytes;
 //! per repository the last GC and whether it is usable.
 
 use std::fmt::Write as _;
 
 use super::Agent;
+use crate::config::HOST_POLICY;
 
 impl Agent {
     /// Rewrites the textfile, atomically (a scrape never sees half a file).
@@ -29,11 +31,17 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let mut m = Metrics::default();
-        for (key, r) in &sched.runs {
-            let Some((vm, policy)) = key.split_once('/') else {
-                continue;
-            };
-            let l = [("vm", vm), ("policy", policy)];
+        // VM backups by (vm, policy); the host's file backups by host, in
+        // the same families.
+        let vms = sched.runs.iter().filter_map(|(key, r)| {
+            let (vm, policy) = key.split_once('/')?;
+            Some(([("vm", vm), ("policy", policy)], r))
+        });
+        let hosts = sched
+            .hosts
+            .iter()
+            .map(|(name, r)| ([("host", name.as_str()), ("policy", HOST_POLICY)], r));
+        for (l, r) in vms.chain(hosts) {
             m.gauge(
                 "bulwark_backup_last_run_timestamp_seconds",
                 "Last backup attempt.",

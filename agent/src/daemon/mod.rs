@@ -14,6 +14,7 @@
 mod control;
 mod drills;
 mod enforce;
+mod hosts;
 mod jobs;
 mod live;
 mod locks;
@@ -115,7 +116,7 @@ pub fn run(cfg: Config) -> Result<()> {
         let a = agent.clone();
         std::thread::spawn(move || watch::run(&a));
     } else {
-        tracing::info!("no policies: not watching libvirt (a host for sync jobs)");
+        tracing::info!("no policies: not watching libvirt (a host for file backups and sync jobs)");
     }
     let a = agent.clone();
     std::thread::spawn(move || scheduler::run(&a));

@@ -43,6 +43,9 @@ pub(super) struct Schedule {
     /// Last restore drill per VM (`drills.rs`).
     #[serde(default)]
     pub drills: BTreeMap<String, DrillRun>,
+    /// Last file backup per `[host.NAME]` (`hosts.rs`).
+    #[serde(default)]
+    pub hosts: BTreeMap<String, Run>,
 }
 
 pub(super) fn now() -> u64 {
@@ -115,6 +118,7 @@ pub(super) fn run(agent: &Arc<Agent>) {
             agent.locks_due(),
             agent.syncs_due(),
             agent.drills_due(),
+            agent.hosts_due(),
         ]
         .into_iter()
         .flatten()

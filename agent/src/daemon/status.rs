@@ -48,6 +48,7 @@ impl Agent {
         problems.extend(self.lock_problems(&sched));
         problems.extend(self.sync_problems(&sched));
         problems.extend(self.drill_problems(&sched));
+        problems.extend(self.host_problems(&sched));
         let refused = self
             .cfg
             .policies
@@ -67,6 +68,7 @@ impl Agent {
             locks: sched.locks,
             syncs: sched.syncs,
             drills: sched.drills,
+            hosts: sched.hosts,
             busy: !running.is_empty(),
             queued: self.slots.queued(),
             running,
