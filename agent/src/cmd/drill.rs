@@ -72,7 +72,7 @@ fn tear_down_on_signal(state_dir: &std::path::Path, uri: &str) -> Result<()> {
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             eprintln!("interrupted: removing the drill's domain");
-            drill::abandon(&state_dir, &uri);
+            drill::clean_up(&state_dir, &uri);
             std::process::exit(128 + sig);
         }
     });

@@ -19,22 +19,6 @@ use crate::logging::Capture;
 use crate::mail::Task;
 
 impl Agent {
-    /// Removes what drills killed with an earlier agent left behind.
-    pub(super) fn clean_leftover_drills(&self) {
-        let labs = self.state.root().join("drills");
-        let any = std::fs::read_dir(&labs).is_ok_and(|mut d| d.next().is_some());
-        if !any {
-            return;
-        }
-        let r = Libvirt::open(&self.cfg.libvirt_uri)
-            .map_err(anyhow::Error::from)
-            .and_then(|lv| drill::clean_stale(self.state.root(), &lv));
-        match r {
-            Ok(n) => tracing::info!("removed the leftovers of {n} interrupted drills"),
-            Err(e) => tracing::warn!("cleaning up after interrupted drills: {e:#}"),
-        }
-    }
-
     /// Starts the drill of every protected VM that is due: the first of
     /// its policies with a `drill` schedule decides.
     pub(super) fn drills_due(self: &Arc<Self>) -> Option<u64> {

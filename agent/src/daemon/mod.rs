@@ -106,7 +106,8 @@ pub fn run(cfg: Config) -> Result<()> {
         alerts,
     });
     agent.resume_live();
-    agent.clean_leftover_drills();
+    // What drills killed with an earlier agent left behind.
+    crate::drill::clean_up(&agent.cfg.state_dir, &agent.cfg.libvirt_uri);
     tracing::info!(
         "agent listening on {}, {} policies",
         agent.cfg.socket.display(),
@@ -138,7 +139,7 @@ fn exit_on_sigterm(cfg: &Config) -> Result<()> {
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             tracing::info!("SIGTERM: stopping");
-            crate::drill::abandon(&state_dir, &uri);
+            crate::drill::clean_up(&state_dir, &uri);
             // SAFETY: plain syscalls. Only when we lead the group (systemd,
             // or a shell job), never a group we merely joined; the signal
             // this sends us too is caught by the handler above.

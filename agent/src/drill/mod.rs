@@ -34,17 +34,21 @@ use crate::vm::rewrite::{self, ImageFormat};
 /// Memory for decrypted chunks of the drill's server (all disks).
 const CACHE_BYTES: usize = 256 << 20;
 
-/// Tears down this process's drills (and any other leftovers) before it
-/// exits on a signal; the lab's `Drop` will not run then.
-pub fn abandon(state_dir: &std::path::Path, uri: &str) {
-    if !state_dir.join("drills").is_dir() {
+/// Removes every drill lab whose process is gone, and this process's own
+/// (its labs' `Drop` will not run when it exits on a signal): at agent
+/// start and on SIGTERM/Ctrl-C. Opens libvirt only when a lab exists;
+/// failures are logged (nothing else depends on them).
+pub fn clean_up(state_dir: &std::path::Path, uri: &str) {
+    let labs = state_dir.join("drills");
+    if !std::fs::read_dir(&labs).is_ok_and(|mut d| d.next().is_some()) {
         return;
     }
     let r = Libvirt::open(uri)
         .map_err(anyhow::Error::from)
         .and_then(|lv| clean_stale(state_dir, &lv));
-    if let Err(e) = r {
-        tracing::warn!("tearing down drills: {e:#}");
+    match r {
+        Ok(n) => tracing::info!("removed the leftovers of {n} drills"),
+        Err(e) => tracing::warn!("cleaning up after drills: {e:#}"),
     }
 }
 

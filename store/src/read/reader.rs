@@ -336,10 +336,8 @@ impl DiskReader {
     /// Whether every chunk of `[offset, offset + len)` is in the cache
     /// now: a read of it would not wait for the repository.
     pub fn is_cached(&self, offset: u64, len: u64) -> bool {
-        let inner = &self.inner;
-        let spans = self.spans_of(offset, len);
-        let st = inner.lock();
-        spans.iter().all(|s| st.ready.contains(s))
+        let st = self.inner.lock();
+        self.spans_of(offset, len).all(|s| st.ready.contains(&s))
     }
 
     /// Queues the chunks of `ranges` for the read-ahead workers in the
@@ -371,26 +369,19 @@ impl DiskReader {
         queued_bytes(&st, &inner.spans) - before
     }
 
-    /// The spans holding the data of `[offset, offset + len)`, in order.
-    fn spans_of(&self, offset: u64, len: u64) -> Vec<u32> {
+    /// The spans holding the data of `[offset, offset + len)`, in order
+    /// (a span once per extent of it).
+    fn spans_of(&self, offset: u64, len: u64) -> impl Iterator<Item = u32> + '_ {
         let inner = &self.inner;
         let end = offset.saturating_add(len).min(self.size());
-        let Some(first) = inner.list.find(offset) else {
-            return Vec::new();
-        };
-        let mut out: Vec<u32> = Vec::new();
-        for (e, &s) in inner.list.extents()[first..]
-            .iter()
-            .zip(&inner.span_of[first..])
-        {
-            if e.offset >= end {
-                break;
-            }
-            if s != u32::MAX && out.last() != Some(&s) {
-                out.push(s);
-            }
-        }
-        out
+        inner.list.find(offset).into_iter().flat_map(move |first| {
+            inner.list.extents()[first..]
+                .iter()
+                .zip(&inner.span_of[first..])
+                .take_while(move |(e, _)| e.offset < end)
+                .map(|(_, &s)| s)
+                .filter(|&s| s != u32::MAX)
+        })
     }
 
     /// Sequential detection: a read of spans `a..=b` that continues a

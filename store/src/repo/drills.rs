@@ -26,33 +26,22 @@ impl Repository {
 
     /// The newest report of each snapshot that has one, by snapshot id.
     pub fn latest_drill_reports(&self) -> Result<BTreeMap<Id, Vec<u8>>> {
-        let mut newest: BTreeMap<Id, (u64, String)> = BTreeMap::new();
-        for o in self.backend().list(DRILLS)? {
-            let Some((id, t)) = layout::drill_of(&o.name) else {
-                continue; // not a report of ours
-            };
-            if newest.get(&id).is_none_or(|(have, _)| t > *have) {
-                newest.insert(id, (t, o.name));
-            }
-        }
         let mut out = BTreeMap::new();
-        for (id, (_, name)) in newest {
-            let bytes = self.backend().get(&name)?;
-            out.insert(id, object::open(self.keys(), KIND, &name, &bytes)?);
+        for (id, name) in self.drill_reports_under(DRILLS)? {
+            if !out.contains_key(&id) {
+                out.insert(id, self.load_drill_report(&name)?);
+            }
         }
         Ok(out)
     }
 
     /// Every report's object name, newest first.
     pub fn drill_report_names(&self) -> Result<Vec<String>> {
-        let mut all: Vec<(u64, String)> = self
-            .backend()
-            .list(DRILLS)?
+        Ok(self
+            .drill_reports_under(DRILLS)?
             .into_iter()
-            .filter_map(|o| layout::drill_of(&o.name).map(|(_, t)| (t, o.name)))
-            .collect();
-        all.sort_by(|a, b| b.cmp(a));
-        Ok(all.into_iter().map(|(_, n)| n).collect())
+            .map(|(_, n)| n)
+            .collect())
     }
 
     /// The report stored as `name` (from [`Self::drill_report_names`]).
@@ -63,17 +52,26 @@ impl Repository {
 
     /// The newest report of `snapshot`, if it has one.
     pub fn latest_drill_report(&self, snapshot: &Id) -> Result<Option<Vec<u8>>> {
-        let names = self.backend().list(&format!("{DRILLS}{snapshot}."))?;
-        let Some(name) = names
+        match self
+            .drill_reports_under(&format!("{DRILLS}{snapshot}."))?
+            .first()
+        {
+            Some((_, name)) => self.load_drill_report(name).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The reports listed under `prefix`: (snapshot, object name), newest
+    /// first.
+    fn drill_reports_under(&self, prefix: &str) -> Result<Vec<(Id, String)>> {
+        let mut all: Vec<(u64, Id, String)> = self
+            .backend()
+            .list(prefix)?
             .into_iter()
-            .filter_map(|o| layout::drill_of(&o.name).map(|(_, t)| (t, o.name)))
-            .max()
-            .map(|(_, n)| n)
-        else {
-            return Ok(None);
-        };
-        let bytes = self.backend().get(&name)?;
-        object::open(self.keys(), KIND, &name, &bytes).map(Some)
+            .filter_map(|o| layout::drill_of(&o.name).map(|(id, t)| (t, id, o.name)))
+            .collect();
+        all.sort_by(|a, b| b.cmp(a));
+        Ok(all.into_iter().map(|(_, id, n)| (id, n)).collect())
     }
 }
 

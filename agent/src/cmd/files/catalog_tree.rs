@@ -19,6 +19,8 @@ pub struct CatalogTree {
     children: HashMap<u64, Vec<u64>>,
     /// Entry positions by path (hard-link targets).
     by_path: HashMap<Vec<u8>, u64>,
+    /// Hard links to each entry (by position), counted once.
+    links: HashMap<u64, u32>,
     data: Arc<DiskReader>,
 }
 
@@ -47,6 +49,12 @@ impl CatalogTree {
             .enumerate()
             .map(|(i, e)| (e.path.clone(), i as u64))
             .collect();
+        let mut links: HashMap<u64, u32> = HashMap::new();
+        for e in catalog.entries.iter().filter(|e| !e.link.is_empty()) {
+            if let Some(&t) = by_path.get(&e.link) {
+                *links.entry(t).or_default() += 1;
+            }
+        }
         let mut children: HashMap<u64, Vec<u64>> = HashMap::new();
         for (i, e) in catalog.entries.iter().enumerate() {
             let parent = match e.parent() {
@@ -63,6 +71,7 @@ impl CatalogTree {
             entries: catalog.entries,
             children,
             by_path,
+            links,
             data,
         }
     }
@@ -85,8 +94,9 @@ impl CatalogTree {
 
     fn node(&self, i: u64) -> Result<Node> {
         let e = self.data_entry(i)?;
+        // Inode numbers only: a hard link shows its target's.
         let id = self.by_path.get(&e.path).copied().unwrap_or(i);
-        let links = self.entries.iter().filter(|x| x.link == e.path).count() as u32;
+        let links = self.links.get(&id).copied().unwrap_or(0);
         Ok(Node {
             id: id + 1,
             handle: i,
