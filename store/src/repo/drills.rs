@@ -28,8 +28,8 @@ impl Repository {
     pub fn latest_drill_reports(&self) -> Result<BTreeMap<Id, Vec<u8>>> {
         let mut out = BTreeMap::new();
         for (id, name) in self.drill_reports_under(DRILLS)? {
-            if !out.contains_key(&id) {
-                out.insert(id, self.load_drill_report(&name)?);
+            if let std::collections::btree_map::Entry::Vacant(v) = out.entry(id) {
+                v.insert(self.load_drill_report(&name)?);
             }
         }
         Ok(out)
