@@ -90,6 +90,12 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     for s in &r.sessions_in_flight {
         println!("held back by a backup in flight: {s}");
     }
+    if r.compaction.merged > 0 {
+        println!(
+            "index: {} small objects merged into {}",
+            r.compaction.merged, r.compaction.written
+        );
+    }
     if let Some(l) = &r.lock {
         println!(
             "locks: {} removed versions {would}deleted ({}), {} held by locks ({}{})",

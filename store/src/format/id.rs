@@ -29,6 +29,19 @@ impl Id {
     pub fn from_slice(b: &[u8]) -> Option<Self> {
         Some(Id(b.try_into().ok()?))
     }
+
+    /// The order of ids, decided by their first 8 bytes as a number
+    /// nearly always (ids are uniform): no `memcmp` call per comparison
+    /// in the sorts and bisections of large tables, where it was half the
+    /// time.
+    pub fn fast_cmp(&self, other: &Id) -> std::cmp::Ordering {
+        let head = |i: &Id| {
+            u64::from_be_bytes([
+                i.0[0], i.0[1], i.0[2], i.0[3], i.0[4], i.0[5], i.0[6], i.0[7],
+            ])
+        };
+        head(self).cmp(&head(other)).then_with(|| self.cmp(other))
+    }
 }
 
 impl std::hash::Hash for Id {

@@ -39,16 +39,8 @@ struct Entry {
 }
 
 impl Entry {
-    /// The order of ids, decided by their first 8 bytes as a number
-    /// nearly always (ids are uniform): no `memcmp` call per comparison
-    /// in the sort and the bisection, which were half of a load.
     fn cmp_id(&self, id: &Id) -> std::cmp::Ordering {
-        let head = |i: &Id| {
-            u64::from_be_bytes([
-                i.0[0], i.0[1], i.0[2], i.0[3], i.0[4], i.0[5], i.0[6], i.0[7],
-            ])
-        };
-        head(&self.id).cmp(&head(id)).then_with(|| self.id.cmp(id))
+        self.id.fast_cmp(id)
     }
 }
 

@@ -26,9 +26,6 @@ use crate::format::{object, pack};
 pub const VERSION: u32 = 1;
 use crate::format::layout::{self, CONFIG};
 
-/// An index object's name and the packs it lists.
-pub(crate) type IndexObject = (String, Vec<pack::PackInfo>);
-
 /// The repository's public, unencrypted settings. Everything secret (the
 /// chunker seed too) derives from the master key.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -291,36 +288,30 @@ impl Repository {
         // Condemned records first: a backup must not reuse what a GC has
         // condemned (docs/gc.md, rule 2).
         let condemned = condemned::packs(self.backend.as_ref(), Some(&self.keys))?;
-        let objects = self.backend.list(layout::INDEX)?;
-        let mut builder = IndexBuilder::new(condemned);
-        // An index object spends at least 40 bytes on each chunk it lists.
-        builder.reserve((objects.iter().map(|o| o.size).sum::<u64>() / 40) as usize);
-        let builder = std::sync::Mutex::new(builder);
-        let names: Vec<String> = objects.into_iter().map(|o| o.name).collect();
-        load_each(&names, |n| {
-            let packs = index::open(&self.keys, &self.backend.get(n)?, n)?;
-            let mut b = builder.lock().unwrap_or_else(|e| e.into_inner());
-            packs.iter().for_each(|p| b.add_pack(p));
-            Ok(())
-        })?;
+        let builder = std::sync::Mutex::new(IndexBuilder::new(condemned));
+        each_index_object(
+            self.backend.as_ref(),
+            // An index object spends at least 40 bytes on each chunk it lists.
+            |bytes| {
+                let mut b = builder.lock().unwrap_or_else(|e| e.into_inner());
+                b.reserve((bytes / 40) as usize);
+            },
+            |name, bytes| {
+                let packs = index::open(&self.keys, &bytes, name)?;
+                let mut b = builder.lock().unwrap_or_else(|e| e.into_inner());
+                packs.iter().for_each(|p| b.add_pack(p));
+                Ok(())
+            },
+        )?;
         Ok(builder
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .finish())
     }
 
-    /// Every index object, by name, with the packs it lists.
-    pub(crate) fn load_index_objects(&self) -> Result<Vec<IndexObject>> {
-        let names: Vec<String> = self
-            .backend
-            .list(layout::INDEX)?
-            .into_iter()
-            .map(|o| o.name)
-            .collect();
-        load_each(&names, |n| {
-            let bytes = self.backend.get(n)?;
-            Ok((n.to_string(), index::open(&self.keys, &bytes, n)?))
-        })
+    /// The packs one index object lists.
+    pub(crate) fn load_index_object(&self, name: &str) -> Result<Vec<pack::PackInfo>> {
+        index::open(&self.keys, &self.backend.get(name)?, name)
     }
 
     /// Removes a snapshot: its manifest first (so no listed snapshot ever
@@ -503,6 +494,41 @@ pub(crate) fn for_each_parallel<T: Sync>(
     match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// `f` on every index object's name and bytes, on up to 8 threads, after
+/// `listed` with the bytes a listing holds. An object gone since the
+/// listing was replaced first (a GC's sweep and index compaction write
+/// the objects that take over its packs before deleting it), so the
+/// listing is read again for names not yet seen, until a pass finds
+/// nothing gone: no pack an index object lists is missed.
+pub(crate) fn each_index_object(
+    backend: &dyn Backend,
+    listed: impl Fn(u64),
+    f: impl Fn(&str, Vec<u8>) -> Result<()> + Sync,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let fresh: Vec<crate::backend::ObjectInfo> = backend
+            .list(layout::INDEX)?
+            .into_iter()
+            .filter(|o| !seen.contains(&o.name))
+            .collect();
+        listed(fresh.iter().map(|o| o.size).sum());
+        let gone = std::sync::atomic::AtomicBool::new(false);
+        for_each_parallel(&fresh, 8, |o| match backend.get(&o.name) {
+            Ok(bytes) => f(&o.name, bytes),
+            Err(BackendError::NotFound(_)) => {
+                gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        })?;
+        seen.extend(fresh.into_iter().map(|o| o.name));
+        if !gone.into_inner() {
+            return Ok(());
+        }
     }
 }
 

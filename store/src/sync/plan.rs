@@ -11,7 +11,7 @@ use crate::format::id::{Id, IdMap, IdSet};
 use crate::format::index::{self, Frame};
 use crate::format::layout;
 use crate::format::sync_record::SyncRecord;
-use crate::repo::{condemned, load_each, sync_records, Repository};
+use crate::repo::{condemned, each_index_object, load_each, sync_records, Repository};
 
 /// One snapshot to copy.
 #[derive(Clone, Debug)]
@@ -194,25 +194,18 @@ fn source_frames(src: &dyn Backend, needed: &IdSet) -> Result<IdMap<Frame>> {
     if needed.is_empty() {
         return Ok(out);
     }
-    let names: Vec<String> = src
-        .list(layout::INDEX)?
-        .into_iter()
-        .map(|o| o.name)
-        .collect();
-    let per_object = load_each(&names, |n| {
-        let frames = match src.get(n) {
-            Ok(b) => index::frames(&b, n)?.unwrap_or_default(),
-            // Rewritten by a GC since the listing: its packs are framed in
-            // the object that replaced it.
-            Err(crate::backend::BackendError::NotFound(_)) => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(frames
-            .into_iter()
-            .filter(|f| needed.contains(&f.pack))
-            .collect::<Vec<_>>())
-    })?;
-    for f in per_object.into_iter().flatten() {
+    let found = std::sync::Mutex::new(Vec::new());
+    each_index_object(
+        src,
+        |_| {},
+        |n, bytes| {
+            let frames = index::frames(&bytes, n)?.unwrap_or_default();
+            let mut found = found.lock().unwrap_or_else(|e| e.into_inner());
+            found.extend(frames.into_iter().filter(|f| needed.contains(&f.pack)));
+            Ok(())
+        },
+    )?;
+    for f in found.into_inner().unwrap_or_else(|e| e.into_inner()) {
         out.entry(f.pack).or_insert(f);
     }
     Ok(out)
@@ -220,23 +213,20 @@ fn source_frames(src: &dyn Backend, needed: &IdSet) -> Result<IdMap<Frame>> {
 
 /// The packs the destination's index objects frame.
 fn indexed_packs(dst: &dyn Backend) -> Result<IdSet> {
-    let names: Vec<String> = dst
-        .list(layout::INDEX)?
-        .into_iter()
-        .map(|o| o.name)
-        .collect();
-    let per_object = load_each(&names, |n| match dst.get(n) {
-        // An object sealed whole frames nothing we can see: its packs
-        // are indexed again (a duplicate entry is harmless).
-        Ok(b) => Ok(index::frames(&b, n)?
-            .unwrap_or_default()
-            .into_iter()
-            .map(|f| f.pack)
-            .collect::<Vec<_>>()),
-        Err(crate::backend::BackendError::NotFound(_)) => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
-    })?;
-    Ok(per_object.into_iter().flatten().collect())
+    let packs = std::sync::Mutex::new(IdSet::default());
+    // An object sealed whole frames nothing we can see: its packs are
+    // indexed again (a duplicate entry is harmless).
+    each_index_object(
+        dst,
+        |_| {},
+        |n, bytes| {
+            let frames = index::frames(&bytes, n)?.unwrap_or_default();
+            let mut packs = packs.lock().unwrap_or_else(|e| e.into_inner());
+            packs.extend(frames.into_iter().map(|f| f.pack));
+            Ok(())
+        },
+    )?;
+    Ok(packs.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// One snapshot's plan: the packs it brings, or why it cannot be copied.

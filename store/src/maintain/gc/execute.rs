@@ -3,7 +3,9 @@
 //! objects rewritten before packs are deleted, rule 4), then settle the
 //! records.
 
-use super::plan::{Action, GcPlan, Packs};
+use super::packs::Packs;
+use super::plan::{Action, GcPlan};
+use super::table::ChunkTable;
 use super::GcReport;
 use crate::backend::BackendError;
 use crate::error::{Error, Result};
@@ -16,17 +18,19 @@ use crate::format::sync_record::SyncRecord;
 use crate::format::{blob, index, layout};
 use crate::repo::condemned::{self, delete_if_there};
 use crate::repo::sync_records;
-use crate::repo::{IndexObject, Repository};
+use crate::repo::Repository;
 
 impl GcPlan {
     /// Does what the plan says; the report of the run.
-    pub fn execute(self, repo: &Repository, progress: &dyn Fn(&str)) -> Result<GcReport> {
+    pub fn execute(mut self, repo: &Repository, progress: &dyn Fn(&str)) -> Result<GcReport> {
         let backend = repo.backend().as_ref();
         let repack = self.packs_where(|a| matches!(a, Action::Repack { .. }));
         if !repack.is_empty() {
             progress("repacking");
-            repack_packs(repo, &self.packs, &repack, &self.live)?;
+            repack_packs(repo, &self.packs, &repack, &self.table)?;
         }
+        // The marks are done with: room for the index the sync records need.
+        self.table = ChunkTable::default();
         let condemn = self.packs_where(|a| matches!(a, Action::Condemn | Action::Repack { .. }));
         if !condemn.is_empty() {
             progress("condemning");
@@ -42,7 +46,7 @@ impl GcPlan {
         let mut rewritten = 0;
         if !doomed.is_empty() {
             progress("deleting");
-            rewritten = sweep(repo, &self.objects, &doomed)?;
+            rewritten = sweep(repo, &self.packs, &doomed)?;
         }
         // Every settled record's packs are gone or resurrected.
         for name in &self.settled {
@@ -116,20 +120,21 @@ fn packs_of(repo: &Repository, index: &Index, snap: &Snapshot) -> Result<Vec<Id>
 
 /// Copies the live chunks of `victims` into new packs under a fresh session
 /// key, and indexes them, before the victims are condemned.
-fn repack_packs(repo: &Repository, packs: &Packs, victims: &[Id], live: &IdSet) -> Result<()> {
+fn repack_packs(repo: &Repository, packs: &Packs, victims: &[Id], live: &ChunkTable) -> Result<()> {
     let cipher = repo.keys().session();
     let pack_size = repo.config().pack_size as usize;
     let mut written: Vec<PackInfo> = Vec::new();
     let mut w = PackWriter::new(&cipher, pack_size);
     let mut seen = IdSet::default();
+    let infos = packs.infos(repo, victims)?;
     for p in victims {
-        let Some(info) = packs.info.get(p) else {
+        let Some(info) = infos.get(p) else {
             continue;
         };
         let bytes = repo.backend().get(&layout::pack(p))?;
         let opener = Opener::new(repo.keys(), &info.salt);
         for b in &info.blobs {
-            if !live.contains(&b.id) || !seen.insert(b.id) {
+            if !live.is_live(&b.id) || !seen.insert(b.id) {
                 continue;
             }
             let (s, e) = (b.offset as usize, b.offset as usize + b.len as usize);
@@ -167,18 +172,15 @@ fn put_index(repo: &Repository, cipher: &SessionCipher, packs: &[PackInfo]) -> R
 /// Deletes `doomed` packs: first the index objects that name them are
 /// replaced by ones that do not, then the packs go (rule 4). Returns how
 /// many index objects were rewritten.
-fn sweep(repo: &Repository, objects: &[IndexObject], doomed: &IdSet) -> Result<usize> {
+fn sweep(repo: &Repository, packs: &Packs, doomed: &IdSet) -> Result<usize> {
     let backend = repo.backend().as_ref();
     let cipher = repo.keys().session();
     let mut rewritten = 0;
-    for (name, list) in objects {
-        if !list.iter().any(|p| doomed.contains(&p.id)) {
-            continue;
-        }
-        let keep: Vec<PackInfo> = list
-            .iter()
+    for name in packs.objects_listing(doomed) {
+        let keep: Vec<PackInfo> = repo
+            .load_index_object(name)?
+            .into_iter()
             .filter(|p| !doomed.contains(&p.id))
-            .cloned()
             .collect();
         if !keep.is_empty() {
             put_index(repo, &cipher, &keep)?;

@@ -6,9 +6,12 @@
 //! nothing, and is all a dry run does) and then carried out ([`execute`]),
 //! under the lock that keeps GCs one at a time ([`lock`]).
 
+mod compact;
 mod execute;
 mod lock;
+mod packs;
 mod plan;
+mod table;
 
 use chrono::Duration;
 use serde::Serialize;
@@ -16,6 +19,7 @@ use serde::Serialize;
 use crate::error::Result;
 pub use crate::repo::condemned::SKEW_MARGIN;
 use crate::repo::Repository;
+pub use compact::Compaction;
 pub use plan::{Action, GcPlan, PackAction};
 
 #[derive(Clone, Debug)]
@@ -64,6 +68,8 @@ pub struct GcReport {
     /// Backups in flight that hold deletions back.
     pub sessions_in_flight: Vec<String>,
     pub index_objects_rewritten: usize,
+    /// Small index objects merged into fewer large ones.
+    pub compaction: Compaction,
     /// Locked repositories: removed versions deleted and held
     /// ([`crate::maintain::lock`]).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,11 +91,23 @@ pub fn run(repo: &Repository, opts: &GcOptions, progress: &dyn Fn(&str)) -> Resu
     let mut report = if opts.dry_run {
         plan.report().clone()
     } else {
-        plan.execute(repo, progress)?
+        let mut report = plan.execute(repo, progress)?;
+        progress("compacting the index");
+        report.compaction = compact::run(repo)?;
+        report
     };
     report.lock = reclaim_locked(repo, opts.dry_run)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Merges the small index objects into fewer large ones (what every `gc`
+/// does after its sweep), under the GC lock.
+pub fn compact_index(repo: &Repository) -> Result<Compaction> {
+    let _lock = lock::GcLock::acquire(repo)?;
+    let done = compact::run(repo)?;
+    repo.invalidate_index();
+    Ok(done)
 }
 
 /// In a locked repository, what was removed leaves only once its lock

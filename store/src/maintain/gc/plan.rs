@@ -4,16 +4,21 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::packs::Packs;
+use super::table::ChunkTable;
 use super::{GcOptions, GcReport};
 use crate::backend::BackendError;
 use crate::error::{Error, Result};
-use crate::format::id::{Id, IdMap, IdSet};
+use crate::format::id::{Id, IdSet};
 use crate::format::layout;
-use crate::format::pack::PackInfo;
-use crate::format::snapshot::Snapshot;
+use crate::format::snapshot::{DiskEntry, Snapshot};
 use crate::repo::condemned::{self, Record, SKEW_MARGIN};
 use crate::repo::markers::{self, Marker};
-use crate::repo::{IndexObject, Repository};
+use crate::repo::{for_each_parallel, Repository};
+
+/// Chunk lists read at once by the mark phase (each may hold a few
+/// hundred thousand ids of a large disk).
+const MARK_THREADS: usize = 4;
 
 /// What happens to one pack, and why.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -48,9 +53,9 @@ pub struct GcPlan {
     report: GcReport,
     /// Records every pack of which is deleted or resurrected by this run.
     pub(super) settled: Vec<String>,
-    pub(super) live: IdSet,
+    /// Every copy of every indexed chunk, the live ones marked.
+    pub(super) table: ChunkTable,
     pub(super) packs: Packs,
-    pub(super) objects: Vec<IndexObject>,
     /// The snapshots listed (their sync records are kept up to date).
     pub(super) snapshots: Vec<Snapshot>,
 }
@@ -58,7 +63,8 @@ pub struct GcPlan {
 impl GcPlan {
     /// Reads markers, records, snapshots and the index, in that order
     /// (rule 3: markers before snapshots, so a backup whose marker is gone
-    /// has its manifest in the listing), and decides.
+    /// has its manifest in the listing), then marks the chunks of the
+    /// snapshots listed, one chunk list at a time, and decides.
     pub fn compute(repo: &Repository, opts: &GcOptions, progress: &dyn Fn(&str)) -> Result<GcPlan> {
         let now = Utc::now();
         let markers: Vec<Marker> = markers::list(repo.backend().as_ref(), Some(repo.keys()))?
@@ -71,25 +77,42 @@ impl GcPlan {
             ..Default::default()
         };
         progress("reading snapshots");
-        let mut snapshots = Vec::new();
-        let live = live_chunks(repo, &mut report, &mut snapshots)?;
+        let snapshots = list_snapshots(repo)?;
+        report.snapshots = snapshots.len();
         progress("reading the index");
-        let objects = repo.load_index_objects()?;
-        let packs = Packs::new(repo, &objects)?;
-        report.packs = packs.size.len();
-        report.bytes = packs.size.values().sum();
+        let (mut packs, table) = Packs::load(repo)?;
+        report.packs = packs.listed().len();
+        report.bytes = packs.listed().values().sum();
+        progress("marking live chunks");
+        mark(repo, &snapshots, &table)?;
+        report.live_chunks = table.live_count();
+        if table.unindexed() > 0 {
+            tracing::warn!(
+                "gc: {} chunk references of listed snapshots name no indexed chunk \
+                 (damage: `verify` names the snapshots)",
+                table.unindexed()
+            );
+        }
+        packs.tally(&table, &condemned_set(&records));
         let mut plan = GcPlan {
             actions: Vec::new(),
             report,
             settled: Vec::new(),
-            live,
+            table,
             packs,
-            objects,
             snapshots,
         };
         plan.sweep_decisions(&records, &markers, opts, now);
         plan.mark_decisions(&records, opts);
         Ok(plan)
+    }
+
+    /// The chunks found live, by id: what the mark phase set.
+    pub fn live_chunks(&self) -> impl Iterator<Item = Id> + '_ {
+        self.table
+            .chunks()
+            .filter(|(live, _)| *live)
+            .map(|(_, copies)| copies[0].id)
     }
 
     /// The numbers of the plan (of the run, once executed).
@@ -105,7 +128,6 @@ impl GcPlan {
         opts: &GcOptions,
         now: DateTime<Utc>,
     ) {
-        let condemned = condemned_set(records);
         for (name, r) in records {
             let blockers: Vec<&Marker> = markers
                 .iter()
@@ -119,7 +141,7 @@ impl GcPlan {
                 if !self.packs.exists(p) {
                     continue; // deleted by an earlier run that did not finish
                 }
-                let action = if self.packs.needed(p, &self.live, &condemned) {
+                let action = if self.packs.needed(p) {
                     self.report.packs_resurrected += 1;
                     Action::Resurrect
                 } else {
@@ -154,12 +176,12 @@ impl GcPlan {
     /// mostly garbage (repacked first).
     fn mark_decisions(&mut self, records: &[(String, Record)], opts: &GcOptions) {
         let condemned = condemned_set(records);
-        let mut ids: Vec<Id> = self.packs.size.keys().copied().collect();
+        let mut ids: Vec<Id> = self.packs.listed().keys().copied().collect();
         ids.sort();
         for id in ids.into_iter().filter(|id| !condemned.contains(id)) {
             // Of the chunk bytes a pack holds (headers and trailers aside),
             // the share still live.
-            let live_bytes = self.packs.live_bytes(&id, &self.live);
+            let live_bytes = self.packs.live_bytes(&id);
             let action = if live_bytes == 0 {
                 Action::Condemn
             } else if (live_bytes as f64) < opts.repack_below * self.packs.blob_bytes(&id) as f64 {
@@ -202,121 +224,52 @@ fn condemned_set(records: &[(String, Record)]) -> IdSet {
     records.iter().flat_map(|(_, r)| r.packs.clone()).collect()
 }
 
-/// Every chunk a listed snapshot references. A snapshot pruned while we
-/// read it is skipped; a chunk list missing under a manifest that still
-/// exists is damage, and stops the GC rather than free its chunks.
-fn live_chunks(
-    repo: &Repository,
-    report: &mut GcReport,
-    snapshots: &mut Vec<Snapshot>,
-) -> Result<IdSet> {
-    let mut live = IdSet::default();
+/// The snapshots listed now. One pruned while we read it is skipped.
+fn list_snapshots(repo: &Repository) -> Result<Vec<Snapshot>> {
+    let mut snapshots = Vec::new();
     for o in repo.backend().list(layout::SNAPSHOTS)? {
-        let snap = match repo.load_snapshot_object(&o.name) {
-            Ok(s) => s,
+        match repo.load_snapshot_object(&o.name) {
+            Ok(s) => snapshots.push(s),
             Err(Error::Backend(BackendError::NotFound(_))) => continue,
             Err(e) => return Err(e),
-        };
-        for d in snap.chunk_lists() {
-            let list = match repo.load_chunk_list(&d.chunk_list) {
-                Ok(l) => l,
-                Err(Error::Backend(BackendError::NotFound(_)))
-                    if !repo.backend().exists(&layout::snapshot(&snap.id))? =>
-                {
-                    continue
-                }
-                Err(Error::Backend(BackendError::NotFound(_))) => {
-                    return Err(Error::corrupt(
-                        format!("snapshot {}", snap.id),
-                        format!(
-                            "chunk list {} of disk {} is missing",
-                            layout::chunk_list(&d.chunk_list),
-                            d.name
-                        ),
-                    ))
-                }
-                Err(e) => return Err(e),
-            };
-            live.extend(list.extents().iter().filter_map(|e| e.chunk));
         }
-        report.snapshots += 1;
-        snapshots.push(snap);
     }
-    report.live_chunks = live.len();
-    Ok(live)
+    Ok(snapshots)
 }
 
-/// The packs as the index objects and the bucket listing know them.
-pub(super) struct Packs {
-    /// Every pack object in the bucket, with its size.
-    size: IdMap<u64>,
-    /// What the index says each pack holds (absent: not indexed).
-    pub(super) info: IdMap<PackInfo>,
-    /// Packs holding each chunk (more than one after a repack or a race).
-    copies: IdMap<Vec<Id>>,
-}
-
-impl Packs {
-    fn new(repo: &Repository, objects: &[IndexObject]) -> Result<Self> {
-        let mut size = IdMap::default();
-        for o in repo.backend().list(layout::DATA)? {
-            // Hidden temp files and anything that is not a pack name.
-            if let Some(id) = layout::pack_id(&o.name) {
-                size.insert(id, o.size);
+/// Marks every chunk the listed snapshots reference, reading their chunk
+/// lists a few at a time. A chunk list missing under a manifest that still
+/// exists is damage, and stops the GC rather than free its chunks; one of
+/// a snapshot pruned since the listing is skipped.
+fn mark(repo: &Repository, snapshots: &[Snapshot], table: &ChunkTable) -> Result<()> {
+    let disks: Vec<(&Snapshot, &DiskEntry)> = snapshots
+        .iter()
+        .flat_map(|s| s.chunk_lists().map(move |d| (s, d)))
+        .collect();
+    for_each_parallel(&disks, MARK_THREADS, |(snap, d)| {
+        let list = match repo.load_chunk_list(&d.chunk_list) {
+            Ok(l) => l,
+            Err(Error::Backend(BackendError::NotFound(_)))
+                if !repo.backend().exists(&layout::snapshot(&snap.id))? =>
+            {
+                return Ok(())
             }
-        }
-        let mut info: IdMap<PackInfo> = IdMap::default();
-        let mut copies: IdMap<Vec<Id>> = IdMap::default();
-        for (_, list) in objects {
-            for p in list {
-                if info.contains_key(&p.id) {
-                    continue;
-                }
-                for b in &p.blobs {
-                    copies.entry(b.id).or_default().push(p.id);
-                }
-                info.insert(p.id, p.clone());
+            Err(Error::Backend(BackendError::NotFound(_))) => {
+                return Err(Error::corrupt(
+                    format!("snapshot {}", snap.id),
+                    format!(
+                        "chunk list {} of disk {} is missing",
+                        layout::chunk_list(&d.chunk_list),
+                        d.name
+                    ),
+                ))
             }
-        }
-        Ok(Packs { size, info, copies })
-    }
-
-    fn exists(&self, p: &Id) -> bool {
-        self.size.contains_key(p)
-    }
-
-    fn size_of(&self, p: &Id) -> u64 {
-        self.size.get(p).copied().unwrap_or(0)
-    }
-
-    fn blob_bytes(&self, p: &Id) -> u64 {
-        self.info
-            .get(p)
-            .map_or(0, |i| i.blobs.iter().map(|b| u64::from(b.len)).sum())
-    }
-
-    fn live_bytes(&self, p: &Id, live: &IdSet) -> u64 {
-        self.info.get(p).map_or(0, |i| {
-            i.blobs
-                .iter()
-                .filter(|b| live.contains(&b.id))
-                .map(|b| u64::from(b.len))
-                .sum()
-        })
-    }
-
-    /// Whether deleting `p` would lose a live chunk: one it holds that has
-    /// no copy in an existing pack outside `condemned`.
-    fn needed(&self, p: &Id, live: &IdSet, condemned: &IdSet) -> bool {
-        let Some(i) = self.info.get(p) else {
-            return false; // not indexed: nothing can find its chunks
+            Err(e) => return Err(e),
         };
-        i.blobs.iter().any(|b| {
-            live.contains(&b.id)
-                && !self.copies.get(&b.id).is_some_and(|qs| {
-                    qs.iter()
-                        .any(|q| q != p && !condemned.contains(q) && self.exists(q))
-                })
-        })
-    }
+        list.extents()
+            .iter()
+            .filter_map(|e| e.chunk.as_ref())
+            .for_each(|id| table.mark(id));
+        Ok(())
+    })
 }
