@@ -310,3 +310,61 @@ fn drill_reports_follow_their_snapshot() {
     assert_eq!(repo.latest_drill_report(&a.id).unwrap(), None);
     assert_eq!(repo.latest_drill_reports().unwrap().len(), 1);
 }
+
+/// A restore or an export reads only its snapshot's part of the index
+/// (`Repository::index_for`): for every chunk of the snapshot it answers
+/// as the full index does (same pack, offset, length, reusability), even
+/// for chunks stored twice with one copy condemned; it holds nothing else;
+/// and the snapshot restores through it bit-identical.
+#[test]
+fn an_index_narrowed_to_a_snapshot_answers_as_the_full_index() {
+    use bulwark_store::maintain::gc::{self, GcOptions};
+    use std::collections::BTreeSet;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let a = random(3 << 20, 80);
+    let gone = backup(&repo, &mut MemSource::new(a.clone()), Mode::Full, 2);
+    let mut b = a.clone();
+    b[1 << 20..(1 << 20) + 4096].fill(7);
+    let other = backup(
+        &repo,
+        &mut MemSource::new(random(2 << 20, 81)),
+        Mode::Full,
+        2,
+    );
+    // `a`'s packs condemned, then its chunks stored again: two copies.
+    repo.delete_snapshot(&gone).unwrap();
+    let zero = GcOptions {
+        grace: chrono::Duration::zero(),
+        ..Default::default()
+    };
+    gc::run(&repo, &zero, &|_| {}).unwrap();
+    let kept = backup(&repo, &mut MemSource::new(b.clone()), Mode::Full, 2);
+
+    repo.invalidate_index();
+    let list = repo.load_chunk_list(&kept.disks[0].chunk_list).unwrap();
+    let mine: BTreeSet<bulwark_store::Id> = bulwark_store::read::reader::chunks_of(&list).collect();
+    let narrow = repo.index_for(mine.iter().copied()).unwrap();
+    let full = repo.index().unwrap();
+    assert_eq!(narrow.len(), mine.len());
+    assert!(full.len() > narrow.len());
+    // Most of `kept`'s chunks were `gone`'s too: a copy in a condemned pack.
+    assert!(full.packs().iter().any(|p| full.is_condemned(&p.id)));
+    for id in &mine {
+        let (n, f) = (narrow.get(id).unwrap(), full.get(id).unwrap());
+        assert_eq!(narrow.pack(&n).id, full.pack(&f).id, "{id}");
+        assert_eq!((n.offset, n.len), (f.offset, f.len), "{id}");
+        assert!(
+            narrow.reusable(id) && full.reusable(id),
+            "{id}: the live copy wins"
+        );
+    }
+    let others = repo.load_chunk_list(&other.disks[0].chunk_list).unwrap();
+    for id in bulwark_store::read::reader::chunks_of(&others) {
+        assert!(!narrow.contains(&id), "a chunk of another snapshot");
+    }
+    // A restore narrows on its own (nothing cached) and gets the bytes.
+    repo.invalidate_index();
+    let got = restore(&repo, &kept, &dir.path().join("out.raw")).unwrap();
+    assert!(got == b);
+}

@@ -227,11 +227,9 @@ pub fn restore(g: &Global, c: RestoreCmd) -> Result<i32> {
         unreachable!("handled above")
     };
     let repo = secret::open(g)?;
-    let (snap, list) = repo.while_loading_index(|| -> Result<_> {
-        let snap = repo.find_snapshot(&snapshot)?;
-        let list = repo.load_chunk_list(&disk_of(&snap, disk.as_deref())?.chunk_list)?;
-        Ok((snap, list))
-    })?;
+    // The restore reads only this disk's part of the index.
+    let snap = repo.find_snapshot(&snapshot)?;
+    let list = repo.load_chunk_list(&disk_of(&snap, disk.as_deref())?.chunk_list)?;
     let d = disk_of(&snap, disk.as_deref())?;
     let pb = progress::bar(d.size, &format!("restore {}", d.name));
     let t = Instant::now();

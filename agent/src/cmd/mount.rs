@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use bulwark_store::read::reader::{open_disk, DiskReader};
+use bulwark_store::read::reader::{open_disks, DiskReader};
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
     ReplyOpen, Request,
@@ -166,7 +166,8 @@ pub fn mount(g: &Global, a: Args) -> Result<i32> {
         return detach(&a);
     }
     let repo = Arc::new(secret::open(g)?);
-    let snap = repo.while_loading_index(|| repo.find_snapshot(&a.snapshot))?;
+    // A disk snapshot's readers load only its part of the index.
+    let snap = repo.find_snapshot(&a.snapshot)?;
     if snap.is_files() {
         let tree = super::files::file_tree(repo, &snap, a.cache_mib)?;
         let fs = super::mount_tree::TreeFs::new(tree).context("reading the catalog")?;
@@ -175,11 +176,10 @@ pub fn mount(g: &Global, a: Args) -> Result<i32> {
         return Ok(0);
     }
     let cache = (a.cache_mib << 20) / snap.disks.len().max(1);
-    let mut disks = Vec::new();
-    for d in &snap.disks {
-        let reader = open_disk(repo.clone(), &snap, &d.name, cache)?;
-        disks.push((format!("{}.raw", d.name), Arc::new(reader)));
-    }
+    let disks = open_disks(repo.clone(), &snap, cache)?
+        .into_iter()
+        .map(|(name, reader)| (format!("{name}.raw"), Arc::new(reader)))
+        .collect();
     let fs = SnapshotFs {
         disks,
         time: SystemTime::from(snap.time),

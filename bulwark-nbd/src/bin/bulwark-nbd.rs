@@ -170,7 +170,7 @@ fn run(cli: Cli) -> Result<()> {
             .open(&secret)
             .with_context(|| format!("opening repository {repo}"))?,
     );
-    let snap = repo.while_loading_index(|| repo.find_snapshot(&snapshot))?;
+    let snap = repo.find_snapshot(&snapshot)?;
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
     let mut server = Server::new(ServerConfig {
         tls,
@@ -178,20 +178,15 @@ fn run(cli: Cli) -> Result<()> {
     });
     let mut readers = Vec::new();
     let demand = Arc::new(DemandStats::default());
-    for d in &snap.disks {
-        let reader = Arc::new(bulwark_store::read::reader::open_disk(
-            repo.clone(),
-            &snap,
-            &d.name,
-            cache,
-        )?);
-        let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
+    for (name, reader) in bulwark_store::read::reader::open_disks(repo.clone(), &snap, cache)? {
+        let reader = Arc::new(reader);
+        let desc = format!("{} {} of snapshot {}", snap.source, name, snap.id.short());
         server = server.add_export(
-            &d.name,
+            &name,
             Arc::new(StoreExport::new(reader.clone()).with_demand(demand.clone())),
             Some(desc),
         );
-        readers.push((d.name.clone(), reader));
+        readers.push((name, reader));
     }
     let boot_set_bytes = boot_set.as_ref().map_or(0, |b| queue_boot_set(b, &readers));
     let counters = Counters {

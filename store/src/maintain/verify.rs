@@ -51,12 +51,12 @@ pub fn verify(
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<VerifyReport> {
-    let index = repo.index()?;
     let mut report = VerifyReport {
         snapshots: snapshots.len(),
         ..Default::default()
     };
     let uses = chunk_uses(repo, snapshots, &mut report);
+    let index = repo.index_for(uses.keys().copied())?;
     let packs = by_pack(&index, &uses, &mut report);
     let checked = check_packs(repo, &index, &packs, threads, progress)?;
     for (id, reason) in checked.bad {

@@ -156,7 +156,7 @@ impl DiskReader {
     /// A reader over `list` (a disk of a snapshot) with a cache of
     /// `cache_bytes` of opened chunks.
     pub fn new(repo: Arc<Repository>, list: ChunkList, cache_bytes: usize) -> Result<Self> {
-        let index = repo.index()?;
+        let index = repo.index_for(chunks_of(&list))?;
         let spans = fetch::plan(&index, &list, SPAN_MAX)?;
         let mut span_of = vec![u32::MAX; list.extents().len()];
         for (s, span) in spans.iter().enumerate() {
@@ -737,4 +737,28 @@ pub fn open_disk(
         })?;
     let list = repo.load_chunk_list(&d.chunk_list)?;
     DiskReader::new(repo, list, cache_bytes)
+}
+
+/// Every disk of a snapshot, by name, ready for random reads, over one
+/// index narrowed to their chunks ([`Repository::index_for`]).
+pub fn open_disks(
+    repo: Arc<Repository>,
+    snapshot: &crate::Snapshot,
+    cache_bytes: usize,
+) -> Result<Vec<(String, DiskReader)>> {
+    let lists = snapshot
+        .disks
+        .iter()
+        .map(|d| Ok((d.name.clone(), repo.load_chunk_list(&d.chunk_list)?)))
+        .collect::<Result<Vec<_>>>()?;
+    repo.index_for(lists.iter().flat_map(|(_, l)| chunks_of(l)))?;
+    lists
+        .into_iter()
+        .map(|(name, list)| Ok((name, DiskReader::new(repo.clone(), list, cache_bytes)?)))
+        .collect()
+}
+
+/// The chunks a disk's list references.
+pub fn chunks_of(list: &ChunkList) -> impl Iterator<Item = crate::Id> + '_ {
+    list.extents().iter().filter_map(|e| e.chunk)
 }

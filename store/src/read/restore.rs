@@ -259,7 +259,7 @@ pub fn restore_into(
     opts: &RestoreOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    let index = repo.index()?;
+    let index = repo.index_for(crate::read::reader::chunks_of(list))?;
     let batches = fetch::plan(&index, list, MAX_BATCH)?;
     let zero_bytes: u64 = list
         .extents()

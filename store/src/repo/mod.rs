@@ -79,6 +79,9 @@ pub struct Repository {
     keys: Arc<Keys>,
     chunker: Chunker,
     index: Mutex<Option<Arc<Index>>>,
+    /// The last index narrowed to some chunks ([`Repository::index_for`]),
+    /// with those chunks, sorted.
+    narrowed: Mutex<Option<(Vec<Id>, Arc<Index>)>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -216,6 +219,7 @@ impl Repository {
             keys,
             chunker,
             index: Mutex::new(None),
+            narrowed: Mutex::new(None),
         }
     }
 
@@ -251,8 +255,32 @@ impl Repository {
         if let Some(ix) = guard.as_ref() {
             return Ok(ix.clone());
         }
-        let ix = Arc::new(self.load_index()?);
+        let ix = Arc::new(self.load_index(None)?);
         *guard = Some(ix.clone());
+        Ok(ix)
+    }
+
+    /// An index that finds at least `chunks` (a restore, an export or a
+    /// verify of one snapshot needs no others): every index object is
+    /// still read, but only their entries are kept, so memory follows the
+    /// snapshot, not the repository. The full index if it is loaded; the
+    /// last narrowed one if it holds them all. For readers only: a backup
+    /// needs the full index (`docs/gc.md`, rule 2).
+    pub fn index_for(&self, chunks: impl IntoIterator<Item = Id>) -> Result<Arc<Index>> {
+        if let Some(ix) = lock(&self.index).as_ref() {
+            return Ok(ix.clone());
+        }
+        let mut wanted: Vec<Id> = chunks.into_iter().collect();
+        wanted.sort_unstable_by(Id::fast_cmp);
+        wanted.dedup();
+        let mut narrowed = lock(&self.narrowed);
+        if let Some((have, ix)) = narrowed.as_ref() {
+            if wanted.iter().all(|id| sorted_contains(have, id)) {
+                return Ok(ix.clone());
+            }
+        }
+        let ix = Arc::new(self.load_index(Some(&wanted))?);
+        *narrowed = Some((wanted, ix.clone()));
         Ok(ix)
     }
 
@@ -279,26 +307,38 @@ impl Repository {
 
     /// Forgets the cached index (after a backup added to it).
     pub fn invalidate_index(&self) {
-        *self.index.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *lock(&self.index) = None;
+        *lock(&self.narrowed) = None;
     }
 
     /// Each index object is opened and added as it arrives, so only the
-    /// table is ever whole in memory, never every object's packs at once.
-    fn load_index(&self) -> Result<Index> {
+    /// table is ever whole in memory, never every object's packs at once;
+    /// with `wanted` (sorted by [`Id::fast_cmp`]), only those chunks.
+    fn load_index(&self, wanted: Option<&[Id]>) -> Result<Index> {
         // Condemned records first: a backup must not reuse what a GC has
         // condemned (docs/gc.md, rule 2).
         let condemned = condemned::packs(self.backend.as_ref(), Some(&self.keys))?;
-        let builder = std::sync::Mutex::new(IndexBuilder::new(condemned));
+        let builder = Mutex::new(IndexBuilder::new(condemned));
+        if let Some(w) = wanted {
+            lock(&builder).reserve(w.len());
+        }
         each_index_object(
             self.backend.as_ref(),
             // An index object spends at least 40 bytes on each chunk it lists.
             |bytes| {
-                let mut b = builder.lock().unwrap_or_else(|e| e.into_inner());
-                b.reserve((bytes / 40) as usize);
+                if wanted.is_none() {
+                    lock(&builder).reserve((bytes / 40) as usize);
+                }
             },
             |name, bytes| {
-                let packs = index::open(&self.keys, &bytes, name)?;
-                let mut b = builder.lock().unwrap_or_else(|e| e.into_inner());
+                let mut packs = index::open(&self.keys, &bytes, name)?;
+                if let Some(w) = wanted {
+                    packs
+                        .iter_mut()
+                        .for_each(|p| p.blobs.retain(|b| sorted_contains(w, &b.id)));
+                    packs.retain(|p| !p.blobs.is_empty());
+                }
+                let mut b = lock(&builder);
                 packs.iter().for_each(|p| b.add_pack(p));
                 Ok(())
             },
@@ -495,6 +535,15 @@ pub(crate) fn for_each_parallel<T: Sync>(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `ids`, sorted by [`Id::fast_cmp`], holds `id`.
+fn sorted_contains(ids: &[Id], id: &Id) -> bool {
+    ids.binary_search_by(|h| h.fast_cmp(id)).is_ok()
 }
 
 /// `f` on every index object's name and bytes, on up to 8 threads, after
