@@ -18,9 +18,9 @@ use crate::format::layout;
 use crate::repo::condemned::delete_if_there;
 use crate::repo::Repository;
 
-/// A merged object grows to about this size (a few hundred thousand
-/// chunks); objects of half this or more are left alone.
-const TARGET_BYTES: u64 = 8 << 20;
+/// A merged object grows to about this size (about a hundred thousand
+/// chunks; a loader holds eight at a time); objects of half this or more are left alone.
+const TARGET_BYTES: u64 = 4 << 20;
 
 /// What a compaction did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]

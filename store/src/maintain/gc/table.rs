@@ -24,6 +24,11 @@ pub(super) struct ChunkTable {
     entries: Vec<Held>,
     /// Set on the first entry of a live chunk's copies.
     marks: Vec<AtomicU64>,
+    /// Where the ids whose first `bits` bits are `p` begin: `dir[p]` (and
+    /// end: `dir[p + 1]`). Ids are uniform, so a lookup bisects a few
+    /// entries, not the whole table (one cache miss instead of twenty).
+    dir: Vec<u32>,
+    bits: u32,
     /// Marks asked for chunks the table does not hold.
     unindexed: AtomicUsize,
 }
@@ -44,6 +49,18 @@ impl ChunkTable {
     pub fn seal(&mut self) {
         self.entries.sort_unstable_by(|a, b| a.id.fast_cmp(&b.id));
         self.entries.shrink_to_fit();
+        let n = self.entries.len();
+        // About four entries a prefix.
+        self.bits = (usize::BITS - (n / 4).leading_zeros()).min(28);
+        self.dir = Vec::with_capacity((1 << self.bits) + 1);
+        let mut i = 0;
+        for p in 0..1usize << self.bits {
+            while i < n && self.prefix(&self.entries[i].id) < p {
+                i += 1;
+            }
+            self.dir.push(i as u32);
+        }
+        self.dir.push(n as u32);
         self.marks = (0..self.entries.len().div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
@@ -97,10 +114,16 @@ impl ChunkTable {
 
     /// The position of `id`'s first copy.
     fn first(&self, id: &Id) -> Option<usize> {
-        let i = self
-            .entries
-            .partition_point(|e| e.id.fast_cmp(id) == std::cmp::Ordering::Less);
+        let p = self.prefix(id);
+        let (lo, hi) = (*self.dir.get(p)? as usize, *self.dir.get(p + 1)? as usize);
+        let i = lo
+            + self.entries[lo..hi]
+                .partition_point(|e| e.id.fast_cmp(id) == std::cmp::Ordering::Less);
         (self.entries.get(i)?.id == *id).then_some(i)
+    }
+
+    fn prefix(&self, id: &Id) -> usize {
+        id.head().checked_shr(64 - self.bits).unwrap_or(0) as usize
     }
 
     fn marked(&self, i: usize) -> bool {
