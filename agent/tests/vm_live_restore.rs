@@ -294,6 +294,123 @@ fn a_damaged_chunk_fails_the_live_restore_keeps_guest_writes_and_retry_finishes_
     );
 }
 
+/// The bucket unreachable for 60 s from the moment the guest starts: every
+/// read of the guest's boot and of the stream waits (QEMU sees no error),
+/// the guest comes up once the bucket is back, the stream ends, the guest's
+/// write and the snapshot's data are there.
+#[test]
+fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let bucket = S3Repo::start("outage");
+    bucket.ok(&env, &["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    // Data in the scratch area, a pattern per MiB: read back below.
+    let scratch = image.scratch_offset();
+    for k in 1..8u64 {
+        let st = Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {} {} 1M", 0x30 + k, scratch + (k << 20)),
+            ])
+            .arg(vm.disk_path())
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{st:?}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+
+    // The restore reads the bucket through the proxy.
+    let proxy =
+        testbed::s3::FaultProxy::start(bucket.server.port(), testbed::s3::Faults::default())
+            .unwrap();
+    let name = testbed::unique_name("bw-outage");
+    let _domains = Restored(vec![name.clone()]);
+    let images = env.path("images");
+    let child = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+            "--s3-endpoint",
+            &proxy.endpoint(),
+        ])
+        .envs(bucket.server.env())
+        .env("BULWARK_REPO", &bucket.repo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The server has loaded what it needs once its socket exists; the
+    // domain starts right after: the outage begins before its first read.
+    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
+    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+    proxy.set(testbed::s3::Faults {
+        outage: true,
+        ..Default::default()
+    });
+    let outage = Instant::now();
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    assert!(
+        console.text().lines().all(|l| !l.contains("bulwark-guest: ready")),
+        "the guest came up during the outage: it never waited for the bucket"
+    );
+    assert_eq!(virsh(&["domstate", &name]).trim(), "running");
+    proxy.set(testbed::s3::Faults::default());
+    let ended = outage.elapsed();
+    let ready = console.wait_ready(BOOT_TIMEOUT).unwrap();
+    assert_eq!(ready.marker, image.marker());
+    eprintln!(
+        "outage of {:.0}s; guest ready {:.1}s after it began",
+        ended.as_secs_f64(),
+        outage.elapsed().as_secs_f64()
+    );
+    let resets = proxy
+        .stats
+        .outage_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets > 0, "no request met the outage: {:?}", proxy.stats);
+
+    let off = scratch;
+    testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the live restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "done", "{s}");
+    assert_eq!(s["server_restarts"], 0, "{s}");
+    let stall = s["stall_seconds"].as_f64().unwrap_or_default();
+    assert!(stall >= 30.0, "reads waited {stall}s in all: {s}");
+    let text = console.text();
+    for bad in ["I/O error", "bulwark-guest: error", "EXT4-fs error"] {
+        assert!(!text.contains(bad), "the guest saw {bad:?}:\n{text}");
+    }
+    // The guest's write, and every MiB of the snapshot's scratch data.
+    testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
+    for k in 1..8u64 {
+        testbed::domain_qemu_io(
+            &name,
+            &format!("read -P {} {} 1M", 0x30 + k, scratch + (k << 20)),
+        )
+        .unwrap();
+    }
+}
+
 /// `cargo test --release -p bulwark --test vm_live_restore -- --ignored --nocapture`:
 /// time to the guest's ready marker, live from S3 against booting the same
 /// disk from a local file; and time to fully restored, live against

@@ -67,6 +67,11 @@ pub enum Cmd {
         /// repository and for how long) to FILE as JSON every second.
         #[arg(long, value_name = "FILE")]
         stats: Option<PathBuf>,
+        /// Reads wait up to this many seconds for an unreachable repository
+        /// (an S3 outage) instead of failing (0: they fail once the
+        /// backend's own retries are spent).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        outage_wait: u64,
     },
 }
 

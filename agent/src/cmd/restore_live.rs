@@ -36,6 +36,7 @@ pub struct Supervision {
 pub struct LiveArgs {
     pub wait: bool,
     pub stream_mib_per_sec: u64,
+    pub outage_wait_secs: u64,
     pub sup: Supervision,
     pub json: bool,
 }
@@ -79,6 +80,7 @@ pub fn run(
         repo: spec,
         password,
         stream_mib_per_sec: a.stream_mib_per_sec,
+        outage_wait_secs: a.outage_wait_secs,
     };
     let repo = Arc::new(secret::open(g)?);
     let plans = restore::plan_all(&repo, targets, |s, name| start::plan(libvirt, s, name, &o))?;

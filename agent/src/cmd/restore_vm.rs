@@ -65,6 +65,11 @@ pub struct Args {
     /// leaving bandwidth to the guest's own reads.
     #[arg(long, default_value_t = 0, requires = "live")]
     stream_mib_per_sec: u64,
+    /// With --live: how long the guest's reads and the streams wait for an
+    /// unreachable repository (an S3 outage) before the restore fails
+    /// (it can then be resumed with `restore retry`).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, requires = "live")]
+    outage_wait: std::time::Duration,
     #[command(flatten)]
     sup: Supervision,
     #[arg(long)]
@@ -79,6 +84,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         let live = LiveArgs {
             wait: a.wait,
             stream_mib_per_sec: a.stream_mib_per_sec,
+            outage_wait_secs: a.outage_wait.as_secs(),
             sup: a.sup,
             json: a.json,
         };

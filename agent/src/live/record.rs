@@ -135,6 +135,17 @@ pub struct LiveRestore {
     /// The boot set the server fetches first (a drill's of this VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_set_file: Option<PathBuf>,
+    /// How long reads wait for an unreachable repository before they fail.
+    #[serde(default = "default_outage_wait")]
+    pub outage_wait_secs: u64,
+}
+
+/// Guest reads and the streams wait out this long an outage of the
+/// repository (records written before the setting existed get it too).
+pub const DEFAULT_OUTAGE_WAIT_SECS: u64 = 300;
+
+fn default_outage_wait() -> u64 {
+    DEFAULT_OUTAGE_WAIT_SECS
 }
 
 impl LiveRestore {
@@ -166,6 +177,7 @@ impl LiveRestore {
             stream_mib_per_sec,
             server_restarts: 0,
             boot_set_file: None,
+            outage_wait_secs: DEFAULT_OUTAGE_WAIT_SECS,
         }
     }
 
@@ -336,6 +348,7 @@ mod tests {
             server_log: "/l".into(),
             server_pid: Some(7),
             boot_set_file: None,
+            outage_wait_secs: DEFAULT_OUTAGE_WAIT_SECS,
             phase,
             disks: vec![LiveDisk {
                 target: "vda".into(),

@@ -121,6 +121,7 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
         cmd.arg("--key-file").arg(k);
     }
     cmd.arg("--stats").arg(r.stats_path());
+    cmd.arg("--outage-wait").arg(r.outage_wait_secs.to_string());
     if let Some(b) = r.boot_set_file.as_ref().filter(|b| b.exists()) {
         cmd.arg("--boot-set").arg(b);
     }

@@ -30,6 +30,8 @@ pub struct LiveOptions<'a> {
     pub password: Option<String>,
     /// Stream bandwidth cap in MiB/s (0: none).
     pub stream_mib_per_sec: u64,
+    /// How long reads wait out an unreachable repository.
+    pub outage_wait_secs: u64,
 }
 
 /// Checks before anything is made: what a full restore checks, plus no
@@ -54,6 +56,7 @@ pub fn start(
         .with_context(|| format!("creating {}", o.restore.dir.display()))?;
     std::fs::create_dir_all(o.records.dir())?;
     let mut rec = record(plan, o);
+    rec.outage_wait_secs = o.outage_wait_secs;
     rec.boot_set_file = boot_set(repo, &plan.snapshot, o.records.dir(), &plan.name);
     let served = ServerGuard(&mut rec);
     served.0.server_pid = Some(server::start(served.0, o.password.as_deref())?);

@@ -180,6 +180,7 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
         repo: spec.clone(),
         password: None,
         stream_mib_per_sec: 0,
+        outage_wait_secs: crate::live::record::DEFAULT_OUTAGE_WAIT_SECS,
     };
     // Every VM is checked before any is written.
     let plans = repo.while_loading_index(|| -> Result<Vec<Plan>> {

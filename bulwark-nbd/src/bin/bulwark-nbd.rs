@@ -135,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
         cache_mib,
         boot_set,
         stats,
+        outage_wait,
     } = cli.command;
     let boot_set = boot_set.map(|p| read_boot_set(&p)).transpose()?;
     let tls_required = tls_creds.is_some() && tls == TlsArg::Require;
@@ -185,6 +186,7 @@ fn run(cli: Cli) -> Result<()> {
             &d.name,
             cache,
         )?);
+        reader.wait_out_outages(std::time::Duration::from_secs(outage_wait));
         let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
         server = server.add_export(
             &d.name,
