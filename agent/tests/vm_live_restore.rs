@@ -418,6 +418,135 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     }
 }
 
+/// A GC repacks and sweeps (`gc --grace 0s`, twice) the packs a live
+/// restore streams from: the server reads the chunks' new copies, the
+/// stream ends, and the disk is the snapshot's.
+#[test]
+fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let scratch = image.scratch_offset();
+    let qemu_io = |cmd: &str| {
+        let st = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(vm.disk_path())
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{cmd}: {st:?}");
+    };
+    // 256 MiB of random data past the partitions, beyond what the server
+    // reads ahead of a slow stream (a quarter of its cache) for a while.
+    let (far, far_len) = (192u64 << 20, 256u64 << 20);
+    let st = Command::new("qemu-img")
+        .args(["resize", "-f", "qcow2"])
+        .arg(vm.disk_path())
+        .arg("512M")
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
+    let random = env.path("random.bin");
+    let mut rng_data = vec![0u8; far_len as usize];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for w in rng_data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+    std::fs::write(&random, &rng_data).unwrap();
+    drop(rng_data);
+    qemu_io(&format!("write -s {} {far} {far_len}", random.display()));
+    env.backup(vm.name(), &[]);
+    // The second snapshot changes 64 KiB in every 16 MiB of it: once the
+    // first is pruned, every pack of that data holds a dead chunk, so a GC
+    // repacks all of them.
+    for k in 0..far_len >> 24 {
+        qemu_io(&format!("write -P 0x42 {} 64k", far + (k << 24)));
+    }
+    let r = env.backup(vm.name(), &[]);
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+    let packs = || testbed::files_under(&env.path("repo/data")).unwrap();
+    let before = packs();
+
+    let name = testbed::unique_name("bw-livegc");
+    let _domains = Restored(vec![name.clone()]);
+    let images = env.path("images");
+    let child = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+            // Slow: the GC below happens while most of the disk is unread.
+            "--stream-mib-per-sec",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    console.wait_ready(BOOT_TIMEOUT).unwrap();
+    let off = scratch + (4 << 20);
+    testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
+
+    let pruned = env.json(&["prune", "--keep-last", "1", "--json"]);
+    eprintln!("prune: {pruned}");
+    for _ in 0..2 {
+        let gc = env.json(&["gc", "--grace", "0s", "--repack-below", "100", "--json"]);
+        eprintln!("gc: {gc}");
+    }
+    let after = packs();
+    let gone = before.iter().filter(|p| !after.contains(p)).count();
+    assert!(gone > 0, "the GC deleted no pack");
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "streaming", "the stream ended before the GC: {s}");
+    let done = s["disks"][0]["done"].as_u64().unwrap();
+    assert!(done < far, "the stream reached the far data before the GC: {s}");
+    // The rest at full speed.
+    virsh(&["blockjob", &name, "vda", "--bandwidth", "0"]);
+
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the live restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "done", "{s}");
+    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("reloading the index"),
+        "the server never met a swept pack:\n{log}"
+    );
+    testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
+
+    // Outside the guest's filesystem the disk is the snapshot's, but for
+    // the range written above.
+    virsh(&["destroy", &name]);
+    let reference = env.path("ref.raw");
+    env.ok(&["restore", "image", &snap, "--to", reference.to_str().unwrap()]);
+    let mut want = std::fs::read(&reference).unwrap();
+    want[off as usize..off as usize + (64 << 10)].fill(0x5a);
+    let got_raw = env.path("got.raw");
+    qemu_img_to_raw(&images.join(format!("{name}-vda.qcow2")), &got_raw);
+    let got = std::fs::read(&got_raw).unwrap();
+    let p1 = (image.partition_offset() + image.partition_size()) as usize;
+    assert!(got[p1..] == want[p1..], "the disk after the partition differs");
+    for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
+        let w = image.read_guest_file(&reference, f).unwrap();
+        assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");
+    }
+}
+
 /// `cargo test --release -p bulwark --test vm_live_restore -- --ignored --nocapture`:
 /// time to the guest's ready marker, live from S3 against booting the same
 /// disk from a local file; and time to fully restored, live against
