@@ -72,6 +72,14 @@ pub enum Cmd {
         /// backend's own retries are spent).
         #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         outage_wait: u64,
+        /// Restore disk DISK into the local raw file PATH in the background,
+        /// as `bulwark restore` does (a live restore's backfill); the file
+        /// appears once complete. Repeat for each disk.
+        #[arg(long, value_name = "DISK=PATH")]
+        backfill: Vec<crate::backfill::Job>,
+        /// Cap the backfill at this many MiB/s of data (0: none).
+        #[arg(long, value_name = "MIB", default_value_t = 0)]
+        backfill_mib_per_sec: u64,
     },
 }
 

@@ -101,6 +101,13 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", r.socket.display())),
     }
+    // The last server's counters would speak for this one (a failed
+    // backfill, above all) until it writes its own.
+    match std::fs::remove_file(r.stats_path()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", r.stats_path().display())),
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -122,6 +129,14 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
     }
     cmd.arg("--stats").arg(r.stats_path());
     cmd.arg("--outage-wait").arg(r.outage_wait_secs.to_string());
+    for d in r.disks.iter().filter(|d| d.needs_server()) {
+        if let Some(b) = &d.base {
+            cmd.arg("--backfill")
+                .arg(format!("{}={}", d.target, b.display()));
+        }
+    }
+    cmd.arg("--backfill-mib-per-sec")
+        .arg(r.stream_mib_per_sec.to_string());
     if let Some(b) = r.boot_set_file.as_ref().filter(|b| b.exists()) {
         cmd.arg("--boot-set").arg(b);
     }

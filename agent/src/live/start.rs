@@ -1,7 +1,9 @@
 //! Starting a live restore, top to bottom: plan (the full restore's
-//! refusals and names), serve the snapshot, make the overlays, define the
-//! domain on them with the snapshot as their NBD backing, start it, start
-//! the streams, record. Anything made before a failure is removed.
+//! refusals and names), serve the snapshot (and restore each disk into a
+//! local file behind it: the backfill), make the overlays, define the
+//! domain on them with the snapshot as their NBD backing, start it, record.
+//! Anything made before a failure is removed. The supervisor moves each
+//! overlay onto its file when the backfill has finished it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -62,6 +64,7 @@ pub fn start(
     served.0.server_pid = Some(server::start(served.0, o.password.as_deref())?);
     for (d, target) in &plan.disks {
         undo.file(target.path.clone());
+        undo.file(base_path(&target.path));
         overlay(&target.path, d.size, &d.name, &served.0.socket)?;
     }
     restore::restore_nvram(repo, plan, 0, &mut undo, &|_| {})?;
@@ -80,10 +83,8 @@ pub fn start(
             plan.name
         );
     }
-    for d in &mut served.0.disks {
-        dom.block_pull(&d.target, served.0.stream_mib_per_sec)?;
-        d.pulls = 1;
-    }
+    // No stream yet: the backfill restores each disk at full speed and
+    // the supervisor then streams from the local file.
     served.0.streams_started()?;
     o.records.save(served.0)?;
     undo.commit();
@@ -126,6 +127,8 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
             done: 0,
             local: false,
             pulls: 0,
+            base: Some(base_path(&r.path)),
+            on_base: false,
         })
         .collect();
     LiveRestore::new(
@@ -139,6 +142,11 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
         disks,
         o.stream_mib_per_sec,
     )
+}
+
+/// The backfill's file of the disk whose overlay is `overlay`.
+pub fn base_path(overlay: &Path) -> PathBuf {
+    overlay.with_extension("base.raw")
 }
 
 /// A qcow2 overlay of `size` bytes over the export `export` on `socket`

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bulwark_nbd::backfill::Backfill;
 use bulwark_nbd::cli::{Cli, Cmd, TlsArg};
 use bulwark_nbd::demand::{DemandStats, ServeStats};
 use bulwark_nbd::trace::{BootSet, BootSetFile};
@@ -136,6 +137,8 @@ fn run(cli: Cli) -> Result<()> {
         boot_set,
         stats,
         outage_wait,
+        backfill,
+        backfill_mib_per_sec,
     } = cli.command;
     let boot_set = boot_set.map(|p| read_boot_set(&p)).transpose()?;
     let tls_required = tls_creds.is_some() && tls == TlsArg::Require;
@@ -196,11 +199,23 @@ fn run(cli: Cli) -> Result<()> {
         readers.push((d.name.clone(), reader));
     }
     let boot_set_bytes = boot_set.as_ref().map_or(0, |b| queue_boot_set(b, &readers));
+    let backfill = (!backfill.is_empty())
+        .then(|| {
+            Backfill::start(
+                repo.clone(),
+                &snap,
+                backfill,
+                backfill_mib_per_sec,
+                std::time::Duration::from_secs(outage_wait),
+            )
+        })
+        .transpose()?;
     let counters = Counters {
         path: stats,
         boot_set: boot_set.is_some(),
         boot_set_bytes,
         demand,
+        backfill,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -291,6 +306,7 @@ struct Counters {
     boot_set: bool,
     boot_set_bytes: u64,
     demand: Arc<DemandStats>,
+    backfill: Option<Backfill>,
 }
 
 impl Counters {
@@ -307,6 +323,7 @@ impl Counters {
             stall_seconds: self.demand.stall().as_secs_f64(),
             bytes_fetched: fetched,
             bytes_served: served,
+            backfill: self.backfill.as_ref().map(Backfill::progress).unwrap_or_default(),
         };
         let tmp = path.with_extension("tmp");
         let r = serde_json::to_vec(&stats)
