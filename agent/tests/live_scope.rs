@@ -218,6 +218,8 @@ fn record(records: &Records, name: &str, snap: &str, repo: &Path, pw: &Path) -> 
             done: 0,
             local: false,
             pulls: 1,
+            base: None,
+            on_base: false,
         }],
         0,
     );

@@ -364,7 +364,10 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     let mut console = Console::new(images.join(format!("{name}-serial0.log")));
     std::thread::sleep(std::time::Duration::from_secs(60));
     assert!(
-        console.text().lines().all(|l| !l.contains("bulwark-guest: ready")),
+        console
+            .text()
+            .lines()
+            .all(|l| !l.contains("bulwark-guest: ready")),
         "the guest came up during the outage: it never waited for the bucket"
     );
     let state = virsh(&["domstate", "--reason", &name]);
@@ -506,7 +509,10 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     assert!(gone > 0, "the GC deleted no pack");
     let s = status(&env, &name);
     assert_eq!(s["phase"], "streaming", "{s}");
-    assert_eq!(s["disks"][0]["on_base"], false, "backfilled before the GC: {s}");
+    assert_eq!(
+        s["disks"][0]["on_base"], false,
+        "backfilled before the GC: {s}"
+    );
     // A read of data the server has not read yet: its pack is gone.
     wait_for("the domain", 60, || {
         (virsh(&["domstate", &name]).trim() == "running").then_some(())
@@ -542,14 +548,23 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     // the range written above.
     virsh(&["destroy", &name]);
     let reference = env.path("ref.raw");
-    env.ok(&["restore", "image", &snap, "--to", reference.to_str().unwrap()]);
+    env.ok(&[
+        "restore",
+        "image",
+        &snap,
+        "--to",
+        reference.to_str().unwrap(),
+    ]);
     let mut want = std::fs::read(&reference).unwrap();
     want[off as usize..off as usize + (64 << 10)].fill(0x5a);
     let got_raw = env.path("got.raw");
     qemu_img_to_raw(&images.join(format!("{name}-vda.qcow2")), &got_raw);
     let got = std::fs::read(&got_raw).unwrap();
     let p1 = (image.partition_offset() + image.partition_size()) as usize;
-    assert!(got[p1..] == want[p1..], "the disk after the partition differs");
+    assert!(
+        got[p1..] == want[p1..],
+        "the disk after the partition differs"
+    );
     for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
         let w = image.read_guest_file(&reference, f).unwrap();
         assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");

@@ -80,9 +80,13 @@ impl Backfill {
         let mut work = Vec::new();
         let mut progress = Vec::new();
         for j in jobs {
-            let d = snap.disks.iter().find(|d| d.name == j.disk).ok_or_else(|| {
-                bulwark_store::Error::Invalid(format!("the snapshot has no disk {}", j.disk))
-            })?;
+            let d = snap
+                .disks
+                .iter()
+                .find(|d| d.name == j.disk)
+                .ok_or_else(|| {
+                    bulwark_store::Error::Invalid(format!("the snapshot has no disk {}", j.disk))
+                })?;
             let disk = Arc::new(Disk {
                 done_bytes: AtomicU64::new(0),
                 state: Mutex::new(Progress {
@@ -236,7 +240,10 @@ mod tests {
     #[test]
     fn jobs_parse_disk_equals_path() {
         let j: Job = "vda=/var/lib/x/vda.base".parse().unwrap();
-        assert_eq!((j.disk.as_str(), j.path.to_str()), ("vda", Some("/var/lib/x/vda.base")));
+        assert_eq!(
+            (j.disk.as_str(), j.path.to_str()),
+            ("vda", Some("/var/lib/x/vda.base"))
+        );
         for bad in ["vda", "=x", "vda=", ""] {
             assert!(bad.parse::<Job>().is_err(), "{bad}");
         }

@@ -80,6 +80,12 @@ pub enum Cmd {
         /// Cap the backfill at this many MiB/s of data (0: none).
         #[arg(long, value_name = "MIB", default_value_t = 0)]
         backfill_mib_per_sec: u64,
+        /// Record the blocks clients read in their first SECONDS (or until
+        /// the server stops) and store them in the repository beside the
+        /// snapshot: the boot set the next live restore of the VM fetches
+        /// first.
+        #[arg(long, value_name = "SECONDS")]
+        record_boot_set: Option<u64>,
     },
 }
 

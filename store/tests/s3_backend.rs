@@ -349,9 +349,17 @@ fn a_reader_waits_out_an_outage() {
     });
     let got = got.expect("the patient reader failed");
     assert!(got[..] == data[2 << 20..4 << 20]);
-    assert!(t.elapsed() >= outage, "the read did not wait: {:?}", t.elapsed());
     assert!(
-        proxy.stats.outage_resets.load(std::sync::atomic::Ordering::Relaxed) >= 4,
+        t.elapsed() >= outage,
+        "the read did not wait: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        proxy
+            .stats
+            .outage_resets
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4,
         "{:?}",
         proxy.stats
     );

@@ -92,6 +92,9 @@ pub fn unit(r: &LiveRestore) -> Option<String> {
         .map(str::to_string)
 }
 
+/// How long the first server records the guest's reads as its boot set.
+pub const BOOT_SET_WINDOW_SECS: u64 = 60;
+
 /// Starts the server for `r` and waits until it serves; its pid.
 /// `password` is passed in the environment when no file holds it.
 pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
@@ -137,6 +140,13 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
     }
     cmd.arg("--backfill-mib-per-sec")
         .arg(r.stream_mib_per_sec.to_string());
+    // The first server of a restore sees the guest boot: what it reads is
+    // the boot set of the VM's next live restore. A restarted one would
+    // record whatever the guest does later.
+    if matches!(r.phase(), super::record::Phase::Booting) {
+        cmd.arg("--record-boot-set")
+            .arg(BOOT_SET_WINDOW_SECS.to_string());
+    }
     if let Some(b) = r.boot_set_file.as_ref().filter(|b| b.exists()) {
         cmd.arg("--boot-set").arg(b);
     }

@@ -149,7 +149,10 @@ fn follow_backfills(r: &mut LiveRestore, dom: &Domain) -> Result<()> {
 
 /// The backfill's file, once nothing reads it (gone already is fine).
 pub fn remove_base(base: &std::path::Path) {
-    for p in [base.to_path_buf(), bulwark_store::read::restore::partial_name(base)] {
+    for p in [
+        base.to_path_buf(),
+        bulwark_store::read::restore::partial_name(base),
+    ] {
         if let Err(e) = std::fs::remove_file(&p) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("removing {}: {e}", p.display());
@@ -201,7 +204,11 @@ fn follow_streams(r: &mut LiveRestore, dom: &Domain) -> Result<()> {
             "{}: the stream of {target} stopped short: starting it again",
             r.name
         );
-        let cap = if r.disks[i].on_base { 0 } else { r.stream_mib_per_sec };
+        let cap = if r.disks[i].on_base {
+            0
+        } else {
+            r.stream_mib_per_sec
+        };
         dom.block_pull(&target, cap)?;
         r.disks[i].pulls += 1;
     }

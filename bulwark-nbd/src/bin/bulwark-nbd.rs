@@ -15,9 +15,10 @@ use anyhow::{bail, Context, Result};
 use bulwark_nbd::backfill::Backfill;
 use bulwark_nbd::cli::{Cli, Cmd, TlsArg};
 use bulwark_nbd::demand::{DemandStats, ServeStats};
-use bulwark_nbd::trace::{BootSet, BootSetFile};
+use bulwark_nbd::trace::{BootSet, BootSetFile, BootSetReport, ReadTrace};
 use bulwark_nbd::StoreExport;
 use bulwark_store::read::reader::DiskReader;
+use bulwark_store::repo::reports::BOOT_SET;
 use clap::Parser;
 use nbd_server::{Server, ServerConfig, ServerTls, TlsMode};
 
@@ -139,6 +140,7 @@ fn run(cli: Cli) -> Result<()> {
         outage_wait,
         backfill,
         backfill_mib_per_sec,
+        record_boot_set,
     } = cli.command;
     let boot_set = boot_set.map(|p| read_boot_set(&p)).transpose()?;
     let tls_required = tls_creds.is_some() && tls == TlsArg::Require;
@@ -181,6 +183,7 @@ fn run(cli: Cli) -> Result<()> {
         ..ServerConfig::default()
     });
     let mut readers = Vec::new();
+    let mut traces = Vec::new();
     let demand = Arc::new(DemandStats::default());
     for d in &snap.disks {
         let reader = Arc::new(bulwark_store::read::reader::open_disk(
@@ -191,9 +194,17 @@ fn run(cli: Cli) -> Result<()> {
         )?);
         reader.wait_out_outages(std::time::Duration::from_secs(outage_wait));
         let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
+        let export = match record_boot_set {
+            Some(_) => {
+                let trace = Arc::new(ReadTrace::new());
+                traces.push((d.name.clone(), trace.clone()));
+                StoreExport::traced(reader.clone(), trace)
+            }
+            None => StoreExport::new(reader.clone()),
+        };
         server = server.add_export(
             &d.name,
-            Arc::new(StoreExport::new(reader.clone()).with_demand(demand.clone())),
+            Arc::new(export.with_demand(demand.clone())),
             Some(desc),
         );
         readers.push((d.name.clone(), reader));
@@ -217,6 +228,14 @@ fn run(cli: Cli) -> Result<()> {
         demand,
         backfill,
     };
+    let mut recorder = record_boot_set.map(|secs| Recorder {
+        repo: repo.clone(),
+        snap: snap.clone(),
+        traces,
+        window: std::time::Duration::from_secs(secs),
+        started: std::time::Instant::now(),
+        saved: false,
+    });
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let handle = match (&socket, &listen) {
@@ -250,11 +269,19 @@ fn run(cli: Cli) -> Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-                _ = tick.tick() => counters.write(&readers),
+                _ = tick.tick() => {
+                    counters.write(&readers);
+                    if let Some(r) = recorder.as_mut().filter(|r| r.due()) {
+                        r.save();
+                    }
+                }
             }
         }
         handle.shutdown().await;
         counters.write(&readers);
+        if let Some(r) = recorder.as_mut() {
+            r.save();
+        }
         // What the reads cost: bytes fetched per byte served should stay
         // near the stored/logical ratio (no byte fetched twice).
         for (name, r) in &readers {
@@ -299,6 +326,61 @@ fn queue_boot_set(sets: &[BootSet], readers: &[(String, Arc<DiskReader>)]) -> u6
     bytes
 }
 
+/// `--record-boot-set SECONDS`: the clients' first reads, stored in the
+/// repository once (at the end of the window, or when the server stops).
+struct Recorder {
+    repo: Arc<bulwark_store::Repository>,
+    snap: bulwark_store::Snapshot,
+    traces: Vec<(String, Arc<ReadTrace>)>,
+    window: std::time::Duration,
+    started: std::time::Instant,
+    saved: bool,
+}
+
+impl Recorder {
+    fn due(&self) -> bool {
+        !self.saved && self.started.elapsed() >= self.window
+    }
+
+    /// Stores the boot set (a speed-up for a later restore only: a failure
+    /// is logged, and serving goes on).
+    fn save(&mut self) {
+        if std::mem::replace(&mut self.saved, true) {
+            return;
+        }
+        for (_, t) in &self.traces {
+            t.stop();
+        }
+        let report = BootSetReport {
+            source: self.snap.source.clone(),
+            snapshot: self.snap.id.to_hex(),
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            seconds: self.started.elapsed().min(self.window).as_secs_f64(),
+            boot_set: self.traces.iter().map(|(d, t)| t.boot_set(d)).collect(),
+        };
+        if report.bytes() == 0 {
+            return;
+        }
+        let r = serde_json::to_vec(&report)
+            .map_err(anyhow::Error::from)
+            .and_then(|body| {
+                self.repo
+                    .put_report(BOOT_SET, &self.snap.id, report.at, &body)
+                    .map_err(anyhow::Error::from)
+            });
+        match r {
+            Ok(()) => tracing::info!(
+                "boot set recorded: {} B read in the first {:.0}s",
+                report.bytes(),
+                report.seconds
+            ),
+            Err(e) => tracing::warn!("recording the boot set: {e:#}"),
+        }
+    }
+}
+
 /// `--stats FILE`: the counters, rewritten whole (a reader never sees half
 /// a file).
 struct Counters {
@@ -323,7 +405,11 @@ impl Counters {
             stall_seconds: self.demand.stall().as_secs_f64(),
             bytes_fetched: fetched,
             bytes_served: served,
-            backfill: self.backfill.as_ref().map(Backfill::progress).unwrap_or_default(),
+            backfill: self
+                .backfill
+                .as_ref()
+                .map(Backfill::progress)
+                .unwrap_or_default(),
         };
         let tmp = path.with_extension("tmp");
         let r = serde_json::to_vec(&stats)

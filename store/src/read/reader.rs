@@ -687,7 +687,12 @@ impl Inner {
                 Ok(d) if d.len() as u64 == e.len => chunks.push(Ok(Arc::new(d))),
                 Ok(d) => chunks.push(Err(Arc::new(Error::Corrupt {
                     what: format!("chunk {id}"),
-                    detail: format!("{} bytes where the extent at {} has {}", d.len(), e.offset, e.len),
+                    detail: format!(
+                        "{} bytes where the extent at {} has {}",
+                        d.len(),
+                        e.offset,
+                        e.len
+                    ),
                 }))),
                 // The backend failed: the whole span fails (and is tried
                 // again), as a fetch does.
