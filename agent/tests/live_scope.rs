@@ -208,6 +208,7 @@ fn record(records: &Records, name: &str, snap: &str, repo: &Path, pw: &Path) -> 
             password_file: Some(PathBuf::from(pw)),
             key_file: None,
             s3_endpoint: None,
+            replica: None,
         },
         records.dir().join(format!("{name}.sock")),
         records.dir().join(format!("{name}.nbd.log")),

@@ -421,6 +421,114 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     }
 }
 
+/// The bucket unreachable from the guest's start, a replica named: the
+/// server reads the replica, the guest comes up and the disks are
+/// restored during the outage.
+#[test]
+fn a_live_restore_reads_the_replica_while_the_bucket_is_down() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let bucket = S3Repo::start("primary");
+    bucket.ok(&env, &["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+    // The second site: a directory replica, synced.
+    let replica = env.path("replica");
+    let replica = replica.to_str().unwrap();
+    bucket.ok(
+        &env,
+        &[
+            "--repo",
+            replica,
+            "repo",
+            "init",
+            "--replica-of",
+            &bucket.repo,
+        ],
+    );
+    bucket.ok(&env, &["sync", "--from", &bucket.repo, "--to", replica]);
+
+    let proxy =
+        testbed::s3::FaultProxy::start(bucket.server.port(), testbed::s3::Faults::default())
+            .unwrap();
+    let name = testbed::unique_name("bw-replica");
+    let _domains = Restored(vec![name.clone()]);
+    let images = env.path("images");
+    let child = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+            "--s3-endpoint",
+            &proxy.endpoint(),
+            "--replica",
+            replica,
+        ])
+        .envs(bucket.server.env())
+        .env("BULWARK_REPO", &bucket.repo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
+    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+    proxy.set(testbed::s3::Faults {
+        outage: true,
+        ..Default::default()
+    });
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    let ready = console.wait_ready(BOOT_TIMEOUT).unwrap();
+    assert_eq!(ready.marker, image.marker());
+    let off = image.scratch_offset();
+    testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the live restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // All of it while the bucket was down.
+    let resets = proxy
+        .stats
+        .outage_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets > 0, "nothing met the outage: {:?}", proxy.stats);
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "done", "{s}");
+    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("reading from the replica"), "{log}");
+    proxy.set(testbed::s3::Faults::default());
+    testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
+    virsh(&["destroy", &name]);
+    let reference = env.path("ref.raw");
+    bucket.ok(
+        &env,
+        &[
+            "restore",
+            "image",
+            &snap,
+            "--to",
+            reference.to_str().unwrap(),
+        ],
+    );
+    let got_raw = env.path("got.raw");
+    qemu_img_to_raw(&images.join(format!("{name}-vda.qcow2")), &got_raw);
+    for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
+        let w = image.read_guest_file(&reference, f).unwrap();
+        assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");
+    }
+}
+
 /// A GC repacks and sweeps (`gc --grace 0s`, twice) the packs a live
 /// restore streams from: the server reads the chunks' new copies, the
 /// stream ends, and the disk is the snapshot's.

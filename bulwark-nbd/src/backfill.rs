@@ -72,6 +72,7 @@ impl Backfill {
     /// `mib_per_sec` caps it (0: none); `outage_wait` bounds the retries.
     pub fn start(
         repo: Arc<Repository>,
+        replica: Option<Arc<Repository>>,
         snap: &Snapshot,
         jobs: Vec<Job>,
         mib_per_sec: u64,
@@ -101,7 +102,17 @@ impl Backfill {
         let started = Instant::now();
         std::thread::spawn(move || {
             for (job, list_id, size, disk) in work {
-                let r = backfill_disk(&repo, &job, &list_id, size, &disk, mib_per_sec, outage_wait);
+                let sources: Vec<&Repository> =
+                    std::iter::once(&*repo).chain(replica.as_deref()).collect();
+                let r = backfill_disk(
+                    &sources,
+                    &job,
+                    &list_id,
+                    size,
+                    &disk,
+                    mib_per_sec,
+                    outage_wait,
+                );
                 let mut st = disk.lock();
                 match r {
                     Ok(()) => {
@@ -147,10 +158,11 @@ impl Disk {
 
 /// Restores one disk into `job.path` (nothing is there until it is whole),
 /// trying again after failures until `outage_wait` has passed since the
-/// first of them. A file already there is a backfill an earlier server
+/// first of them, from each of `sources` in turn (the repository, then a
+/// replica). A file already there is a backfill an earlier server
 /// finished.
 fn backfill_disk(
-    repo: &Repository,
+    sources: &[&Repository],
     job: &Job,
     list_id: &bulwark_store::Id,
     size: u64,
@@ -163,7 +175,10 @@ fn backfill_disk(
     }
     let mut failing_since: Option<Instant> = None;
     let mut pause = Duration::from_millis(250);
+    let mut attempt = 0usize;
     loop {
+        let repo = sources[attempt % sources.len()];
+        attempt += 1;
         disk.done_bytes.store(0, Ordering::Relaxed);
         let r = repo
             .load_chunk_list(list_id)
@@ -186,10 +201,13 @@ fn backfill_disk(
             job.disk,
             since.elapsed().as_secs_f64()
         );
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_secs(5));
         // A GC may have moved chunks: plan against the index as it is now.
         repo.invalidate_index();
+        // The next source at once (a replica); the same one after a pause.
+        if attempt % sources.len() == 0 {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
     }
 }
 

@@ -86,6 +86,12 @@ pub enum Cmd {
         /// first.
         #[arg(long, value_name = "SECONDS")]
         record_boot_set: Option<u64>,
+        /// A replica holding the same snapshot (`repo init --replica-of`
+        /// and `sync`), opened with the same secret: what the repository
+        /// cannot give (unreachable, a pack gone) is read from it, and it
+        /// serves alone when the repository cannot be opened at all.
+        #[arg(long, value_name = "LOCATION")]
+        replica: Option<String>,
     },
 }
 

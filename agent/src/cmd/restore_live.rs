@@ -37,6 +37,7 @@ pub struct LiveArgs {
     pub wait: bool,
     pub stream_mib_per_sec: u64,
     pub outage_wait_secs: u64,
+    pub replica: Option<String>,
     pub sup: Supervision,
     pub json: bool,
 }
@@ -57,6 +58,7 @@ pub fn run(
         password_file: g.password_file.as_ref().map(|p| absolute(p)).transpose()?,
         key_file: g.key_file.as_ref().map(|p| absolute(p)).transpose()?,
         s3_endpoint: g.backend.s3_endpoint.clone(),
+        replica: a.replica.clone(),
     };
     let in_file = spec.password_file.is_some() || spec.key_file.is_some();
     let password = foreground_password(in_file);

@@ -87,6 +87,9 @@ pub struct RepoSpec {
     pub key_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_endpoint: Option<String>,
+    /// A replica holding the same snapshot, read when the repository fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -150,6 +150,9 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
     if let Some(b) = r.boot_set_file.as_ref().filter(|b| b.exists()) {
         cmd.arg("--boot-set").arg(b);
     }
+    if let Some(rep) = &r.repo.replica {
+        cmd.arg("--replica").arg(rep);
+    }
     if let Some(e) = &r.repo.s3_endpoint {
         cmd.env("BULWARK_S3_ENDPOINT", e);
     }

@@ -173,6 +173,7 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
         s3_endpoint: std::env::var("BULWARK_S3_ENDPOINT")
             .ok()
             .filter(|s| !s.is_empty()),
+        replica: None,
     };
     let live_opts = |v: &VmSpec| LiveOptions {
         restore: options(v, Stage::Started, ImageFormat::Qcow2),

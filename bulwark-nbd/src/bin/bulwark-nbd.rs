@@ -141,6 +141,7 @@ fn run(cli: Cli) -> Result<()> {
         backfill,
         backfill_mib_per_sec,
         record_boot_set,
+        replica,
     } = cli.command;
     let boot_set = boot_set.map(|p| read_boot_set(&p)).transpose()?;
     let tls_required = tls_creds.is_some() && tls == TlsArg::Require;
@@ -165,18 +166,45 @@ fn run(cli: Cli) -> Result<()> {
     };
     // The agent and the CLI pass the S3 endpoint and metadata permission
     // through the environment; no local object cache: the reader has its own.
-    let location = bulwark_store::Location::from_env(&repo);
     let secret = bulwark_store::format::keys::secret_from_sources(
         key_file.as_deref(),
         password_file.as_deref(),
     )?
     .context("no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file")?;
-    let repo = Arc::new(
-        location
-            .open(&secret)
-            .with_context(|| format!("opening repository {repo}"))?,
-    );
-    let snap = repo.while_loading_index(|| repo.find_snapshot(&snapshot))?;
+    let spare = replica.is_some();
+    let open = |url: &str| -> Result<(Arc<bulwark_store::Repository>, bulwark_store::Snapshot)> {
+        let mut location = bulwark_store::Location::from_env(url);
+        if spare {
+            // With a spare, a read turns to it after a few tries, not ten.
+            location.s3_max_attempts = 3;
+        }
+        let repo = Arc::new(
+            location
+                .open(&secret)
+                .with_context(|| format!("opening repository {url}"))?,
+        );
+        let snap = repo
+            .while_loading_index(|| repo.find_snapshot(&snapshot))
+            .with_context(|| format!("snapshot {snapshot} in {url}"))?;
+        Ok((repo, snap))
+    };
+    // The replica is a spare: without one, the repository must open.
+    let (repo, snap, replica) = match (open(&repo), replica) {
+        (Ok((r, s)), None) => (r, s, None),
+        (Ok((r, s)), Some(url)) => match open(&url) {
+            Ok((rep, _)) => (r, s, Some(rep)),
+            Err(e) => {
+                tracing::warn!("the replica is no spare: {e:#}");
+                (r, s, None)
+            }
+        },
+        (Err(e), None) => return Err(e),
+        (Err(e), Some(url)) => {
+            tracing::warn!("{e:#}: serving from the replica {url}");
+            let (r, s) = open(&url)?;
+            (r, s, None)
+        }
+    };
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
     let mut server = Server::new(ServerConfig {
         tls,
@@ -193,6 +221,9 @@ fn run(cli: Cli) -> Result<()> {
             cache,
         )?);
         reader.wait_out_outages(std::time::Duration::from_secs(outage_wait));
+        if let Some(rep) = &replica {
+            reader.fall_back_to(rep.clone());
+        }
         let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
         let export = match record_boot_set {
             Some(_) => {
@@ -214,6 +245,7 @@ fn run(cli: Cli) -> Result<()> {
         .then(|| {
             Backfill::start(
                 repo.clone(),
+                replica.clone(),
                 &snap,
                 backfill,
                 backfill_mib_per_sec,

@@ -26,7 +26,8 @@
 //!   chunks are read from their new copies;
 //! - **an outage**: with [`DiskReader::wait_out_outages`], a read whose
 //!   backend is unreachable waits (tries again, backing off) up to that
-//!   long before it fails.
+//!   long before it fails; with [`DiskReader::fall_back_to`], it is read
+//!   from a replica holding the same snapshot first.
 //!
 //! Thread-safe and synchronous: callers (the async NBD server) run it on
 //! blocking threads.
@@ -158,6 +159,8 @@ impl Failed {
     }
 }
 
+/// How long reads go to the replica first after the repository failed one.
+const REPLICA_FIRST: Duration = Duration::from_secs(10);
 /// Longest pause between two tries of an unreachable backend.
 const OUTAGE_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// A reloaded index serves every relocation this long before it is
@@ -204,6 +207,13 @@ struct Inner {
     outage_wait_ms: AtomicU64,
     /// The index loaded again after a pack was found gone, and when.
     reloaded: Mutex<Option<(Instant, Arc<Index>)>>,
+    /// A replica of the repository, read when the repository fails.
+    replica: std::sync::OnceLock<Arc<Repository>>,
+    /// Whether a read has been served by the replica yet (logged once).
+    failed_over: std::sync::atomic::AtomicBool,
+    /// After the repository failed, reads go to the replica first until
+    /// then (each would otherwise wait out the repository's retries).
+    replica_first_until: Mutex<Option<Instant>>,
 }
 
 pub struct DiskReader {
@@ -243,6 +253,9 @@ impl DiskReader {
             }),
             outage_wait_ms: AtomicU64::new(0),
             reloaded: Mutex::new(None),
+            replica: std::sync::OnceLock::new(),
+            failed_over: std::sync::atomic::AtomicBool::new(false),
+            replica_first_until: Mutex::new(None),
         });
         let (jobs, rx) = unbounded::<Vec<u32>>();
         for _ in 0..threads {
@@ -263,6 +276,13 @@ impl DiskReader {
 
     pub fn stats(&self) -> ReaderStats {
         self.inner.lock().stats
+    }
+
+    /// Chunks the repository cannot give (unreachable, or its pack gone
+    /// for good) are read from `replica`, a repository holding the same
+    /// snapshot (synced: same chunk ids, its own packs and index). Set once.
+    pub fn fall_back_to(&self, replica: Arc<Repository>) {
+        let _ = self.inner.replica.set(replica);
     }
 
     /// Reads wait up to `wait` for an unreachable backend (an S3 outage)
@@ -650,6 +670,12 @@ impl Inner {
         if let Some(f) = flight {
             return f.wait();
         }
+        if let Some(replica) = self.replica.get().filter(|_| self.replica_first()) {
+            if let Ok(d) = self.from_replica(replica, s) {
+                self.publish(s, Ok(d.clone()));
+                return Ok(d);
+            }
+        }
         let span = &self.spans[s as usize];
         let r = SCRATCH.with_borrow_mut(|sc| {
             let r = fetch::fetch(
@@ -666,6 +692,19 @@ impl Inner {
             Err(e) if Failed::of(&e).kind == FailKind::PackGone => self.relocated(s),
             r => r,
         };
+        let r = match (r, self.replica.get()) {
+            (Err(e), Some(replica)) if Failed::of(&e).kind != FailKind::Fatal => {
+                *self
+                    .replica_first_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + REPLICA_FIRST);
+                self.from_replica(replica, s).map_err(|r_err| {
+                    tracing::warn!("the replica failed too: {r_err}");
+                    e
+                })
+            }
+            (r, _) => r,
+        };
         let r = r.map_err(|e| Failed::of(&e));
         self.publish(s, r.clone());
         r
@@ -676,6 +715,28 @@ impl Inner {
     /// snapshot is gone too, and the read fails).
     fn relocated(&self, s: u32) -> Result<Arc<SpanData>> {
         let index = self.reloaded_index()?;
+        self.read_chunks(&self.repo, &index, s)
+    }
+
+    /// Whether the repository failed a moment ago.
+    fn replica_first(&self) -> bool {
+        self.replica_first_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Span `s` read chunk by chunk from the replica.
+    fn from_replica(&self, replica: &Repository, s: u32) -> Result<Arc<SpanData>> {
+        let d = self.read_chunks(replica, &*replica.index()?, s)?;
+        if !self.failed_over.swap(true, Ordering::Relaxed) {
+            tracing::warn!("the repository failed: reading from the replica");
+        }
+        Ok(d)
+    }
+
+    /// Span `s` read chunk by chunk from `repo` through `index`.
+    fn read_chunks(&self, repo: &Repository, index: &Index, s: u32) -> Result<Arc<SpanData>> {
         let span = &self.spans[s as usize];
         let mut chunks = Vec::with_capacity(span.items.len());
         for (i, _) in &span.items {
@@ -683,7 +744,7 @@ impl Inner {
             let id = e
                 .chunk
                 .ok_or_else(|| Error::Invalid(format!("extent {i} has no chunk")))?;
-            match self.repo.read_chunk(&index, &id) {
+            match repo.read_chunk(index, &id) {
                 Ok(d) if d.len() as u64 == e.len => chunks.push(Ok(Arc::new(d))),
                 Ok(d) => chunks.push(Err(Arc::new(Error::Corrupt {
                     what: format!("chunk {id}"),
