@@ -671,7 +671,7 @@ impl Inner {
             return f.wait();
         }
         if let Some(replica) = self.replica.get().filter(|_| self.replica_first()) {
-            if let Ok(d) = self.from_replica(replica, s) {
+            if let Ok(d) = self.read_from_replica(replica, s) {
                 self.publish(s, Ok(d.clone()));
                 return Ok(d);
             }
@@ -698,7 +698,7 @@ impl Inner {
                     .replica_first_until
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + REPLICA_FIRST);
-                self.from_replica(replica, s).map_err(|r_err| {
+                self.read_from_replica(replica, s).map_err(|r_err| {
                     tracing::warn!("the replica failed too: {r_err}");
                     e
                 })
@@ -727,7 +727,7 @@ impl Inner {
     }
 
     /// Span `s` read chunk by chunk from the replica.
-    fn from_replica(&self, replica: &Repository, s: u32) -> Result<Arc<SpanData>> {
+    fn read_from_replica(&self, replica: &Repository, s: u32) -> Result<Arc<SpanData>> {
         let d = self.read_chunks(replica, &*replica.index()?, s)?;
         if !self.failed_over.swap(true, Ordering::Relaxed) {
             tracing::warn!("the repository failed: reading from the replica");
