@@ -300,28 +300,14 @@ fn streaming_mark_equals_the_full_mark() {
 fn index_compaction_beside_a_writer_loses_no_entry() {
     let dir = tempfile::tempdir().unwrap();
     let repo = new_repo(dir.path());
-    let mut kept = Vec::new();
-    for seed in 50..56 {
-        let data = random(1 << 20, seed);
-        kept.push((
-            backup(&repo, &mut MemSource::new(data.clone()), Mode::Full, 2),
-            data,
-        ));
-    }
+    let mut kept = random_backups(&repo, 50..56);
     let objects_before = repo.backend().list(layout::INDEX).unwrap().len();
     let writing = std::sync::atomic::AtomicBool::new(true);
     let (written, merged) = std::thread::scope(|s| {
         let writer = s.spawn(|| {
             let backend = std::sync::Arc::new(LocalBackend::new(dir.path().join("repo")));
             let other = Repository::open(backend, &Secret::Passphrase(PW.into())).unwrap();
-            let mut out = Vec::new();
-            for seed in 60..72 {
-                let data = random(1 << 20, seed);
-                out.push((
-                    backup(&other, &mut MemSource::new(data.clone()), Mode::Full, 2),
-                    data,
-                ));
-            }
+            let out = random_backups(&other, 60..72);
             writing.store(false, std::sync::atomic::Ordering::SeqCst);
             out
         });
@@ -364,4 +350,18 @@ fn index_compaction_beside_a_writer_loses_no_entry() {
     assert_eq!(all.len(), kept.len());
     let report = bulwark_store::maintain::verify::verify(&repo, &all, 2, &|_| {}).unwrap();
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+}
+
+/// A backup of 1 MiB of random data per seed, with its data.
+fn random_backups(
+    repo: &Repository,
+    seeds: std::ops::Range<u64>,
+) -> Vec<(bulwark_store::Snapshot, Vec<u8>)> {
+    seeds
+        .map(|seed| {
+            let data = random(1 << 20, seed);
+            let snap = backup(repo, &mut MemSource::new(data.clone()), Mode::Full, 2);
+            (snap, data)
+        })
+        .collect()
 }

@@ -3,6 +3,7 @@
 //! index frames and condemned records.
 
 use std::collections::BTreeSet;
+use std::sync::Mutex;
 
 use super::{SyncOptions, SyncReport};
 use crate::backend::Backend;
@@ -11,7 +12,7 @@ use crate::format::id::{Id, IdMap, IdSet};
 use crate::format::index::{self, Frame};
 use crate::format::layout;
 use crate::format::sync_record::SyncRecord;
-use crate::repo::{condemned, each_index_object, load_each, sync_records, Repository};
+use crate::repo::{condemned, each_index_object, load_each, lock, sync_records, Repository};
 
 /// One snapshot to copy.
 #[derive(Clone, Debug)]
@@ -190,43 +191,41 @@ pub(super) fn ids_under(backend: &dyn Backend, prefix: &str) -> Result<IdSet> {
 
 /// The source's frames of `needed` packs (the first frame of each).
 fn source_frames(src: &dyn Backend, needed: &IdSet) -> Result<IdMap<Frame>> {
-    let mut out = IdMap::default();
-    if needed.is_empty() {
-        return Ok(out);
+    let out = Mutex::new(IdMap::default());
+    if !needed.is_empty() {
+        each_frame(src, |f| {
+            if needed.contains(&f.pack) {
+                lock(&out).entry(f.pack).or_insert(f);
+            }
+        })?;
     }
-    let found = std::sync::Mutex::new(Vec::new());
-    each_index_object(
-        src,
-        |_| {},
-        |n, bytes| {
-            let frames = index::frames(&bytes, n)?.unwrap_or_default();
-            let mut found = found.lock().unwrap_or_else(|e| e.into_inner());
-            found.extend(frames.into_iter().filter(|f| needed.contains(&f.pack)));
-            Ok(())
-        },
-    )?;
-    for f in found.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        out.entry(f.pack).or_insert(f);
-    }
-    Ok(out)
+    Ok(out.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// The packs the destination's index objects frame.
+/// The packs the destination's index objects frame. An object sealed
+/// whole frames nothing we can see: its packs are indexed again (a
+/// duplicate entry is harmless).
 fn indexed_packs(dst: &dyn Backend) -> Result<IdSet> {
-    let packs = std::sync::Mutex::new(IdSet::default());
-    // An object sealed whole frames nothing we can see: its packs are
-    // indexed again (a duplicate entry is harmless).
+    let packs = Mutex::new(IdSet::default());
+    each_frame(dst, |f| {
+        lock(&packs).insert(f.pack);
+    })?;
+    Ok(packs.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// `f` on every frame of every index object (read without the key).
+fn each_frame(backend: &dyn Backend, f: impl Fn(Frame) + Sync) -> Result<()> {
     each_index_object(
-        dst,
+        backend,
         |_| {},
         |n, bytes| {
-            let frames = index::frames(&bytes, n)?.unwrap_or_default();
-            let mut packs = packs.lock().unwrap_or_else(|e| e.into_inner());
-            packs.extend(frames.into_iter().map(|f| f.pack));
+            index::frames(&bytes, n)?
+                .unwrap_or_default()
+                .into_iter()
+                .for_each(&f);
             Ok(())
         },
-    )?;
-    Ok(packs.into_inner().unwrap_or_else(|e| e.into_inner()))
+    )
 }
 
 /// One snapshot's plan: the packs it brings, or why it cannot be copied.

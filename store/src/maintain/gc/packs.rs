@@ -10,11 +10,7 @@ use crate::error::Result;
 use crate::format::id::{Id, IdMap, IdSet};
 use crate::format::pack::PackInfo;
 use crate::format::{index, layout};
-use crate::repo::{each_index_object, Repository};
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::repo::{each_index_object, lock, Repository};
 
 pub(super) struct Packs {
     /// Every pack object in the bucket, with its size.
