@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A fleet on one host: N shut-off libvirt domains (64 MiB qcow2 disks with
 # 1 MiB of data each), protected by POLICIES calendar policies that fire
-# every minute at staggered seconds (`*:*:00`, `*:*:15`, ...: one wave of
-# N/POLICIES backups every 60/POLICIES s), run by `bulwark agent` into a
-# local repository for ROUNDS minutes with `max_concurrent_backups = LIMIT`.
+# every PERIOD minutes, staggered (`*:0/2:00`, `*:0/2:30`, `*:1/2:00`, ...:
+# a wave of N/POLICIES backups every PERIOD*60/POLICIES s), run by
+# `bulwark agent` into a local repository for ROUNDS periods with
+# `max_concurrent_backups = LIMIT`.
 # Measured end to end, from the agent's log (a line when a backup takes its
 # slot and when it ends) and from outside (the qemu-nbd exports seen in
 # /proc every 20 ms), while `agent status` is asked once a second:
@@ -11,11 +12,12 @@
 #   - the most backups running at once, never above LIMIT;
 #   - `agent status` latency (goal < 1 s) and the agent's peak RSS.
 # The last line sums up. Everything made here (domains, files) is removed.
-# Usage: scripts/bench-200vms.sh [N]   (root; env: POLICIES=4 ROUNDS=3 LIMIT=2
-#   KEEP=2 BIN=target/release/bulwark)
+# Usage: scripts/bench-200vms.sh [N]   (root; env: POLICIES=4 PERIOD=2 ROUNDS=2
+#   LIMIT=2 KEEP=2 BIN=target/release/bulwark; about ROUNDS+1 periods)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=${1:-200}; policies=${POLICIES:-4}; rounds=${ROUNDS:-3}; limit=${LIMIT:-2}; keep=${KEEP:-2}
+n=${1:-200}; policies=${POLICIES:-4}; period=$(( ${PERIOD:-2} * 60 )); rounds=${ROUNDS:-2}
+limit=${LIMIT:-2}; keep=${KEEP:-2}
 virsh -q -c qemu:///system version >/dev/null 2>&1 ||
     { echo "libvirtd does not answer: run scripts/setup-test-host.sh" >&2; exit 1; }
 if [ -z "${BIN:-}" ]; then cargo build --release -q -p bulwark; BIN=target/release/bulwark; fi
@@ -63,8 +65,9 @@ echo bench > "$work/pw"
         "$work/state" "$work/agent.sock" "$limit"
     printf '[repositories.main]\npath = "%s"\npassword_file = "%s"\n' "$work/repo" "$work/pw"
     for p in $(seq 0 $((policies - 1))); do
-        printf '[policies.fleet%d]\nrepository = "main"\nschedule = "*:*:%02d"\nkeep_last = %d\n' \
-            "$p" $((p * 60 / policies)) "$keep"
+        off=$((p * period / policies))
+        printf '[policies.fleet%d]\nrepository = "main"\nschedule = "*:%d/%d:%02d"\nkeep_last = %d\n' \
+            "$p" $((off / 60)) $((period / 60)) $((off % 60)) "$keep"
     done
 } > "$work/agent.toml"
 # Every (domain, policy) ran just now: the first runs are the first slots
@@ -100,8 +103,8 @@ sampler_pid=$!
 start=$(date +%s.%N)
 BULWARK_LOG=info NO_COLOR=1 "$bw" agent run --config "$work/agent.toml" 2> "$work/agent.log" &
 agent_pid=$!
-end=$(python3 -c "print($start + $rounds * 60)")
-echo "agent running for $rounds min ($((n * rounds)) backups due, $((n / policies)) per wave, limit $limit)"
+end=$(python3 -c "print($start + $rounds * $period)")
+echo "agent running for $((rounds * period / 60)) min ($((n * rounds)) backups due, $((n / policies)) per wave every $((period / policies)) s, limit $limit)"
 : > "$work/status.ms"
 while python3 -c "import sys, time; sys.exit(time.time() >= $end)"; do
     t0=$(date +%s%N)
@@ -109,9 +112,9 @@ while python3 -c "import sys, time; sys.exit(time.time() >= $end)"; do
     echo $(( ($(date +%s%N) - t0) / 1000000 )) >> "$work/status.ms"
     sleep 1
 done
-# The last slots' backups finish: a minute past the end every slot before
+# The last slots' backups finish: a period past the end every slot before
 # it has started (else it counts as missed); then nothing may be running.
-sleep "$(python3 -c "print(max(0, $end + 60 - $(date +%s.%N)))")"
+sleep "$(python3 -c "print(max(0, $end + $period - $(date +%s.%N)))")"
 for _ in $(seq 120); do
     [ "$(grep -c ') started' "$work/agent.log")" = "$(grep -c ') ended: ' "$work/agent.log")" ] && break
     sleep 1
@@ -121,10 +124,10 @@ kill "$agent_pid"; wait "$agent_pid" || true; agent_pid=
 kill "$sampler_pid"; sampler_pid=
 snaps=$("$bw" snapshots --json | python3 -c "import json, sys; print(len(json.load(sys.stdin)))")
 
-python3 - "$work" "$start" "$end" "$policies" "$limit" "$rss" "$snaps" "$n" "$tag" <<'EOF'
-import re, statistics, sys
+python3 - "$work" "$start" "$end" "$policies" "$limit" "$rss" "$snaps" "$n" "$tag" "$period" <<'EOF'
+import re, statistics, sys, time
 from datetime import datetime
-work, tag = sys.argv[1], sys.argv[9]
+work, tag, period = sys.argv[1], sys.argv[9], int(sys.argv[10])
 start, end = float(sys.argv[2]), float(sys.argv[3])
 policies, limit, rss, snaps, n = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], int(sys.argv[8])
 line = re.compile(r"^(\S+Z)\s+INFO\s+\S+ backup of (\S+) \((\S+)\) (started|ended: (\w+))")
@@ -146,14 +149,15 @@ for _, d in sorted(events):
     running += d
     peak = max(peak, running)
 nbd = max((int(l.split()[1]) for l in open(f"{work}/nbd.log") if l.strip()), default=0)
-# Policy p fires at second p*60/policies of every minute: each of its slots
-# in (start, end) is due and gets exactly one run; later slots don't count.
+# Policy p fires p*period/policies s into each period (local time): each
+# of its slots in (start, end) is due and gets exactly one run; later slots
+# don't count.
 late, missed, extra, slots = [], 0, 0, 0
 for i in range(1, n + 1):
     p = (i - 1) % policies
-    off = p * 60 // policies
-    slot = lambda t: int((t - off) // 60 * 60 + off)
-    due = {s for s in range(slot(start) + 60, int(end) + 60, 60) if s < end}
+    off = p * period // policies - time.localtime(start).tm_gmtoff
+    slot = lambda t: int((t - off) // period * period + off)
+    due = {s for s in range(slot(start) + period, int(end) + period, period) if s < end}
     ts = [t for t in starts.get((f"{tag}-{i}", f"fleet{p}"), []) if slot(t) < end]
     got = [slot(t) for t in ts]
     late += [t - slot(t) for t in ts]
@@ -164,7 +168,7 @@ ms = [int(l) for l in open(f"{work}/status.ms") if l.strip()]
 runs = len(late)
 late = late or [0.0]
 print(f"backups: {runs} in the measured slots, {failed} failed; {snaps} snapshots kept")
-print(f"slot lateness: median {statistics.median(late):.1f} s, max {max(late):.1f} s (a slot lasts 60 s)")
+print(f"slot lateness: median {statistics.median(late):.1f} s, max {max(late):.1f} s (a slot lasts {period} s)")
 print(f"concurrency: at most {peak} backups at once by the agent's log, {nbd} qemu-nbd exports seen (limit {limit})")
 print(f"agent status: {len(ms)} calls, median {statistics.median(ms)} ms, max {max(ms)} ms; agent peak RSS {rss} MiB")
 ok = missed == 0 and extra == 0 and failed == 0 and peak <= limit and nbd <= limit and max(ms) < 1000
