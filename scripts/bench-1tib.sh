@@ -7,7 +7,7 @@
 # whole export (the server's VmHWM; NBD_CACHE_MIB sets --cache-mib, default
 # the server's own). Several DATA_MIB in one run show whether memory grows
 # with the data; goal (issue 32): < 256 MiB for each.
-# Needs about 2 x DATA_MIB free (image + repository, then repository +
+# Needs 2 x DATA_MIB + 1 GiB free (image + repository, then repository +
 # restore: the image is removed before the restore). The issue's size is
 # 65536 (64 GiB, CHANGE_MIB 1024).
 # Usage: scripts/bench-1tib.sh [DATA_MIB...]   (default 65536; env:
@@ -53,7 +53,7 @@ sums() {
 }
 
 for data in "${sizes[@]}"; do
-    need=$(( (2 * data + 2048) << 10 ))
+    need=$(( (2 * data + 1024) << 10 ))
     free=$(df --output=avail -k "$work" | tail -1)
     [ "$free" -gt "$need" ] ||
         { echo "$data MiB needs $((need >> 20)) GiB free here, $((free >> 20)) GiB are: skipped"; continue; }
