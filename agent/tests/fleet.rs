@@ -86,16 +86,16 @@ fn twenty_domains_back_up_in_their_slots_within_the_host_limit() {
     // runs, stopping well before the next wave (every 15 s) starts.
     let mut latency = Vec::new();
     let t = Instant::now();
-    let runs = loop {
+    let (runs, status) = loop {
         let t0 = Instant::now();
-        agent.status(&env);
+        let status = agent.status(&env);
         latency.push(t0.elapsed());
         let runs = Runs::read(&log);
         let all_started = keys
             .iter()
             .all(|(key, k)| due(*k).is_subset(&runs.slots(key, OFFSETS[*k])));
         if all_started && epoch() > end && runs.running() == 0 && epoch() % 15.0 < 12.0 {
-            break runs;
+            break (runs, status);
         }
         assert!(
             t.elapsed() < Duration::from_secs((ROUNDS * PERIOD + 90) as u64),
@@ -130,6 +130,16 @@ fn twenty_domains_back_up_in_their_slots_within_the_host_limit() {
         "{nbd_peak} qemu-nbd at once"
     );
     let slowest = latency.iter().max().unwrap();
+    // The status names every domain with its state (two libvirt calls).
+    let states: BTreeMap<&str, &str> = status["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["state"].as_str().unwrap()))
+        .collect();
+    for vm in &vms {
+        assert_eq!(states.get(vm.name()), Some(&"shut off"), "{status}");
+    }
     assert!(latency.len() >= 40, "{latency:?}");
     assert!(
         *slowest < Duration::from_secs(1),
