@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::thread::Scope;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, Sender, SendTimeoutError};
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 
 use super::catalog::{Entry, Time};
 use crate::backup::source::{allocation_map, BlockSource, DataExtent};
@@ -324,7 +324,8 @@ impl<'a> DataReader<'a> {
         s.spawn(move || {
             for range in jobs(entries) {
                 let (tx, rx) = bounded(2);
-                if send(&order_tx, rx, &stop2).is_err() || send(&job_tx, (range, tx), &stop2).is_err()
+                if send(&order_tx, rx, &stop2).is_err()
+                    || send(&job_tx, (range, tx), &stop2).is_err()
                 {
                     break;
                 }

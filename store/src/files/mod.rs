@@ -94,14 +94,26 @@ pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
     let previous = previous_snapshot(repo, &opts.source)?;
     // The previous catalog loads while the tree is scanned.
     let index = session.index();
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
     let (scanned, prev) = std::thread::scope(|s| {
         let prev = s.spawn(|| previous.as_ref().map(|p| load(repo, &index, p)).transpose());
-        let scanned = scan::Scan::new(&opts.excludes, opts.cross_mounts).run(&roots);
+        let scanned = scan::Scan::new(&opts.excludes, opts.cross_mounts, threads).run(&roots);
         (scanned, prev.join())
     });
-    let prev = prev.map_err(|_| Error::Invalid("loading the previous catalog panicked".into()))??;
+    let prev =
+        prev.map_err(|_| Error::Invalid("loading the previous catalog panicked".into()))??;
     let mut entries = scanned.entries;
-    let report = read_data(repo, &mut session, &mut entries, prev.as_ref(), opts)?;
+    let report = read_data(
+        repo,
+        &mut session,
+        &mut entries,
+        prev.as_ref(),
+        threads,
+        opts.reread,
+    )?;
     let mut errors = scanned.errors;
     let entries = drop_failed(entries, &report, &mut errors);
     let catalog = Catalog { entries };
@@ -242,7 +254,8 @@ fn read_data(
     session: &mut BackupSession<'_>,
     entries: &mut [Entry],
     prev: Option<&Loaded>,
-    opts: &FilesOptions,
+    threads: usize,
+    reread: bool,
 ) -> Result<data::DataReport> {
     let index = session.index();
     let reader = data::DataReader {
@@ -252,13 +265,9 @@ fn read_data(
             by_path: p.catalog.by_path(),
             data: &p.data,
         }),
-        reread: opts.reread,
+        reread,
     };
     let read = AtomicU64::new(0);
-    let threads = match opts.threads {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
-        n => n,
-    };
     let shared: &[Entry] = entries;
     let (ran, done) = std::thread::scope(|s| {
         let mut stream = reader.start(s, shared, threads, &read);
