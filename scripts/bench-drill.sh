@@ -30,113 +30,17 @@ S3S_FS=$(scripts/setup-s3.sh)
 BULWARK_VM_IMAGES_QUIET=1 vm-images/build target/vm-images
 scripts/debian-image.sh target/debian-image
 
-now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc; }
-secs() { printf '%d.%06d' $(($1 / 1000000)) $(($1 % 1000000)); }
-ratio() { printf '%.2f' "$(echo "scale=3; $1 / $2" | bc)"; }
+. scripts/lib/bench-vm.sh
 
 # ---- the S3 server, the proxy, the repository --------------------------------
-export AWS_ACCESS_KEY_ID=AKDRILLBENCH AWS_SECRET_ACCESS_KEY=drillbenchsecret AWS_REGION=us-east-1
-export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null BULWARK_PASSWORD=bench
-export BULWARK_STATE_DIR=$W/state BULWARK_REPO=s3://bench/drill
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-rm -rf "$W/s3" "$W/state"
-mkdir -p "$W/s3/bench"
-"$S3S_FS" --host 127.0.0.1 --port "$PORT" --access-key "$AWS_ACCESS_KEY_ID" \
-    --secret-key "$AWS_SECRET_ACCESS_KEY" "$W/s3" >"$W/s3s.log" 2>&1 &
-S3PID=$!
-coproc P { exec "$PROXY_BIN" "$PORT" "$DELAY"; }
-PROXY_PID=$P_PID
-DOMAINS=()
-cleanup() {
-    local d
-    for d in "${DOMAINS[@]}"; do
-        virsh destroy "$d" >/dev/null 2>&1 || true
-        virsh undefine "$d" --checkpoints-metadata >/dev/null 2>&1 ||
-            virsh undefine "$d" >/dev/null 2>&1 || true
-    done
-    kill "$S3PID" "$PROXY_PID" 2>/dev/null || true
-    rm -f "$W"/*.qcow2
-}
+export BULWARK_PASSWORD=bench BULWARK_STATE_DIR=$W/state BULWARK_REPO=s3://bench/drill
+rm -rf "$W/state"
 trap cleanup EXIT
-read -r PROXY <&"${P[0]}"
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
-DIRECT=http://127.0.0.1:$PORT
+start_s3
+start_proxy "$DELAY"
 AWS_ENDPOINT_URL=$DIRECT "$BW" --no-cache repo init >/dev/null
 
 # ---- one guest ---------------------------------------------------------------
-
-# define_domain NAME DISK MEMORY_MIB: a stopped domain like the test bed's
-# (TCG, 1 vCPU, virtio disk, serial console to a file, no NIC) with a
-# guest agent channel.
-define_domain() {
-    local name=$1 disk=$2 mem=$3
-    cat >"$W/$name.xml" <<XML
-<domain type='qemu'>
-  <name>$name</name>
-  <memory unit='MiB'>$mem</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <features><acpi/></features>
-  <clock offset='utc'/>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='$disk'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <serial type='file'><source path='$W/$name.console.log'/><target port='0'/></serial>
-    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-XML
-    DOMAINS+=("$name")
-    virsh define "$W/$name.xml" >/dev/null
-}
-
-# local_boot NAME IMAGE DISK REGEX AGENT(0|1): a fresh copy of IMAGE as
-# DISK, `virsh start` until a console line matches REGEX (and the guest agent
-# answers); prints the two times in seconds from the start ("-" when not
-# asked), then stops the domain.
-local_boot() {
-    local name=$1 image=$2 disk=$3 re=$4 agent=$5 log="$W/$1.console.log"
-    local t0 el c="" a=- probe=0
-    [ "$agent" = 1 ] && a=""
-    cp --sparse=always "$image" "$disk"
-    # On disk before the clock starts: the guest's first flush would
-    # otherwise write the whole fresh copy back, stalling the boot by
-    # tens of seconds (the drill's overlay starts empty).
-    sync "$disk"
-    rm -f "$log"
-    # Polled as the drill polls (console every 250 ms, agent every second),
-    # with few forks: the guest's vCPU shares the machine with this loop.
-    t0=${EPOCHREALTIME/./}
-    virsh start "$name" >/dev/null
-    while [ -z "$c" ] || [ -z "$a" ]; do
-        el=$((${EPOCHREALTIME/./} - t0))
-        if [ -z "$c" ] && grep -Eq "$re" "$log" 2>/dev/null; then c=$(secs "$el"); fi
-        if [ -z "$a" ] && [ "$el" -ge "$probe" ]; then
-            probe=$((el + 1000000))
-            if virsh qemu-agent-command "$name" --timeout 1 \
-                '{"execute":"guest-ping"}' >/dev/null 2>&1; then
-                a=$(secs $((${EPOCHREALTIME/./} - t0)))
-            fi
-        fi
-        if [ "$el" -ge $((TIMEOUT * 1000000)) ]; then
-            echo "local boot of $name: no match for '$re' (agent: ${a:-none}) in $TIMEOUT s" >&2
-            tail -n 5 "$log" >&2 || true
-            exit 1
-        fi
-        sleep 0.25
-    done
-    virsh destroy "$name" >/dev/null
-    echo "$c $a"
-}
 
 # bench GUEST DISK MEMORY_MIB REGEX AGENT(0|1): one line of figures per guest
 # into $W/results. The drill runs between two local boots (the baseline is

@@ -208,6 +208,7 @@ fn record(records: &Records, name: &str, snap: &str, repo: &Path, pw: &Path) -> 
             password_file: Some(PathBuf::from(pw)),
             key_file: None,
             s3_endpoint: None,
+            replica: None,
         },
         records.dir().join(format!("{name}.sock")),
         records.dir().join(format!("{name}.nbd.log")),
@@ -218,6 +219,8 @@ fn record(records: &Records, name: &str, snap: &str, repo: &Path, pw: &Path) -> 
             done: 0,
             local: false,
             pulls: 1,
+            base: None,
+            on_base: false,
         }],
         0,
     );

@@ -90,9 +90,9 @@ fn live_restore_from_s3_boots_at_once_and_survives_server_and_agent_restarts() {
     // new server instead of failing.
     let unstreamed = off + (4 << 20);
     let s = status(&env, &name);
-    assert!(
-        s["disks"][0]["done"].as_u64().unwrap() < unstreamed,
-        "the stream is past the test's read: {s}"
+    assert_eq!(
+        s["disks"][0]["on_base"], false,
+        "the disk reads from its backfilled file already: {s}"
     );
     let pid = s["server_pid"].as_u64().unwrap();
     assert!(Command::new("kill")
@@ -292,6 +292,391 @@ fn a_damaged_chunk_fails_the_live_restore_keeps_guest_writes_and_retry_finishes_
         !out.status.success(),
         "a done restore cannot be retried: {out:?}"
     );
+}
+
+/// The bucket unreachable for 60 s from the moment the guest starts: every
+/// read of the guest's boot and of the stream waits (QEMU sees no error),
+/// the guest comes up once the bucket is back, the stream ends, the guest's
+/// write and the snapshot's data are there.
+#[test]
+fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let bucket = S3Repo::start("outage");
+    bucket.ok(&env, &["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    // Data in the scratch area, a pattern per MiB: read back below.
+    let scratch = image.scratch_offset();
+    for k in 1..8u64 {
+        let st = Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {} {} 1M", 0x30 + k, scratch + (k << 20)),
+            ])
+            .arg(vm.disk_path())
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{st:?}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+
+    // The restore reads the bucket through the proxy.
+    let proxy =
+        testbed::s3::FaultProxy::start(bucket.server.port(), testbed::s3::Faults::default())
+            .unwrap();
+    let name = testbed::unique_name("bw-outage");
+    let _domains = Restored(vec![name.clone()]);
+    let images = env.path("images");
+    let child = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+            "--s3-endpoint",
+            &proxy.endpoint(),
+        ])
+        .envs(bucket.server.env())
+        .env("BULWARK_REPO", &bucket.repo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The server has loaded what it needs once its socket exists; the
+    // domain starts right after: the outage begins before its first read.
+    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
+    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+    proxy.set(testbed::s3::Faults {
+        outage: true,
+        ..Default::default()
+    });
+    let outage = Instant::now();
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    assert!(
+        console
+            .text()
+            .lines()
+            .all(|l| !l.contains("bulwark-guest: ready")),
+        "the guest came up during the outage: it never waited for the bucket"
+    );
+    let state = virsh(&["domstate", "--reason", &name]);
+    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
+    // Up, or still starting: QEMU's own first reads wait as well.
+    assert!(
+        ["running (booted)", "paused (starting up)"].contains(&state.trim()),
+        "{state}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    proxy.set(testbed::s3::Faults::default());
+    let ended = outage.elapsed();
+    let ready = console.wait_ready(BOOT_TIMEOUT).unwrap();
+    assert_eq!(ready.marker, image.marker());
+    eprintln!(
+        "outage of {:.0}s; guest ready {:.1}s after it began",
+        ended.as_secs_f64(),
+        outage.elapsed().as_secs_f64()
+    );
+    let resets = proxy
+        .stats
+        .outage_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets > 0, "no request met the outage: {:?}", proxy.stats);
+
+    let off = scratch;
+    testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the live restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "done", "{s}");
+    assert_eq!(s["server_restarts"], 0, "{s}");
+    let stall = s["stall_seconds"].as_f64().unwrap_or_default();
+    assert!(stall >= 30.0, "reads waited {stall}s in all: {s}");
+    let text = console.text();
+    for bad in ["I/O error", "bulwark-guest: error", "EXT4-fs error"] {
+        assert!(!text.contains(bad), "the guest saw {bad:?}:\n{text}");
+    }
+    // The guest's write, and every MiB of the snapshot's scratch data.
+    testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
+    for k in 1..8u64 {
+        testbed::domain_qemu_io(
+            &name,
+            &format!("read -P {} {} 1M", 0x30 + k, scratch + (k << 20)),
+        )
+        .unwrap();
+    }
+}
+
+/// The bucket unreachable from the guest's start, a replica named: the
+/// server reads the replica, the guest comes up and the disks are
+/// restored during the outage.
+#[test]
+fn a_live_restore_reads_the_replica_while_the_bucket_is_down() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let bucket = S3Repo::start("primary");
+    bucket.ok(&env, &["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+    // The second site: a directory replica, synced.
+    let replica = env.path("replica");
+    let replica = replica.to_str().unwrap();
+    bucket.ok(
+        &env,
+        &[
+            "--repo",
+            replica,
+            "repo",
+            "init",
+            "--replica-of",
+            &bucket.repo,
+        ],
+    );
+    bucket.ok(&env, &["sync", "--from", &bucket.repo, "--to", replica]);
+
+    let proxy =
+        testbed::s3::FaultProxy::start(bucket.server.port(), testbed::s3::Faults::default())
+            .unwrap();
+    let name = testbed::unique_name("bw-replica");
+    let _domains = Restored(vec![name.clone()]);
+    let images = env.path("images");
+    let child = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+            "--s3-endpoint",
+            &proxy.endpoint(),
+            "--replica",
+            replica,
+        ])
+        .envs(bucket.server.env())
+        .env("BULWARK_REPO", &bucket.repo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
+    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+    proxy.set(testbed::s3::Faults {
+        outage: true,
+        ..Default::default()
+    });
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    let ready = console.wait_ready(BOOT_TIMEOUT).unwrap();
+    assert_eq!(ready.marker, image.marker());
+    let off = image.scratch_offset();
+    testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the live restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // All of it while the bucket was down.
+    let resets = proxy
+        .stats
+        .outage_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets > 0, "nothing met the outage: {:?}", proxy.stats);
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "done", "{s}");
+    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("reading from the replica"), "{log}");
+    proxy.set(testbed::s3::Faults::default());
+    testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
+    virsh(&["destroy", &name]);
+    let reference = env.path("ref.raw");
+    bucket.ok(
+        &env,
+        &[
+            "restore",
+            "image",
+            &snap,
+            "--to",
+            reference.to_str().unwrap(),
+        ],
+    );
+    let got_raw = env.path("got.raw");
+    qemu_img_to_raw(&images.join(format!("{name}-vda.qcow2")), &got_raw);
+    for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
+        let w = image.read_guest_file(&reference, f).unwrap();
+        assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");
+    }
+}
+
+/// A GC repacks and sweeps (`gc --grace 0s`, twice) the packs a live
+/// restore streams from: the server reads the chunks' new copies, the
+/// stream ends, and the disk is the snapshot's.
+#[test]
+fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let scratch = image.scratch_offset();
+    let qemu_io = |cmd: &str| {
+        let st = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(vm.disk_path())
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{cmd}: {st:?}");
+    };
+    // 256 MiB of random data past the partitions, beyond what the server
+    // reads ahead of a slow stream (a quarter of its cache) for a while.
+    let (far, far_len) = (192u64 << 20, 256u64 << 20);
+    let st = Command::new("qemu-img")
+        .args(["resize", "-f", "qcow2"])
+        .arg(vm.disk_path())
+        .arg("512M")
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
+    let random = env.path("random.bin");
+    let mut rng_data = vec![0u8; far_len as usize];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for w in rng_data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+    std::fs::write(&random, &rng_data).unwrap();
+    drop(rng_data);
+    qemu_io(&format!("write -s {} {far} {far_len}", random.display()));
+    env.backup(vm.name(), &[]);
+    // The second snapshot changes 64 KiB in every 16 MiB of it: once the
+    // first is pruned, every pack of that data holds a dead chunk, so a GC
+    // repacks all of them.
+    for k in 0..far_len >> 24 {
+        qemu_io(&format!("write -P 0x42 {} 64k", far + (k << 24)));
+    }
+    let r = env.backup(vm.name(), &[]);
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+    let packs = || testbed::files_under(&env.path("repo/data")).unwrap();
+    let before = packs();
+
+    let name = testbed::unique_name("bw-livegc");
+    let _domains = Restored(vec![name.clone()]);
+    let images = env.path("images");
+    let child = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            &name,
+            "--storage-dir",
+            images.to_str().unwrap(),
+            "--live",
+            "--wait",
+            // The backfill takes half a minute: the GC below happens early in it.
+            "--stream-mib-per-sec",
+            "10",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
+    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+
+    let pruned = env.json(&["prune", "--keep-last", "1", "--json"]);
+    eprintln!("prune: {pruned}");
+    for _ in 0..2 {
+        let gc = env.json(&["gc", "--grace", "0s", "--repack-below", "100", "--json"]);
+        eprintln!("gc: {gc}");
+    }
+    let after = packs();
+    let gone = before.iter().filter(|p| !after.contains(p)).count();
+    assert!(gone > 0, "the GC deleted no pack");
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "streaming", "{s}");
+    assert_eq!(
+        s["disks"][0]["on_base"], false,
+        "backfilled before the GC: {s}"
+    );
+    // A read of data the server has not read yet: its pack is gone.
+    wait_for("the domain", 60, || {
+        (virsh(&["domstate", &name]).trim() == "running").then_some(())
+    });
+    let far_read = far + (100 << 20);
+    testbed::domain_qemu_io(&name, &format!("read {far_read} 64k")).unwrap();
+    let mut console = Console::new(images.join(format!("{name}-serial0.log")));
+    console.wait_ready(BOOT_TIMEOUT).unwrap();
+    let off = scratch + (4 << 20);
+    testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
+
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the live restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "done", "{s}");
+    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("reloading the index"),
+        "the server's reads never met a swept pack:\n{log}"
+    );
+    assert!(
+        log.contains("backfill of vda") && log.contains("trying again"),
+        "the backfill never met a swept pack:\n{log}"
+    );
+    testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
+
+    // Outside the guest's filesystem the disk is the snapshot's, but for
+    // the range written above.
+    virsh(&["destroy", &name]);
+    let reference = env.path("ref.raw");
+    env.ok(&[
+        "restore",
+        "image",
+        &snap,
+        "--to",
+        reference.to_str().unwrap(),
+    ]);
+    let mut want = std::fs::read(&reference).unwrap();
+    want[off as usize..off as usize + (64 << 10)].fill(0x5a);
+    let got_raw = env.path("got.raw");
+    qemu_img_to_raw(&images.join(format!("{name}-vda.qcow2")), &got_raw);
+    let got = std::fs::read(&got_raw).unwrap();
+    let p1 = (image.partition_offset() + image.partition_size()) as usize;
+    assert!(
+        got[p1..] == want[p1..],
+        "the disk after the partition differs"
+    );
+    for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
+        let w = image.read_guest_file(&reference, f).unwrap();
+        assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");
+    }
 }
 
 /// `cargo test --release -p bulwark --test vm_live_restore -- --ignored --nocapture`:

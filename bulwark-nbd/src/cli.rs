@@ -67,6 +67,31 @@ pub enum Cmd {
         /// repository and for how long) to FILE as JSON every second.
         #[arg(long, value_name = "FILE")]
         stats: Option<PathBuf>,
+        /// Reads wait up to this many seconds for an unreachable repository
+        /// (an S3 outage) instead of failing (0: they fail once the
+        /// backend's own retries are spent).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        outage_wait: u64,
+        /// Restore disk DISK into the local raw file PATH in the background,
+        /// as `bulwark restore` does (a live restore's backfill); the file
+        /// appears once complete. Repeat for each disk.
+        #[arg(long, value_name = "DISK=PATH")]
+        backfill: Vec<crate::backfill::Job>,
+        /// Cap the backfill at this many MiB/s of data (0: none).
+        #[arg(long, value_name = "MIB", default_value_t = 0)]
+        backfill_mib_per_sec: u64,
+        /// Record the blocks clients read in their first SECONDS (or until
+        /// the server stops) and store them in the repository beside the
+        /// snapshot: the boot set the next live restore of the VM fetches
+        /// first.
+        #[arg(long, value_name = "SECONDS")]
+        record_boot_set: Option<u64>,
+        /// A replica holding the same snapshot (`repo init --replica-of`
+        /// and `sync`), opened with the same secret: what the repository
+        /// cannot give (unreachable, a pack gone) is read from it, and it
+        /// serves alone when the repository cannot be opened at all.
+        #[arg(long, value_name = "LOCATION")]
+        replica: Option<String>,
     },
 }
 

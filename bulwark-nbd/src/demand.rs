@@ -41,4 +41,7 @@ pub struct ServeStats {
     pub stall_seconds: f64,
     pub bytes_fetched: u64,
     pub bytes_served: u64,
+    /// Each disk's backfill (`--backfill`), when there is one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backfill: Vec<crate::backfill::Progress>,
 }

@@ -3,6 +3,7 @@
 //! crate's [`nbd_server::Export`] trait. The protocol, server and client
 //! themselves are in `nbd-server`, which does not depend on the store.
 
+pub mod backfill;
 pub mod cli;
 pub mod demand;
 pub mod file_export;

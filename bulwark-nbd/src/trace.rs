@@ -41,6 +41,27 @@ pub struct BootSetFile {
     pub boot_set: Vec<BootSet>,
 }
 
+/// What a live restore's server records in the repository beside the
+/// snapshot (`bulwark-nbd serve --record-boot-set`): the blocks its guest
+/// read first, for the next live restore of the same VM to fetch first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BootSetReport {
+    /// The VM (the snapshot's source).
+    pub source: String,
+    pub snapshot: String,
+    /// Unix seconds when the recording ended.
+    pub at: u64,
+    /// How long the guest's reads were recorded.
+    pub seconds: f64,
+    pub boot_set: Vec<BootSet>,
+}
+
+impl BootSetReport {
+    pub fn bytes(&self) -> u64 {
+        self.boot_set.iter().map(|b| b.bytes).sum()
+    }
+}
+
 /// One export's record of reads; shared by the export and its owner.
 #[derive(Default)]
 pub struct ReadTrace {

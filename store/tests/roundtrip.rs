@@ -280,24 +280,25 @@ fn disk_reader_random_reads_match_and_cache() {
 /// is found, a wrong key cannot read them, and deleting the snapshot
 /// deletes them.
 #[test]
-fn drill_reports_follow_their_snapshot() {
+fn reports_follow_their_snapshot() {
+    use bulwark_store::repo::reports::{BOOT_SET, DRILL};
     let dir = tempfile::tempdir().unwrap();
     let repo = new_repo(dir.path());
     let mut src = bulwark_store::MemSource::new(random(1 << 20, 9));
     let a = backup(&repo, &mut src, Mode::Full, 1);
     let b = backup(&repo, &mut src, Mode::Full, 1);
-    assert!(repo.latest_drill_reports().unwrap().is_empty());
-    repo.put_drill_report(&a.id, 100, b"{\"passed\":false}")
+    assert!(repo.latest_reports(DRILL).unwrap().is_empty());
+    repo.put_report(DRILL, &a.id, 100, b"{\"passed\":false}")
         .unwrap();
-    repo.put_drill_report(&a.id, 200, b"{\"passed\":true}")
+    repo.put_report(DRILL, &a.id, 200, b"{\"passed\":true}")
         .unwrap();
-    repo.put_drill_report(&b.id, 150, b"{\"passed\":true}")
+    repo.put_report(DRILL, &b.id, 150, b"{\"passed\":true}")
         .unwrap();
-    let all = repo.latest_drill_reports().unwrap();
+    let all = repo.latest_reports(DRILL).unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all[&a.id], b"{\"passed\":true}");
     assert_eq!(
-        repo.latest_drill_report(&a.id).unwrap().unwrap(),
+        repo.latest_report(DRILL, &a.id).unwrap().unwrap(),
         b"{\"passed\":true}"
     );
     // Sealed: the bytes on disk are not the report.
@@ -306,7 +307,20 @@ fn drill_reports_follow_their_snapshot() {
         let raw = std::fs::read(n.unwrap().path()).unwrap();
         assert!(!raw.windows(6).any(|w| w == b"passed"));
     }
+    // A boot set of the same snapshot is another family: a drill lookup
+    // never sees it, nor the other way round.
+    repo.put_report(BOOT_SET, &a.id, 300, b"{\"boot_set\":[]}")
+        .unwrap();
+    assert_eq!(
+        repo.latest_report(DRILL, &a.id).unwrap().unwrap(),
+        b"{\"passed\":true}"
+    );
+    assert_eq!(repo.report_names(BOOT_SET).unwrap().len(), 1);
+    assert!(repo
+        .load_report(DRILL, &repo.report_names(BOOT_SET).unwrap()[0])
+        .is_err());
     repo.delete_snapshot(&a).unwrap();
-    assert_eq!(repo.latest_drill_report(&a.id).unwrap(), None);
-    assert_eq!(repo.latest_drill_reports().unwrap().len(), 1);
+    assert!(repo.report_names(BOOT_SET).unwrap().is_empty());
+    assert_eq!(repo.latest_report(DRILL, &a.id).unwrap(), None);
+    assert_eq!(repo.latest_reports(DRILL).unwrap().len(), 1);
 }

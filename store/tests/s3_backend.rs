@@ -306,3 +306,61 @@ fn check_tells_causes_apart() {
         e.message
     );
 }
+
+/// An S3 outage longer than the backend's own retries: a reader told to
+/// wait it out returns the right bytes once the bucket is back; one that
+/// is not fails with the cause.
+#[test]
+fn a_reader_waits_out_an_outage() {
+    use bulwark_store::read::reader::open_disk;
+    let server = S3Server::start().unwrap();
+    let bucket = server.create_bucket().unwrap();
+    let proxy = FaultProxy::start(server.port(), Faults::default()).unwrap();
+    let open = || -> Arc<dyn Backend> {
+        let mut c = config(&server, &proxy.endpoint(), &bucket, "");
+        c.max_attempts = 3;
+        Arc::new(S3Backend::new(c).unwrap())
+    };
+    let repo = Repository::init(open(), &secret(), &kdf(), small_config()).unwrap();
+    let data = image(4, 7);
+    let snap = backup(&repo, &data, 2);
+    let repo = Arc::new(Repository::open(open(), &secret()).unwrap());
+    let patient = open_disk(repo.clone(), &snap, "disk", 64 << 20).unwrap();
+    patient.wait_out_outages(Duration::from_secs(60));
+    let hasty = open_disk(repo, &snap, "disk", 64 << 20).unwrap();
+
+    proxy.set(Faults {
+        outage: true,
+        ..Default::default()
+    });
+    let mut buf = vec![0u8; 1 << 20];
+    let e = hasty.read_at(0, &mut buf).unwrap_err().to_string();
+    assert!(e.contains("gave up after 3 attempts"), "{e}");
+    let outage = Duration::from_secs(4);
+    let t = std::time::Instant::now();
+    let got = std::thread::scope(|s| {
+        let reading = s.spawn(|| {
+            let mut buf = vec![0u8; 2 << 20];
+            patient.read_at(2 << 20, &mut buf).map(|()| buf)
+        });
+        std::thread::sleep(outage);
+        proxy.set(Faults::default());
+        reading.join().unwrap()
+    });
+    let got = got.expect("the patient reader failed");
+    assert!(got[..] == data[2 << 20..4 << 20]);
+    assert!(
+        t.elapsed() >= outage,
+        "the read did not wait: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        proxy
+            .stats
+            .outage_resets
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4,
+        "{:?}",
+        proxy.stats
+    );
+}

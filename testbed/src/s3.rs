@@ -208,6 +208,8 @@ pub struct Faults {
     /// Added before every request, on top of `latency`: a bucket this far
     /// away.
     pub delay: Duration,
+    /// Every connection is reset as it arrives: the bucket is unreachable.
+    pub outage: bool,
 }
 
 /// What a [`FaultProxy`] did so far.
@@ -221,6 +223,8 @@ pub struct FaultStats {
     pub resets_request: AtomicU64,
     /// Connections reset mid-response.
     pub resets_response: AtomicU64,
+    /// Connections reset during an outage.
+    pub outage_resets: AtomicU64,
 }
 
 impl FaultStats {
@@ -315,6 +319,11 @@ async fn proxy_one(
     faults: Arc<Mutex<Faults>>,
     stats: Arc<FaultStats>,
 ) -> std::io::Result<()> {
+    if faults.lock().unwrap_or_else(|e| e.into_inner()).outage {
+        stats.outage_resets.fetch_add(1, Ordering::Relaxed);
+        reset(&client);
+        return Ok(());
+    }
     // The request head.
     let mut buf = Vec::with_capacity(8192);
     let head_end = loop {

@@ -36,6 +36,8 @@ pub struct Supervision {
 pub struct LiveArgs {
     pub wait: bool,
     pub stream_mib_per_sec: u64,
+    pub outage_wait_secs: u64,
+    pub replica: Option<String>,
     pub sup: Supervision,
     pub json: bool,
 }
@@ -56,6 +58,7 @@ pub fn run(
         password_file: g.password_file.as_ref().map(|p| absolute(p)).transpose()?,
         key_file: g.key_file.as_ref().map(|p| absolute(p)).transpose()?,
         s3_endpoint: g.backend.s3_endpoint.clone(),
+        replica: a.replica.clone(),
     };
     let in_file = spec.password_file.is_some() || spec.key_file.is_some();
     let password = foreground_password(in_file);
@@ -79,6 +82,7 @@ pub fn run(
         repo: spec,
         password,
         stream_mib_per_sec: a.stream_mib_per_sec,
+        outage_wait_secs: a.outage_wait_secs,
     };
     let repo = Arc::new(secret::open(g)?);
     let plans = restore::plan_all(&repo, targets, |s, name| start::plan(libvirt, s, name, &o))?;

@@ -65,6 +65,17 @@ pub struct Args {
     /// leaving bandwidth to the guest's own reads.
     #[arg(long, default_value_t = 0, requires = "live")]
     stream_mib_per_sec: u64,
+    /// With --live: how long the guest's reads and the streams wait for an
+    /// unreachable repository (an S3 outage) before the restore fails
+    /// (it can then be resumed with `restore retry`).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, requires = "live")]
+    outage_wait: std::time::Duration,
+    /// With --live: a replica holding the same snapshot (a directory or
+    /// s3://BUCKET/PREFIX, opened with the same secret); the server reads
+    /// from it what the repository cannot give, and serves from it alone
+    /// if the repository cannot be opened.
+    #[arg(long, value_name = "LOCATION", requires = "live")]
+    replica: Option<String>,
     #[command(flatten)]
     sup: Supervision,
     #[arg(long)]
@@ -79,6 +90,8 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         let live = LiveArgs {
             wait: a.wait,
             stream_mib_per_sec: a.stream_mib_per_sec,
+            outage_wait_secs: a.outage_wait.as_secs(),
+            replica: a.replica.clone(),
             sup: a.sup,
             json: a.json,
         };

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use bulwark_nbd::trace::BootSetReport;
+use bulwark_store::repo::reports::{BOOT_SET, DRILL};
 use bulwark_store::Repository;
 use serde::{Deserialize, Serialize};
 
@@ -117,7 +119,7 @@ pub fn save_in_repository(repo: &Repository, report: &Report) -> Result<()> {
         .context("the report's start time")?
         .timestamp()
         .max(0) as u64;
-    repo.put_drill_report(&id, at, &serde_json::to_vec(report)?)
+    repo.put_report(DRILL, &id, at, &serde_json::to_vec(report)?)
         .context("storing the drill report in the repository")
 }
 
@@ -126,7 +128,7 @@ pub fn latest_in_repository(
     repo: &Repository,
 ) -> Result<std::collections::BTreeMap<bulwark_store::Id, Report>> {
     let mut out = std::collections::BTreeMap::new();
-    for (id, bytes) in repo.latest_drill_reports()? {
+    for (id, bytes) in repo.latest_reports(DRILL)? {
         let r: Report = serde_json::from_slice(&bytes)
             .with_context(|| format!("the drill report of snapshot {}", id.short()))?;
         out.insert(id, r);
@@ -138,29 +140,45 @@ pub fn latest_in_repository(
 /// one of the same VM.
 const BOOT_SET_LOOKUPS: usize = 16;
 
-/// The boot set of the newest passed drill of `snap`, or else of the
-/// newest passed drill of another snapshot of the same VM (its boot path
-/// rarely moves between backups).
+/// The boot set to fetch first for a live restore of `snap`: a passed
+/// drill's of the snapshot, else the one its last live restore recorded,
+/// else the newest of either kind of another snapshot of the same VM (its
+/// boot path rarely moves between backups).
 pub fn boot_set_for(
     repo: &Repository,
     snap: &bulwark_store::Snapshot,
 ) -> Result<Option<Vec<BootSet>>> {
-    let usable = |r: &Report| r.passed && r.source == snap.source && r.boot_set_bytes() > 0;
-    if let Some(b) = repo.latest_drill_report(&snap.id)? {
-        let r: Report = serde_json::from_slice(&b).context("a drill report")?;
-        if usable(&r) {
-            return Ok(Some(r.boot_set));
+    let from_drill = |b: &[u8]| -> Result<Option<Vec<BootSet>>> {
+        let r: Report = serde_json::from_slice(b).context("a drill report")?;
+        let usable = r.passed && r.source == snap.source && r.boot_set_bytes() > 0;
+        Ok(usable.then_some(r.boot_set))
+    };
+    let from_live = |b: &[u8]| -> Result<Option<Vec<BootSet>>> {
+        let r: BootSetReport = serde_json::from_slice(b).context("a recorded boot set")?;
+        Ok((r.source == snap.source && r.bytes() > 0).then_some(r.boot_set))
+    };
+    if let Some(b) = repo.latest_report(DRILL, &snap.id)? {
+        if let Some(s) = from_drill(&b)? {
+            return Ok(Some(s));
+        }
+    }
+    if let Some(b) = repo.latest_report(BOOT_SET, &snap.id)? {
+        if let Some(s) = from_live(&b)? {
+            return Ok(Some(s));
+        }
+    }
+    for name in repo.report_names(DRILL)?.into_iter().take(BOOT_SET_LOOKUPS) {
+        if let Some(s) = from_drill(&repo.load_report(DRILL, &name)?)? {
+            return Ok(Some(s));
         }
     }
     for name in repo
-        .drill_report_names()?
+        .report_names(BOOT_SET)?
         .into_iter()
         .take(BOOT_SET_LOOKUPS)
     {
-        let r: Report = serde_json::from_slice(&repo.load_drill_report(&name)?)
-            .with_context(|| format!("drill report {name}"))?;
-        if usable(&r) {
-            return Ok(Some(r.boot_set));
+        if let Some(s) = from_live(&repo.load_report(BOOT_SET, &name)?)? {
+            return Ok(Some(s));
         }
     }
     Ok(None)

@@ -1,9 +1,13 @@
 //! Live restore: the restored VM boots at once from the backup, served by
-//! `bulwark-nbd`, while block-stream jobs copy every block into local
-//! qcow2 overlays behind it; when they finish the VM runs on local disks
-//! alone. Guest writes land in the overlays (on disk, never in memory) and
-//! a stream never overwrites them; an outage of the server makes guest
-//! reads wait (QEMU's NBD client reconnects) rather than fail.
+//! `bulwark-nbd`, while the server restores each disk into a local file
+//! behind it (the backfill, as fast as `bulwark restore`). Each overlay's
+//! backing then moves from the server onto its file (the VM no longer
+//! needs the repository and the server stops), and a block-stream job
+//! copies the file into the overlay; when it finishes the VM runs on its
+//! overlays alone. Guest writes land in the overlays (on disk, never in
+//! memory) and neither the file nor a stream ever overwrites them; an
+//! outage of the server or of the repository makes guest reads wait
+//! (QEMU's NBD client reconnects; the server retries) rather than fail.
 //!
 //! [`start`] makes it, [`supervise`] sees it through (the agent's job, or
 //! `--wait`), [`record`] is its persisted state, [`server`] its NBD server.
@@ -59,6 +63,10 @@ pub fn cancel(records: &Records, name: &str, uri: &str, keep: bool) -> Result<Li
             }
         }
         server::stop(r);
+        // After the server: it may be writing them.
+        for b in r.disks.iter().filter_map(|d| d.base.as_ref()) {
+            supervise::remove_base(b);
+        }
         Ok(())
     })?;
     for p in problems {

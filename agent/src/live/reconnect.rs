@@ -20,41 +20,68 @@ pub fn node_name(target: &str) -> String {
 
 /// Swaps the backing of each disk in `targets` for a reconnecting one.
 pub fn install(dom: &Domain, socket: &Path, targets: &[String], delay_secs: u32) -> Result<()> {
-    let blockdevs = qemu_blockdevs(dom.name())?;
-    let xml = dom.xml(false)?;
     for t in targets {
-        let index = source_index(&xml, t).with_context(|| format!("no source index for {t}"))?;
-        let top_name = format!("libvirt-{index}-format");
-        let top = blockdevs
-            .iter()
-            .find(|b| b["node-name"] == top_name.as_str())
-            .with_context(|| format!("no -blockdev {top_name} on QEMU's command line"))?;
         let node = node_name(t);
-        dom.qmp(
-            "blockdev-add",
-            Some(json!({
-                "driver": "raw",
-                "node-name": node,
-                "read-only": true,
-                "file": {
-                    "driver": "nbd",
-                    "node-name": format!("{node}-nbd"),
-                    "server": {"type": "unix", "path": socket.to_string_lossy()},
-                    "export": t,
-                    "reconnect-delay": delay_secs,
-                },
-            })),
-        )?;
-        let mut opts = top.clone();
-        opts["backing"] = json!(node);
-        if let Err(e) = dom.qmp("blockdev-reopen", Some(json!({ "options": [opts] }))) {
-            let _ = dom.qmp("blockdev-del", Some(json!({ "node-name": node })));
-            return Err(e.into());
-        }
+        let backing = json!({
+            "driver": "raw",
+            "node-name": node,
+            "read-only": true,
+            "file": {
+                "driver": "nbd",
+                "node-name": format!("{node}-nbd"),
+                "server": {"type": "unix", "path": socket.to_string_lossy()},
+                "export": t,
+                "reconnect-delay": delay_secs,
+            },
+        });
+        reopen_on(dom, t, &node, backing)?;
         tracing::info!(
             "{}: {t} reads through {node} (reconnect-delay {delay_secs}s)",
             dom.name()
         );
+    }
+    Ok(())
+}
+
+/// Moves disk `target`'s backing from the server onto `file`, a complete
+/// local raw copy of the same snapshot disk (the backfill): from then on
+/// the disk reads nothing from the repository. The server's node is then
+/// nobody's backing and is removed.
+pub fn move_onto_file(dom: &Domain, target: &str, file: &Path) -> Result<()> {
+    let node = format!("bw-base-{target}");
+    let backing = json!({
+        "driver": "raw",
+        "node-name": node,
+        "read-only": true,
+        "file": {
+            "driver": "file",
+            "node-name": format!("{node}-file"),
+            "filename": file.to_string_lossy(),
+        },
+    });
+    reopen_on(dom, target, &node, backing)?;
+    remove(dom, target);
+    Ok(())
+}
+
+/// Adds `backing` (a node named `node`) and makes it the backing of disk
+/// `target`'s overlay; the node is removed again if that fails.
+fn reopen_on(dom: &Domain, target: &str, node: &str, backing: Value) -> Result<()> {
+    let blockdevs = qemu_blockdevs(dom.name())?;
+    let xml = dom.xml(false)?;
+    let index =
+        source_index(&xml, target).with_context(|| format!("no source index for {target}"))?;
+    let top_name = format!("libvirt-{index}-format");
+    let top = blockdevs
+        .iter()
+        .find(|b| b["node-name"] == top_name.as_str())
+        .with_context(|| format!("no -blockdev {top_name} on QEMU's command line"))?;
+    dom.qmp("blockdev-add", Some(backing))?;
+    let mut opts = top.clone();
+    opts["backing"] = json!(node);
+    if let Err(e) = dom.qmp("blockdev-reopen", Some(json!({ "options": [opts] }))) {
+        let _ = dom.qmp("blockdev-del", Some(json!({ "node-name": node })));
+        return Err(e.into());
     }
     Ok(())
 }

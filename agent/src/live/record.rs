@@ -87,6 +87,9 @@ pub struct RepoSpec {
     pub key_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_endpoint: Option<String>,
+    /// A replica holding the same snapshot, read when the repository fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -105,6 +108,22 @@ pub struct LiveDisk {
     /// Streams started on this disk (restarts after failures count).
     #[serde(default)]
     pub pulls: u32,
+    /// The local raw file the server restores the disk into (the
+    /// backfill); `None`: the stream reads the server (records of earlier
+    /// versions, or after the swap onto the file failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
+    /// The overlay reads from `base` now, not from the server: this disk
+    /// no longer needs the repository.
+    #[serde(default)]
+    pub on_base: bool,
+}
+
+impl LiveDisk {
+    /// Reads of this disk still go to the server.
+    pub fn needs_server(&self) -> bool {
+        !self.local && !self.on_base
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -135,6 +154,20 @@ pub struct LiveRestore {
     /// The boot set the server fetches first (a drill's of this VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_set_file: Option<PathBuf>,
+    /// How long reads wait for an unreachable repository before they fail.
+    #[serde(default = "default_outage_wait")]
+    pub outage_wait_secs: u64,
+    /// Seconds from the start until no disk needed the repository any more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub independent_after: Option<f64>,
+}
+
+/// Guest reads and the streams wait out this long an outage of the
+/// repository (records written before the setting existed get it too).
+pub const DEFAULT_OUTAGE_WAIT_SECS: u64 = 300;
+
+fn default_outage_wait() -> u64 {
+    DEFAULT_OUTAGE_WAIT_SECS
 }
 
 impl LiveRestore {
@@ -166,6 +199,8 @@ impl LiveRestore {
             stream_mib_per_sec,
             server_restarts: 0,
             boot_set_file: None,
+            outage_wait_secs: DEFAULT_OUTAGE_WAIT_SECS,
+            independent_after: None,
         }
     }
 
@@ -336,6 +371,8 @@ mod tests {
             server_log: "/l".into(),
             server_pid: Some(7),
             boot_set_file: None,
+            outage_wait_secs: DEFAULT_OUTAGE_WAIT_SECS,
+            independent_after: None,
             phase,
             disks: vec![LiveDisk {
                 target: "vda".into(),
@@ -344,6 +381,8 @@ mod tests {
                 done: 40,
                 local: false,
                 pulls: 1,
+                base: None,
+                on_base: false,
             }],
             started: 1000,
             updated: 1010,

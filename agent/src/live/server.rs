@@ -92,6 +92,9 @@ pub fn unit(r: &LiveRestore) -> Option<String> {
         .map(str::to_string)
 }
 
+/// How long the first server records the guest's reads as its boot set.
+pub const BOOT_SET_WINDOW_SECS: u64 = 60;
+
 /// Starts the server for `r` and waits until it serves; its pid.
 /// `password` is passed in the environment when no file holds it.
 pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
@@ -100,6 +103,13 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", r.socket.display())),
+    }
+    // The last server's counters would speak for this one (a failed
+    // backfill, above all) until it writes its own.
+    match std::fs::remove_file(r.stats_path()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", r.stats_path().display())),
     }
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -121,8 +131,27 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
         cmd.arg("--key-file").arg(k);
     }
     cmd.arg("--stats").arg(r.stats_path());
+    cmd.arg("--outage-wait").arg(r.outage_wait_secs.to_string());
+    for d in r.disks.iter().filter(|d| d.needs_server()) {
+        if let Some(b) = &d.base {
+            cmd.arg("--backfill")
+                .arg(format!("{}={}", d.target, b.display()));
+        }
+    }
+    cmd.arg("--backfill-mib-per-sec")
+        .arg(r.stream_mib_per_sec.to_string());
+    // The first server of a restore sees the guest boot: what it reads is
+    // the boot set of the VM's next live restore. A restarted one would
+    // record whatever the guest does later.
+    if matches!(r.phase(), super::record::Phase::Booting) {
+        cmd.arg("--record-boot-set")
+            .arg(BOOT_SET_WINDOW_SECS.to_string());
+    }
     if let Some(b) = r.boot_set_file.as_ref().filter(|b| b.exists()) {
         cmd.arg("--boot-set").arg(b);
+    }
+    if let Some(rep) = &r.repo.replica {
+        cmd.arg("--replica").arg(rep);
     }
     if let Some(e) = &r.repo.s3_endpoint {
         cmd.env("BULWARK_S3_ENDPOINT", e);

@@ -1,7 +1,9 @@
 //! Starting a live restore, top to bottom: plan (the full restore's
-//! refusals and names), serve the snapshot, make the overlays, define the
-//! domain on them with the snapshot as their NBD backing, start it, start
-//! the streams, record. Anything made before a failure is removed.
+//! refusals and names), serve the snapshot (and restore each disk into a
+//! local file behind it: the backfill), make the overlays, define the
+//! domain on them with the snapshot as their NBD backing, start it, record.
+//! Anything made before a failure is removed. The supervisor moves each
+//! overlay onto its file when the backfill has finished it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +32,8 @@ pub struct LiveOptions<'a> {
     pub password: Option<String>,
     /// Stream bandwidth cap in MiB/s (0: none).
     pub stream_mib_per_sec: u64,
+    /// How long reads wait out an unreachable repository.
+    pub outage_wait_secs: u64,
 }
 
 /// Checks before anything is made: what a full restore checks, plus no
@@ -54,11 +58,13 @@ pub fn start(
         .with_context(|| format!("creating {}", o.restore.dir.display()))?;
     std::fs::create_dir_all(o.records.dir())?;
     let mut rec = record(plan, o);
+    rec.outage_wait_secs = o.outage_wait_secs;
     rec.boot_set_file = boot_set(repo, &plan.snapshot, o.records.dir(), &plan.name);
     let served = ServerGuard(&mut rec);
     served.0.server_pid = Some(server::start(served.0, o.password.as_deref())?);
     for (d, target) in &plan.disks {
         undo.file(target.path.clone());
+        undo.file(base_path(&target.path));
         overlay(&target.path, d.size, &d.name, &served.0.socket)?;
     }
     restore::restore_nvram(repo, plan, 0, &mut undo, &|_| {})?;
@@ -77,10 +83,8 @@ pub fn start(
             plan.name
         );
     }
-    for d in &mut served.0.disks {
-        dom.block_pull(&d.target, served.0.stream_mib_per_sec)?;
-        d.pulls = 1;
-    }
+    // No stream yet: the backfill restores each disk at full speed and
+    // the supervisor then streams from the local file.
     served.0.streams_started()?;
     o.records.save(served.0)?;
     undo.commit();
@@ -123,6 +127,8 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
             done: 0,
             local: false,
             pulls: 0,
+            base: Some(base_path(&r.path)),
+            on_base: false,
         })
         .collect();
     LiveRestore::new(
@@ -136,6 +142,11 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
         disks,
         o.stream_mib_per_sec,
     )
+}
+
+/// The backfill's file of the disk whose overlay is `overlay`.
+pub fn base_path(overlay: &Path) -> PathBuf {
+    overlay.with_extension("base.raw")
 }
 
 /// A qcow2 overlay of `size` bytes over the export `export` on `socket`

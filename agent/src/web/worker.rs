@@ -173,6 +173,7 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
         s3_endpoint: std::env::var("BULWARK_S3_ENDPOINT")
             .ok()
             .filter(|s| !s.is_empty()),
+        replica: None,
     };
     let live_opts = |v: &VmSpec| LiveOptions {
         restore: options(v, Stage::Started, ImageFormat::Qcow2),
@@ -180,6 +181,7 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
         repo: spec.clone(),
         password: None,
         stream_mib_per_sec: 0,
+        outage_wait_secs: crate::live::record::DEFAULT_OUTAGE_WAIT_SECS,
     };
     // Every VM is checked before any is written.
     let plans = repo.while_loading_index(|| -> Result<Vec<Plan>> {

@@ -12,11 +12,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bulwark_nbd::backfill::Backfill;
 use bulwark_nbd::cli::{Cli, Cmd, TlsArg};
 use bulwark_nbd::demand::{DemandStats, ServeStats};
-use bulwark_nbd::trace::{BootSet, BootSetFile};
+use bulwark_nbd::trace::{BootSet, BootSetFile, BootSetReport, ReadTrace};
 use bulwark_nbd::StoreExport;
 use bulwark_store::read::reader::DiskReader;
+use bulwark_store::repo::reports::BOOT_SET;
 use clap::Parser;
 use nbd_server::{Server, ServerConfig, ServerTls, TlsMode};
 
@@ -135,6 +137,11 @@ fn run(cli: Cli) -> Result<()> {
         cache_mib,
         boot_set,
         stats,
+        outage_wait,
+        backfill,
+        backfill_mib_per_sec,
+        record_boot_set,
+        replica,
     } = cli.command;
     let boot_set = boot_set.map(|p| read_boot_set(&p)).transpose()?;
     let tls_required = tls_creds.is_some() && tls == TlsArg::Require;
@@ -159,24 +166,52 @@ fn run(cli: Cli) -> Result<()> {
     };
     // The agent and the CLI pass the S3 endpoint and metadata permission
     // through the environment; no local object cache: the reader has its own.
-    let location = bulwark_store::Location::from_env(&repo);
     let secret = bulwark_store::format::keys::secret_from_sources(
         key_file.as_deref(),
         password_file.as_deref(),
     )?
     .context("no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file")?;
-    let repo = Arc::new(
-        location
-            .open(&secret)
-            .with_context(|| format!("opening repository {repo}"))?,
-    );
-    let snap = repo.while_loading_index(|| repo.find_snapshot(&snapshot))?;
+    let spare = replica.is_some();
+    let open = |url: &str| -> Result<(Arc<bulwark_store::Repository>, bulwark_store::Snapshot)> {
+        let mut location = bulwark_store::Location::from_env(url);
+        if spare {
+            // With a spare, a read turns to it after a few tries, not ten.
+            location.s3_max_attempts = 3;
+        }
+        let repo = Arc::new(
+            location
+                .open(&secret)
+                .with_context(|| format!("opening repository {url}"))?,
+        );
+        let snap = repo
+            .while_loading_index(|| repo.find_snapshot(&snapshot))
+            .with_context(|| format!("snapshot {snapshot} in {url}"))?;
+        Ok((repo, snap))
+    };
+    // The replica is a spare: without one, the repository must open.
+    let (repo, snap, replica) = match (open(&repo), replica) {
+        (Ok((r, s)), None) => (r, s, None),
+        (Ok((r, s)), Some(url)) => match open(&url) {
+            Ok((rep, _)) => (r, s, Some(rep)),
+            Err(e) => {
+                tracing::warn!("the replica is no spare: {e:#}");
+                (r, s, None)
+            }
+        },
+        (Err(e), None) => return Err(e),
+        (Err(e), Some(url)) => {
+            tracing::warn!("{e:#}: serving from the replica {url}");
+            let (r, s) = open(&url)?;
+            (r, s, None)
+        }
+    };
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
     let mut server = Server::new(ServerConfig {
         tls,
         ..ServerConfig::default()
     });
     let mut readers = Vec::new();
+    let mut traces = Vec::new();
     let demand = Arc::new(DemandStats::default());
     for d in &snap.disks {
         let reader = Arc::new(bulwark_store::read::reader::open_disk(
@@ -185,21 +220,54 @@ fn run(cli: Cli) -> Result<()> {
             &d.name,
             cache,
         )?);
+        reader.wait_out_outages(std::time::Duration::from_secs(outage_wait));
+        if let Some(rep) = &replica {
+            reader.fall_back_to(rep.clone());
+        }
         let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
+        let export = match record_boot_set {
+            Some(_) => {
+                let trace = Arc::new(ReadTrace::new());
+                traces.push((d.name.clone(), trace.clone()));
+                StoreExport::traced(reader.clone(), trace)
+            }
+            None => StoreExport::new(reader.clone()),
+        };
         server = server.add_export(
             &d.name,
-            Arc::new(StoreExport::new(reader.clone()).with_demand(demand.clone())),
+            Arc::new(export.with_demand(demand.clone())),
             Some(desc),
         );
         readers.push((d.name.clone(), reader));
     }
     let boot_set_bytes = boot_set.as_ref().map_or(0, |b| queue_boot_set(b, &readers));
+    let backfill = (!backfill.is_empty())
+        .then(|| {
+            Backfill::start(
+                repo.clone(),
+                replica.clone(),
+                &snap,
+                backfill,
+                backfill_mib_per_sec,
+                std::time::Duration::from_secs(outage_wait),
+            )
+        })
+        .transpose()?;
     let counters = Counters {
         path: stats,
         boot_set: boot_set.is_some(),
         boot_set_bytes,
         demand,
+        backfill,
     };
+    let mut recorder = record_boot_set.map(|secs| Recorder {
+        repo: repo.clone(),
+        snap: snap.clone(),
+        traces,
+        window: std::time::Duration::from_secs(secs),
+        started: std::time::Instant::now(),
+        saved: false,
+    });
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let handle = match (&socket, &listen) {
@@ -233,11 +301,19 @@ fn run(cli: Cli) -> Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-                _ = tick.tick() => counters.write(&readers),
+                _ = tick.tick() => {
+                    counters.write(&readers);
+                    if let Some(r) = recorder.as_mut().filter(|r| r.due()) {
+                        r.save();
+                    }
+                }
             }
         }
         handle.shutdown().await;
         counters.write(&readers);
+        if let Some(r) = recorder.as_mut() {
+            r.save();
+        }
         // What the reads cost: bytes fetched per byte served should stay
         // near the stored/logical ratio (no byte fetched twice).
         for (name, r) in &readers {
@@ -282,6 +358,61 @@ fn queue_boot_set(sets: &[BootSet], readers: &[(String, Arc<DiskReader>)]) -> u6
     bytes
 }
 
+/// `--record-boot-set SECONDS`: the clients' first reads, stored in the
+/// repository once (at the end of the window, or when the server stops).
+struct Recorder {
+    repo: Arc<bulwark_store::Repository>,
+    snap: bulwark_store::Snapshot,
+    traces: Vec<(String, Arc<ReadTrace>)>,
+    window: std::time::Duration,
+    started: std::time::Instant,
+    saved: bool,
+}
+
+impl Recorder {
+    fn due(&self) -> bool {
+        !self.saved && self.started.elapsed() >= self.window
+    }
+
+    /// Stores the boot set (a speed-up for a later restore only: a failure
+    /// is logged, and serving goes on).
+    fn save(&mut self) {
+        if std::mem::replace(&mut self.saved, true) {
+            return;
+        }
+        for (_, t) in &self.traces {
+            t.stop();
+        }
+        let report = BootSetReport {
+            source: self.snap.source.clone(),
+            snapshot: self.snap.id.to_hex(),
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            seconds: self.started.elapsed().min(self.window).as_secs_f64(),
+            boot_set: self.traces.iter().map(|(d, t)| t.boot_set(d)).collect(),
+        };
+        if report.bytes() == 0 {
+            return;
+        }
+        let r = serde_json::to_vec(&report)
+            .map_err(anyhow::Error::from)
+            .and_then(|body| {
+                self.repo
+                    .put_report(BOOT_SET, &self.snap.id, report.at, &body)
+                    .map_err(anyhow::Error::from)
+            });
+        match r {
+            Ok(()) => tracing::info!(
+                "boot set recorded: {} B read in the first {:.0}s",
+                report.bytes(),
+                report.seconds
+            ),
+            Err(e) => tracing::warn!("recording the boot set: {e:#}"),
+        }
+    }
+}
+
 /// `--stats FILE`: the counters, rewritten whole (a reader never sees half
 /// a file).
 struct Counters {
@@ -289,6 +420,7 @@ struct Counters {
     boot_set: bool,
     boot_set_bytes: u64,
     demand: Arc<DemandStats>,
+    backfill: Option<Backfill>,
 }
 
 impl Counters {
@@ -305,6 +437,11 @@ impl Counters {
             stall_seconds: self.demand.stall().as_secs_f64(),
             bytes_fetched: fetched,
             bytes_served: served,
+            backfill: self
+                .backfill
+                .as_ref()
+                .map(Backfill::progress)
+                .unwrap_or_default(),
         };
         let tmp = path.with_extension("tmp");
         let r = serde_json::to_vec(&stats)

@@ -29,6 +29,9 @@ pub const SYNC: &str = "sync/";
 /// Reports of restore drills, sealed, beside the snapshot each proved.
 pub const DRILLS: &str = "drills/";
 
+/// Boot sets recorded by live restores, sealed, beside their snapshot.
+pub const BOOT_SETS: &str = "bootsets/";
+
 /// Metadata a local cache may keep whole (small, read often).
 pub const METADATA: [&str; 4] = [INDEX, SNAPSHOTS, CHUNK_LISTS, KEYS];
 
@@ -66,17 +69,6 @@ pub fn sync_record(snapshot: &Id, generation: u32) -> String {
 pub fn sync_record_of(name: &str) -> Option<(Id, u32)> {
     let (id, g) = name.strip_prefix(SYNC)?.split_once('.')?;
     Some((id.parse().ok()?, u32::from_str_radix(g, 16).ok()?))
-}
-
-/// A drill report of `snapshot`, made at `unix_secs`.
-pub fn drill(snapshot: &Id, unix_secs: u64) -> String {
-    format!("{DRILLS}{snapshot}.{unix_secs:016x}")
-}
-
-/// The snapshot and time of a drill report's name, if it is one.
-pub fn drill_of(name: &str) -> Option<(Id, u64)> {
-    let (id, t) = name.strip_prefix(DRILLS)?.split_once('.')?;
-    Some((id.parse().ok()?, u64::from_str_radix(t, 16).ok()?))
 }
 
 /// The id of a pack object's name (`data/ab/ab...`), if it is one.

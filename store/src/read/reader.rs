@@ -20,11 +20,22 @@
 //!   first, so a pass over more data than the cache keeps what it cached
 //!   at its start for the next pass, and random readers' spans survive it.
 //!
+//! What keeps a long reader (a live restore) going:
+//! - **a pack gone** (a GC repacked its live chunks and swept it since the
+//!   reader planned its spans): the index is loaded again and the span's
+//!   chunks are read from their new copies;
+//! - **an outage**: with [`DiskReader::wait_out_outages`], a read whose
+//!   backend is unreachable waits (tries again, backing off) up to that
+//!   long before it fails; with [`DiskReader::fall_back_to`], it is read
+//!   from a replica holding the same snapshot first.
+//!
 //! Thread-safe and synchronous: callers (the async NBD server) run it on
 //! blocking threads.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use lru::LruCache;
@@ -105,9 +116,56 @@ struct SpanData {
 
 /// A fetch in progress that others wait on.
 struct Flight {
-    done: Mutex<Option<Result<Arc<SpanData>, String>>>,
+    done: Mutex<Option<Result<Arc<SpanData>, Failed>>>,
     cv: Condvar,
 }
+
+/// A failed fetch, as every reader waiting on it sees it.
+#[derive(Clone, Debug)]
+struct Failed {
+    error: Arc<Error>,
+    kind: FailKind,
+}
+
+/// What a failed fetch calls for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum FailKind {
+    /// The pack is gone: read the chunks' new copies.
+    PackGone,
+    /// The backend did not answer (the S3 backend has spent its retries):
+    /// worth waiting for, up to the outage wait.
+    Unreachable,
+    /// Anything else fails the read.
+    Fatal,
+}
+
+impl Failed {
+    fn of(e: &Error) -> Self {
+        let kind = match e {
+            Error::Backend(BackendError::NotFound(_)) => FailKind::PackGone,
+            Error::Backend(BackendError::Other(_) | BackendError::Io { .. }) => {
+                FailKind::Unreachable
+            }
+            _ => FailKind::Fatal,
+        };
+        Failed {
+            error: Arc::new(clone_error(e)),
+            kind,
+        }
+    }
+
+    fn into_error(self) -> Error {
+        clone_error(&self.error)
+    }
+}
+
+/// How long reads go to the replica first after the repository failed one.
+const REPLICA_FIRST: Duration = Duration::from_secs(10);
+/// Longest pause between two tries of an unreachable backend.
+const OUTAGE_PAUSE_MAX: Duration = Duration::from_secs(5);
+/// A reloaded index serves every relocation this long before it is
+/// reloaded again (a GC may have moved more since).
+const INDEX_FRESH: Duration = Duration::from_secs(5);
 
 enum Pending {
     /// Read-ahead scheduled, not started: a reader may take it over.
@@ -145,6 +203,17 @@ struct Inner {
     cache_limit: usize,
     window_max: u64,
     state: Mutex<State>,
+    /// How long a read waits out an unreachable backend (ms; 0: fails at once).
+    outage_wait_ms: AtomicU64,
+    /// The index loaded again after a pack was found gone, and when.
+    reloaded: Mutex<Option<(Instant, Arc<Index>)>>,
+    /// A replica of the repository, read when the repository fails.
+    replica: std::sync::OnceLock<Arc<Repository>>,
+    /// Whether a read has been served by the replica yet (logged once).
+    failed_over: std::sync::atomic::AtomicBool,
+    /// After the repository failed, reads go to the replica first until
+    /// then (each would otherwise wait out the repository's retries).
+    replica_first_until: Mutex<Option<Instant>>,
 }
 
 pub struct DiskReader {
@@ -182,6 +251,11 @@ impl DiskReader {
                 clock: 0,
                 stats: ReaderStats::default(),
             }),
+            outage_wait_ms: AtomicU64::new(0),
+            reloaded: Mutex::new(None),
+            replica: std::sync::OnceLock::new(),
+            failed_over: std::sync::atomic::AtomicBool::new(false),
+            replica_first_until: Mutex::new(None),
         });
         let (jobs, rx) = unbounded::<Vec<u32>>();
         for _ in 0..threads {
@@ -202,6 +276,21 @@ impl DiskReader {
 
     pub fn stats(&self) -> ReaderStats {
         self.inner.lock().stats
+    }
+
+    /// Chunks the repository cannot give (unreachable, or its pack gone
+    /// for good) are read from `replica`, a repository holding the same
+    /// snapshot (synced: same chunk ids, its own packs and index). Set once.
+    pub fn fall_back_to(&self, replica: Arc<Repository>) {
+        let _ = self.inner.replica.set(replica);
+    }
+
+    /// Reads wait up to `wait` for an unreachable backend (an S3 outage)
+    /// instead of failing once its own retries are spent: a live restore's
+    /// guest and stream then pause and go on.
+    pub fn wait_out_outages(&self, wait: Duration) {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self.inner.outage_wait_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Data/zero extents covering `[offset, offset + len)` (clipped to the disk).
@@ -525,7 +614,36 @@ impl Inner {
         }
     }
 
+    /// Span `s`, waiting out an unreachable backend up to the outage wait.
     fn span(&self, s: u32) -> Result<Arc<SpanData>> {
+        let started = Instant::now();
+        let wait = Duration::from_millis(self.outage_wait_ms.load(Ordering::Relaxed));
+        let mut pause = Duration::from_millis(250);
+        // A read-ahead that found the pack gone leaves the relocation to
+        // whoever reads the span next: at most a few rounds of that.
+        let mut gone = 0;
+        loop {
+            let failed = match self.span_once(s) {
+                Ok(d) => return Ok(d),
+                Err(f) => f,
+            };
+            match failed.kind {
+                FailKind::PackGone if gone < 3 => gone += 1,
+                FailKind::Unreachable if started.elapsed() + pause <= wait => {
+                    tracing::warn!(
+                        "waiting for the repository ({:.0}s so far): {}",
+                        started.elapsed().as_secs_f64(),
+                        failed.error
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(OUTAGE_PAUSE_MAX);
+                }
+                _ => return Err(failed.into_error()),
+            }
+        }
+    }
+
+    fn span_once(&self, s: u32) -> Result<Arc<SpanData>, Failed> {
         let flight = {
             let mut st = self.lock();
             if let Some(d) = st.ready.get(&s).cloned() {
@@ -552,8 +670,14 @@ impl Inner {
         if let Some(f) = flight {
             return f.wait();
         }
+        if let Some(replica) = self.replica.get().filter(|_| self.replica_first()) {
+            if let Ok(d) = self.read_from_replica(replica, s) {
+                self.publish(s, Ok(d.clone()));
+                return Ok(d);
+            }
+        }
         let span = &self.spans[s as usize];
-        let data = SCRATCH.with_borrow_mut(|sc| {
+        let r = SCRATCH.with_borrow_mut(|sc| {
             let r = fetch::fetch(
                 &self.repo,
                 &self.index,
@@ -562,11 +686,99 @@ impl Inner {
                 &mut sc.fetched,
             );
             self.count_fetch(&r, &sc.fetched, false);
-            r.inspect_err(|e| self.publish(s, Err(e.to_string())))?;
-            Ok::<_, Error>(self.open(s, &mut sc.fetched, span.start, &mut sc.chunk))
-        })?;
-        self.publish(s, Ok(data.clone()));
-        Ok(data)
+            r.map(|()| self.open(s, &mut sc.fetched, span.start, &mut sc.chunk))
+        });
+        let r = match r {
+            Err(e) if Failed::of(&e).kind == FailKind::PackGone => self.relocated(s),
+            r => r,
+        };
+        let r = match (r, self.replica.get()) {
+            (Err(e), Some(replica)) if Failed::of(&e).kind != FailKind::Fatal => {
+                *self
+                    .replica_first_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + REPLICA_FIRST);
+                self.read_from_replica(replica, s).map_err(|r_err| {
+                    tracing::warn!("the replica failed too: {r_err}");
+                    e
+                })
+            }
+            (r, _) => r,
+        };
+        let r = r.map_err(|e| Failed::of(&e));
+        self.publish(s, r.clone());
+        r
+    }
+
+    /// Span `s` read chunk by chunk through the index loaded again: its
+    /// pack is gone, so a GC has repacked the chunks into new packs (or the
+    /// snapshot is gone too, and the read fails).
+    fn relocated(&self, s: u32) -> Result<Arc<SpanData>> {
+        let index = self.reloaded_index()?;
+        self.read_chunks(&self.repo, &index, s)
+    }
+
+    /// Whether the repository failed a moment ago.
+    fn replica_first(&self) -> bool {
+        self.replica_first_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Span `s` read chunk by chunk from the replica.
+    fn read_from_replica(&self, replica: &Repository, s: u32) -> Result<Arc<SpanData>> {
+        let d = self.read_chunks(replica, &*replica.index()?, s)?;
+        if !self.failed_over.swap(true, Ordering::Relaxed) {
+            tracing::warn!("the repository failed: reading from the replica");
+        }
+        Ok(d)
+    }
+
+    /// Span `s` read chunk by chunk from `repo` through `index`.
+    fn read_chunks(&self, repo: &Repository, index: &Index, s: u32) -> Result<Arc<SpanData>> {
+        let span = &self.spans[s as usize];
+        let mut chunks = Vec::with_capacity(span.items.len());
+        for (i, _) in &span.items {
+            let e = self.list.extents()[*i];
+            let id = e
+                .chunk
+                .ok_or_else(|| Error::Invalid(format!("extent {i} has no chunk")))?;
+            match repo.read_chunk(index, &id) {
+                Ok(d) if d.len() as u64 == e.len => chunks.push(Ok(Arc::new(d))),
+                Ok(d) => chunks.push(Err(Arc::new(Error::Corrupt {
+                    what: format!("chunk {id}"),
+                    detail: format!(
+                        "{} bytes where the extent at {} has {}",
+                        d.len(),
+                        e.offset,
+                        e.len
+                    ),
+                }))),
+                // The backend failed: the whole span fails (and is tried
+                // again), as a fetch does.
+                Err(e @ Error::Backend(_)) => return Err(e),
+                Err(e) => chunks.push(Err(Arc::new(e))),
+            }
+        }
+        let bytes = chunks
+            .iter()
+            .map(|c| c.as_ref().map_or(0, |d| d.len()))
+            .sum();
+        Ok(Arc::new(SpanData { chunks, bytes }))
+    }
+
+    /// The index as it is now, loaded again at most every [`INDEX_FRESH`].
+    fn reloaded_index(&self) -> Result<Arc<Index>> {
+        let mut g = self.reloaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, ix)) = g.as_ref().filter(|(at, _)| at.elapsed() < INDEX_FRESH) {
+            return Ok(ix.clone());
+        }
+        tracing::info!("a pack of the snapshot is gone (repacked by a GC?): reloading the index");
+        self.repo.invalidate_index();
+        let ix = self.repo.index()?;
+        *g = Some((Instant::now(), ix.clone()));
+        Ok(ix)
     }
 
     /// A background job: fetch the spans still queued, adjacent ones with
@@ -615,8 +827,9 @@ impl Inner {
                     }
                 }
                 Err(e) => {
+                    let failed = Failed::of(&e);
                     for &s in run {
-                        self.publish(s, Err(e.to_string()));
+                        self.publish(s, Err(failed.clone()));
                     }
                 }
             }
@@ -658,7 +871,7 @@ impl Inner {
 
     /// Ends a fetch: caches the result (a failed fetch is not cached, so
     /// the next read tries again) and wakes whoever waits for it.
-    fn publish(&self, s: u32, r: Result<Arc<SpanData>, String>) {
+    fn publish(&self, s: u32, r: Result<Arc<SpanData>, Failed>) {
         let flight = {
             let mut st = self.lock();
             let flight = match st.pending.remove(&s) {
@@ -694,12 +907,12 @@ impl Flight {
         }
     }
 
-    fn wait(&self) -> Result<Arc<SpanData>> {
+    fn wait(&self) -> Result<Arc<SpanData>, Failed> {
         let mut g = self.done.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             match &*g {
                 Some(Ok(d)) => return Ok(d.clone()),
-                Some(Err(e)) => return Err(Error::Backend(BackendError::Other(e.clone()))),
+                Some(Err(e)) => return Err(e.clone()),
                 None => g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
             }
         }
@@ -714,6 +927,10 @@ fn clone_error(e: &Error) -> Error {
             detail: detail.clone(),
         },
         Error::MissingChunk(id) => Error::MissingChunk(*id),
+        Error::Backend(BackendError::NotFound(name)) => {
+            Error::Backend(BackendError::NotFound(name.clone()))
+        }
+        Error::Backend(b) => Error::Backend(BackendError::Other(b.to_string())),
         other => Error::Invalid(other.to_string()),
     }
 }

@@ -112,7 +112,7 @@ pub fn restore_to_path(
 }
 
 /// `DIR/.NAME.bulwark-partial`: hidden, and named for what it will become.
-fn partial_name(to: &Path) -> PathBuf {
+pub fn partial_name(to: &Path) -> PathBuf {
     let mut name = std::ffi::OsString::from(".");
     name.push(to.file_name().unwrap_or_default());
     name.push(".bulwark-partial");

@@ -3,8 +3,8 @@
 //! [`markers`] and the snapshots' [`sync_records`].
 
 pub mod condemned;
-pub mod drills;
 pub mod markers;
+pub mod reports;
 pub mod sync_records;
 
 use std::sync::{Arc, Mutex};
@@ -561,5 +561,5 @@ pub fn delete_snapshot_objects(
         }
     }
     sync_records::delete_all(backend, snapshot)?;
-    drills::delete_all(backend, snapshot)
+    reports::delete_all(backend, snapshot)
 }
