@@ -4,9 +4,9 @@
 # unchanged second backup, a backup after touching 1% of the files, and a
 # full restore. The tree is copied first (the touch must not change the
 # host); the copy is in the page cache for every run (warm), unless COLD=1
-# (root: caches dropped before each timed run). Prints each step's times
-# and restic/bulwark; the last line sums up against the goals (2x first
-# backup and restore, 5x unchanged).
+# (root: caches dropped before each timed run). Prints each step's wall and
+# CPU (user + system) seconds and restic/bulwark; the last line sums up
+# against the goals (2x first backup and restore, 5x unchanged).
 # Usage: scripts/bench-host-files.sh [TREE (default /usr/share)] [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +24,15 @@ export RESTIC_CACHE_DIR="$W/restic-cache"
 restic init -q >/dev/null
 
 drop() { if [ "${COLD:-0}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi; }
-# Seconds a command takes (its output discarded; a failure stops the bench).
-secs() { drop; local t0=$(date +%s%N); "$@" >/dev/null; python3 -c "print(f'{($(date +%s%N) - $t0) / 1e9:.2f}')"; }
+# "WALL CPU": seconds a command takes, and the CPU seconds (user + system)
+# it used (its output discarded; a failure stops the bench). CPU per byte
+# is what a loaded host does not blur.
+secs() {
+    drop
+    local t=$W/time.out
+    /usr/bin/time -o "$t" -f '%e %U %S' "$@" >/dev/null
+    awk '{printf "%.2f %.2f\n", $1, $2 + $3}' "$t"
+}
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 
 files=$(find "$W/tree" -type f | wc -l)
@@ -37,10 +44,13 @@ step() {  # NAME BULWARK_CMD... -- RESTIC_CMD...
     local bw=() rs=()
     while [ "$1" != -- ]; do bw+=("$1"); shift; done; shift
     rs=("$@")
-    local b r
-    b=$(secs "${bw[@]}"); r=$(secs "${rs[@]}")
-    R[$name]=$(ratio "$r" "$b")
-    printf '%-10s bulwark %7ss  restic %7ss  restic/bulwark %sx\n' "$name" "$b" "$r" "${R[$name]}"
+    report "$name" "$(secs "${bw[@]}")" "$(secs "${rs[@]}")"
+}
+report() {  # NAME "BULWARK_WALL CPU" "RESTIC_WALL CPU"
+    local b=($2) r=($3)
+    R[$1]=$(ratio "${r[0]}" "${b[0]}")
+    printf '%-10s bulwark %7ss  restic %7ss  restic/bulwark %sx   cpu: bulwark %6ss  restic %6ss  (%sx)\n' \
+        "$1" "${b[0]}" "${r[0]}" "${R[$1]}" "${b[1]}" "${r[1]}" "$(ratio "${r[1]}" "${b[1]}")"
 }
 step first "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$W/tree"
 step unchanged "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$W/tree"
@@ -49,6 +59,5 @@ step touched "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$
 rm -rf "$W/out-bw" "$W/out-rs"
 b=$(secs "$BIN" restore files bench@latest --to "$W/out-bw"); rm -rf "$W/out-bw"
 r=$(secs restic restore latest --target "$W/out-rs"); rm -rf "$W/out-rs"
-R[restore]=$(ratio "$r" "$b")
-printf '%-10s bulwark %7ss  restic %7ss  restic/bulwark %sx\n' restore "$b" "$r" "${R[restore]}"
+report restore "$b" "$r"
 echo "bench-host-files: first ${R[first]}x (goal 2x), unchanged ${R[unchanged]}x (goal 5x), touched-1% ${R[touched]}x, restore ${R[restore]}x (goal 2x)"

@@ -19,7 +19,8 @@
 #     random data: `restore vm` of its snapshot against a live restore's
 #     independent_after, same bucket, 20 ms, both cold.
 #
-# The last line sums up. Work dir: $BENCH_DIR (default /tmp/bulwark-bench-live).
+# The last line sums up. Work dir: $BENCH_DIR (default /tmp/bulwark-bench-live);
+# $GUESTS picks the guests of `ready` (default "tiny debian").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-rust.sh
@@ -90,6 +91,7 @@ ready_part() {
     for spec in "tiny target/vm-images/tiny.qcow2 256 bulwark-guest: ready" \
         "debian target/debian-image/debian.qcow2 512 login:"; do
         read -r guest image mem re <<<"$spec"
+        [[ " ${GUESTS:-tiny debian} " == *" $guest "* ]] || continue
         [ "$guest" = debian ] && scripts/debian-image.sh target/debian-image
         name="bw-wanbench-$guest-$$"
         disk="$W/$name.qcow2"

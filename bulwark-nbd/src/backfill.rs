@@ -56,8 +56,8 @@ pub struct Progress {
     pub seconds: Option<f64>,
 }
 
-/// The backfill of every disk given, one after another (each restore is
-/// parallel in itself); its progress is read while it runs.
+/// The backfill of every disk given, each on a thread of its own (and
+/// each restore parallel in itself); its progress is read while it runs.
 pub struct Backfill {
     progress: Vec<Arc<Disk>>,
 }
@@ -68,7 +68,7 @@ struct Disk {
 }
 
 impl Backfill {
-    /// Starts the backfill of `jobs` on a thread of its own.
+    /// Starts the backfill of `jobs`.
     /// `mib_per_sec` caps it (0: none); `outage_wait` bounds the retries.
     pub fn start(
         repo: Arc<Repository>,
@@ -100,8 +100,11 @@ impl Backfill {
             work.push((j, d.chunk_list, d.size, disk));
         }
         let started = Instant::now();
-        std::thread::spawn(move || {
-            for (job, list_id, size, disk) in work {
+        // The disks side by side, as `restore vm` restores them: the
+        // slowest alone sets the time to independence.
+        for (job, list_id, size, disk) in work {
+            let (repo, replica) = (repo.clone(), replica.clone());
+            std::thread::spawn(move || {
                 let sources: Vec<&Repository> =
                     std::iter::once(&*repo).chain(replica.as_deref()).collect();
                 let r = backfill_disk(
@@ -131,8 +134,8 @@ impl Backfill {
                         st.error = Some(e.to_string());
                     }
                 }
-            }
-        });
+            });
+        }
         Ok(Backfill { progress })
     }
 

@@ -15,6 +15,7 @@ use rand::{RngCore, SeedableRng};
 #[derive(Clone, Debug)]
 pub struct Runner {
     bin: PathBuf,
+    prefix: Vec<OsString>,
     vars: Vec<(OsString, OsString)>,
     removed: Vec<OsString>,
 }
@@ -25,6 +26,7 @@ impl Runner {
     pub fn new(bin: impl Into<PathBuf>) -> Runner {
         Runner {
             bin: bin.into(),
+            prefix: Vec::new(),
             vars: Vec::new(),
             removed: vec!["BULWARK_LOG".into()],
         }
@@ -53,10 +55,17 @@ impl Runner {
         self
     }
 
+    /// Arguments before every run's own, when `bin` is a wrapper (e.g.
+    /// `unshare ... BULWARK`).
+    pub fn with_prefix(mut self, args: &[&str]) -> Runner {
+        self.prefix.extend(args.iter().map(OsString::from));
+        self
+    }
+
     /// The command, to add to or spawn.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
-        c.args(args);
+        c.args(&self.prefix).args(args);
         for k in &self.removed {
             c.env_remove(k);
         }

@@ -57,6 +57,9 @@ impl Agent {
             .get(&pol.repository)
             .with_context(|| format!("no repository {}", pol.repository))?;
         let _slot = self.slots.acquire(dom);
+        // The start and end lines bound the slot's hold: the fleet
+        // benchmark reads them (scripts/bench-200vms.sh).
+        tracing::info!("backup of {dom} ({policy_name}) started");
         let log = Capture::begin();
         let started = Instant::now();
         // An unreachable repository is a failed backup like any other:
@@ -119,6 +122,8 @@ impl Agent {
             Some(_) => run.failing_since.or(Some(run.at)),
             None => None,
         };
+        let ended = if run.ok { "ok" } else { "failed" };
+        tracing::info!("backup of {dom} ({policy_name}) ended: {ended}");
         self.record(|s| {
             s.runs.insert(key, run);
         })?;

@@ -84,18 +84,17 @@ impl Agent {
         if !self.cfg.uses_libvirt() {
             return BTreeMap::new();
         }
-        let list = Libvirt::open(&self.cfg.libvirt_uri).and_then(|lv| {
-            lv.domains()?
-                .iter()
-                .map(|d| {
-                    let s = match d.state()? {
-                        State::Active => "running",
-                        State::ShutOff => "shut off",
-                    };
-                    Ok((d.name().to_string(), s))
-                })
-                .collect::<crate::libvirt::Result<BTreeMap<_, _>>>()
-        });
+        let list = Libvirt::open(&self.cfg.libvirt_uri)
+            .and_then(|lv| lv.domain_states())
+            .map(|states| {
+                states
+                    .into_iter()
+                    .map(|(name, s)| match s {
+                        State::Active => (name, "running"),
+                        State::ShutOff => (name, "shut off"),
+                    })
+                    .collect()
+            });
         list.unwrap_or_else(|e| {
             tracing::debug!("status: domain states: {e}");
             BTreeMap::new()

@@ -2,7 +2,7 @@
 #![allow(dead_code, clippy::new_without_default)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 pub const PW: &str = "vm test passphrase";
 /// FastCDC's largest chunk: the incremental bound allows re-chunking two
@@ -36,7 +36,8 @@ impl Env {
     /// Records `keys` (`domain/policy`) as run just now, so an agent
     /// started next runs none of them before its schedule says (a policy
     /// that never ran runs as soon as the agent has listed the domains).
-    pub fn seed_runs(&self, keys: &[String]) {
+    /// Returns that time (seconds since the epoch).
+    pub fn seed_runs(&self, keys: &[String]) -> u64 {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -48,6 +49,7 @@ impl Env {
         std::fs::create_dir_all(self.state_dir()).unwrap();
         let s = serde_json::json!({ "runs": runs });
         std::fs::write(self.state_dir().join("schedule.json"), s.to_string()).unwrap();
+        now
     }
 
     /// `bulwark` on the env's repository and state dir.
@@ -242,6 +244,28 @@ impl Agent {
         rest: &str,
         vars: Vec<(String, String)>,
     ) -> Agent {
+        Self::spawn(env, tick_seconds, top, rest, vars, Stdio::inherit())
+    }
+
+    /// [`Agent::start_full`] with the agent's log (`BULWARK_LOG=info`)
+    /// written to `log`, for a test that reads it.
+    pub fn start_logged(env: &Env, top: &str, rest: &str, log: &Path) -> Agent {
+        let vars = vec![
+            ("BULWARK_LOG".to_string(), "info".to_string()),
+            ("NO_COLOR".to_string(), "1".to_string()),
+        ];
+        let file = std::fs::File::create(log).unwrap();
+        Self::spawn(env, 30, top, rest, vars, file.into())
+    }
+
+    fn spawn(
+        env: &Env,
+        tick_seconds: u64,
+        top: &str,
+        rest: &str,
+        vars: Vec<(String, String)>,
+        stderr: Stdio,
+    ) -> Agent {
         let socket = env.path("agent.sock");
         let pw = env.path("pw");
         std::fs::write(&pw, PW).unwrap();
@@ -263,7 +287,8 @@ impl Agent {
         let child = std::os::unix::process::CommandExt::process_group(
             env.cmd(&["agent", "run", "--config", cfg.to_str().unwrap()])
                 .envs(vars)
-                .stdout(std::process::Stdio::null()),
+                .stdout(Stdio::null())
+                .stderr(stderr),
             0,
         )
         .spawn()

@@ -91,6 +91,9 @@ impl Excludes {
     }
 
     pub fn excluded(&self, path: &Path) -> bool {
+        if self.rules.is_empty() {
+            return false;
+        }
         let full = path.to_string_lossy();
         let name = path
             .file_name()

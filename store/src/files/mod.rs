@@ -20,12 +20,10 @@ pub mod restore;
 mod scan;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use crossbeam_channel::{bounded, Receiver};
-
-use crate::backup::walk::{Piece, Walk};
-use crate::backup::{BackupOptions, BackupSession, Pieces};
+use crate::backup::walk::Walk;
+use crate::backup::{BackupOptions, BackupSession};
 use crate::error::{Error, Result};
 use crate::format::chunklist::ChunkList;
 use crate::format::extent::Span;
@@ -94,13 +92,28 @@ pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
         },
     )?;
     let previous = previous_snapshot(repo, &opts.source)?;
-    let prev = match &previous {
-        Some(s) => Some(load(repo, &session.index(), s)?),
-        None => None,
+    // The previous catalog loads while the tree is scanned.
+    let index = session.index();
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
     };
-    let scanned = scan::Scan::new(&opts.excludes, opts.cross_mounts).run(&roots);
+    let (scanned, prev) = std::thread::scope(|s| {
+        let prev = s.spawn(|| previous.as_ref().map(|p| load(repo, &index, p)).transpose());
+        let scanned = scan::Scan::new(&opts.excludes, opts.cross_mounts, threads).run(&roots);
+        (scanned, prev.join())
+    });
+    let prev =
+        prev.map_err(|_| Error::Invalid("loading the previous catalog panicked".into()))??;
     let mut entries = scanned.entries;
-    let report = read_data(repo, &mut session, &mut entries, prev.as_ref(), opts)?;
+    let report = read_data(
+        repo,
+        &mut session,
+        &mut entries,
+        prev.as_ref(),
+        threads,
+        opts.reread,
+    )?;
     let mut errors = scanned.errors;
     let entries = drop_failed(entries, &report, &mut errors);
     let catalog = Catalog { entries };
@@ -234,33 +247,15 @@ pub fn load(repo: &Repository, index: &Index, snap: &Snapshot) -> Result<Loaded>
     Ok(Loaded { catalog, data })
 }
 
-/// Pieces another thread sends.
-struct Received<'a> {
-    rx: Receiver<Result<Piece>>,
-    read: &'a AtomicU64,
-}
-
-impl Iterator for Received<'_> {
-    type Item = Result<Piece>;
-    fn next(&mut self) -> Option<Result<Piece>> {
-        self.rx.recv().ok()
-    }
-}
-
-impl Pieces for Received<'_> {
-    fn bytes_read(&self) -> u64 {
-        self.read.load(Ordering::Relaxed)
-    }
-}
-
-/// Runs the data stream through the session: the files are read on a
-/// thread of their own while the pipeline hashes and packs.
+/// Runs the data stream through the session: the files are read by a
+/// pool of readers while the pipeline hashes and packs.
 fn read_data(
     repo: &Repository,
     session: &mut BackupSession<'_>,
     entries: &mut [Entry],
     prev: Option<&Loaded>,
-    opts: &FilesOptions,
+    threads: usize,
+    reread: bool,
 ) -> Result<data::DataReport> {
     let index = session.index();
     let reader = data::DataReader {
@@ -270,31 +265,24 @@ fn read_data(
             by_path: p.catalog.by_path(),
             data: &p.data,
         }),
-        reread: opts.reread,
+        reread,
     };
     let read = AtomicU64::new(0);
-    let (tx, rx) = bounded(64);
-    std::thread::scope(|s| {
-        let producer = s.spawn(|| {
-            let r = reader.run(entries, &tx, &read);
-            drop(tx);
-            r
-        });
-        let mut pieces = Received { rx, read: &read };
-        let ran = session.run(DATA, None, &mut pieces);
-        // Stops the reader, if the pipeline failed before the end.
-        drop(pieces);
-        let report = producer
-            .join()
-            .map_err(|_| Error::Invalid("the file reader panicked".into()))?;
-        ran?;
-        if stats_size_mismatch(session, report.size) {
-            return Err(Error::Invalid(
-                "the data stream's length differs from the files read".into(),
-            ));
-        }
-        Ok(report)
-    })
+    let shared: &[Entry] = entries;
+    let (ran, done) = std::thread::scope(|s| {
+        let mut stream = reader.start(s, shared, threads, &read);
+        let ran = session.run(DATA, None, &mut stream);
+        // Dropping the stream stops the readers, if the pipeline failed.
+        (ran, stream.finish())
+    });
+    ran?;
+    let report = data::report(entries, done, read.into_inner())?;
+    if stats_size_mismatch(session, report.size) {
+        return Err(Error::Invalid(
+            "the data stream's length differs from the files read".into(),
+        ));
+    }
+    Ok(report)
 }
 
 fn stats_size_mismatch(session: &BackupSession<'_>, size: u64) -> bool {

@@ -2,12 +2,20 @@
 //! order, with its metadata, minus what the excludes, `.bulwarkignore`
 //! files, `CACHEDIR.TAG` and the file-system boundary leave out. Sockets
 //! are counted and skipped; what cannot be listed is reported, not fatal.
+//!
+//! Directories are listed (and their entries stat'ed) by a pool of
+//! threads, each listing queueing the directories it finds; the calling
+//! thread puts the listings together in tree order, and hard links are
+//! found in that order afterwards (the first path seen holds the data).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use super::catalog::{Entry, Kind, Time};
 use super::exclude::Excludes;
@@ -29,93 +37,278 @@ pub struct Scanned {
 pub struct Scan<'a> {
     excludes: &'a Excludes,
     cross_mounts: bool,
-    out: Scanned,
-    /// (dev, ino) of multiply-linked files seen, and their path.
-    links: HashMap<(u64, u64), Vec<u8>>,
-    seen: HashSet<Vec<u8>>,
-    names: Names,
+    threads: usize,
+}
+
+/// A directory to list, with the rules that hold in it.
+struct Task {
+    dir: PathBuf,
+    root_dev: u64,
+    rules: Excludes,
+    reply: Sender<Listing>,
+}
+
+/// One directory's entries, in name order.
+#[derive(Default)]
+struct Listing {
+    children: Vec<Child>,
+    errors: Vec<(String, String)>,
+    sockets: u64,
+}
+
+struct Child {
+    entry: Entry,
+    nlink: u64,
+    /// The listing of a directory to descend into.
+    below: Option<Receiver<Listing>>,
+}
+
+/// What the listing threads share.
+struct Lister<'a> {
+    queue: Sender<Option<Task>>,
+    names: &'a Mutex<Names>,
+    cross_mounts: bool,
 }
 
 impl<'a> Scan<'a> {
-    pub fn new(excludes: &'a Excludes, cross_mounts: bool) -> Self {
+    pub fn new(excludes: &'a Excludes, cross_mounts: bool, threads: usize) -> Self {
         Scan {
             excludes,
             cross_mounts,
-            out: Scanned::default(),
-            links: HashMap::new(),
-            seen: HashSet::new(),
-            names: Names::default(),
+            threads: threads.max(1),
         }
     }
 
     /// Scans each root (an absolute path) and the directories above it.
-    pub fn run(mut self, roots: &[PathBuf]) -> Scanned {
-        for root in roots {
-            for anc in root.ancestors().collect::<Vec<_>>().into_iter().rev() {
-                if anc == Path::new("/") || anc == root.as_path() {
+    pub fn run(self, roots: &[PathBuf]) -> Scanned {
+        let names = Mutex::new(Names::default());
+        let (queue, tasks) = unbounded::<Option<Task>>();
+        let mut out = Assembly::default();
+        std::thread::scope(|s| {
+            for _ in 0..self.threads {
+                let lister = Lister {
+                    queue: queue.clone(),
+                    names: &names,
+                    cross_mounts: self.cross_mounts,
+                };
+                let tasks = tasks.clone();
+                s.spawn(move || {
+                    while let Ok(Some(task)) = tasks.recv() {
+                        let listing = lister.list(&task);
+                        // The assembly waits for every listing it queued:
+                        // it is there to receive.
+                        if task.reply.send(listing).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            // Only the listers hold it: if they all stopped, queued tasks
+            // are dropped and the assembly hears of it.
+            drop(tasks);
+            let lister = Lister {
+                queue: queue.clone(),
+                names: &names,
+                cross_mounts: self.cross_mounts,
+            };
+            let mut seen = HashSet::new();
+            for root in roots {
+                for anc in root.ancestors().collect::<Vec<_>>().into_iter().rev() {
+                    if anc == Path::new("/") || anc == root.as_path() {
+                        continue;
+                    }
+                    if let Ok(md) = std::fs::symlink_metadata(anc) {
+                        if seen.insert(anc.to_path_buf()) {
+                            if let Some(e) = lister.entry(anc, &md, &mut out.errors) {
+                                out.push(e, md.nlink());
+                            }
+                        }
+                    }
+                }
+                if !seen.insert(root.clone()) {
                     continue;
                 }
-                if let Ok(md) = std::fs::symlink_metadata(anc) {
-                    self.add(anc, &md);
+                let md = match std::fs::symlink_metadata(root) {
+                    Ok(md) => md,
+                    Err(e) => {
+                        out.error(root, e.to_string());
+                        continue;
+                    }
+                };
+                if md.file_type().is_socket() {
+                    out.sockets += 1;
+                    continue;
+                }
+                let Some(e) = lister.entry(root, &md, &mut out.errors) else {
+                    continue;
+                };
+                out.push(e, md.nlink());
+                if md.is_dir() {
+                    let rules = self.excludes.clone_rules();
+                    if let Some(rx) = lister.queue(root, md.dev(), &rules, &mut out.errors) {
+                        out.take(&rx, root);
+                    }
                 }
             }
-            match std::fs::symlink_metadata(root) {
-                Ok(md) => self.visit(root, &md, md.dev(), &self.excludes.clone_rules()),
-                Err(e) => self.error(root, e.to_string()),
+            for _ in 0..self.threads {
+                // The listers hold the receiver until they stop.
+                if queue.send(None).is_err() {
+                    break;
+                }
             }
-        }
-        self.out
+        });
+        out.finish()
     }
+}
 
+/// The scan's output put together in tree order.
+#[derive(Default)]
+struct Assembly {
+    entries: Vec<Entry>,
+    nlinks: Vec<u64>,
+    errors: Vec<(String, String)>,
+    sockets: u64,
+}
+
+impl Assembly {
     fn error(&mut self, path: &Path, why: String) {
         tracing::warn!("{}: {why}", path.display());
-        self.out.errors.push((path.display().to_string(), why));
+        self.errors.push((path.display().to_string(), why));
     }
 
-    /// Adds `path` and, for a directory, what it holds.
-    fn visit(&mut self, path: &Path, md: &std::fs::Metadata, root_dev: u64, rules: &Excludes) {
-        if md.file_type().is_socket() {
-            self.out.sockets += 1;
-            return;
-        }
-        if !self.add(path, md) || !md.is_dir() {
-            return;
-        }
-        if md.dev() != root_dev && !self.cross_mounts {
-            return;
-        }
-        let mut names = match read_names(path) {
-            Ok(n) => n,
-            Err(e) => return self.error(path, format!("cannot list: {e}")),
+    fn push(&mut self, e: Entry, nlink: u64) {
+        self.entries.push(e);
+        self.nlinks.push(nlink);
+    }
+
+    /// Adds the listing of `dir` and, depth first, those below it.
+    fn take(&mut self, rx: &Receiver<Listing>, dir: &Path) {
+        let Ok(l) = rx.recv() else {
+            return self.error(dir, "the scan of this directory stopped".into());
         };
-        let rules = match rules.with_ignore_file(path) {
-            Ok(r) => r,
+        self.errors.extend(l.errors);
+        self.sockets += l.sockets;
+        for c in l.children {
+            let below = c.below.map(|rx| (rx, super::abs_path(&c.entry.path)));
+            self.push(c.entry, c.nlink);
+            if let Some((rx, path)) = below {
+                self.take(&rx, &path);
+            }
+        }
+    }
+
+    /// Marks hard links: every later path of a multiply-linked file names
+    /// the first.
+    fn finish(mut self) -> Scanned {
+        let mut first: HashMap<(u64, u64), usize> = HashMap::new();
+        for i in 0..self.entries.len() {
+            let e = &self.entries[i];
+            if e.kind() == Kind::Dir || self.nlinks[i] <= 1 {
+                continue;
+            }
+            match first.get(&(e.dev, e.ino)) {
+                Some(&j) => self.entries[i].link = self.entries[j].path.clone(),
+                None => {
+                    first.insert((e.dev, e.ino), i);
+                }
+            }
+        }
+        Scanned {
+            entries: self.entries,
+            errors: self.errors,
+            sockets: self.sockets,
+        }
+    }
+}
+
+impl Lister<'_> {
+    /// Queues the listing of `dir`; None (and an error) if it cannot be.
+    fn queue(
+        &self,
+        dir: &Path,
+        root_dev: u64,
+        rules: &Excludes,
+        errors: &mut Vec<(String, String)>,
+    ) -> Option<Receiver<Listing>> {
+        let (reply, rx) = bounded(1);
+        let task = Task {
+            dir: dir.to_path_buf(),
+            root_dev,
+            rules: rules.clone_rules(),
+            reply,
+        };
+        match self.queue.send(Some(task)) {
+            Ok(()) => Some(rx),
+            Err(_) => {
+                errors.push((dir.display().to_string(), "the scan stopped".into()));
+                None
+            }
+        }
+    }
+
+    /// The entries of one directory.
+    fn list(&self, task: &Task) -> Listing {
+        let mut l = Listing::default();
+        let dir = task.dir.as_path();
+        let mut names = match read_names(dir) {
+            Ok(n) => n,
             Err(e) => {
-                self.error(path, e);
-                rules.clone_rules()
+                error(&mut l.errors, dir, format!("cannot list: {e}"));
+                return l;
             }
         };
-        if names.iter().any(|n| n == OsStr::new(CACHEDIR_TAG)) && is_cache_tag(path) {
+        let rules = match task.rules.with_ignore_file(dir) {
+            Ok(r) => r,
+            Err(e) => {
+                error(&mut l.errors, dir, e);
+                task.rules.clone_rules()
+            }
+        };
+        if names.iter().any(|n| n == OsStr::new(CACHEDIR_TAG)) && is_cache_tag(dir) {
             names.retain(|n| n == OsStr::new(CACHEDIR_TAG));
         }
         for name in names {
-            let child = path.join(&name);
+            let child = dir.join(&name);
             if rules.excluded(&child) {
                 continue;
             }
-            match std::fs::symlink_metadata(&child) {
-                Ok(cmd) => self.visit(&child, &cmd, root_dev, &rules),
-                Err(e) => self.error(&child, e.to_string()),
+            let md = match std::fs::symlink_metadata(&child) {
+                Ok(md) => md,
+                Err(e) => {
+                    error(&mut l.errors, &child, e.to_string());
+                    continue;
+                }
+            };
+            if md.file_type().is_socket() {
+                l.sockets += 1;
+                continue;
             }
+            let Some(entry) = self.entry(&child, &md, &mut l.errors) else {
+                continue;
+            };
+            let descend = md.is_dir() && (md.dev() == task.root_dev || self.cross_mounts);
+            let below = if descend {
+                self.queue(&child, task.root_dev, &rules, &mut l.errors)
+            } else {
+                None
+            };
+            l.children.push(Child {
+                entry,
+                nlink: md.nlink(),
+                below,
+            });
         }
+        l
     }
 
-    /// The entry of `path`; false if it was there already (overlapping roots).
-    fn add(&mut self, path: &Path, md: &std::fs::Metadata) -> bool {
-        let rel = path.as_os_str().as_bytes()[1..].to_vec();
-        if !self.seen.insert(rel.clone()) {
-            return false;
-        }
+    /// The entry of `path` (hard links not marked yet); None if it cannot
+    /// be made (a link that cannot be read).
+    fn entry(
+        &self,
+        path: &Path,
+        md: &std::fs::Metadata,
+        errors: &mut Vec<(String, String)>,
+    ) -> Option<Entry> {
         let ft = md.file_type();
         let kind = if ft.is_dir() {
             Kind::Dir
@@ -131,13 +324,19 @@ impl<'a> Scan<'a> {
             Kind::File
         };
         let [mtime, atime, ctime] = Time::of(md);
+        let (user, group) = {
+            // A cache stays whole whatever panicked while it was held.
+            let mut n = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            (n.user(md.uid()), n.group(md.gid()))
+        };
         let mut e = Entry {
+            path: path.as_os_str().as_bytes()[1..].to_vec(),
             kind: Some(kind),
             mode: md.mode() & 0o7777,
             uid: md.uid(),
             gid: md.gid(),
-            user: self.names.user(md.uid()),
-            group: self.names.group(md.gid()),
+            user,
+            group,
             mtime,
             atime,
             ctime,
@@ -151,27 +350,22 @@ impl<'a> Scan<'a> {
             match std::fs::read_link(path) {
                 Ok(t) => e.target = t.into_os_string().into_vec(),
                 Err(err) => {
-                    self.error(path, format!("cannot read link: {err}"));
-                    return false;
-                }
-            }
-        }
-        if kind != Kind::Dir && md.nlink() > 1 {
-            match self.links.get(&(md.dev(), md.ino())) {
-                Some(first) => e.link = first.clone(),
-                None => {
-                    self.links.insert((md.dev(), md.ino()), rel.clone());
+                    error(errors, path, format!("cannot read link: {err}"));
+                    return None;
                 }
             }
         }
         match xattrs(path) {
             Ok(x) => e.xattrs = x,
-            Err(err) => self.error(path, format!("cannot read xattrs: {err}")),
+            Err(err) => error(errors, path, format!("cannot read xattrs: {err}")),
         }
-        e.path = rel;
-        self.out.entries.push(e);
-        true
+        Some(e)
     }
+}
+
+fn error(errors: &mut Vec<(String, String)>, path: &Path, why: String) {
+    tracing::warn!("{}: {why}", path.display());
+    errors.push((path.display().to_string(), why));
 }
 
 use std::os::unix::ffi::OsStringExt;

@@ -17,17 +17,42 @@ pub const DEFAULT_LEVEL: i32 = 1;
 pub fn seal_chunk(cipher: &SessionCipher, id: &Id, data: &[u8], level: i32) -> Vec<u8> {
     let mut plain = Vec::with_capacity(data.len() + 1);
     plain.push(ZSTD);
-    // zstd's bulk API into a preallocated buffer: a failure (output would not
-    // fit) just means the chunk does not shrink.
-    let mut comp = vec![0u8; data.len()];
-    match zstd::bulk::compress_to_buffer(data, &mut comp, level) {
-        Ok(n) if n + 1 < data.len() => plain.extend_from_slice(&comp[..n]),
+    // Into the room after the tag, at most `data.len()` bytes: a failure
+    // (output would not fit) just means the chunk does not shrink.
+    let mut out = std::io::Cursor::new(&mut plain);
+    out.set_position(1);
+    match compress_into(data, &mut out, level) {
+        Ok(n) if n + 1 < data.len() => {}
         _ => {
+            plain.truncate(1);
             plain[0] = RAW;
             plain.extend_from_slice(data);
         }
     }
     cipher.seal(&id.0, &plain)
+}
+
+thread_local! {
+    /// A compression context per thread, kept between chunks: making one
+    /// costs more than compressing a small file's chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress_into(
+    data: &[u8],
+    out: &mut std::io::Cursor<&mut Vec<u8>>,
+    level: i32,
+) -> std::io::Result<usize> {
+    COMPRESSOR.with_borrow_mut(|c| {
+        let mut comp = match c.take() {
+            Some((l, comp)) if l == level => comp,
+            _ => zstd::bulk::Compressor::new(level)?,
+        };
+        let n = comp.compress_to_buffer(data, out);
+        *c = Some((level, comp));
+        n
+    })
 }
 
 /// What a thread that opens one chunk after another keeps between them:
