@@ -184,7 +184,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("opening repository {url}"))?,
         );
         let snap = repo
-            .while_loading_index(|| repo.find_snapshot(&snapshot))
+            .find_snapshot(&snapshot)
             .with_context(|| format!("snapshot {snapshot} in {url}"))?;
         Ok((repo, snap))
     };
@@ -213,32 +213,29 @@ fn run(cli: Cli) -> Result<()> {
     let mut readers = Vec::new();
     let mut traces = Vec::new();
     let demand = Arc::new(DemandStats::default());
-    for d in &snap.disks {
-        let reader = Arc::new(bulwark_store::read::reader::open_disk(
-            repo.clone(),
-            &snap,
-            &d.name,
-            cache,
-        )?);
+    // One index narrowed to the snapshot's chunks: memory follows the
+    // snapshot, not the repository.
+    for (name, reader) in bulwark_store::read::reader::open_disks(repo.clone(), &snap, cache)? {
+        let reader = Arc::new(reader);
         reader.wait_out_outages(std::time::Duration::from_secs(outage_wait));
         if let Some(rep) = &replica {
             reader.fall_back_to(rep.clone());
         }
-        let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
+        let desc = format!("{} {name} of snapshot {}", snap.source, snap.id.short());
         let export = match record_boot_set {
             Some(_) => {
                 let trace = Arc::new(ReadTrace::new());
-                traces.push((d.name.clone(), trace.clone()));
+                traces.push((name.clone(), trace.clone()));
                 StoreExport::traced(reader.clone(), trace)
             }
             None => StoreExport::new(reader.clone()),
         };
         server = server.add_export(
-            &d.name,
+            &name,
             Arc::new(export.with_demand(demand.clone())),
             Some(desc),
         );
-        readers.push((d.name.clone(), reader));
+        readers.push((name, reader));
     }
     let boot_set_bytes = boot_set.as_ref().map_or(0, |b| queue_boot_set(b, &readers));
     let backfill = (!backfill.is_empty())
