@@ -207,8 +207,10 @@ struct Inner {
     outage_wait_ms: AtomicU64,
     /// The index loaded again after a pack was found gone, and when.
     reloaded: Mutex<Option<(Instant, Arc<Index>)>>,
-    /// A replica of the repository, read when the repository fails.
+    /// A replica of the repository, read when the repository fails, and
+    /// its index narrowed to this disk once loaded.
     replica: std::sync::OnceLock<Arc<Repository>>,
+    replica_index: Mutex<Option<Arc<Index>>>,
     /// Whether a read has been served by the replica yet (logged once).
     failed_over: std::sync::atomic::AtomicBool,
     /// After the repository failed, reads go to the replica first until
@@ -254,6 +256,7 @@ impl DiskReader {
             outage_wait_ms: AtomicU64::new(0),
             reloaded: Mutex::new(None),
             replica: std::sync::OnceLock::new(),
+            replica_index: Mutex::new(None),
             failed_over: std::sync::atomic::AtomicBool::new(false),
             replica_first_until: Mutex::new(None),
         });
@@ -728,7 +731,18 @@ impl Inner {
 
     /// Span `s` read chunk by chunk from the replica.
     fn read_from_replica(&self, replica: &Repository, s: u32) -> Result<Arc<SpanData>> {
-        let d = self.read_chunks(replica, &*replica.index_for(chunks_of(&self.list))?, s)?;
+        let index = {
+            let mut g = self.replica_index.lock().unwrap_or_else(|e| e.into_inner());
+            match g.as_ref() {
+                Some(ix) => ix.clone(),
+                None => {
+                    let ix = replica.index_for(chunks_of(&self.list))?;
+                    *g = Some(ix.clone());
+                    ix
+                }
+            }
+        };
+        let d = self.read_chunks(replica, &index, s)?;
         if !self.failed_over.swap(true, Ordering::Relaxed) {
             tracing::warn!("the repository failed: reading from the replica");
         }
