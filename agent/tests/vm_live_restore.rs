@@ -178,6 +178,75 @@ fn qemu_img_to_raw(from: &Path, to: &Path) {
     assert!(st.success());
 }
 
+/// `restore vm SNAP --as NAME --storage-dir IMAGES --live --wait EXTRA...`
+/// in the background; `s3` adds a bucket's credentials and repository.
+fn spawn_live(
+    env: &Env,
+    snap: &str,
+    name: &str,
+    images: &Path,
+    extra: &[&str],
+    s3: Option<&S3Repo>,
+) -> std::process::Child {
+    let mut args = vec![
+        "restore",
+        "vm",
+        snap,
+        "--as",
+        name,
+        "--storage-dir",
+        images.to_str().unwrap(),
+        "--live",
+        "--wait",
+    ];
+    args.extend_from_slice(extra);
+    let mut cmd = env.cmd(&args);
+    if let Some(b) = s3 {
+        cmd.envs(b.server.env()).env("BULWARK_REPO", &b.repo);
+    }
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the server of restore `name` listens: it has loaded what it
+/// needs, and the domain starts right after.
+fn wait_for_server(env: &Env, name: &str) {
+    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
+    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+}
+
+/// The live restore `child` ended well and its record says done.
+fn assert_done(env: &Env, name: &str, child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the live restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(env, name);
+    assert_eq!(s["phase"], "done", "{s}");
+    s
+}
+
+/// The server's log of restore `name`.
+fn server_log(env: &Env, name: &str) -> String {
+    std::fs::read_to_string(env.state_dir().join("live").join(format!("{name}.nbd.log"))).unwrap()
+}
+
+/// The guest's files on `name`'s overlay equal those of `reference` (the
+/// snapshot restored raw).
+fn assert_guest_files(env: &Env, image: &Image, reference: &Path, overlay: &Path) -> Vec<u8> {
+    let got_raw = env.path("got.raw");
+    qemu_img_to_raw(overlay, &got_raw);
+    for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
+        let w = image.read_guest_file(reference, f).unwrap();
+        assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");
+    }
+    std::fs::read(&got_raw).unwrap()
+}
+
 /// A chunk damaged in the repository: guest reads of it fail with EIO, the
 /// stream gives up and the restore is marked failed naming the failed read,
 /// and what was written into the VM is still there.
@@ -332,30 +401,17 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     let name = testbed::unique_name("bw-outage");
     let _domains = Restored(vec![name.clone()]);
     let images = env.path("images");
-    let child = env
-        .cmd(&[
-            "restore",
-            "vm",
-            &snap,
-            "--as",
-            &name,
-            "--storage-dir",
-            images.to_str().unwrap(),
-            "--live",
-            "--wait",
-            "--s3-endpoint",
-            &proxy.endpoint(),
-        ])
-        .envs(bucket.server.env())
-        .env("BULWARK_REPO", &bucket.repo)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The server has loaded what it needs once its socket exists; the
-    // domain starts right after: the outage begins before its first read.
-    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
-    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+    let endpoint = proxy.endpoint();
+    let child = spawn_live(
+        &env,
+        &snap,
+        &name,
+        &images,
+        &["--s3-endpoint", &endpoint],
+        Some(&bucket),
+    );
+    // The outage begins before the guest's first read.
+    wait_for_server(&env, &name);
     proxy.set(testbed::s3::Faults {
         outage: true,
         ..Default::default()
@@ -395,14 +451,7 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
 
     let off = scratch;
     testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the live restore failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = status(&env, &name);
-    assert_eq!(s["phase"], "done", "{s}");
+    let s = assert_done(&env, &name, child);
     assert_eq!(s["server_restarts"], 0, "{s}");
     let stall = s["stall_seconds"].as_f64().unwrap_or_default();
     assert!(stall >= 30.0, "reads waited {stall}s in all: {s}");
@@ -457,30 +506,16 @@ fn a_live_restore_reads_the_replica_while_the_bucket_is_down() {
     let name = testbed::unique_name("bw-replica");
     let _domains = Restored(vec![name.clone()]);
     let images = env.path("images");
-    let child = env
-        .cmd(&[
-            "restore",
-            "vm",
-            &snap,
-            "--as",
-            &name,
-            "--storage-dir",
-            images.to_str().unwrap(),
-            "--live",
-            "--wait",
-            "--s3-endpoint",
-            &proxy.endpoint(),
-            "--replica",
-            replica,
-        ])
-        .envs(bucket.server.env())
-        .env("BULWARK_REPO", &bucket.repo)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
-    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+    let endpoint = proxy.endpoint();
+    let child = spawn_live(
+        &env,
+        &snap,
+        &name,
+        &images,
+        &["--s3-endpoint", &endpoint, "--replica", replica],
+        Some(&bucket),
+    );
+    wait_for_server(&env, &name);
     proxy.set(testbed::s3::Faults {
         outage: true,
         ..Default::default()
@@ -490,22 +525,14 @@ fn a_live_restore_reads_the_replica_while_the_bucket_is_down() {
     assert_eq!(ready.marker, image.marker());
     let off = image.scratch_offset();
     testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the live restore failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_done(&env, &name, child);
     // All of it while the bucket was down.
     let resets = proxy
         .stats
         .outage_resets
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(resets > 0, "nothing met the outage: {:?}", proxy.stats);
-    let s = status(&env, &name);
-    assert_eq!(s["phase"], "done", "{s}");
-    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = server_log(&env, &name);
     assert!(log.contains("reading from the replica"), "{log}");
     proxy.set(testbed::s3::Faults::default());
     testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
@@ -521,12 +548,12 @@ fn a_live_restore_reads_the_replica_while_the_bucket_is_down() {
             reference.to_str().unwrap(),
         ],
     );
-    let got_raw = env.path("got.raw");
-    qemu_img_to_raw(&images.join(format!("{name}-vda.qcow2")), &got_raw);
-    for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
-        let w = image.read_guest_file(&reference, f).unwrap();
-        assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");
-    }
+    assert_guest_files(
+        &env,
+        &image,
+        &reference,
+        &images.join(format!("{name}-vda.qcow2")),
+    );
 }
 
 /// A GC repacks and sweeps (`gc --grace 0s`, twice) the packs a live
@@ -584,27 +611,16 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     let name = testbed::unique_name("bw-livegc");
     let _domains = Restored(vec![name.clone()]);
     let images = env.path("images");
-    let child = env
-        .cmd(&[
-            "restore",
-            "vm",
-            &snap,
-            "--as",
-            &name,
-            "--storage-dir",
-            images.to_str().unwrap(),
-            "--live",
-            "--wait",
-            // The backfill takes half a minute: the GC below happens early in it.
-            "--stream-mib-per-sec",
-            "10",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let socket = env.state_dir().join("live").join(format!("{name}.sock"));
-    wait_for("the server's socket", 120, || socket.exists().then_some(()));
+    // The backfill takes half a minute: the GC below happens early in it.
+    let child = spawn_live(
+        &env,
+        &snap,
+        &name,
+        &images,
+        &["--stream-mib-per-sec", "10"],
+        None,
+    );
+    wait_for_server(&env, &name);
 
     let pruned = env.json(&["prune", "--keep-last", "1", "--json"]);
     eprintln!("prune: {pruned}");
@@ -635,16 +651,8 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     let off = scratch + (4 << 20);
     testbed::domain_qemu_io(&name, &format!("write -P 0x5a {off} 64k")).unwrap();
 
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the live restore failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = status(&env, &name);
-    assert_eq!(s["phase"], "done", "{s}");
-    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
-    let log = std::fs::read_to_string(&log).unwrap();
+    assert_done(&env, &name, child);
+    let log = server_log(&env, &name);
     assert!(
         log.contains("reloading the index"),
         "the server's reads never met a swept pack:\n{log}"
@@ -668,18 +676,17 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     ]);
     let mut want = std::fs::read(&reference).unwrap();
     want[off as usize..off as usize + (64 << 10)].fill(0x5a);
-    let got_raw = env.path("got.raw");
-    qemu_img_to_raw(&images.join(format!("{name}-vda.qcow2")), &got_raw);
-    let got = std::fs::read(&got_raw).unwrap();
+    let got = assert_guest_files(
+        &env,
+        &image,
+        &reference,
+        &images.join(format!("{name}-vda.qcow2")),
+    );
     let p1 = (image.partition_offset() + image.partition_size()) as usize;
     assert!(
         got[p1..] == want[p1..],
         "the disk after the partition differs"
     );
-    for f in ["/data/random.bin", "/data/text.txt", "/marker"] {
-        let w = image.read_guest_file(&reference, f).unwrap();
-        assert_eq!(image.read_guest_file(&got_raw, f).unwrap(), w, "{f}");
-    }
 }
 
 /// `cargo test --release -p bulwark --test vm_live_restore -- --ignored --nocapture`:
