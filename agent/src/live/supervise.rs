@@ -103,6 +103,8 @@ fn step(r: &mut LiveRestore, uri: &str, password: Option<&str>) -> Result<()> {
 /// backing cannot be moved streams from the server instead, as before
 /// there was a backfill.
 fn follow_backfills(r: &mut LiveRestore, dom: &Domain) -> Result<()> {
+    // No counters yet (a server just started) means no disk is done:
+    // every disk waits for the next step, nothing is decided from them.
     let progress = r.stats().map(|s| s.backfill).unwrap_or_default();
     for i in 0..r.disks.len() {
         let d = &r.disks[i];

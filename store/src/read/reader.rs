@@ -139,18 +139,23 @@ enum FailKind {
     Fatal,
 }
 
-impl Failed {
+impl FailKind {
     fn of(e: &Error) -> Self {
-        let kind = match e {
+        match e {
             Error::Backend(BackendError::NotFound(_)) => FailKind::PackGone,
             Error::Backend(BackendError::Other(_) | BackendError::Io { .. }) => {
                 FailKind::Unreachable
             }
             _ => FailKind::Fatal,
-        };
+        }
+    }
+}
+
+impl Failed {
+    fn of(e: &Error) -> Self {
         Failed {
             error: Arc::new(clone_error(e)),
-            kind,
+            kind: FailKind::of(e),
         }
     }
 
@@ -692,11 +697,11 @@ impl Inner {
             r.map(|()| self.open(s, &mut sc.fetched, span.start, &mut sc.chunk))
         });
         let r = match r {
-            Err(e) if Failed::of(&e).kind == FailKind::PackGone => self.relocated(s),
+            Err(e) if FailKind::of(&e) == FailKind::PackGone => self.relocated(s),
             r => r,
         };
         let r = match (r, self.replica.get()) {
-            (Err(e), Some(replica)) if Failed::of(&e).kind != FailKind::Fatal => {
+            (Err(e), Some(replica)) if FailKind::of(&e) != FailKind::Fatal => {
                 *self
                     .replica_first_until
                     .lock()
