@@ -6,7 +6,10 @@ use std::sync::{Arc, Barrier};
 
 use bulwark_store::backup::source::MemSource;
 use bulwark_store::read::reader::{open_disk, DiskReader};
-use bulwark_store::{Error, Mode, Repository, Snapshot};
+use bulwark_store::backend::ObjectInfo;
+use bulwark_store::{
+    Backend, BackendError, Error, LocalBackend, Mode, RepoConfig, Repository, Secret, Snapshot,
+};
 
 mod common;
 use common::*;
@@ -242,4 +245,77 @@ fn a_reader_follows_chunks_a_gc_repacked_and_swept() {
         r.read_at((k as u64) << 20, piece).unwrap();
     }
     assert!(got == only_x, "bytes read after the GC differ");
+}
+
+/// A local repository whose ranged reads take a while and that wants many
+/// in flight (as S3 does): read-ahead threads all busy at once.
+#[derive(Debug)]
+struct Slow(LocalBackend);
+
+impl Backend for Slow {
+    fn location(&self) -> String {
+        self.0.location()
+    }
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
+        self.0.put(name, data)
+    }
+    fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
+        self.0.get(name)
+    }
+    fn get_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        self.0.get_range_into(name, offset, len, buf)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        self.0.list(prefix)
+    }
+    fn delete(&self, name: &str) -> Result<(), BackendError> {
+        self.0.delete(name)
+    }
+    fn read_concurrency(&self) -> usize {
+        16
+    }
+}
+
+/// A boot set four times the cache queued at once, then read through: the
+/// read-ahead in flight (16 threads, 4 MiB ranged reads) and the idle fetch
+/// buffers are counted with the cache, and fetches that would overflow it
+/// wait; unbounded, 16 reads of 4 MiB plus their opened chunks would hold
+/// 128 MiB at once.
+#[test]
+fn read_ahead_in_flight_stays_within_the_cache_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RepoConfig {
+        pack_size: 16 << 20,
+        ..small_config()
+    };
+    let secret = Secret::Passphrase(PW.into());
+    let local = || LocalBackend::new(dir.path().join("repo"));
+    let repo = Repository::init(Arc::new(local()), &secret, &cheap_kdf(), config).unwrap();
+    let data = random(128 << 20, 13);
+    let snap = backup(&repo, &mut MemSource::new(data.clone()), Mode::Full, 2);
+    let repo = Arc::new(Repository::open(Arc::new(Slow(local())), &secret).unwrap());
+    let budget = 32u64 << 20;
+    let r = open_disk(repo, &snap, "image", budget as usize).unwrap();
+    let queued = r.prefetch_in_order(&[(0, data.len() as u64)]);
+    assert_eq!(queued, snap.stats.bytes_stored, "the whole disk is queued");
+    let mut got = vec![0u8; data.len()];
+    for (k, piece) in got.chunks_mut(1 << 20).enumerate() {
+        r.read_at((k as u64) << 20, piece).unwrap();
+    }
+    assert!(got == data, "bytes read differ");
+    let st = r.stats();
+    assert!(st.readahead_fetches >= 8, "{st:?}");
+    assert!(st.peak_bytes > budget / 2, "the budget was never used: {st:?}");
+    assert!(
+        st.peak_bytes <= budget,
+        "held {} MiB at once for a budget of 32 MiB: {st:?}",
+        st.peak_bytes >> 20
+    );
 }

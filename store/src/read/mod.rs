@@ -2,6 +2,7 @@
 //! whole ([`restore`]) or served at random offsets ([`reader`]: NBD exports,
 //! FUSE mounts, live restores).
 
+mod budget;
 pub mod fetch;
 pub mod reader;
 pub mod restore;

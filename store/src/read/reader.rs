@@ -45,13 +45,15 @@ use crate::error::{Error, Result};
 use crate::format::blob::ChunkBuf;
 use crate::format::chunklist::ChunkList;
 use crate::format::index::Index;
+use crate::read::budget::Budget;
 use crate::read::fetch::{self, Reads, Scratch, Span};
 use crate::repo::Repository;
 
 /// Largest span: what a random read may fetch at once.
 const SPAN_MAX: u64 = 4 << 20;
 
-/// Largest ranged read of coalesced read-ahead spans.
+/// Largest ranged read of coalesced read-ahead spans (nor more than an
+/// eighth of the cache).
 const COALESCE_MAX: u64 = 16 << 20;
 /// Sequential readers followed at once (a backfill beside a guest, ...).
 pub const STREAMS: usize = 8;
@@ -79,12 +81,9 @@ pub struct ReaderStats {
     pub cache_hits: u64,
     /// Bytes handed to readers (data extents only).
     pub bytes_served: u64,
-}
-
-thread_local! {
-    /// This thread's fetch buffers (up to [`COALESCE_MAX`] of pack bytes):
-    /// a fetch neither maps fresh memory nor builds a new zstd context.
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// Most memory held at once: cached chunks, fetches in flight and idle
+    /// fetch buffers (never above the cache size but for one fetch alone).
+    pub peak_bytes: u64,
 }
 
 /// What [`DiskReader::read`] returns.
@@ -191,7 +190,10 @@ struct Stream {
 
 struct State {
     ready: LruCache<u32, Arc<SpanData>>,
-    ready_bytes: usize,
+    budget: Budget,
+    /// Idle fetch buffers: a fetch neither maps fresh memory nor builds a
+    /// new zstd context. Counted in the budget.
+    spares: Vec<Scratch>,
     pending: HashMap<u32, Pending>,
     streams: [Stream; STREAMS],
     clock: u64,
@@ -205,9 +207,11 @@ struct Inner {
     spans: Vec<Span>,
     /// Span of each extent (`u32::MAX`: a zero extent).
     span_of: Vec<u32>,
-    cache_limit: usize,
     window_max: u64,
+    coalesce_max: u64,
     state: Mutex<State>,
+    /// Signalled when a fetch ends: one waiting for room may start.
+    room: Condvar,
     /// How long a read waits out an unreachable backend (ms; 0: fails at once).
     outage_wait_ms: AtomicU64,
     /// The index loaded again after a pack was found gone, and when.
@@ -248,11 +252,12 @@ impl DiskReader {
             list,
             spans,
             span_of,
-            cache_limit,
             window_max: WINDOW_MAX.min(cache_limit as u64 / 4),
+            coalesce_max: COALESCE_MAX.min(cache_limit as u64 / 8),
             state: Mutex::new(State {
                 ready: LruCache::unbounded(),
-                ready_bytes: 0,
+                budget: Budget::new(cache_limit),
+                spares: Vec::new(),
                 pending: HashMap::new(),
                 streams: [Stream::default(); STREAMS],
                 clock: 0,
@@ -264,6 +269,7 @@ impl DiskReader {
             replica_index: Mutex::new(None),
             failed_over: std::sync::atomic::AtomicBool::new(false),
             replica_first_until: Mutex::new(None),
+            room: Condvar::new(),
         });
         let (jobs, rx) = unbounded::<Vec<u32>>();
         for _ in 0..threads {
@@ -283,7 +289,11 @@ impl DiskReader {
     }
 
     pub fn stats(&self) -> ReaderStats {
-        self.inner.lock().stats
+        let st = self.inner.lock();
+        ReaderStats {
+            peak_bytes: st.budget.peak() as u64,
+            ..st.stats
+        }
     }
 
     /// Chunks the repository cannot give (unreachable, or its pack gone
@@ -570,7 +580,7 @@ impl DiskReader {
                 let prev = &inner.spans[p as usize];
                 p + 1 == s && prev.pack == span.pack && prev.end == span.start
             });
-            if !job.is_empty() && (!joins || job_bytes + span.len() > COALESCE_MAX) {
+            if !job.is_empty() && (!joins || job_bytes + span.len() > inner.coalesce_max) {
                 // A closed channel means the reader is going away.
                 let _ = self.jobs.send(std::mem::take(&mut job));
                 job_bytes = 0;
@@ -583,6 +593,24 @@ impl DiskReader {
             let _ = self.jobs.send(job);
         }
     }
+}
+
+/// A fetch in flight: its buffer and the pack bytes reserved for it.
+struct Lease {
+    scratch: Scratch,
+    sealed: usize,
+}
+
+/// Evicts from the cold end of the cache until what the reader holds fits
+/// its budget.
+fn make_room(st: &mut State) {
+    while st.budget.over() > 0 {
+        match st.ready.pop_lru() {
+            Some((_, old)) => st.budget.uncache(old.bytes),
+            None => break,
+        }
+    }
+    st.budget.settle();
 }
 
 /// Bytes of the spans queued for the workers.
@@ -678,24 +706,37 @@ impl Inner {
         if let Some(f) = flight {
             return f.wait();
         }
+        // A demand read may use the whole budget (the cache gives way).
+        let mut lease = {
+            let st = self.lock();
+            let limit = st.budget.limit();
+            let mut st = self.wait_for_room(st, &[s], limit);
+            self.lease(&mut st, &[s])
+        };
+        let r = self.load(s, &mut lease.scratch);
+        self.publish(s, r.clone());
+        self.give_back(lease);
+        r
+    }
+
+    /// Span `s` fetched with `sc` (or read from the replica or the chunks'
+    /// new copies).
+    fn load(&self, s: u32, sc: &mut Scratch) -> Result<Arc<SpanData>, Failed> {
         if let Some(replica) = self.replica.get().filter(|_| self.replica_first()) {
             if let Ok(d) = self.read_from_replica(replica, s) {
-                self.publish(s, Ok(d.clone()));
                 return Ok(d);
             }
         }
         let span = &self.spans[s as usize];
-        let r = SCRATCH.with_borrow_mut(|sc| {
-            let r = fetch::fetch(
-                &self.repo,
-                &self.index,
-                &[span],
-                Reads::Again,
-                &mut sc.fetched,
-            );
-            self.count_fetch(&r, &sc.fetched, false);
-            r.map(|()| self.open(s, &mut sc.fetched, span.start, &mut sc.chunk))
-        });
+        let r = fetch::fetch(
+            &self.repo,
+            &self.index,
+            &[span],
+            Reads::Again,
+            &mut sc.fetched,
+        );
+        self.count_fetch(&r, &sc.fetched, false);
+        let r = r.map(|()| self.open(s, &mut sc.fetched, span.start, &mut sc.chunk));
         let r = match r {
             Err(e) if FailKind::of(&e) == FailKind::PackGone => self.relocated(s),
             r => r,
@@ -713,9 +754,69 @@ impl Inner {
             }
             (r, _) => r,
         };
-        let r = r.map_err(|e| Failed::of(&e));
-        self.publish(s, r.clone());
-        r
+        r.map_err(|e| Failed::of(&e))
+    }
+
+    /// Waits until a fetch of spans `run` fits in `share` of the budget.
+    fn wait_for_room<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        run: &[u32],
+        share: usize,
+    ) -> MutexGuard<'a, State> {
+        let cost = (self.sealed(run) + self.plain(run)) as usize;
+        while !st.budget.fits(cost, share) {
+            st = self.room.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st
+    }
+
+    /// Starts a fetch of spans `run`: reserves its pack bytes (in a spare
+    /// fetch buffer if one is idle) and its opened chunks, which
+    /// [`Inner::publish`] hands over to the cache span by span.
+    fn lease(&self, st: &mut State, run: &[u32]) -> Lease {
+        let scratch = st.spares.pop().unwrap_or_default();
+        let kept = scratch.fetched.capacity();
+        st.budget.take_spare(kept);
+        let sealed = kept.max(self.sealed(run) as usize);
+        st.budget.start(sealed + self.plain(run) as usize);
+        make_room(st);
+        Lease { scratch, sealed }
+    }
+
+    /// Ends a fetch: its buffer is kept for the next one while idle
+    /// buffers fit in their share of the budget, else freed.
+    fn give_back(&self, lease: Lease) {
+        let freed = {
+            let mut st = self.lock();
+            st.budget.end(lease.sealed);
+            let kept = lease.scratch.fetched.capacity();
+            let freed = if st.budget.keeps_spare(kept) {
+                st.budget.add_spare(kept);
+                st.spares.push(lease.scratch);
+                None
+            } else {
+                Some(lease.scratch)
+            };
+            st.budget.settle();
+            freed
+        };
+        drop(freed);
+        self.room.notify_all();
+    }
+
+    /// Pack bytes of spans `run`.
+    fn sealed(&self, run: &[u32]) -> u64 {
+        run.iter().map(|&s| self.spans[s as usize].len()).sum()
+    }
+
+    /// Bytes of the opened chunks of spans `run`.
+    fn plain(&self, run: &[u32]) -> u64 {
+        let extents = self.list.extents();
+        run.iter()
+            .flat_map(|&s| &self.spans[s as usize].items)
+            .map(|(i, _)| extents[*i].len)
+            .sum()
     }
 
     /// Span `s` read chunk by chunk through the index loaded again: its
@@ -801,11 +902,14 @@ impl Inner {
     }
 
     /// A background job: fetch the spans still queued, adjacent ones with
-    /// one ranged read.
+    /// one ranged read, once read-ahead in flight leaves room for it within
+    /// half the budget (the other half is the cache's and demand reads').
     fn read_ahead(&self, job: &[u32]) {
         let mut run: Vec<u32> = Vec::new();
-        {
-            let mut st = self.lock();
+        let mut lease = {
+            let st = self.lock();
+            let share = st.budget.limit() / 2;
+            let mut st = self.wait_for_room(st, job, share);
             for &s in job {
                 if matches!(st.pending.get(&s), Some(Pending::Queued)) {
                     st.pending
@@ -813,22 +917,27 @@ impl Inner {
                     run.push(s);
                 }
             }
-        }
+            if run.is_empty() {
+                return;
+            }
+            self.lease(&mut st, &run)
+        };
         // Spans a reader took over leave gaps: fetch each contiguous run.
         let mut start = 0;
         for k in 1..=run.len() {
             if k == run.len() || run[k] != run[k - 1] + 1 {
-                self.fetch_run(&run[start..k]);
+                self.fetch_run(&run[start..k], &mut lease.scratch);
                 start = k;
             }
         }
+        self.give_back(lease);
     }
 
     /// Fetched for a stream, which reads each span once: kept in memory,
     /// not added to the disk cache (scan resistance, as in memory).
-    fn fetch_run(&self, run: &[u32]) {
+    fn fetch_run(&self, run: &[u32], sc: &mut Scratch) {
         let spans: Vec<&Span> = run.iter().map(|&s| &self.spans[s as usize]).collect();
-        SCRATCH.with_borrow_mut(|sc| {
+        {
             let r = fetch::fetch(
                 &self.repo,
                 &self.index,
@@ -852,7 +961,7 @@ impl Inner {
                     }
                 }
             }
-        })
+        }
     }
 
     fn count_fetch(&self, r: &Result<()>, bytes: &[u8], ahead: bool) {
@@ -888,29 +997,27 @@ impl Inner {
         Arc::new(SpanData { chunks, bytes })
     }
 
-    /// Ends a fetch: caches the result (a failed fetch is not cached, so
-    /// the next read tries again) and wakes whoever waits for it.
+    /// Ends the fetch of span `s` (its lease's opened chunks become the
+    /// cache's): caches the result (a failed fetch is not cached, so the
+    /// next read tries again) and wakes whoever waits for it.
     fn publish(&self, s: u32, r: Result<Arc<SpanData>, Failed>) {
         let flight = {
             let mut st = self.lock();
+            st.budget.end(self.plain(&[s]) as usize);
             let flight = match st.pending.remove(&s) {
                 Some(Pending::Loading(f)) => Some(f),
                 _ => None,
             };
             if let Ok(d) = &r {
-                st.ready_bytes += d.bytes;
+                st.budget.cache(d.bytes);
                 if let Some((_, old)) = st.ready.push(s, d.clone()) {
-                    st.ready_bytes -= old.bytes;
-                }
-                while st.ready_bytes > self.cache_limit {
-                    match st.ready.pop_lru() {
-                        Some((_, old)) => st.ready_bytes -= old.bytes,
-                        None => break,
-                    }
+                    st.budget.uncache(old.bytes);
                 }
             }
+            make_room(&mut st);
             flight
         };
+        self.room.notify_all();
         if let Some(f) = flight {
             *f.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
             f.cv.notify_all();
