@@ -581,13 +581,11 @@ fn slice(list: &ChunkList, offset: u64, len: u64, index: &DedupIndex) -> Option<
         }
         let (s, t) = (x.offset.max(offset), x.end().min(end));
         match x.chunk {
-            Some(id) if (s, t) == (x.offset, x.end()) && index.reusable(&id) => {
-                out.push(Extent {
-                    offset: s,
-                    len: t - s,
-                    chunk: Some(id),
-                })
-            }
+            Some(id) if (s, t) == (x.offset, x.end()) && index.reusable(&id) => out.push(Extent {
+                offset: s,
+                len: t - s,
+                chunk: Some(id),
+            }),
             Some(_) => return None,
             None => out.push(Extent {
                 offset: s,

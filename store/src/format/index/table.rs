@@ -522,7 +522,7 @@ mod tests {
         let dup: Vec<Rec<InPack>> = recs.iter().step_by(9).copied().collect();
         recs.extend(dup);
         let mut want = recs.clone();
-        want.sort_by(|a, b| a.tail.cmp(&b.tail));
+        want.sort_by_key(|r| r.tail);
         Sorter::default().sort(&mut recs);
         assert!(recs.len() >= COUNTING_SORT_FROM);
         let tails = |v: &[Rec<InPack>]| v.iter().map(|r| r.tail).collect::<Vec<_>>();
@@ -554,7 +554,11 @@ mod tests {
         bld.add_pack(&one(Id::random(), 2, cc));
         let ix = bld.finish();
         assert_eq!((ix.packs().len(), ix.salts.len(), ix.len()), (3, 2, 3));
-        let (la, lb, lc) = (ix.get(&ca).unwrap(), ix.get(&cb).unwrap(), ix.get(&cc).unwrap());
+        let (la, lb, lc) = (
+            ix.get(&ca).unwrap(),
+            ix.get(&cb).unwrap(),
+            ix.get(&cc).unwrap(),
+        );
         assert_eq!((ix.pack(&la).id, ix.pack(&lb).id), (a, b));
         assert_eq!((ix.salt(&la), ix.salt(&lc)), (&[1; 32], &[2; 32]));
     }
