@@ -199,15 +199,7 @@ impl Session {
         let started = Instant::now();
         let snap = repo.while_loading_index(|| repo.find_snapshot(snapshot))?;
         if snap.is_files() {
-            let loaded = bulwark_store::files::load(&repo, &*repo.index()?, &snap)?;
-            let data = Arc::new(open_disk(
-                repo.clone(),
-                &snap,
-                bulwark_store::files::DATA,
-                cache_mib << 20,
-            )?);
-            let tree: Arc<dyn Tree> =
-                Arc::new(catalog_tree::CatalogTree::new(loaded.catalog, data.clone()));
+            let (tree, data) = catalog_tree::open(repo.clone(), &snap, cache_mib)?;
             return Ok(Session {
                 readers: vec![data],
                 volumes: Vec::new(),

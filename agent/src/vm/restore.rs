@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulwark_store::format::chunklist::ChunkList;
 use bulwark_store::format::snapshot::DiskEntry;
+use bulwark_store::read::reader::chunks_of;
 use bulwark_store::read::restore::{restore_to_path, Overwrite, RestoreOptions};
 use bulwark_store::{Repository, Snapshot};
 use serde::Serialize;
@@ -149,23 +151,22 @@ pub fn targets(specs: &[String], as_name: Option<&str>) -> Result<Vec<(String, S
 }
 
 /// Plans every VM of `targets` before any is made (a name given twice is
-/// refused), with `plan` (a full or a live restore's), while the index
-/// loads: a restore needs both next.
+/// refused), with `plan` (a full or a live restore's). No index is loaded
+/// here: a full restore narrows one to its snapshot's chunks
+/// ([`restore_disks`]), and a live restore's server loads its own.
 pub fn plan_all(
     repo: &Repository,
     targets: &[(String, String)],
     plan: impl Fn(Snapshot, &str) -> Result<Plan>,
 ) -> Result<Vec<Plan>> {
-    repo.while_loading_index(|| {
-        let mut plans = Vec::new();
-        for (snap, name) in targets {
-            if targets.iter().filter(|(_, n)| n == name).count() > 1 {
-                bail!("{name} is named twice");
-            }
-            plans.push(plan(repo.find_snapshot(snap)?, name)?);
+    let mut plans = Vec::new();
+    for (snap, name) in targets {
+        if targets.iter().filter(|(_, n)| n == name).count() > 1 {
+            bail!("{name} is named twice");
         }
-        Ok(plans)
-    })
+        plans.push(plan(repo.find_snapshot(snap)?, name)?);
+    }
+    Ok(plans)
 }
 
 /// Runs a plan: disks, domain, start. `progress` gets bytes done.
@@ -224,25 +225,22 @@ fn restore_disks(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
     let threads = opts.threads;
-    for (d, target) in &plan.disks {
+    let lists = narrow_index(repo, plan)?;
+    for ((d, target), list) in plan.disks.iter().zip(&lists) {
         undo.file(target.path.clone());
         let r: Result<()> = match target.format {
-            ImageFormat::Raw => repo
-                .load_chunk_list(&d.chunk_list)
-                .and_then(|list| {
-                    restore_to_path(
-                        repo,
-                        &list,
-                        d.size,
-                        &target.path,
-                        Overwrite::Never,
-                        &RestoreOptions { threads },
-                        progress,
-                    )
-                    .map(|_| ())
-                })
-                .map_err(Into::into),
-            ImageFormat::Qcow2 => restore_qcow2(repo, d, &target.path, threads, progress),
+            ImageFormat::Raw => restore_to_path(
+                repo,
+                list,
+                d.size,
+                &target.path,
+                Overwrite::Never,
+                &RestoreOptions { threads },
+                progress,
+            )
+            .map(|_| ())
+            .map_err(Into::into),
+            ImageFormat::Qcow2 => restore_qcow2(repo, d, list, &target.path, threads, progress),
         };
         r.with_context(|| {
             format!(
@@ -253,6 +251,25 @@ fn restore_disks(
         })?;
     }
     restore_nvram(repo, plan, threads, undo, progress)
+}
+
+/// Loads the chunk lists of the plan's disks (in its order) and one index
+/// narrowed to their chunks and the NVRAM's: one pass over the index
+/// objects for the whole VM, in memory that follows the snapshot, not the
+/// repository. The disks' restores find their chunks in it.
+fn narrow_index(repo: &Repository, plan: &Plan) -> Result<Vec<ChunkList>> {
+    let load = |d: &DiskEntry| {
+        repo.load_chunk_list(&d.chunk_list)
+            .with_context(|| format!("loading the chunk list of {}", d.name))
+    };
+    let lists = plan
+        .disks
+        .iter()
+        .map(|(d, _)| load(d))
+        .collect::<Result<Vec<_>>>()?;
+    let nvram = plan.nvram.as_ref().map(|(d, _)| load(d)).transpose()?;
+    repo.index_for(lists.iter().chain(&nvram).flat_map(chunks_of))?;
+    Ok(lists)
 }
 
 /// The UEFI variables, if the snapshot has them, as `NAME_VARS.fd`.
@@ -290,6 +307,7 @@ pub(crate) fn restore_nvram(
 fn restore_qcow2(
     repo: &Arc<Repository>,
     d: &DiskEntry,
+    list: &ChunkList,
     to: &Path,
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
@@ -307,14 +325,13 @@ fn restore_qcow2(
             &d.size.to_string(),
         ])?;
         let layout = qcow2_layout(&partial, d.size)?;
-        let list = repo.load_chunk_list(&d.chunk_list)?;
         let out = std::fs::OpenOptions::new()
             .write(true)
             .open(&partial)
             .with_context(|| format!("opening {}", partial.display()))?;
         bulwark_store::read::restore::restore_into(
             repo,
-            &list,
+            list,
             &out,
             &layout,
             &RestoreOptions { threads },

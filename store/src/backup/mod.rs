@@ -28,7 +28,7 @@ use crate::format::chunklist::{self, ChunkList};
 use crate::format::crypto::SessionCipher;
 use crate::format::extent::Span;
 use crate::format::id::Id;
-use crate::format::index::Index;
+use crate::format::index::DedupIndex;
 use crate::format::snapshot::{self, BackupStats, DiskEntry, Snapshot, SnapshotMeta};
 use crate::format::sync_record::SyncRecord;
 use crate::format::{layout, object};
@@ -77,7 +77,7 @@ pub struct BackupSession<'r> {
     repo: &'r Repository,
     /// Removed when the session ends: after `finish` stored the manifest.
     _marker: Session<'r>,
-    index: Arc<Index>,
+    index: Arc<DedupIndex>,
     cipher: Arc<SessionCipher>,
     threads: usize,
     packer: Packer,
@@ -95,8 +95,7 @@ impl<'r> BackupSession<'r> {
         let marker = Session::begin(repo.backend().as_ref())?;
         // A fresh index with the condemned records as they are now, read
         // after the marker is visible.
-        repo.invalidate_index();
-        let index = repo.index()?;
+        let index = Arc::new(repo.dedup_index()?);
         let cipher = Arc::new(repo.keys().session());
         let threads = if opts.threads == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -200,7 +199,7 @@ impl<'r> BackupSession<'r> {
     }
 
     /// The index this session reuses chunks from.
-    pub(crate) fn index(&self) -> Arc<Index> {
+    pub(crate) fn index(&self) -> Arc<DedupIndex> {
         self.index.clone()
     }
 

@@ -19,7 +19,7 @@ use crate::format::blob;
 use crate::format::chunklist::{ChunkList, Extent};
 use crate::format::crypto::SessionCipher;
 use crate::format::id::{Id, IdSet};
-use crate::format::index::Index;
+use crate::format::index::{DedupIndex, Detail};
 use crate::format::snapshot::BackupStats;
 use crate::repo::Repository;
 
@@ -34,7 +34,7 @@ enum Done {
 /// What the workers and the collector share.
 pub(super) struct Ctx<'a> {
     pub repo: &'a Repository,
-    pub index: &'a Index,
+    pub index: &'a DedupIndex,
     pub cipher: &'a Arc<SessionCipher>,
     /// Chunks this session stored already (the packer's).
     pub pending: Arc<Mutex<IdSet>>,
@@ -98,7 +98,7 @@ impl<'p> Collector<'p> {
     /// snapshot that cannot be read: refused.
     fn reused(&mut self, id: &Id, ctx: &Ctx<'_>) -> Result<()> {
         let loc = ctx.index.get(id).ok_or(Error::MissingChunk(*id))?;
-        self.out.reused_packs.insert(loc.pack);
+        self.out.reused_packs.insert(loc.pack());
         Ok(())
     }
 

@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::format::chunker::Chunker;
 use crate::format::chunklist::{ChunkList, Extent};
 use crate::format::extent::Span;
-use crate::format::index::Index;
+use crate::format::index::DedupIndex;
 
 /// Reads of a file that keeps changing before it is reported.
 const ATTEMPTS: usize = 3;
@@ -72,7 +72,7 @@ pub struct DataReport {
 
 pub struct DataReader<'a> {
     pub chunker: &'a Chunker,
-    pub index: &'a Index,
+    pub index: &'a DedupIndex,
     pub previous: Option<Previous<'a>>,
     /// Read every file, whatever the previous snapshot says.
     pub reread: bool,
@@ -565,7 +565,7 @@ fn open(path: &Path) -> std::io::Result<File> {
 /// zero extents may be cut: a data extent across an end means the catalog
 /// and list disagree, and the file is read instead). None also if a chunk
 /// is not in the index.
-fn slice(list: &ChunkList, offset: u64, len: u64, index: &Index) -> Option<Vec<Extent>> {
+fn slice(list: &ChunkList, offset: u64, len: u64, index: &DedupIndex) -> Option<Vec<Extent>> {
     let end = offset.checked_add(len)?;
     if end > list.size() {
         return None;
@@ -581,13 +581,11 @@ fn slice(list: &ChunkList, offset: u64, len: u64, index: &Index) -> Option<Vec<E
         }
         let (s, t) = (x.offset.max(offset), x.end().min(end));
         match x.chunk {
-            Some(id) if (s, t) == (x.offset, x.end()) && index.get(&id).is_some() => {
-                out.push(Extent {
-                    offset: s,
-                    len: t - s,
-                    chunk: Some(id),
-                })
-            }
+            Some(id) if (s, t) == (x.offset, x.end()) && index.reusable(&id) => out.push(Extent {
+                offset: s,
+                len: t - s,
+                chunk: Some(id),
+            }),
             Some(_) => return None,
             None => out.push(Extent {
                 offset: s,

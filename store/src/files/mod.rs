@@ -27,7 +27,6 @@ use crate::backup::{BackupOptions, BackupSession};
 use crate::error::{Error, Result};
 use crate::format::chunklist::ChunkList;
 use crate::format::extent::Span;
-use crate::format::index::Index;
 use crate::format::snapshot::{FilesInfo, Snapshot, SnapshotMeta};
 use crate::repo::Repository;
 use crate::MemSource;
@@ -93,13 +92,12 @@ pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
     )?;
     let previous = previous_snapshot(repo, &opts.source)?;
     // The previous catalog loads while the tree is scanned.
-    let index = session.index();
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
     let (scanned, prev) = std::thread::scope(|s| {
-        let prev = s.spawn(|| previous.as_ref().map(|p| load(repo, &index, p)).transpose());
+        let prev = s.spawn(|| previous.as_ref().map(|p| load(repo, p)).transpose());
         let scanned = scan::Scan::new(&opts.excludes, opts.cross_mounts, threads).run(&roots);
         (scanned, prev.join())
     });
@@ -233,12 +231,13 @@ fn stream<'s>(snap: &'s Snapshot, name: &str) -> Result<&'s crate::format::snaps
 }
 
 /// Reads a file snapshot's catalog (and its data stream's chunk list).
-pub fn load(repo: &Repository, index: &Index, snap: &Snapshot) -> Result<Loaded> {
+pub fn load(repo: &Repository, snap: &Snapshot) -> Result<Loaded> {
     let list = repo.load_chunk_list(&stream(snap, CATALOG)?.chunk_list)?;
+    let index = repo.index_for(list.extents().iter().filter_map(|e| e.chunk))?;
     let mut bytes = Vec::with_capacity(list.size().min(1 << 30) as usize);
     for e in list.extents() {
         match e.chunk {
-            Some(id) => bytes.extend_from_slice(&repo.read_chunk(index, &id)?),
+            Some(id) => bytes.extend_from_slice(&repo.read_chunk(&index, &id)?),
             None => bytes.resize(bytes.len() + e.len as usize, 0),
         }
     }

@@ -73,8 +73,7 @@ pub fn restore(
     paths: &[Vec<u8>],
     to: &Path,
 ) -> Result<RestoreReport> {
-    let index = repo.index()?;
-    let loaded = load(&repo, &index, snap)?;
+    let loaded = load(&repo, snap)?;
     let reader = open_disk(repo.clone(), snap, DATA, 256 << 20)?;
     std::fs::create_dir_all(to).map_err(|e| Error::io(format!("creating {}", to.display()), e))?;
     let root = open_dir_path(to).map_err(|e| Error::io(format!("opening {}", to.display()), e))?;

@@ -6,183 +6,18 @@
 //! each pack in the clear (id, size, SHA-256, chunk count) around its
 //! sealed record ([`Frame`]), so a sync can copy packs, check them and
 //! index them at the destination without the key (`docs/format.md`).
-//! In memory every chunk is one 44-byte entry (its 32-byte id and 12
-//! bytes of location) in one array sorted by id, searched by bisection:
-//! about 1.1 GB for 25M chunks, where a hash map of the same took twice
-//! that. The array is built once ([`IndexBuilder`]) and then only read.
+//! In memory the index is a sorted table ([`table`]) built once
+//! ([`IndexBuilder`]) and then only read.
+
+mod table;
+
+pub use table::{ChunkIndex, DedupIndex, Detail, InPack, Index, IndexBuilder, Loc, PackMeta};
 
 use crate::error::{Error, Result};
 use crate::format::crypto::{Keys, SessionCipher, SALT_LEN};
-use crate::format::id::{Id, IdMap, IdSet};
+use crate::format::id::Id;
 use crate::format::object::{self, Reader};
 use crate::format::pack::{BlobEntry, PackInfo, PackObject};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Loc {
-    /// Position in [`Index::packs`].
-    pub pack: u32,
-    pub offset: u32,
-    pub len: u32,
-}
-
-#[derive(Clone, Debug)]
-pub struct PackMeta {
-    pub id: Id,
-    pub salt: [u8; SALT_LEN],
-}
-
-/// One chunk in the sorted table.
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    id: Id,
-    loc: Loc,
-}
-
-impl Entry {
-    fn cmp_id(&self, id: &Id) -> std::cmp::Ordering {
-        self.id.fast_cmp(id)
-    }
-}
-
-#[derive(Default, Clone)]
-pub struct Index {
-    packs: Vec<PackMeta>,
-    /// Every chunk once, sorted by id.
-    chunks: Vec<Entry>,
-    /// Packs a GC has condemned (`docs/gc.md`): still readable, never reused.
-    condemned: IdSet,
-}
-
-impl Index {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A chunk a backup may reference without storing it: indexed in a pack
-    /// no GC has condemned. (A condemned pack may be deleted once the
-    /// backups that could not know are done; see `docs/gc.md`.)
-    pub fn reusable(&self, id: &Id) -> bool {
-        self.get(id)
-            .is_some_and(|l| !self.condemned.contains(&self.packs[l.pack as usize].id))
-    }
-
-    pub fn is_condemned(&self, pack: &Id) -> bool {
-        self.condemned.contains(pack)
-    }
-
-    pub fn len(&self) -> usize {
-        self.chunks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
-    }
-
-    pub fn contains(&self, id: &Id) -> bool {
-        self.get(id).is_some()
-    }
-
-    pub fn get(&self, id: &Id) -> Option<Loc> {
-        self.chunks
-            .binary_search_by(|e| e.cmp_id(id))
-            .ok()
-            .map(|i| self.chunks[i].loc)
-    }
-
-    pub fn pack(&self, loc: &Loc) -> &PackMeta {
-        &self.packs[loc.pack as usize]
-    }
-
-    pub fn packs(&self) -> &[PackMeta] {
-        &self.packs
-    }
-
-    /// Every chunk and its location, by id.
-    pub fn iter(&self) -> impl Iterator<Item = (&Id, &Loc)> {
-        self.chunks.iter().map(|e| (&e.id, &e.loc))
-    }
-}
-
-/// Collects the packs of index objects (in any order, from any thread
-/// behind a lock) into an [`Index`].
-#[derive(Default)]
-pub struct IndexBuilder {
-    packs: Vec<PackMeta>,
-    pack_pos: IdMap<u32>,
-    chunks: Vec<Entry>,
-    condemned: IdSet,
-}
-
-impl IndexBuilder {
-    /// A builder that knows which packs are condemned: locations outside
-    /// them win.
-    pub fn new(condemned: IdSet) -> Self {
-        IndexBuilder {
-            condemned,
-            ..Self::default()
-        }
-    }
-
-    /// Room for `n` more chunks (one allocation instead of doublings). A
-    /// hint only: if `n` (from a listing's sizes) cannot be had, the table
-    /// grows as it fills.
-    pub fn reserve(&mut self, n: usize) {
-        if self.chunks.try_reserve_exact(n).is_err() {
-            tracing::debug!("index: no room for {n} chunks up front");
-        }
-    }
-
-    pub fn add_pack(&mut self, p: &PackInfo) {
-        let pos = *self.pack_pos.entry(p.id).or_insert_with(|| {
-            self.packs.push(PackMeta {
-                id: p.id,
-                salt: p.salt,
-            });
-            (self.packs.len() - 1) as u32
-        });
-        self.chunks.extend(p.blobs.iter().map(|b| Entry {
-            id: b.id,
-            loc: Loc {
-                pack: pos,
-                offset: b.offset,
-                len: b.len,
-            },
-        }));
-    }
-
-    /// Sorts the chunks and keeps one location of each: a chunk stored
-    /// twice (racing writers, a repack) is equally good in either pack,
-    /// except that a pack not condemned beats a condemned one; among equals
-    /// the lowest pack id, so the choice does not depend on load order.
-    pub fn finish(mut self) -> Index {
-        let packs = &self.packs;
-        let condemned = &self.condemned;
-        let rank = |e: &Entry| {
-            let p = &packs[e.loc.pack as usize].id;
-            (condemned.contains(p), *p, e.loc.offset)
-        };
-        self.chunks.sort_unstable_by(|a, b| a.cmp_id(&b.id));
-        let mut kept = 0;
-        for i in 0..self.chunks.len() {
-            let e = self.chunks[i];
-            if kept > 0 && self.chunks[kept - 1].id == e.id {
-                if rank(&e) < rank(&self.chunks[kept - 1]) {
-                    self.chunks[kept - 1] = e;
-                }
-            } else {
-                self.chunks[kept] = e;
-                kept += 1;
-            }
-        }
-        self.chunks.truncate(kept);
-        self.chunks.shrink_to_fit();
-        Index {
-            packs: self.packs,
-            chunks: self.chunks,
-            condemned: self.condemned,
-        }
-    }
-}
 
 /// The payload magic of index objects sealed whole (the first format,
 /// still read).
@@ -305,10 +140,11 @@ pub fn open(keys: &Keys, bytes: &[u8], name: &str) -> Result<Vec<PackInfo>> {
     let Some(frames) = frames(bytes, name)? else {
         return decode_v1(&object::open(keys, KIND, name, bytes)?, name);
     };
+    let mut sessions = object::Sessions::new(keys);
     frames
         .into_iter()
         .map(|f| {
-            let payload = object::open(keys, RECORD_KIND, name, &f.record)?;
+            let payload = sessions.open(RECORD_KIND, name, &f.record)?;
             let mut p = decode_record(&payload, name)?;
             if p.id != f.pack || p.blobs.len() != f.blobs as usize {
                 return Err(Error::corrupt(
@@ -427,7 +263,7 @@ mod tests {
         let back = open(&keys, &one, "t").unwrap();
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].blobs, b.blobs);
-        let mut bld = IndexBuilder::default();
+        let mut bld = IndexBuilder::<Loc>::default();
         bld.add_pack(&back[0]);
         bld.add_pack(&back[0]);
         let ix = bld.finish();
@@ -466,103 +302,5 @@ mod tests {
             (p.id, &p.blobs, None)
         );
         assert!(decode_v1(b"BWIX\x05\0\0\0", "t").is_err());
-    }
-
-    #[test]
-    fn condemned_packs_are_read_but_not_reused() {
-        let chunk = Id::random();
-        let pack = |off| PackInfo {
-            id: Id::random(),
-            salt: [1; 32],
-            blobs: vec![BlobEntry {
-                id: chunk,
-                offset: off,
-                len: 10,
-            }],
-            object: None,
-        };
-        let (old, new) = (pack(36), pack(72));
-        let mut condemned = IdSet::default();
-        condemned.insert(old.id);
-        let mut b = IndexBuilder::new(condemned.clone());
-        b.add_pack(&old);
-        let ix = b.finish();
-        assert!(ix.contains(&chunk) && !ix.reusable(&chunk));
-        let mut b = IndexBuilder::new(condemned.clone());
-        b.add_pack(&old);
-        b.add_pack(&new);
-        let ix = b.finish();
-        assert!(ix.reusable(&chunk));
-        assert_eq!(ix.get(&chunk).unwrap().offset, 72, "the live copy wins");
-        // In the other order too.
-        let mut b = IndexBuilder::new(condemned);
-        b.add_pack(&new);
-        b.add_pack(&old);
-        assert_eq!(b.finish().get(&chunk).unwrap().offset, 72);
-    }
-
-    /// The sorted table answers as the hash map it replaced did, on random
-    /// packs with shared chunks, condemned packs and absent ids: same
-    /// membership, same reusability, a location in a pack that holds the
-    /// chunk (the one the map's rule picks when there is one best).
-    #[test]
-    fn sorted_table_lookups_equal_the_hash_map_on_random_data() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(32);
-        let pool: Vec<Id> = (0..5000).map(|_| Id(rng.gen())).collect();
-        let packs: Vec<PackInfo> = (0..400)
-            .map(|_| {
-                let n = rng.gen_range(1..40);
-                PackInfo {
-                    id: Id(rng.gen()),
-                    salt: [0; 32],
-                    blobs: (0..n)
-                        .map(|k| BlobEntry {
-                            id: pool[rng.gen_range(0..pool.len())],
-                            offset: 36 + 100 * k,
-                            len: 1 + rng.gen_range(0..1000),
-                        })
-                        .collect(),
-                    object: None,
-                }
-            })
-            .collect();
-        let condemned: IdSet = packs.iter().step_by(7).map(|p| p.id).collect();
-        // The old structure: first seen wins, a live pack beats a condemned one.
-        let mut map: IdMap<(Id, u32, u32)> = IdMap::default();
-        let mut holders: IdMap<Vec<(Id, u32, u32)>> = IdMap::default();
-        let mut b = IndexBuilder::new(condemned.clone());
-        for p in &packs {
-            b.add_pack(p);
-            for bl in &p.blobs {
-                let here = (p.id, bl.offset, bl.len);
-                holders.entry(bl.id).or_default().push(here);
-                let e = map.entry(bl.id).or_insert(here);
-                if condemned.contains(&e.0) && !condemned.contains(&p.id) {
-                    *e = here;
-                }
-            }
-        }
-        let ix = b.finish();
-        assert_eq!(ix.len(), map.len());
-        let absent = (0..1000).map(|_| Id(rng.gen()));
-        for id in pool.iter().copied().chain(absent) {
-            let old = map.get(&id);
-            assert_eq!(ix.contains(&id), old.is_some());
-            let old_reusable = old.is_some_and(|o| !condemned.contains(&o.0));
-            assert_eq!(ix.reusable(&id), old_reusable, "{id}");
-            if let Some(loc) = ix.get(&id) {
-                let here = (ix.pack(&loc).id, loc.offset, loc.len);
-                assert!(holders[&id].contains(&here), "{id}: a place that holds it");
-                assert_eq!(
-                    condemned.contains(&here.0),
-                    condemned.contains(&old.unwrap().0)
-                );
-            }
-        }
-        let mut sorted: Vec<Id> = ix.iter().map(|(id, _)| *id).collect();
-        sorted.dedup();
-        assert_eq!(sorted.len(), ix.len(), "each chunk once");
-        assert!(sorted.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -3,7 +3,7 @@
 //! as associated data so one kind cannot be swapped for another.
 
 use crate::error::{Error, Result};
-use crate::format::crypto::{Keys, SessionCipher, SALT_LEN};
+use crate::format::crypto::{Keys, Opener, SessionCipher, SALT_LEN};
 
 const MAGIC: &[u8; 4] = b"BWO1";
 /// Metadata can be large (a 1 TiB disk's chunk list) but never this large.
@@ -19,20 +19,42 @@ pub fn seal(cipher: &SessionCipher, kind: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn open(keys: &Keys, kind: &str, name: &str, bytes: &[u8]) -> Result<Vec<u8>> {
-    if bytes.len() < 4 + SALT_LEN || &bytes[..4] != MAGIC {
-        return Err(Error::corrupt(name, "not a Bulwark object"));
+    Sessions::new(keys).open(kind, name, bytes)
+}
+
+/// Opens many objects, keeping the subkey of the last writer session seen:
+/// an index object holds one sealed record per pack, nearly all from one
+/// session, and deriving a subkey costs more than opening a record.
+pub struct Sessions<'k> {
+    keys: &'k Keys,
+    last: Option<([u8; SALT_LEN], Opener)>,
+}
+
+impl<'k> Sessions<'k> {
+    pub fn new(keys: &'k Keys) -> Self {
+        Sessions { keys, last: None }
     }
-    let mut salt = [0u8; SALT_LEN];
-    salt.copy_from_slice(&bytes[4..4 + SALT_LEN]);
-    let comp = keys
-        .open(&salt, kind.as_bytes(), &bytes[4 + SALT_LEN..])
-        .map_err(|_| {
-            Error::corrupt(
-                name,
-                "authentication failed (damaged, or another repository's key)",
-            )
-        })?;
-    decompress(&comp).map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
+
+    pub fn open(&mut self, kind: &str, name: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+        if bytes.len() < 4 + SALT_LEN || &bytes[..4] != MAGIC {
+            return Err(Error::corrupt(name, "not a Bulwark object"));
+        }
+        let mut salt = [0u8; SALT_LEN];
+        salt.copy_from_slice(&bytes[4..4 + SALT_LEN]);
+        let opener = match &mut self.last {
+            Some((s, o)) if *s == salt => o,
+            last => &last.insert((salt, Opener::new(self.keys, &salt))).1,
+        };
+        let comp = opener
+            .open(kind.as_bytes(), &bytes[4 + SALT_LEN..])
+            .map_err(|_| {
+                Error::corrupt(
+                    name,
+                    "authentication failed (damaged, or another repository's key)",
+                )
+            })?;
+        decompress(&comp).map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
+    }
 }
 
 thread_local! {

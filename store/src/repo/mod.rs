@@ -18,7 +18,7 @@ use crate::format::chunker::{Chunker, ChunkerParams};
 use crate::format::chunklist::{self, ChunkList};
 use crate::format::crypto::{Keys, MasterKey, Opener};
 use crate::format::id::Id;
-use crate::format::index::{self, Index, IndexBuilder, Loc};
+use crate::format::index::{self, ChunkIndex, DedupIndex, Detail, Index, IndexBuilder, Loc};
 use crate::format::keys::{KdfParams, KeySlot, Secret};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::{object, pack};
@@ -260,6 +260,14 @@ impl Repository {
         Ok(ix)
     }
 
+    /// A fresh index of which pack holds each chunk, with the condemned
+    /// records as they are now: what a backup reuses chunks from
+    /// (`docs/gc.md`, rule 2). Never cached: a backup loads it after its
+    /// session marker is visible.
+    pub fn dedup_index(&self) -> Result<DedupIndex> {
+        self.load_index(None)
+    }
+
     /// An index that finds at least `chunks` (a restore, an export or a
     /// verify of one snapshot needs no others): every index object is
     /// still read, but only their entries are kept, so memory follows the
@@ -314,7 +322,7 @@ impl Repository {
     /// Each index object is opened and added as it arrives, so only the
     /// table is ever whole in memory, never every object's packs at once;
     /// with `wanted` (sorted by [`Id::fast_cmp`]), only those chunks.
-    fn load_index(&self, wanted: Option<&[Id]>) -> Result<Index> {
+    fn load_index<D: Detail>(&self, wanted: Option<&[Id]>) -> Result<ChunkIndex<D>> {
         // Condemned records first: a backup must not reuse what a GC has
         // condemned (docs/gc.md, rule 2).
         let condemned = condemned::packs(self.backend.as_ref(), Some(&self.keys))?;
@@ -502,7 +510,7 @@ impl Repository {
                 format!("pack {} is truncated", index.pack(loc).id),
             ));
         }
-        let opener = Opener::new(&self.keys, &index.pack(loc).salt);
+        let opener = Opener::new(&self.keys, index.salt(loc));
         blob::open_chunk(&opener, id, sealed, self.config.chunker.max as usize, buf)
     }
 }

@@ -30,7 +30,7 @@ pub fn open(
     snap: &bulwark_store::Snapshot,
     cache_mib: usize,
 ) -> anyhow::Result<(Arc<dyn Tree>, Arc<DiskReader>)> {
-    let loaded = bulwark_store::files::load(&repo, &*repo.index()?, snap)?;
+    let loaded = bulwark_store::files::load(&repo, snap)?;
     let data = Arc::new(bulwark_store::read::reader::open_disk(
         repo.clone(),
         snap,
