@@ -17,6 +17,7 @@
 //! - [`maintain`]: retention, prune, GC, verify and object locks;
 //! - [`sync`]: replication into a replica, without the key.
 
+pub mod alloc;
 pub mod backend;
 pub mod backup;
 pub mod bench;

@@ -706,10 +706,13 @@ impl Inner {
         if let Some(f) = flight {
             return f.wait();
         }
-        // A demand read may use the whole budget (the cache gives way).
+        // Fetches in flight (demand and read-ahead alike) may take half the
+        // budget, the cache giving way: a client with many requests in
+        // flight (nbdcopy has 64) taking all of it evicted the spans read
+        // ahead for it before it read them, and fetched them again.
         let mut lease = {
             let st = self.lock();
-            let limit = st.budget.limit();
+            let limit = st.budget.limit() / 2;
             let mut st = self.wait_for_room(st, &[s], limit);
             self.lease(&mut st, &[s])
         };
@@ -902,8 +905,8 @@ impl Inner {
     }
 
     /// A background job: fetch the spans still queued, adjacent ones with
-    /// one ranged read, once read-ahead in flight leaves room for it within
-    /// half the budget (the other half is the cache's and demand reads').
+    /// one ranged read, once what is in flight leaves room for it within
+    /// half the budget (the other half is the cache's).
     fn read_ahead(&self, job: &[u32]) {
         let mut run: Vec<u32> = Vec::new();
         let mut lease = {
