@@ -4,9 +4,9 @@
 
 use std::sync::{Arc, Barrier};
 
+use bulwark_store::backend::ObjectInfo;
 use bulwark_store::backup::source::MemSource;
 use bulwark_store::read::reader::{open_disk, DiskReader};
-use bulwark_store::backend::ObjectInfo;
 use bulwark_store::{
     Backend, BackendError, Error, LocalBackend, Mode, RepoConfig, Repository, Secret, Snapshot,
 };
@@ -312,7 +312,10 @@ fn read_ahead_in_flight_stays_within_the_cache_budget() {
     assert!(got == data, "bytes read differ");
     let st = r.stats();
     assert!(st.readahead_fetches >= 8, "{st:?}");
-    assert!(st.peak_bytes > budget / 2, "the budget was never used: {st:?}");
+    assert!(
+        st.peak_bytes > budget / 2,
+        "the budget was never used: {st:?}"
+    );
     assert!(
         st.peak_bytes <= budget,
         "held {} MiB at once for a budget of 32 MiB: {st:?}",
