@@ -11,7 +11,8 @@
 # restore: the image is removed before the restore). The issue's size is
 # 65536 (64 GiB, CHANGE_MIB 1024).
 # Usage: scripts/bench-1tib.sh [DATA_MIB...]   (default 65536; env:
-#   CHANGE_MIB=DATA_MIB/64 SIZE_GIB=1024 NBD_CACHE_MIB WORKDIR BIN=DIR)
+#   CHANGE_MIB=DATA_MIB/64 SIZE_GIB=1024 NBD_CACHE_MIB WORKDIR BIN=DIR
+#   DATA=random|bits)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=("${@:-65536}")
@@ -45,6 +46,18 @@ extents() {
     local n=64 len=$(($1 / 64)) stride=$((disk_gib * 1024 / 64))
     for k in $(seq 0 $((n - 1))); do echo "$((k * stride)) $len"; done
 }
+# fill FILE OFFSET_MIB LENGTH_MIB: random data there. DATA=bits writes
+# random '0'/'1' bytes instead: unique and chunked like random data, but
+# compressible about 7x, so 64 GiB of it fits a small disk when WORKDIR is
+# on a compressing file system (btrfs -o compress-force=zstd on a loop file).
+fill() {
+    if [ "${DATA:-random}" = bits ]; then
+        head -c $(($3 << 20)) /dev/urandom | tr '\000-\377' "$(printf '01%.0s' $(seq 128))" |
+            dd of="$1" bs=1M seek="$2" conv=notrunc iflag=fullblock status=none
+    else
+        dd if=/dev/urandom of="$1" bs=1M seek="$2" count="$3" conv=notrunc status=none
+    fi
+}
 # sums FILE DATA: sha256 of each data extent of FILE.
 sums() {
     extents "$2" | while read -r off len; do
@@ -64,11 +77,11 @@ for data in "${sizes[@]}"; do
     "$BIN/bulwark" repo init >/dev/null
     truncate -s "${disk_gib}G" "$img"
     extents "$data" | while read -r off len; do
-        dd if=/dev/urandom of="$img" bs=1M seek="$off" count="$len" conv=notrunc status=none
+        fill "$img" "$off" "$len"
     done
     measure "$data" backup "backup image (first)" "$BIN/bulwark" backup image "$img" --source big
     extents "$data" | while read -r off len; do
-        dd if=/dev/urandom of="$img" bs=1M seek="$off" count=$((change / 64)) conv=notrunc status=none
+        fill "$img" "$off" $((change / 64))
     done
     measure "$data" incremental "backup image ($change MiB changed)" "$BIN/bulwark" backup image "$img" --source big
     sums "$img" "$data" > "$work/image.sums"
