@@ -46,7 +46,7 @@ read -r _ <&"${B[0]}"
 cold=$(t nbdcopy "nbd+unix:///vda?socket=$W/b.sock" null:)
 warm=$(t nbdcopy "nbd+unix:///vda?socket=$W/b.sock" null:)
 kill "$B_PID"; wait "$B_PID" 2>/dev/null || true
-# Default options (cache 512 MiB, smaller than the image's data): a first
+# Default options (a local repository: cache 128 MiB, smaller than the image's data): a first
 # and a second pass, as a user meets them.
 rm -f "$W/d.sock"
 coproc D { exec "$BIN/bulwark-nbd" serve --snapshot mixed@latest --socket "$W/d.sock" 2>/dev/null; }
@@ -97,7 +97,7 @@ if [ -x "$S3S_FS" ]; then
     "$BIN/bulwark" --no-cache repo init >/dev/null
     "$BIN/bulwark" --no-cache backup image "$W/mixed.raw" --source mixed >/dev/null
     rm -f "$W/s.sock"
-    # Default options (cache 512 MiB), as a user meets them.
+    # Default options (an S3 repository: cache 512 MiB), as a user meets them.
     coproc S { exec env BULWARK_LOG=info "$BIN/bulwark-nbd" serve --repo s3://bench/nbd --snapshot mixed@latest --socket "$W/s.sock" 2>"$W/nbd-s3.log"; }
     read -r _ <&"${S[0]}"
     s3cold=$(t nbdcopy "nbd+unix:///vda?socket=$W/s.sock" null:)

@@ -55,9 +55,12 @@ pub enum Cmd {
         /// Open the repository with this key file instead of a passphrase.
         #[arg(long)]
         key_file: Option<PathBuf>,
-        /// Memory for decrypted chunks, in MiB (shared by the disks).
-        #[arg(long, default_value_t = 512)]
-        cache_mib: usize,
+        /// Memory for decrypted chunks and fetches in flight, in MiB
+        /// (shared by the disks). Default: 512 for an S3 repository, where
+        /// fetches in flight buy throughput; 128 for a local one, whose
+        /// packs the page cache holds.
+        #[arg(long)]
+        cache_mib: Option<usize>,
         /// Fetch these blocks first, in order, in parallel (a restore
         /// drill's report: its `boot_set` per disk), while the client
         /// starts.
