@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::format::chunklist::ChunkList;
 use crate::format::extent::Span;
 use crate::format::snapshot::{FilesInfo, Snapshot, SnapshotMeta};
+use crate::read::reader::chunks_of;
 use crate::repo::Repository;
 use crate::MemSource;
 use catalog::{Catalog, Entry};
@@ -231,9 +232,12 @@ fn stream<'s>(snap: &'s Snapshot, name: &str) -> Result<&'s crate::format::snaps
 }
 
 /// Reads a file snapshot's catalog (and its data stream's chunk list).
+/// The index is narrowed once to both streams' chunks, so a reader of the
+/// data opened next finds its chunks in it without another pass.
 pub fn load(repo: &Repository, snap: &Snapshot) -> Result<Loaded> {
     let list = repo.load_chunk_list(&stream(snap, CATALOG)?.chunk_list)?;
-    let index = repo.index_for(list.extents().iter().filter_map(|e| e.chunk))?;
+    let data = repo.load_chunk_list(&stream(snap, DATA)?.chunk_list)?;
+    let index = repo.index_for(chunks_of(&list).chain(chunks_of(&data)))?;
     let mut bytes = Vec::with_capacity(list.size().min(1 << 30) as usize);
     for e in list.extents() {
         match e.chunk {
@@ -242,7 +246,6 @@ pub fn load(repo: &Repository, snap: &Snapshot) -> Result<Loaded> {
         }
     }
     let catalog = Catalog::decode(&bytes, &format!("catalog of snapshot {}", snap.id))?;
-    let data = repo.load_chunk_list(&stream(snap, DATA)?.chunk_list)?;
     Ok(Loaded { catalog, data })
 }
 
