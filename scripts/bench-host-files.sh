@@ -56,8 +56,16 @@ step first "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$W/
 step unchanged "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$W/tree"
 find "$W/tree" -type f | awk 'NR % 100 == 0' | xargs -d '\n' touch
 step touched "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$W/tree"
-rm -rf "$W/out-bw" "$W/out-rs"
-b=$(secs "$BIN" restore files bench@latest --to "$W/out-bw"); rm -rf "$W/out-bw"
-r=$(secs restic restore latest --target "$W/out-rs"); rm -rf "$W/out-rs"
-report restore "$b" "$r"
+# Restores: each side twice, taking turns, into fresh directories, and
+# each side's faster run. Nothing is deleted in between: ext4 without a
+# journal (this host's root) skips inodes freed in the last minutes when it
+# allocates, so a restore right after an `rm -rf` of a tree spends seconds
+# of system time searching (3 s against 17 s measured); taking turns lets
+# both sides meet what earlier runs left alike.
+best() { sort -n -k1,1 | head -1; }
+b1=$(secs "$BIN" restore files bench@latest --to "$W/out-bw1")
+r1=$(secs restic restore latest --target "$W/out-rs1")
+b2=$(secs "$BIN" restore files bench@latest --to "$W/out-bw2")
+r2=$(secs restic restore latest --target "$W/out-rs2")
+report restore "$(printf '%s\n%s\n' "$b1" "$b2" | best)" "$(printf '%s\n%s\n' "$r1" "$r2" | best)"
 echo "bench-host-files: first ${R[first]}x (goal 2x), unchanged ${R[unchanged]}x (goal 5x), touched-1% ${R[touched]}x, restore ${R[restore]}x (goal 2x)"
