@@ -157,12 +157,22 @@ pub fn boot_set_for(
         let r: BootSetReport = serde_json::from_slice(b).context("a recorded boot set")?;
         Ok((r.source == snap.source && r.bytes() > 0).then_some(r.boot_set))
     };
-    if let Some(b) = repo.latest_report(DRILL, &snap.id)? {
+    // Both of this snapshot's reports at once: a live restore waits on
+    // this before its server starts, and on S3 each is a round trip or two.
+    let (drill, recorded) = std::thread::scope(|s| {
+        let recorded = s.spawn(|| repo.latest_report(BOOT_SET, &snap.id));
+        let drill = repo.latest_report(DRILL, &snap.id);
+        let recorded = recorded
+            .join()
+            .unwrap_or_else(|_| Err(bulwark_store::Error::Invalid("panicked".into())));
+        (drill, recorded)
+    });
+    if let Some(b) = drill? {
         if let Some(s) = from_drill(&b)? {
             return Ok(Some(s));
         }
     }
-    if let Some(b) = repo.latest_report(BOOT_SET, &snap.id)? {
+    if let Some(b) = recorded? {
         if let Some(s) = from_live(&b)? {
             return Ok(Some(s));
         }

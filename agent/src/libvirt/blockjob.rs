@@ -14,6 +14,14 @@ pub struct JobProgress {
     pub end: u64,
 }
 
+/// A running domain's counters (see [`Domain::activity`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Activity {
+    pub read: u64,
+    pub cpu: std::time::Duration,
+    pub vcpus: u32,
+}
+
 fn disk_cstr(disk: &str) -> Result<CString> {
     CString::new(disk).map_err(|_| Error::Call {
         op: "disk name".into(),
@@ -58,6 +66,28 @@ impl Domain {
                 end: info.end,
             })),
         }
+    }
+
+    /// What the guest has done since the domain started: bytes read from
+    /// `disks`, and CPU time.
+    pub fn activity(&self, disks: &[&str]) -> Result<Activity> {
+        let mut read = 0;
+        for disk in disks {
+            let st = self.dom.block_stats(disk).map_err(super::call(format!(
+                "reading the I/O counters of {} {disk}",
+                self.name
+            )))?;
+            read += st.rd_bytes.max(0) as u64;
+        }
+        let info = self.dom.info().map_err(super::call(format!(
+            "reading the CPU time of {}",
+            self.name
+        )))?;
+        Ok(Activity {
+            read,
+            cpu: std::time::Duration::from_nanos(info.cpu_time),
+            vcpus: info.nr_virt_cpu.max(1),
+        })
     }
 
     /// Cancels the block job on `disk` (what it copied stays copied).

@@ -46,7 +46,7 @@ fn code(e: &virt::error::Error) -> sys::virErrorNumber {
 }
 
 /// A `virt` error as [`Error::Call`], with what was being done.
-fn call(op: impl Into<String>) -> impl FnOnce(virt::error::Error) -> Error {
+pub(super) fn call(op: impl Into<String>) -> impl FnOnce(virt::error::Error) -> Error {
     let op = op.into();
     move |e| Error::Call {
         op,

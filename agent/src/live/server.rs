@@ -98,6 +98,62 @@ pub const BOOT_SET_WINDOW_SECS: u64 = 60;
 /// Starts the server for `r` and waits until it serves; its pid.
 /// `password` is passed in the environment when no file holds it.
 pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
+    spawn(r, password)?.ready(r)
+}
+
+/// A server started that may not serve yet: it opens the repository and
+/// loads its index meanwhile (on S3, a chain of round trips the caller
+/// can spend making overlays and defining the domain).
+pub struct Starting {
+    child: Option<std::process::Child>,
+    pid: u32,
+    first_line: std::sync::mpsc::Receiver<std::io::Result<String>>,
+}
+
+impl Starting {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits until the server serves; its pid.
+    pub fn ready(mut self, r: &LiveRestore) -> Result<u32> {
+        let t = Instant::now();
+        loop {
+            if let Ok(Ok(line)) = self.first_line.recv_timeout(Duration::from_millis(100)) {
+                if line.trim() == "ready" {
+                    return Ok(self.pid);
+                }
+            }
+            let Some(child) = self.child.as_mut() else {
+                bail!("bulwark-nbd is gone");
+            };
+            if let Some(st) = child.try_wait()? {
+                bail!(
+                    "bulwark-nbd exited ({st}) before serving: {}",
+                    last_error(r).unwrap_or_default()
+                );
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                bail!("bulwark-nbd did not start serving within 120 s");
+            }
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        // Reaped by whoever outlives it (init, or this reaper).
+        if let Some(mut child) = self.child.take() {
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+        }
+    }
+}
+
+/// Starts the server for `r` without waiting for it to serve.
+pub fn spawn(r: &LiveRestore, password: Option<&str>) -> Result<Starting> {
     // A socket left by a killed server would make the bind fail.
     match std::fs::remove_file(&r.socket) {
         Ok(()) => {}
@@ -170,28 +226,11 @@ pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
         let r = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(r.map(|_| line));
     });
-    let t = Instant::now();
-    loop {
-        if let Ok(Ok(line)) = rx.recv_timeout(Duration::from_millis(100)) {
-            if line.trim() == "ready" {
-                // Reaped by whoever outlives it (init, or our reaper below).
-                std::thread::spawn(move || {
-                    let _ = child.wait();
-                });
-                return Ok(pid);
-            }
-        }
-        if let Some(st) = child.try_wait()? {
-            bail!(
-                "bulwark-nbd exited ({st}) before serving: {}",
-                last_error(r).unwrap_or_default()
-            );
-        }
-        if t.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            bail!("bulwark-nbd did not start serving within 120 s");
-        }
-    }
+    Ok(Starting {
+        child: Some(child),
+        pid,
+        first_line: rx,
+    })
 }
 
 /// Whether the recorded server runs (and is ours: its command line names

@@ -61,7 +61,10 @@ pub fn start(
     rec.outage_wait_secs = o.outage_wait_secs;
     rec.boot_set_file = boot_set(repo, &plan.snapshot, o.records.dir(), &plan.name);
     let served = ServerGuard(&mut rec);
-    served.0.server_pid = Some(server::start(served.0, o.password.as_deref())?);
+    // The overlays and the domain are made while the server opens the
+    // repository and loads its index; QEMU starts once it serves.
+    let starting = server::spawn(served.0, o.password.as_deref())?;
+    served.0.server_pid = Some(starting.pid());
     for (d, target) in &plan.disks {
         undo.file(target.path.clone());
         undo.file(base_path(&target.path));
@@ -74,6 +77,7 @@ pub fn start(
         .define(&xml)
         .with_context(|| format!("defining {}", plan.name))?;
     undo.domain(plan.name.clone());
+    starting.ready(served.0)?;
     dom.start()
         .with_context(|| format!("starting {}", plan.name))?;
     let targets: Vec<String> = served.0.disks.iter().map(|d| d.target.clone()).collect();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, ObjectInfo};
 use crate::error::{Error, Result};
 use crate::format::blob::{self, ChunkBuf, Plain};
 use crate::format::chunker::{Chunker, ChunkerParams};
@@ -165,9 +165,19 @@ impl Repository {
 
     /// Opens an existing repository; `WrongKey` if no slot opens with `secret`.
     pub fn open(backend: Arc<dyn Backend>, secret: &Secret) -> Result<Self> {
-        let config = Self::read_config(backend.as_ref())?;
+        // The key slots are listed while the config is read: on S3 each is
+        // a round trip, and every command opens a repository.
+        let (config, slots) = std::thread::scope(|s| {
+            let slots = s.spawn(|| backend.list(layout::KEYS));
+            let config = Self::read_config(backend.as_ref());
+            let slots = slots
+                .join()
+                .unwrap_or_else(|_| Err(BackendError::Other("listing keys panicked".into())));
+            (config, slots)
+        });
+        let config = config?;
         crate::maintain::lock::apply(backend.as_ref(), config.object_lock.as_ref())?;
-        let master = Self::unlock(backend.as_ref(), secret)?;
+        let master = Self::open_slot(backend.as_ref(), slots?, secret)?;
         Ok(Self::with_key(backend, config, &master))
     }
 
@@ -192,7 +202,17 @@ impl Repository {
     }
 
     fn unlock(backend: &dyn Backend, secret: &Secret) -> Result<MasterKey> {
-        for obj in backend.list(layout::KEYS)? {
+        Self::open_slot(backend, backend.list(layout::KEYS)?, secret)
+    }
+
+    /// The master key from the first of `slots` (listed key slots) that
+    /// `secret` opens.
+    fn open_slot(
+        backend: &dyn Backend,
+        slots: Vec<ObjectInfo>,
+        secret: &Secret,
+    ) -> Result<MasterKey> {
+        for obj in slots {
             let bytes = backend.get(&obj.name)?;
             let slot: KeySlot = match serde_json::from_slice(&bytes) {
                 Ok(s) => s,
@@ -323,10 +343,25 @@ impl Repository {
     /// table is ever whole in memory, never every object's packs at once;
     /// with `wanted` (sorted by [`Id::fast_cmp`]), only those chunks.
     fn load_index<D: Detail>(&self, wanted: Option<&[Id]>) -> Result<ChunkIndex<D>> {
-        // Condemned records first: a backup must not reuse what a GC has
-        // condemned (docs/gc.md, rule 2).
-        let condemned = condemned::packs(self.backend.as_ref(), Some(&self.keys))?;
-        let builder = Mutex::new(IndexBuilder::new(condemned));
+        // Condemned records are listed while the index objects load (both
+        // are needed before the table is finished: a backup must not reuse
+        // what a GC has condemned, docs/gc.md, rule 2).
+        std::thread::scope(|s| {
+            let condemned = s.spawn(|| condemned::packs(self.backend.as_ref(), Some(&self.keys)));
+            let builder = self.load_index_objects(wanted);
+            let condemned = condemned
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid("listing condemned packs panicked".into())));
+            let mut builder = builder?;
+            builder.set_condemned(condemned?);
+            Ok(builder.finish())
+        })
+    }
+
+    /// Every index object's packs (with `wanted`, only those chunks) in a
+    /// builder.
+    fn load_index_objects<D: Detail>(&self, wanted: Option<&[Id]>) -> Result<IndexBuilder<D>> {
+        let builder = Mutex::new(IndexBuilder::default());
         if let Some(w) = wanted {
             lock(&builder).reserve(w.len());
         }
@@ -351,10 +386,7 @@ impl Repository {
                 Ok(())
             },
         )?;
-        Ok(builder
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .finish())
+        Ok(builder.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The packs one index object lists.

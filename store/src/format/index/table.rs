@@ -229,6 +229,11 @@ impl<D: Detail> IndexBuilder<D> {
         b
     }
 
+    /// Which packs are condemned (before [`Self::finish`]).
+    pub fn set_condemned(&mut self, condemned: IdSet) {
+        self.index.condemned = condemned;
+    }
+
     /// Room for about `n` more chunks (one allocation per bucket instead of
     /// doublings). A hint only: a bucket that cannot have it grows as it
     /// fills.
