@@ -2,9 +2,9 @@
 //! `bulwark-nbd`, while the server restores each disk into a local file
 //! behind it (the backfill, as fast as `bulwark restore`). Each overlay's
 //! backing then moves from the server onto its file (the VM no longer
-//! needs the repository and the server stops), and a block-stream job
-//! copies the file into the overlay; when it finishes the VM runs on its
-//! overlays alone. Guest writes land in the overlays (on disk, never in
+//! needs the repository and the server stops), and once the guest is idle
+//! a block-stream job copies the file into the overlay; when it finishes
+//! the VM runs on its overlays alone. Guest writes land in the overlays (on disk, never in
 //! memory) and neither the file nor a stream ever overwrites them; an
 //! outage of the server or of the repository makes guest reads wait
 //! (QEMU's NBD client reconnects; the server retries) rather than fail.
