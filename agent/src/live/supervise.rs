@@ -247,7 +247,7 @@ fn follow_streams(r: &mut LiveRestore, dom: &Domain, hold: &mut StreamHold) -> R
     for i in 0..r.disks.len() {
         // Done, still backfilling (no stream yet), or held back.
         let d = &r.disks[i];
-        if d.local || (d.needs_server() && d.base.is_some()) || held(d) {
+        if d.local || backfilling(d) || held(d) {
             continue;
         }
         let target = r.disks[i].target.clone();

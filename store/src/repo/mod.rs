@@ -167,14 +167,11 @@ impl Repository {
     pub fn open(backend: Arc<dyn Backend>, secret: &Secret) -> Result<Self> {
         // The key slots are listed while the config is read: on S3 each is
         // a round trip, and every command opens a repository.
-        let (config, slots) = std::thread::scope(|s| {
-            let slots = s.spawn(|| backend.list(layout::KEYS));
-            let config = Self::read_config(backend.as_ref());
-            let slots = slots
-                .join()
-                .unwrap_or_else(|_| Err(BackendError::Other("listing keys panicked".into())));
-            (config, slots)
-        });
+        let (slots, config) = side_by_side(
+            "listing key slots",
+            || Ok(backend.list(layout::KEYS)?),
+            || Self::read_config(backend.as_ref()),
+        );
         let config = config?;
         crate::maintain::lock::apply(backend.as_ref(), config.object_lock.as_ref())?;
         let master = Self::open_slot(backend.as_ref(), slots?, secret)?;
@@ -321,16 +318,10 @@ impl Repository {
         &self,
         f: impl FnOnce() -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        std::thread::scope(|s| {
-            let index = s.spawn(|| self.index());
-            let r = f();
-            let index = index
-                .join()
-                .unwrap_or_else(|_| Err(Error::Invalid("the index loader panicked".into())));
-            let r = r?;
-            index?;
-            Ok(r)
-        })
+        let (index, r) = side_by_side("the index loader", || self.index(), f);
+        let r = r?;
+        index?;
+        Ok(r)
     }
 
     /// Forgets the cached index (after a backup added to it).
@@ -346,16 +337,14 @@ impl Repository {
         // Condemned records are listed while the index objects load (both
         // are needed before the table is finished: a backup must not reuse
         // what a GC has condemned, docs/gc.md, rule 2).
-        std::thread::scope(|s| {
-            let condemned = s.spawn(|| condemned::packs(self.backend.as_ref(), Some(&self.keys)));
-            let builder = self.load_index_objects(wanted);
-            let condemned = condemned
-                .join()
-                .unwrap_or_else(|_| Err(Error::Invalid("listing condemned packs panicked".into())));
-            let mut builder = builder?;
-            builder.set_condemned(condemned?);
-            Ok(builder.finish())
-        })
+        let (condemned, builder) = side_by_side(
+            "listing condemned packs",
+            || condemned::packs(self.backend.as_ref(), Some(&self.keys)),
+            || self.load_index_objects(wanted),
+        );
+        let mut builder = builder?;
+        builder.set_condemned(condemned?);
+        Ok(builder.finish())
     }
 
     /// Every index object's packs (with `wanted`, only those chunks) in a
@@ -679,4 +668,22 @@ pub fn delete_snapshot_objects(
     }
     sync_records::delete_all(backend, snapshot)?;
     reports::delete_all(backend, snapshot)
+}
+
+/// Runs `a` on another thread while `b` runs on this one, and returns
+/// both results: on S3 each is a chain of round trips. `a` panicking is an
+/// error naming `what`.
+fn side_by_side<A: Send, B>(
+    what: &str,
+    a: impl FnOnce() -> Result<A> + Send,
+    b: impl FnOnce() -> B,
+) -> (Result<A>, B) {
+    std::thread::scope(|s| {
+        let a = s.spawn(a);
+        let b = b();
+        let a = a
+            .join()
+            .unwrap_or_else(|_| Err(Error::Invalid(format!("{what} panicked"))));
+        (a, b)
+    })
 }

@@ -225,7 +225,7 @@ impl<D: Detail> IndexBuilder<D> {
     /// them win.
     pub fn new(condemned: IdSet) -> Self {
         let mut b = Self::default();
-        b.index.condemned = condemned;
+        b.set_condemned(condemned);
         b
     }
 
