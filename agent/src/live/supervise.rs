@@ -231,6 +231,8 @@ fn follow_streams(r: &mut LiveRestore, dom: &Domain, hold: &mut StreamHold) -> R
     let backfilling = |d: &LiveDisk| d.needs_server() && d.base.is_some();
     if r.disks.iter().any(held) && !r.disks.iter().any(backfilling) {
         let disks: Vec<&str> = r.disks.iter().map(|d| d.target.as_str()).collect();
+        // Counters libvirt cannot give only keep the hold on (at most
+        // HOLD_MAX): the disks are on their local files, no data waits.
         if hold.over(Instant::now(), dom.activity(&disks).ok()) {
             tracing::info!(
                 "{}: streaming from the local files ({:.0}s after the hold began)",
