@@ -148,7 +148,7 @@ impl<'a> Walk<'a> {
         }
         self.region = Some(Region {
             need: d.end(),
-            buf: Vec::with_capacity(self.chunker.params().max as usize),
+            buf: self.chunk_buffer(),
         });
         Ok(())
     }
@@ -263,13 +263,24 @@ impl<'a> Walk<'a> {
         // Never swallow a long zero run: end the chunk where it starts.
         let cut = zero_run_cut(buf, cut, self.pos, min);
         // Bytes read past the cut begin the next chunk.
-        let mut rest = Vec::with_capacity(max);
-        rest.extend_from_slice(&buf[cut..]);
-        buf.truncate(cut);
         self.pos += cut as u64;
-        self.out
-            .push_back(Piece::Data(std::mem::replace(buf, rest)));
+        let mut rest = self.chunk_buffer();
+        rest.extend_from_slice(&buf[cut..]);
+        let mut chunk = std::mem::replace(buf, rest);
+        chunk.truncate(cut);
+        // A chunk in flight holds only its bytes (shrinking is in place).
+        chunk.shrink_to_fit();
+        self.out.push_back(Piece::Data(chunk));
         Ok(())
+    }
+
+    /// An empty buffer for the chunk starting at `pos`: room for a maximal
+    /// chunk, or for what is left of the source when that is less. A file
+    /// backup walks one small file after another, and a buffer of the
+    /// maximum for each (4 MiB) made its memory follow the files' count.
+    fn chunk_buffer(&self) -> Vec<u8> {
+        let max = self.chunker.params().max as u64;
+        Vec::with_capacity(max.min(self.size.saturating_sub(self.pos)) as usize)
     }
 
     /// Reads up to one step more into `buf` (at most a maximal chunk in
