@@ -142,6 +142,14 @@ impl Entry {
         }
     }
 
+    /// Whether `other` is the same inode in the same state as far as the
+    /// kernel says: kind, size, mtime, ctime, inode and device. Any write,
+    /// chmod, chown or xattr change moves the ctime, which no user can set.
+    pub fn same_inode_state(&self, other: &Entry) -> bool {
+        let state = |e: &Entry| (e.kind(), e.size, e.mtime, e.ctime, e.ino, e.dev);
+        state(self) == state(other)
+    }
+
     /// A regular file with data of its own (not a hard link to another).
     pub fn has_data(&self) -> bool {
         self.kind() == Kind::File && self.link.is_empty()

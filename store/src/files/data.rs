@@ -99,16 +99,6 @@ fn stamp(md: &std::fs::Metadata) -> Stamp {
     }
 }
 
-fn entry_stamp(e: &Entry) -> Stamp {
-    Stamp {
-        size: e.size,
-        mtime: e.mtime,
-        ctime: e.ctime,
-        ino: e.ino,
-        dev: e.dev,
-    }
-}
-
 /// What became of one data entry; the stream holds `skipped` bytes of
 /// abandoned reads of it, then its `len` bytes.
 #[derive(Debug)]
@@ -386,7 +376,7 @@ impl<'a> DataReader<'a> {
     fn reusable(&self, e: &Entry) -> Option<Vec<Extent>> {
         let prev = self.previous.as_ref().filter(|_| !self.reread)?;
         let p = prev.by_path.get(e.path.as_slice())?;
-        if !p.has_data() || entry_stamp(p) != entry_stamp(e) {
+        if !p.has_data() || !p.same_inode_state(e) {
             return None;
         }
         slice(prev.data, p.offset, p.size, self.index)

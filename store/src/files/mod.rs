@@ -97,14 +97,36 @@ pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
+    // With a previous catalog, unchanged entries take its xattrs unread.
+    let reuse_xattrs = previous.is_some() && !opts.reread;
+    let started = std::time::Instant::now();
     let (scanned, prev) = std::thread::scope(|s| {
-        let prev = s.spawn(|| previous.as_ref().map(|p| load(repo, p)).transpose());
-        let scanned = scan::Scan::new(&opts.excludes, opts.cross_mounts, threads).run(&roots);
-        (scanned, prev.join())
+        let prev = s.spawn(|| {
+            let p = previous.as_ref().map(|p| load(repo, p)).transpose();
+            let at = started.elapsed().as_secs_f64();
+            tracing::debug!("previous catalog loaded at {at:.3} s");
+            p
+        });
+        let mut scan = scan::Scan::new(&opts.excludes, opts.cross_mounts, threads);
+        if reuse_xattrs {
+            scan = scan.without_xattrs();
+        }
+        (scan.run(&roots), prev.join())
     });
     let prev =
         prev.map_err(|_| Error::Invalid("loading the previous catalog panicked".into()))??;
     let mut entries = scanned.entries;
+    let mut errors = scanned.errors;
+    if reuse_xattrs {
+        // `prev` is there (`previous` is); were it not, every entry is read.
+        let by_path = prev
+            .as_ref()
+            .map(|p| p.catalog.by_path())
+            .unwrap_or_default();
+        scan::xattrs_of_changed(&mut entries, &by_path, threads, &mut errors);
+    }
+    let at = started.elapsed().as_secs_f64();
+    tracing::debug!("scanned {} entries at {at:.3} s", entries.len());
     let report = read_data(
         repo,
         &mut session,
@@ -113,10 +135,11 @@ pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
         threads,
         opts.reread,
     )?;
-    let mut errors = scanned.errors;
     let entries = drop_failed(entries, &report, &mut errors);
+    tracing::debug!("data read at {:.3} s", started.elapsed().as_secs_f64());
     let catalog = Catalog { entries };
     store_catalog(repo, &mut session, &catalog)?;
+    tracing::debug!("catalog stored at {:.3} s", started.elapsed().as_secs_f64());
     let files = catalog.entries.iter().filter(|e| e.has_data()).count() as u64;
     let info = FilesInfo {
         paths: roots.iter().map(|r| r.display().to_string()).collect(),
