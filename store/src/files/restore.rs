@@ -74,7 +74,14 @@ pub fn restore(
     to: &Path,
 ) -> Result<RestoreReport> {
     let loaded = load(&repo, snap)?;
-    let reader = open_disk(repo.clone(), snap, DATA, 256 << 20)?;
+    // Fetches in flight are what a larger cache buys: a local repository
+    // (4 reads at once) restored /usr/share as fast with 64 MiB as with
+    // 256, in half the memory; S3 (8 or more at once) keeps 256.
+    let cache = match repo.backend().read_concurrency() {
+        0..=4 => 64 << 20,
+        _ => 256 << 20,
+    };
+    let reader = open_disk(repo.clone(), snap, DATA, cache)?;
     std::fs::create_dir_all(to).map_err(|e| Error::io(format!("creating {}", to.display()), e))?;
     let root = open_dir_path(to).map_err(|e| Error::io(format!("opening {}", to.display()), e))?;
     let entries = &loaded.catalog.entries;
