@@ -80,10 +80,12 @@ impl BackupFilesArgs {
 }
 
 pub fn backup(g: &Global, a: BackupFilesArgs) -> Result<i32> {
-    let repo = secret::open(g)?;
     let opts = a.options(None)?;
     let t = Instant::now();
-    let b = files::backup(&repo, &opts).context("backing up files")?;
+    // The tree is scanned while the passphrase is asked for and derived.
+    let scan = files::start(&opts).context("backing up files")?;
+    let repo = secret::open(g)?;
+    let b = files::backup_started(&repo, &opts, scan).context("backing up files")?;
     let secs = t.elapsed().as_secs_f64();
     if a.json {
         println!("{}", backup_json(&b, secs));

@@ -83,7 +83,52 @@ pub fn abs_path(rel: &[u8]) -> PathBuf {
 
 /// Backs up `opts.paths` as a new snapshot of `opts.source`.
 pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
+    backup_started(repo, opts, start(opts)?)
+}
+
+/// A tree scan under way: started before the repository is open, since a
+/// passphrase's key derivation holds a core for a tenth of a second or
+/// more and the scan needs nothing of the repository. If the backup never
+/// takes it, the scan ends on its own and its result is dropped.
+pub struct Started {
+    roots: Vec<PathBuf>,
+    scan: std::thread::JoinHandle<scan::Scanned>,
+    at: std::time::Instant,
+}
+
+/// Starts scanning `opts.paths` (extended attributes are added later, from
+/// the previous catalog where unchanged).
+pub fn start(opts: &FilesOptions) -> Result<Started> {
     let roots = roots(&opts.paths)?;
+    let (excludes, cross_mounts, threads) =
+        (opts.excludes.clone(), opts.cross_mounts, threads(opts));
+    let list = roots.clone();
+    let scan = std::thread::Builder::new()
+        .name("scan".into())
+        .spawn(move || scan::Scan::new(&excludes, cross_mounts, threads).run(&list))
+        .map_err(|e| Error::io("starting the tree scan", e))?;
+    Ok(Started {
+        roots,
+        scan,
+        at: std::time::Instant::now(),
+    })
+}
+
+fn threads(opts: &FilesOptions) -> usize {
+    match opts.threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    }
+}
+
+/// [`backup`] with its scan already [`start`]ed.
+pub fn backup_started(
+    repo: &Repository,
+    opts: &FilesOptions,
+    started: Started,
+) -> Result<FilesBackup> {
+    let Started { roots, scan, at } = started;
+    let threads = threads(opts);
     let mut session = BackupSession::new(
         repo,
         &BackupOptions {
@@ -91,42 +136,27 @@ pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
             ..Default::default()
         },
     )?;
-    let previous = previous_snapshot(repo, &opts.source)?;
     // The previous catalog loads while the tree is scanned.
-    let threads = match opts.threads {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
-        n => n,
-    };
-    // With a previous catalog, unchanged entries take its xattrs unread.
-    let reuse_xattrs = previous.is_some() && !opts.reread;
-    let started = std::time::Instant::now();
-    let (scanned, prev) = std::thread::scope(|s| {
-        let prev = s.spawn(|| {
-            let p = previous.as_ref().map(|p| load(repo, p)).transpose();
-            let at = started.elapsed().as_secs_f64();
-            tracing::debug!("previous catalog loaded at {at:.3} s");
-            p
-        });
-        let mut scan = scan::Scan::new(&opts.excludes, opts.cross_mounts, threads);
-        if reuse_xattrs {
-            scan = scan.without_xattrs();
-        }
-        (scan.run(&roots), prev.join())
-    });
-    let prev =
-        prev.map_err(|_| Error::Invalid("loading the previous catalog panicked".into()))??;
+    let previous = previous_snapshot(repo, &opts.source)?;
+    let prev = previous.as_ref().map(|p| load(repo, p)).transpose()?;
+    tracing::debug!(
+        "previous catalog loaded at {:.3} s",
+        at.elapsed().as_secs_f64()
+    );
+    let scanned = scan
+        .join()
+        .map_err(|_| Error::Invalid("the tree scan panicked".into()))?;
     let mut entries = scanned.entries;
     let mut errors = scanned.errors;
-    if reuse_xattrs {
-        // `prev` is there (`previous` is); were it not, every entry is read.
-        let by_path = prev
-            .as_ref()
-            .map(|p| p.catalog.by_path())
-            .unwrap_or_default();
-        scan::xattrs_of_changed(&mut entries, &by_path, threads, &mut errors);
-    }
-    let at = started.elapsed().as_secs_f64();
-    tracing::debug!("scanned {} entries at {at:.3} s", entries.len());
+    // Unchanged entries take the previous catalog's xattrs unread.
+    let by_path = match &prev {
+        Some(p) if !opts.reread => p.catalog.by_path(),
+        _ => Default::default(),
+    };
+    scan::xattrs_of_changed(&mut entries, &by_path, threads, &mut errors);
+    drop(by_path);
+    let done = at.elapsed().as_secs_f64();
+    tracing::debug!("scanned {} entries at {done:.3} s", entries.len());
     let report = read_data(
         repo,
         &mut session,
@@ -136,10 +166,10 @@ pub fn backup(repo: &Repository, opts: &FilesOptions) -> Result<FilesBackup> {
         opts.reread,
     )?;
     let entries = drop_failed(entries, &report, &mut errors);
-    tracing::debug!("data read at {:.3} s", started.elapsed().as_secs_f64());
+    tracing::debug!("data read at {:.3} s", at.elapsed().as_secs_f64());
     let catalog = Catalog { entries };
     store_catalog(repo, &mut session, &catalog)?;
-    tracing::debug!("catalog stored at {:.3} s", started.elapsed().as_secs_f64());
+    tracing::debug!("catalog stored at {:.3} s", at.elapsed().as_secs_f64());
     let files = catalog.entries.iter().filter(|e| e.has_data()).count() as u64;
     let info = FilesInfo {
         paths: roots.iter().map(|r| r.display().to_string()).collect(),

@@ -7,6 +7,8 @@
 //! threads, each listing queueing the directories it finds; the calling
 //! thread puts the listings together in tree order, and hard links are
 //! found in that order afterwards (the first path seen holds the data).
+//! Extended attributes come after the scan ([`xattrs_of_changed`]), taken
+//! from the previous snapshot for entries that did not change.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
@@ -18,7 +20,7 @@ use std::sync::Mutex;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use super::catalog::{Entry, Kind, Time};
-use super::exclude::Excludes;
+use super::exclude::{Excludes, IGNORE_FILE};
 
 /// A directory holding this file (starting with the signature) is a cache:
 /// the tag is kept, the rest left out (<https://bford.info/cachedir/>).
@@ -38,7 +40,6 @@ pub struct Scan<'a> {
     excludes: &'a Excludes,
     cross_mounts: bool,
     threads: usize,
-    xattrs: bool,
 }
 
 /// A directory to list, with the rules that hold in it.
@@ -69,7 +70,6 @@ struct Lister<'a> {
     queue: Sender<Option<Task>>,
     names: &'a Mutex<Names>,
     cross_mounts: bool,
-    xattrs: bool,
 }
 
 impl<'a> Scan<'a> {
@@ -78,14 +78,7 @@ impl<'a> Scan<'a> {
             excludes,
             cross_mounts,
             threads: threads.max(1),
-            xattrs: true,
         }
-    }
-
-    /// Leaves extended attributes out, for [`xattrs_of_changed`] to add.
-    pub fn without_xattrs(mut self) -> Self {
-        self.xattrs = false;
-        self
     }
 
     /// Scans each root (an absolute path) and the directories above it.
@@ -99,7 +92,6 @@ impl<'a> Scan<'a> {
                     queue: queue.clone(),
                     names: &names,
                     cross_mounts: self.cross_mounts,
-                    xattrs: self.xattrs,
                 };
                 let tasks = tasks.clone();
                 s.spawn(move || {
@@ -120,7 +112,6 @@ impl<'a> Scan<'a> {
                 queue: queue.clone(),
                 names: &names,
                 cross_mounts: self.cross_mounts,
-                xattrs: self.xattrs,
             };
             let mut seen = HashSet::new();
             for root in roots {
@@ -261,29 +252,34 @@ impl Lister<'_> {
     fn list(&self, task: &Task) -> Listing {
         let mut l = Listing::default();
         let dir = task.dir.as_path();
-        let mut names = match read_names(dir) {
+        let mut children = match read_sorted(dir) {
             Ok(n) => n,
             Err(e) => {
                 error(&mut l.errors, dir, format!("cannot list: {e}"));
                 return l;
             }
         };
-        let rules = match task.rules.with_ignore_file(dir) {
-            Ok(r) => r,
-            Err(e) => {
+        let has = |name: &str| children.iter().any(|(n, _)| n == OsStr::new(name));
+        // Only a directory that lists an ignore file is asked for it.
+        let rules = if has(IGNORE_FILE) {
+            task.rules.with_ignore_file(dir).unwrap_or_else(|e| {
                 error(&mut l.errors, dir, e);
                 task.rules.clone_rules()
-            }
+            })
+        } else {
+            task.rules.clone_rules()
         };
-        if names.iter().any(|n| n == OsStr::new(CACHEDIR_TAG)) && is_cache_tag(dir) {
-            names.retain(|n| n == OsStr::new(CACHEDIR_TAG));
+        if has(CACHEDIR_TAG) && is_cache_tag(dir) {
+            children.retain(|(n, _)| n == OsStr::new(CACHEDIR_TAG));
         }
-        for name in names {
-            let child = dir.join(&name);
+        l.children.reserve_exact(children.len());
+        for (name, d) in children {
+            let child = dir.join(name);
             if rules.excluded(&child) {
                 continue;
             }
-            let md = match std::fs::symlink_metadata(&child) {
+            // Relative to the open directory: no walk of the whole path.
+            let md = match d.metadata() {
                 Ok(md) => md,
                 Err(e) => {
                     error(&mut l.errors, &child, e.to_string());
@@ -366,9 +362,6 @@ impl Lister<'_> {
                 }
             }
         }
-        if self.xattrs {
-            read_xattrs(&mut e, errors);
-        }
         Some(e)
     }
 }
@@ -381,11 +374,11 @@ fn read_xattrs(e: &mut Entry, errors: &mut Vec<(String, String)>) {
     }
 }
 
-/// Adds the extended attributes of a scan made [`Scan::without_xattrs`]:
-/// an entry whose inode is unchanged since `previous` (same kind, size,
-/// times, inode and device) takes the previous snapshot's, since setting
-/// or removing an attribute changes the ctime; the others are read, by
-/// `threads` threads. Half an unchanged scan's system calls were these.
+/// Adds the extended attributes the scan leaves out: an entry whose inode
+/// is unchanged since `previous` (same kind, size, times, inode and
+/// device) takes the previous snapshot's, since setting or removing an
+/// attribute changes the ctime; the others are read, by `threads`
+/// threads. Half an unchanged scan's system calls were these.
 pub fn xattrs_of_changed(
     entries: &mut [Entry],
     previous: &HashMap<&[u8], &Entry>,
@@ -427,14 +420,15 @@ fn error(errors: &mut Vec<(String, String)>, path: &Path, why: String) {
 
 use std::os::unix::ffi::OsStringExt;
 
-/// A directory's entry names, sorted by their bytes.
-fn read_names(dir: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
-    let mut names = Vec::new();
+/// A directory's entries, sorted by their names' bytes.
+fn read_sorted(dir: &Path) -> std::io::Result<Vec<(std::ffi::OsString, std::fs::DirEntry)>> {
+    let mut out = Vec::new();
     for d in std::fs::read_dir(dir)? {
-        names.push(d?.file_name());
+        let d = d?;
+        out.push((d.file_name(), d));
     }
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    Ok(names)
+    out.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(out)
 }
 
 fn is_cache_tag(dir: &Path) -> bool {
