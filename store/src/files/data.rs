@@ -73,9 +73,8 @@ pub struct DataReport {
 pub struct DataReader<'a> {
     pub chunker: &'a Chunker,
     pub index: &'a DedupIndex,
+    /// None: every file is read.
     pub previous: Option<Previous<'a>>,
-    /// Read every file, whatever the previous snapshot says.
-    pub reread: bool,
 }
 
 /// The file's state that says whether it changed.
@@ -374,7 +373,7 @@ impl<'a> DataReader<'a> {
 
     /// The previous snapshot's extents of `e`, if it is unchanged.
     fn reusable(&self, e: &Entry) -> Option<Vec<Extent>> {
-        let prev = self.previous.as_ref().filter(|_| !self.reread)?;
+        let prev = self.previous.as_ref()?;
         let p = prev.by_path.get(e.path.as_slice())?;
         if !p.has_data() || !p.same_inode_state(e) {
             return None;

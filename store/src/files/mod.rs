@@ -129,16 +129,35 @@ pub fn backup_started(
 ) -> Result<FilesBackup> {
     let Started { roots, scan, at } = started;
     let threads = threads(opts);
-    let mut session = BackupSession::new(
-        repo,
-        &BackupOptions {
-            threads: opts.threads,
-            ..Default::default()
-        },
-    )?;
-    // The previous catalog loads while the tree is scanned.
-    let previous = previous_snapshot(repo, &opts.source)?;
-    let prev = previous.as_ref().map(|p| load(repo, p)).transpose()?;
+    // The session (its index) and the previous catalog load side by side
+    // while the tree is scanned. Unchanged entries take the catalog's
+    // xattrs and data unread (`--reread`: none).
+    let (session, found) = std::thread::scope(|s| {
+        let found = s.spawn(|| -> Result<_> {
+            let previous = previous_snapshot(repo, &opts.source)?;
+            let prev = previous
+                .as_ref()
+                .filter(|_| !opts.reread)
+                .map(|p| load(repo, p))
+                .transpose()?;
+            Ok((previous, prev))
+        });
+        let session = BackupSession::new(
+            repo,
+            &BackupOptions {
+                threads: opts.threads,
+                ..Default::default()
+            },
+        );
+        let found = found.join().unwrap_or_else(|_| {
+            Err(Error::Invalid(
+                "loading the previous catalog panicked".into(),
+            ))
+        });
+        (session, found)
+    });
+    let mut session = session?;
+    let (previous, prev) = found?;
     tracing::debug!(
         "previous catalog loaded at {:.3} s",
         at.elapsed().as_secs_f64()
@@ -148,23 +167,18 @@ pub fn backup_started(
         .map_err(|_| Error::Invalid("the tree scan panicked".into()))?;
     let mut entries = scanned.entries;
     let mut errors = scanned.errors;
-    // Unchanged entries take the previous catalog's xattrs unread.
-    let by_path = match &prev {
-        Some(p) if !opts.reread => p.catalog.by_path(),
-        _ => Default::default(),
-    };
+    let by_path = prev
+        .as_ref()
+        .map(|p| p.catalog.by_path())
+        .unwrap_or_default();
     scan::xattrs_of_changed(&mut entries, &by_path, threads, &mut errors);
-    drop(by_path);
     let done = at.elapsed().as_secs_f64();
     tracing::debug!("scanned {} entries at {done:.3} s", entries.len());
-    let report = read_data(
-        repo,
-        &mut session,
-        &mut entries,
-        prev.as_ref(),
-        threads,
-        opts.reread,
-    )?;
+    let reuse = prev.as_ref().map(|p| data::Previous {
+        by_path,
+        data: &p.data,
+    });
+    let report = read_data(repo, &mut session, &mut entries, reuse, threads)?;
     let entries = drop_failed(entries, &report, &mut errors);
     tracing::debug!("data read at {:.3} s", at.elapsed().as_secs_f64());
     let catalog = Catalog { entries };
@@ -308,19 +322,14 @@ fn read_data(
     repo: &Repository,
     session: &mut BackupSession<'_>,
     entries: &mut [Entry],
-    prev: Option<&Loaded>,
+    previous: Option<data::Previous<'_>>,
     threads: usize,
-    reread: bool,
 ) -> Result<data::DataReport> {
     let index = session.index();
     let reader = data::DataReader {
         chunker: repo.chunker(),
         index: &index,
-        previous: prev.map(|p| data::Previous {
-            by_path: p.catalog.by_path(),
-            data: &p.data,
-        }),
-        reread,
+        previous,
     };
     let read = AtomicU64::new(0);
     let shared: &[Entry] = entries;
