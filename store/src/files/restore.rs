@@ -373,19 +373,24 @@ impl Writer<'_> {
         })?;
         // SAFETY: a fresh descriptor nobody else owns.
         let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        file.set_len(e.size).map_err(os("size"))?;
-        self.write_data(e, &file)?;
+        // Writes make the file as long as its last data; a trailing hole
+        // (or an empty file's nothing) needs the length set.
+        if self.write_data(e, &file)? < e.size {
+            file.set_len(e.size).map_err(os("size"))?;
+        }
         self.report.files += 1;
         self.report.bytes += e.size;
         fd_metadata(e, file.as_raw_fd())
     }
 
-    /// Writes the file's data extents; holes are left unwritten.
-    fn write_data(&mut self, e: &Entry, file: &std::fs::File) -> Step {
+    /// Writes the file's data extents; holes are left unwritten. Returns
+    /// the end of the last data written.
+    fn write_data(&mut self, e: &Entry, file: &std::fs::File) -> Step<u64> {
         let end = e.offset.checked_add(e.size).ok_or("offset past 2^64")?;
         if end > self.reader.size() {
             return Err("its data lies past the data stream".into());
         }
+        let mut written = 0;
         for x in self.reader.extents(e.offset, e.size) {
             if !x.data {
                 continue;
@@ -401,8 +406,9 @@ impl Writer<'_> {
                     .map_err(os("write"))?;
                 pos += n as u64;
             }
+            written = pos - e.offset;
         }
-        Ok(())
+        Ok(written)
     }
 
     /// Owner, mode (not of a symlink), xattrs and times of a node made in
