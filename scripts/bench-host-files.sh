@@ -23,7 +23,9 @@ export RESTIC_CACHE_DIR="$W/restic-cache"
 "$BIN" repo init >/dev/null
 restic init -q >/dev/null
 
-drop() { if [ "${COLD:-0}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi; }
+# Every timed run starts after a sync: none pays for the writeback of the
+# run before it (the other tool's, often); with COLD=1 the caches go too.
+drop() { sync; if [ "${COLD:-0}" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi; }
 # "WALL CPU": seconds a command takes, and the CPU seconds (user + system)
 # it used (its output discarded; a failure stops the bench). CPU per byte
 # is what a loaded host does not blur.
