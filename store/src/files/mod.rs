@@ -135,6 +135,7 @@ pub fn backup_started(
     let (session, found) = std::thread::scope(|s| {
         let found = s.spawn(|| -> Result<_> {
             let previous = previous_snapshot(repo, &opts.source)?;
+            tracing::debug!("snapshots listed at {:.3} s", at.elapsed().as_secs_f64());
             let prev = previous
                 .as_ref()
                 .filter(|_| !opts.reread)
@@ -149,6 +150,7 @@ pub fn backup_started(
                 ..Default::default()
             },
         );
+        tracing::debug!("index loaded at {:.3} s", at.elapsed().as_secs_f64());
         let found = found.join().unwrap_or_else(|_| {
             Err(Error::Invalid(
                 "loading the previous catalog panicked".into(),
