@@ -62,12 +62,14 @@ step touched "$BIN" backup files "$W/tree" --source bench -- restic backup -q "$
 # each side's faster run. Nothing is deleted in between: ext4 without a
 # journal (this host's root) skips inodes freed in the last minutes when it
 # allocates, so a restore right after an `rm -rf` of a tree spends seconds
-# of system time searching (3 s against 17 s measured); taking turns lets
-# both sides meet what earlier runs left alike.
+# of system time searching (3 s against 17 s measured). Whoever restores
+# first after a deletion (the previous run's, on exit) pays most, so the
+# turns go bulwark, restic, restic, bulwark: each side has an early and a
+# late one.
 best() { sort -n -k1,1 | head -1; }
 b1=$(secs "$BIN" restore files bench@latest --to "$W/out-bw1")
 r1=$(secs restic restore latest --target "$W/out-rs1")
-b2=$(secs "$BIN" restore files bench@latest --to "$W/out-bw2")
 r2=$(secs restic restore latest --target "$W/out-rs2")
+b2=$(secs "$BIN" restore files bench@latest --to "$W/out-bw2")
 report restore "$(printf '%s\n%s\n' "$b1" "$b2" | best)" "$(printf '%s\n%s\n' "$r1" "$r2" | best)"
 echo "bench-host-files: first ${R[first]}x (goal 2x), unchanged ${R[unchanged]}x (goal 5x), touched-1% ${R[touched]}x, restore ${R[restore]}x (goal 2x)"
