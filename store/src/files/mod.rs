@@ -128,64 +128,60 @@ pub fn backup_started(
     started: Started,
 ) -> Result<FilesBackup> {
     let Started { roots, scan, at } = started;
+    let step = |what: &str| tracing::debug!("{what} at {:.3} s", at.elapsed().as_secs_f64());
     let threads = threads(opts);
-    // The session (its index) and the previous catalog load side by side
+    // The previous catalog and the session (its index) load side by side
     // while the tree is scanned. Unchanged entries take the catalog's
     // xattrs and data unread (`--reread`: none).
-    let (session, found) = std::thread::scope(|s| {
-        let found = s.spawn(|| -> Result<_> {
+    let (found, session) = crate::repo::side_by_side(
+        "loading the previous catalog",
+        || {
             let previous = previous_snapshot(repo, &opts.source)?;
-            tracing::debug!("snapshots listed at {:.3} s", at.elapsed().as_secs_f64());
+            step("snapshots listed");
             let prev = previous
                 .as_ref()
                 .filter(|_| !opts.reread)
                 .map(|p| load(repo, p))
                 .transpose()?;
             Ok((previous, prev))
-        });
-        let session = BackupSession::new(
-            repo,
-            &BackupOptions {
-                threads: opts.threads,
-                ..Default::default()
-            },
-        );
-        tracing::debug!("index loaded at {:.3} s", at.elapsed().as_secs_f64());
-        let found = found.join().unwrap_or_else(|_| {
-            Err(Error::Invalid(
-                "loading the previous catalog panicked".into(),
-            ))
-        });
-        (session, found)
-    });
+        },
+        || {
+            let session = BackupSession::new(
+                repo,
+                &BackupOptions {
+                    threads: opts.threads,
+                    ..Default::default()
+                },
+            );
+            step("index loaded");
+            session
+        },
+    );
     let mut session = session?;
     let (previous, prev) = found?;
-    tracing::debug!(
-        "previous catalog loaded at {:.3} s",
-        at.elapsed().as_secs_f64()
-    );
+    step("previous catalog loaded");
     let scanned = scan
         .join()
         .map_err(|_| Error::Invalid("the tree scan panicked".into()))?;
     let mut entries = scanned.entries;
     let mut errors = scanned.errors;
+    // No previous catalog: an empty map, so every entry's xattrs are read.
     let by_path = prev
         .as_ref()
         .map(|p| p.catalog.by_path())
         .unwrap_or_default();
     scan::xattrs_of_changed(&mut entries, &by_path, threads, &mut errors);
-    let done = at.elapsed().as_secs_f64();
-    tracing::debug!("scanned {} entries at {done:.3} s", entries.len());
+    step(&format!("scanned {} entries", entries.len()));
     let reuse = prev.as_ref().map(|p| data::Previous {
         by_path,
         data: &p.data,
     });
     let report = read_data(repo, &mut session, &mut entries, reuse, threads)?;
     let entries = drop_failed(entries, &report, &mut errors);
-    tracing::debug!("data read at {:.3} s", at.elapsed().as_secs_f64());
+    step("data read");
     let catalog = Catalog { entries };
     store_catalog(repo, &mut session, &catalog)?;
-    tracing::debug!("catalog stored at {:.3} s", at.elapsed().as_secs_f64());
+    step("catalog stored");
     let files = catalog.entries.iter().filter(|e| e.has_data()).count() as u64;
     let info = FilesInfo {
         paths: roots.iter().map(|r| r.display().to_string()).collect(),

@@ -673,7 +673,7 @@ pub fn delete_snapshot_objects(
 /// Runs `a` on another thread while `b` runs on this one, and returns
 /// both results: on S3 each is a chain of round trips. `a` panicking is an
 /// error naming `what`.
-fn side_by_side<A: Send, B>(
+pub(crate) fn side_by_side<A: Send, B>(
     what: &str,
     a: impl FnOnce() -> Result<A> + Send,
     b: impl FnOnce() -> B,
