@@ -60,6 +60,7 @@ live() {
     local t0 el ready="" pid st
     DOMAINS+=("$name")
     t0=${EPOCHREALTIME/./}
+    echo "$EPOCHREALTIME" >"$W/$name.t0"
     AWS_ENDPOINT_URL=$endpoint "$BW" --no-cache restore vm "$snap" --as "$name" \
         --storage-dir "$W/img" --live --wait >"$W/$name.out" 2>&1 &
     pid=$!

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 /// `bulwark-nbd`'s arguments.
 #[derive(Parser)]
@@ -95,7 +96,24 @@ pub enum Cmd {
         /// serves alone when the repository cannot be opened at all.
         #[arg(long, value_name = "LOCATION")]
         replica: Option<String>,
+        /// Read the backfill jobs and the boot set as one JSON line on
+        /// stdin (a [`ServePlan`]) once the disks are open: how `bulwark
+        /// restore vm --live` starts the server while it reads the snapshot
+        /// itself.
+        #[arg(long, hide = true, conflicts_with_all = ["backfill", "boot_set"])]
+        plan_on_stdin: bool,
     },
+}
+
+/// What `serve --plan-on-stdin` reads: the snapshot the command planned
+/// (full id), `DISK=PATH` backfill jobs and the boot set file, if any.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ServePlan {
+    pub snapshot: String,
+    #[serde(default)]
+    pub backfill: Vec<String>,
+    #[serde(default)]
+    pub boot_set: Option<PathBuf>,
 }
 
 /// `--tls`: whether plain-text clients are served.

@@ -2,25 +2,57 @@
 //! [`Export`] trait. Reads run on tokio's blocking pool, so requests in
 //! flight fetch and decrypt chunks in parallel; zero extents are holes and
 //! never touch the repository.
+//!
+//! An export can be served before its disk is open ([`StoreExport::pending`]):
+//! a client negotiates with the size the snapshot states, and its requests
+//! wait until the reader is in its [`ReaderSlot`]. A live restore's QEMU
+//! starts while the server loads the index.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bulwark_store::read::reader::DiskReader;
 use bytes::Bytes;
 use nbd_server::{BlockSize, Export, ExportError, Extent};
+use tokio::sync::watch;
 
 use crate::demand::DemandStats;
 use crate::trace::ReadTrace;
 
 pub struct StoreExport {
-    reader: Arc<DiskReader>,
+    size: u64,
+    reader: watch::Receiver<Option<Arc<DiskReader>>>,
     trace: Option<Arc<ReadTrace>>,
     demand: Arc<DemandStats>,
 }
 
+/// Where a pending export's reader goes once its disk is open. Dropped
+/// unfilled (the disk could not be opened), it fails the requests that
+/// wait and every later one.
+pub struct ReaderSlot(watch::Sender<Option<Arc<DiskReader>>>);
+
+impl ReaderSlot {
+    pub fn fill(self, reader: Arc<DiskReader>) {
+        self.0.send_replace(Some(reader));
+    }
+}
+
 impl StoreExport {
     pub fn new(reader: Arc<DiskReader>) -> Self {
+        let size = reader.size();
+        let (_, rx) = watch::channel(Some(reader));
+        Self::with_receiver(size, rx)
+    }
+
+    /// An export of `size` bytes whose reader comes later, through the slot.
+    pub fn pending(size: u64) -> (Self, ReaderSlot) {
+        let (tx, rx) = watch::channel(None);
+        (Self::with_receiver(size, rx), ReaderSlot(tx))
+    }
+
+    fn with_receiver(size: u64, reader: watch::Receiver<Option<Arc<DiskReader>>>) -> Self {
         StoreExport {
+            size,
             reader,
             trace: None,
             demand: Arc::default(),
@@ -28,11 +60,9 @@ impl StoreExport {
     }
 
     /// Records every read (and failed read) in `trace`.
-    pub fn traced(reader: Arc<DiskReader>, trace: Arc<ReadTrace>) -> Self {
-        StoreExport {
-            trace: Some(trace),
-            ..Self::new(reader)
-        }
+    pub fn traced(mut self, trace: Arc<ReadTrace>) -> Self {
+        self.trace = Some(trace);
+        self
     }
 
     /// Counts the reads that waited for the repository in `demand`.
@@ -41,8 +71,21 @@ impl StoreExport {
         self
     }
 
-    pub fn reader(&self) -> &Arc<DiskReader> {
-        &self.reader
+    /// The reader, once the disk is open; whether the request had to wait
+    /// for it (a wait for the repository like any miss).
+    async fn reader(&self) -> Result<(Arc<DiskReader>, bool), ExportError> {
+        if let Some(r) = self.reader.borrow().as_ref() {
+            return Ok((r.clone(), false));
+        }
+        let mut rx = self.reader.clone();
+        let r = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| ExportError::Other("the disk could not be opened".into()))?;
+        let r = r
+            .as_ref()
+            .ok_or_else(|| ExportError::Other("the disk could not be opened".into()))?;
+        Ok((r.clone(), true))
     }
 }
 
@@ -60,12 +103,12 @@ fn export_error(offset: u64, e: bulwark_store::Error) -> ExportError {
 
 impl Export for StoreExport {
     fn size(&self) -> u64 {
-        self.reader.size()
+        self.size
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
-        Ok(self
-            .reader
+        let (reader, _) = self.reader().await?;
+        Ok(reader
             .extents(offset, len)
             .into_iter()
             .map(|e| Extent::data_or_hole(e.offset, e.len, e.data))
@@ -73,12 +116,12 @@ impl Export for StoreExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
-        let reader = self.reader.clone();
         if let Some(t) = &self.trace {
             t.read(offset, len.into());
         }
-        let miss = !reader.is_cached(offset, len.into());
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
+        let (reader, waited) = self.reader().await?;
+        let miss = waited || !reader.is_cached(offset, len.into());
         let r = tokio::task::spawn_blocking(move || {
             reader
                 .read(offset, len as usize)
@@ -97,9 +140,12 @@ impl Export for StoreExport {
     }
 
     fn prefetch(&self, offset: u64, len: u64) {
-        let reader = self.reader.clone();
         // A hint: warm the cache in the background; failures show up when
-        // the range is really read.
+        // the range is really read. Before the disk is open there is
+        // nothing to warm (its boot set is queued first then).
+        let Some(reader) = self.reader.borrow().clone() else {
+            return;
+        };
         tokio::task::spawn_blocking(move || {
             if let Err(e) = reader.prefetch(offset, len) {
                 tracing::debug!("prefetch {offset}+{len}: {e}");

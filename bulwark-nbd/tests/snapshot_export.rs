@@ -344,3 +344,138 @@ fn listen_beyond_loopback_needs_tls() {
     ]);
     assert!(err.contains("server-cert.pem"), "{err}");
 }
+
+/// A pending export (`StoreExport::pending`, how the server answers a
+/// client before its disks are open): a read waits until the reader is in
+/// its slot and then gets the snapshot's bytes; an export whose disk never
+/// opens fails its reads with an error, never with bytes.
+#[tokio::test]
+async fn a_pending_export_reads_once_its_disk_is_open_and_fails_if_it_never_is() {
+    use bulwark_nbd::StoreExport;
+    use nbd_server::Export;
+    let dir = tempfile::Builder::new()
+        .prefix("bw-nbd-")
+        .tempdir()
+        .unwrap();
+    let (src, data, _) = source_image(dir.path());
+    let snap = make_repo(dir.path(), &src);
+    let backend = Arc::new(LocalBackend::new(dir.path().join("repo")));
+    let repo = Arc::new(Repository::open(backend, &Secret::Passphrase(PW.into())).unwrap());
+    let snap = repo.find_snapshot(&snap).unwrap();
+
+    let (export, slot) = StoreExport::pending(data.len() as u64);
+    assert_eq!(export.size(), data.len() as u64);
+    let export = Arc::new(export);
+    let reading = {
+        let e = export.clone();
+        tokio::spawn(async move { e.read(4096, 65536).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !reading.is_finished(),
+        "a read answered before the disk opened"
+    );
+    let (_, reader) = bulwark_store::read::reader::open_disks(repo, &snap, 8 << 20)
+        .unwrap()
+        .pop()
+        .unwrap();
+    slot.fill(Arc::new(reader));
+    let got = reading.await.unwrap().unwrap();
+    assert!(got[..] == data[4096..4096 + 65536], "wrong bytes");
+    let got = export.read(0, 512).await.unwrap();
+    assert!(got[..] == data[..512]);
+
+    let (never, slot) = StoreExport::pending(data.len() as u64);
+    let never = Arc::new(never);
+    let reading = {
+        let e = never.clone();
+        tokio::spawn(async move { e.read(0, 512).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    drop(slot);
+    let e = reading.await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("could not be opened"), "{e}");
+    assert!(never.read(0, 512).await.is_err());
+}
+
+/// `serve --plan-on-stdin` (a live restore's server, started before the
+/// command read the snapshot): it serves at once, then takes its backfill
+/// from the plan and restores the disk into the file bit for bit; a plan
+/// for another snapshot, or none, ends it with an error that says so.
+#[test]
+fn a_plan_on_stdin_backfills_and_another_snapshots_plan_is_refused() {
+    use std::io::Write;
+    let dir = tempfile::Builder::new()
+        .prefix("bw-nbd-")
+        .tempdir()
+        .unwrap();
+    let (src, data, _) = source_image(dir.path());
+    let snap = make_repo(dir.path(), &src);
+    let socket = dir.path().join("nbd.sock");
+    let planned = |plan: Option<String>| {
+        let mut child = bulwark_nbd(
+            dir.path(),
+            &snap[..12],
+            [
+                OsStr::new("--socket"),
+                socket.as_os_str(),
+                OsStr::new("--plan-on-stdin"),
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(p) = plan {
+            stdin.write_all(p.as_bytes()).unwrap();
+        }
+        (child, stdin)
+    };
+
+    let base = dir.path().join("vda.base.raw");
+    let plan = serde_json::json!({
+        "snapshot": snap,
+        "backfill": [format!("vda={}", base.display())],
+    });
+    let (child, stdin) = planned(Some(format!("{plan}\n")));
+    let served = Served {
+        child,
+        uri: format!("nbd+unix:///vda?socket={}", socket.display()),
+    };
+    for _ in 0..200 {
+        if base.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        std::fs::read(&base).unwrap() == data,
+        "the backfill differs"
+    );
+    let copy = dir.path().join("copy.raw");
+    ok("nbdcopy", &[&served.uri, copy.to_str().unwrap()]);
+    assert!(std::fs::read(&copy).unwrap() == data);
+    drop((served, stdin));
+
+    let other = serde_json::json!({ "snapshot": "00".repeat(32) });
+    let (child, stdin) = planned(Some(format!("{other}\n")));
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the command planned snapshot 0000"), "{err}");
+
+    let (child, stdin) = planned(None);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no plan on stdin"), "{err}");
+}

@@ -377,6 +377,31 @@ fn an_index_narrowed_to_a_snapshot_answers_as_the_full_index() {
     for id in bulwark_store::read::reader::chunks_of(&others) {
         assert!(!narrow.contains(&id), "a chunk of another snapshot");
     }
+    // Loaded while the chunks are found (a server's start): the same answers.
+    repo.invalidate_index();
+    let (found, beside) = repo
+        .index_for_found(|| {
+            let list = repo.load_chunk_list(&kept.disks[0].chunk_list)?;
+            let chunks = bulwark_store::read::reader::chunks_of(&list).collect();
+            Ok((list.size(), chunks))
+        })
+        .unwrap();
+    assert_eq!(found, b.len() as u64);
+    assert_eq!(beside.len(), narrow.len());
+    for id in &mine {
+        let (x, n) = (beside.get(id).unwrap(), narrow.get(id).unwrap());
+        assert_eq!(beside.pack(&x).id, narrow.pack(&n).id, "{id}");
+        assert_eq!((x.offset, x.len), (n.offset, n.len), "{id}");
+        assert!(beside.reusable(id), "{id}");
+    }
+    // A find that fails ends the load with its error (no loader left waiting).
+    repo.invalidate_index();
+    let Err(e) = repo.index_for_found(|| -> bulwark_store::Result<((), Vec<_>)> {
+        Err(bulwark_store::Error::Invalid("no such list".into()))
+    }) else {
+        panic!("a failed find gave an index");
+    };
+    assert!(e.to_string().contains("no such list"), "{e}");
     // A restore narrows on its own (nothing cached) and gets the bytes.
     repo.invalidate_index();
     let got = restore(&repo, &kept, &dir.path().join("out.raw")).unwrap();

@@ -339,6 +339,18 @@ async fn proxy_one(
     };
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    if std::env::var_os("BULWARK_PROXY_TRACE").is_some() {
+        // For a benchmark's timeline: when each request came, and what.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        eprintln!(
+            "{}.{:06} {}",
+            t.as_secs(),
+            t.subsec_micros(),
+            head.lines().next().unwrap_or("")
+        );
+    }
     let mut content_length = 0u64;
     let mut expect_continue = false;
     let mut new_head = String::new();

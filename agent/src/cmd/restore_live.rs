@@ -84,12 +84,17 @@ pub fn run(
         stream_mib_per_sec: a.stream_mib_per_sec,
         outage_wait_secs: a.outage_wait_secs,
     };
+    // Each server opens the repository and finds its snapshot while we do.
+    let mut early = targets
+        .iter()
+        .map(|(snap, name)| start::early(snap, name, &o).map(Some))
+        .collect::<Result<Vec<_>>>()?;
     let repo = Arc::new(secret::open(g)?);
     let plans = restore::plan_all(&repo, targets, |s, name| start::plan(libvirt, s, name, &o))?;
     restore::undo_on_interrupt(libvirt.clone())?;
     let mut started = Vec::new();
-    for p in &plans {
-        let r = start::start(&repo, libvirt, p, &o)
+    for (p, early) in plans.iter().zip(&mut early) {
+        let r = start::start(&repo, libvirt, p, &o, early.take())
             .with_context(|| format!("live restore of {}", p.name))?;
         if !a.json {
             println!(

@@ -192,7 +192,7 @@ impl Served {
             let trace = Arc::new(ReadTrace::new());
             server = server.add_export(
                 &d.name,
-                Arc::new(StoreExport::traced(reader.clone(), trace.clone())),
+                Arc::new(StoreExport::new(reader.clone()).traced(trace.clone())),
                 Some(format!("drill of {} {}", snap.source, d.name)),
             );
             disks.push((d.name.clone(), reader, trace));

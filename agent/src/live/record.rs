@@ -162,6 +162,11 @@ pub struct LiveRestore {
     pub independent_after: Option<f64>,
 }
 
+/// Where the server whose log is `log` writes its counters.
+pub fn stats_path(log: &Path) -> PathBuf {
+    log.with_extension("stats")
+}
+
 /// Guest reads and the streams wait out this long an outage of the
 /// repository (records written before the setting existed get it too).
 pub const DEFAULT_OUTAGE_WAIT_SECS: u64 = 300;
@@ -206,7 +211,7 @@ impl LiveRestore {
 
     /// Where the server writes its counters (`bulwark-nbd serve --stats`).
     pub fn stats_path(&self) -> PathBuf {
-        self.server_log.with_extension("stats")
+        stats_path(&self.server_log)
     }
 
     /// The server's counters, when it has written them.
@@ -305,6 +310,17 @@ impl Records {
 
     pub fn exists(&self, name: &str) -> bool {
         self.file(name).exists()
+    }
+
+    /// The socket the restore `name`'s server serves on (short: a Unix
+    /// socket path has ~107 bytes).
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    /// Its server's log.
+    pub fn server_log(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.nbd.log"))
     }
 
     pub fn load(&self, name: &str) -> Result<LiveRestore> {

@@ -32,8 +32,8 @@ fn binary() -> PathBuf {
 /// --scope` that moves itself into the restore's unit and then becomes
 /// `bulwark-nbd` (the same pid, our environment and stdio: no S3 key or
 /// passphrase becomes a unit property other users could read).
-fn command(r: &LiveRestore) -> Command {
-    let Some(unit) = unit_for(&r.name) else {
+fn command(name: &str) -> Command {
+    let Some(unit) = unit_for(name) else {
         return Command::new(binary());
     };
     // A predecessor's unit may linger a moment after its server died (or
@@ -47,8 +47,7 @@ fn command(r: &LiveRestore) -> Command {
     c.args(["--scope", "--quiet", "--collect"])
         .arg(format!("--unit={unit}"))
         .arg(format!(
-            "--description=Bulwark live restore {}: NBD server",
-            r.name
+            "--description=Bulwark live restore {name}: NBD server"
         ))
         .arg("--")
         .arg(binary());
@@ -98,7 +97,7 @@ pub const BOOT_SET_WINDOW_SECS: u64 = 60;
 /// Starts the server for `r` and waits until it serves; its pid.
 /// `password` is passed in the environment when no file holds it.
 pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
-    spawn(r, password)?.ready(r)
+    spawn(r, password)?.ready()
 }
 
 /// A server started that may not serve yet: it opens the repository and
@@ -108,6 +107,9 @@ pub struct Starting {
     child: Option<std::process::Child>,
     pid: u32,
     first_line: std::sync::mpsc::Receiver<std::io::Result<String>>,
+    /// Its stdin, when the plan comes later ([`Planned::Later`]).
+    plan: Option<std::process::ChildStdin>,
+    log: PathBuf,
 }
 
 impl Starting {
@@ -115,8 +117,15 @@ impl Starting {
         self.pid
     }
 
+    /// Where a server started with [`Planned::Later`] reads its plan.
+    pub fn plan_pipe(&mut self) -> Result<PlanPipe> {
+        Ok(PlanPipe(
+            self.plan.take().context("the server takes no plan")?,
+        ))
+    }
+
     /// Waits until the server serves; its pid.
-    pub fn ready(mut self, r: &LiveRestore) -> Result<u32> {
+    pub fn ready(mut self) -> Result<u32> {
         let t = Instant::now();
         loop {
             if let Ok(Ok(line)) = self.first_line.recv_timeout(Duration::from_millis(100)) {
@@ -130,7 +139,7 @@ impl Starting {
             if let Some(st) = child.try_wait()? {
                 bail!(
                     "bulwark-nbd exited ({st}) before serving: {}",
-                    last_error(r).unwrap_or_default()
+                    last_error_in(&self.log).unwrap_or_default()
                 );
             }
             if t.elapsed() > Duration::from_secs(120) {
@@ -138,6 +147,32 @@ impl Starting {
                 bail!("bulwark-nbd did not start serving within 120 s");
             }
         }
+    }
+
+    /// Stops a server that will not be used (the start failed before its
+    /// record was saved).
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A server's stdin, for its [`ServePlan`](bulwark_nbd::cli::ServePlan).
+pub struct PlanPipe(std::process::ChildStdin);
+
+impl PlanPipe {
+    /// Tells the server what it serves for: the snapshot planned (it
+    /// refuses another), the backfill jobs (`DISK=PATH`) and the boot set
+    /// file. It reads them once its disks are open; the pipe holds them.
+    pub fn send(mut self, plan: &bulwark_nbd::cli::ServePlan) -> Result<()> {
+        use std::io::Write;
+        let mut line = serde_json::to_vec(plan)?;
+        line.push(b'\n');
+        self.0
+            .write_all(&line)
+            .context("sending the server its plan")
     }
 }
 
@@ -154,83 +189,145 @@ impl Drop for Starting {
 
 /// Starts the server for `r` without waiting for it to serve.
 pub fn spawn(r: &LiveRestore, password: Option<&str>) -> Result<Starting> {
-    // A socket left by a killed server would make the bind fail.
-    match std::fs::remove_file(&r.socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", r.socket.display())),
-    }
-    // The last server's counters would speak for this one (a failed
-    // backfill, above all) until it writes its own.
-    match std::fs::remove_file(r.stats_path()) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", r.stats_path().display())),
-    }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&r.server_log)
-        .with_context(|| format!("opening {}", r.server_log.display()))?;
-    let mut cmd = command(r);
-    cmd.args(["serve", "--snapshot", &r.snapshot.to_hex(), "--socket"])
-        .arg(&r.socket)
-        .env("BULWARK_REPO", &r.repo.repo)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .process_group(0);
-    if let Some(p) = &r.repo.password_file {
-        cmd.arg("--password-file").arg(p);
-    }
-    if let Some(k) = &r.repo.key_file {
-        cmd.arg("--key-file").arg(k);
-    }
-    cmd.arg("--stats").arg(r.stats_path());
-    cmd.arg("--outage-wait").arg(r.outage_wait_secs.to_string());
-    for d in r.disks.iter().filter(|d| d.needs_server()) {
-        if let Some(b) = &d.base {
-            cmd.arg("--backfill")
-                .arg(format!("{}={}", d.target, b.display()));
+    let backfill = r
+        .disks
+        .iter()
+        .filter(|d| d.needs_server())
+        .filter_map(|d| Some(format!("{}={}", d.target, d.base.as_ref()?.display())))
+        .collect();
+    let launch = Launch {
+        name: &r.name,
+        snapshot: r.snapshot.to_hex(),
+        socket: &r.socket,
+        log: &r.server_log,
+        stats: r.stats_path(),
+        repo: &r.repo,
+        outage_wait_secs: r.outage_wait_secs,
+        stream_mib_per_sec: r.stream_mib_per_sec,
+        // The first server of a restore sees the guest boot: what it reads
+        // is the boot set of the VM's next live restore. A restarted one
+        // would record whatever the guest does later.
+        record_boot_set: matches!(r.phase(), super::record::Phase::Booting),
+        plan: Planned::Now {
+            backfill,
+            boot_set: r.boot_set_file.clone().filter(|b| b.exists()),
+        },
+    };
+    launch.spawn(password)
+}
+
+/// How a server learns what to backfill and which boot set to fetch.
+pub enum Planned {
+    /// On its command line.
+    Now {
+        backfill: Vec<String>,
+        boot_set: Option<PathBuf>,
+    },
+    /// Later, through [`Starting::send_plan`]: a live restore starts its
+    /// server first, so both open the repository and read the snapshot at
+    /// once (on S3 a chain of round trips each).
+    Later,
+}
+
+/// What a server is started with.
+pub struct Launch<'a> {
+    pub name: &'a str,
+    /// A snapshot id, prefix or `SOURCE@latest`.
+    pub snapshot: String,
+    pub socket: &'a Path,
+    pub log: &'a Path,
+    pub stats: PathBuf,
+    pub repo: &'a super::record::RepoSpec,
+    pub outage_wait_secs: u64,
+    pub stream_mib_per_sec: u64,
+    pub record_boot_set: bool,
+    pub plan: Planned,
+}
+
+impl Launch<'_> {
+    pub fn spawn(self, password: Option<&str>) -> Result<Starting> {
+        // A socket left by a killed server would make the bind fail.
+        remove_if_there(self.socket)?;
+        // The last server's counters would speak for this one (a failed
+        // backfill, above all) until it writes its own.
+        remove_if_there(&self.stats)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let mut cmd = command(self.name);
+        cmd.args(["serve", "--snapshot", &self.snapshot, "--socket"])
+            .arg(self.socket)
+            .env("BULWARK_REPO", &self.repo.repo)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .process_group(0);
+        if let Some(p) = &self.repo.password_file {
+            cmd.arg("--password-file").arg(p);
         }
+        if let Some(k) = &self.repo.key_file {
+            cmd.arg("--key-file").arg(k);
+        }
+        cmd.arg("--stats").arg(&self.stats);
+        cmd.arg("--outage-wait")
+            .arg(self.outage_wait_secs.to_string());
+        cmd.arg("--backfill-mib-per-sec")
+            .arg(self.stream_mib_per_sec.to_string());
+        match &self.plan {
+            Planned::Now { backfill, boot_set } => {
+                for b in backfill {
+                    cmd.arg("--backfill").arg(b);
+                }
+                if let Some(b) = boot_set {
+                    cmd.arg("--boot-set").arg(b);
+                }
+            }
+            Planned::Later => {
+                cmd.arg("--plan-on-stdin").stdin(Stdio::piped());
+            }
+        }
+        if self.record_boot_set {
+            cmd.arg("--record-boot-set")
+                .arg(BOOT_SET_WINDOW_SECS.to_string());
+        }
+        if let Some(rep) = &self.repo.replica {
+            cmd.arg("--replica").arg(rep);
+        }
+        if let Some(e) = &self.repo.s3_endpoint {
+            cmd.env("BULWARK_S3_ENDPOINT", e);
+        }
+        if let Some(pw) = password {
+            cmd.env("BULWARK_PASSWORD", pw);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+        let pid = child.id();
+        let stdout = child.stdout.take().context("server stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let r = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(r.map(|_| line));
+        });
+        Ok(Starting {
+            plan: child.stdin.take(),
+            child: Some(child),
+            pid,
+            first_line: rx,
+            log: self.log.to_path_buf(),
+        })
     }
-    cmd.arg("--backfill-mib-per-sec")
-        .arg(r.stream_mib_per_sec.to_string());
-    // The first server of a restore sees the guest boot: what it reads is
-    // the boot set of the VM's next live restore. A restarted one would
-    // record whatever the guest does later.
-    if matches!(r.phase(), super::record::Phase::Booting) {
-        cmd.arg("--record-boot-set")
-            .arg(BOOT_SET_WINDOW_SECS.to_string());
+}
+
+fn remove_if_there(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
     }
-    if let Some(b) = r.boot_set_file.as_ref().filter(|b| b.exists()) {
-        cmd.arg("--boot-set").arg(b);
-    }
-    if let Some(rep) = &r.repo.replica {
-        cmd.arg("--replica").arg(rep);
-    }
-    if let Some(e) = &r.repo.s3_endpoint {
-        cmd.env("BULWARK_S3_ENDPOINT", e);
-    }
-    if let Some(pw) = password {
-        cmd.env("BULWARK_PASSWORD", pw);
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    let pid = child.id();
-    let stdout = child.stdout.take().context("server stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let r = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(r.map(|_| line));
-    });
-    Ok(Starting {
-        child: Some(child),
-        pid,
-        first_line: rx,
-    })
 }
 
 /// Whether the recorded server runs (and is ours: its command line names
@@ -274,7 +371,11 @@ pub fn stop(r: &LiveRestore) {
 /// The last failed read the server logged (names the damaged chunk), or
 /// why systemd-run could not start it.
 pub fn last_error(r: &LiveRestore) -> Option<String> {
-    let log = std::fs::read_to_string(&r.server_log).ok()?;
+    last_error_in(&r.server_log)
+}
+
+fn last_error_in(log: &Path) -> Option<String> {
+    let log = std::fs::read_to_string(log).ok()?;
     log.lines()
         .rev()
         .find(|l| {

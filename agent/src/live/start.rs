@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bulwark_nbd::cli::ServePlan;
 use bulwark_store::{Repository, Snapshot};
 
 use super::record::{LiveDisk, LiveRestore, Records, RepoSpec};
@@ -47,41 +48,127 @@ pub fn plan(libvirt: &Libvirt, snap: Snapshot, name: &str, o: &LiveOptions<'_>) 
     restore::plan(libvirt, snap, name, &opts)
 }
 
+/// A live restore's server started before its snapshot is read: it opens
+/// the repository and finds the snapshot while the command does the same
+/// (on S3 two chains of round trips side by side, not one after the other),
+/// and learns the rest from [`start`]. Stopped if dropped unused.
+pub struct Early {
+    starting: Option<server::Starting>,
+    files: [PathBuf; 3],
+}
+
+/// Starts the server of the live restore `name` of `snapshot` (the words
+/// the operator gave: an id, a prefix or `SOURCE@latest`).
+pub fn early(snapshot: &str, name: &str, o: &LiveOptions<'_>) -> Result<Early> {
+    // Its socket and counters are replaced: never those of a restore
+    // that exists.
+    if o.records.exists(name) {
+        bail!("a live restore named {name} exists already (see `bulwark restore status`)");
+    }
+    if name.is_empty() || name.contains('/') {
+        bail!("{name:?} is not a usable domain name");
+    }
+    std::fs::create_dir_all(o.records.dir())?;
+    let (socket, log) = (o.records.socket(name), o.records.server_log(name));
+    let stats = super::record::stats_path(&log);
+    let starting = server::Launch {
+        name,
+        snapshot: snapshot.to_string(),
+        socket: &socket,
+        log: &log,
+        stats: stats.clone(),
+        repo: &o.repo,
+        outage_wait_secs: o.outage_wait_secs,
+        stream_mib_per_sec: o.stream_mib_per_sec,
+        record_boot_set: true,
+        plan: server::Planned::Later,
+    }
+    .spawn(o.password.as_deref())?;
+    Ok(Early {
+        starting: Some(starting),
+        files: [socket, log, stats],
+    })
+}
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        if let Some(s) = self.starting.take() {
+            s.kill();
+            // Made by the server that was not used; nothing depends on them.
+            for f in &self.files {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+}
+
+/// Starts the live restore `plan` on its server (`early`, or one started
+/// now): overlays, NVRAM and domain are made while the server opens its
+/// disks, and the boot set is looked up and handed to it meanwhile.
 pub fn start(
     repo: &Arc<Repository>,
     libvirt: &Libvirt,
     plan: &Plan,
     o: &LiveOptions<'_>,
+    early: Option<Early>,
 ) -> Result<LiveRestore> {
     let mut undo = Undo::new(libvirt);
     std::fs::create_dir_all(&o.restore.dir)
         .with_context(|| format!("creating {}", o.restore.dir.display()))?;
-    std::fs::create_dir_all(o.records.dir())?;
+    let mut early = match early {
+        Some(e) => e,
+        None => self::early(&plan.snapshot.id.to_hex(), &plan.name, o)?,
+    };
+    let mut starting = early.starting.take().context("the server was used")?;
     let mut rec = record(plan, o);
     rec.outage_wait_secs = o.outage_wait_secs;
-    rec.boot_set_file = boot_set(repo, &plan.snapshot, o.records.dir(), &plan.name);
+    rec.server_pid = Some(starting.pid());
     let served = ServerGuard(&mut rec);
-    // The overlays and the domain are made while the server opens the
-    // repository and loads its index; QEMU starts once it serves.
-    let starting = server::spawn(served.0, o.password.as_deref())?;
-    served.0.server_pid = Some(starting.pid());
-    for (d, target) in &plan.disks {
-        undo.file(target.path.clone());
-        undo.file(base_path(&target.path));
-        overlay(&target.path, d.size, &d.name, &served.0.socket)?;
-    }
-    restore::restore_nvram(repo, plan, 0, &mut undo, &|_| {})?;
-    let xml = restore::rewritten(plan, &o.restore)?.xml;
-    let xml = rewrite::add_nbd_backing(&xml, &served.0.socket, RECONNECT_SECS)?;
-    let dom = libvirt
-        .define(&xml)
-        .with_context(|| format!("defining {}", plan.name))?;
-    undo.domain(plan.name.clone());
-    starting.ready(served.0)?;
-    dom.start()
-        .with_context(|| format!("starting {}", plan.name))?;
+    let pipe = starting.plan_pipe()?;
+    let backfill: Vec<String> = served
+        .0
+        .disks
+        .iter()
+        .filter_map(|d| Some(format!("{}={}", d.target, d.base.as_ref()?.display())))
+        .collect();
+    let socket = served.0.socket.clone();
+    let dom = std::thread::scope(|s| -> Result<_> {
+        let planner = s.spawn(|| -> Result<Option<PathBuf>> {
+            let boot_set = boot_set(repo, &plan.snapshot, o.records.dir(), &plan.name);
+            pipe.send(&ServePlan {
+                snapshot: plan.snapshot.id.to_hex(),
+                backfill,
+                boot_set: boot_set.clone(),
+            })?;
+            Ok(boot_set)
+        });
+        for (d, target) in &plan.disks {
+            undo.file(target.path.clone());
+            undo.file(base_path(&target.path));
+            overlay(&target.path, d.size, &d.name, &socket)?;
+        }
+        restore::restore_nvram(repo, plan, 0, &mut undo, &|_| {})?;
+        let xml = restore::rewritten(plan, &o.restore)?.xml;
+        let xml = rewrite::add_nbd_backing(&xml, &socket, RECONNECT_SECS)?;
+        let dom = libvirt
+            .define(&xml)
+            .with_context(|| format!("defining {}", plan.name))?;
+        undo.domain(plan.name.clone());
+        tracing::debug!("{}: domain defined", plan.name);
+        // Serving: the server has found the snapshot; reads wait until its
+        // disks are open.
+        starting.ready()?;
+        tracing::debug!("{}: server serves", plan.name);
+        dom.start()
+            .with_context(|| format!("starting {}", plan.name))?;
+        tracing::debug!("{}: domain started", plan.name);
+        served.0.boot_set_file = planner
+            .join()
+            .map_err(|_| anyhow::anyhow!("the boot set lookup panicked"))??;
+        Ok(dom)
+    })?;
     let targets: Vec<String> = served.0.disks.iter().map(|d| d.target.clone()).collect();
-    if let Err(e) = reconnect::install(&dom, &served.0.socket, &targets, RECONNECT_SECS) {
+    if let Err(e) = reconnect::install(&dom, &socket, &targets, RECONNECT_SECS) {
         tracing::warn!(
             "{}: guest reads will not wait out a restart of the server: {e:#}",
             plan.name
@@ -140,9 +227,8 @@ fn record(plan: &Plan, o: &LiveOptions<'_>) -> LiveRestore {
         plan.snapshot.id,
         plan.snapshot.source.clone(),
         o.repo.clone(),
-        // Short: a Unix socket path has ~107 bytes.
-        o.records.dir().join(format!("{}.sock", plan.name)),
-        o.records.dir().join(format!("{}.nbd.log", plan.name)),
+        o.records.socket(&plan.name),
+        o.records.server_log(&plan.name),
         disks,
         o.stream_mib_per_sec,
     )

@@ -221,7 +221,7 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
         .filter(|(_, (v, _))| v.live)
     {
         out.send(&Event::Started { vm: i });
-        let r = start::start(&repo, &libvirt, p, &live_opts(v)).and_then(|r| {
+        let r = start::start(&repo, &libvirt, p, &live_opts(v), None).and_then(|r| {
             adopt(&cfg.socket, &r.name)?;
             Ok(r)
         });

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use bulwark_nbd::backfill::Backfill;
+use bulwark_nbd::cli::ServePlan;
 use bulwark_nbd::cli::{Cli, Cmd, TlsArg};
 use bulwark_nbd::demand::{DemandStats, ServeStats};
 use bulwark_nbd::trace::{BootSet, BootSetFile, BootSetReport, ReadTrace};
@@ -145,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
         backfill_mib_per_sec,
         record_boot_set,
         replica,
+        plan_on_stdin,
     } = cli.command;
     let boot_set = boot_set.map(|p| read_boot_set(&p)).transpose()?;
     let tls_required = tls_creds.is_some() && tls == TlsArg::Require;
@@ -215,37 +217,68 @@ fn run(cli: Cli) -> Result<()> {
         }
     };
     let cache = (cache_mib << 20) / snap.disks.len().max(1);
+    let demand = Arc::new(DemandStats::default());
+    // Every export answers the handshake now, with the size the snapshot
+    // states; requests wait until its disk is open (below), so a client
+    // (a live restore's QEMU) starts while the index loads.
     let mut server = Server::new(ServerConfig {
         tls,
         ..ServerConfig::default()
     });
-    let mut readers = Vec::new();
+    let mut slots = Vec::new();
     let mut traces = Vec::new();
-    let demand = Arc::new(DemandStats::default());
-    // One index narrowed to the snapshot's chunks: memory follows the
-    // snapshot, not the repository.
-    for (name, reader) in bulwark_store::read::reader::open_disks(repo.clone(), &snap, cache)? {
-        let reader = Arc::new(reader);
-        reader.wait_out_outages(std::time::Duration::from_secs(outage_wait));
-        if let Some(rep) = &replica {
-            reader.fall_back_to(rep.clone());
-        }
-        let desc = format!("{} {name} of snapshot {}", snap.source, snap.id.short());
+    for d in &snap.disks {
+        let (export, slot) = StoreExport::pending(d.size);
         let export = match record_boot_set {
             Some(_) => {
                 let trace = Arc::new(ReadTrace::new());
-                traces.push((name.clone(), trace.clone()));
-                StoreExport::traced(reader.clone(), trace)
+                traces.push((d.name.clone(), trace.clone()));
+                export.traced(trace)
             }
-            None => StoreExport::new(reader.clone()),
+            None => export,
         };
+        let desc = format!("{} {} of snapshot {}", snap.source, d.name, snap.id.short());
         server = server.add_export(
-            &name,
+            &d.name,
             Arc::new(export.with_demand(demand.clone())),
             Some(desc),
         );
-        readers.push((name, reader));
+        slots.push((d.name.clone(), d.size, slot));
     }
+    let rt = tokio::runtime::Runtime::new()?;
+    let handle = rt.block_on(bind(server, socket.as_deref(), listen.as_deref()))?;
+    let names: Vec<_> = snap.disks.iter().map(|d| d.name.as_str()).collect();
+    tracing::info!(
+        "serving snapshot {} ({}) exports [{}] on {}",
+        snap.id.short(),
+        snap.source,
+        names.join(", "),
+        socket.as_ref().map_or_else(
+            || listen.clone().unwrap_or_default(),
+            |p| p.display().to_string()
+        )
+    );
+    // Readiness for scripts: one line on stdout once the socket exists.
+    println!("ready");
+    let readers = open_readers(&repo, &snap, cache, outage_wait, replica.as_ref())?;
+    for (name, size, slot) in slots {
+        let (_, r) = readers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .with_context(|| format!("disk {name} did not open"))?;
+        if r.size() != size {
+            bail!(
+                "disk {name}: its chunk list holds {} bytes, the snapshot says {size}",
+                r.size()
+            );
+        }
+        slot.fill(r.clone());
+    }
+    tracing::debug!("disks open");
+    let (backfill, boot_set) = match plan_on_stdin {
+        true => planned(&snap)?,
+        false => (backfill, boot_set),
+    };
     let boot_set_bytes = boot_set.as_ref().map_or(0, |b| queue_boot_set(b, &readers));
     let backfill = (!backfill.is_empty())
         .then(|| {
@@ -274,33 +307,7 @@ fn run(cli: Cli) -> Result<()> {
         started: std::time::Instant::now(),
         saved: false,
     });
-    let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let handle = match (&socket, &listen) {
-            (Some(path), _) => server
-                .bind_unix(path)
-                .with_context(|| format!("listening on {}", path.display()))?,
-            (None, Some(addr)) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("listening on {addr}"))?;
-                server.serve_tcp(l)
-            }
-            (None, None) => bail!("pass --socket PATH or --listen ADDR:PORT"),
-        };
-        let names: Vec<_> = snap.disks.iter().map(|d| d.name.as_str()).collect();
-        tracing::info!(
-            "serving snapshot {} ({}) exports [{}] on {}",
-            snap.id.short(),
-            snap.source,
-            names.join(", "),
-            socket.as_ref().map_or_else(
-                || listen.clone().unwrap_or_default(),
-                |p| p.display().to_string()
-            )
-        );
-        // Readiness for scripts: one line on stdout once the socket exists.
-        println!("ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
@@ -338,6 +345,80 @@ fn run(cli: Cli) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Listens on the socket or the TCP address.
+async fn bind(
+    server: Server<StoreExport>,
+    socket: Option<&std::path::Path>,
+    listen: Option<&str>,
+) -> Result<nbd_server::ServerHandle> {
+    match (socket, listen) {
+        (Some(path), _) => server
+            .bind_unix(path)
+            .with_context(|| format!("listening on {}", path.display())),
+        (None, Some(addr)) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?;
+            Ok(server.serve_tcp(l))
+        }
+        (None, None) => bail!("pass --socket PATH or --listen ADDR:PORT"),
+    }
+}
+
+/// Each disk's reader over one index narrowed to the snapshot's chunks
+/// (memory follows the snapshot, not the repository).
+fn open_readers(
+    repo: &Arc<bulwark_store::Repository>,
+    snap: &bulwark_store::Snapshot,
+    cache: usize,
+    outage_wait: u64,
+    replica: Option<&Arc<bulwark_store::Repository>>,
+) -> Result<Vec<(String, Arc<DiskReader>)>> {
+    let disks = bulwark_store::read::reader::open_disks(repo.clone(), snap, cache)
+        .with_context(|| format!("opening the disks of snapshot {}", snap.id.short()))?;
+    Ok(disks
+        .into_iter()
+        .map(|(name, reader)| {
+            reader.wait_out_outages(std::time::Duration::from_secs(outage_wait));
+            if let Some(rep) = replica {
+                reader.fall_back_to(rep.clone());
+            }
+            (name, Arc::new(reader))
+        })
+        .collect())
+}
+
+/// `--plan-on-stdin`: the backfill jobs and boot set the command that
+/// started us sends once it has planned the restore, for the snapshot it
+/// planned (if another was found for the same words, a backup landed in
+/// between: refuse rather than serve other disks).
+fn planned(
+    snap: &bulwark_store::Snapshot,
+) -> Result<(Vec<bulwark_nbd::backfill::Job>, Option<Vec<BootSet>>)> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the plan on stdin")?;
+    if line.trim().is_empty() {
+        bail!("no plan on stdin: the command that started the server gave up");
+    }
+    let plan: ServePlan = serde_json::from_str(&line).context("the plan on stdin")?;
+    if plan.snapshot != snap.id.to_hex() {
+        bail!(
+            "the command planned snapshot {}, this server found {}",
+            plan.snapshot,
+            snap.id.to_hex()
+        );
+    }
+    let jobs = plan
+        .backfill
+        .iter()
+        .map(|j| j.parse().map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    let boot_set = plan.boot_set.map(|p| read_boot_set(&p)).transpose()?;
+    Ok((jobs, boot_set))
 }
 
 /// The boot sets in `path` (a drill report, or anything with its

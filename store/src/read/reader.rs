@@ -1092,12 +1092,15 @@ pub fn open_disks(
     snapshot: &crate::Snapshot,
     cache_bytes: usize,
 ) -> Result<Vec<(String, DiskReader)>> {
-    let lists = snapshot
-        .disks
-        .iter()
-        .map(|d| Ok((d.name.clone(), repo.load_chunk_list(&d.chunk_list)?)))
-        .collect::<Result<Vec<_>>>()?;
-    repo.index_for(lists.iter().flat_map(|(_, l)| chunks_of(l)))?;
+    let (lists, _) = repo.index_for_found(|| {
+        let lists = snapshot
+            .disks
+            .iter()
+            .map(|d| Ok((d.name.clone(), repo.load_chunk_list(&d.chunk_list)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let chunks = lists.iter().flat_map(|(_, l)| chunks_of(l)).collect();
+        Ok((lists, chunks))
+    })?;
     lists
         .into_iter()
         .map(|(name, list)| Ok((name, DiskReader::new(repo.clone(), list, cache_bytes)?)))

@@ -272,7 +272,7 @@ impl Repository {
         if let Some(ix) = guard.as_ref() {
             return Ok(ix.clone());
         }
-        let ix = Arc::new(self.load_index(None)?);
+        let ix = Arc::new(self.load_index(Wanted::All)?);
         *guard = Some(ix.clone());
         Ok(ix)
     }
@@ -282,7 +282,7 @@ impl Repository {
     /// (`docs/gc.md`, rule 2). Never cached: a backup loads it after its
     /// session marker is visible.
     pub fn dedup_index(&self) -> Result<DedupIndex> {
-        self.load_index(None)
+        self.load_index(Wanted::All)
     }
 
     /// An index that finds at least `chunks` (a restore, an export or a
@@ -295,18 +295,44 @@ impl Repository {
         if let Some(ix) = lock(&self.index).as_ref() {
             return Ok(ix.clone());
         }
-        let mut wanted: Vec<Id> = chunks.into_iter().collect();
-        wanted.sort_unstable_by(Id::fast_cmp);
-        wanted.dedup();
+        let wanted = sorted_chunks(chunks);
         let mut narrowed = lock(&self.narrowed);
         if let Some((have, ix)) = narrowed.as_ref() {
             if wanted.iter().all(|id| sorted_contains(have, id)) {
                 return Ok(ix.clone());
             }
         }
-        let ix = Arc::new(self.load_index(Some(&wanted))?);
+        let ix = Arc::new(self.load_index(Wanted::These(&wanted))?);
         *narrowed = Some((wanted, ix.clone()));
         Ok(ix)
+    }
+
+    /// [`Repository::index_for`] the chunks `find` returns beside what it
+    /// found (a snapshot's chunk lists): the index objects are listed and
+    /// fetched while it runs, so on S3 the two chains of round trips
+    /// overlap (a live restore's server waits on both before it serves).
+    pub fn index_for_found<T>(
+        &self,
+        find: impl FnOnce() -> Result<(T, Vec<Id>)>,
+    ) -> Result<(T, Arc<Index>)> {
+        if lock(&self.index).is_some() || lock(&self.narrowed).is_some() {
+            let (t, chunks) = find()?;
+            return Ok((t, self.index_for(chunks)?));
+        }
+        let later = LaterChunks::default();
+        let (ix, found) = side_by_side(
+            "the index loader",
+            || self.load_index(Wanted::Later(&later)),
+            || {
+                let r = find().map(|(t, chunks)| (t, sorted_chunks(chunks)));
+                later.set(r.as_ref().ok().map(|(_, c)| c.clone()));
+                r
+            },
+        );
+        let (t, chunks) = found?;
+        let ix = Arc::new(ix?);
+        *lock(&self.narrowed) = Some((chunks, ix.clone()));
+        Ok((t, ix))
     }
 
     /// Runs `f` (find a snapshot, load its chunk lists) while the index
@@ -333,7 +359,7 @@ impl Repository {
     /// Each index object is opened and added as it arrives, so only the
     /// table is ever whole in memory, never every object's packs at once;
     /// with `wanted` (sorted by [`Id::fast_cmp`]), only those chunks.
-    fn load_index<D: Detail>(&self, wanted: Option<&[Id]>) -> Result<ChunkIndex<D>> {
+    fn load_index<D: Detail>(&self, wanted: Wanted<'_>) -> Result<ChunkIndex<D>> {
         // Condemned records are listed while the index objects load (both
         // are needed before the table is finished: a backup must not reuse
         // what a GC has condemned, docs/gc.md, rule 2).
@@ -349,22 +375,22 @@ impl Repository {
 
     /// Every index object's packs (with `wanted`, only those chunks) in a
     /// builder.
-    fn load_index_objects<D: Detail>(&self, wanted: Option<&[Id]>) -> Result<IndexBuilder<D>> {
+    fn load_index_objects<D: Detail>(&self, wanted: Wanted<'_>) -> Result<IndexBuilder<D>> {
         let builder = Mutex::new(IndexBuilder::default());
-        if let Some(w) = wanted {
+        if let Wanted::These(w) = wanted {
             lock(&builder).reserve(w.len());
         }
         each_index_object(
             self.backend.as_ref(),
             // An index object spends at least 40 bytes on each chunk it lists.
             |bytes| {
-                if wanted.is_none() {
+                if let Wanted::All = wanted {
                     lock(&builder).reserve((bytes / 40) as usize);
                 }
             },
             |name, bytes| {
                 let mut packs = index::open(&self.keys, &bytes, name)?;
-                if let Some(w) = wanted {
+                if let Some(w) = wanted.get()? {
                     packs
                         .iter_mut()
                         .for_each(|p| p.blobs.retain(|b| sorted_contains(w, &b.id)));
@@ -673,6 +699,63 @@ pub fn delete_snapshot_objects(
 /// Runs `a` on another thread while `b` runs on this one, and returns
 /// both results: on S3 each is a chain of round trips. `a` panicking is an
 /// error naming `what`.
+/// Which chunks an index is loaded for.
+#[derive(Clone, Copy)]
+enum Wanted<'a> {
+    All,
+    /// Only these (sorted by [`Id::fast_cmp`]).
+    These(&'a [Id]),
+    /// Those another thread finds meanwhile.
+    Later(&'a LaterChunks),
+}
+
+impl<'a> Wanted<'a> {
+    /// `None`: all.
+    fn get(self) -> Result<Option<&'a [Id]>> {
+        match self {
+            Wanted::All => Ok(None),
+            Wanted::These(w) => Ok(Some(w)),
+            Wanted::Later(l) => l.wait().map(Some),
+        }
+    }
+}
+
+/// Chunks found on one thread while another loads the index for them.
+#[derive(Default)]
+struct LaterChunks {
+    chunks: std::sync::OnceLock<Vec<Id>>,
+    /// Set once: whether `chunks` was (else finding them failed).
+    settled: Mutex<Option<bool>>,
+    cv: std::sync::Condvar,
+}
+
+impl LaterChunks {
+    fn set(&self, chunks: Option<Vec<Id>>) {
+        let found = chunks.is_some_and(|c| self.chunks.set(c).is_ok());
+        *lock(&self.settled) = Some(found);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> Result<&[Id]> {
+        let mut settled = lock(&self.settled);
+        while settled.is_none() {
+            settled = self.cv.wait(settled).unwrap_or_else(|e| e.into_inner());
+        }
+        self.chunks
+            .get()
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::Invalid("the chunks to index were not found".into()))
+    }
+}
+
+/// Sorted by [`Id::fast_cmp`], once each.
+fn sorted_chunks(chunks: impl IntoIterator<Item = Id>) -> Vec<Id> {
+    let mut v: Vec<Id> = chunks.into_iter().collect();
+    v.sort_unstable_by(Id::fast_cmp);
+    v.dedup();
+    v
+}
+
 pub(crate) fn side_by_side<A: Send, B>(
     what: &str,
     a: impl FnOnce() -> Result<A> + Send,
