@@ -119,3 +119,17 @@ pub fn open(g: &Global) -> Result<Repository> {
     let secret = secret(g, false)?;
     Repository::open(backend, &secret).with_context(|| format!("opening repository {location}"))
 }
+
+/// [`open`], and the snapshot `spec` in it (a full id's manifest is
+/// fetched while the key is unlocked).
+pub fn open_at(g: &Global, spec: &str) -> Result<(Repository, bulwark_store::Snapshot)> {
+    let backend = backend(g)?;
+    let location = backend.location();
+    let secret = secret(g, false)?;
+    Repository::open_at(backend, &secret, spec).map_err(|e| match e {
+        bulwark_store::Error::SnapshotNotFound(_) | bulwark_store::Error::AmbiguousSnapshot(_) => {
+            e.into()
+        }
+        e => anyhow::Error::from(e).context(format!("opening repository {location}")),
+    })
+}

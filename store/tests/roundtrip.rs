@@ -407,3 +407,39 @@ fn an_index_narrowed_to_a_snapshot_answers_as_the_full_index() {
     let got = restore(&repo, &kept, &dir.path().join("out.raw")).unwrap();
     assert!(got == b);
 }
+
+/// `Repository::open_at` finds what `find_snapshot` finds (a full id, whose
+/// manifest it fetches while the key is unlocked, a prefix, `@latest`),
+/// says a missing one is not found, and still refuses a wrong secret.
+#[test]
+fn open_at_finds_the_snapshot_find_snapshot_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let snap = backup(
+        &repo,
+        &mut MemSource::new(random(1 << 20, 90)),
+        Mode::Full,
+        2,
+    );
+    let backend = || -> Arc<dyn bulwark_store::Backend> {
+        Arc::new(LocalBackend::new(dir.path().join("repo")))
+    };
+    let secret = Secret::Passphrase(PW.into());
+    let hex = snap.id.to_hex();
+    for spec in [
+        hex.clone(),
+        hex[..8].to_string(),
+        format!("{}@latest", snap.source),
+    ] {
+        let (r, found) = Repository::open_at(backend(), &secret, &spec).unwrap();
+        assert_eq!(found.id, snap.id, "{spec}");
+        assert_eq!(found.disks.len(), snap.disks.len());
+        assert_eq!(r.find_snapshot(&spec).unwrap().id, snap.id);
+    }
+    let missing = "ab".repeat(32);
+    assert!(matches!(
+        Repository::open_at(backend(), &secret, &missing),
+        Err(Error::SnapshotNotFound(_))
+    ));
+    assert!(Repository::open_at(backend(), &Secret::Passphrase("wrong".into()), &hex).is_err());
+}

@@ -89,8 +89,12 @@ pub fn run(
         .iter()
         .map(|(snap, name)| start::early(snap, name, &o).map(Some))
         .collect::<Result<Vec<_>>>()?;
-    let repo = Arc::new(secret::open(g)?);
-    let plans = restore::plan_all(&repo, targets, |s, name| start::plan(libvirt, s, name, &o))?;
+    let first = targets.first().context("no snapshot to restore")?;
+    let (repo, snap) = secret::open_at(g, &first.0)?;
+    let repo = Arc::new(repo);
+    let plans = restore::plan_all(&repo, targets, Some(snap), |s, name| {
+        start::plan(libvirt, s, name, &o)
+    })?;
     restore::undo_on_interrupt(libvirt.clone())?;
     let mut started = Vec::new();
     for (p, early) in plans.iter().zip(&mut early) {

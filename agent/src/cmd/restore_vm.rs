@@ -97,9 +97,11 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         };
         return super::restore_live::run(g, &libvirt, &targets, opts, live);
     }
-    let repo = Arc::new(secret::open(g)?);
+    let first = anyhow::Context::context(targets.first(), "no snapshot to restore")?;
+    let (repo, snap) = secret::open_at(g, &first.0)?;
+    let repo = Arc::new(repo);
     restore::undo_on_interrupt(libvirt.clone())?;
-    let plans = restore::plan_all(&repo, &targets, |s, name| {
+    let plans = restore::plan_all(&repo, &targets, Some(snap), |s, name| {
         restore::plan(&libvirt, s, name, &opts)
     })?;
     let results = restore_all(&repo, &libvirt, &plans, &opts, a.parallel.max(1));

@@ -154,9 +154,13 @@ pub fn targets(specs: &[String], as_name: Option<&str>) -> Result<Vec<(String, S
 /// refused), with `plan` (a full or a live restore's). No index is loaded
 /// here: a full restore narrows one to its snapshot's chunks
 /// ([`restore_disks`]), and a live restore's server loads its own.
+///
+/// `first`: the first target's snapshot, when the caller found it already
+/// ([`crate::secret::open_at`]).
 pub fn plan_all(
     repo: &Repository,
     targets: &[(String, String)],
+    mut first: Option<Snapshot>,
     plan: impl Fn(Snapshot, &str) -> Result<Plan>,
 ) -> Result<Vec<Plan>> {
     let mut plans = Vec::new();
@@ -164,7 +168,11 @@ pub fn plan_all(
         if targets.iter().filter(|(_, n)| n == name).count() > 1 {
             bail!("{name} is named twice");
         }
-        plans.push(plan(repo.find_snapshot(snap)?, name)?);
+        let found = match first.take() {
+            Some(s) => s,
+            None => repo.find_snapshot(snap)?,
+        };
+        plans.push(plan(found, name)?);
     }
     Ok(plans)
 }

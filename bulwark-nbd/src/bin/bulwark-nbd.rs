@@ -189,15 +189,15 @@ fn run(cli: Cli) -> Result<()> {
             // With a spare, a read turns to it after a few tries, not ten.
             location.s3_max_attempts = 3;
         }
-        let repo = Arc::new(
-            location
-                .open(&secret)
-                .with_context(|| format!("opening repository {url}"))?,
-        );
-        let snap = repo
-            .find_snapshot(&snapshot)
-            .with_context(|| format!("snapshot {snapshot} in {url}"))?;
-        Ok((repo, snap))
+        // A full id's manifest is fetched while the key is unlocked.
+        let (repo, snap) = location.open_at(&secret, &snapshot).map_err(|e| match e {
+            bulwark_store::Error::SnapshotNotFound(_)
+            | bulwark_store::Error::AmbiguousSnapshot(_) => {
+                anyhow::Error::from(e).context(format!("snapshot {snapshot} in {url}"))
+            }
+            e => anyhow::Error::from(e).context(format!("opening repository {url}")),
+        })?;
+        Ok((Arc::new(repo), snap))
     };
     // The replica is a spare: without one, the repository must open.
     let (repo, snap, replica) = match (open(&repo), replica) {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::backend::{Backend, BackendError, CacheOptions, CachedBackend, LocalBackend};
 use crate::format::keys::Secret;
 use crate::repo::Repository;
+use crate::Snapshot;
 
 /// A repository's location and the options that say how to reach it.
 #[derive(Clone, Debug)]
@@ -93,6 +94,12 @@ impl Location {
     /// Opens the repository here with `secret`.
     pub fn open(&self, secret: &Secret) -> crate::Result<Repository> {
         Repository::open(self.backend()?, secret)
+    }
+
+    /// Opens the repository here and finds the snapshot `spec` in it
+    /// ([`Repository::open_at`]).
+    pub fn open_at(&self, secret: &Secret, spec: &str) -> crate::Result<(Repository, Snapshot)> {
+        Repository::open_at(self.backend()?, secret, spec)
     }
 }
 

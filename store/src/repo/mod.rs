@@ -198,6 +198,37 @@ impl Repository {
         Ok(config)
     }
 
+    /// Opens the repository and finds the snapshot `spec` in it
+    /// ([`Repository::find_snapshot`]); a full id's manifest is fetched
+    /// while the key is unlocked (on S3 a round trip fewer one after the
+    /// other: a live restore's server starts so).
+    pub fn open_at(
+        backend: Arc<dyn Backend>,
+        secret: &Secret,
+        spec: &str,
+    ) -> Result<(Self, Snapshot)> {
+        let Ok(id) = spec.parse::<Id>() else {
+            let repo = Self::open(backend, secret)?;
+            let snap = repo.find_snapshot(spec)?;
+            return Ok((repo, snap));
+        };
+        let name = layout::snapshot(&id);
+        let (sealed, repo) = side_by_side(
+            "fetching the snapshot",
+            || Ok(backend.get(&name)?),
+            || Self::open(backend.clone(), secret),
+        );
+        let repo = repo?;
+        let sealed = match sealed {
+            Err(Error::Backend(BackendError::NotFound(_))) => {
+                return Err(Error::SnapshotNotFound(spec.into()))
+            }
+            r => r?,
+        };
+        let snap = repo.snapshot_from_sealed(&name, &sealed)?;
+        Ok((repo, snap))
+    }
+
     fn unlock(backend: &dyn Backend, secret: &Secret) -> Result<MasterKey> {
         Self::open_slot(backend, backend.list(layout::KEYS)?, secret)
     }
@@ -442,7 +473,12 @@ impl Repository {
     }
 
     pub(crate) fn load_snapshot_object(&self, name: &str) -> Result<Snapshot> {
-        let payload = self.get_sealed(snapshot::KIND, name)?;
+        let sealed = self.backend.get(name)?;
+        self.snapshot_from_sealed(name, &sealed)
+    }
+
+    fn snapshot_from_sealed(&self, name: &str, sealed: &[u8]) -> Result<Snapshot> {
+        let payload = object::open(&self.keys, snapshot::KIND, name, sealed)?;
         let s: Snapshot =
             serde_json::from_slice(&payload).map_err(|e| Error::corrupt(name, e.to_string()))?;
         if layout::snapshot(&s.id) != name {
