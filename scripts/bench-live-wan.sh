@@ -19,7 +19,10 @@
 #     random data: `restore vm` of its snapshot against a live restore's
 #     independent_after, same bucket, 20 ms, both cold.
 #
-# The last line sums up. Work dir: $BENCH_DIR (default /tmp/bulwark-bench-live);
+# The last line sums up. With BULWARK_PROXY_TRACE=1 the proxy logs each S3
+# request's arrival to $BENCH_DIR/proxy-DELAY.out and each live restore's
+# start is in NAME.t0: the round trips one after another, step by step.
+# Work dir: $BENCH_DIR (default /tmp/bulwark-bench-live);
 # $GUESTS picks the guests of `ready` (default "tiny debian").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +63,7 @@ live() {
     local t0 el ready="" pid st
     DOMAINS+=("$name")
     t0=${EPOCHREALTIME/./}
+    # The start, for a timeline beside the proxy's (BULWARK_PROXY_TRACE=1).
     echo "$EPOCHREALTIME" >"$W/$name.t0"
     AWS_ENDPOINT_URL=$endpoint "$BW" --no-cache restore vm "$snap" --as "$name" \
         --storage-dir "$W/img" --live --wait >"$W/$name.out" 2>&1 &

@@ -1,7 +1,8 @@
 //! The test bed's S3 fault proxy as a process, for benchmark scripts:
 //! `fault_proxy UPSTREAM_PORT DELAY_MS` forwards loopback S3 requests to
 //! `UPSTREAM_PORT`, each after DELAY_MS, prints its endpoint and runs until
-//! killed.
+//! killed. With `BULWARK_PROXY_TRACE` set it writes each request's arrival
+//! (Unix seconds) and request line to stderr: a benchmark's timeline.
 
 use std::time::Duration;
 

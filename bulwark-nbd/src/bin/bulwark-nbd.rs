@@ -259,7 +259,13 @@ fn run(cli: Cli) -> Result<()> {
         )
     );
     // Readiness for scripts: one line on stdout once the socket exists.
-    println!("ready");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready")
+            .and_then(|()| out.flush())
+            .context("telling whoever started the server that it serves (gone?)")?;
+    }
     let readers = open_readers(&repo, &snap, cache, outage_wait, replica.as_ref())?;
     for (name, size, slot) in slots {
         let (_, r) = readers
