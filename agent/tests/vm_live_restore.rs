@@ -29,6 +29,41 @@ fn live_restore_from_s3_boots_at_once_and_survives_server_and_agent_restarts() {
     let r: serde_json::Value =
         serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
     let snap = r["snapshot"].as_str().unwrap().to_string();
+    // Refused after its server was started (a live restore starts it before
+    // it reads the snapshot): the server is stopped, its files are gone.
+    let out = env
+        .cmd(&[
+            "restore",
+            "vm",
+            &snap,
+            "--as",
+            vm.name(),
+            "--live",
+            "--wait",
+            "--storage-dir",
+            env.path("refused").to_str().unwrap(),
+        ])
+        .envs(bucket.server.env())
+        .env("BULWARK_REPO", &bucket.repo)
+        .env("BULWARK_PASSWORD", PW)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("exists already"),
+        "{err}"
+    );
+    let live_dir = env.state_dir().join("live");
+    for ext in ["sock", "nbd.log", "nbd.stats"] {
+        let f = live_dir.join(format!("{}.{ext}", vm.name()));
+        assert!(!f.exists(), "{} left behind", f.display());
+    }
+    let sock = live_dir.join(format!("{}.sock", vm.name()));
+    let stray = Command::new("pgrep")
+        .args(["-f", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!stray.status.success(), "a server still runs: {stray:?}");
     // The host never saw the VM: everything comes from the bucket.
     drop(vm);
 
@@ -210,8 +245,9 @@ fn spawn_live(
         .unwrap()
 }
 
-/// Waits until the server of restore `name` listens: it has loaded what it
-/// needs, and the domain starts right after.
+/// Waits until the server of restore `name` listens: it has found the
+/// snapshot (its reads wait until the disks are open), and the domain
+/// starts right after.
 fn wait_for_server(env: &Env, name: &str) {
     let socket = env.state_dir().join("live").join(format!("{name}.sock"));
     wait_for("the server's socket", 120, || socket.exists().then_some(()));
