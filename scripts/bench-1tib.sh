@@ -12,7 +12,8 @@
 # 65536 (64 GiB, CHANGE_MIB 1024).
 # Usage: scripts/bench-1tib.sh [DATA_MIB...]   (default 65536; env:
 #   CHANGE_MIB=DATA_MIB/64 SIZE_GIB=1024 NBD_CACHE_MIB WORKDIR BIN=DIR
-#   DATA=random|bits)
+#   DATA=random|bits S3=1: the repository in a loopback s3s-fs bucket
+#   under WORKDIR instead of a directory)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=("${@:-65536}")
@@ -23,9 +24,25 @@ if [ -z "${BIN:-}" ]; then
     BIN=$PWD/target/release
 fi
 work=$(mktemp -d "${WORKDIR:-/var/tmp}/bw-bench-1tib.XXXXXX")
-nbd_pid=
-cleanup() { [ -n "$nbd_pid" ] && kill "$nbd_pid" 2>/dev/null; rm -rf "$work"; }
+nbd_pid= s3_pid=
+cleanup() {
+    [ -n "$nbd_pid" ] && kill "$nbd_pid" 2>/dev/null
+    [ -n "$s3_pid" ] && kill "$s3_pid" 2>/dev/null
+    rm -rf "$work"
+}
 trap cleanup EXIT
+if [ -n "${S3:-}" ]; then
+    s3s_fs=$(scripts/setup-s3.sh)
+    export AWS_ACCESS_KEY_ID=AKBENCH1TIB AWS_SECRET_ACCESS_KEY=bench1tibsecret AWS_REGION=us-east-1
+    export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    mkdir -p "$work/s3/bench"
+    "$s3s_fs" --host 127.0.0.1 --port "$port" --access-key "$AWS_ACCESS_KEY_ID" \
+        --secret-key "$AWS_SECRET_ACCESS_KEY" "$work/s3" > "$work/s3s.log" 2>&1 &
+    s3_pid=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+    export AWS_ENDPOINT_URL=http://127.0.0.1:$port
+fi
 export BULWARK_PASSWORD=bench
 results=$work/results; : > "$results"
 
@@ -72,8 +89,13 @@ for data in "${sizes[@]}"; do
         { echo "$data MiB needs $((need >> 20)) GiB free here, $((free >> 20)) GiB are: skipped"; continue; }
     change=${CHANGE_MIB:-$((data / 64))}
     img=$work/disk.raw
-    export BULWARK_REPO=$work/repo
-    rm -rf "$BULWARK_REPO" "$img"
+    if [ -n "${S3:-}" ]; then
+        export BULWARK_REPO=s3://bench/big-$data BULWARK_CACHE_DIR=$work/cache
+        rm -rf "$work/s3/bench/big-$data" "$img"
+    else
+        export BULWARK_REPO=$work/repo
+        rm -rf "$BULWARK_REPO" "$img"
+    fi
     "$BIN/bulwark" repo init >/dev/null
     truncate -s "${disk_gib}G" "$img"
     extents "$data" | while read -r off len; do
@@ -101,6 +123,7 @@ for data in "${sizes[@]}"; do
     t0=$(date +%s.%N)
     nbdcopy "nbd+unix:///vda?socket=$work/nbd.sock" null:
     secs=$(python3 -c "print($(date +%s.%N) - $t0)")
+    echo "        export read at $(python3 -c "print(round($data / $secs))") MiB/s of data"
     kib=$(awk '/VmHWM/ {print $2}' "/proc/$nbd_pid/status")
     kill "$nbd_pid"; wait "$nbd_pid" 2>/dev/null || true; nbd_pid=
     report "$data" export "bulwark-nbd, nbdcopy reads all" "$secs" "$kib"

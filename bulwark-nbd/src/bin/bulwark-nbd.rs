@@ -176,12 +176,6 @@ fn run(cli: Cli) -> Result<()> {
         password_file.as_deref(),
     )?
     .context("no passphrase: set BULWARK_PASSWORD, or pass --password-file or --key-file")?;
-    let cache_mib = cache_mib.unwrap_or(match bulwark_store::Location::from_env(&repo).is_s3() {
-        true => 512,
-        // Measured on a 1 GiB image: the first pass as fast as with 512,
-        // and a 1 TiB disk exported in about 210 MiB instead of 600.
-        false => 128,
-    });
     let spare = replica.is_some();
     let open = |url: &str| -> Result<(Arc<bulwark_store::Repository>, bulwark_store::Snapshot)> {
         let mut location = bulwark_store::Location::from_env(url);

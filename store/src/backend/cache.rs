@@ -373,6 +373,13 @@ impl Backend for CachedBackend {
         Ok(())
     }
 
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<(), BackendError> {
+        match self.root().and_then(|r| Self::meta_path(&r, name)) {
+            Some(_) => self.put(name, &data),
+            None => self.inner.put_owned(name, data),
+        }
+    }
+
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
         if name == layout::CONFIG {
             let cfg = self.inner.get(name)?;

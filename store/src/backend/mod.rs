@@ -60,6 +60,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Fails with `AlreadyExists` rather than overwrite.
     fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError>;
 
+    /// [`Backend::put`] of bytes the caller gives away: a backend that
+    /// sends them on keeps them without a copy (a pack upload in flight
+    /// holds its 16 MiB once, not twice).
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<(), BackendError> {
+        self.put(name, &data)
+    }
+
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError>;
 
     /// `len` bytes from `offset`; short only at the end of the object.

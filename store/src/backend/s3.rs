@@ -664,20 +664,12 @@ fn body_failure(e: impl std::fmt::Display) -> Failure {
     }
 }
 
-impl Backend for S3Backend {
-    fn location(&self) -> String {
-        if self.cfg.prefix.is_empty() {
-            format!("s3://{}", self.cfg.bucket)
-        } else {
-            format!("s3://{}/{}", self.cfg.bucket, self.cfg.prefix)
-        }
-    }
-
-    fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
+impl S3Backend {
+    /// One PUT of `body` (shared by the attempts, never copied).
+    fn put_body(&self, name: &str, body: bytes::Bytes) -> Result<(), BackendError> {
         if name == crate::format::layout::CONFIG && self.exists(name)? {
             return Err(BackendError::AlreadyExists(name.to_string()));
         }
-        let body = bytes_of(data);
         let bucket = self.cfg.bucket.clone();
         let lock = self.new_retention();
         self.call("put", name, move |c, key| {
@@ -694,6 +686,24 @@ impl Backend for S3Backend {
                 Ok(())
             }
         })
+    }
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> String {
+        if self.cfg.prefix.is_empty() {
+            format!("s3://{}", self.cfg.bucket)
+        } else {
+            format!("s3://{}/{}", self.cfg.bucket, self.cfg.prefix)
+        }
+    }
+
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
+        self.put_body(name, bytes_of(data))
+    }
+
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<(), BackendError> {
+        self.put_body(name, bytes::Bytes::from(data))
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {

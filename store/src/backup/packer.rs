@@ -51,7 +51,7 @@ impl Packer {
                     for (w, cipher) in urx {
                         let (bytes, info) = w.finish(&cipher);
                         let r = backend
-                            .put(&layout::pack(&info.id), &bytes)
+                            .put_owned(&layout::pack(&info.id), bytes)
                             .map(|_| info)
                             .map_err(Error::from);
                         if rtx.send(r).is_err() {
