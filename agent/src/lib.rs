@@ -115,6 +115,10 @@ pub enum Command {
 /// Parses the command line, runs the command; the process's exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Agent(_)) {
+        // Its backups' packs in flight, not the data, set the memory.
+        bulwark_store::alloc::map_large_buffers_apart();
+    }
     logging::init(cli.global.verbose);
     let r = match cli.command {
         Command::Repo(c) => cmd::repo::run(&cli.global, c),

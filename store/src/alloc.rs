@@ -7,14 +7,32 @@
 //! keep it near what is live (176 MiB; the export near its cache), and the
 //! buffers are few and large, so their locks are seldom contended.
 
-/// At most `n` malloc arenas for this process. Call first thing in `main`,
-/// before any thread exists.
-pub fn limit_malloc_arenas(n: i32) {
+/// At most `arenas` malloc arenas for this process. Call first thing in
+/// `main`, before any thread exists.
+pub fn tune_malloc(arenas: i32) {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets a tunable of the allocator.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, n);
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
     }
     #[cfg(not(target_env = "gnu"))]
-    let _ = n;
+    let _ = arenas;
+}
+
+/// For a process that backs up: buffers of 8 MiB or more (its packs) are
+/// mapped on their own and unmapped when freed. glibc's threshold otherwise
+/// slides up to the largest buffer freed (a 16 MiB pack), after which packs
+/// come from the heap, which keeps what they leave: a backup of 8 GiB into
+/// S3 held 256-270 MiB where 193 are live, and more with more data. Below
+/// it stay the chunk buffers (up to the 4 MiB chunk maximum), reused from
+/// the heap (a 4 MiB threshold mapped those too and made that backup 35%
+/// slower). Not for restores and exports: their memory does not grow so,
+/// and mapping their large fetch buffers apart made them 15-25% slower.
+pub fn map_large_buffers_apart() {
+    const THRESHOLD: i32 = 8 << 20;
+    #[cfg(target_env = "gnu")]
+    // SAFETY: as above.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
+    }
 }

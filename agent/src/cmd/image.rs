@@ -83,6 +83,11 @@ pub enum RestoreCmd {
 }
 
 pub fn backup(g: &Global, c: BackupCmd) -> Result<i32> {
+    if !matches!(c, BackupCmd::Files(_)) {
+        // A disk's packs in flight, not its data, set the memory. (A file
+        // backup's memory is its catalog; it keeps glibc's own threshold.)
+        bulwark_store::alloc::map_large_buffers_apart();
+    }
     let c = match c {
         BackupCmd::Vm(a) => return super::vm::backup(g, a),
         BackupCmd::Files(a) => return super::host_files::backup(g, a),

@@ -26,7 +26,7 @@ use nbd_server::{Server, ServerConfig, ServerTls, TlsMode};
 fn main() {
     // One arena: an export's memory then stays near its cache (210 MiB with
     // `--cache-mib 128` where it was 440; bulwark_store::alloc says why).
-    bulwark_store::alloc::limit_malloc_arenas(1);
+    bulwark_store::alloc::tune_malloc(1);
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt().with_env_filter(filter);
