@@ -376,12 +376,31 @@ fn open_readers(
     outage_wait: u64,
     replica: Option<&Arc<bulwark_store::Repository>>,
 ) -> Result<Vec<(String, Arc<DiskReader>)>> {
-    let disks = bulwark_store::read::reader::open_disks(repo.clone(), snap, cache)
-        .with_context(|| format!("opening the disks of snapshot {}", snap.id.short()))?;
+    // An unreachable repository is waited out here as reads wait it out
+    // (the clients are connected already and their requests wait).
+    let outage_wait = std::time::Duration::from_secs(outage_wait);
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(250);
+    let disks = loop {
+        match bulwark_store::read::reader::open_disks(repo.clone(), snap, cache) {
+            Ok(d) => break d,
+            Err(e @ bulwark_store::Error::Backend(_))
+                if started.elapsed() + pause <= outage_wait =>
+            {
+                tracing::warn!("opening the disks: {e}; trying again");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("opening the disks of snapshot {}", snap.id.short()))
+            }
+        }
+    };
     Ok(disks
         .into_iter()
         .map(|(name, reader)| {
-            reader.wait_out_outages(std::time::Duration::from_secs(outage_wait));
+            reader.wait_out_outages(outage_wait);
             if let Some(rep) = replica {
                 reader.fall_back_to(rep.clone());
             }
