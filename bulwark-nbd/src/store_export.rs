@@ -77,15 +77,15 @@ impl StoreExport {
         if let Some(r) = self.reader.borrow().as_ref() {
             return Ok((r.clone(), false));
         }
+        // Err: the slot was dropped unfilled.
         let mut rx = self.reader.clone();
-        let r = rx
+        let opened = rx
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| ExportError::Other("the disk could not be opened".into()))?;
-        let r = r
-            .as_ref()
-            .ok_or_else(|| ExportError::Other("the disk could not be opened".into()))?;
-        Ok((r.clone(), true))
+            .ok()
+            .and_then(|r| r.clone());
+        let r = opened.ok_or_else(|| ExportError::Other("the disk could not be opened".into()))?;
+        Ok((r, true))
     }
 }
 

@@ -2,7 +2,6 @@
 //! `bulwark restore cancel`, `bulwark restore retry`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +15,7 @@ use crate::live::supervise::supervise;
 use crate::units::human;
 use crate::vm::restore::{self, Options, Stage};
 use crate::vm::rewrite::ImageFormat;
-use crate::{progress, secret, Global};
+use crate::{progress, Global};
 
 /// Who supervises live restores, and where their records are.
 #[derive(clap::Args)]
@@ -89,12 +88,7 @@ pub fn run(
         .iter()
         .map(|(snap, name)| start::early(snap, name, &o).map(Some))
         .collect::<Result<Vec<_>>>()?;
-    let first = targets.first().context("no snapshot to restore")?;
-    let (repo, snap) = secret::open_at(g, &first.0)?;
-    let repo = Arc::new(repo);
-    let plans = restore::plan_all(&repo, targets, Some(snap), |s, name| {
-        start::plan(libvirt, s, name, &o)
-    })?;
+    let (repo, plans) = restore::plan_all(g, targets, |s, name| start::plan(libvirt, s, name, &o))?;
     restore::undo_on_interrupt(libvirt.clone())?;
     let mut started = Vec::new();
     for (p, early) in plans.iter().zip(&mut early) {

@@ -11,7 +11,7 @@ use super::restore_live::{LiveArgs, Supervision};
 use crate::libvirt::Libvirt;
 use crate::vm::restore::{self, Options, Outcome, Plan, Stage};
 use crate::vm::rewrite::ImageFormat;
-use crate::{progress, secret, Global};
+use crate::{progress, Global};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -97,13 +97,10 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         };
         return super::restore_live::run(g, &libvirt, &targets, opts, live);
     }
-    let first = anyhow::Context::context(targets.first(), "no snapshot to restore")?;
-    let (repo, snap) = secret::open_at(g, &first.0)?;
-    let repo = Arc::new(repo);
-    restore::undo_on_interrupt(libvirt.clone())?;
-    let plans = restore::plan_all(&repo, &targets, Some(snap), |s, name| {
+    let (repo, plans) = restore::plan_all(g, &targets, |s, name| {
         restore::plan(&libvirt, s, name, &opts)
     })?;
+    restore::undo_on_interrupt(libvirt.clone())?;
     let results = restore_all(&repo, &libvirt, &plans, &opts, a.parallel.max(1));
     let failed = results.iter().filter(|(_, r)| r.is_err()).count();
     if a.json {

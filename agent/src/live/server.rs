@@ -189,18 +189,11 @@ impl Drop for Starting {
 
 /// Starts the server for `r` without waiting for it to serve.
 pub fn spawn(r: &LiveRestore, password: Option<&str>) -> Result<Starting> {
-    let backfill = r
-        .disks
-        .iter()
-        .filter(|d| d.needs_server())
-        .filter_map(|d| Some(format!("{}={}", d.target, d.base.as_ref()?.display())))
-        .collect();
     let launch = Launch {
         name: &r.name,
         snapshot: r.snapshot.to_hex(),
         socket: &r.socket,
         log: &r.server_log,
-        stats: r.stats_path(),
         repo: &r.repo,
         outage_wait_secs: r.outage_wait_secs,
         stream_mib_per_sec: r.stream_mib_per_sec,
@@ -209,11 +202,20 @@ pub fn spawn(r: &LiveRestore, password: Option<&str>) -> Result<Starting> {
         // would record whatever the guest does later.
         record_boot_set: matches!(r.phase(), super::record::Phase::Booting),
         plan: Planned::Now {
-            backfill,
+            backfill: backfill_jobs(r),
             boot_set: r.boot_set_file.clone().filter(|b| b.exists()),
         },
     };
     launch.spawn(password)
+}
+
+/// `DISK=PATH` of each disk of `r` the server still restores into its file.
+pub fn backfill_jobs(r: &LiveRestore) -> Vec<String> {
+    r.disks
+        .iter()
+        .filter(|d| d.needs_server())
+        .filter_map(|d| Some(format!("{}={}", d.target, d.base.as_ref()?.display())))
+        .collect()
 }
 
 /// How a server learns what to backfill and which boot set to fetch.
@@ -223,7 +225,7 @@ pub enum Planned {
         backfill: Vec<String>,
         boot_set: Option<PathBuf>,
     },
-    /// Later, through [`Starting::send_plan`]: a live restore starts its
+    /// Later, through [`PlanPipe::send`]: a live restore starts its
     /// server first, so both open the repository and read the snapshot at
     /// once (on S3 a chain of round trips each).
     Later,
@@ -236,7 +238,6 @@ pub struct Launch<'a> {
     pub snapshot: String,
     pub socket: &'a Path,
     pub log: &'a Path,
-    pub stats: PathBuf,
     pub repo: &'a super::record::RepoSpec,
     pub outage_wait_secs: u64,
     pub stream_mib_per_sec: u64,
@@ -250,7 +251,8 @@ impl Launch<'_> {
         remove_if_there(self.socket)?;
         // The last server's counters would speak for this one (a failed
         // backfill, above all) until it writes its own.
-        remove_if_there(&self.stats)?;
+        let stats = super::record::stats_path(self.log);
+        remove_if_there(&stats)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -270,7 +272,7 @@ impl Launch<'_> {
         if let Some(k) = &self.repo.key_file {
             cmd.arg("--key-file").arg(k);
         }
-        cmd.arg("--stats").arg(&self.stats);
+        cmd.arg("--stats").arg(&stats);
         cmd.arg("--outage-wait")
             .arg(self.outage_wait_secs.to_string());
         cmd.arg("--backfill-mib-per-sec")

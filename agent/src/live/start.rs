@@ -76,7 +76,6 @@ pub fn early(snapshot: &str, name: &str, o: &LiveOptions<'_>) -> Result<Early> {
         snapshot: snapshot.to_string(),
         socket: &socket,
         log: &log,
-        stats: stats.clone(),
         repo: &o.repo,
         outage_wait_secs: o.outage_wait_secs,
         stream_mib_per_sec: o.stream_mib_per_sec,
@@ -125,12 +124,7 @@ pub fn start(
     rec.server_pid = Some(starting.pid());
     let served = ServerGuard(&mut rec);
     let pipe = starting.plan_pipe()?;
-    let backfill: Vec<String> = served
-        .0
-        .disks
-        .iter()
-        .filter_map(|d| Some(format!("{}={}", d.target, d.base.as_ref()?.display())))
-        .collect();
+    let backfill = server::backfill_jobs(served.0);
     let socket = served.0.socket.clone();
     let dom = std::thread::scope(|s| -> Result<_> {
         let planner = s.spawn(|| -> Result<Option<PathBuf>> {

@@ -154,15 +154,16 @@ pub fn targets(specs: &[String], as_name: Option<&str>) -> Result<Vec<(String, S
 /// refused), with `plan` (a full or a live restore's). No index is loaded
 /// here: a full restore narrows one to its snapshot's chunks
 /// ([`restore_disks`]), and a live restore's server loads its own.
-///
-/// `first`: the first target's snapshot, when the caller found it already
-/// ([`crate::secret::open_at`]).
+/// The repository is opened here, with the first target's snapshot
+/// fetched while the key is unlocked ([`crate::secret::open_at`]).
 pub fn plan_all(
-    repo: &Repository,
+    g: &crate::Global,
     targets: &[(String, String)],
-    mut first: Option<Snapshot>,
     plan: impl Fn(Snapshot, &str) -> Result<Plan>,
-) -> Result<Vec<Plan>> {
+) -> Result<(Arc<Repository>, Vec<Plan>)> {
+    let first_spec = &targets.first().context("no snapshot to restore")?.0;
+    let (repo, first) = crate::secret::open_at(g, first_spec)?;
+    let mut first = Some(first);
     let mut plans = Vec::new();
     for (snap, name) in targets {
         if targets.iter().filter(|(_, n)| n == name).count() > 1 {
@@ -174,7 +175,7 @@ pub fn plan_all(
         };
         plans.push(plan(found, name)?);
     }
-    Ok(plans)
+    Ok((Arc::new(repo), plans))
 }
 
 /// Runs a plan: disks, domain, start. `progress` gets bytes done.
