@@ -107,7 +107,13 @@ impl Export for StoreExport {
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
-        let (reader, _) = self.reader().await?;
+        // QEMU asks for block status as it starts: a wait for the disk to
+        // open is the VM's wait for the repository too.
+        let t0 = Instant::now();
+        let (reader, waited) = self.reader().await?;
+        if waited {
+            self.demand.miss(t0.elapsed());
+        }
         Ok(reader
             .extents(offset, len)
             .into_iter()
