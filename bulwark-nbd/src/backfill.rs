@@ -60,6 +60,8 @@ pub struct Progress {
 /// each restore parallel in itself); its progress is read while it runs.
 pub struct Backfill {
     progress: Vec<Arc<Disk>>,
+    /// Woken each time a disk's backfill ends (done or failed).
+    ended: Arc<tokio::sync::Notify>,
 }
 
 struct Disk {
@@ -100,10 +102,11 @@ impl Backfill {
             work.push((j, d.chunk_list, d.size, disk));
         }
         let started = Instant::now();
+        let ended = Arc::new(tokio::sync::Notify::new());
         // The disks side by side, as `restore vm` restores them: the
         // slowest alone sets the time to independence.
         for (job, list_id, size, disk) in work {
-            let (repo, replica) = (repo.clone(), replica.clone());
+            let (repo, replica, ended) = (repo.clone(), replica.clone(), ended.clone());
             std::thread::spawn(move || {
                 yield_cpu_to_the_guest();
                 let sources: Vec<&Repository> =
@@ -135,9 +138,19 @@ impl Backfill {
                         st.error = Some(e.to_string());
                     }
                 }
+                drop(st);
+                ended.notify_one();
             });
         }
-        Ok(Backfill { progress })
+        Ok(Backfill { progress, ended })
+    }
+
+    /// Resolves when a disk's backfill has ended since the last call (a
+    /// wake-up is kept if nobody waited): the counters are written then,
+    /// not at the next tick, since the live restore moves the disk onto
+    /// its file as soon as it reads them.
+    pub async fn ended(&self) {
+        self.ended.notified().await
     }
 
     pub fn progress(&self) -> Vec<Progress> {

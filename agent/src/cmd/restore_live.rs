@@ -48,6 +48,7 @@ pub fn run(
     mut ropts: Options,
     a: LiveArgs,
 ) -> Result<i32> {
+    let began_ms = chrono::Utc::now().timestamp_millis();
     let records = Records::new(&a.sup.state_dir);
     let spec = RepoSpec {
         repo: g
@@ -82,6 +83,7 @@ pub fn run(
         password,
         stream_mib_per_sec: a.stream_mib_per_sec,
         outage_wait_secs: a.outage_wait_secs,
+        began_ms,
     };
     // Each server opens the repository and finds its snapshot while we do.
     let mut early = targets

@@ -145,6 +145,11 @@ pub struct LiveRestore {
     /// Unix seconds.
     pub started: i64,
     pub updated: i64,
+    /// Unix milliseconds of the start of the command (or request) that
+    /// made the restore: `independent_after` counts from it, as a user's
+    /// clock does. 0 in records written before it existed.
+    #[serde(default)]
+    pub started_ms: i64,
     /// Stream bandwidth cap in MiB/s (0: none), so guest reads keep theirs.
     #[serde(default)]
     pub stream_mib_per_sec: u64,
@@ -188,7 +193,8 @@ impl LiveRestore {
         disks: Vec<LiveDisk>,
         stream_mib_per_sec: u64,
     ) -> Self {
-        let now = chrono::Utc::now().timestamp();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now = now_ms / 1000;
         LiveRestore {
             name,
             snapshot,
@@ -201,6 +207,7 @@ impl LiveRestore {
             disks,
             started: now,
             updated: now,
+            started_ms: now_ms,
             stream_mib_per_sec,
             server_restarts: 0,
             boot_set_file: None,
@@ -275,6 +282,16 @@ impl LiveRestore {
             .iter()
             .map(|d| if d.local { d.size } else { d.done })
             .sum()
+    }
+
+    /// Seconds since the start, to the millisecond where the record
+    /// knows it.
+    pub fn seconds_since_start(&self) -> f64 {
+        let start = match self.started_ms {
+            0 => self.started * 1000,
+            ms => ms,
+        };
+        (chrono::Utc::now().timestamp_millis() - start) as f64 / 1000.0
     }
 
     /// Throughput since the start (bytes/s) and the ETA in seconds.
@@ -402,6 +419,7 @@ mod tests {
             }],
             started: 1000,
             updated: 1010,
+            started_ms: 0,
             stream_mib_per_sec: 0,
             server_restarts: 0,
         }

@@ -35,6 +35,9 @@ pub struct LiveOptions<'a> {
     pub stream_mib_per_sec: u64,
     /// How long reads wait out an unreachable repository.
     pub outage_wait_secs: u64,
+    /// When the command (or request) began, in Unix milliseconds: the
+    /// record's start, from which `independent_after` counts.
+    pub began_ms: i64,
 }
 
 /// Checks before anything is made: what a full restore checks, plus no
@@ -121,6 +124,7 @@ pub fn start(
     let mut starting = early.starting.take().context("the server was used")?;
     let mut rec = record(plan, o);
     rec.outage_wait_secs = o.outage_wait_secs;
+    rec.started_ms = o.began_ms;
     rec.server_pid = Some(starting.pid());
     let served = ServerGuard(&mut rec);
     let pipe = starting.plan_pipe()?;

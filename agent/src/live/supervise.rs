@@ -95,7 +95,28 @@ pub fn supervise(
         if !r.phase().active() {
             return Ok(r);
         }
-        std::thread::sleep(Duration::from_secs(1));
+        wait_for_counters(&r.stats_path(), STEP);
+    }
+}
+
+/// The longest wait between two looks at a restore.
+const STEP: Duration = Duration::from_secs(1);
+
+/// Waits up to `most` for the server to rewrite its counters (it does once
+/// a second, and at once when a backfill ends): a finished disk moves onto
+/// its file within a few milliseconds instead of up to two seconds later
+/// (a second's tick, a second's sleep), which is time the VM still hangs
+/// on the bucket.
+fn wait_for_counters(stats: &std::path::Path, most: Duration) {
+    const POLL: Duration = Duration::from_millis(25);
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let before = modified(stats);
+    let until = std::time::Instant::now() + most;
+    while std::time::Instant::now() < until {
+        std::thread::sleep(POLL);
+        if modified(stats) != before {
+            return;
+        }
     }
 }
 
@@ -139,7 +160,7 @@ fn step(
         tracing::warn!("{}: {e:#}", r.name);
     }
     if r.independent_after.is_none() && !r.disks.iter().any(LiveDisk::needs_server) {
-        let secs = (chrono::Utc::now().timestamp_millis() - r.started * 1000) as f64 / 1000.0;
+        let secs = r.seconds_since_start();
         tracing::info!(
             "{}: no disk reads from the repository any more ({secs:.1}s): stopping the server",
             r.name
@@ -317,6 +338,30 @@ fn has_backing(dom: &Domain, target: &str) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_supervisor_looks_again_as_soon_as_the_counters_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = dir.path().join("r.stats");
+        // Nothing changes: the whole wait.
+        let t = Instant::now();
+        wait_for_counters(&stats, Duration::from_millis(300));
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        // The server writes them (as it does when a backfill ends): at once.
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                std::fs::write(&stats, b"{}").unwrap();
+            });
+            wait_for_counters(&stats, Duration::from_secs(10));
+        });
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(100) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
 
     #[test]
     fn streams_wait_for_an_idle_guest_or_for_the_longest_hold() {

@@ -150,6 +150,7 @@ impl Out {
 }
 
 fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
+    let began_ms = chrono::Utc::now().timestamp_millis();
     job.check().map_err(anyhow::Error::msg)?;
     let cfg = Config::load(config)?;
     let name = match &job.repository {
@@ -182,6 +183,7 @@ fn run_job(config: &Path, job: &Job, out: &Out) -> Result<bool> {
         password: None,
         stream_mib_per_sec: 0,
         outage_wait_secs: crate::live::record::DEFAULT_OUTAGE_WAIT_SECS,
+        began_ms,
     };
     // Every VM is checked before any is written.
     let plans = repo.while_loading_index(|| -> Result<Vec<Plan>> {

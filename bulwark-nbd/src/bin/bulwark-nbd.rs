@@ -320,6 +320,7 @@ fn run(cli: Cli) -> Result<()> {
                         r.save();
                     }
                 }
+                _ = backfill_ended(counters.backfill.as_ref()) => counters.write(&readers),
             }
         }
         handle.shutdown().await;
@@ -516,6 +517,14 @@ impl Recorder {
             ),
             Err(e) => tracing::warn!("recording the boot set: {e:#}"),
         }
+    }
+}
+
+/// A disk's backfill ended; never without a backfill.
+async fn backfill_ended(b: Option<&Backfill>) {
+    match b {
+        Some(b) => b.ended().await,
+        None => std::future::pending().await,
     }
 }
 
