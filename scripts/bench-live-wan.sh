@@ -23,7 +23,9 @@
 # request's arrival to $BENCH_DIR/proxy-DELAY.out and each live restore's
 # start is in NAME.t0: the round trips one after another, step by step.
 # Work dir: $BENCH_DIR (default /tmp/bulwark-bench-live);
-# $GUESTS picks the guests of `ready` (default "tiny debian").
+# $GUESTS picks the guests of `ready` (default "tiny debian"). KEY_FILE=1
+# makes the repository with a key file instead of a passphrase: no Argon2
+# on a restore's path (its cost beside the round trips, step by step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-rust.sh
@@ -43,6 +45,13 @@ BULWARK_VM_IMAGES_QUIET=1 vm-images/build target/vm-images
 . scripts/lib/bench-vm.sh
 
 export BULWARK_PASSWORD=bench BULWARK_STATE_DIR=$W/state BULWARK_REPO=s3://bench/wan
+if [ "${KEY_FILE:-0}" = 1 ]; then
+    unset BULWARK_PASSWORD
+    rm -f "$W/key"
+    printf '#!/bin/sh\nexec %s --key-file %s "$@"\n' "$BW" "$W/key" >"$W/bulwark-key"
+    chmod +x "$W/bulwark-key"
+    BW=$W/bulwark-key
+fi
 rm -rf "$W/state" "$W/img"
 mkdir -p "$W/img"
 trap cleanup EXIT

@@ -442,4 +442,29 @@ fn open_at_finds_the_snapshot_find_snapshot_finds() {
         Err(Error::SnapshotNotFound(_))
     ));
     assert!(Repository::open_at(backend(), &Secret::Passphrase("wrong".into()), &hex).is_err());
+
+    // open_at lists the index while the key unlocks: the reader's index
+    // from that listing finds every chunk of the snapshot, as a fresh one
+    // does; one of a snapshot stored since is loaded from a new listing.
+    let (r, found) = Repository::open_at(backend(), &secret, &hex).unwrap();
+    let chunks = |s: &bulwark_store::Snapshot| -> Vec<bulwark_store::Id> {
+        let list = r.load_chunk_list(&s.disks[0].chunk_list).unwrap();
+        bulwark_store::read::reader::chunks_of(&list).collect()
+    };
+    let full = repo.index().unwrap();
+    let ix = r.index_for(chunks(&found)).unwrap();
+    for id in chunks(&found) {
+        assert_eq!(ix.get(&id), full.get(&id), "{id}");
+    }
+    let (r, _) = Repository::open_at(backend(), &secret, &hex).unwrap();
+    let later = backup(
+        &repo,
+        &mut MemSource::new(random(1 << 20, 91)),
+        Mode::Full,
+        2,
+    );
+    let ix = r.index_for(chunks(&later)).unwrap();
+    for id in chunks(&later) {
+        assert!(ix.contains(&id), "chunk {id} of the later snapshot");
+    }
 }

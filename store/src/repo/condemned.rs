@@ -36,32 +36,40 @@ pub struct Record {
 /// `keys` open the records sealed by earlier versions; without them those
 /// are an error.
 pub fn load(backend: &dyn Backend, keys: Option<&Keys>) -> Result<Vec<(String, Record)>> {
-    let mut out = Vec::new();
-    for o in backend.list(GC_CONDEMNED)? {
-        let bytes = match backend.get(&o.name) {
-            Ok(b) => b,
-            // Swept by a GC that just finished: its packs are gone too.
-            Err(BackendError::NotFound(_)) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        // Plain JSON (a sync must read them without the key); sealed by
-        // GCs of before.
-        let payload = if bytes.starts_with(b"{") {
-            bytes
-        } else {
-            let keys = keys.ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{} is sealed (written by an older GC): run `bulwark gc` with the key once",
-                    o.name
-                ))
-            })?;
-            object::open(keys, KIND, &o.name, &bytes)?
-        };
-        let r: Record =
-            serde_json::from_slice(&payload).map_err(|e| Error::corrupt(&o.name, e.to_string()))?;
-        out.push((o.name, r));
-    }
-    Ok(out)
+    let names: Vec<String> = backend
+        .list(GC_CONDEMNED)?
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    // Side by side: on S3 each record is a round trip, and every index
+    // load (every backup, restore and export) waits for all of them.
+    let records = crate::repo::load_each(&names, |name| match backend.get(name) {
+        Ok(bytes) => open_record(name, bytes, keys).map(Some),
+        // Swept by a GC that just finished: its packs are gone too.
+        Err(BackendError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    })?;
+    Ok(names
+        .into_iter()
+        .zip(records)
+        .filter_map(|(n, r)| r.map(|r| (n, r)))
+        .collect())
+}
+
+fn open_record(name: &str, bytes: Vec<u8>, keys: Option<&Keys>) -> Result<Record> {
+    // Plain JSON (a sync must read them without the key); sealed by GCs
+    // of before.
+    let payload = if bytes.starts_with(b"{") {
+        bytes
+    } else {
+        let keys = keys.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{name} is sealed (written by an older GC): run `bulwark gc` with the key once"
+            ))
+        })?;
+        object::open(keys, KIND, name, &bytes)?
+    };
+    serde_json::from_slice(&payload).map_err(|e| Error::corrupt(name, e.to_string()))
 }
 
 /// Packs condemned by any record: writers must not reuse their chunks.

@@ -82,6 +82,37 @@ pub struct Repository {
     /// The last index narrowed to some chunks ([`Repository::index_for`]),
     /// with those chunks, sorted.
     narrowed: Mutex<Option<(Vec<Id>, Arc<Index>)>>,
+    /// What [`Repository::open_at`] listed while the key was unlocked, for
+    /// the first narrowed index load (a reader's); taken by it, so any
+    /// later load lists afresh.
+    listed: Mutex<Option<Listed>>,
+}
+
+/// The index objects and condemned packs as listed once a snapshot had
+/// been found: its index objects were stored before it (`backup.rs`), so
+/// the listing holds every one its chunks need. Needs no key.
+struct Listed {
+    index: Vec<ObjectInfo>,
+    condemned: crate::format::id::IdSet,
+}
+
+impl Listed {
+    /// None if either listing fails: the index load then lists again and
+    /// meets the error itself, so nothing is decided from a failure here.
+    fn list(backend: &dyn Backend) -> Option<Listed> {
+        let (index, condemned) = side_by_side(
+            "listing index objects",
+            || Ok(backend.list(layout::INDEX)?),
+            || condemned::packs(backend, None),
+        );
+        match (index, condemned) {
+            (Ok(index), Ok(condemned)) => Some(Listed { index, condemned }),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!("listing the index beside the key: {e}");
+                None
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Repository {
@@ -201,7 +232,9 @@ impl Repository {
     /// Opens the repository and finds the snapshot `spec` in it
     /// ([`Repository::find_snapshot`]); a full id's manifest is fetched
     /// while the key is unlocked (on S3 a round trip fewer one after the
-    /// other: a live restore's server starts so).
+    /// other: a live restore's server starts so), and then the index
+    /// objects and condemned packs are listed, for the reader's index
+    /// load (another round trip off its path).
     pub fn open_at(
         backend: Arc<dyn Backend>,
         secret: &Secret,
@@ -213,19 +246,23 @@ impl Repository {
             return Ok((repo, snap));
         };
         let name = layout::snapshot(&id);
-        let (sealed, repo) = side_by_side(
+        let (found, repo) = side_by_side(
             "fetching the snapshot",
-            || Ok(backend.get(&name)?),
+            || {
+                let sealed = backend.get(&name)?;
+                Ok((sealed, Listed::list(backend.as_ref())))
+            },
             || Self::open(backend.clone(), secret),
         );
         let repo = repo?;
-        let sealed = match sealed {
+        let (sealed, listed) = match found {
             Err(Error::Backend(BackendError::NotFound(_))) => {
                 return Err(Error::SnapshotNotFound(spec.into()))
             }
             r => r?,
         };
         let snap = repo.snapshot_from_sealed(&name, &sealed)?;
+        *lock(&repo.listed) = listed;
         Ok((repo, snap))
     }
 
@@ -268,6 +305,7 @@ impl Repository {
             chunker,
             index: Mutex::new(None),
             narrowed: Mutex::new(None),
+            listed: Mutex::new(None),
         }
     }
 
@@ -391,13 +429,46 @@ impl Repository {
     /// table is ever whole in memory, never every object's packs at once;
     /// with `wanted` (sorted by [`Id::fast_cmp`]), only those chunks.
     fn load_index<D: Detail>(&self, wanted: Wanted<'_>) -> Result<ChunkIndex<D>> {
-        // Condemned records are listed while the index objects load (both
+        // A reader's first load uses what open_at listed; a writer's (and
+        // the full index) lists now: a backup must see every record
+        // written before it starts (docs/gc.md, rule 2).
+        let listed = match wanted {
+            Wanted::All => None,
+            Wanted::These(_) | Wanted::Later(_) => lock(&self.listed).take(),
+        };
+        let early = listed.is_some();
+        let ix = self.load_index_listed(wanted, listed)?;
+        // Listed for open_at's snapshot: chunks of one stored since (read
+        // through the same repository) are in objects listed afresh.
+        if early
+            && wanted
+                .get()?
+                .is_some_and(|w| w.iter().any(|id| !ix.contains(id)))
+        {
+            return self.load_index_listed(wanted, None);
+        }
+        Ok(ix)
+    }
+
+    fn load_index_listed<D: Detail>(
+        &self,
+        wanted: Wanted<'_>,
+        listed: Option<Listed>,
+    ) -> Result<ChunkIndex<D>> {
+        let (listing, condemned) = match listed {
+            Some(l) => (Some(l.index), Some(l.condemned)),
+            None => (None, None),
+        };
+        // Condemned records are loaded while the index objects load (both
         // are needed before the table is finished: a backup must not reuse
         // what a GC has condemned, docs/gc.md, rule 2).
         let (condemned, builder) = side_by_side(
             "listing condemned packs",
-            || condemned::packs(self.backend.as_ref(), Some(&self.keys)),
-            || self.load_index_objects(wanted),
+            || match condemned {
+                Some(c) => Ok(c),
+                None => condemned::packs(self.backend.as_ref(), Some(&self.keys)),
+            },
+            || self.load_index_objects(wanted, listing),
         );
         let mut builder = builder?;
         builder.set_condemned(condemned?);
@@ -406,13 +477,18 @@ impl Repository {
 
     /// Every index object's packs (with `wanted`, only those chunks) in a
     /// builder.
-    fn load_index_objects<D: Detail>(&self, wanted: Wanted<'_>) -> Result<IndexBuilder<D>> {
+    fn load_index_objects<D: Detail>(
+        &self,
+        wanted: Wanted<'_>,
+        listing: Option<Vec<ObjectInfo>>,
+    ) -> Result<IndexBuilder<D>> {
         let builder = Mutex::new(IndexBuilder::default());
         if let Wanted::These(w) = wanted {
             lock(&builder).reserve(w.len());
         }
         each_index_object(
             self.backend.as_ref(),
+            listing,
             // An index object spends at least 40 bytes on each chunk it lists.
             |bytes| {
                 if let Wanted::All = wanted {
@@ -647,13 +723,17 @@ fn sorted_contains(ids: &[Id], id: &Id) -> bool {
 /// nothing gone: no pack an index object lists is missed.
 pub(crate) fn each_index_object(
     backend: &dyn Backend,
+    mut listing: Option<Vec<ObjectInfo>>,
     listed: impl Fn(u64),
     f: impl Fn(&str, Vec<u8>) -> Result<()> + Sync,
 ) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     loop {
-        let fresh: Vec<crate::backend::ObjectInfo> = backend
-            .list(layout::INDEX)?
+        let all = match listing.take() {
+            Some(l) => l,
+            None => backend.list(layout::INDEX)?,
+        };
+        let fresh: Vec<crate::backend::ObjectInfo> = all
             .into_iter()
             .filter(|o| !seen.contains(&o.name))
             .collect();

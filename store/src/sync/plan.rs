@@ -217,6 +217,7 @@ fn indexed_packs(dst: &dyn Backend) -> Result<IdSet> {
 fn each_frame(backend: &dyn Backend, f: impl Fn(Frame) + Sync) -> Result<()> {
     each_index_object(
         backend,
+        None,
         |_| {},
         |n, bytes| {
             index::frames(&bytes, n)?

@@ -37,6 +37,7 @@ impl Packs {
         let shared = Mutex::new((Packs::new(), ChunkTable::default()));
         each_index_object(
             repo.backend().as_ref(),
+            None,
             // An index object spends at least 40 bytes on each chunk it lists.
             |bytes| lock(&shared).1.reserve((bytes / 40) as usize),
             |name, bytes| {
