@@ -30,7 +30,8 @@ impl DemandStats {
     }
 }
 
-/// What `bulwark-nbd serve --stats FILE` writes (every second, and at exit).
+/// What `bulwark-nbd serve --stats FILE` writes (every second, when a
+/// backfill ends, and at exit).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServeStats {
     /// A boot set was given and queued first.

@@ -113,6 +113,10 @@ impl Export for StoreExport {
         let (reader, waited) = self.reader().await?;
         if waited {
             self.demand.miss(t0.elapsed());
+            tracing::debug!(
+                "block status {offset}+{len} waited {:.3}s for the disk to open",
+                t0.elapsed().as_secs_f64()
+            );
         }
         Ok(reader
             .extents(offset, len)
@@ -138,6 +142,16 @@ impl Export for StoreExport {
         .map_err(|e| ExportError::Other(format!("read task failed: {e}")))?;
         if miss {
             self.demand.miss(t0.elapsed());
+            // Which reads waited, and when: the timeline of a slow start.
+            tracing::debug!(
+                "read {offset}+{len} waited {:.3}s{}",
+                t0.elapsed().as_secs_f64(),
+                if waited {
+                    " (the disk was opening)"
+                } else {
+                    ""
+                }
+            );
         }
         if let (Err(e), Some(t)) = (&r, &self.trace) {
             t.failed(offset, len.into(), e.to_string());
