@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bulwark_store::format::chunklist::ChunkList;
+use bulwark_store::read::outage::OutageWait;
 use bulwark_store::read::restore::{restore_to_path, Overwrite, RestoreOptions};
 use bulwark_store::{Repository, Snapshot};
 use serde::{Deserialize, Serialize};
@@ -215,8 +216,7 @@ fn backfill_disk(
     if job.path.exists() {
         return Ok(());
     }
-    let mut failing_since: Option<Instant> = None;
-    let mut pause = Duration::from_millis(250);
+    let mut outage = OutageWait::new(outage_wait);
     let mut attempt = 0usize;
     loop {
         let repo = sources[attempt % sources.len()];
@@ -234,21 +234,19 @@ fn backfill_disk(
         if !matches!(e, bulwark_store::Error::Backend(_)) {
             return Err(e);
         }
-        let since = *failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() + pause > outage_wait {
+        if !outage.failed() {
             return Err(e);
         }
         tracing::warn!(
             "backfill of {}: {e}; trying again ({:.0}s so far)",
             job.disk,
-            since.elapsed().as_secs_f64()
+            outage.so_far().as_secs_f64()
         );
         // A GC may have moved chunks: plan against the index as it is now.
         repo.invalidate_index();
         // The next source at once (a replica); the same one after a pause.
         if attempt % sources.len() == 0 {
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_secs(5));
+            outage.pause();
         }
     }
 }

@@ -26,7 +26,7 @@ use nbd_server::{Server, ServerConfig, ServerTls, TlsMode};
 fn main() {
     // One arena: an export's memory then stays near its cache (210 MiB with
     // `--cache-mib 128` where it was 440; bulwark_store::alloc says why).
-    bulwark_store::alloc::tune_malloc(1);
+    bulwark_store::alloc::limit_malloc_arenas(1);
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt().with_env_filter(filter);
@@ -380,17 +380,13 @@ fn open_readers(
     // An unreachable repository is waited out here as reads wait it out
     // (the clients are connected already and their requests wait).
     let outage_wait = std::time::Duration::from_secs(outage_wait);
-    let started = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(250);
+    let mut outage = bulwark_store::read::outage::OutageWait::from_now(outage_wait);
     let disks = loop {
         match bulwark_store::read::reader::open_disks(repo.clone(), snap, cache) {
             Ok(d) => break d,
-            Err(e @ bulwark_store::Error::Backend(_))
-                if started.elapsed() + pause <= outage_wait =>
-            {
+            Err(e @ bulwark_store::Error::Backend(_)) if outage.failed() => {
                 tracing::warn!("opening the disks: {e}; trying again");
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                outage.pause();
             }
             Err(e) => {
                 return Err(e)

@@ -4,5 +4,6 @@
 
 mod budget;
 pub mod fetch;
+pub mod outage;
 pub mod reader;
 pub mod restore;

@@ -165,8 +165,6 @@ impl Failed {
 
 /// How long reads go to the replica first after the repository failed one.
 const REPLICA_FIRST: Duration = Duration::from_secs(10);
-/// Longest pause between two tries of an unreachable backend.
-const OUTAGE_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// A reloaded index serves every relocation this long before it is
 /// reloaded again (a GC may have moved more since).
 const INDEX_FRESH: Duration = Duration::from_secs(5);
@@ -652,9 +650,8 @@ impl Inner {
 
     /// Span `s`, waiting out an unreachable backend up to the outage wait.
     fn span(&self, s: u32) -> Result<Arc<SpanData>> {
-        let started = Instant::now();
         let wait = Duration::from_millis(self.outage_wait_ms.load(Ordering::Relaxed));
-        let mut pause = Duration::from_millis(250);
+        let mut outage = super::outage::OutageWait::from_now(wait);
         // A read-ahead that found the pack gone leaves the relocation to
         // whoever reads the span next: at most a few rounds of that.
         let mut gone = 0;
@@ -665,14 +662,13 @@ impl Inner {
             };
             match failed.kind {
                 FailKind::PackGone if gone < 3 => gone += 1,
-                FailKind::Unreachable if started.elapsed() + pause <= wait => {
+                FailKind::Unreachable if outage.failed() => {
                     tracing::warn!(
                         "waiting for the repository ({:.0}s so far): {}",
-                        started.elapsed().as_secs_f64(),
+                        outage.so_far().as_secs_f64(),
                         failed.error
                     );
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(OUTAGE_PAUSE_MAX);
+                    outage.pause();
                 }
                 _ => return Err(failed.into_error()),
             }
