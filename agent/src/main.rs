@@ -3,6 +3,6 @@
 
 fn main() {
     // Memory that follows what is live, not the data read (bulwark_store::alloc).
-    bulwark_store::alloc::tune_malloc(2);
+    bulwark_store::alloc::limit_malloc_arenas(2);
     std::process::exit(bulwark::main());
 }

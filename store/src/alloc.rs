@@ -7,16 +7,16 @@
 //! keep it near what is live (176 MiB; the export near its cache), and the
 //! buffers are few and large, so their locks are seldom contended.
 
-/// At most `arenas` malloc arenas for this process. Call first thing in
-/// `main`, before any thread exists.
-pub fn tune_malloc(arenas: i32) {
+/// At most `n` malloc arenas for this process. Call first thing in `main`,
+/// before any thread exists.
+pub fn limit_malloc_arenas(n: i32) {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets a tunable of the allocator.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, arenas);
+        libc::mallopt(libc::M_ARENA_MAX, n);
     }
     #[cfg(not(target_env = "gnu"))]
-    let _ = arenas;
+    let _ = n;
 }
 
 /// For a process that backs up: buffers of 8 MiB or more (its packs) are
@@ -29,10 +29,9 @@ pub fn tune_malloc(arenas: i32) {
 /// slower). Not for restores and exports: their memory does not grow so,
 /// and mapping their large fetch buffers apart made them 15-25% slower.
 pub fn map_large_buffers_apart() {
-    const THRESHOLD: i32 = 8 << 20;
     #[cfg(target_env = "gnu")]
     // SAFETY: as above.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
     }
 }

@@ -109,6 +109,8 @@ const STEP: Duration = Duration::from_secs(1);
 /// on the bucket.
 fn wait_for_counters(stats: &std::path::Path, most: Duration) {
     const POLL: Duration = Duration::from_millis(25);
+    // No file (no server yet, or gone): nothing to see change, the whole
+    // wait, as before. Only when to look again is decided here.
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let before = modified(stats);
     let until = std::time::Instant::now() + most;
