@@ -356,11 +356,13 @@ fn a_live_restore_fetches_a_recorded_boot_set_first() {
     let log = std::fs::read_to_string(log).unwrap();
     assert!(log.contains("boot set recorded"), "{log}");
 
-    // The next one fetches that set first.
+    // The next one fetches that set first, from the pack ranges recorded
+    // with it, while its disks open.
     let s = live(&second, &[]);
     assert_eq!(s["phase"], "done", "{s}");
     assert_eq!(s["boot_set"], true, "{s}");
     assert!(s["boot_set_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["boot_set_ahead_bytes"].as_u64().unwrap() > 0, "{s}");
 
     // After a passed drill (whose set the lookup takes before a recorded
     // one) a live restore still starts with a set.
@@ -379,4 +381,5 @@ fn a_live_restore_fetches_a_recorded_boot_set_first() {
     assert_eq!(s["phase"], "done", "{s}");
     assert_eq!(s["boot_set"], true, "{s}");
     assert!(s["boot_set_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["boot_set_ahead_bytes"].as_u64().unwrap() > 0, "{s}");
 }

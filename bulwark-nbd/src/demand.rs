@@ -38,6 +38,10 @@ pub struct ServeStats {
     pub boot_set: bool,
     /// Bytes of it queued (chunks, so a little more than its ranges).
     pub boot_set_bytes: u64,
+    /// Bytes of it the readers took from its pack ranges, fetched while
+    /// the disks opened (a boot set recorded with where its data lies).
+    #[serde(default)]
+    pub boot_set_ahead_bytes: u64,
     pub demand_misses: u64,
     pub stall_seconds: f64,
     pub bytes_fetched: u64,

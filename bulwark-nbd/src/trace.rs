@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use bulwark_store::read::reader::DiskReader;
 use serde::{Deserialize, Serialize};
 
 /// Granularity of the boot set: a read touches whole blocks of this size.
@@ -15,6 +16,11 @@ pub const BLOCK: u64 = 64 * 1024;
 /// At most this many blocks (4 GiB) are recorded: a guest that reads its
 /// whole disk in a loop must not grow the set without bound.
 const MAX_BLOCKS: usize = 65_536;
+
+/// A boot set's pack ranges are at most this long each (adjacent spans of
+/// a pack together): small enough that the first, which the guest reads
+/// first, land soon.
+pub const PACK_RANGE_MAX: u64 = 1 << 20;
 
 /// A read the export could not answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +38,12 @@ pub struct BootSet {
     pub disk: String,
     pub bytes: u64,
     pub ranges: Vec<[u64; 2]>,
+    /// Where their data lay when recorded: pack ranges (pack id, start,
+    /// length) in the order first needed, which a live restore's server
+    /// fetches while its index loads (pack names need no key). A hint
+    /// only: a range whose pack a GC swept since is skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<(String, u64, u64)>,
 }
 
 /// A file holding boot sets: a drill's report (or anything with its
@@ -137,7 +149,21 @@ impl ReadTrace {
             disk: disk.to_string(),
             bytes: ranges.iter().map(|r| r[1]).sum(),
             ranges,
+            packs: Vec::new(),
         }
+    }
+
+    /// [`Self::boot_set`] with where its data lies in `reader`'s snapshot
+    /// (`packs`), for a later live restore to fetch before its index loads.
+    pub fn boot_set_in(&self, disk: &str, reader: &DiskReader) -> BootSet {
+        let mut b = self.boot_set(disk);
+        let ranges: Vec<(u64, u64)> = b.ranges.iter().map(|r| (r[0], r[1])).collect();
+        b.packs = reader
+            .pack_ranges(&ranges, PACK_RANGE_MAX)
+            .into_iter()
+            .map(|(p, start, len)| (p.to_hex(), start, len))
+            .collect();
+        b
     }
 
     pub fn failed_reads(&self) -> Vec<FailedRead> {

@@ -327,3 +327,63 @@ fn read_ahead_in_flight_stays_within_the_cache_budget() {
         st.peak_bytes >> 20
     );
 }
+
+/// A boot set's pack ranges fetched before the reader opens: the reads and
+/// the read-ahead of its spans take them instead of fetching, byte for byte
+/// the same; a range of a pack that is gone is not there, and its span is
+/// fetched as before.
+#[test]
+fn spans_are_taken_from_pack_ranges_fetched_ahead() {
+    use bulwark_store::read::seed::Seeds;
+    let (_dir, repo, snap, data) = setup(16, 21);
+    // Where a first reader finds the data of two scattered ranges.
+    let boot = [(0u64, 4096u64), (9 << 20, 200 << 10)];
+    let ranges = reader(&repo, &snap).pack_ranges(&boot, 1 << 20);
+    assert!(!ranges.is_empty());
+    let bytes: u64 = ranges.iter().map(|r| r.2).sum();
+
+    let seeds = Seeds::new();
+    seeds.fetch(repo.backend().clone(), &ranges, 4);
+    let r = reader(&repo, &snap);
+    r.take_from(seeds.clone());
+    for &(off, len) in &boot {
+        let mut buf = vec![0u8; len as usize];
+        r.read_at(off, &mut buf).unwrap();
+        assert!(buf[..] == data[off as usize..(off + len) as usize]);
+    }
+    let st = r.stats();
+    assert_eq!((st.fetches, st.bytes_fetched), (0, 0), "{st:?}");
+    assert_eq!(st.seeded_bytes, bytes, "{st:?}");
+    assert_eq!(seeds.held(), 0, "every range taken once and let go");
+
+    // Queued in order (a boot set's read-ahead): taken the same way.
+    let seeds = Seeds::new();
+    seeds.fetch(repo.backend().clone(), &ranges, 4);
+    let r = reader(&repo, &snap);
+    r.take_from(seeds.clone());
+    r.prefetch_in_order(&boot);
+    let mut buf = vec![0u8; 200 << 10];
+    r.read_at(9 << 20, &mut buf).unwrap();
+    assert!(buf[..] == data[9 << 20..(9 << 20) + (200 << 10)]);
+    let wait = std::time::Instant::now();
+    while r.stats().seeded_bytes < bytes && wait.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(r.stats().seeded_bytes, bytes, "{:?}", r.stats());
+    assert_eq!(r.stats().bytes_fetched, 0, "{:?}", r.stats());
+
+    // A pack that is gone: its ranges fail and the reader fetches.
+    let seeds = Seeds::new();
+    let gone: Vec<_> = ranges
+        .iter()
+        .map(|&(_, s, l)| (bulwark_store::Id::random(), s, l))
+        .collect();
+    seeds.fetch(repo.backend().clone(), &gone, 4);
+    let r = reader(&repo, &snap);
+    r.take_from(seeds);
+    let mut buf = vec![0u8; 4096];
+    r.read_at(0, &mut buf).unwrap();
+    assert!(buf[..] == data[..4096]);
+    assert_eq!(r.stats().seeded_bytes, 0);
+    assert!(r.stats().bytes_fetched > 0);
+}

@@ -85,10 +85,12 @@ pub fn run(
         outage_wait_secs: a.outage_wait_secs,
         began_ms,
     };
-    // Each server opens the repository and finds its snapshot while we do.
+    // Each server opens the repository and finds its snapshot while we do,
+    // and each boot set is fetched meanwhile.
+    let backend = crate::secret::backend(g)?;
     let mut early = targets
         .iter()
-        .map(|(snap, name)| start::early(snap, name, &o).map(Some))
+        .map(|(snap, name)| start::early(snap, name, &o, Some(backend.clone())).map(Some))
         .collect::<Result<Vec<_>>>()?;
     let (repo, plans) = restore::plan_all(g, targets, |s, name| start::plan(libvirt, s, name, &o))?;
     restore::undo_on_interrupt(libvirt.clone())?;
@@ -249,6 +251,7 @@ pub fn status(a: StatusArgs) -> Result<i32> {
                 let st = r.stats().unwrap_or_default();
                 v["boot_set"] = json!(st.boot_set);
                 v["boot_set_bytes"] = json!(st.boot_set_bytes);
+                v["boot_set_ahead_bytes"] = json!(st.boot_set_ahead_bytes);
                 v["demand_misses"] = json!(st.demand_misses);
                 v["stall_seconds"] = json!(st.stall_seconds);
                 v

@@ -232,7 +232,7 @@ impl Served {
     fn boot_set(&self) -> Vec<report::BootSet> {
         self.disks
             .iter()
-            .map(|(name, _, t)| t.boot_set(name))
+            .map(|(name, r, t)| t.boot_set_in(name, r))
             .collect()
     }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use bulwark_nbd::trace::BootSetReport;
-use bulwark_store::repo::reports::{BOOT_SET, DRILL};
+use bulwark_store::repo::reports::{Fetched, BOOT_SET, DRILL};
 use bulwark_store::Repository;
 use serde::{Deserialize, Serialize};
 
@@ -140,6 +140,35 @@ pub fn latest_in_repository(
 /// one of the same VM.
 const BOOT_SET_LOOKUPS: usize = 16;
 
+/// A snapshot's own newest drill report and recorded boot set, fetched
+/// sealed. Finding and fetching them needs no key, so a live restore
+/// fetches them while its key unlocks ([`boot_set_for`] opens them): on S3
+/// two round trips fewer before its server learns the boot set.
+pub struct OwnReports {
+    snapshot: bulwark_store::Id,
+    drill: bulwark_store::Result<Fetched>,
+    recorded: bulwark_store::Result<Fetched>,
+}
+
+impl OwnReports {
+    /// Both families side by side (each a listing and a fetch).
+    pub fn fetch(backend: &dyn bulwark_store::Backend, snapshot: &bulwark_store::Id) -> Self {
+        let (drill, recorded) = std::thread::scope(|s| {
+            let recorded = s.spawn(|| BOOT_SET.fetch_latest(backend, snapshot));
+            let drill = DRILL.fetch_latest(backend, snapshot);
+            let recorded = recorded
+                .join()
+                .unwrap_or_else(|_| Err(bulwark_store::Error::Invalid("panicked".into())));
+            (drill, recorded)
+        });
+        OwnReports {
+            snapshot: *snapshot,
+            drill,
+            recorded,
+        }
+    }
+}
+
 /// The boot set to fetch first for a live restore of `snap`: a passed
 /// drill's of the snapshot, else the one its last live restore recorded,
 /// else the newest of either kind of another snapshot of the same VM (its
@@ -147,6 +176,7 @@ const BOOT_SET_LOOKUPS: usize = 16;
 pub fn boot_set_for(
     repo: &Repository,
     snap: &bulwark_store::Snapshot,
+    fetched: Option<OwnReports>,
 ) -> Result<Option<Vec<BootSet>>> {
     let from_drill = |b: &[u8]| -> Result<Option<Vec<BootSet>>> {
         let r: Report = serde_json::from_slice(b).context("a drill report")?;
@@ -157,16 +187,12 @@ pub fn boot_set_for(
         let r: BootSetReport = serde_json::from_slice(b).context("a recorded boot set")?;
         Ok((r.source == snap.source && r.bytes() > 0).then_some(r.boot_set))
     };
-    // Both of this snapshot's reports at once: a live restore waits on
-    // this before its server starts, and on S3 each is a round trip or two.
-    let (drill, recorded) = std::thread::scope(|s| {
-        let recorded = s.spawn(|| repo.latest_report(BOOT_SET, &snap.id));
-        let drill = repo.latest_report(DRILL, &snap.id);
-        let recorded = recorded
-            .join()
-            .unwrap_or_else(|_| Err(bulwark_store::Error::Invalid("panicked".into())));
-        (drill, recorded)
-    });
+    let own = match fetched.filter(|f| f.snapshot == snap.id) {
+        Some(f) => f,
+        None => OwnReports::fetch(repo.backend().as_ref(), &snap.id),
+    };
+    let drill = own.drill.and_then(|f| repo.open_fetched(f));
+    let recorded = own.recorded.and_then(|f| repo.open_fetched(f));
     if let Some(b) = drill? {
         if let Some(s) = from_drill(&b)? {
             return Ok(Some(s));

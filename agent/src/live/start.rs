@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use bulwark_nbd::cli::ServePlan;
-use bulwark_store::{Repository, Snapshot};
+use bulwark_store::{Backend, Id, Repository, Snapshot};
 
 use super::record::{LiveDisk, LiveRestore, Records, RepoSpec};
 use super::{reconnect, server};
+use crate::drill::report::OwnReports;
 use crate::libvirt::Libvirt;
 use crate::vm::restore::{self, Options, Plan, Undo};
 use crate::vm::rewrite::{self, ImageFormat};
@@ -58,11 +59,20 @@ pub fn plan(libvirt: &Libvirt, snap: Snapshot, name: &str, o: &LiveOptions<'_>) 
 pub struct Early {
     starting: Option<server::Starting>,
     files: [PathBuf; 3],
+    /// The snapshot's own reports (its boot set), fetched while the key
+    /// unlocks, when the words name it by full id.
+    reports: Option<std::thread::JoinHandle<OwnReports>>,
 }
 
 /// Starts the server of the live restore `name` of `snapshot` (the words
-/// the operator gave: an id, a prefix or `SOURCE@latest`).
-pub fn early(snapshot: &str, name: &str, o: &LiveOptions<'_>) -> Result<Early> {
+/// the operator gave: an id, a prefix or `SOURCE@latest`), and, for a full
+/// id, the fetch of its boot set from `backend`.
+pub fn early(
+    snapshot: &str,
+    name: &str,
+    o: &LiveOptions<'_>,
+    backend: Option<Arc<dyn Backend>>,
+) -> Result<Early> {
     // Its socket and counters are replaced: never those of a restore
     // that exists.
     if o.records.exists(name) {
@@ -86,9 +96,16 @@ pub fn early(snapshot: &str, name: &str, o: &LiveOptions<'_>) -> Result<Early> {
         plan: server::Planned::Later,
     }
     .spawn(o.password.as_deref())?;
+    let reports = match (backend, snapshot.parse::<Id>()) {
+        (Some(b), Ok(id)) => Some(std::thread::spawn(move || {
+            OwnReports::fetch(b.as_ref(), &id)
+        })),
+        _ => None,
+    };
     Ok(Early {
         starting: Some(starting),
         files: [socket, log, stats],
+        reports,
     })
 }
 
@@ -119,8 +136,10 @@ pub fn start(
         .with_context(|| format!("creating {}", o.restore.dir.display()))?;
     let mut early = match early {
         Some(e) => e,
-        None => self::early(&plan.snapshot.id.to_hex(), &plan.name, o)?,
+        None => self::early(&plan.snapshot.id.to_hex(), &plan.name, o, None)?,
     };
+    // A lookup that panicked is made again below: it is only a speed-up.
+    let reports = early.reports.take().and_then(|h| h.join().ok());
     let mut starting = early.starting.take().context("the server was used")?;
     let mut rec = record(plan, o);
     rec.outage_wait_secs = o.outage_wait_secs;
@@ -132,7 +151,7 @@ pub fn start(
     let socket = served.0.socket.clone();
     let dom = std::thread::scope(|s| -> Result<_> {
         let planner = s.spawn(|| -> Result<Option<PathBuf>> {
-            let boot_set = boot_set(repo, &plan.snapshot, o.records.dir(), &plan.name);
+            let boot_set = boot_set(repo, &plan.snapshot, reports, o.records.dir(), &plan.name);
             pipe.send(&ServePlan {
                 snapshot: plan.snapshot.id.to_hex(),
                 backfill,
@@ -185,8 +204,14 @@ pub fn start(
 /// the server as `NAME.bootset` (not `.json`: those are records). Without one the guest's reads and
 /// read-ahead are all there is, as before: a missing or unreadable boot
 /// set costs speed, never data, so errors here are logged, not raised.
-fn boot_set(repo: &Repository, snap: &Snapshot, dir: &Path, name: &str) -> Option<PathBuf> {
-    let found = match crate::drill::report::boot_set_for(repo, snap) {
+fn boot_set(
+    repo: &Repository,
+    snap: &Snapshot,
+    fetched: Option<OwnReports>,
+    dir: &Path,
+    name: &str,
+) -> Option<PathBuf> {
+    let found = match crate::drill::report::boot_set_for(repo, snap, fetched) {
         Ok(Some(b)) => b,
         Ok(None) => return None,
         Err(e) => {

@@ -19,6 +19,7 @@ use bulwark_nbd::demand::{DemandStats, ServeStats};
 use bulwark_nbd::trace::{BootSet, BootSetFile, BootSetReport, ReadTrace};
 use bulwark_nbd::StoreExport;
 use bulwark_store::read::reader::DiskReader;
+use bulwark_store::read::seed::Seeds;
 use bulwark_store::repo::reports::BOOT_SET;
 use clap::Parser;
 use nbd_server::{Server, ServerConfig, ServerTls, TlsMode};
@@ -260,6 +261,27 @@ fn run(cli: Cli) -> Result<()> {
             .and_then(|()| out.flush())
             .context("telling whoever started the server that it serves (gone?)")?;
     }
+    // The boot set's pack ranges are fetched while the disks open: the
+    // plan (with the boot set) comes while the index loads.
+    let seeds = Seeds::new();
+    let plan = match plan_on_stdin {
+        true => {
+            let (snap, seeds, repo) = (snap.clone(), seeds.clone(), repo.clone());
+            Some(std::thread::spawn(move || -> Result<_> {
+                let plan = planned(&snap)?;
+                if let Some(sets) = &plan.1 {
+                    fetch_ahead(&seeds, &repo, sets);
+                }
+                Ok(plan)
+            }))
+        }
+        false => {
+            if let Some(sets) = &boot_set {
+                fetch_ahead(&seeds, &repo, sets);
+            }
+            None
+        }
+    };
     let readers = open_readers(&repo, &snap, cache, outage_wait, replica.as_ref())?;
     for (name, size, slot) in slots {
         let (_, r) = readers
@@ -272,12 +294,15 @@ fn run(cli: Cli) -> Result<()> {
                 r.size()
             );
         }
+        r.take_from(seeds.clone());
         slot.fill(r.clone());
     }
     tracing::debug!("disks open");
-    let (backfill, boot_set) = match plan_on_stdin {
-        true => planned(&snap)?,
-        false => (backfill, boot_set),
+    let (backfill, boot_set) = match plan {
+        Some(p) => p
+            .join()
+            .map_err(|_| anyhow::anyhow!("reading the plan panicked"))??,
+        None => (backfill, boot_set),
     };
     let boot_set_bytes = boot_set.as_ref().map_or(0, |b| queue_boot_set(b, &readers));
     let backfill = (!backfill.is_empty())
@@ -302,11 +327,18 @@ fn run(cli: Cli) -> Result<()> {
     let mut recorder = record_boot_set.map(|secs| Recorder {
         repo: repo.clone(),
         snap: snap.clone(),
-        traces,
+        traces: traces
+            .into_iter()
+            .filter_map(|(d, t)| {
+                let r = readers.iter().find(|(n, _)| *n == d)?.1.clone();
+                Some((d, t, r))
+            })
+            .collect(),
         window: std::time::Duration::from_secs(secs),
         started: std::time::Instant::now(),
         saved: false,
     });
+    let began = std::time::Instant::now();
     rt.block_on(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -316,6 +348,10 @@ fn run(cli: Cli) -> Result<()> {
                 _ = term.recv() => break,
                 _ = tick.tick() => {
                     counters.write(&readers);
+                    // What the guest has not read of them by then, it won't.
+                    if began.elapsed() >= SEEDS_KEPT && seeds.held() > 0 {
+                        seeds.clear();
+                    }
                     if let Some(r) = recorder.as_mut().filter(|r| r.due()) {
                         r.save();
                     }
@@ -333,11 +369,13 @@ fn run(cli: Cli) -> Result<()> {
         for (name, r) in &readers {
             let st = r.stats();
             tracing::info!(
-                "{name}: served {} B, fetched {} B in {} reads ({} read ahead), {} cache hits",
+                "{name}: served {} B, fetched {} B in {} reads ({} read ahead), {} B of them \
+                 fetched with the boot set, {} cache hits",
                 st.bytes_served,
-                st.bytes_fetched,
+                st.bytes_fetched + st.seeded_bytes,
                 st.fetches,
                 st.readahead_fetches,
+                st.seeded_bytes,
                 st.cache_hits
             );
         }
@@ -446,6 +484,32 @@ fn read_boot_set(path: &std::path::Path) -> Result<Vec<BootSet>> {
     Ok(f.boot_set)
 }
 
+/// How long pack ranges fetched ahead are kept for the guest to read.
+const SEEDS_KEPT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts fetching the pack ranges of `sets` (those recorded with them).
+fn fetch_ahead(seeds: &Arc<Seeds>, repo: &bulwark_store::Repository, sets: &[BootSet]) {
+    let mut ranges = Vec::new();
+    for (pack, start, len) in sets.iter().flat_map(|b| &b.packs) {
+        match pack.parse() {
+            Ok(id) => ranges.push((id, *start, *len)),
+            // A hint only: a bad entry costs its fetch ahead, nothing else.
+            Err(_) => tracing::warn!("boot set: {pack:?} is no pack id; skipped"),
+        }
+    }
+    if ranges.is_empty() {
+        return;
+    }
+    let bytes: u64 = ranges.iter().map(|r| r.2).sum();
+    tracing::debug!(
+        "boot set: fetching {} pack ranges ({bytes} B) ahead",
+        ranges.len()
+    );
+    let backend = repo.backend().clone();
+    let parallel = backend.read_concurrency();
+    seeds.fetch(backend, &ranges, parallel);
+}
+
 /// Queues each disk's boot set with its reader; the bytes queued.
 fn queue_boot_set(sets: &[BootSet], readers: &[(String, Arc<DiskReader>)]) -> u64 {
     let mut bytes = 0;
@@ -466,7 +530,8 @@ fn queue_boot_set(sets: &[BootSet], readers: &[(String, Arc<DiskReader>)]) -> u6
 struct Recorder {
     repo: Arc<bulwark_store::Repository>,
     snap: bulwark_store::Snapshot,
-    traces: Vec<(String, Arc<ReadTrace>)>,
+    /// Each disk's trace and reader (which says where the reads' data lies).
+    traces: Vec<(String, Arc<ReadTrace>, Arc<DiskReader>)>,
     window: std::time::Duration,
     started: std::time::Instant,
     saved: bool,
@@ -483,7 +548,7 @@ impl Recorder {
         if std::mem::replace(&mut self.saved, true) {
             return;
         }
-        for (_, t) in &self.traces {
+        for (_, t, _) in &self.traces {
             t.stop();
         }
         let report = BootSetReport {
@@ -493,7 +558,11 @@ impl Recorder {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             seconds: self.started.elapsed().min(self.window).as_secs_f64(),
-            boot_set: self.traces.iter().map(|(d, t)| t.boot_set(d)).collect(),
+            boot_set: self
+                .traces
+                .iter()
+                .map(|(d, t, r)| t.boot_set_in(d, r))
+                .collect(),
         };
         if report.bytes() == 0 {
             return;
@@ -537,9 +606,13 @@ struct Counters {
 impl Counters {
     fn write(&self, readers: &[(String, Arc<DiskReader>)]) {
         let Some(path) = &self.path else { return };
-        let (fetched, served) = readers.iter().fold((0, 0), |(f, s), (_, r)| {
+        let (fetched, served, ahead) = readers.iter().fold((0, 0, 0), |(f, s, a), (_, r)| {
             let st = r.stats();
-            (f + st.bytes_fetched, s + st.bytes_served)
+            (
+                f + st.bytes_fetched + st.seeded_bytes,
+                s + st.bytes_served,
+                a + st.seeded_bytes,
+            )
         });
         let stats = ServeStats {
             boot_set: self.boot_set,
@@ -548,6 +621,7 @@ impl Counters {
             stall_seconds: self.demand.stall().as_secs_f64(),
             bytes_fetched: fetched,
             bytes_served: served,
+            boot_set_ahead_bytes: ahead,
             backfill: self
                 .backfill
                 .as_ref()

@@ -7,3 +7,4 @@ pub mod fetch;
 pub mod outage;
 pub mod reader;
 pub mod restore;
+pub mod seed;

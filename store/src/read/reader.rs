@@ -47,6 +47,7 @@ use crate::format::chunklist::ChunkList;
 use crate::format::index::Index;
 use crate::read::budget::Budget;
 use crate::read::fetch::{self, Reads, Scratch, Span};
+use crate::read::seed::Seeds;
 use crate::repo::Repository;
 
 /// Largest span: what a random read may fetch at once.
@@ -79,6 +80,8 @@ pub struct ReaderStats {
     pub readahead_fetches: u64,
     /// Span lookups answered from the cache (or by another's fetch).
     pub cache_hits: u64,
+    /// Pack bytes taken from ranges fetched ahead ([`DiskReader::take_from`]).
+    pub seeded_bytes: u64,
     /// Bytes handed to readers (data extents only).
     pub bytes_served: u64,
     /// Most memory held at once: cached chunks, fetches in flight and idle
@@ -223,6 +226,8 @@ struct Inner {
     /// After the repository failed, reads go to the replica first until
     /// then (each would otherwise wait out the repository's retries).
     replica_first_until: Mutex<Option<Instant>>,
+    /// Pack ranges fetched ahead (a boot set's), taken instead of fetching.
+    seeds: std::sync::OnceLock<Arc<Seeds>>,
 }
 
 pub struct DiskReader {
@@ -267,6 +272,7 @@ impl DiskReader {
             replica_index: Mutex::new(None),
             failed_over: std::sync::atomic::AtomicBool::new(false),
             replica_first_until: Mutex::new(None),
+            seeds: std::sync::OnceLock::new(),
             room: Condvar::new(),
         });
         let (jobs, rx) = unbounded::<Vec<u32>>();
@@ -299,6 +305,48 @@ impl DiskReader {
     /// snapshot (synced: same chunk ids, its own packs and index). Set once.
     pub fn fall_back_to(&self, replica: Arc<Repository>) {
         let _ = self.inner.replica.set(replica);
+    }
+
+    /// Spans are taken from `seeds` (pack ranges fetched ahead) when they
+    /// hold them, instead of being fetched. Set once.
+    pub fn take_from(&self, seeds: Arc<Seeds>) {
+        let _ = self.inner.seeds.set(seeds);
+    }
+
+    /// The pack ranges holding the spans of `ranges`, in the order first
+    /// needed, chunks back to back in a pack together up to `max` bytes (a
+    /// larger chunk alone): what [`Seeds::fetch`] fetches ahead for them,
+    /// in pieces small enough that the first land soon.
+    pub fn pack_ranges(&self, ranges: &[(u64, u64)], max: u64) -> Vec<(crate::Id, u64, u64)> {
+        let inner = &self.inner;
+        let mut seen = std::collections::HashSet::new();
+        let mut out: Vec<(u32, u64, u64)> = Vec::new();
+        for &(offset, len) in ranges {
+            for s in self.spans_of(offset, len) {
+                if !seen.insert(s) {
+                    continue;
+                }
+                let span = &inner.spans[s as usize];
+                for (_, loc) in &span.items {
+                    let (from, to) = (
+                        u64::from(loc.offset),
+                        u64::from(loc.offset) + u64::from(loc.len),
+                    );
+                    match out.last_mut() {
+                        Some((pack, start, end))
+                            if *pack == span.pack && *end == from && to - *start <= max =>
+                        {
+                            *end = to
+                        }
+                        _ => out.push((span.pack, from, to)),
+                    }
+                }
+            }
+        }
+        let packs = inner.index.packs();
+        out.into_iter()
+            .map(|(p, start, end)| (packs[p as usize].id, start, end - start))
+            .collect()
     }
 
     /// Reads wait up to `wait` for an unreachable backend (an S3 outage)
@@ -727,14 +775,10 @@ impl Inner {
             }
         }
         let span = &self.spans[s as usize];
-        let r = fetch::fetch(
-            &self.repo,
-            &self.index,
-            &[span],
-            Reads::Again,
-            &mut sc.fetched,
-        );
-        self.count_fetch(&r, &sc.fetched, false);
+        let r = match self.seeded(span, &mut sc.fetched) {
+            true => Ok(()),
+            false => self.fetch(&[span], Reads::Again, &mut sc.fetched, false),
+        };
         let r = r.map(|()| self.open(s, &mut sc.fetched, span.start, &mut sc.chunk));
         let r = match r {
             Err(e) if FailKind::of(&e) == FailKind::PackGone => self.relocated(s),
@@ -935,41 +979,72 @@ impl Inner {
     /// Fetched for a stream, which reads each span once: kept in memory,
     /// not added to the disk cache (scan resistance, as in memory).
     fn fetch_run(&self, run: &[u32], sc: &mut Scratch) {
+        // Spans fetched ahead are taken one by one, each published as it
+        // lands (the guest's first read may be waiting on the first); the
+        // rest are fetched, each run of them with one ranged read.
+        let mut rest: Vec<u32> = Vec::new();
+        for &s in run {
+            let span = &self.spans[s as usize];
+            if self.seeded(span, &mut sc.fetched) {
+                let data = self.open(s, &mut sc.fetched, span.start, &mut sc.chunk);
+                self.publish(s, Ok(data));
+                continue;
+            }
+            if rest.last().is_some_and(|&l| l + 1 != s) {
+                self.fetch_spans(&std::mem::take(&mut rest), sc);
+            }
+            rest.push(s);
+        }
+        if !rest.is_empty() {
+            self.fetch_spans(&rest, sc);
+        }
+    }
+
+    /// Fetches consecutive spans `run` with one ranged read.
+    fn fetch_spans(&self, run: &[u32], sc: &mut Scratch) {
         let spans: Vec<&Span> = run.iter().map(|&s| &self.spans[s as usize]).collect();
-        {
-            let r = fetch::fetch(
-                &self.repo,
-                &self.index,
-                &spans,
-                Reads::Once,
-                &mut sc.fetched,
-            );
-            self.count_fetch(&r, &sc.fetched, true);
-            match r {
-                Ok(()) => {
-                    let base = spans[0].start;
-                    for &s in run {
-                        let data = self.open(s, &mut sc.fetched, base, &mut sc.chunk);
-                        self.publish(s, Ok(data));
-                    }
+        match self.fetch(&spans, Reads::Once, &mut sc.fetched, true) {
+            Ok(()) => {
+                let base = spans[0].start;
+                for &s in run {
+                    let data = self.open(s, &mut sc.fetched, base, &mut sc.chunk);
+                    self.publish(s, Ok(data));
                 }
-                Err(e) => {
-                    let failed = Failed::of(&e);
-                    for &s in run {
-                        self.publish(s, Err(failed.clone()));
-                    }
+            }
+            Err(e) => {
+                let failed = Failed::of(&e);
+                for &s in run {
+                    self.publish(s, Err(failed.clone()));
                 }
             }
         }
     }
 
-    fn count_fetch(&self, r: &Result<()>, bytes: &[u8], ahead: bool) {
+    /// Whether the seeds held `span`'s pack bytes (now in `buf`), waiting
+    /// for them while they are fetched.
+    fn seeded(&self, span: &Span, buf: &mut Vec<u8>) -> bool {
+        let Some(seeds) = self.seeds.get() else {
+            return false;
+        };
+        let object = crate::format::layout::pack(&self.index.packs()[span.pack as usize].id);
+        if !seeds.take(&object, span.start, span.len(), buf) {
+            return false;
+        }
+        self.lock().stats.seeded_bytes += span.len();
+        true
+    }
+
+    /// Fetches the pack bytes of consecutive `spans` into `buf` (counted
+    /// as read `ahead` or not).
+    fn fetch(&self, spans: &[&Span], reads: Reads, buf: &mut Vec<u8>, ahead: bool) -> Result<()> {
+        let r = fetch::fetch(&self.repo, &self.index, spans, reads, buf);
         if r.is_ok() {
             let mut st = self.lock();
             st.stats.fetches += 1;
-            st.stats.bytes_fetched += bytes.len() as u64;
+            st.stats.bytes_fetched += buf.len() as u64;
             st.stats.readahead_fetches += u64::from(ahead);
         }
+        r
     }
 
     fn open(&self, s: u32, bytes: &mut [u8], base: u64, buf: &mut ChunkBuf) -> Arc<SpanData> {

@@ -46,6 +46,37 @@ impl Reports {
         let (id, t) = name.strip_prefix(self.prefix)?.split_once('.')?;
         Some((id.parse().ok()?, u64::from_str_radix(t, 16).ok()?))
     }
+
+    /// The newest report of `snapshot`, still sealed (no key needed).
+    pub fn fetch_latest(self, backend: &dyn Backend, snapshot: &Id) -> Result<Fetched> {
+        let found = match self
+            .listed(backend, &format!("{}{snapshot}.", self.prefix))?
+            .into_iter()
+            .next()
+        {
+            Some((_, name)) => {
+                let sealed = backend.get(&name)?;
+                Some((name, sealed))
+            }
+            None => None,
+        };
+        Ok(Fetched {
+            reports: self,
+            found,
+        })
+    }
+
+    /// These reports listed under `prefix`: (snapshot, object name), newest
+    /// first.
+    fn listed(&self, backend: &dyn Backend, prefix: &str) -> Result<Vec<(Id, String)>> {
+        let mut all: Vec<(u64, Id, String)> = backend
+            .list(prefix)?
+            .into_iter()
+            .filter_map(|o| self.parse(&o.name).map(|(id, t)| (t, id, o.name)))
+            .collect();
+        all.sort_by(|a, b| b.cmp(a));
+        Ok(all.into_iter().map(|(_, id, n)| (id, n)).collect())
+    }
 }
 
 impl Repository {
@@ -83,11 +114,15 @@ impl Repository {
 
     /// The newest report of `snapshot`, if it has one.
     pub fn latest_report(&self, r: Reports, snapshot: &Id) -> Result<Option<Vec<u8>>> {
-        match self
-            .reports_under(r, &format!("{}{snapshot}.", r.prefix))?
-            .first()
-        {
-            Some((_, name)) => self.load_report(r, name).map(Some),
+        self.open_fetched(r.fetch_latest(self.backend().as_ref(), snapshot)?)
+    }
+
+    /// The report [`Reports::fetch_latest`] fetched, opened with the key.
+    pub fn open_fetched(&self, f: Fetched) -> Result<Option<Vec<u8>>> {
+        match f.found {
+            Some((name, sealed)) => {
+                object::open(self.keys(), f.reports.kind, &name, &sealed).map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -95,15 +130,18 @@ impl Repository {
     /// The reports listed under `prefix`: (snapshot, object name), newest
     /// first.
     fn reports_under(&self, r: Reports, prefix: &str) -> Result<Vec<(Id, String)>> {
-        let mut all: Vec<(u64, Id, String)> = self
-            .backend()
-            .list(prefix)?
-            .into_iter()
-            .filter_map(|o| r.parse(&o.name).map(|(id, t)| (t, id, o.name)))
-            .collect();
-        all.sort_by(|a, b| b.cmp(a));
-        Ok(all.into_iter().map(|(_, id, n)| (id, n)).collect())
+        r.listed(self.backend().as_ref(), prefix)
     }
+}
+
+/// A snapshot's newest report of one family, fetched sealed: finding and
+/// fetching it needs no key, so a live restore does it while the key
+/// unlocks (on S3 two round trips off its start).
+#[derive(Debug)]
+pub struct Fetched {
+    reports: Reports,
+    /// Its object name and sealed bytes; `None`: the snapshot has none.
+    found: Option<(String, Vec<u8>)>,
 }
 
 /// Deletes every report of a snapshot, of both families.
