@@ -430,10 +430,16 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     let snap = r["snapshot"].as_str().unwrap().to_string();
     drop(vm);
 
-    // The restore reads the bucket through the proxy.
-    let proxy =
-        testbed::s3::FaultProxy::start(bucket.server.port(), testbed::s3::Faults::default())
-            .unwrap();
+    // The restore reads the bucket through the proxy, a second away until
+    // the outage: the server serves (its socket is there) a round trip or
+    // more before it can ask for a pack, so the outage below begins before
+    // the backfill or the guest read any (on loopback the backfill of this
+    // small disk took 0.1 s, and was done before the outage began).
+    let far = testbed::s3::Faults {
+        delay: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let proxy = testbed::s3::FaultProxy::start(bucket.server.port(), far).unwrap();
     let name = testbed::unique_name("bw-outage");
     let _domains = Restored(vec![name.clone()]);
     let images = env.path("images");
@@ -455,15 +461,16 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     let outage = Instant::now();
     let mut console = Console::new(images.join(format!("{name}-serial0.log")));
     std::thread::sleep(std::time::Duration::from_secs(60));
+    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
     assert!(
         console
             .text()
             .lines()
             .all(|l| !l.contains("bulwark-guest: ready")),
-        "the guest came up during the outage: it never waited for the bucket"
+        "the guest came up during the outage: it never waited for the bucket: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
     let state = virsh(&["domstate", "--reason", &name]);
-    let log = env.state_dir().join("live").join(format!("{name}.nbd.log"));
     // Up, or still starting: QEMU's own first reads wait as well.
     assert!(
         ["running (booted)", "paused (starting up)"].contains(&state.trim()),

@@ -4,6 +4,8 @@
 //! the live restore moves the overlay's backing from the export onto it:
 //! the VM no longer depends on the repository, after about the time of a
 //! full restore rather than of QEMU's one-request-at-a-time stream.
+//! Meanwhile the export serves what the backfill has written from the file
+//! ([`LocalCopy`]).
 //!
 //! A failed pass (the repository unreachable, a pack swept by a GC since the
 //! index was loaded) is tried again with the index loaded afresh, until the
@@ -16,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use bulwark_store::format::chunklist::ChunkList;
 use bulwark_store::read::outage::OutageWait;
-use bulwark_store::read::restore::{restore_to_path, Overwrite, RestoreOptions};
+use bulwark_store::read::restore::{restore_to_path_watched, Overwrite, RestoreOptions};
 use bulwark_store::{Repository, Snapshot};
 use serde::{Deserialize, Serialize};
+
+use crate::local_copy::LocalCopy;
 
 /// One disk to backfill: `TARGET=PATH` on the command line.
 #[derive(Clone, Debug)]
@@ -26,6 +30,9 @@ pub struct Job {
     pub disk: String,
     pub path: PathBuf,
 }
+
+/// Whoever reads what the backfill of a disk has written ([`LocalCopy`]).
+pub type Copies = Vec<(String, Arc<LocalCopy>)>;
 
 impl std::str::FromStr for Job {
     type Err = String;
@@ -68,6 +75,8 @@ pub struct Backfill {
 struct Disk {
     done_bytes: AtomicU64,
     state: Mutex<Progress>,
+    /// What the export reads of the file as it is written.
+    copy: Arc<LocalCopy>,
 }
 
 impl Backfill {
@@ -78,6 +87,7 @@ impl Backfill {
         replica: Option<Arc<Repository>>,
         snap: &Snapshot,
         jobs: Vec<Job>,
+        copies: &Copies,
         mib_per_sec: u64,
         outage_wait: Duration,
     ) -> Result<Backfill, bulwark_store::Error> {
@@ -91,7 +101,12 @@ impl Backfill {
                 .ok_or_else(|| {
                     bulwark_store::Error::Invalid(format!("the snapshot has no disk {}", j.disk))
                 })?;
+            let copy = copies
+                .iter()
+                .find(|(n, _)| *n == j.disk)
+                .map_or_else(Arc::default, |(_, c)| c.clone());
             let disk = Arc::new(Disk {
+                copy,
                 done_bytes: AtomicU64::new(0),
                 state: Mutex::new(Progress {
                     disk: j.disk.clone(),
@@ -279,7 +294,7 @@ fn one_pass(
             }
         }
     };
-    restore_to_path(
+    restore_to_path_watched(
         repo,
         list,
         size,
@@ -287,6 +302,7 @@ fn one_pass(
         Overwrite::Never,
         &RestoreOptions::default(),
         &progress,
+        &*disk.copy,
     )
     .map(|_| ())
 }

@@ -46,6 +46,10 @@ pub struct ServeStats {
     pub stall_seconds: f64,
     pub bytes_fetched: u64,
     pub bytes_served: u64,
+    /// Read from the files the backfill had written by then (besides
+    /// `bytes_served`, which the repository's readers served).
+    #[serde(default)]
+    pub bytes_from_backfill: u64,
     /// Each disk's backfill (`--backfill`), when there is one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backfill: Vec<crate::backfill::Progress>,

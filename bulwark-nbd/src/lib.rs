@@ -7,6 +7,7 @@ pub mod backfill;
 pub mod cli;
 pub mod demand;
 pub mod file_export;
+pub mod local_copy;
 pub mod store_export;
 pub mod trace;
 

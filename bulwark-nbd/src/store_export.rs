@@ -17,6 +17,7 @@ use nbd_server::{BlockSize, Export, ExportError, Extent};
 use tokio::sync::watch;
 
 use crate::demand::DemandStats;
+use crate::local_copy::LocalCopy;
 use crate::trace::ReadTrace;
 
 pub struct StoreExport {
@@ -24,6 +25,8 @@ pub struct StoreExport {
     reader: watch::Receiver<Option<Arc<DiskReader>>>,
     trace: Option<Arc<ReadTrace>>,
     demand: Arc<DemandStats>,
+    /// What a backfill has written of this disk, read before the repository.
+    local: Option<Arc<LocalCopy>>,
 }
 
 /// Where a pending export's reader goes once its disk is open. Dropped
@@ -56,12 +59,19 @@ impl StoreExport {
             reader,
             trace: None,
             demand: Arc::default(),
+            local: None,
         }
     }
 
     /// Records every read (and failed read) in `trace`.
     pub fn traced(mut self, trace: Arc<ReadTrace>) -> Self {
         self.trace = Some(trace);
+        self
+    }
+
+    /// Serves what the backfill has written of this disk from its file.
+    pub fn with_local_copy(mut self, local: Arc<LocalCopy>) -> Self {
+        self.local = Some(local);
         self
     }
 
@@ -128,6 +138,14 @@ impl Export for StoreExport {
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         if let Some(t) = &self.trace {
             t.read(offset, len.into());
+        }
+        if let Some(local) = self.local.clone() {
+            let got = tokio::task::spawn_blocking(move || local.read(offset, len as usize))
+                .await
+                .map_err(|e| ExportError::Other(format!("read task failed: {e}")))?;
+            if let Some(b) = got {
+                return Ok(Bytes::from(b));
+            }
         }
         let t0 = Instant::now();
         let (reader, waited) = self.reader().await?;

@@ -400,8 +400,10 @@ async fn a_pending_export_reads_once_its_disk_is_open_and_fails_if_it_never_is()
 
 /// `serve --plan-on-stdin` (a live restore's server, started before the
 /// command read the snapshot): it serves at once, then takes its backfill
-/// from the plan and restores the disk into the file bit for bit; a plan
-/// for another snapshot, or none, ends it with an error that says so.
+/// from the plan and restores the disk into the file bit for bit, and
+/// serves what the backfill wrote from the file (the packs gone, every
+/// byte still reads right); a plan for another snapshot, or none, ends it
+/// with an error that says so.
 #[test]
 fn a_plan_on_stdin_backfills_and_another_snapshots_plan_is_refused() {
     use std::io::Write;
@@ -412,6 +414,7 @@ fn a_plan_on_stdin_backfills_and_another_snapshots_plan_is_refused() {
     let (src, data, _) = source_image(dir.path());
     let snap = make_repo(dir.path(), &src);
     let socket = dir.path().join("nbd.sock");
+    let stats = dir.path().join("stats.json");
     let planned = |plan: Option<String>| {
         let mut child = bulwark_nbd(
             dir.path(),
@@ -420,6 +423,8 @@ fn a_plan_on_stdin_backfills_and_another_snapshots_plan_is_refused() {
                 OsStr::new("--socket"),
                 socket.as_os_str(),
                 OsStr::new("--plan-on-stdin"),
+                OsStr::new("--stats"),
+                stats.as_os_str(),
             ],
         )
         .stdin(Stdio::piped())
@@ -459,9 +464,29 @@ fn a_plan_on_stdin_backfills_and_another_snapshots_plan_is_refused() {
         std::fs::read(&base).unwrap() == data,
         "the backfill differs"
     );
+    // No pack left to fetch from: whatever the guest reads now comes from
+    // the backfill's file.
+    let packs = dir.path().join("repo").join("data");
+    let moved = dir.path().join("repo").join("data.moved");
+    std::fs::rename(&packs, &moved).unwrap();
     let copy = dir.path().join("copy.raw");
     ok("nbdcopy", &[&served.uri, copy.to_str().unwrap()]);
     assert!(std::fs::read(&copy).unwrap() == data);
+    let mut from_backfill = 0;
+    for _ in 0..60 {
+        let st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&stats).unwrap_or_default()).unwrap_or_default();
+        from_backfill = st["bytes_from_backfill"].as_u64().unwrap_or(0);
+        if from_backfill > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        from_backfill > 0,
+        "nothing counted as served from the backfill"
+    );
+    std::fs::rename(&moved, &packs).unwrap();
     drop((served, stdin));
 
     let other = serde_json::json!({ "snapshot": "00".repeat(32) });

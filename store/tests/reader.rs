@@ -387,3 +387,81 @@ fn spans_are_taken_from_pack_ranges_fetched_ahead() {
     assert_eq!(r.stats().seeded_bytes, 0);
     assert!(r.stats().bytes_fetched > 0);
 }
+
+/// A file restore tells its watcher (a live restore's server) each range
+/// once the bytes are in the file: the zero extents at once (holes of the
+/// new file), each chunk after it is written; `starting` comes before the
+/// file is opened, so a watcher forgets an earlier pass first. What it was
+/// told covers the disk, and the file reads right at every range told.
+#[test]
+fn a_watched_file_restore_tells_each_range_once_it_is_in_the_file() {
+    use bulwark_store::read::restore::{restore_to_path_watched, Overwrite, RestoreOptions, Watch};
+    use std::os::unix::fs::FileExt;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Told {
+        events: Mutex<Vec<&'static str>>,
+        file: Mutex<Option<std::fs::File>>,
+        ranges: Mutex<Vec<(u64, Vec<u8>)>>,
+    }
+    impl Watch for Told {
+        fn starting(&self) {
+            self.events.lock().unwrap().push("starting");
+        }
+        fn opened(&self, file: &std::fs::File) {
+            self.events.lock().unwrap().push("opened");
+            *self.file.lock().unwrap() = Some(file.try_clone().unwrap());
+        }
+        fn wrote(&self, offset: u64, len: u64) {
+            // Read back at once, through our own descriptor.
+            let f = self.file.lock().unwrap();
+            let mut b = vec![0u8; len as usize];
+            f.as_ref().unwrap().read_exact_at(&mut b, offset).unwrap();
+            self.ranges.lock().unwrap().push((offset, b));
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(&dir.path().join("repo"));
+    // Data, a zero stretch, data.
+    let mut data = random(6 << 20, 31);
+    data[2 << 20..4 << 20].fill(0);
+    let snap = backup(&repo, &mut MemSource::new(data.clone()), Mode::Full, 2);
+    let list = repo.load_chunk_list(&snap.disks[0].chunk_list).unwrap();
+    let to = dir.path().join("out.raw");
+    let told = Told::default();
+    restore_to_path_watched(
+        &repo,
+        &list,
+        snap.disks[0].size,
+        &to,
+        Overwrite::Never,
+        &RestoreOptions::default(),
+        &|_| {},
+        &told,
+    )
+    .unwrap();
+    assert_eq!(told.events.lock().unwrap()[..], ["starting", "opened"]);
+    let out = std::fs::read(&to).unwrap();
+    assert!(out == data);
+    let mut ranges = told.ranges.lock().unwrap().clone();
+    ranges.sort();
+    let mut at = 0;
+    for (offset, bytes) in &ranges {
+        assert_eq!(*offset, at, "told ranges leave a gap or overlap at {at}");
+        let end = at as usize + bytes.len();
+        assert!(
+            bytes[..] == data[at as usize..end],
+            "not in the file when told, at {at}"
+        );
+        at = end as u64;
+    }
+    assert_eq!(at, data.len() as u64, "told ranges cover the disk");
+    assert!(
+        ranges.len() == list.extents().len(),
+        "each extent once: {} told, {} extents",
+        ranges.len(),
+        list.extents().len()
+    );
+}

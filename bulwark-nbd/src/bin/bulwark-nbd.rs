@@ -12,10 +12,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use bulwark_nbd::backfill::Backfill;
+use bulwark_nbd::backfill::{Backfill, Copies};
 use bulwark_nbd::cli::ServePlan;
 use bulwark_nbd::cli::{Cli, Cmd, TlsArg};
 use bulwark_nbd::demand::{DemandStats, ServeStats};
+use bulwark_nbd::local_copy::LocalCopy;
 use bulwark_nbd::trace::{BootSet, BootSetFile, BootSetReport, ReadTrace};
 use bulwark_nbd::StoreExport;
 use bulwark_store::read::reader::DiskReader;
@@ -222,8 +223,12 @@ fn run(cli: Cli) -> Result<()> {
     });
     let mut slots = Vec::new();
     let mut traces = Vec::new();
+    let mut copies: Copies = Vec::new();
     for d in &snap.disks {
+        let copy = Arc::new(LocalCopy::default());
+        copies.push((d.name.clone(), copy.clone()));
         let (export, slot) = StoreExport::pending(d.size);
+        let export = export.with_local_copy(copy);
         let export = match record_boot_set {
             Some(_) => {
                 let trace = Arc::new(ReadTrace::new());
@@ -312,6 +317,7 @@ fn run(cli: Cli) -> Result<()> {
                 replica.clone(),
                 &snap,
                 backfill,
+                &copies,
                 backfill_mib_per_sec,
                 std::time::Duration::from_secs(outage_wait),
             )
@@ -319,6 +325,7 @@ fn run(cli: Cli) -> Result<()> {
         .transpose()?;
     let counters = Counters {
         path: stats,
+        copies,
         boot_set: boot_set.is_some(),
         boot_set_bytes,
         demand,
@@ -597,6 +604,7 @@ async fn backfill_ended(b: Option<&Backfill>) {
 /// a file).
 struct Counters {
     path: Option<PathBuf>,
+    copies: Copies,
     boot_set: bool,
     boot_set_bytes: u64,
     demand: Arc<DemandStats>,
@@ -622,6 +630,7 @@ impl Counters {
             bytes_fetched: fetched,
             bytes_served: served,
             boot_set_ahead_bytes: ahead,
+            bytes_from_backfill: self.copies.iter().map(|(_, c)| c.served()).sum(),
             backfill: self
                 .backfill
                 .as_ref()

@@ -52,6 +52,24 @@ pub enum Target {
     Device,
 }
 
+/// Who watches a file restore as it writes (a live restore's server, which
+/// serves what its backfill has written from the file rather than the
+/// repository). Offsets are the disk's, which are the file's.
+pub trait Watch: Sync {
+    /// A restore into a new file starts: what an earlier one wrote is no
+    /// longer there (the file it opens next may be the same, truncated).
+    fn starting(&self) {}
+    /// The file, open for reading and writing, sized, all holes.
+    fn opened(&self, _file: &File) {}
+    /// `[offset, offset + len)` holds the disk's bytes now.
+    fn wrote(&self, _offset: u64, _len: u64) {}
+}
+
+/// Nobody watches.
+pub struct Unwatched;
+
+impl Watch for Unwatched {}
+
 /// Restores the disk of `list` (`size` bytes) to `to`: a new sparse file,
 /// or with [`Overwrite::Allowed`] an existing file or a block device at
 /// least `size` bytes long. On error nothing is left at `to` that was not
@@ -64,6 +82,21 @@ pub fn restore_to_path(
     overwrite: Overwrite,
     opts: &RestoreOptions,
     progress: &(dyn Fn(u64) + Sync),
+) -> Result<Target> {
+    restore_to_path_watched(repo, list, size, to, overwrite, opts, progress, &Unwatched)
+}
+
+/// [`restore_to_path`], a file target's writes told to `watch` as they land.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_to_path_watched(
+    repo: &Repository,
+    list: &ChunkList,
+    size: u64,
+    to: &Path,
+    overwrite: Overwrite,
+    opts: &RestoreOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    watch: &dyn Watch,
 ) -> Result<Target> {
     let meta = match std::fs::metadata(to) {
         Ok(m) => Some(m),
@@ -79,7 +112,9 @@ pub fn restore_to_path(
     }
     // A partial file left by a killed restore carries our name: reuse it.
     let tmp = partial_name(to);
+    watch.starting();
     let f = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
@@ -88,7 +123,14 @@ pub fn restore_to_path(
     let written = f
         .set_len(size)
         .map_err(|e| Error::io(format!("size {}", tmp.display()), e))
-        .and_then(|()| restore_to_file(repo, list, &f, opts, progress))
+        .and_then(|()| {
+            // Truncated and sized: the zero extents are holes already.
+            watch.opened(&f);
+            for e in list.extents().iter().filter(|e| e.chunk.is_none()) {
+                watch.wrote(e.offset, e.len);
+            }
+            restore_into_watched(repo, list, &f, &Layout::identity(), opts, progress, watch)
+        })
         .and_then(|()| {
             f.sync_all()
                 .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))
@@ -259,6 +301,18 @@ pub fn restore_into(
     opts: &RestoreOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
+    restore_into_watched(repo, list, out, layout, opts, progress, &Unwatched)
+}
+
+fn restore_into_watched(
+    repo: &Repository,
+    list: &ChunkList,
+    out: &File,
+    layout: &Layout,
+    opts: &RestoreOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    watch: &dyn Watch,
+) -> Result<()> {
     let index = repo.index_for(crate::read::reader::chunks_of(list))?;
     let batches = fetch::plan(&index, list, MAX_BATCH)?;
     let zero_bytes: u64 = list
@@ -284,9 +338,10 @@ pub fn restore_into(
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(b) = batches.get(i) else { return };
-                    if let Err(e) =
-                        restore_span(repo, &index, list, b, out, layout, &mut bufs, progress)
-                    {
+                    let r = restore_span(
+                        repo, &index, list, b, out, layout, &mut bufs, progress, watch,
+                    );
+                    if let Err(e) = r {
                         let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                         f.get_or_insert(e);
                         return;
@@ -311,6 +366,7 @@ fn restore_span(
     layout: &Layout,
     bufs: &mut fetch::Scratch,
     progress: &(dyn Fn(u64) + Sync),
+    watch: &dyn Watch,
 ) -> Result<()> {
     fetch::fetch(repo, index, &[span], fetch::Reads::Once, &mut bufs.fetched)?;
     let mut written = Written::default();
@@ -325,6 +381,7 @@ fn restore_span(
         |i, data| {
             let e = &list.extents()[i];
             layout.write_at(out, data?.bytes(), e.offset, &mut written)?;
+            watch.wrote(e.offset, e.len);
             progress(e.len);
             Ok(())
         },
