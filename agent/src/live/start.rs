@@ -138,8 +138,7 @@ pub fn start(
         Some(e) => e,
         None => self::early(&plan.snapshot.id.to_hex(), &plan.name, o, None)?,
     };
-    // A lookup that panicked is made again below: it is only a speed-up.
-    let reports = early.reports.take().and_then(|h| h.join().ok());
+    let reports = early.reports.take();
     let mut starting = early.starting.take().context("the server was used")?;
     let mut rec = record(plan, o);
     rec.outage_wait_secs = o.outage_wait_secs;
@@ -151,6 +150,8 @@ pub fn start(
     let socket = served.0.socket.clone();
     let dom = std::thread::scope(|s| -> Result<_> {
         let planner = s.spawn(|| -> Result<Option<PathBuf>> {
+            // A fetch that panicked is made again: it is only a speed-up.
+            let reports = reports.and_then(|h| h.join().ok());
             let boot_set = boot_set(repo, &plan.snapshot, reports, o.records.dir(), &plan.name);
             pipe.send(&ServePlan {
                 snapshot: plan.snapshot.id.to_hex(),
