@@ -235,6 +235,9 @@ fn backfill_disk(
     let mut attempt = 0usize;
     loop {
         let repo = sources[attempt % sources.len()];
+        if attempt % sources.len() == 1 {
+            tracing::warn!("backfill of {}: reading from the replica", job.disk);
+        }
         attempt += 1;
         disk.done_bytes.store(0, Ordering::Relaxed);
         let r = repo
