@@ -52,6 +52,14 @@ impl LocalCopy {
         }
     }
 
+    /// Whether the backfill has written all of `[offset, offset + len)`:
+    /// a check without I/O, so an export asks before it reads (most reads
+    /// of most exports find nothing here).
+    pub fn holds(&self, offset: u64, len: u64) -> bool {
+        let pass = self.pass.read().unwrap_or_else(|e| e.into_inner());
+        pass.as_ref().is_some_and(|p| p.written.holds(offset, len))
+    }
+
     /// Bytes served from the file so far.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)

@@ -139,7 +139,9 @@ impl Export for StoreExport {
         if let Some(t) = &self.trace {
             t.read(offset, len.into());
         }
-        if let Some(local) = self.local.clone() {
+        if let Some(local) = self.local.clone().filter(|l| l.holds(offset, len.into())) {
+            // `read` checks again: a backfill that started over meanwhile
+            // leaves the read to the repository.
             let got = tokio::task::spawn_blocking(move || local.read(offset, len as usize))
                 .await
                 .map_err(|e| ExportError::Other(format!("read task failed: {e}")))?;

@@ -88,6 +88,8 @@ impl Seeds {
                 if let Err(e) = &got {
                     tracing::debug!("fetching {object} {start}+{len} ahead: {e}");
                 }
+                // Failed or short: not held, and the reader fetches the
+                // range itself (a seed is a speed-up, never a source of truth).
                 me.landed(&object, start, got.ok().filter(|b| b.len() as u64 == len));
             });
         }
@@ -179,13 +181,20 @@ mod tests {
     use super::*;
     use crate::backend::LocalBackend;
 
-    #[test]
-    fn ranges_are_given_out_until_taken_and_missing_packs_are_not_there() {
+    /// A local backend holding one pack of `bytes`.
+    fn one_pack(bytes: &[u8]) -> (tempfile::TempDir, Arc<dyn Backend>, Id) {
         let dir = tempfile::tempdir().unwrap();
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path()));
-        let (a, gone) = (Id::random(), Id::random());
+        let p = Id::random();
+        backend.put(&layout::pack(&p), bytes).unwrap();
+        (dir, backend, p)
+    }
+
+    #[test]
+    fn ranges_are_given_out_until_taken_and_missing_packs_are_not_there() {
         let bytes: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
-        backend.put(&layout::pack(&a), &bytes).unwrap();
+        let (_dir, backend, a) = one_pack(&bytes);
+        let gone = Id::random();
         let seeds = Seeds::new();
         seeds.fetch(backend, &[(a, 1000, 2000), (gone, 0, 10)], 2);
         let mut buf = vec![9; 3];
@@ -212,11 +221,8 @@ mod tests {
 
     #[test]
     fn a_read_across_ranges_back_to_back_takes_from_each() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path()));
-        let p = Id::random();
         let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
-        backend.put(&layout::pack(&p), &bytes).unwrap();
+        let (_dir, backend, p) = one_pack(&bytes);
         let seeds = Seeds::new();
         seeds.fetch(backend, &[(p, 100, 100), (p, 200, 300), (p, 600, 100)], 3);
         let mut buf = Vec::new();
@@ -234,10 +240,7 @@ mod tests {
 
     #[test]
     fn the_bytes_ahead_are_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path()));
-        let p = Id::random();
-        backend.put(&layout::pack(&p), &[7; 64]).unwrap();
+        let (_dir, backend, p) = one_pack(&[7; 64]);
         let seeds = Seeds::new();
         let huge = (p, 0, MAX_BYTES);
         seeds.fetch(backend, &[(p, 0, 64), huge], 1);
