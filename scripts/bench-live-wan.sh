@@ -151,19 +151,33 @@ independence_part() {
     snap=$(AWS_ENDPOINT_URL=$DIRECT "$BW" --no-cache backup vm "$name" --json | jq -r .snapshot)
     rm -f "$data"
     start_proxy 20
-    local fname="bw-wan-full-$$"
+    cpu_trace "$W/cpu" "${PIDS[@]}" &
+    PIDS+=($!)
+    local fname="bw-wan-full-$$" t1 live_name="bw-wan-ind-$$"
     DOMAINS+=("$fname")
-    t0=$(now)
+    t0=${EPOCHREALTIME/./}
     AWS_ENDPOINT_URL=$PROXY "$BW" --no-cache restore vm "$snap" --as "$fname" \
         --storage-dir "$W/img" >/dev/null
-    full=$(since "$t0")
+    t1=${EPOCHREALTIME/./}
+    full=$(secs $((t1 - t0)))
+    local full_cpu live_cpu ind
+    full_cpu=$(cpu_between "$W/cpu" "$t0" "$t1")
     forget "$fname"
-    live_json=$(live "$snap" "bw-wan-ind-$$" 'bulwark-guest: ready' "$PROXY")
-    local ind
+    live_json=$(live "$snap" "$live_name" 'bulwark-guest: ready' "$PROXY")
     ind=$(jq -r .independent_after <<<"$live_json")
+    t0=$(tr -d . <"$W/$live_name.t0")
+    live_cpu=$(cpu_between "$W/cpu" "$t0" "$(echo "$t0 + $ind * 1000000" | bc | cut -d. -f1)")
     echo "Time to independence, ${gib} GiB of random data on a second disk, S3 20 ms away, cold (--no-cache):"
     printf '  restore vm:                            %6.1f s\n' "$full"
     printf '  live restore, until no disk needs S3:  %6.1f s (%s x)\n' "$ind" "$(ratio "$ind" "$full")"
+    # The host's CPU over each span: how much of it was left, and how much
+    # the loopback S3 server and the proxy took (a real bucket: none).
+    local what busy peers avail
+    for what in "restore vm:$full_cpu" "live restore until independent:$live_cpu"; do
+        read -r busy peers avail <<<"${what#*:}"
+        printf '  host CPU, %-31s %5.1f of %5.1f core-s busy (S3 server and proxy %.1f)\n' \
+            "${what%%:*}" "$busy" "$avail" "$peers"
+    done
     printf '  live restore, guest ready after:       %6.1f s; all local after %.1f s\n' \
         "$(jq -r .ready <<<"$live_json")" "$(jq -r .done <<<"$live_json")"
     echo "summary: independence $(ratio "$ind" "$full")x restore vm (${gib} GiB, 20 ms)"

@@ -340,7 +340,13 @@ fn a_live_restore_fetches_a_recorded_boot_set_first() {
     let first = testbed::unique_name("bw-boot0");
     let second = testbed::unique_name("bw-boot1");
     let third = testbed::unique_name("bw-boot2");
-    let _domains = Restored(vec![first.clone(), second.clone(), third.clone()]);
+    let fourth = testbed::unique_name("bw-boot3");
+    let _domains = Restored(vec![
+        first.clone(),
+        second.clone(),
+        third.clone(),
+        fourth.clone(),
+    ]);
     // The first live restore has nothing to fetch first; a slow backfill
     // keeps its guest reading from the server while it boots, and the
     // server records what it read.
@@ -363,6 +369,17 @@ fn a_live_restore_fetches_a_recorded_boot_set_first() {
     assert_eq!(s["boot_set"], true, "{s}");
     assert!(s["boot_set_bytes"].as_u64().unwrap() > 0, "{s}");
     assert!(s["boot_set_ahead_bytes"].as_u64().unwrap() > 0, "{s}");
+    let first_set = s["boot_set_bytes"].as_u64().unwrap();
+
+    // That one was independent within a second, long before its guest was
+    // up: the set it recorded keeps what the first boot read later, so the
+    // next restore fetches no less first.
+    let s = live(&fourth, &[]);
+    assert_eq!(s["boot_set"], true, "{s}");
+    assert!(
+        s["boot_set_bytes"].as_u64().unwrap() >= first_set,
+        "{s}: the set recorded first had {first_set} B"
+    );
 
     // After a passed drill (whose set the lookup takes before a recorded
     // one) a live restore still starts with a set.

@@ -48,9 +48,21 @@ pub struct BootSet {
 
 /// A file holding boot sets: a drill's report (or anything with its
 /// `boot_set` field).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct BootSetFile {
     pub boot_set: Vec<BootSet>,
+    /// How long the guest's reads were recorded (a drill: until its checks
+    /// passed); none: a whole boot.
+    #[serde(default)]
+    pub seconds: Option<f64>,
+}
+
+impl BootSetFile {
+    /// Whether a recording of `seconds` saw less of the boot than this set
+    /// did, and so should keep what this set holds that it did not read.
+    pub fn outlasts(&self, seconds: f64) -> bool {
+        self.seconds.is_none_or(|s| s > seconds)
+    }
 }
 
 /// What a live restore's server records in the repository beside the
@@ -89,6 +101,28 @@ struct Inner {
     failed: Vec<FailedRead>,
 }
 
+impl Inner {
+    /// Records the blocks of `[offset, offset + len)` not seen before;
+    /// each extends the last run when it follows it.
+    fn touch(&mut self, offset: u64, len: u64) {
+        let first = offset / BLOCK;
+        let last = offset.saturating_add(len - 1) / BLOCK;
+        for b in first..=last {
+            if self.seen.len() >= MAX_BLOCKS {
+                break;
+            }
+            if !self.seen.insert(b) {
+                continue;
+            }
+            let start = b * BLOCK;
+            match self.ranges.last_mut() {
+                Some((o, l)) if *o + *l == start => *l += BLOCK,
+                _ => self.ranges.push((start, BLOCK)),
+            }
+        }
+    }
+}
+
 impl ReadTrace {
     pub fn new() -> Self {
         Self::default()
@@ -105,20 +139,19 @@ impl ReadTrace {
         if len == 0 || self.stopped.load(Ordering::Relaxed) {
             return;
         }
+        self.lock().touch(offset, len);
+    }
+
+    /// Once stopped: appends the blocks of `earlier` (a set recorded over
+    /// more of the boot than this trace was) that this guest did not read,
+    /// in `earlier`'s order. A live restore whose disks became local within
+    /// a second of its start records only that second; without this, its
+    /// short set would replace the fuller one for the next restore.
+    pub fn carry(&self, earlier: &BootSet) {
         let mut inner = self.lock();
-        let first = offset / BLOCK;
-        let last = (offset + len - 1) / BLOCK;
-        for b in first..=last {
-            if inner.seen.len() >= MAX_BLOCKS {
-                break;
-            }
-            if !inner.seen.insert(b) {
-                continue;
-            }
-            let start = b * BLOCK;
-            match inner.ranges.last_mut() {
-                Some((o, l)) if *o + *l == start => *l += BLOCK,
-                _ => inner.ranges.push((start, BLOCK)),
+        for &[offset, len] in &earlier.ranges {
+            if len > 0 {
+                inner.touch(offset, len);
             }
         }
     }
@@ -194,6 +227,47 @@ mod tests {
         assert_eq!(t.boot_set("vda").ranges.len(), 3);
         t.failed(7, 8, "bad".into());
         assert_eq!(t.failed_reads()[0].offset, 7);
+    }
+
+    #[test]
+    fn a_short_recording_keeps_what_a_longer_one_read_after_its_own() {
+        let t = ReadTrace::new();
+        t.read(BLOCK * 3, 1);
+        t.read(0, 1);
+        t.stop();
+        let earlier = BootSet {
+            disk: "vda".into(),
+            bytes: 4 * BLOCK,
+            ranges: vec![
+                [0, BLOCK],
+                [BLOCK * 8, 2 * BLOCK],
+                [BLOCK * 3, BLOCK],
+                [BLOCK, 1],
+            ],
+            packs: Vec::new(),
+        };
+        t.carry(&earlier);
+        // Its own reads first; then the earlier set's blocks it lacked, in
+        // their order.
+        assert_eq!(
+            t.boot_set("vda").ranges,
+            vec![
+                [3 * BLOCK, BLOCK],
+                [0, BLOCK],
+                [8 * BLOCK, 2 * BLOCK],
+                [BLOCK, BLOCK]
+            ]
+        );
+        // A recording over the window or longer replaces the set it had.
+        let f = |seconds| BootSetFile {
+            boot_set: vec![earlier.clone()],
+            seconds,
+        };
+        assert!(f(Some(20.0)).outlasts(1.0));
+        assert!(!f(Some(20.0)).outlasts(20.0));
+        assert!(f(None).outlasts(120.0));
+        let parsed: BootSetFile = serde_json::from_str(r#"{"boot_set": []}"#).unwrap();
+        assert_eq!(parsed.seconds, None);
     }
 
     #[test]

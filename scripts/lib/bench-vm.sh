@@ -34,6 +34,38 @@ start_proxy() {
     PROXY=$(head -n 1 "$out")
 }
 
+# cpu_trace FILE PID...: until killed, every 0.1 s a line "EPOCH_US
+# HOST_BUSY PIDS_BUSY": the host's busy CPU time (user, nice, system, irq,
+# softirq, steal: everything but idle and iowait, all cores) and that of
+# PIDS, in clock ticks. With cpu_between, how much of the host a run used
+# and how much of it went to the peers of the test bed (the loopback S3
+# server, the fault proxy), which a real bucket would not put on the host.
+cpu_trace() {
+    local out=$1 busy peers p t
+    shift
+    while :; do
+        busy=$(awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat)
+        peers=0
+        for p in "$@"; do
+            t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || t=0
+            peers=$((peers + ${t:-0}))
+        done
+        echo "${EPOCHREALTIME/./} $busy $peers"
+        sleep 0.1
+    done >"$out"
+}
+
+# cpu_between FILE FROM_US TO_US: "BUSY PEERS AVAILABLE" in core-seconds
+# between the samples of cpu_trace's FILE nearest FROM_US and TO_US
+# (epoch microseconds); AVAILABLE is the span times the host's cores.
+cpu_between() {
+    awk -v a="$2" -v b="$3" -v hz="$(getconf CLK_TCK)" -v n="$(nproc)" '
+        function near(t, x) { return (t - x < 0) ? x - t : t - x }
+        { if (!fa || near($1, a) < near(fa, a)) { fa = $1; ba = $2; pa = $3 }
+          if (!fb || near($1, b) < near(fb, b)) { fb = $1; bb = $2; pb = $3 } }
+        END { printf "%.1f %.1f %.1f\n", (bb - ba) / hz, (pb - pa) / hz, (fb - fa) / 1e6 * n }' "$1"
+}
+
 PIDS=()
 DOMAINS=()
 cleanup() {

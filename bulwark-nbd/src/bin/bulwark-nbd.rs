@@ -274,15 +274,15 @@ fn run(cli: Cli) -> Result<()> {
             let (snap, seeds, repo) = (snap.clone(), seeds.clone(), repo.clone());
             Some(std::thread::spawn(move || -> Result<_> {
                 let plan = planned(&snap)?;
-                if let Some(sets) = &plan.1 {
-                    fetch_ahead(&seeds, &repo, sets);
+                if let Some(given) = &plan.1 {
+                    fetch_ahead(&seeds, &repo, &given.boot_set);
                 }
                 Ok(plan)
             }))
         }
         false => {
-            if let Some(sets) = &boot_set {
-                fetch_ahead(&seeds, &repo, sets);
+            if let Some(given) = &boot_set {
+                fetch_ahead(&seeds, &repo, &given.boot_set);
             }
             None
         }
@@ -309,7 +309,9 @@ fn run(cli: Cli) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("reading the plan panicked"))??,
         None => (backfill, boot_set),
     };
-    let boot_set_bytes = boot_set.as_ref().map_or(0, |b| queue_boot_set(b, &readers));
+    let boot_set_bytes = boot_set
+        .as_ref()
+        .map_or(0, |b| queue_boot_set(&b.boot_set, &readers));
     let backfill = (!backfill.is_empty())
         .then(|| {
             Backfill::start(
@@ -344,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
         window: std::time::Duration::from_secs(secs),
         started: std::time::Instant::now(),
         saved: false,
+        given: boot_set,
     });
     let began = std::time::Instant::now();
     rt.block_on(async move {
@@ -457,7 +460,7 @@ fn open_readers(
 /// between: refuse rather than serve other disks).
 fn planned(
     snap: &bulwark_store::Snapshot,
-) -> Result<(Vec<bulwark_nbd::backfill::Job>, Option<Vec<BootSet>>)> {
+) -> Result<(Vec<bulwark_nbd::backfill::Job>, Option<BootSetFile>)> {
     let mut line = String::new();
     std::io::stdin()
         .read_line(&mut line)
@@ -484,11 +487,9 @@ fn planned(
 
 /// The boot sets in `path` (a drill report, or anything with its
 /// `boot_set` field).
-fn read_boot_set(path: &std::path::Path) -> Result<Vec<BootSet>> {
+fn read_boot_set(path: &std::path::Path) -> Result<BootSetFile> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let f: BootSetFile = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{}: not a boot set", path.display()))?;
-    Ok(f.boot_set)
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not a boot set", path.display()))
 }
 
 /// How long pack ranges fetched ahead are kept for the guest to read.
@@ -542,6 +543,8 @@ struct Recorder {
     window: std::time::Duration,
     started: std::time::Instant,
     saved: bool,
+    /// The set this server fetched first, if any.
+    given: Option<BootSetFile>,
 }
 
 impl Recorder {
@@ -558,13 +561,27 @@ impl Recorder {
         for (_, t, _) in &self.traces {
             t.stop();
         }
+        let mut seconds = self.started.elapsed().min(self.window).as_secs_f64();
+        // Stopped before the boot that recorded the given set got as far:
+        // what it read later is kept, after this guest's own reads.
+        if let Some(given) = self.given.as_ref().filter(|g| g.outlasts(seconds)) {
+            for (d, t, _) in &self.traces {
+                for b in given.boot_set.iter().filter(|b| b.disk == *d) {
+                    t.carry(b);
+                }
+            }
+            tracing::debug!(
+                "boot set: recorded for {seconds:.1}s only, it keeps the given set's later blocks"
+            );
+            seconds = given.seconds.map_or(seconds, |s| s.max(seconds));
+        }
         let report = BootSetReport {
             source: self.snap.source.clone(),
             snapshot: self.snap.id.to_hex(),
             at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            seconds: self.started.elapsed().min(self.window).as_secs_f64(),
+            seconds,
             boot_set: self
                 .traces
                 .iter()
@@ -583,7 +600,7 @@ impl Recorder {
             });
         match r {
             Ok(()) => tracing::info!(
-                "boot set recorded: {} B read in the first {:.0}s",
+                "boot set recorded: {} B read in the first {:.0}s of a boot",
                 report.bytes(),
                 report.seconds
             ),
