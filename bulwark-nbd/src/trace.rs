@@ -48,12 +48,12 @@ pub struct BootSet {
 
 /// A file holding boot sets: a drill's report (or anything with its
 /// `boot_set` field).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct BootSetFile {
     pub boot_set: Vec<BootSet>,
     /// How long the guest's reads were recorded (a drill: until its checks
     /// passed); none: a whole boot.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
 }
 

@@ -41,16 +41,17 @@ start_proxy() {
 # and how much of it went to the peers of the test bed (the loopback S3
 # server, the fault proxy), which a real bucket would not put on the host.
 cpu_trace() {
-    local out=$1 busy peers p t
+    local out=$1 p peers _cpu user nice sys idle iowait irq softirq steal _rest f
     shift
+    # Builtins only (no awk per sample): the trace must not load the host.
     while :; do
-        busy=$(awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat)
+        read -r _cpu user nice sys idle iowait irq softirq steal _rest </proc/stat
         peers=0
         for p in "$@"; do
-            t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || t=0
-            peers=$((peers + ${t:-0}))
+            read -r -a f 2>/dev/null <"/proc/$p/stat" || continue
+            peers=$((peers + f[13] + f[14]))
         done
-        echo "${EPOCHREALTIME/./} $busy $peers"
+        echo "${EPOCHREALTIME/./} $((user + nice + sys + irq + softirq + steal)) $peers"
         sleep 0.1
     done >"$out"
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use bulwark_nbd::trace::BootSetReport;
+use bulwark_nbd::trace::{BootSetFile, BootSetReport};
 use bulwark_store::repo::reports::{Fetched, BOOT_SET, DRILL};
 use bulwark_store::Repository;
 use serde::{Deserialize, Serialize};
@@ -172,20 +172,29 @@ impl OwnReports {
 /// The boot set to fetch first for a live restore of `snap`: a passed
 /// drill's of the snapshot, else the one its last live restore recorded,
 /// else the newest of either kind of another snapshot of the same VM (its
-/// boot path rarely moves between backups).
+/// boot path rarely moves between backups). With it, how long its guest's
+/// reads were recorded.
 pub fn boot_set_for(
     repo: &Repository,
     snap: &bulwark_store::Snapshot,
     fetched: Option<OwnReports>,
-) -> Result<Option<Vec<BootSet>>> {
-    let from_drill = |b: &[u8]| -> Result<Option<Vec<BootSet>>> {
+) -> Result<Option<BootSetFile>> {
+    let from_drill = |b: &[u8]| -> Result<Option<BootSetFile>> {
         let r: Report = serde_json::from_slice(b).context("a drill report")?;
         let usable = r.passed && r.source == snap.source && r.boot_set_bytes() > 0;
-        Ok(usable.then_some(r.boot_set))
+        Ok(usable.then_some(BootSetFile {
+            boot_set: r.boot_set,
+            seconds: Some(r.seconds),
+        }))
     };
-    let from_live = |b: &[u8]| -> Result<Option<Vec<BootSet>>> {
+    let from_live = |b: &[u8]| -> Result<Option<BootSetFile>> {
         let r: BootSetReport = serde_json::from_slice(b).context("a recorded boot set")?;
-        Ok((r.source == snap.source && r.bytes() > 0).then_some(r.boot_set))
+        Ok(
+            (r.source == snap.source && r.bytes() > 0).then_some(BootSetFile {
+                boot_set: r.boot_set,
+                seconds: Some(r.seconds),
+            }),
+        )
     };
     let own = match fetched.filter(|f| f.snapshot == snap.id) {
         Some(f) => f,

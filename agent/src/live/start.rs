@@ -221,8 +221,8 @@ fn boot_set(
         }
     };
     let path = dir.join(format!("{name}.bootset"));
-    let body = serde_json::json!({ "boot_set": found });
-    match std::fs::write(&path, body.to_string()) {
+    let body = serde_json::to_vec(&found).map_err(std::io::Error::from);
+    match body.and_then(|b| std::fs::write(&path, b)) {
         Ok(()) => Some(path),
         Err(e) => {
             tracing::warn!("{name}: writing {}: {e}", path.display());
