@@ -125,6 +125,7 @@ pub fn restore_to_path_watched(
         .map_err(|e| Error::io(format!("size {}", tmp.display()), e))
         .and_then(|()| {
             // Truncated and sized: the zero extents are holes already.
+            preallocate_data(&f, list);
             watch.opened(&f);
             for e in list.extents().iter().filter(|e| e.chunk.is_none()) {
                 watch.wrote(e.offset, e.len);
@@ -151,6 +152,38 @@ pub fn restore_to_path_watched(
             .map_err(|e| Error::io(format!("fsync {}", dir.display()), e))?;
     }
     Ok(Target::File)
+}
+
+/// Reserves the blocks of the disk's data extents in the new file, which
+/// stays sparse where the disk is zero. Writes into reserved blocks skip the
+/// filesystem's allocation: on ext4 the parallel writers of a restore into
+/// holes contend on the inode's allocation lock, and 2 GiB written by 4
+/// threads cost 0.8-0.9 s of system time, with one run in three spinning
+/// for 3-9 s, against 0.65-0.7 s and no spin into reserved blocks. Only a
+/// hint: a filesystem that cannot reserve (ZFS, some network ones; or one
+/// short of space, where the writes report it) just allocates as they land,
+/// so an error here stops the reserving and changes no byte written.
+fn preallocate_data(f: &File, list: &ChunkList) {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in list.extents().iter().filter(|e| e.chunk.is_some()) {
+        match runs.last_mut() {
+            Some((o, l)) if *o + *l == e.offset => *l += e.len,
+            _ => runs.push((e.offset, e.len)),
+        }
+    }
+    for (offset, len) in runs {
+        let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: fallocate on a descriptor `f` owns; no memory is touched.
+        if unsafe { libc::fallocate(f.as_raw_fd(), 0, o, l) } != 0 {
+            tracing::debug!(
+                "restore writes allocate as they go: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+    }
 }
 
 /// `DIR/.NAME.bulwark-partial`: hidden, and named for what it will become.
@@ -423,6 +456,42 @@ impl Written {
 #[cfg(test)]
 mod layout_tests {
     use super::*;
+
+    #[test]
+    fn a_new_file_reserves_its_data_extents_and_stays_sparse_where_zero() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mib = 1u64 << 20;
+        let mut list = ChunkList::new();
+        list.push(2 * mib, Some(crate::Id([1; 32])));
+        list.push(mib, Some(crate::Id([2; 32])));
+        list.push(64 * mib, None);
+        list.push(mib, Some(crate::Id([3; 32])));
+        f.set_len(list.size()).unwrap();
+        preallocate_data(&f, &list);
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        // A filesystem that cannot reserve allocates as the writes land.
+        let probe = File::create(dir.path().join("probe")).unwrap();
+        // SAFETY: fallocate on a descriptor the test owns.
+        if unsafe { libc::fallocate(probe.as_raw_fd(), 0, 0, 4096) } == 0 {
+            assert!(allocated >= 4 * mib, "{allocated}");
+            assert!(
+                allocated < 8 * mib,
+                "the zero extent was reserved: {allocated}"
+            );
+        }
+        let mut b = vec![1u8; 4096];
+        f.read_exact_at(&mut b, mib).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "reserved blocks read as zeros");
+    }
 
     #[test]
     fn writes_land_where_the_layout_says() {
