@@ -139,6 +139,18 @@ ready_part() {
     echo "summary: ready / local boot and seconds waited, with a boot set (without):$summary"
 }
 
+# settle: both sides of a ratio start from the same memory. The GiBs a run
+# writes land in page cache freed by the step before it (the data file,
+# the last restore's files); this host hands freed memory back to its own
+# host after a few seconds, and writing 2 GiB into such memory took 1.7-1.9 s
+# of system time against 0.7 s into memory freed a moment before. Flushed
+# and given that time, every run writes into memory handed back, as on a
+# host that has been up a while.
+settle() {
+    sync
+    sleep 10
+}
+
 independence_part() {
     local gib=${1:-2} name="bw-wanbench-data-$$" disk data snap t0 full live_json
     disk="$W/$name.qcow2"
@@ -155,6 +167,7 @@ independence_part() {
     PIDS+=($!)
     local fname="bw-wan-full-$$" t1 live_name="bw-wan-ind-$$"
     DOMAINS+=("$fname")
+    settle
     t0=${EPOCHREALTIME/./}
     AWS_ENDPOINT_URL=$PROXY "$BW" --no-cache restore vm "$snap" --as "$fname" \
         --storage-dir "$W/img" >/dev/null
@@ -163,6 +176,7 @@ independence_part() {
     local full_cpu live_cpu ind
     full_cpu=$(cpu_between "$W/cpu" "$t0" "$t1")
     forget "$fname"
+    settle
     live_json=$(live "$snap" "$live_name" 'bulwark-guest: ready' "$PROXY")
     ind=$(jq -r .independent_after <<<"$live_json")
     t0=$(tr -d . <"$W/$live_name.t0")
