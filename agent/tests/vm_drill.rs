@@ -310,16 +310,24 @@ fn scheduled_drills_from_the_agent_mail_a_failing_streak_once() {
 }
 
 /// A live restore of a VM that passed a drill queues the drill's boot set
-/// first (counted in `restore status`); one without a drill has none.
+/// first (counted in `restore status`); one without a drill has none. The
+/// bucket is an S3 server behind the test bed's fault proxy, 20 ms away.
 #[test]
 fn a_live_restore_fetches_a_recorded_boot_set_first() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
+    let bucket = S3Repo::start("bootset");
+    bucket.ok(&env, &["repo", "init"]);
     let vm = Vm::define(&image, VmOptions::default()).unwrap();
-    let snap = env.backup(vm.name(), &[])["snapshot"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let r: serde_json::Value =
+        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    let near = testbed::s3::Faults {
+        delay: std::time::Duration::from_millis(20),
+        ..Default::default()
+    };
+    let proxy = testbed::s3::FaultProxy::start(bucket.server.port(), near).unwrap();
+    let endpoint = proxy.endpoint();
     let images = env.path("images");
     let live = |name: &str, extra: &[&str]| -> serde_json::Value {
         let mut args = vec![
@@ -332,9 +340,11 @@ fn a_live_restore_fetches_a_recorded_boot_set_first() {
             images.to_str().unwrap(),
             "--live",
             "--wait",
+            "--s3-endpoint",
+            &endpoint,
         ];
         args.extend_from_slice(extra);
-        env.ok(&args);
+        bucket.ok(&env, &args);
         env.json(&["restore", "status", name, "--json"])[0].clone()
     };
     let first = testbed::unique_name("bw-boot0");
@@ -352,6 +362,14 @@ fn a_live_restore_fetches_a_recorded_boot_set_first() {
     // server records what it read.
     let s = live(&first, &["--stream-mib-per-sec", "2"]);
     assert_eq!(s["phase"], "done", "{s}");
+    let through_proxy = proxy
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        through_proxy > 0,
+        "the restore did not read through the proxy"
+    );
     assert_eq!(s["boot_set"], false, "{s}");
     assert!(s["demand_misses"].as_u64().unwrap() > 0, "{s}");
     assert!(s["stall_seconds"].as_f64().is_some(), "{s}");
@@ -383,15 +401,20 @@ fn a_live_restore_fetches_a_recorded_boot_set_first() {
 
     // After a passed drill (whose set the lookup takes before a recorded
     // one) a live restore still starts with a set.
-    let r: serde_json::Value = serde_json::from_str(&env.ok(&[
-        "drill",
-        &snap,
-        "--console",
-        READY,
-        "--timeout",
-        "90s",
-        "--json",
-    ]))
+    let r: serde_json::Value = serde_json::from_str(&bucket.ok(
+        &env,
+        &[
+            "drill",
+            &snap,
+            "--console",
+            READY,
+            "--timeout",
+            "90s",
+            "--json",
+            "--s3-endpoint",
+            &endpoint,
+        ],
+    ))
     .unwrap();
     assert_eq!(r["passed"], true, "{r}");
     let s = live(&third, &[]);

@@ -513,6 +513,102 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     }
 }
 
+/// An outage longer than `--outage-wait`, from before the first pack is
+/// read: the restore fails, as it says, with the VM and a write into it
+/// kept; once the bucket is back `restore retry` resumes it to the end,
+/// and every byte of the snapshot and the write are there.
+#[test]
+fn an_outage_longer_than_the_wait_fails_the_restore_and_retry_resumes_it() {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let bucket = S3Repo::start("long-outage");
+    bucket.ok(&env, &["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let scratch = image.scratch_offset();
+    for k in 1..8u64 {
+        let st = Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {} {} 1M", 0x40 + k, scratch + (k << 20)),
+            ])
+            .arg(vm.disk_path())
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{st:?}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+
+    // A second away until the outage, which so begins before the backfill
+    // or the guest reads a pack (see the outage test above).
+    let far = testbed::s3::Faults {
+        delay: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let proxy = testbed::s3::FaultProxy::start(bucket.server.port(), far).unwrap();
+    let name = testbed::unique_name("bw-longout");
+    let _domains = Restored(vec![name.clone()]);
+    let images = env.path("images");
+    let endpoint = proxy.endpoint();
+    let child = spawn_live(
+        &env,
+        &snap,
+        &name,
+        &images,
+        &["--s3-endpoint", &endpoint, "--outage-wait", "5s"],
+        Some(&bucket),
+    );
+    wait_for_server(&env, &name);
+    proxy.set(testbed::s3::Faults {
+        outage: true,
+        ..Default::default()
+    });
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed live restore exits 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "failed", "{s}");
+    let why = s["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("unreachable"), "the outage is named: {why}");
+    let resets = proxy
+        .stats
+        .outage_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets > 0, "no request met the outage: {:?}", proxy.stats);
+    // The VM and its overlay stay, and take writes (its guest could not
+    // boot: every read it made failed after the wait).
+    assert_eq!(virsh(&["domstate", &name]).trim(), "running");
+    let off = scratch;
+    testbed::domain_qemu_io(&name, &format!("write -P 0x6b {off} 64k")).unwrap();
+
+    // The bucket back, the operator resumes the restore.
+    proxy.set(testbed::s3::Faults::default());
+    let out = env
+        .cmd(&["restore", "retry", &name, "--wait"])
+        .envs(bucket.server.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "retry: {out:?}");
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "done", "{s}");
+    testbed::domain_qemu_io(&name, &format!("read -P 0x6b {off} 64k")).unwrap();
+    for k in 1..8u64 {
+        testbed::domain_qemu_io(
+            &name,
+            &format!("read -P {} {} 1M", 0x40 + k, scratch + (k << 20)),
+        )
+        .unwrap();
+    }
+}
+
 /// The bucket unreachable from the guest's start, a replica named: the
 /// server reads the replica, the guest comes up and the disks are
 /// restored during the outage.
