@@ -705,12 +705,18 @@ fn a_live_restore_reads_the_replica_while_the_bucket_is_down() {
 }
 
 /// A GC repacks and sweeps (`gc --grace 0s`, twice) the packs a live
-/// restore streams from: the server reads the chunks' new copies, the
-/// stream ends, and the disk is the snapshot's.
+/// restore streams from (an S3 bucket, 20 ms away through the fault proxy):
+/// the server reads the chunks' new copies, the stream ends, and the disk
+/// is the snapshot's.
 #[test]
 fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     let image = Image::tiny().unwrap();
     let env = Env::new();
+    let bucket = S3Repo::start("gc");
+    bucket.ok(&env, &["repo", "init"]);
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&bucket.ok(&env, args)).unwrap()
+    };
     let vm = Vm::define(&image, VmOptions::default()).unwrap();
     let scratch = image.scratch_offset();
     let qemu_io = |cmd: &str| {
@@ -743,17 +749,20 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     std::fs::write(&random, &rng_data).unwrap();
     drop(rng_data);
     qemu_io(&format!("write -s {} {far} {far_len}", random.display()));
-    env.backup(vm.name(), &[]);
+    json(&["backup", "vm", vm.name(), "--json"]);
     // The second snapshot changes 64 KiB in every 16 MiB of it: once the
     // first is pruned, every pack of that data holds a dead chunk, so a GC
     // repacks all of them.
     for k in 0..far_len >> 24 {
         qemu_io(&format!("write -P 0x42 {} 64k", far + (k << 24)));
     }
-    let r = env.backup(vm.name(), &[]);
+    let r = json(&["backup", "vm", vm.name(), "--json"]);
     let snap = r["snapshot"].as_str().unwrap().to_string();
     drop(vm);
-    let packs = || testbed::files_under(&env.path("repo/data")).unwrap();
+    // The bucket's objects are files of the S3 server's directory.
+    let bucket_name = bucket.repo["s3://".len()..].split('/').next().unwrap();
+    let data = bucket.server.bucket_dir(bucket_name).join("gc/data");
+    let packs = || testbed::files_under(&data).unwrap();
     let before = packs();
 
     let name = testbed::unique_name("bw-livegc");
@@ -762,20 +771,28 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     // The backfill takes a minute: the GC and the read below happen early
     // in it, even on a loaded host (at 10 MiB/s a slow domain start once
     // let the backfill end before the read, which then met no gone pack).
+    // The restore reads the bucket 20 ms away, through the proxy; the
+    // prune and the GC run beside it, from another host as it were.
+    let near = testbed::s3::Faults {
+        delay: std::time::Duration::from_millis(20),
+        ..Default::default()
+    };
+    let proxy = testbed::s3::FaultProxy::start(bucket.server.port(), near).unwrap();
+    let endpoint = proxy.endpoint();
     let child = spawn_live(
         &env,
         &snap,
         &name,
         &images,
-        &["--stream-mib-per-sec", "5"],
-        None,
+        &["--s3-endpoint", &endpoint, "--stream-mib-per-sec", "5"],
+        Some(&bucket),
     );
     wait_for_server(&env, &name);
 
-    let pruned = env.json(&["prune", "--keep-last", "1", "--json"]);
+    let pruned = json(&["prune", "--keep-last", "1", "--json"]);
     eprintln!("prune: {pruned}");
     for _ in 0..2 {
-        let gc = env.json(&["gc", "--grace", "0s", "--repack-below", "100", "--json"]);
+        let gc = json(&["gc", "--grace", "0s", "--repack-below", "100", "--json"]);
         eprintln!("gc: {gc}");
     }
     let after = packs();
@@ -826,13 +843,16 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     // the range written above.
     virsh(&["destroy", &name]);
     let reference = env.path("ref.raw");
-    env.ok(&[
-        "restore",
-        "image",
-        &snap,
-        "--to",
-        reference.to_str().unwrap(),
-    ]);
+    bucket.ok(
+        &env,
+        &[
+            "restore",
+            "image",
+            &snap,
+            "--to",
+            reference.to_str().unwrap(),
+        ],
+    );
     let mut want = std::fs::read(&reference).unwrap();
     want[off as usize..off as usize + (64 << 10)].fill(0x5a);
     let got = assert_guest_files(
