@@ -31,6 +31,7 @@ PACKAGES=(
     lintian man-db zsh fish  # package test: lintian, `man -l`, completion scripts
     radosgw ceph-mon ceph-osd ceph-common curl  # scripts/s3-lock-server.sh: S3 with Object Lock
     xfsprogs dosfstools mtools ntfs-3g lvm2  # bulwark files tests: real filesystem images
+    btrfs-progs  # a restore onto a compressed btrfs
     acl attr libcap2-bin  # file backup tests: setfacl, setfattr, setcap
 )
 

@@ -115,6 +115,68 @@ fn backup_twice_restore_verify() {
     assert!(v.contains("checked 2 snapshot(s)"), "{v}");
 }
 
+/// A file system mounted by a test; unmounted on drop (`-o loop`: the
+/// loop device goes with it).
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A restore onto a btrfs mounted with compression is stored compressed:
+/// blocks reserved ahead would be written in place, uncompressed, so the
+/// restore reserves none there.
+#[test]
+fn a_restore_onto_compressed_btrfs_is_stored_compressed() {
+    let e = Env::new();
+    let img = e.path("disk.raw");
+    std::fs::write(&img, vec![b'a'; 32 << 20]).unwrap();
+    e.bw.backup_image(img.to_str().unwrap(), "c");
+    let fs = e.path("btrfs.img");
+    File::create(&fs).unwrap().set_len(300 << 20).unwrap();
+    let mkfs = Command::new("mkfs.btrfs")
+        .arg("-q")
+        .arg(&fs)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{mkfs:?}");
+    let mnt = e.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "loop,compress=zstd"])
+        .arg(&fs)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(m.status.success(), "{m:?}");
+    let _mounted = Mounted(mnt.clone());
+    let out = mnt.join("restored.raw");
+    e.ok(&[
+        "restore",
+        "image",
+        "c@latest",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
+    let df = Command::new("btrfs")
+        .args(["filesystem", "df", "-b"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let df = String::from_utf8_lossy(&df.stdout);
+    let used: u64 = df
+        .lines()
+        .find(|l| l.starts_with("Data"))
+        .and_then(|l| l.rsplit("used=").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no data line in {df}"));
+    // Uncompressed it would take all 32 MiB.
+    assert!(used < 8 << 20, "32 MiB of one byte take {used} B: {df}");
+}
+
 #[test]
 fn wrong_passphrase_and_missing_repo_fail_cleanly() {
     let e = Env::new();
