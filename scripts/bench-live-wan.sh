@@ -17,7 +17,9 @@
 #   independence [DATA_GIB]   (default 2)
 #     A domain whose second disk (raw, twice DATA_GIB) holds DATA_GIB of
 #     random data: `restore vm` of its snapshot against a live restore's
-#     independent_after, same bucket, 20 ms, both cold.
+#     independent_after, same bucket, 20 ms, both cold, each started from
+#     settled memory (see settle); with the host's busy CPU over each, and
+#     the share of it the loopback S3 server and the proxy took.
 #
 # The last line sums up. With BULWARK_PROXY_TRACE=1 the proxy logs each S3
 # request's arrival to $BENCH_DIR/proxy-DELAY.out and each live restore's
