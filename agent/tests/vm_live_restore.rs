@@ -266,6 +266,23 @@ fn assert_done(env: &Env, name: &str, child: std::process::Child) -> serde_json:
     s
 }
 
+/// `restore image` of `snap`'s disk from `bucket` into the env's dir: the
+/// reference a live-restored disk is compared with.
+fn restore_reference(env: &Env, bucket: &S3Repo, snap: &str) -> std::path::PathBuf {
+    let reference = env.path("ref.raw");
+    bucket.ok(
+        env,
+        &[
+            "restore",
+            "image",
+            snap,
+            "--to",
+            reference.to_str().unwrap(),
+        ],
+    );
+    reference
+}
+
 /// The server's log of restore `name`.
 fn server_log(env: &Env, name: &str) -> String {
     std::fs::read_to_string(env.state_dir().join("live").join(format!("{name}.nbd.log"))).unwrap()
@@ -589,17 +606,7 @@ fn a_live_restore_reads_the_replica_while_the_bucket_is_down() {
     proxy.set(testbed::s3::Faults::default());
     testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
     virsh(&["destroy", &name]);
-    let reference = env.path("ref.raw");
-    bucket.ok(
-        &env,
-        &[
-            "restore",
-            "image",
-            &snap,
-            "--to",
-            reference.to_str().unwrap(),
-        ],
-    );
+    let reference = restore_reference(&env, &bucket, &snap);
     assert_guest_files(
         &env,
         &image,
@@ -746,17 +753,7 @@ fn a_live_restore_streams_on_while_gc_repacks_and_sweeps_its_packs() {
     // Outside the guest's filesystem the disk is the snapshot's, but for
     // the range written above.
     virsh(&["destroy", &name]);
-    let reference = env.path("ref.raw");
-    bucket.ok(
-        &env,
-        &[
-            "restore",
-            "image",
-            &snap,
-            "--to",
-            reference.to_str().unwrap(),
-        ],
-    );
+    let reference = restore_reference(&env, &bucket, &snap);
     let mut want = std::fs::read(&reference).unwrap();
     want[off as usize..off as usize + (64 << 10)].fill(0x5a);
     let got = assert_guest_files(

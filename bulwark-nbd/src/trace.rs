@@ -105,6 +105,9 @@ impl Inner {
     /// Records the blocks of `[offset, offset + len)` not seen before;
     /// each extends the last run when it follows it.
     fn touch(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
         let first = offset / BLOCK;
         let last = offset.saturating_add(len - 1) / BLOCK;
         for b in first..=last {
@@ -136,7 +139,7 @@ impl ReadTrace {
     /// are not recorded again; new ones extend the last run when they
     /// follow it.
     pub fn read(&self, offset: u64, len: u64) {
-        if len == 0 || self.stopped.load(Ordering::Relaxed) {
+        if self.stopped.load(Ordering::Relaxed) {
             return;
         }
         self.lock().touch(offset, len);
@@ -150,9 +153,7 @@ impl ReadTrace {
     pub fn carry(&self, earlier: &BootSet) {
         let mut inner = self.lock();
         for &[offset, len] in &earlier.ranges {
-            if len > 0 {
-                inner.touch(offset, len);
-            }
+            inner.touch(offset, len);
         }
     }
 
