@@ -530,6 +530,179 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     }
 }
 
+/// When an outage longer than `--outage-wait` begins: the proxy holds
+/// the first request of that step until the outage, whatever the timing.
+#[derive(Clone, Copy, Debug)]
+enum OutageBegins {
+    /// As the server opens its disks (its first fetch of a chunk list; the
+    /// command fetches none): it has found the snapshot and its socket
+    /// listens, and it will not serve.
+    WhileTheServerOpens,
+    /// At the first fetch from a pack (`data/`): the server's disks are
+    /// open, and the backfill (or the guest) reads data.
+    WhileItStreams,
+}
+
+impl OutageBegins {
+    fn held(self) -> &'static str {
+        match self {
+            OutageBegins::WhileTheServerOpens => "/chunklists/",
+            OutageBegins::WhileItStreams => "/data/",
+        }
+    }
+}
+
+/// `child`'s output, once it exits within `secs`; killed and failed if not.
+fn output_within(child: std::process::Child, secs: u64) -> std::process::Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("the command did not end within {secs} s");
+        }
+    }
+}
+
+/// An outage longer than `--outage-wait`: the restore fails, as it says,
+/// with the VM and a write into it kept; once the bucket is back `restore
+/// retry` resumes it to the end, and every byte of the snapshot and the
+/// write are there.
+fn a_long_outage(begins: OutageBegins) {
+    let image = Image::tiny().unwrap();
+    let env = Env::new();
+    let bucket = S3Repo::start("long-outage");
+    bucket.ok(&env, &["repo", "init"]);
+    let vm = Vm::define(&image, VmOptions::default()).unwrap();
+    let scratch = image.scratch_offset();
+    for k in 1..8u64 {
+        let st = Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {} {} 1M", 0x40 + k, scratch + (k << 20)),
+            ])
+            .arg(vm.disk_path())
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{st:?}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
+    let snap = r["snapshot"].as_str().unwrap().to_string();
+    drop(vm);
+
+    let faults = testbed::s3::Faults {
+        hold: Some(begins.held().into()),
+        ..Default::default()
+    };
+    let proxy = testbed::s3::FaultProxy::start(bucket.server.port(), faults).unwrap();
+    let name = testbed::unique_name("bw-longout");
+    let _domains = Restored(vec![name.clone()]);
+    let images = env.path("images");
+    let endpoint = proxy.endpoint();
+    let child = spawn_live(
+        &env,
+        &snap,
+        &name,
+        &images,
+        &["--s3-endpoint", &endpoint, "--outage-wait", "5s"],
+        Some(&bucket),
+    );
+    // The command is done with the bucket once it defined the domain (the
+    // boot set it may still look up is only a speed-up; QEMU's start
+    // waits on the server); the server's counters say its disks are open.
+    let defined = || {
+        Command::new("virsh")
+            .args(["-q", "-c", "qemu:///system", "domstate", &name])
+            .output()
+            .is_ok_and(|o| o.status.success())
+            .then_some(())
+    };
+    wait_for("the domain", 120, defined);
+    let stats = env
+        .state_dir()
+        .join("live")
+        .join(format!("{name}.nbd.stats"));
+    if let OutageBegins::WhileItStreams = begins {
+        wait_for("the server's counters", 120, || {
+            stats.exists().then_some(())
+        });
+    }
+    proxy.set(testbed::s3::Faults {
+        outage: true,
+        ..Default::default()
+    });
+    // Within the wait, the servers' own tries to open the repository and
+    // a margin; a supervisor restarting servers without end never returns.
+    let out = output_within(child, 180);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed live restore exits 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "failed", "{s}");
+    let why = s["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("unreachable"), "the outage is named: {why}");
+    let step = match begins {
+        OutageBegins::WhileTheServerOpens => "no bulwark-nbd has served",
+        OutageBegins::WhileItStreams => "the backfill of vda failed",
+    };
+    assert!(why.contains(step), "{begins:?}: {why}");
+    // Counters are written once the disks are open.
+    let opened = matches!(begins, OutageBegins::WhileItStreams);
+    assert_eq!(stats.exists(), opened, "{}", server_log(&env, &name));
+    let resets = proxy
+        .stats
+        .outage_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets > 0, "no request met the outage: {:?}", proxy.stats);
+    // The VM and its overlay stay, and take writes (its guest's reads
+    // failed after the wait).
+    assert_eq!(virsh(&["domstate", &name]).trim(), "running");
+    let off = scratch;
+    testbed::domain_qemu_io(&name, &format!("write -P 0x6b {off} 64k")).unwrap();
+
+    // The bucket back, the operator resumes the restore.
+    proxy.set(testbed::s3::Faults::default());
+    let out = env
+        .cmd(&["restore", "retry", &name, "--wait"])
+        .envs(bucket.server.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "retry: {out:?}");
+    let s = status(&env, &name);
+    assert_eq!(s["phase"], "done", "{s}");
+    testbed::domain_qemu_io(&name, &format!("read -P 0x6b {off} 64k")).unwrap();
+    for k in 1..8u64 {
+        testbed::domain_qemu_io(
+            &name,
+            &format!("read -P {} {} 1M", 0x40 + k, scratch + (k << 20)),
+        )
+        .unwrap();
+    }
+}
+
+/// The outage meets the server while it loads its index: every server
+/// started again gives up opening the repository, and after the wait the
+/// restore fails (it used to start servers without end).
+#[test]
+fn an_outage_longer_than_the_wait_while_the_server_opens_fails_the_restore_and_retry_resumes_it() {
+    a_long_outage(OutageBegins::WhileTheServerOpens);
+}
+
+/// The outage meets the backfill: it fails after the wait, and so does
+/// the restore.
+#[test]
+fn an_outage_longer_than_the_wait_while_it_streams_fails_the_restore_and_retry_resumes_it() {
+    a_long_outage(OutageBegins::WhileItStreams);
+}
+
 /// The bucket unreachable from the guest's start, a replica named: the
 /// server reads the replica, the guest comes up and the disks are
 /// restored during the outage.

@@ -210,6 +210,11 @@ pub struct Faults {
     pub delay: Duration,
     /// Every connection is reset as it arrives: the bucket is unreachable.
     pub outage: bool,
+    /// Requests whose request line holds this wait in the proxy until the
+    /// faults change (then they meet the new ones, an outage say): a test
+    /// can stop a client at one step (`"/chunklists/"`: a server about to
+    /// open its disks) whatever the timing.
+    pub hold: Option<String>,
 }
 
 /// What a [`FaultProxy`] did so far.
@@ -339,6 +344,22 @@ async fn proxy_one(
     };
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let first_line = head.lines().next().unwrap_or("");
+    let held = |f: &Faults| {
+        f.hold
+            .as_ref()
+            .is_some_and(|m| first_line.contains(m.as_str()))
+    };
+    if held(&faults.lock().unwrap_or_else(|e| e.into_inner())) {
+        while held(&faults.lock().unwrap_or_else(|e| e.into_inner())) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if faults.lock().unwrap_or_else(|e| e.into_inner()).outage {
+            stats.outage_resets.fetch_add(1, Ordering::Relaxed);
+            reset(&client);
+            return Ok(());
+        }
+    }
     if std::env::var_os("BULWARK_PROXY_TRACE").is_some() {
         // For a benchmark's timeline: when each request came, and what.
         let t = std::time::SystemTime::now()

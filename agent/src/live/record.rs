@@ -156,6 +156,12 @@ pub struct LiveRestore {
     /// Times the server had to be started again.
     #[serde(default)]
     pub server_restarts: u32,
+    /// Unix milliseconds since when no server has served: set when the
+    /// supervisor finds the server not running, cleared once a server
+    /// writes its counters (it does once its disks are open). See
+    /// [`LiveRestore::server_down`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_down_since_ms: Option<i64>,
     /// The boot set the server fetches first (a drill's of this VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_set_file: Option<PathBuf>,
@@ -210,6 +216,7 @@ impl LiveRestore {
             started_ms: now_ms,
             stream_mib_per_sec,
             server_restarts: 0,
+            server_down_since_ms: None,
             boot_set_file: None,
             outage_wait_secs: DEFAULT_OUTAGE_WAIT_SECS,
             independent_after: None,
@@ -247,13 +254,31 @@ impl LiveRestore {
     }
 
     /// Failed -> Streaming, on the operator's word: each stream gets its
-    /// budget of restarts afresh.
+    /// budget of restarts afresh, and the server its outage wait.
     pub fn retry(&mut self) -> Result<(), Refused> {
         self.go(matches!(self.phase, Phase::Failed(_)), Phase::Streaming)?;
         for d in &mut self.disks {
             d.pulls = 0;
         }
+        self.server_down_since_ms = None;
         Ok(())
+    }
+
+    /// The restart rule, stated once: the server was found not running at
+    /// `now_ms`; whether to start it again. It is started again while no
+    /// server has served for at most the outage wait (a server killed or
+    /// crashed, QEMU reconnects); past that the repository has been out of
+    /// reach longer than the restore was told to wait (each server gives up
+    /// opening it after that wait, and a new one would too), and the
+    /// restore should fail instead of starting servers without end.
+    pub fn server_down(&mut self, now_ms: i64) -> bool {
+        let since = *self.server_down_since_ms.get_or_insert(now_ms);
+        now_ms.saturating_sub(since) <= (self.outage_wait_secs as i64).saturating_mul(1000)
+    }
+
+    /// A server serves again (it wrote its counters after `server_down`).
+    pub fn server_served(&mut self) {
+        self.server_down_since_ms = None;
     }
 
     /// Any phase but Done -> Cancelled.
@@ -422,6 +447,7 @@ mod tests {
             started_ms: 0,
             stream_mib_per_sec: 0,
             server_restarts: 0,
+            server_down_since_ms: None,
         }
     }
 
@@ -455,6 +481,24 @@ mod tests {
         r.phase = Phase::Done;
         assert_eq!(r.bytes_done(), 100);
         assert_eq!(r.rate_and_eta().1, None);
+    }
+
+    #[test]
+    fn a_server_down_longer_than_the_outage_wait_is_not_started_again() {
+        let mut r = rec(Phase::Streaming);
+        r.outage_wait_secs = 5;
+        assert!(r.server_down(10_000), "found down: start it again");
+        assert!(r.server_down(15_000), "5 s down is within the wait");
+        assert!(!r.server_down(15_001), "past the wait: fail instead");
+        r.server_served();
+        assert!(
+            r.server_down(20_000),
+            "a server served: the wait starts anew"
+        );
+        assert!(!r.server_down(25_001));
+        r.fail("unreachable").unwrap();
+        r.retry().unwrap();
+        assert!(r.server_down(30_000), "a retry gives the wait afresh");
     }
 
     #[test]

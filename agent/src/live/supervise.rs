@@ -132,18 +132,10 @@ fn step(
     if !r.phase().active() {
         return Ok(());
     }
-    if r.disks.iter().any(LiveDisk::needs_server) && !server::alive(r) {
-        tracing::warn!("{}: bulwark-nbd is not running: starting it again", r.name);
-        match server::start(r, password) {
-            Ok(pid) => {
-                r.server_pid = Some(pid);
-                r.server_restarts += 1;
-                // The outage explains streams that stopped: fresh budgets.
-                for d in &mut r.disks {
-                    d.pulls = d.pulls.min(1);
-                }
-            }
-            Err(e) => tracing::warn!("{}: {e:#}", r.name),
+    if r.disks.iter().any(LiveDisk::needs_server) {
+        keep_server_up(r, password)?;
+        if !r.phase().active() {
+            return Ok(());
         }
     }
     let dom = match Libvirt::open(uri).and_then(|lv| lv.domain(&r.name)) {
@@ -182,6 +174,53 @@ fn step(
         r.finished()?;
     }
     Ok(())
+}
+
+/// A server that is not running is started again (QEMU's NBD client
+/// reconnects to it) until none has served for the outage wait; then the
+/// restore fails with the cause the server's log names (the VM and its
+/// writes stay, `restore retry` resumes). Without that bound, a
+/// repository out of reach while the server opens it had the supervisor
+/// start servers that each gave up after the wait, without end.
+fn keep_server_up(r: &mut LiveRestore, password: Option<&str>) -> Result<()> {
+    if server::alive(r) {
+        if r.server_down_since_ms
+            .is_some_and(|t| counters_written_since(r, t))
+        {
+            r.server_served();
+        }
+        return Ok(());
+    }
+    if !r.server_down(chrono::Utc::now().timestamp_millis()) {
+        let why = server::last_error(r).unwrap_or_else(|| "its log names no error".into());
+        r.fail(format!(
+            "no bulwark-nbd has served for over {} s (the outage wait; {} restarts): {why}",
+            r.outage_wait_secs, r.server_restarts
+        ))?;
+        return Ok(());
+    }
+    tracing::warn!("{}: bulwark-nbd is not running: starting it again", r.name);
+    match server::start(r, password) {
+        Ok(pid) => {
+            r.server_pid = Some(pid);
+            r.server_restarts += 1;
+            // The outage explains streams that stopped: fresh budgets.
+            for d in &mut r.disks {
+                d.pulls = d.pulls.min(1);
+            }
+        }
+        Err(e) => tracing::warn!("{}: {e:#}", r.name),
+    }
+    Ok(())
+}
+
+/// Whether a server wrote its counters at or after `ms` (Unix
+/// milliseconds): it has opened its disks, so it serves.
+fn counters_written_since(r: &LiveRestore, ms: i64) -> bool {
+    let Ok(modified) = std::fs::metadata(r.stats_path()).and_then(|m| m.modified()) else {
+        return false;
+    };
+    chrono::DateTime::<chrono::Utc>::from(modified).timestamp_millis() >= ms
 }
 
 /// Each disk the server has restored into its file: the overlay's backing
