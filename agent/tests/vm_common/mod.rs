@@ -13,6 +13,19 @@ pub struct Env {
     pub dir: tempfile::TempDir,
 }
 
+/// A live restore's server outlives a test that failed before the restore
+/// ended: this env's (their command lines name its state directory) stop
+/// with it.
+impl Drop for Env {
+    fn drop(&mut self) {
+        let live = self.state_dir().join("live").join("");
+        let _ = Command::new("pkill")
+            .args(["-f", "--"])
+            .arg(format!("^[^ ]*bulwark-nbd serve .*{}", live.display()))
+            .status();
+    }
+}
+
 impl Env {
     pub fn new() -> Self {
         let e = Env {
