@@ -157,7 +157,7 @@ fn live_restore_server_runs_in_its_own_unit_and_outlives_its_starter() {
     }
     let r = records
         .update(&name, |r| {
-            r.server_pid = Some(server::start(r, None)?);
+            r.server_pid = Some(server::spawn(r, None)?.ready()?);
             Ok(())
         })
         .unwrap();
@@ -189,7 +189,7 @@ fn starter() {
     let records = Records::new(Path::new(state));
     records
         .update(name, |r| {
-            r.server_pid = Some(server::start(r, None)?);
+            r.server_pid = Some(server::spawn(r, None)?.ready()?);
             Ok(())
         })
         .unwrap();

@@ -94,12 +94,6 @@ pub fn unit(r: &LiveRestore) -> Option<String> {
 /// How long the first server records the guest's reads as its boot set.
 pub const BOOT_SET_WINDOW_SECS: u64 = 60;
 
-/// Starts the server for `r` and waits until it serves; its pid.
-/// `password` is passed in the environment when no file holds it.
-pub fn start(r: &LiveRestore, password: Option<&str>) -> Result<u32> {
-    spawn(r, password)?.ready()
-}
-
 /// A server started that may not serve yet: it opens the repository and
 /// loads its index meanwhile (on S3, a chain of round trips the caller
 /// can spend making overlays and defining the domain).

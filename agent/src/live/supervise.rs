@@ -199,10 +199,18 @@ fn keep_server_up(r: &mut LiveRestore, password: Option<&str>) -> Result<()> {
         ))?;
         return Ok(());
     }
-    tracing::warn!("{}: bulwark-nbd is not running: starting it again", r.name);
-    match server::start(r, password) {
-        Ok(pid) => {
-            r.server_pid = Some(pid);
+    let why = server::last_error(r).map_or_else(String::new, |e| format!(" (it logged: {e})"));
+    tracing::warn!(
+        "{}: bulwark-nbd is not running{why}: starting it again",
+        r.name
+    );
+    // Not waiting for it to serve: the record is locked meanwhile, and a
+    // server that cannot reach the repository takes its S3 tries to give
+    // up (a `restore cancel` would wait for them). The next steps see it
+    // serve, or die and count against the outage wait.
+    match server::spawn(r, password) {
+        Ok(starting) => {
+            r.server_pid = Some(starting.pid());
             r.server_restarts += 1;
             // The outage explains streams that stopped: fresh budgets.
             for d in &mut r.disks {
