@@ -654,6 +654,7 @@ fn a_long_outage(begins: OutageBegins) {
         OutageBegins::WhileItStreams => "the backfill of vda failed",
     };
     assert!(why.contains(step), "{begins:?}: {why}");
+    eprintln!("{begins:?}: the restore failed: {why}");
     // Counters are written once the disks are open.
     let opened = matches!(begins, OutageBegins::WhileItStreams);
     assert_eq!(stats.exists(), opened, "{}", server_log(&env, &name));

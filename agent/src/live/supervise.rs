@@ -193,9 +193,13 @@ fn keep_server_up(r: &mut LiveRestore, password: Option<&str>) -> Result<()> {
     }
     if !r.server_down(chrono::Utc::now().timestamp_millis()) {
         let why = server::last_error(r).unwrap_or_else(|| "its log names no error".into());
+        let restarts = match r.server_restarts {
+            1 => "1 restart".to_string(),
+            n => format!("{n} restarts"),
+        };
         r.fail(format!(
-            "no bulwark-nbd has served for over {} s (the outage wait; {} restarts): {why}",
-            r.outage_wait_secs, r.server_restarts
+            "no bulwark-nbd has served for over {} s (the outage wait; {restarts}): {why}",
+            r.outage_wait_secs
         ))?;
         return Ok(());
     }
