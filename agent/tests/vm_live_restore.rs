@@ -426,26 +426,9 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     let env = Env::new();
     let bucket = S3Repo::start("outage");
     bucket.ok(&env, &["repo", "init"]);
-    let vm = Vm::define(&image, VmOptions::default()).unwrap();
     // Data in the scratch area, a pattern per MiB: read back below.
-    let scratch = image.scratch_offset();
-    for k in 1..8u64 {
-        let st = Command::new("qemu-io")
-            .args([
-                "-f",
-                "qcow2",
-                "-c",
-                &format!("write -P {} {} 1M", 0x30 + k, scratch + (k << 20)),
-            ])
-            .arg(vm.disk_path())
-            .output()
-            .unwrap();
-        assert!(st.status.success(), "{st:?}");
-    }
-    let r: serde_json::Value =
-        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
-    let snap = r["snapshot"].as_str().unwrap().to_string();
-    drop(vm);
+    let data = Patterned::backed_up(&env, &bucket, &image, 0x30);
+    let (snap, scratch) = (data.snap.clone(), data.scratch);
 
     // The restore reads the bucket through the proxy, a second away until
     // the outage: the server serves (its socket is there) a round trip or
@@ -521,12 +504,50 @@ fn a_bucket_outage_of_a_minute_makes_reads_wait_not_fail() {
     }
     // The guest's write, and every MiB of the snapshot's scratch data.
     testbed::domain_qemu_io(&name, &format!("read -P 0x5a {off} 64k")).unwrap();
-    for k in 1..8u64 {
-        testbed::domain_qemu_io(
-            &name,
-            &format!("read -P {} {} 1M", 0x30 + k, scratch + (k << 20)),
-        )
-        .unwrap();
+    data.assert_in(&name);
+}
+
+/// A backup in a bucket of a tiny VM with a pattern per MiB of its
+/// scratch area (`first + k` in MiB k, for k in 1..8): what a live
+/// restore's disk is read back against.
+struct Patterned {
+    snap: String,
+    scratch: u64,
+    first: u64,
+}
+
+impl Patterned {
+    fn backed_up(env: &Env, bucket: &S3Repo, image: &Image, first: u64) -> Self {
+        let vm = Vm::define(image, VmOptions::default()).unwrap();
+        let scratch = image.scratch_offset();
+        for k in 1..8u64 {
+            let st = Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    &format!("write -P {} {} 1M", first + k, scratch + (k << 20)),
+                ])
+                .arg(vm.disk_path())
+                .output()
+                .unwrap();
+            assert!(st.status.success(), "{st:?}");
+        }
+        let r: serde_json::Value =
+            serde_json::from_str(&bucket.ok(env, &["backup", "vm", vm.name(), "--json"])).unwrap();
+        Patterned {
+            snap: r["snapshot"].as_str().unwrap().to_string(),
+            scratch,
+            first,
+        }
+    }
+
+    /// Every MiB of the pattern reads back from the domain `name`'s disk.
+    fn assert_in(&self, name: &str) {
+        for k in 1..8u64 {
+            let at = self.scratch + (k << 20);
+            testbed::domain_qemu_io(name, &format!("read -P {} {at} 1M", self.first + k)).unwrap();
+        }
     }
 }
 
@@ -575,25 +596,8 @@ fn a_long_outage(begins: OutageBegins) {
     let env = Env::new();
     let bucket = S3Repo::start("long-outage");
     bucket.ok(&env, &["repo", "init"]);
-    let vm = Vm::define(&image, VmOptions::default()).unwrap();
-    let scratch = image.scratch_offset();
-    for k in 1..8u64 {
-        let st = Command::new("qemu-io")
-            .args([
-                "-f",
-                "qcow2",
-                "-c",
-                &format!("write -P {} {} 1M", 0x40 + k, scratch + (k << 20)),
-            ])
-            .arg(vm.disk_path())
-            .output()
-            .unwrap();
-        assert!(st.status.success(), "{st:?}");
-    }
-    let r: serde_json::Value =
-        serde_json::from_str(&bucket.ok(&env, &["backup", "vm", vm.name(), "--json"])).unwrap();
-    let snap = r["snapshot"].as_str().unwrap().to_string();
-    drop(vm);
+    let data = Patterned::backed_up(&env, &bucket, &image, 0x40);
+    let (snap, scratch) = (data.snap.clone(), data.scratch);
 
     let faults = testbed::s3::Faults {
         hold: Some(begins.held().into()),
@@ -680,13 +684,7 @@ fn a_long_outage(begins: OutageBegins) {
     let s = status(&env, &name);
     assert_eq!(s["phase"], "done", "{s}");
     testbed::domain_qemu_io(&name, &format!("read -P 0x6b {off} 64k")).unwrap();
-    for k in 1..8u64 {
-        testbed::domain_qemu_io(
-            &name,
-            &format!("read -P {} {} 1M", 0x40 + k, scratch + (k << 20)),
-        )
-        .unwrap();
-    }
+    data.assert_in(&name);
 }
 
 /// The outage meets the server while it loads its index: every server
