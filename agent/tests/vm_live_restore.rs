@@ -565,10 +565,19 @@ enum OutageBegins {
 }
 
 impl OutageBegins {
+    /// The request the proxy holds until the outage.
     fn held(self) -> &'static str {
         match self {
             OutageBegins::WhileTheServerOpens => "/chunklists/",
             OutageBegins::WhileItStreams => "/data/",
+        }
+    }
+
+    /// The step the failed restore's reason names.
+    fn failed_step(self) -> &'static str {
+        match self {
+            OutageBegins::WhileTheServerOpens => "no bulwark-nbd has served",
+            OutageBegins::WhileItStreams => "the backfill of vda failed",
         }
     }
 }
@@ -619,14 +628,10 @@ fn a_long_outage(begins: OutageBegins) {
     // The command is done with the bucket once it defined the domain (the
     // boot set it may still look up is only a speed-up; QEMU's start
     // waits on the server); the server's counters say its disks are open.
-    let defined = || {
-        Command::new("virsh")
-            .args(["-q", "-c", "qemu:///system", "domstate", &name])
-            .output()
-            .is_ok_and(|o| o.status.success())
-            .then_some(())
-    };
-    wait_for("the domain", 120, defined);
+    let libvirt = testbed::TestBed::ensure().unwrap();
+    wait_for("the domain", 120, || {
+        libvirt.virsh(["domstate", &name]).ok().map(drop)
+    });
     let stats = env
         .state_dir()
         .join("live")
@@ -653,11 +658,7 @@ fn a_long_outage(begins: OutageBegins) {
     assert_eq!(s["phase"], "failed", "{s}");
     let why = s["reason"].as_str().unwrap_or_default();
     assert!(why.contains("unreachable"), "the outage is named: {why}");
-    let step = match begins {
-        OutageBegins::WhileTheServerOpens => "no bulwark-nbd has served",
-        OutageBegins::WhileItStreams => "the backfill of vda failed",
-    };
-    assert!(why.contains(step), "{begins:?}: {why}");
+    assert!(why.contains(begins.failed_step()), "{begins:?}: {why}");
     eprintln!("{begins:?}: the restore failed: {why}");
     // Counters are written once the disks are open.
     let opened = matches!(begins, OutageBegins::WhileItStreams);

@@ -317,6 +317,16 @@ fn reset(s: &tokio::net::TcpStream) {
     let _ = s.set_zero_linger();
 }
 
+/// During an outage: the connection is reset (and counted).
+fn met_outage(faults: &Mutex<Faults>, stats: &FaultStats, client: &tokio::net::TcpStream) -> bool {
+    let outage = faults.lock().unwrap_or_else(|e| e.into_inner()).outage;
+    if outage {
+        stats.outage_resets.fetch_add(1, Ordering::Relaxed);
+        reset(client);
+    }
+    outage
+}
+
 /// Handles one client connection: one request, one response.
 async fn proxy_one(
     mut client: tokio::net::TcpStream,
@@ -324,9 +334,7 @@ async fn proxy_one(
     faults: Arc<Mutex<Faults>>,
     stats: Arc<FaultStats>,
 ) -> std::io::Result<()> {
-    if faults.lock().unwrap_or_else(|e| e.into_inner()).outage {
-        stats.outage_resets.fetch_add(1, Ordering::Relaxed);
-        reset(&client);
+    if met_outage(&faults, &stats, &client) {
         return Ok(());
     }
     // The request head.
@@ -354,9 +362,7 @@ async fn proxy_one(
         while held(&faults.lock().unwrap_or_else(|e| e.into_inner())) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if faults.lock().unwrap_or_else(|e| e.into_inner()).outage {
-            stats.outage_resets.fetch_add(1, Ordering::Relaxed);
-            reset(&client);
+        if met_outage(&faults, &stats, &client) {
             return Ok(());
         }
     }
